@@ -1,0 +1,967 @@
+"""common.py -- the pieces every lean-train trainer shares, and the background-run manager.
+
+Plain functions with explicit arguments: no Trainer class, no callbacks, no hidden globals.
+A trainer keeps its own outer loop (epochs, eval, log and save cadence) and calls in here for
+what is easy to get wrong:
+
+    flags ............ make_parser, resolve_settings (defaults < optimal_config.json < flags)
+    device/precision . setup_device
+    the step ......... train_step (autocast, exact accumulation, unscale, clip, step, OOM retry)
+    batch size ....... choose_batch_size (RAM/GPU table, then a real forward+backward probe)
+    memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory
+    checkpoints ...... save_checkpoint (atomic + rotation), find_checkpoint (resume, fallback)
+    run folder ....... prepare_run_dir, update_status, append_metrics, write_summary, plot_progress
+    stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
+
+Run as a script it manages background runs (the launchers run.sh / start_training.bat call it):
+
+    python common.py start gru --quick      # detached; prints run folder and PID
+    python common.py status                 # table of runs under runs/
+    python common.py monitor [RUN]          # refresh every 5 s until the run ends
+    python common.py stop [RUN]             # graceful: the trainer saves, then exits
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+REPO = Path(__file__).resolve().parent
+TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
+            "asr": "train_asr.py", "lm": "train_lm.py"}
+CKPT_GLOB = "ckpt_step*.pt"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, bad file). Printed as one line, exit code 2."""
+
+
+def run_main(main):
+    """Called by every trainer's `if __name__ == "__main__"`: user mistakes exit 2 with one line."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# flags
+
+class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and show every flag's default in --help."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would also print the whole usage)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50, eval_every=0,
+                log_every=10):
+    """Every trainer's parser starts here, so the same flag means the same thing everywhere.
+
+    Trainer-specific defaults come in as arguments; trainers add their own flags afterwards.
+    """
+    p = Parser(description=description, allow_abbrev=False,
+                formatter_class=HelpFormat)
+    p.set_defaults(trainer=trainer, effective_batch=effective_batch,
+                   # settings without a flag of their own: optimal_config.json and
+                   # --resource-efficient set them, args.json records them
+                   workers=0, pin_memory=False)
+    g = p.add_argument_group("run folder and resume (the same on every trainer)")
+    g.add_argument("--out", default=None,
+                   help=f"run folder (default runs/{trainer}-<timestamp>); re-run the same "
+                        "command to resume")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="resume from this checkpoint file instead of the newest in --out")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start from scratch; old checkpoints are moved aside, not deleted")
+    g.add_argument("--save-every", type=pos_int, default=save_every, metavar="N",
+                   help="checkpoint every N optimizer steps (also at epoch end and on stop)")
+    g.add_argument("--keep", type=pos_int, default=3, metavar="K",
+                   help="keep the last K step checkpoints, plus best.pt")
+    g.add_argument("--config", default="optimal_config.json", metavar="PATH",
+                   help="settings written by `memory_optimizer.py config`; read when present, "
+                        "flags override it")
+    g = p.add_argument_group("training (the same on every trainer)")
+    g.add_argument("--quick", action="store_true", help="small, fast run to check the setup")
+    g.add_argument("--epochs", type=pos_int, default=epochs, help="passes over the training data")
+    g.add_argument("--max-steps", type=pos_int, default=None, metavar="N",
+                   help="stop after N optimizer steps in total (overrides --epochs)")
+    g.add_argument("--seed", type=int, default=1337, help="random seed; fixed seed on CPU = same numbers")
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default="auto",
+                   metavar="N|auto",
+                   help="micro-batch size; auto = RAM/GPU table, proved by a forward+backward probe")
+    g.add_argument("--grad-accum", "--gradient_accumulation_steps", dest="grad_accum",
+                   type=batch_size_arg, default="auto", metavar="K|auto",
+                   help=f"micro-batches per optimizer step; auto keeps the effective batch "
+                        f"at {effective_batch}")
+    g.add_argument("--lr", type=pos_float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--clip", type=pos_float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto = bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available")
+    g.add_argument("--eval-every", type=nonneg_int, default=eval_every, metavar="N",
+                   help="evaluate every N optimizer steps (0 = at epoch end only)")
+    g.add_argument("--log-every", type=pos_int, default=log_every, metavar="N",
+                   help="log line + metrics.jsonl record every N optimizer steps")
+    g = p.add_argument_group("memory (the same on every trainer)")
+    g.add_argument("--resource-efficient", action="store_true",
+                   help="small-machine preset: lower memory thresholds, smaller micro-batch with more "
+                        "accumulation, more frequent checkpoints/evals, gradient checkpointing")
+    g.add_argument("--ram-threshold", type=percent, default=85.0, metavar="PCT",
+                   help="free caches when system RAM use passes this percentage")
+    g.add_argument("--gpu-threshold", type=percent, default=90.0, metavar="PCT",
+                   help="free caches when GPU memory use passes this percentage")
+    g.add_argument("--mem-check-every", type=pos_float, default=30.0, metavar="S",
+                   help="seconds between memory checks")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory (where the model supports it)")
+    return p
+
+
+def pos_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+    return v
+
+
+def pos_float(s):
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def percent(s):
+    v = float(s)
+    if not 0 < v <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage in (0, 100], got {s}")
+    return v
+
+
+def batch_size_arg(s):
+    return "auto" if str(s) == "auto" else pos_int(s)
+
+
+def explicit_flags(parser, argv):
+    """The dests the user typed on the command line (so config/presets never override them)."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def resolve_settings(parser, argv, log=print):
+    """Parse argv, then layer optimal_config.json and --resource-efficient under the flags.
+
+    Returns (args, sources): sources[name] is "default", "optimal_config.json", "flag",
+    "resource-efficient" or (filled in later) "auto"/"checkpoint". Called by every trainer.
+    """
+    args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    sources = {k: ("flag" if k in given else "default") for k in vars(args)}
+
+    cfg_path = Path(args.config)
+    if cfg_path.exists():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            section = cfg["trainers"][args.trainer]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({e!r}); "
+                            "regenerate it with `python memory_optimizer.py config`")
+        applied = []
+        for key, entry in section.items():
+            if key in sources and sources[key] == "default":
+                value = entry["value"] if isinstance(entry, dict) else entry
+                if key in ("batch_size", "grad_accum") and value != "auto":
+                    value = int(value)
+                setattr(args, key, value)
+                sources[key] = "optimal_config.json"
+                applied.append(f"{key}={value}")
+        if applied:
+            log(f"settings from {cfg_path}: {', '.join(applied)} (flags override these)")
+    elif "config" in given:
+        raise UserError(f"--config {cfg_path}: file not found; create it with "
+                        f"`python memory_optimizer.py config --out {cfg_path}` or drop the flag")
+
+    if args.resource_efficient:
+        apply_resource_efficient(args, sources, log)
+    return args, sources
+
+
+def apply_resource_efficient(args, sources, log=print):
+    """The --resource-efficient preset, applied before anything is built; flags typed by the
+    user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
+    wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("mem_check_every", 15.0),
+              ("workers", min(args.workers, 1) if args.workers else 0), ("pin_memory", False),
+              ("save_every", max(1, args.save_every // 2)),
+              ("eval_every", max(1, args.eval_every // 2) if args.eval_every else 0),
+              ("grad_checkpointing", True)]
+    rows = []
+    for key, value in wanted:
+        before = getattr(args, key)
+        if sources.get(key) == "flag":
+            rows.append((key, before, before, "kept: given as a flag"))
+        elif before != value:
+            setattr(args, key, value)
+            sources[key] = "resource-efficient"
+            rows.append((key, before, value, ""))
+    rows.append(("micro-batch", "chosen", "halved", "grad accumulation doubled, same effective batch"))
+    log("--resource-efficient changes:")
+    for key, before, after, note in rows:
+        log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}")
+
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+def setup_device(args, sources=None):
+    """Pick device and autocast dtype. Returns (device, amp_dtype or None, scaler, reason).
+
+    auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU (CPU autocast
+    to bf16 only when asked: it is slower than fp32 on most laptop CPUs). A precision that
+    came from optimal_config.json (not typed) and does not fit the device falls back to auto.
+    """
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu "
+                        "(or install a CUDA build of torch)")
+    dev = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    prec = args.precision
+    if sources and sources.get("precision") == "optimal_config.json" and (
+            (dev.type == "cpu") != (prec == "fp32")):
+        prec = "auto"  # e.g. a GPU machine's config with --device cpu
+    if dev.type == "cpu":
+        if prec == "fp16":
+            raise UserError("--precision fp16 needs CUDA (no fp16 GradScaler on CPU); use bf16 or fp32")
+        if prec == "auto":
+            prec, why = "fp32", "CPU: fp32 (autocast brings no speed-up on most CPUs)"
+        else:
+            why = f"CPU: {prec} as asked"
+    else:
+        # native bf16 only (Ampere+): emulated bf16 on a T4/GTX 16xx is slower than fp16
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        if prec == "auto":
+            prec = "bf16" if bf16_ok else "fp16"
+            why = "GPU supports bf16" if bf16_ok else "GPU lacks bf16: fp16 with GradScaler"
+        elif prec == "bf16" and not bf16_ok:
+            raise UserError("--precision bf16: this GPU does not support bf16; use fp16 or auto")
+        else:
+            why = f"{prec} as asked"
+        if torch.cuda.get_device_capability(dev)[0] >= 8:
+            torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls via TF32 cores
+            torch.backends.cudnn.allow_tf32 = True
+            why += "; TF32 on (Ampere+)"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    # bf16 has fp32's exponent range, so only fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(dev.type, enabled=(prec == "fp16"))
+    args.precision = prec
+    return dev, amp_dtype, scaler, why
+
+
+def autocast(device, amp_dtype):
+    return torch.amp.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+# -----------------------------------------------------------------------------
+# the step: autocast + exact gradient accumulation + unscale + clip + step, with OOM retry
+
+def split_batch(batch, micro_bs):
+    """Slice a dict of tensors (dim 0 = samples) into micro-batches of micro_bs samples."""
+    n = len(next(iter(batch.values())))
+    return [{k: v[i:i + micro_bs] for k, v in batch.items()} for i in range(0, n, micro_bs)]
+
+
+def is_oom(e):
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device, amp_dtype, log=print):
+    """One optimizer step over `batch` (the whole effective batch), in micro-batches.
+
+    loss_fn(model, micro_batch) -> (loss_sum, n_items): the loss summed over the items it
+    counts (tokens, frames, samples). Accumulation is exact: the gradient equals that of
+    sum(loss)/sum(n) over the whole effective batch, whatever the micro-batch size, because we
+    back-propagate loss_sum / estimate and, once every micro-batch is in, rescale the gradient
+    by estimate / true_total (a padded micro-batch must not weigh like a full one).
+    On CUDA OOM / MemoryError: free, halve the micro-batch, redo the step (same effective batch).
+    Returns (mean loss, items, micro_bs actually used). Called by every trainer's loop.
+    """
+    while True:
+        try:
+            micro = split_batch(batch, micro_bs)
+            total_loss, total_n, estimate = 0.0, 0, None
+            for mb in micro:
+                with autocast(device, amp_dtype):
+                    loss_sum, n = loss_fn(model, mb)
+                n = int(n)
+                if estimate is None:
+                    estimate = max(1, n * len(micro))
+                scaler.scale(loss_sum.float() / estimate).backward()
+                total_loss += loss_sum.item()
+                total_n += n
+                del loss_sum  # else the graph of the last micro-batch lives through the optimizer step
+            scaler.unscale_(optimizer)  # clip must see true gradients, not fp16-scaled ones
+            correction = estimate / max(1, total_n)
+            if correction != 1.0:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(correction)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            return total_loss / max(1, total_n), total_n, micro_bs
+        except Exception as e:
+            if not is_oom(e) or micro_bs == 1:
+                raise
+            optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed try
+            del e
+            free_memory(device)
+            if scaler.is_enabled():  # forget a half-done unscale_, as scaler.update() would
+                scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+            micro_bs = max(1, micro_bs // 2)
+            log(f"out of memory: micro-batch halved to {micro_bs} (more accumulation, "
+                "same effective batch); redoing the step")
+
+
+# -----------------------------------------------------------------------------
+# batch size
+
+def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
+    """Starting micro-batch before the probe. CPU: the seeds' RAM table; CUDA: free GPU memory.
+
+    Called by choose_batch_size and memory_optimizer.py config (so both give the same numbers).
+    Returns (batch size, reason).
+    """
+    if device == "cuda":
+        gb = free_gpu_gb if free_gpu_gb is not None else torch.cuda.mem_get_info()[0] / 2**30
+        bs = 64 if gb >= 16 else 32 if gb >= 8 else 16 if gb >= 4 else 8
+        return (bs if quick else bs // 2), f"{gb:.1f} GB free on the GPU"
+    gb = ram_gb if ram_gb is not None else psutil.virtual_memory().total / 2**30
+    if gb < 8:
+        bs = 4 if quick else 2
+    elif gb <= 16:
+        bs = 8 if quick else 4
+    else:
+        bs = 16 if quick else 8
+    return bs, f"{gb:.0f} GB RAM ({'quick' if quick else 'standard'} column of the RAM table)"
+
+
+def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
+    """Resolve --batch-size/--grad-accum into (micro_bs, accum) and say why.
+
+    probe(bs) runs one real forward+backward at batch bs and raises MemoryError/CUDA OOM or
+    returns the peak bytes it needed. `resumed` = (micro, accum) from a checkpoint: reused as
+    is, so a resumed run does the same arithmetic as the run it continues.
+    """
+    E = args.effective_batch
+    if resumed:
+        micro, accum = resumed
+        sources["batch_size"] = sources["grad_accum"] = "checkpoint"
+        why = "from the checkpoint being resumed"
+    elif args.batch_size == "auto":
+        start, why = table_batch_size(device.type, args.quick, free_gpu_gb=free_gpu_gb(device))
+        start = min(start, E)  # a micro-batch never exceeds the effective batch
+        micro = probe_batch_size(probe, start, device, args, log)
+        accum = (args.grad_accum * start // micro if args.grad_accum != "auto"
+                 else max(1, math.ceil(E / micro)))
+        why = f"start {start} from {why}; probe {'kept it' if micro == start else f'halved to {micro}'}"
+        sources["batch_size"] = "auto"
+        if args.grad_accum == "auto":
+            sources["grad_accum"] = "auto"
+        if args.resource_efficient and micro > 1:
+            micro, accum = micro // 2, accum * 2
+            why += "; halved by --resource-efficient"
+    else:
+        micro = args.batch_size
+        accum = args.grad_accum if args.grad_accum != "auto" else max(1, math.ceil(E / micro))
+        why = f"--batch-size from {sources['batch_size']}"
+        if args.grad_accum == "auto":
+            sources["grad_accum"] = "auto"
+        if args.resource_efficient and micro > 1 and sources["batch_size"] != "flag":
+            micro, accum = micro // 2, accum * 2
+            why += "; halved by --resource-efficient"
+    args.batch_size, args.grad_accum = micro, accum
+    return micro, accum, why
+
+
+def probe_batch_size(probe, start, device, args, log=print):
+    """Halve `start` until one forward+backward fits under the memory thresholds."""
+    bs = start
+    while True:
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                need = probe(bs)  # RNG forked: the probe must not change the run's random stream
+            if device.type == "cuda":
+                limit = torch.cuda.get_device_properties(device).total_memory * args.gpu_threshold / 100
+            else:
+                vm = psutil.virtual_memory()
+                # what is already used by others + what this step needs must stay under the threshold
+                limit = vm.total * args.ram_threshold / 100 - (vm.total - vm.available)
+            if need <= limit or bs == 1:
+                return bs
+            log(f"batch probe: {bs} needs {need / 2**20:.0f} MB, over the memory threshold; halving")
+        except Exception as e:
+            if not is_oom(e) or bs == 1:
+                raise
+            log(f"batch probe: {bs} ran out of memory; halving")
+        free_memory(device)
+        bs //= 2
+
+
+def probe_step(model, loss_fn, batch, device, amp_dtype):
+    """One forward+backward for choose_batch_size; returns the memory it needed in bytes.
+
+    On CPU, torch has no allocator statistics, so we read the process RSS with the activations
+    alive (after forward) and count backward as needing about as much again.
+    """
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    rss0 = psutil.Process().memory_info().rss
+    with autocast(device, amp_dtype):
+        loss_sum, n = loss_fn(model, batch)
+    rss1 = psutil.Process().memory_info().rss
+    loss_sum.backward()
+    model.zero_grad(set_to_none=True)  # the probe's gradients are not the run's
+    del loss_sum
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - base
+    return 2 * max(0, rss1 - rss0)
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+def free_gpu_gb(device):
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / 2**30
+
+
+def memory_snapshot(device):
+    """RAM and GPU memory now (process RSS, system %, GPU allocated and % of the card)."""
+    vm = psutil.virtual_memory()
+    snap = {"ram_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "ram_pct": vm.percent,
+            "gpu_mb": None, "gpu_pct": None}
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        reserved = torch.cuda.memory_reserved(device)
+        snap["gpu_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+        snap["gpu_pct"] = round(100 * reserved / total, 1)
+    return snap
+
+
+def peak_memory_mb(device):
+    """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    mi = psutil.Process().memory_info()
+    peak = getattr(mi, "peak_wset", None)  # Windows
+    if peak is None:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        if sys.platform == "darwin":
+            peak //= 1024  # macOS reports bytes
+    return round(peak / 2**20, 1)
+
+
+def free_memory(device):
+    """gc (Python cycles holding tensors) + the CUDA caching allocator's unused blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_memory(watch, device, log=print):
+    """Called every step; every `watch['every']` seconds compares RAM/GPU use to the thresholds
+    and frees caches when over. watch = {'every', 'ram', 'gpu', 'last'} (mutated)."""
+    now = time.monotonic()
+    if now - watch["last"] < watch["every"]:
+        return
+    watch["last"] = now
+    snap = memory_snapshot(device)
+    over = []
+    if snap["ram_pct"] > watch["ram"]:
+        over.append(f"RAM {snap['ram_pct']:.0f}% > {watch['ram']:.0f}%")
+    if snap["gpu_pct"] is not None and snap["gpu_pct"] > watch["gpu"]:
+        over.append(f"GPU {snap['gpu_pct']:.0f}% > {watch['gpu']:.0f}%")
+    if over:
+        free_memory(device)
+        log(f"memory monitor: {', '.join(over)}: freed Python garbage and CUDA cache "
+            f"(now RAM {psutil.virtual_memory().percent:.0f}%)")
+
+
+# -----------------------------------------------------------------------------
+# RNG, checkpoints and resume
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    """All RNG states as weights_only-loadable data (numpy's array becomes a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)),
+                                                     pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # a crash after os.replace must not leave an empty file behind
+    os.replace(tmp, path)
+
+
+def _ckpt_step(path):
+    return int(path.stem.split("step")[1])
+
+
+def save_checkpoint(out, step, state, keep, protect=None, best=False):
+    """Write <out>/checkpoints/ckpt_step{N:08d}.pt atomically, keep the newest `keep`, never
+    delete `protect` (the file this run resumed from); best=True also copies it to best.pt.
+    `state` is a dict of state_dicts and plain data -- never a module or a function."""
+    d = Path(out) / "checkpoints"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"ckpt_step{step:08d}.pt"
+    _atomic_torch_save(state, path)
+    if best:
+        tmp = d / "best.pt.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, d / "best.pt")
+    ckpts = sorted(d.glob(CKPT_GLOB), key=_ckpt_step)
+    for old in ckpts[:-keep]:
+        if protect is None or old.resolve() != Path(protect).resolve():
+            old.unlink()
+    return path
+
+
+def load_checkpoint(path):
+    """Load a checkpoint without running code from it: weights_only=True refuses pickled
+    callables/classes, so a tampered file raises instead of executing."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_checkpoint(out, args, log=print):
+    """The checkpoint to resume from: --resume PATH, else the newest loadable one in <out>.
+    A truncated or corrupt newest file gives a warning and the previous one is used.
+    Returns (state, path) or (None, None)."""
+    if args.resume:
+        p = Path(args.resume)
+        if not p.is_file():
+            raise UserError(f"--resume {p}: file not found")
+        try:
+            return load_checkpoint(p), p
+        except Exception as e:
+            raise UserError(f"--resume {p}: not a loadable checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})")
+    if args.no_resume:
+        return None, None
+    d = Path(out) / "checkpoints"
+    for p in sorted(d.glob(CKPT_GLOB), key=_ckpt_step, reverse=True):
+        try:
+            return load_checkpoint(p), p
+        except Exception as e:
+            log(f"warning: {p} is unreadable ({type(e).__name__}); trying the previous checkpoint")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+# run folder: args.json, status.json, metrics.jsonl, train.log, summary.json, plots
+
+def default_out(trainer):
+    return Path("runs") / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_out_writable(out):
+    """Fail early (exit 2) if --out cannot be a run folder, before anything is written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; pick another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: {parent} is not a writable folder; pick another --out")
+
+
+def prepare_run_dir(out, args, no_resume):
+    """Create the run folder. With --no-resume, an earlier run's checkpoints and metrics are
+    moved to *.old-<time> rather than deleted or overwritten."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror}); pick another --out")
+    moved = []
+    if no_resume:
+        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        for name in ("checkpoints", "metrics.jsonl"):
+            if (out / name).exists():
+                (out / name).rename(out / f"{name}.old-{stamp}")
+                moved.append(f"{name}.old-{stamp}")
+    (out / "STOP").unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+    return moved
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    # no fsync: status.json is rewritten every log interval; os.replace alone keeps it whole
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_args(out, args, sources, chosen):
+    """args.json: every resolved setting, where it came from, and what auto-tuning chose."""
+    settings = {k: {"value": v, "source": sources.get(k, "default")} for k, v in sorted(vars(args).items())}
+    write_json_atomic(Path(out) / "args.json", {"settings": settings, "chosen": chosen,
+                                                 "argv": sys.argv, "python": sys.executable})
+
+
+def update_status(out, status, **changes):
+    """Merge `changes` into the status dict and write status.json atomically (readers never
+    see half a file). Called by trainers at every log interval and state change."""
+    status.update(changes, updated=time.time())
+    write_json_atomic(Path(out) / "status.json", status)
+
+
+def append_metrics(out, record):
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(out, step):
+    """On resume from step N, drop records a killed run wrote after its checkpoint at N:
+    they will be written again, identically, by the resumed run."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def read_metrics(out):
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def make_logger(out):
+    """log(msg): print above the tqdm bar and append to <out>/train.log with a timestamp."""
+    path = Path(out) / "train.log"
+
+    def log(msg):
+        from tqdm import tqdm
+        tqdm.write(str(msg))
+        with open(path, "a") as f:
+            f.write(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
+    return log
+
+
+def write_summary(out, **fields):
+    write_json_atomic(Path(out) / "summary.json", fields)
+
+
+def plot_progress(out, metric):
+    """plots/training_progress.png (train loss and the main validation metric vs step), when
+    matplotlib is installed. Returns the path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = read_metrics(out)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r[metric]) for r in recs if metric in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, pts, name in ((axes[0], train, "train loss"), (axes[1], val, metric)):
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out) / "plots" / "training_progress.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def count_params(model):
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# -----------------------------------------------------------------------------
+# stopping: signals and the STOP file
+
+def install_stop_handlers():
+    """SIGTERM/SIGINT (and CTRL_BREAK on Windows) ask the loop to stop after the current step.
+    A second Ctrl-C stops at once. Returns the flag dict the loop polls via stop_requested."""
+    flag = {"stop": None}
+
+    def handler(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGBREAK"):
+        signal.signal(signal.SIGBREAK, handler)
+    return flag
+
+
+def stop_requested(flag, out):
+    """True after a signal, or when `common.py stop` left a STOP file (works where signals
+    can't reach a detached process, e.g. Windows)."""
+    if not flag["stop"] and (Path(out) / "STOP").exists():
+        flag["stop"] = "STOP file"
+    return flag["stop"]
+
+
+# -----------------------------------------------------------------------------
+# background runs: start / status / monitor / stop (the launchers call these)
+
+def list_runs(root="runs"):
+    """[(run folder, status dict)] for every run under root, newest first.
+    Called by `status`/`monitor`/`stop` here and by memory_optimizer.py monitor."""
+    runs = []
+    for p in Path(root).glob("*/status.json"):
+        try:
+            runs.append((p.parent, json.loads(p.read_text())))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(runs, key=lambda r: r[1].get("started") or 0, reverse=True)
+
+
+def process_is_trainer(status):
+    """True if status['pid'] is alive and really is this run's trainer (not a recycled PID)."""
+    pid = status.get("pid")
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        cmd = " ".join(proc.cmdline())
+        # the pid must be a python running this trainer script with this run folder
+        return (TRAINERS.get(status.get("trainer"), "?") in cmd and
+                Path(status.get("out", "?")).name in cmd and proc.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def shown_state(status):
+    state = status.get("state", "?")
+    if state in ("starting", "running") and not process_is_trainer(status):
+        return "dead"  # killed or crashed without saying so; re-run the same command to resume
+    return state
+
+
+def _fmt_eta(s):
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def status_table(runs):
+    head = f"{'run':<32} {'trainer':<10} {'state':<9} {'step':>13} {'loss':>8} {'metric':>18} {'ETA':>8} {'pid':>7}"
+    lines = [head, "-" * len(head)]
+    for run, st in runs:
+        metric = f"{st.get('metric_name', '')}={st['metric']:.4g}" if st.get("metric") is not None else "-"
+        loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "-"
+        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st):<9} "
+                     f"{st.get('step', 0):>6}/{st.get('total_steps') or '?':<6} {loss:>8} {metric:>18} "
+                     f"{_fmt_eta(st.get('eta_s')):>8} {st.get('pid', '-'):>7}")
+    return "\n".join(lines)
+
+
+def _pick_run(root, run, running_only=False):
+    if run:
+        p = Path(run)
+        if not (p / "status.json").exists():
+            p = Path(root) / run
+        if not (p / "status.json").exists():
+            raise UserError(f"{run}: no status.json there; `python common.py status` lists the runs")
+        return p, json.loads((p / "status.json").read_text())
+    runs = list_runs(root)
+    if running_only:
+        runs = [r for r in runs if shown_state(r[1]) in ("starting", "running")]
+    if not runs:
+        raise UserError(f"no {'running ' if running_only else ''}run under {root}/")
+    return runs[0]
+
+
+def start_background(trainer, flags, root="runs"):
+    """Start a trainer detached from this terminal; output goes to <out>/console.log."""
+    if trainer not in TRAINERS:
+        raise UserError(f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
+    script = REPO / TRAINERS[trainer]
+    if not script.exists():
+        raise UserError(f"{script.name} is not in this checkout yet")
+    out = None
+    for i, a in enumerate(flags):
+        if a == "--out" and i + 1 < len(flags):
+            out = Path(flags[i + 1])
+        elif a.startswith("--out="):
+            out = Path(a.split("=", 1)[1])
+    if out is None:
+        out = Path(root) / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        flags = [*flags, "--out", str(out)]
+    check_out_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "status.json").exists():
+        old = json.loads((out / "status.json").read_text())
+        if shown_state(old) in ("starting", "running"):
+            raise UserError(f"{out} is already being trained by pid {old['pid']}; "
+                            f"`python common.py stop {out}` first")
+    console = open(out / "console.log", "ab")
+    kw = {}
+    if os.name == "nt":  # no console to close, its own process group for CTRL_BREAK
+        kw["creationflags"] = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+    else:
+        kw["start_new_session"] = True  # survives closing the terminal (no SIGHUP)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
+                            env=env, **kw)
+    write_json_atomic(out / "status.json", {"state": "starting", "pid": proc.pid, "trainer": trainer,
+                                            "out": str(out.resolve()), "started": time.time(), "step": 0,
+                                            "log": str((out / "train.log").resolve())})
+    print(f"started {trainer} in the background: run folder {out}, pid {proc.pid}")
+    print(f"  watch it:  ./run.sh monitor {out}      stop it:  ./run.sh stop {out}")
+    return out, proc.pid
+
+
+def stop_run(run, root="runs", timeout=60.0):
+    """Ask a run to stop: STOP file + SIGTERM (CTRL_BREAK on Windows), after checking that the
+    PID really is that trainer. Waits until the trainer has saved and exited."""
+    out, st = _pick_run(root, run, running_only=run is None)
+    if st.get("state") not in ("starting", "running"):
+        print(f"{out}: not running (state {st.get('state')})")
+        return 0
+    if not process_is_trainer(st):
+        raise UserError(f"{out}: pid {st.get('pid')} is not this run's trainer (it died); "
+                        "nothing to stop -- re-run the same command to resume")
+    (out / "STOP").write_text("stop requested\n")
+    try:
+        os.kill(st["pid"], signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
+    except OSError:
+        pass  # the STOP file alone is enough
+    print(f"stop requested for {out} (pid {st['pid']}); waiting for it to save...")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if not psutil.Process(st["pid"]).is_running() or \
+                    psutil.Process(st["pid"]).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.5)
+    st = json.loads((out / "status.json").read_text())
+    print(f"{out}: {st.get('state')} at step {st.get('step')}; checkpoint {st.get('last_checkpoint')}")
+    return 0
+
+
+def monitor_run(run, root="runs", interval=5.0, once=False):
+    """Reprint one run's status every `interval` s until it ends (or Ctrl-C)."""
+    out, _ = _pick_run(root, run)
+    try:
+        while True:
+            st = json.loads((out / "status.json").read_text())
+            state = shown_state(st)
+            print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} step {st.get('step')}/"
+                  f"{st.get('total_steps')} epoch {st.get('epoch')} loss {st.get('loss')} "
+                  f"{st.get('metric_name', '')} {st.get('metric')} {st.get('samples_per_s')} samples/s "
+                  f"ETA {_fmt_eta(st.get('eta_s'))} RAM {st.get('ram_mb')} MB GPU {st.get('gpu_mb')} MB",
+                  flush=True)
+            if once or state not in ("starting", "running"):
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cli(argv=None):
+    p = Parser(prog="common.py", description="start, watch and stop background training runs")
+    p.add_argument("--runs", default="runs", help="folder holding the run folders")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="start a trainer detached: start gru [trainer flags]")
+    s.add_argument("trainer", help=", ".join(TRAINERS))
+    sub.add_parser("status", help="table of runs from their status.json")
+    s = sub.add_parser("monitor", help="refresh a run's status every 5 s until it ends")
+    s.add_argument("run", nargs="?", help="run folder (default: newest)")
+    s.add_argument("--interval", type=pos_float, default=5.0)
+    s = sub.add_parser("stop", help="stop a run gracefully (it saves a checkpoint first)")
+    s.add_argument("run", nargs="?", help="run folder (default: newest running)")
+    s.add_argument("--timeout", type=pos_float, default=120.0)
+    args, rest = p.parse_known_args(argv)
+    if args.cmd != "start" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "start":
+        start_background(args.trainer, rest, args.runs)
+    elif args.cmd == "status":
+        runs = list_runs(args.runs)
+        print(status_table(runs) if runs else f"no runs under {args.runs}/")
+    elif args.cmd == "monitor":
+        return monitor_run(args.run, args.runs, args.interval)
+    elif args.cmd == "stop":
+        return stop_run(args.run, args.runs, args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(cli)

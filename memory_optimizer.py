@@ -1,0 +1,469 @@
+"""memory_optimizer.py -- what this machine can train, what holds its memory, and a live view.
+
+It recommends; it never kills a process and never changes a trainer's settings behind your back.
+The trainers read optimal_config.json (written by `config`) only for the flags you did not type,
+and print which settings they took from it.
+
+    python memory_optimizer.py profile                  # CPU, RAM, GPU, disk, versions
+    python memory_optimizer.py profile --json           # the same as a JSON dict
+    python memory_optimizer.py config                   # write optimal_config.json for all trainers
+    python memory_optimizer.py config --quick --out quick_config.json   # batch sizes for --quick runs
+    python memory_optimizer.py optimize --top 8         # free this process's caches, list big processes
+    python memory_optimizer.py monitor --duration 600 --interval 5 --csv memory.csv
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from common import (TRAINERS, UserError, Parser, pos_float, pos_int, free_memory, list_runs,
+                    run_main, shown_state, table_batch_size, write_json_atomic)
+
+# Each trainer's default effective batch (samples per optimizer step). These must match the
+# effective_batch each train_*.py passes to common.make_parser, so that batch_size x grad_accum
+# here gives the same optimizer step the trainer would take on its own.
+EFFECTIVE_BATCH = {"gru": 64, "classifier": 16, "asr": 16, "lm": 32}
+
+# The trainers' default --ram-threshold: above it they start freeing caches on every check,
+# so it is also where `optimize` starts telling you to close something.
+RAM_BUSY_PCT = 85.0
+RAM_WARN_PCT = 70.0  # the --resource-efficient preset's threshold
+BIG_PROCESS_MB = 500  # smaller processes are not worth closing for a training run
+
+
+# -----------------------------------------------------------------------------
+# profile
+
+def cpu_model():
+    """The CPU's marketing name. On Linux platform.processor() returns only 'x86_64' (or ''),
+    so /proc/cpuinfo's 'model name' comes first; Windows and macOS fill platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_profile():
+    """Probe this machine once; a plain dict of plain values. Called by `profile` and `config`
+    (optimal_config.json embeds it, so a config copied to another machine shows where it came from).
+
+    ram_total_gb and gpu_free_gb are left unrounded: recommend() feeds them to
+    common.table_batch_size, whose bands (8 GB, 16 GB) must fall where the trainers' own
+    call puts them.
+    """
+    vm = psutil.virtual_memory()
+    logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    prof = {
+        "cpu_model": cpu_model(),
+        # psutil returns None where it cannot tell physical cores apart (some VMs, BSDs)
+        "cpu_cores_physical": psutil.cpu_count(logical=False) or logical,
+        "cpu_cores_logical": logical,
+        "ram_total_gb": vm.total / 2**30,
+        "ram_available_gb": round(vm.available / 2**30, 2),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu_name": None,
+        "gpu_count": 0,
+        "gpu_total_gb": None,
+        "gpu_free_gb": None,
+        "gpu_capability": None,
+        "bf16_supported": False,
+        "tf32_supported": False,
+        "disk_free_gb": round(shutil.disk_usage(os.getcwd()).free / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if prof["cuda_available"]:
+        dev = torch.device("cuda", 0)  # the device a trainer's --device cuda uses
+        props = torch.cuda.get_device_properties(dev)
+        free, _ = torch.cuda.mem_get_info(dev)  # free now: other programs may hold part of the card
+        prof.update(
+            gpu_name=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_total_gb=round(props.total_memory / 2**30, 2),
+            gpu_free_gb=free / 2**30,
+            gpu_capability=f"{props.major}.{props.minor}",
+            # native bf16 only: with emulation allowed (the default) torch also says yes on
+            # Turing/Pascal cards, where bf16 runs without tensor cores and is slower than fp16
+            bf16_supported=torch.cuda.is_bf16_supported(including_emulation=False),
+            tf32_supported=props.major >= 8,  # TF32 tensor cores arrived with Ampere (sm_80)
+        )
+    return prof
+
+
+PROFILE_ROWS = [  # (key, label, unit)
+    ("cpu_model", "CPU", ""),
+    ("cpu_cores_physical", "CPU cores (physical)", ""),
+    ("cpu_cores_logical", "CPU cores (logical)", ""),
+    ("ram_total_gb", "RAM total", "GB"),
+    ("ram_available_gb", "RAM available", "GB"),
+    ("cuda_available", "CUDA available", ""),
+    ("gpu_name", "GPU", ""),
+    ("gpu_count", "GPU count", ""),
+    ("gpu_total_gb", "GPU memory total", "GB"),
+    ("gpu_free_gb", "GPU memory free", "GB"),
+    ("gpu_capability", "GPU compute capability", ""),
+    ("bf16_supported", "bf16 (native)", ""),
+    ("tf32_supported", "TF32 (capability >= 8)", ""),
+    ("disk_free_gb", "disk free here", "GB"),
+    ("os", "OS", ""),
+    ("python", "python", ""),
+    ("torch", "torch", ""),
+]
+
+
+def _fmt(value, unit=""):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f} {unit}".strip()
+    return f"{value} {unit}".strip()
+
+
+def profile_table(prof):
+    width = max(len(label) for _, label, _ in PROFILE_ROWS)
+    return "\n".join(f"{label:<{width}}  {_fmt(prof.get(key), unit)}" for key, label, unit in PROFILE_ROWS)
+
+
+def cmd_profile(args):
+    prof = machine_profile()
+    print(json.dumps(prof, indent=2) if args.json else profile_table(prof))
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# config: optimal_config.json
+
+def _entry(value, reason):
+    return {"value": value, "reason": reason}
+
+
+def recommend(profile, quick):
+    """The per-trainer settings for a machine described by `profile` (a machine_profile() dict).
+
+    Pure: no probing, so tests can pass made-up machines. Returns {trainer: {dest: {"value",
+    "reason"}}}; each key is the argparse dest of a trainer flag (common.resolve_settings applies
+    an entry only when the user did not type that flag). Called by `config`.
+    """
+    cuda = bool(profile.get("cuda_available"))
+    ram_gb = profile["ram_total_gb"]
+    gpu_free = profile.get("gpu_free_gb") if cuda else None
+    cores = profile.get("cpu_cores_logical") or 1
+
+    # the same table the trainers start their batch probe from, so config and auto agree
+    bs, bs_why = table_batch_size("cuda" if cuda else "cpu", quick, free_gpu_gb=gpu_free, ram_gb=ram_gb)
+    batch = _entry(bs, f"{bs_why}; the trainer's probe is skipped when this value is used")
+
+    if cuda and profile.get("bf16_supported"):
+        precision = _entry("bf16", "the GPU has native bf16: half the activation memory with "
+                                   "fp32's exponent range, so no loss scaling")
+    elif cuda:
+        precision = _entry("fp16", "the GPU has no native bf16: fp16 autocast with a GradScaler "
+                                   "halves activation memory")
+    else:
+        precision = _entry("fp32", "CPU: autocast to bf16 is slower than fp32 on most laptop CPUs")
+
+    if cuda:
+        n = min(4, cores)
+        workers = _entry(n, f"CUDA: {n} loader processes (of {cores} cores) prepare batches while "
+                            "the GPU computes")
+        pin = _entry(True, "CUDA: page-locked batches copy to the GPU asynchronously")
+    else:
+        n = min(2, max(1, cores // 2))
+        workers = _entry(n, f"CPU: the model's math needs most of the {cores} cores, so only "
+                            f"{n} loader process{'es' if n > 1 else ''}")
+        pin = _entry(False, "CPU: pinned memory only speeds up copies to a GPU")
+
+    small_gpu = not cuda or gpu_free < 4
+    presets = {
+        "gru": _entry("optimized", "the original 3-layer GRU-MN has ~48M parameters and needs "
+                                   "several GB for its AdamW state; the optimized preset fits small machines"),
+        "classifier": (_entry("small", f"CPU with {ram_gb:.0f} GB RAM: distilbert (66M parameters) "
+                                       "would be slow and tight; the small model trains in minutes")
+                       if not cuda and ram_gb < 16 else
+                       _entry("distilbert", ("the GPU" if cuda else f"{ram_gb:.0f} GB RAM") +
+                              " is enough for distilbert (66M parameters) fine-tuning")),
+        "asr": (_entry("minimal", "CPU: the minimal model keeps a CPU run to minutes" if not cuda else
+                       f"only {gpu_free:.1f} GB free on the GPU: the minimal model is the one sized "
+                       "for under 4 GB")
+                if small_gpu else
+                _entry("optimized", f"{gpu_free:.1f} GB free on the GPU is enough for the optimized model")),
+        "lm": (_entry("small", "GPU: the small model; the tiny one would leave the GPU mostly idle")
+               if cuda else _entry("tiny", "CPU: the tiny model is the one sized for CPU training")),
+    }
+    if not cuda:
+        lm_len = _entry(256, "CPU: attention cost grows with the square of the sequence length")
+    elif gpu_free < 8:
+        lm_len = _entry(1024, f"only {gpu_free:.1f} GB free on the GPU: 1024 tokens keep activations small")
+    else:
+        lm_len = _entry(2048, f"{gpu_free:.1f} GB free on the GPU holds 2048-token sequences")
+
+    out = {}
+    for name, effective in EFFECTIVE_BATCH.items():
+        accum = max(1, math.ceil(effective / bs))
+        got = bs * accum
+        why = f"{bs} x {accum} = {got} samples per optimizer step"
+        why += (", the trainer's effective batch" if got == effective else
+                f" (the trainer's effective batch is {effective}; {bs} does not divide it)" if got > bs else
+                f" (the micro-batch alone exceeds the trainer's effective batch of {effective})")
+        t = {"batch_size": batch, "grad_accum": _entry(accum, why), "precision": precision}
+        if name != "gru":  # train_gru.py uses no DataLoader, so workers/pin_memory mean nothing to it
+            t["workers"] = workers
+            t["pin_memory"] = pin
+        if name == "classifier":
+            t["seq_len"] = _entry(64, "64 tokens keep activation memory small on any machine; "
+                                      "raise it for long texts")
+        if name == "lm":
+            t["seq_len"] = lm_len
+        t["preset"] = presets[name]
+        out[name] = t
+    return out
+
+
+def _check_writable(path, flag):
+    """Fail before any probing if `path` cannot be written (exit 2 with what to do)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path such as {path / 'file'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {parent} does not exist; create it or pick another {flag}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable; pick another {flag}")
+
+
+def cmd_config(args):
+    out = Path(args.out)
+    _check_writable(out, "--out")
+    prof = machine_profile()
+    rec = recommend(prof, args.quick)
+    cfg = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "machine": prof,
+           "trainers": rec}
+    try:
+        write_json_atomic(out, cfg)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror}); pick another --out")
+
+    rows = [(t, k, json.dumps(e["value"]), e["reason"]) for t, s in rec.items() for k, e in s.items()]
+    w = [max(len(r[i]) for r in rows + [("trainer", "setting", "value", "")]) for i in range(3)]
+    print(f"{'trainer':<{w[0]}}  {'setting':<{w[1]}}  {'value':<{w[2]}}  reason")
+    for t, k, v, why in rows:
+        print(f"{t:<{w[0]}}  {k:<{w[1]}}  {v:<{w[2]}}  {why}")
+    print(f"\nwrote {out}")
+    print("Trainers started in this folder read it (--config) for every flag you do not type, and "
+          "say which settings they took; regenerate it when the hardware changes.")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# optimize: free what this process can, report the rest, recommend
+
+def top_processes(n):
+    """[(rss_mb, pid, name, cmdline)] of the n processes with the largest resident memory.
+    Processes that exit while we look, or that belong to users we may not read, are skipped."""
+    procs = []
+    for p in psutil.process_iter():
+        try:
+            with p.oneshot():
+                rss_mb = p.memory_info().rss / 2**20
+                name = p.name()
+                try:
+                    cmd = " ".join(p.cmdline())
+                except (psutil.AccessDenied, psutil.ZombieProcess):
+                    cmd = ""  # the memory figure is still worth showing
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        procs.append((rss_mb, p.pid, name, cmd))
+    return sorted(procs, reverse=True)[:n]
+
+
+def cmd_optimize(args):
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    me = psutil.Process()
+    before = me.memory_info().rss
+    # This process has just started, so this frees little; it is the same cleanup the trainers
+    # run when over their thresholds, and other processes' memory is theirs to free.
+    free_memory(dev)
+    freed = max(0, before - me.memory_info().rss) / 2**20
+    print(f"freed {freed:.0f} MB in this process (Python garbage"
+          f"{' and the CUDA cache' if dev.type == 'cuda' else ''}); other processes are untouched")
+
+    vm = psutil.virtual_memory()
+    print(f"\nRAM: {vm.total / 2**30:.1f} GB total, {vm.available / 2**30:.1f} GB available, "
+          f"{vm.percent:.0f}% used")
+    gpu_free_mb = None
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        gpu_free_mb = free / 2**20
+        print(f"GPU: {torch.cuda.get_device_name(dev)}, {gpu_free_mb:.0f} MB free of {total / 2**20:.0f} MB")
+
+    top = top_processes(args.top)
+    print(f"\ntop {len(top)} processes by resident memory (RSS):")
+    print(f"{'pid':>7}  {'name':<20}  {'RSS MB':>8}  command")
+    for rss_mb, pid, name, cmd in top:
+        print(f"{pid:>7}  {name[:20]:<20}  {rss_mb:>8.0f}  {cmd[:70] + ('...' if len(cmd) > 70 else '')}")
+
+    advice = []
+    if vm.percent >= RAM_BUSY_PCT:
+        advice.append(f"RAM is {vm.percent:.0f}% used: close some programs below, or train with "
+                      "--resource-efficient (smaller micro-batches, lower thresholds)")
+    elif vm.percent >= RAM_WARN_PCT:
+        advice.append(f"RAM is {vm.percent:.0f}% used: fine for --quick runs; for long runs close "
+                      "something below or use --resource-efficient")
+    else:
+        advice.append(f"RAM is {vm.percent:.0f}% used: enough headroom, nothing needs closing")
+    for rss_mb, pid, name, cmd in top:
+        script = next((s for s in TRAINERS.values() if s in cmd), None)
+        if script:
+            advice.append(f"pid {pid} is a lean-train trainer ({script}, {rss_mb:.0f} MB): stop it "
+                          "gracefully with `python common.py stop`, which saves a checkpoint first")
+        elif vm.percent >= RAM_WARN_PCT and pid != me.pid and rss_mb >= BIG_PROCESS_MB:
+            advice.append(f"close {name} (pid {pid}) if you do not need it: frees about {rss_mb:.0f} MB")
+    if gpu_free_mb is not None and gpu_free_mb < 1024:
+        advice.append(f"only {gpu_free_mb:.0f} MB free on the GPU: another program holds it "
+                      "(`nvidia-smi` shows which); close it, or train with --device cpu")
+
+    print("\nrecommendations:")
+    for line in advice:
+        print(f"  - {line}")
+    print("\nNothing was closed: memory_optimizer.py never kills a process, it only recommends.")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# monitor: one row every --interval seconds
+
+CSV_COLUMNS = ["time", "ram_pct", "ram_avail_gb", "cpu_pct", "gpu_used_mb", "gpu_total_mb", "running_runs"]
+
+
+def running_summary(runs):
+    """'run step/total loss L; ...' for the runs (list_runs output) whose trainer is alive and
+    running, '-' when there are none. Called by monitor for every row."""
+    parts = []
+    for run_dir, st in runs:
+        if shown_state(st) != "running":
+            continue
+        loss = st.get("loss")
+        loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+        parts.append(f"{run_dir.name} {st.get('step', 0)}/{st.get('total_steps') or '?'} loss {loss}")
+    return "; ".join(parts) or "-"
+
+
+def monitor_sample(runs_dir, cuda):
+    """One row: system RAM, system-wide CPU % since the previous call, GPU use, running runs."""
+    vm = psutil.virtual_memory()
+    row = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+           "ram_pct": vm.percent,
+           "ram_avail_gb": round(vm.available / 2**30, 2),
+           "cpu_pct": psutil.cpu_percent(interval=None),
+           "gpu_used_mb": None, "gpu_total_mb": None,
+           "running_runs": running_summary(list_runs(runs_dir))}
+    if cuda:
+        # device-wide (every process on the card), unlike memory_allocated, which sees only ours
+        free, total = torch.cuda.mem_get_info()
+        row["gpu_used_mb"] = round((total - free) / 2**20)
+        row["gpu_total_mb"] = round(total / 2**20)
+    return row
+
+
+def cmd_monitor(args):
+    f = writer = None
+    if args.csv:
+        path = Path(args.csv)
+        _check_writable(path, "--csv")
+        try:
+            f = open(path, "a", newline="")
+        except OSError as e:
+            raise UserError(f"--csv {path}: cannot write it ({e.strerror}); pick another --csv")
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if f.tell() == 0:  # appending to an earlier log keeps its single header
+            writer.writeheader()
+
+    # mem_get_info creates a CUDA context in this process, a few hundred MB of the card: on a
+    # 4 GB GPU start the monitor before the trainer, so the trainer's batch probe sees it.
+    cuda = torch.cuda.is_available()
+    gpu_head = f" {'GPU used/total MB':>18}" if cuda else ""
+    print(f"{'time':<8} {'RAM %':>6} {'avail GB':>9} {'CPU %':>6}{gpu_head}  running runs "
+          f"(under {args.runs}/)", flush=True)
+    psutil.cpu_percent(interval=None)  # the first call only starts the CPU clock; rows measure from here
+    # Rows at interval, 2*interval, ... and a last one at --duration: each row's CPU % covers the
+    # time since the previous row.
+    n_rows = max(1, math.ceil(args.duration / args.interval - 1e-9))
+    t0 = time.monotonic()
+    try:
+        for k in range(1, n_rows + 1):
+            time.sleep(max(0.0, t0 + min(k * args.interval, args.duration) - time.monotonic()))
+            row = monitor_sample(args.runs, cuda)
+            gpu = f" {row['gpu_used_mb']:>8}/{row['gpu_total_mb']:<9}" if cuda else ""
+            print(f"{row['time'][11:19]:<8} {row['ram_pct']:>6.1f} {row['ram_avail_gb']:>9.2f} "
+                  f"{row['cpu_pct']:>6.1f}{gpu}  {row['running_runs']}", flush=True)
+            if writer:
+                writer.writerow(row)
+                f.flush()  # a Ctrl-C or a crash keeps every row written so far
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C)")
+    finally:
+        if f:
+            f.close()
+    if args.csv:
+        print(f"rows appended to {args.csv}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+
+def seconds(s):
+    """argparse type: a positive number of seconds (its name appears in argparse's message)."""
+    return pos_float(s)
+
+
+def main(argv=None):
+    p = Parser(prog="memory_optimizer.py", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{profile,config,optimize,monitor}")
+
+    s = sub.add_parser("profile", help="CPU, RAM, GPU, disk and versions of this machine")
+    s.add_argument("--json", action="store_true", help="print the profile as a JSON dict instead of a table")
+
+    s = sub.add_parser("config", help="write optimal_config.json: recommended settings for every trainer")
+    s.add_argument("--out", default="optimal_config.json", metavar="PATH",
+                   help="file to write (default optimal_config.json here, where the trainers look for it)")
+    s.add_argument("--quick", action="store_true",
+                   help="recommend batch sizes for --quick runs (the quick column of the RAM table)")
+
+    s = sub.add_parser("optimize", help="free this process's caches, show RAM/GPU use and the biggest "
+                                        "processes, recommend what to close (never kills anything)")
+    s.add_argument("--top", type=pos_int, default=8, metavar="N",
+                   help="list the N processes using the most RAM")
+
+    s = sub.add_parser("monitor", help="print RAM, CPU, GPU and running trainings every few seconds")
+    s.add_argument("--duration", type=seconds, default=60.0, metavar="S",
+                   help="stop after S seconds (Ctrl-C stops earlier)")
+    s.add_argument("--interval", type=seconds, default=2.0, metavar="S", help="seconds between rows")
+    s.add_argument("--csv", default=None, metavar="PATH",
+                   help="also append every row to this CSV file (header written once)")
+    s.add_argument("--runs", default="runs", metavar="DIR",
+                   help="folder holding the run folders, as in `python common.py status`")
+
+    args = p.parse_args(argv)
+    return {"profile": cmd_profile, "config": cmd_config, "optimize": cmd_optimize,
+            "monitor": cmd_monitor}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    run_main(main)

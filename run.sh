@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Thin launcher: set up .venv once, then hand over to the Python scripts.
+#   ./run.sh demo                  set up, profile the machine, quick GRU run, print suggestions
+#   ./run.sh test                  set up, run the test suite
+#   ./run.sh start gru [flags]     train in the background (survives closing the terminal)
+#   ./run.sh status | monitor [RUN] | stop [RUN]
+#   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
+#   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags])
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+[ -x "$PY" ] || PY=.venv/Scripts/python.exe  # Git Bash on Windows
+
+setup() {
+  if [ ! -d .venv ]; then
+    echo "creating .venv (one time)"
+    python3 -m venv .venv
+    PY=.venv/bin/python; [ -x "$PY" ] || PY=.venv/Scripts/python.exe
+  fi
+  # reinstall only when a requirements file changed since the last install
+  local stamp=.venv/.installed-$1
+  if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ]; then
+    "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    "$PY" -m pip install -q -r requirements.txt
+    [ "$1" = dev ] && "$PY" -m pip install -q -r requirements-dev.txt
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-help}; [ $# -gt 0 ] && shift
+case "$cmd" in
+  demo)
+    setup run
+    "$PY" memory_optimizer.py profile
+    "$PY" memory_optimizer.py config
+    "$PY" train_gru.py --quick --out runs/demo "$@"
+    "$PY" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs/demo
+    "$PY" train_gru.py --suggest "samsung " --category electronics --beam 5 --out runs/demo ;;
+  test)
+    setup dev
+    "$PY" -m pytest -q tests "$@" ;;
+  start|status|monitor|stop)
+    setup run
+    "$PY" common.py "$cmd" "$@" ;;
+  profile|config|optimize)
+    setup run
+    "$PY" memory_optimizer.py "$cmd" "$@" ;;
+  watch)
+    setup run
+    "$PY" memory_optimizer.py monitor "$@" ;;
+  gru|classifier|asr|lm)
+    setup run
+    "$PY" "train_$cmd.py" "$@" ;;
+  *)
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    [ "$cmd" = help ] || exit 2 ;;
+esac

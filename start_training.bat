@@ -1,0 +1,61 @@
+@echo off
+rem Windows launcher: the same commands as run.sh, as a menu. All logic is in Python.
+rem   start_training.bat            menu
+rem   start_training.bat status     (or: demo, test, monitor, stop, profile, config, optimize)
+setlocal
+cd /d "%~dp0"
+set PY=.venv\Scripts\python.exe
+if not exist "%PY%" (
+  echo creating .venv (one time^)
+  python -m venv .venv || (echo error: Python 3.9+ must be on PATH & exit /b 2)
+  "%PY%" -m pip install -q -r requirements.txt || exit /b 2
+)
+if not "%~1"=="" goto direct
+
+:menu
+echo.
+echo  lean-train: CADENCE GRU query generator
+echo   1  Quick     (seed's "15 min" mode: 5,000 queries, 3 epochs)
+echo   2  Standard  (seed's "30 min" mode: 10,000 queries, 5 epochs)
+echo   3  Extended  (seed's "60 min" mode: 20,000 queries, 8 epochs)
+echo   4  Status of all runs
+echo   5  Monitor the newest run
+echo   6  Stop the newest running run (it saves first)
+echo   7  Profile this machine and write optimal_config.json
+echo   0  Exit
+set /p choice="Choose: "
+if "%choice%"=="1" "%PY%" common.py start gru --quick
+if "%choice%"=="2" "%PY%" common.py start gru --dataset-size 10000 --epochs 5
+if "%choice%"=="3" "%PY%" common.py start gru --dataset-size 20000 --epochs 8
+if "%choice%"=="4" "%PY%" common.py status
+if "%choice%"=="5" "%PY%" common.py monitor
+if "%choice%"=="6" "%PY%" common.py stop
+if "%choice%"=="7" ("%PY%" memory_optimizer.py profile & "%PY%" memory_optimizer.py config)
+if "%choice%"=="0" exit /b 0
+goto menu
+
+:direct
+set cmd=%~1
+shift
+if "%cmd%"=="demo" (
+  "%PY%" memory_optimizer.py profile
+  "%PY%" memory_optimizer.py config
+  "%PY%" train_gru.py --quick --out runs\demo
+  "%PY%" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs\demo
+  exit /b %errorlevel%
+)
+if "%cmd%"=="test" (
+  "%PY%" -m pip install -q -r requirements-dev.txt
+  "%PY%" -m pytest -q tests
+  exit /b %errorlevel%
+)
+for %%c in (start status monitor stop) do if "%cmd%"=="%%c" (
+  "%PY%" common.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b %errorlevel%
+)
+for %%c in (profile config optimize) do if "%cmd%"=="%%c" (
+  "%PY%" memory_optimizer.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b %errorlevel%
+)
+echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config or optimize
+exit /b 2

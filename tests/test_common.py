@@ -1,0 +1,247 @@
+"""Unit tests of the shared functions in common.py (no subprocesses)."""
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import train_gru
+from common import UserError
+
+DEV = torch.device("cpu")
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return train_gru.CadenceGRU(vocab=50, n_cats=3, emb=8, cat_emb=4, hidden=16, dropout=0.0)
+
+
+def ragged_batch(n=12, seed=0):
+    """Sequences of very different lengths, so micro-batches hold different token counts."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [2 + (i * 7) % 11 for i in range(n)]
+    x = torch.zeros(n, max(lens), dtype=torch.long)
+    y = torch.zeros_like(x)
+    for i, L in enumerate(lens):
+        x[i, :L] = torch.randint(4, 50, (L,), generator=g)
+        y[i, :L] = torch.randint(4, 50, (L,), generator=g)
+    return {"x": x, "y": y, "cat": torch.arange(n) % 3}
+
+
+def loss_fn(model, mb):
+    return train_gru.loss_fn(model, mb, DEV)
+
+
+def one_step(micro_bs, fn=loss_fn, batch=None):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, n, used = common.train_step(model, opt, scaler, batch or ragged_batch(), fn, micro_bs,
+                                      clip=None, device=DEV, amp_dtype=None, log=lambda m: None)
+    return model, loss, n, used
+
+
+def max_diff(m1, m2):
+    return max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def test_accumulation_is_exact_with_ragged_micro_batches():
+    full, loss_full, n_full, _ = one_step(12)
+    for k in (2, 3, 5):
+        acc, loss_acc, n_acc, _ = one_step(k)
+        assert n_acc == n_full
+        assert loss_acc == pytest.approx(loss_full, rel=1e-6)
+        assert max_diff(full, acc) < 1e-6, f"micro-batch {k}"
+
+
+def test_naive_mean_of_micro_means_would_differ():
+    """Guards the test above: averaging per-micro-batch means (the usual bug) is measurably off."""
+    def per_micro_mean(model, mb):
+        loss, n = loss_fn(model, mb)
+        return loss / n * 1000, torch.tensor(1000)  # every micro-batch weighs the same
+    full, *_ = one_step(12)
+    naive, *_ = one_step(3, per_micro_mean)
+    assert max_diff(full, naive) > 1e-4
+
+
+def test_injected_oom_halves_micro_batch_and_keeps_the_step_exact():
+    calls = []
+
+    def oom_above_3(model, mb):
+        calls.append(len(mb["x"]))
+        if len(mb["x"]) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss_fn(model, mb)
+    ref, loss_ref, _, _ = one_step(12)
+    got, loss_got, _, used = one_step(12, oom_above_3)
+    assert used == 3 and calls[:3] == [12, 6, 3]
+    assert loss_got == pytest.approx(loss_ref, rel=1e-6)
+    assert max_diff(ref, got) < 1e-6
+
+
+def test_memoryerror_counts_as_oom_but_other_errors_propagate():
+    def mem_err(model, mb):
+        if len(mb["x"]) > 6:
+            raise MemoryError()
+        return loss_fn(model, mb)
+    assert one_step(12, mem_err)[3] == 6
+
+    def bug(model, mb):
+        raise ValueError("a real bug must not be retried")
+    with pytest.raises(ValueError):
+        one_step(12, bug)
+
+
+def _args(**kw):
+    base = dict(effective_batch=64, batch_size="auto", grad_accum="auto", quick=False,
+                resource_efficient=False, ram_threshold=85.0, gpu_threshold=90.0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_auto_batch_probe_halves_until_it_fits_and_keeps_effective_batch():
+    seen = []
+
+    def probe(bs):
+        seen.append(bs)
+        if bs > 2:
+            raise MemoryError()
+        return 1
+    args = _args()
+    sources = {"batch_size": "default", "grad_accum": "default"}
+    micro, accum, why = common.choose_batch_size(args, sources, DEV, probe, log=lambda m: None)
+    start = common.table_batch_size("cpu", False)[0]
+    assert micro == 2 and seen[0] == start and seen[-1] == 2
+    assert micro * accum == 64 and sources["batch_size"] == "auto"
+    assert "halved to 2" in why
+
+
+def test_auto_batch_probe_rejects_a_batch_over_the_ram_threshold():
+    huge = 10 * 2**40  # "needs" 10 TiB: over any threshold, so the probe must halve to 1
+    micro, accum, _ = common.choose_batch_size(_args(), {"batch_size": "default", "grad_accum": "default"},
+                                               DEV, lambda bs: huge if bs > 1 else 1, log=lambda m: None)
+    assert (micro, accum) == (1, 64)
+
+
+def test_explicit_grad_accum_with_auto_batch_scales_when_probe_halves():
+    args = _args(grad_accum=4)
+    micro, accum, _ = common.choose_batch_size(args, {"batch_size": "default", "grad_accum": "flag"}, DEV,
+                                               lambda bs: (_ for _ in ()).throw(MemoryError()) if bs > 4 else 1,
+                                               log=lambda m: None)
+    start = common.table_batch_size("cpu", False)[0]
+    assert micro * accum == start * 4
+
+
+@pytest.mark.parametrize("ram,quick,want", [(6, True, 4), (6, False, 2), (12, True, 8), (12, False, 4),
+                                            (32, True, 16), (32, False, 8)])
+def test_ram_table(ram, quick, want):
+    assert common.table_batch_size("cpu", quick, ram_gb=ram)[0] == want
+
+
+def test_precision_on_cpu_scaler_off_and_fp16_refused():
+    for prec, dtype in (("auto", None), ("fp32", None), ("bf16", torch.bfloat16)):
+        dev, amp, scaler, why = common.setup_device(argparse.Namespace(device="cpu", precision=prec))
+        assert dev.type == "cpu" and amp == dtype and not scaler.is_enabled()
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        common.setup_device(argparse.Namespace(device="cpu", precision="fp16"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda"):
+            common.setup_device(argparse.Namespace(device="cuda", precision="auto"))
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp):
+    common.seed_everything(3)
+    state = common.rng_state()
+    torch.save({"rng": state}, tmp / "c.pt")
+    import random
+    import numpy as np
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    common.seed_everything(99)
+    common.set_rng_state(common.load_checkpoint(tmp / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_rotation_keeps_last_k_plus_best_and_never_the_resumed_one(tmp):
+    protect = None
+    for step in range(1, 8):
+        p = common.save_checkpoint(tmp, step, {"step": step}, keep=3, protect=protect, best=(step == 2))
+        if step == 1:
+            protect = p
+    names = sorted(f.name for f in (tmp / "checkpoints").iterdir())
+    assert names == ["best.pt", "ckpt_step00000001.pt", "ckpt_step00000005.pt",
+                     "ckpt_step00000006.pt", "ckpt_step00000007.pt"]
+    assert common.load_checkpoint(tmp / "checkpoints" / "best.pt")["step"] == 2
+    assert not list((tmp / "checkpoints").glob("*.tmp"))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp):
+    for step in (10, 20):
+        common.save_checkpoint(tmp, step, {"step": step, "w": torch.randn(1000)}, keep=3)
+    newest = tmp / "checkpoints" / "ckpt_step00000020.pt"
+    newest.write_bytes(newest.read_bytes()[:500])  # a write cut short
+    logs = []
+    args = argparse.Namespace(resume=None, no_resume=False)
+    state, path = common.find_checkpoint(tmp, args, logs.append)
+    assert state["step"] == 10 and path.name == "ckpt_step00000010.pt"
+    assert any("unreadable" in m for m in logs)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path.cwd() / 'PWNED'}",))
+
+
+def test_checkpoint_with_pickled_callable_is_refused(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    common.save_checkpoint(tmp, 5, {"step": 5}, keep=3)
+    torch.save({"step": 9, "payload": Evil()}, tmp / "checkpoints" / "ckpt_step00000009.pt")
+    state, path = common.find_checkpoint(tmp, argparse.Namespace(resume=None, no_resume=False), lambda m: None)
+    assert state["step"] == 5  # the evil newest one was skipped, not executed
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        common.find_checkpoint(tmp, argparse.Namespace(resume=str(tmp / "checkpoints" / "ckpt_step00000009.pt"),
+                                                       no_resume=False), lambda m: None)
+    assert not (tmp / "PWNED").exists()
+
+
+def test_settings_sources_config_and_flags(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    cfg = {"trainers": {"gru": {"batch_size": {"value": 6, "reason": "test"},
+                                "precision": {"value": "fp32", "reason": "test"},
+                                "seq_len": {"value": 99, "reason": "not a gru setting"}}}}
+    (tmp / "optimal_config.json").write_text(json.dumps(cfg))
+    args, src = common.resolve_settings(train_gru.parser, ["--precision", "bf16", "--lr=0.01"], lambda m: None)
+    assert (args.batch_size, src["batch_size"]) == (6, "optimal_config.json")
+    assert (args.precision, src["precision"]) == ("bf16", "flag")
+    assert (args.lr, src["lr"]) == (0.01, "flag")
+    assert src["epochs"] == "default" and not hasattr(args, "seq_len")
+
+
+def test_resource_efficient_preset_and_flags_win(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    logs = []
+    args, src = common.resolve_settings(train_gru.parser, ["--resource-efficient", "--save-every", "40"],
+                                        logs.append)
+    assert (args.ram_threshold, args.gpu_threshold, args.mem_check_every) == (70.0, 75.0, 15.0)
+    assert args.grad_checkpointing and not args.pin_memory
+    assert args.save_every == 40 and src["save_every"] == "flag"
+    assert any("save_every" in m and "kept" in m for m in logs)
+
+
+def test_missing_explicit_config_is_a_user_error(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    with pytest.raises(UserError, match="--config"):
+        common.resolve_settings(train_gru.parser, ["--config", "nope.json"], lambda m: None)
+    (tmp / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a valid optimal_config.json"):
+        common.resolve_settings(train_gru.parser, ["--config", "bad.json"], lambda m: None)
+
+
+def test_truncate_metrics_drops_records_after_the_checkpoint(tmp):
+    for s in range(1, 8):
+        common.append_metrics(tmp, {"step": s, "loss": 1.0 / s})
+    common.truncate_metrics(tmp, 4)
+    assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4]

@@ -1,0 +1,260 @@
+"""train_gru.py end to end: the real script in subprocesses, on CPU, with small built-in data."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, metrics, popen, read_json, run
+
+# tests run in an empty tmp dir, so no optimal_config.json is picked up unless a test writes one
+SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
+
+
+def weights(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("ckpt_step*.pt"))
+    return torch.load(ckpts[-1], weights_only=True)["model"]
+
+
+def wait_for(pred, timeout=120, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_quick_run_learns_and_writes_the_run_folder(tmp):
+    p = run("train_gru.py", "--quick", "--out", "runs/q", cwd=tmp, check=0)
+    out = tmp / "runs" / "q"
+    s = read_json(out / "summary.json")
+    # the bar: a category-conditioned model must beat a category-blind unigram model by far
+    assert s["value"] < 0.25 * s["unigram_ppl"], s
+    for key in ("trainer", "metric", "value", "steps", "samples_per_s", "peak_mem_mb", "params",
+                "trainable_params", "wall_s"):
+        assert key in s
+    assert s["trainer"] == "gru" and s["metric"] == "val_ppl" and s["steps"] > 0
+    st = read_json(out / "status.json")
+    assert st["state"] == "finished" and st["step"] == s["steps"] and st["last_checkpoint"]
+    a = read_json(out / "args.json")
+    assert a["settings"]["batch_size"]["source"] == "auto"
+    assert a["settings"]["epochs"]["source"] == "default"
+    assert a["chosen"]["effective_batch"] == 64
+    recs = metrics(out)
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert losses[-1] < 0.6 * losses[0]
+    assert (out / "train.log").read_text().count("val loss") >= 3
+    assert "device cpu, precision fp32" in p.stdout
+    assert "suggest 'red run' [fashion]: red running" in p.stdout
+    names = {f.name for f in (out / "checkpoints").iterdir()}
+    assert "best.pt" in names and len([n for n in names if n.startswith("ckpt_step")]) <= 3
+    pytest.importorskip("matplotlib")
+    assert (out / "plots" / "training_progress.png").stat().st_size > 1000
+
+
+def test_same_seed_same_numbers(tmp):
+    for name in ("a", "b"):
+        run("train_gru.py", *SMALL, "--max-steps", "12", "--out", name, cwd=tmp, check=0)
+    assert metrics(tmp / "a") == metrics(tmp / "b")
+
+
+@pytest.mark.parametrize("kill_after", ["ckpt_step00000010.pt", "ckpt_step00000035.pt"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp, kill_after):
+    flags = [*SMALL, "--save-every", "5", "--eval-every", "20"]
+    run("train_gru.py", *flags, "--out", "ref", cwd=tmp, check=0)
+    proc = popen("train_gru.py", *flags, "--out", "killed", cwd=tmp)
+    wait_for(lambda: (tmp / "killed" / "checkpoints" / kill_after).exists(), what=kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_json(tmp / "killed" / "status.json")["state"] == "running"  # it had no chance to say
+    p = run("train_gru.py", *flags, "--out", "killed", cwd=tmp, check=0)
+    assert "resumed from" in p.stdout
+    assert metrics(tmp / "killed") == metrics(tmp / "ref")
+    ref, got = weights(tmp / "ref"), weights(tmp / "killed")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert read_json(tmp / "killed" / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
+
+
+def test_corrupt_newest_checkpoint_warns_and_resumes_from_the_previous(tmp):
+    run("train_gru.py", *SMALL, "--max-steps", "20", "--save-every", "5", "--out", "r", cwd=tmp, check=0)
+    newest = tmp / "r" / "checkpoints" / "ckpt_step00000020.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    p = run("train_gru.py", *SMALL, "--max-steps", "25", "--save-every", "5", "--out", "r", cwd=tmp, check=0)
+    assert "ckpt_step00000020.pt is unreadable" in p.stdout
+    assert "resumed from" in p.stdout and "ckpt_step00000015.pt" in p.stdout
+    assert read_json(tmp / "r" / "status.json")["state"] == "finished"
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp):
+    proc = popen("train_gru.py", *SMALL, "--epochs", "50", "--save-every", "1000", "--out", "t", cwd=tmp)
+    wait_for(lambda: (tmp / "t" / "status.json").exists() and
+             read_json(tmp / "t" / "status.json").get("step", 0) >= 10, what="10 steps")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    st = read_json(tmp / "t" / "status.json")
+    assert st["state"] == "stopped" and "SIGTERM" in out
+    ckpt = Path(st["last_checkpoint"])
+    assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == st["step"]
+
+
+def test_rotation_keeps_k_plus_best(tmp):
+    run("train_gru.py", *SMALL, "--max-steps", "30", "--save-every", "3", "--keep", "2", "--out", "k",
+        cwd=tmp, check=0)
+    names = sorted(f.name for f in (tmp / "k" / "checkpoints").iterdir())
+    assert names == ["best.pt", "ckpt_step00000027.pt", "ckpt_step00000030.pt"]
+
+
+def test_resource_efficient_halves_batch_and_cadence(tmp):
+    p = run("train_gru.py", *SMALL[:-2], "--resource-efficient", "--max-steps", "4", "--out", "re",
+            cwd=tmp, check=0)
+    assert "--resource-efficient changes:" in p.stdout
+    a = read_json(tmp / "re" / "args.json")
+    s = a["settings"]
+    assert s["save_every"] == {"value": 25, "source": "resource-efficient"}
+    assert s["ram_threshold"]["value"] == 70.0 and s["gpu_threshold"]["value"] == 75.0
+    assert s["mem_check_every"]["value"] == 15.0
+    from common import table_batch_size
+    start = table_batch_size("cpu", True)[0]
+    assert a["chosen"]["micro_batch"] == start // 2 and a["chosen"]["effective_batch"] == 64
+
+
+def test_no_resume_moves_old_checkpoints_aside(tmp):
+    run("train_gru.py", *SMALL, "--max-steps", "5", "--out", "n", cwd=tmp, check=0)
+    p = run("train_gru.py", *SMALL, "--max-steps", "5", "--out", "n", "--no-resume", cwd=tmp, check=0)
+    assert "resumed" not in p.stdout
+    assert list((tmp / "n").glob("checkpoints.old-*/ckpt_step00000005.pt"))
+
+
+def test_suggest_is_diverse_and_category_constrained(tmp):
+    run("train_gru.py", *SMALL, "--out", "s", cwd=tmp, check=0)
+    p = run("train_gru.py", "--suggest", "sams", "--category", "electronics", "--beam", "4", "--out", "s",
+            cwd=tmp, check=0)
+    lines = [l.split()[:-1] for l in p.stdout.splitlines()[1:] if l.strip()]
+    assert len(lines) >= 2 and all(l[0] == "samsung" for l in lines)
+    # diversity: suggestions differ in the word right after the prefix (first branching step)
+    assert len({l[1] for l in lines}) == len(lines)
+    electronics = {w for prod in __import__("train_gru").CATALOG["electronics"]["products"] for w in prod.split()}
+    assert any(set(l[1:]) & electronics for l in lines)
+    p = run("train_gru.py", "--suggest", "red", "--category", "cars", "--out", "s", cwd=tmp, check=2)
+    assert p.stderr.startswith("error: --category cars: unknown")
+
+
+def test_config_file_is_read_back_and_flags_override_it(tmp):
+    run("memory_optimizer.py", "config", cwd=tmp, check=0)
+    cfg = read_json(tmp / "optimal_config.json")["trainers"]["gru"]
+    run("train_gru.py", "--quick", "--dataset-size", "600", "--max-steps", "2", "--out", "c", cwd=tmp, check=0)
+    s = read_json(tmp / "c" / "args.json")["settings"]
+    assert s["batch_size"] == {"value": cfg["batch_size"]["value"], "source": "optimal_config.json"}
+    run("train_gru.py", "--quick", "--dataset-size", "600", "--max-steps", "2", "--batch-size", "5",
+        "--out", "c2", cwd=tmp, check=0)
+    assert read_json(tmp / "c2" / "args.json")["settings"]["batch_size"] == {"value": 5, "source": "flag"}
+
+
+def test_original_preset_trains_a_step(tmp):
+    p = run("train_gru.py", "--preset", "original", "--dataset-size", "200", "--max-steps", "1",
+            "--batch-size", "4", "--grad-accum", "1", "--grad-checkpointing", "--out", "o", cwd=tmp, check=0)
+    s = read_json(tmp / "o" / "summary.json")
+    assert s["params"] > 40_000_000 and s["steps"] == 1
+
+
+# -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
+
+def tree_digest(d):
+    h = hashlib.sha256()
+    for f in sorted(Path(d).rglob("*")):
+        if f.is_file():
+            h.update(str(f).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+BAD_CSV = {
+    "empty.csv": "",
+    "nocol.csv": "query,cat\nred shoes,fashion\n",
+    "ragged.csv": "text,category\n" + "red shoes,fashion\n" * 20 + "a,b,c,d\n",
+    "few.csv": "text,category\nred shoes,fashion\n",
+}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved")
+    run("train_gru.py", *SMALL, "--max-steps", "5", "--out", "run", cwd=d, check=0)
+    return d
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--data", "missing.csv"], "--data missing.csv: file not found"),
+    (["--data", "empty.csv"], "empty"),
+    (["--data", "nocol.csv"], "missing column(s) text, category"),
+    (["--data", "ragged.csv"], "line 22 has the wrong number of fields"),
+    (["--data", "few.csv"], "only 1 usable rows"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--grad-accum", "-2"], "--grad-accum"),
+    (["--lr", "-1"], "--lr"),
+    (["--epochs", "zero"], "--epochs"),
+    (["--precision", "fp8"], "--precision"),
+    (["--precision", "fp16"], "fp16 needs CUDA"),
+    (["--device", "cuda"], "--device cuda"),
+    (["--val-frac", "0.9"], "--val-frac"),
+    (["--config", "nope.json"], "--config nope.json"),
+    (["--resume", "nope.pt"], "--resume nope.pt: file not found"),
+    (["--out", "afile/run"], "--out afile/run"),
+])
+def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags, expect):
+    d = saved_run
+    for name, text in BAD_CSV.items():
+        (d / name).write_text(text)
+    (d / "afile").write_text("not a folder")
+    before = tree_digest(d / "run")
+    out = [] if "--out" in flags else ["--out", "run"]
+    p = run("train_gru.py", "--quick", *flags, *out, cwd=d, check=2)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert tree_digest(d / "run") == before
+
+
+def test_resume_from_a_checkpoint_carrying_a_callable_is_refused(saved_run):
+    d = saved_run
+    evil = d / "evil.pt"
+    code = ("import os, torch\n"
+            "class E:\n    def __reduce__(self): return (os.system, ('touch PWNED',))\n"
+            f"torch.save({{'model': E()}}, {str(evil)!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=d)
+    p = run("train_gru.py", "--quick", "--resume", "evil.pt", "--out", "run2", cwd=d, check=2)
+    assert "not a loadable checkpoint" in p.stderr and not (d / "PWNED").exists()
+
+
+# -- background runs: start / status / monitor / stop --------------------------------------------
+
+def test_background_start_status_monitor_stop(tmp):
+    p = run("common.py", "start", "gru", *SMALL, "--epochs", "100", "--out", "runs/bg", cwd=tmp, check=0)
+    assert "runs/bg" in p.stdout and "pid" in p.stdout
+    out = tmp / "runs" / "bg"
+    wait_for(lambda: read_json(out / "status.json").get("state") == "running" and
+             read_json(out / "status.json").get("step", 0) >= 5, what="running")
+    s = run("common.py", "status", cwd=tmp, check=0)
+    assert "bg" in s.stdout and "running" in s.stdout
+    st = run("common.py", "stop", "runs/bg", cwd=tmp, check=0)
+    assert "stopped" in st.stdout
+    final = read_json(out / "status.json")
+    assert final["state"] == "stopped" and Path(final["last_checkpoint"]).exists()
+    m = run("common.py", "monitor", "runs/bg", cwd=tmp, check=0, timeout=30)
+    assert "stopped" in m.stdout  # returns at once: the run has ended
+    # a run whose pid is alive but is not its trainer (a recycled pid) must not be signalled
+    fake = tmp / "runs" / "fake"
+    fake.mkdir()
+    (fake / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "trainer": "gru",
+                                                  "out": str(fake), "started": time.time()}))
+    p = run("common.py", "stop", "runs/fake", cwd=tmp, check=2)
+    assert "is not this run's trainer" in p.stderr
+    s = run("common.py", "status", cwd=tmp, check=0)
+    assert "dead" in s.stdout  # shown honestly, not as running

@@ -1,0 +1,302 @@
+"""Tests for memory_optimizer.py: the real script in subprocesses on CPU (profile, config,
+optimize, monitor, bad input), plus unit tests of recommend() on made-up machines and of the
+running-runs summary. About 15 s, most of it torch's import in each subprocess.
+
+    python -m pytest -q tests/test_memory_optimizer.py
+"""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
+import memory_optimizer as mo  # noqa: E402
+from common import TRAINERS, UserError, table_batch_size  # noqa: E402
+
+PROFILE_KEYS = {"cpu_model", "cpu_cores_physical", "cpu_cores_logical", "ram_total_gb",
+                "ram_available_gb", "cuda_available", "gpu_name", "gpu_count", "gpu_total_gb",
+                "gpu_free_gb", "gpu_capability", "bf16_supported", "tf32_supported", "disk_free_gb",
+                "os", "python", "torch"}
+
+
+def run(cwd, *args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "memory_optimizer.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_entries(trainers):
+    """Every setting is {"value": ..., "reason": "<non-empty sentence>"} and nothing else."""
+    for name, settings in trainers.items():
+        for key, entry in settings.items():
+            assert set(entry) == {"value", "reason"}, (name, key, entry)
+            assert isinstance(entry["reason"], str) and len(entry["reason"]) > 10, (name, key)
+
+
+# -----------------------------------------------------------------------------
+# profile
+
+def test_profile_text(capsys):
+    assert mo.main(["profile"]) == 0  # in-process: the subprocess run below covers the script
+    text = capsys.readouterr().out
+    for label in ("RAM total", "RAM available", "CPU cores (physical)", "CPU cores (logical)",
+                  "CUDA available", "torch"):
+        assert label in text
+    assert torch.__version__ in text
+    ram_line = next(line for line in text.splitlines() if line.startswith("RAM total"))
+    assert ram_line.split()[-2] == f"{psutil.virtual_memory().total / 2**30:.1f}"
+
+
+def test_profile_json(tmp_path):
+    r = run(tmp_path, "profile", "--json")
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(r.stdout)
+    assert set(prof) == PROFILE_KEYS
+    assert prof["cpu_cores_logical"] == psutil.cpu_count(logical=True)
+    assert 1 <= prof["cpu_cores_physical"] <= prof["cpu_cores_logical"]
+    assert prof["ram_total_gb"] == pytest.approx(psutil.virtual_memory().total / 2**30)
+    assert 0 < prof["ram_available_gb"] <= prof["ram_total_gb"]
+    assert prof["cuda_available"] == torch.cuda.is_available()
+    assert prof["torch"] == torch.__version__
+    if not prof["cuda_available"]:
+        assert prof["gpu_name"] is None and prof["bf16_supported"] is False
+
+
+# -----------------------------------------------------------------------------
+# config
+
+def test_config_writes_every_trainer(tmp_path):
+    r = run(tmp_path, "config")
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "optimal_config.json"  # the default --out, where the trainers look
+    assert "wrote optimal_config.json" in r.stdout
+    cfg = json.loads(path.read_text())
+    assert set(cfg) == {"created", "machine", "trainers"}
+    assert set(cfg["machine"]) == PROFILE_KEYS
+    assert set(cfg["trainers"]) == set(TRAINERS)
+    check_entries(cfg["trainers"])
+
+    cuda = torch.cuda.is_available()
+    free = cfg["machine"]["gpu_free_gb"]
+    want_bs, _ = table_batch_size("cuda" if cuda else "cpu", False, free_gpu_gb=free)
+    for name, s in cfg["trainers"].items():
+        bs, accum = s["batch_size"]["value"], s["grad_accum"]["value"]
+        assert bs == want_bs, name
+        effective = mo.EFFECTIVE_BATCH[name]
+        assert accum == max(1, math.ceil(effective / bs)), name
+        assert s["precision"]["value"] in (("bf16", "fp16") if cuda else ("fp32",))
+        assert s["preset"]["value"]
+        assert s["batch_size"]["value"] is not None
+    assert set(cfg["trainers"]["gru"]) == {"batch_size", "grad_accum", "precision", "preset"}
+    assert "seq_len" not in cfg["trainers"]["asr"]
+    assert cfg["trainers"]["classifier"]["seq_len"]["value"] == 64
+    # the printed table has one row per (trainer, setting)
+    n_rows = sum(len(s) for s in cfg["trainers"].values())
+    assert sum(1 for line in r.stdout.splitlines() if line.split()[:1] and line.split()[0] in TRAINERS) == n_rows
+
+
+def test_config_quick_in_process(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    assert mo.main(["config", "--quick", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())
+    cuda = torch.cuda.is_available()
+    want_bs, _ = table_batch_size("cuda" if cuda else "cpu", True,
+                                  free_gpu_gb=cfg["machine"]["gpu_free_gb"])
+    assert all(s["batch_size"]["value"] == want_bs for s in cfg["trainers"].values())
+    assert "quick column" in cfg["trainers"]["gru"]["batch_size"]["reason"] or cuda
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_config_is_read_by_resolve_settings(tmp_path):
+    """A trainer applies an entry only when the key is one of its dests and the flag was not typed."""
+    path = tmp_path / "cfg.json"
+    assert mo.main(["config", "--out", str(path)]) == 0
+    cfg = json.loads(path.read_text())["trainers"]["lm"]
+    parser = common.make_parser("test", "lm", epochs=1, lr=1e-3, effective_batch=32)
+    parser.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="tokens")
+    parser.add_argument("--preset", default="base", help="model size")
+    logged = []
+    args, sources = common.resolve_settings(parser, ["--config", str(path), "--batch-size", "3"],
+                                            log=logged.append)
+    assert args.batch_size == 3 and sources["batch_size"] == "flag"  # typed: the config loses
+    for key in ("grad_accum", "precision", "workers", "pin_memory", "seq_len", "preset"):
+        assert getattr(args, key) == cfg[key]["value"], key
+        assert sources[key] == "optimal_config.json", key
+    assert logged and "flags override" in logged[0]
+
+
+def test_config_bad_out(tmp_path):
+    r = run(tmp_path, "config", "--out", "/nonexistent_dir/x.json")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--out" in lines[0], r.stderr
+    assert not (tmp_path / "optimal_config.json").exists()
+    with pytest.raises(UserError, match="is a folder"):
+        mo.main(["config", "--out", str(tmp_path)])
+
+
+# -----------------------------------------------------------------------------
+# recommend(): made-up machines, no probing
+
+def fake_profile(ram_gb, cores=8, gpu_free=None, bf16=False):
+    return {"ram_total_gb": ram_gb, "cpu_cores_logical": cores, "cpu_cores_physical": cores,
+            "cuda_available": gpu_free is not None, "gpu_free_gb": gpu_free, "bf16_supported": bf16}
+
+
+@pytest.mark.parametrize("ram, standard, quick", [(6, 2, 4), (12, 4, 8), (32, 8, 16)])
+def test_recommend_cpu_ram_bands(ram, standard, quick, monkeypatch):
+    # pure: it must not look at this machine
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: pytest.fail("recommend() probed RAM"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("recommend() probed CUDA"))
+    for is_quick, bs in ((False, standard), (True, quick)):
+        rec = mo.recommend(fake_profile(ram), is_quick)
+        check_entries(rec)
+        # the trainers' effective batches, spelled out so a changed constant fails here
+        for name, effective in {"gru": 64, "classifier": 16, "asr": 16, "lm": 32}.items():
+            assert rec[name]["batch_size"]["value"] == bs
+            assert rec[name]["grad_accum"]["value"] == max(1, math.ceil(effective / bs))
+            assert rec[name]["precision"]["value"] == "fp32"
+        assert rec["gru"]["grad_accum"]["value"] * bs == 64
+        assert rec["classifier"]["preset"]["value"] == ("small" if ram < 16 else "distilbert")
+        assert rec["classifier"]["workers"]["value"] == 2  # min(2, 8 // 2)
+        assert rec["classifier"]["pin_memory"]["value"] is False
+        assert rec["asr"]["preset"]["value"] == "minimal"
+        assert rec["lm"]["seq_len"]["value"] == 256 and rec["lm"]["preset"]["value"] == "tiny"
+        assert rec["gru"]["preset"]["value"] == "optimized"
+
+
+def test_recommend_cuda_and_small_cpu():
+    small = mo.recommend(fake_profile(16, cores=2, gpu_free=3.0, bf16=False), quick=False)
+    check_entries(small)
+    assert small["lm"]["batch_size"]["value"] == 4  # < 4 GB free: 8 quick, 4 standard
+    assert small["lm"]["precision"]["value"] == "fp16"
+    assert small["lm"]["seq_len"]["value"] == 1024
+    assert small["asr"]["preset"]["value"] == "minimal"
+    assert small["lm"]["preset"]["value"] == "small"
+    assert small["classifier"]["pin_memory"]["value"] is True
+    assert small["classifier"]["workers"]["value"] == 2  # min(4, 2 cores)
+
+    big = mo.recommend(fake_profile(6, cores=16, gpu_free=40.0, bf16=True), quick=True)
+    assert big["gru"]["batch_size"]["value"] == 64 and big["gru"]["grad_accum"]["value"] == 1
+    assert big["classifier"]["grad_accum"]["value"] == 1  # micro-batch 64 > effective 16
+    assert big["lm"]["precision"]["value"] == "bf16"
+    assert big["lm"]["seq_len"]["value"] == 2048
+    assert big["asr"]["preset"]["value"] == "optimized"
+    assert big["classifier"]["preset"]["value"] == "distilbert"  # a GPU, whatever the RAM
+    assert big["asr"]["workers"]["value"] == 4
+
+    laptop = mo.recommend(fake_profile(8, cores=1), quick=False)
+    assert laptop["asr"]["workers"]["value"] == 1  # never 0: min(2, max(1, 1 // 2))
+    laptop = mo.recommend(fake_profile(8, cores=2), quick=False)
+    assert laptop["asr"]["workers"]["value"] == 1  # half the cores: the other one trains
+
+
+def test_effective_batch_covers_every_trainer():
+    assert set(mo.EFFECTIVE_BATCH) == set(TRAINERS)
+
+
+# -----------------------------------------------------------------------------
+# optimize
+
+def test_optimize_reports_and_never_kills(tmp_path):
+    r = run(tmp_path, "optimize", "--top", "3")
+    assert r.returncode == 0, r.stderr
+    assert "never kills" in r.stdout
+    assert "RAM:" in r.stdout and "GB available" in r.stdout
+    lines = r.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["pid", "name"])
+    rows = []
+    for line in lines[head + 1:]:
+        if not line.strip():
+            break
+        rows.append(line)
+    assert len(rows) == 3, r.stdout  # --top 3, and any machine runs at least 3 processes
+    rss = [float(row[31:39]) for row in rows]  # fixed columns: names may contain spaces
+    assert rss == sorted(rss, reverse=True)
+
+
+def test_top_processes_sorted():
+    top = mo.top_processes(5)
+    assert 1 <= len(top) <= 5
+    assert [t[0] for t in top] == sorted((t[0] for t in top), reverse=True)
+
+
+# -----------------------------------------------------------------------------
+# monitor
+
+def write_status(runs, name, **status):
+    d = runs / name
+    d.mkdir(parents=True)
+    (d / "status.json").write_text(json.dumps({"trainer": "gru", "out": str(d), "started": time.time(),
+                                               **status}))
+
+
+def test_monitor_csv_and_running_runs(tmp_path):
+    runs = tmp_path / "runs"
+    # a stand-in trainer: a live process whose command line names the script and the run folder,
+    # which is what common.process_is_trainer checks
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train_gru.py",
+                              str(runs / "live")])
+    try:
+        write_status(runs, "live", state="running", pid=child.pid, step=7, total_steps=100, loss=1.2345)
+        write_status(runs, "done", state="finished", pid=child.pid, step=100, total_steps=100, loss=0.5)
+        # alive but not a trainer (this test process): shown as dead, not as running
+        write_status(runs, "ghost", state="running", pid=psutil.Process().pid, step=3, loss=9.0)
+        csv_path = tmp_path / "mem.csv"
+        r = run(tmp_path, "monitor", "--duration", "2", "--interval", "1", "--csv", str(csv_path))
+        assert r.returncode == 0, r.stderr
+    finally:
+        child.kill()
+        child.wait()
+    want = "live 7/100 loss 1.2345"
+    assert want in r.stdout and "done" not in r.stdout and "ghost" not in r.stdout
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == mo.CSV_COLUMNS
+    assert len(rows) == 3, rows  # header + a row at 1 s and at 2 s
+    for row in rows[1:]:
+        rec = dict(zip(rows[0], row))
+        assert 0 < float(rec["ram_pct"]) <= 100
+        assert 0 < float(rec["ram_avail_gb"])
+        assert 0 <= float(rec["cpu_pct"]) <= 100
+        assert rec["running_runs"] == want
+        assert (rec["gpu_total_mb"] == "") == (not torch.cuda.is_available())
+
+
+def test_monitor_appends_without_second_header(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_status(tmp_path / "runs", "done", state="finished", pid=1, step=5, loss=0.1)
+    for _ in range(2):
+        assert mo.main(["monitor", "--duration", "0.05", "--interval", "0.05", "--csv", "m.csv"]) == 0
+    rows = list(csv.reader(open(tmp_path / "m.csv", newline="")))
+    assert rows[0] == mo.CSV_COLUMNS and len(rows) == 3 and rows[2][0] != "time"
+    assert all(row[-1] == "-" for row in rows[1:])  # a finished run is not running
+    assert "rows appended to m.csv" in capsys.readouterr().out
+
+
+def test_running_summary():
+    assert mo.running_summary([]) == "-"
+    assert mo.running_summary([(Path("runs/a"), {"state": "finished", "step": 3})]) == "-"
+    assert mo.running_summary([(Path("runs/b"), {"state": "running", "pid": None})]) == "-"
+
+
+def test_monitor_bad_input(tmp_path):
+    r = run(tmp_path, "monitor", "--duration", "0")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--duration" in lines[0], r.stderr
+    with pytest.raises(UserError, match="--csv"):
+        mo.main(["monitor", "--duration", "1", "--csv", str(tmp_path / "missing" / "m.csv")])
+    with pytest.raises(SystemExit) as e:
+        mo.main(["monitor", "--interval", "-1"])
+    assert e.value.code == 2

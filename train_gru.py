@@ -1,0 +1,699 @@
+"""train_gru.py -- CADENCE: a category-conditioned GRU query generator for e-commerce autosuggest.
+
+After Anand et al., "CADENCE: Offline Category Constrained and Diverse Query Generation for
+E-commerce Autosuggest" (KDD 2023). A word-level language model over search queries that sees
+the query's category at every step, so "red run" in fashion completes to shoes, not to a pump.
+
+    python train_gru.py --quick --out runs/q                      # laptop CPU, well under a minute
+    python train_gru.py --dataset-size 20000 --epochs 8           # the seed's "extended" run
+    python train_gru.py --data queries.csv --out runs/mine        # your data: columns text,category
+    python train_gru.py --suggest "red run" --category fashion --beam 5 --out runs/q
+    python train_gru.py --preset original --quick                 # the seed's 3-layer GRU-MN, ~48M params
+
+Re-running the same command resumes from the newest checkpoint in --out.
+"""
+
+import csv
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+MAX_WORDS = 30  # seed: queries longer than this are cut
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = common.make_parser(__doc__, trainer="gru", epochs=3, lr=1e-3, effective_batch=64,
+                            save_every=50, eval_every=0, log_every=10)
+g = parser.add_argument_group("CADENCE GRU")
+g.add_argument("--data", default=None, metavar="CSV",
+               help="training data: CSV with columns text,category (default: built-in generator)")
+g.add_argument("--dataset-size", type=common.pos_int, default=None, metavar="N",
+               help="built-in queries to generate (default 5000 with --quick, else 10000)")
+g.add_argument("--val-frac", type=float, default=0.1, help="share of queries held out for validation")
+g.add_argument("--vocab-size", type=common.pos_int, default=10000,
+               help="vocabulary cap, specials included (rarer words become <unk>)")
+g.add_argument("--preset", choices=["optimized", "original"], default="optimized",
+               help="optimized: 1-layer GRU 256 (~5M params at 10K words); original: the seed's "
+                    "3-layer GRU-MN 2000/1500/1000 with attention over past states (~48M)")
+g.add_argument("--suggest", default=None, metavar="PREFIX",
+               help="print completions of PREFIX from the model in --out (no training); "
+                    "a prefix not ending in a space treats its last word as partial")
+g.add_argument("--category", default=None, help="category for --suggest")
+g.add_argument("--beam", type=common.pos_int, default=5,
+               help="--suggest: number of suggestions, each from its own beam of this width")
+g.add_argument("--max-len", type=common.pos_int, default=12, help="--suggest: most words to generate")
+
+
+# -----------------------------------------------------------------------------
+# built-in data: e-commerce queries with categories
+#
+# Each category has product types (Zipf-weighted, so a few heads and a long tail, as in real
+# query logs), brands and attribute facets, and query templates that combine them the way
+# people type ("red running shoes for men", "samsung 55 inch smart tv under 40000").
+
+CATALOG = {
+    "fashion": dict(
+        products=["running shoes", "t shirt", "jeans", "kurta", "saree", "sneakers", "jacket", "hoodie",
+                  "formal shirt", "track pants", "sandals", "dress", "shorts", "sweater", "leggings",
+                  "boots", "polo t shirt", "blazer", "flip flops", "socks", "cap", "handbag", "wallet",
+                  "belt", "sunglasses", "watch", "trousers", "skirt", "lehenga", "nightwear"],
+        brands=["nike", "adidas", "puma", "levis", "zara", "h&m", "allen solly", "peter england",
+                "biba", "woodland", "bata", "fastrack", "titan", "reebok", "skechers", "us polo"],
+        attrs={"color": ["red", "black", "white", "blue", "navy", "grey", "green", "pink", "maroon",
+                         "beige", "olive", "yellow"],
+               "material": ["cotton", "leather", "denim", "linen", "silk", "woolen", "polyester"],
+               "style": ["slim fit", "regular fit", "printed", "striped", "casual", "party wear",
+                         "oversized", "checked"]},
+        tails=["for men", "for women", "for boys", "for girls", "for kids", "size 8", "size 9",
+               "size 10", "size xl", "size m", "under 500", "under 1000", "under 2000", "combo"]),
+    "electronics": dict(
+        products=["smartphone", "smart tv", "laptop", "earbuds", "headphones", "power bank", "charger",
+                  "bluetooth speaker", "smartwatch", "tablet", "monitor", "keyboard", "mouse",
+                  "usb cable", "hard disk", "pendrive", "router", "printer", "webcam", "gaming laptop",
+                  "soundbar", "camera", "memory card", "phone cover"],
+        brands=["samsung", "apple", "oneplus", "xiaomi", "realme", "sony", "boat", "jbl", "hp", "dell",
+                "lenovo", "asus", "lg", "logitech", "sandisk", "canon", "vivo", "oppo"],
+        attrs={"spec": ["5g", "4g", "128gb", "256gb", "8gb ram", "16gb ram", "1tb", "wireless",
+                        "fast charging", "noise cancelling", "55 inch", "43 inch", "32 inch", "4k",
+                        "type c", "i5", "i7", "rtx 3050", "full hd", "20000mah"],
+               "color": ["black", "white", "blue", "silver", "grey"]},
+        tails=["under 10000", "under 20000", "under 50000", "with mic", "for gaming", "for students",
+               "for office", "with warranty", "combo", "latest model"]),
+    "home_kitchen": dict(
+        products=["frying pan", "water bottle", "pressure cooker", "bedsheet", "curtains", "mixer grinder",
+                  "dinner set", "lunch box", "storage container", "pillow", "mattress", "wall clock",
+                  "sofa cover", "door mat", "kettle", "induction cooktop", "knife set", "bath towel",
+                  "table lamp", "gas stove", "water purifier", "vacuum cleaner", "iron", "ceiling fan"],
+        brands=["prestige", "pigeon", "milton", "cello", "bajaj", "philips", "havells", "borosil",
+                "hawkins", "butterfly", "kent", "eureka forbes", "solimo", "wakefit"],
+        attrs={"material": ["steel", "stainless steel", "non stick", "glass", "cotton", "plastic",
+                            "wooden", "ceramic", "copper"],
+               "size": ["1 litre", "2 litre", "3 litre", "5 litre", "750 ml", "double bed", "king size",
+                        "single bed", "24 cm", "set of 6", "set of 3", "pack of 2"],
+               "color": ["white", "blue", "brown", "grey", "multicolor"]},
+        tails=["for kitchen", "for home", "for bedroom", "with lid", "under 500", "under 1000",
+               "under 2000", "for gift", "combo"]),
+    "beauty": dict(
+        products=["face wash", "shampoo", "moisturizer", "sunscreen", "lipstick", "hair oil", "perfume",
+                  "face serum", "body lotion", "conditioner", "kajal", "trimmer", "hair dryer", "foundation",
+                  "nail polish", "face mask", "deodorant", "beard oil", "soap", "hair straightener"],
+        brands=["lakme", "maybelline", "nivea", "loreal", "himalaya", "mamaearth", "the derma co",
+                "biotique", "dove", "plum", "wow", "minimalist", "philips", "beardo", "park avenue"],
+        attrs={"type": ["oily skin", "dry skin", "sensitive skin", "anti dandruff", "vitamin c",
+                        "aloe vera", "matte", "herbal", "spf 50", "onion", "tea tree", "niacinamide"],
+               "size": ["100 ml", "200 ml", "50 ml", "400 ml", "pack of 3"]},
+        tails=["for men", "for women", "for hair fall", "for glowing skin", "for acne", "under 300",
+               "under 500", "combo", "for daily use"]),
+    "sports": dict(
+        products=["cricket bat", "football", "yoga mat", "dumbbells", "badminton racket", "cycle",
+                  "treadmill", "gym gloves", "skipping rope", "tennis ball", "shuttlecock", "protein powder",
+                  "resistance band", "basketball", "swimming goggles", "knee support", "sports bottle",
+                  "cricket helmet", "carrom board", "chess board"],
+        brands=["nivia", "cosco", "yonex", "decathlon", "sg", "ss", "spalding", "boldfit", "strauss",
+                "hero", "btwin", "li ning", "muscleblaze", "optimum nutrition"],
+        attrs={"spec": ["english willow", "kashmir willow", "size 5", "6 mm", "10 kg", "5 kg",
+                        "pair", "adjustable", "anti skid", "gear", "non gear", "26t", "whey", "1 kg"],
+               "color": ["black", "blue", "red", "green", "purple"]},
+        tails=["for men", "for women", "for kids", "for beginners", "for home gym", "under 1000",
+               "under 5000", "combo", "for practice"]),
+    "books": dict(
+        products=["novel", "story book", "notebook", "diary", "exam guide", "cookbook", "comics",
+                  "dictionary", "biography", "self help book", "colouring book", "atlas", "textbook",
+                  "poetry book", "question bank", "previous year papers"],
+        brands=["penguin", "harper collins", "arihant", "disha", "oxford", "classmate", "rupa",
+                "ncert", "mtg", "scholastic"],
+        attrs={"lang": ["english", "hindi", "marathi", "tamil", "bengali"],
+               "topic": ["upsc", "ssc", "jee", "neet", "class 10", "class 12", "python", "history",
+                         "finance", "mystery", "romance", "fantasy", "kids"]},
+        tails=["for kids", "for beginners", "2024 edition", "latest edition", "paperback", "hardcover",
+               "combo", "set of 5", "under 300"]),
+    "grocery": dict(
+        products=["basmati rice", "atta", "cooking oil", "green tea", "coffee", "sugar", "toor dal",
+                  "ghee", "honey", "dry fruits", "almonds", "biscuits", "chocolate", "instant noodles",
+                  "peanut butter", "masala", "salt", "oats", "cornflakes", "juice", "pickle", "tea"],
+        brands=["tata", "aashirvaad", "fortune", "saffola", "amul", "nescafe", "bru", "dabur",
+                "patanjali", "britannia", "parle", "cadbury", "maggi", "kelloggs", "red label", "everest"],
+        attrs={"size": ["1 kg", "5 kg", "500 g", "250 g", "1 litre", "5 litre", "200 g", "pack of 4",
+                        "pack of 12"],
+               "type": ["organic", "sugar free", "refined", "cold pressed", "roasted", "premium",
+                        "whole wheat", "instant"]},
+        tails=["combo", "family pack", "value pack", "for weight loss", "for kids", "offer"]),
+    "toys": dict(
+        products=["remote control car", "building blocks", "soft toy", "doll", "board game", "puzzle",
+                  "toy kitchen set", "action figure", "teddy bear", "rc helicopter", "baby rattle",
+                  "play tent", "drawing kit", "ride on car", "toy gun", "rubiks cube", "lego set"],
+        brands=["lego", "funskool", "hot wheels", "barbie", "mattel", "hasbro", "fisher price",
+                "mirana", "webby", "toyshine", "hamleys"],
+        attrs={"age": ["for 3 year old", "for 5 year old", "for 1 year old", "for 8 year old",
+                       "for toddlers"],
+               "spec": ["rechargeable", "educational", "musical", "wooden", "1000 pieces", "pack of 6",
+                        "battery operated", "big size"]},
+        tails=["for boys", "for girls", "for kids", "gift set", "under 500", "under 1000", "combo"]),
+}
+# query shapes, each a list of slots: brand, attr (one facet), product, tail; weights below
+TEMPLATES = [(["product"], 3), (["brand", "product"], 4), (["attr", "product"], 4),
+             (["product", "tail"], 4), (["brand", "attr", "product"], 2), (["attr", "product", "tail"], 3),
+             (["brand", "product", "tail"], 2), (["attr", "attr", "product"], 1),
+             (["brand", "attr", "product", "tail"], 1), (["product", "attr"], 1)]
+
+
+def zipf_weights(n, s=1.1):
+    return [1 / (r + 1) ** s for r in range(n)]
+
+
+def generate_queries(n, seed):
+    """n (query, category) pairs. A fixed seed gives the same list on every machine."""
+    rng = random.Random(seed)
+    cats = sorted(CATALOG)
+    cat_w = zipf_weights(len(cats), 0.6)
+    shapes, shape_w = zip(*TEMPLATES)
+    out = []
+    for _ in range(n):
+        cat = rng.choices(cats, cat_w)[0]
+        c = CATALOG[cat]
+        facets = sorted(c["attrs"])
+        words = []
+        for slot in rng.choices(shapes, shape_w)[0]:
+            if slot == "product":
+                words.append(rng.choices(c["products"], zipf_weights(len(c["products"])))[0])
+            elif slot == "brand":
+                words.append(rng.choices(c["brands"], zipf_weights(len(c["brands"])))[0])
+            elif slot == "attr":
+                vals = c["attrs"][rng.choice(facets)]
+                words.append(rng.choices(vals, zipf_weights(len(vals), 0.8))[0])
+            else:
+                words.append(rng.choices(c["tails"], zipf_weights(len(c["tails"]), 0.8))[0])
+        out.append((" ".join(words), cat))
+    return out
+
+
+def read_csv(path):
+    """(query, category) pairs from a CSV with columns text,category; bad input -> UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--data {p}: file not found")
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if not cols:
+                raise UserError(f"--data {p}: the file is empty; it needs a header line 'text,category' and rows")
+            missing = [c for c in ("text", "category") if c not in cols]
+            if missing:
+                raise UserError(f"--data {p}: missing column(s) {', '.join(missing)}; the header must "
+                                f"name text,category (found: {', '.join(cols)})")
+            reader.fieldnames = cols
+            rows = []
+            for i, r in enumerate(reader, start=2):
+                if None in r or r["text"] is None or r["category"] is None:
+                    raise UserError(f"--data {p}: line {i} has the wrong number of fields; quote "
+                                    "texts that contain commas")
+                text, cat = " ".join(r["text"].lower().split()), r["category"].strip().lower()
+                if text and cat:
+                    rows.append((text, cat))
+    except UnicodeDecodeError:
+        raise UserError(f"--data {p}: not UTF-8 text; save the CSV as UTF-8")
+    except csv.Error as e:
+        raise UserError(f"--data {p}: malformed CSV ({e})")
+    if len(rows) < 10:
+        raise UserError(f"--data {p}: only {len(rows)} usable rows; need at least 10 (text and category both non-empty)")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: lowercase whitespace words, capped vocabulary
+
+def build_vocab(pairs, cap):
+    counts = {}
+    for text, _ in pairs:
+        for w in text.split():
+            counts[w] = counts.get(w, 0) + 1
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:max(0, cap - len(SPECIALS))]
+    return SPECIALS + words
+
+
+def encode(text, stoi):
+    return [BOS] + [stoi.get(w, UNK) for w in text.split()[:MAX_WORDS]] + [EOS]
+
+
+def pack(pairs, stoi, cat_index):
+    """Tokenize once into one flat int32 tensor + offsets: far lighter than a list of tensors."""
+    seqs = [encode(t, stoi) for t, _ in pairs]
+    lens = torch.tensor([len(s) for s in seqs])
+    return {"tokens": torch.tensor([w for s in seqs for w in s], dtype=torch.int32),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]),
+            "cats": torch.tensor([cat_index[c] for _, c in pairs])}
+
+
+def make_batch(data, idx):
+    """Right-padded (x, y, cat) for the sequences at idx; y is x shifted by one (next word)."""
+    seqs = [data["tokens"][data["offsets"][i]:data["offsets"][i + 1]].long() for i in idx.tolist()]
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), PAD)
+    y = torch.full((len(seqs), T), PAD)
+    for b, s in enumerate(seqs):
+        x[b, :len(s) - 1] = s[:-1]
+        y[b, :len(s) - 1] = s[1:]
+    return {"x": x, "y": y, "cat": data["cats"][idx]}
+
+
+# -----------------------------------------------------------------------------
+# models
+
+class CadenceGRU(nn.Module):
+    """The seed's optimized model: [word emb 128 ; category emb 64] at every step -> GRU 256 ->
+    dropout 0.3 -> softmax over the vocabulary. Category enters at every step, so it constrains
+    every next word, not just the first."""
+    supports_grad_checkpointing = False  # one cuDNN GRU layer: nothing to recompute per layer
+
+    def __init__(self, vocab, n_cats, emb=128, cat_emb=64, hidden=256, dropout=0.3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, emb, padding_idx=PAD)
+        self.cat_emb = nn.Embedding(n_cats, cat_emb)
+        self.gru = nn.GRU(emb + cat_emb, hidden, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x, cat, h=None):  # x (B, T), cat (B,) -> logits (B, T, V), h (1, B, H)
+        e = self.emb(x)
+        c = self.cat_emb(cat)[:, None, :].expand(-1, x.size(1), -1)
+        out, h = self.gru(torch.cat([e, c], dim=-1), h)
+        return self.head(self.drop(out)), h
+
+
+class GRUMNLayer(nn.Module):
+    """GRU with a memory tape (Cheng et al. 2016, as used by CADENCE): instead of h_{t-1}, the
+    gates see h~_t, an attention-weighted sum of all earlier hidden states of this sequence:
+        a_i = v . tanh(W_h h_i + W_x x_t + W_h~ h~_{t-1}),  h~_t = sum_{i<t} softmax(a)_i h_i
+    It is O(T^2) per sequence and steps in Python: the memory cost the seed ran out of."""
+
+    def __init__(self, inp, hidden, attn):
+        super().__init__()
+        self.cell = nn.GRUCell(inp, hidden)
+        self.w_h = nn.Linear(hidden, attn, bias=False)
+        self.w_x = nn.Linear(inp, attn)
+        self.w_ht = nn.Linear(hidden, attn, bias=False)
+        self.v = nn.Linear(attn, 1, bias=False)
+
+    def forward(self, x):  # x (B, T, in) -> (B, T, hidden)
+        B, T, _ = x.shape
+        wx = self.w_x(x)  # (B, T, A), all steps at once
+        h_tilde = x.new_zeros(B, self.cell.hidden_size)
+        tape, tape_proj, outs = [], [], []
+        for t in range(T):
+            if t > 0:  # t = 0: empty tape, h~ = 0 (right padding never reaches earlier steps)
+                H, P = torch.stack(tape, 1), torch.stack(tape_proj, 1)  # (B, t, hidden), (B, t, A)
+                score = self.v(torch.tanh(P + (wx[:, t] + self.w_ht(h_tilde))[:, None])).squeeze(-1)
+                h_tilde = (score.softmax(-1)[..., None] * H).sum(1)
+            h = self.cell(x[:, t], h_tilde)
+            tape.append(h)
+            tape_proj.append(self.w_h(h))
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+class CadenceGRUMN(nn.Module):
+    """The seed's memory-heavy original (the paper's Query LM): 3 GRU-MN layers 2000/1500/1000,
+    attention 1000/750/500, embedding 256, the one-hot category fed to every layer
+    (layer 1: [e_t ; c], layer l>1: relu(W_c c + h^{l-1})), a context layer tanh(W h + W_c c)
+    of 500, dropout 0.8 between layers (the paper's value, likely a TF keep-probability)."""
+    supports_grad_checkpointing = True
+
+    def __init__(self, vocab, n_cats, emb=256, hidden=(2000, 1500, 1000), attn=(1000, 750, 500),
+                 context=500, dropout=0.8):
+        super().__init__()
+        self.n_cats = n_cats
+        self.emb = nn.Embedding(vocab, emb, padding_idx=PAD)
+        ins = [emb + n_cats, *hidden[:-1]]
+        self.layers = nn.ModuleList(GRUMNLayer(i, h, a) for i, h, a in zip(ins, hidden, attn))
+        self.cat_in = nn.ModuleList(nn.Linear(n_cats, h, bias=False) for h in hidden[:-1])
+        self.ctx_h = nn.Linear(hidden[-1], context)
+        self.ctx_c = nn.Linear(n_cats, context, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(context, vocab)
+        self.grad_checkpointing = False
+
+    def forward(self, x, cat, h=None):  # h unused: the tape is rebuilt from the full prefix
+        c = F.one_hot(cat, self.n_cats).float()[:, None, :].expand(-1, x.size(1), -1)  # (B, T, C)
+        z = torch.cat([self.emb(x), c], dim=-1)
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                z = torch.relu(self.cat_in[i - 1](c) + self.drop(z))
+            # recompute each layer's tape in backward instead of keeping it: the biggest activations
+            z = checkpoint(layer, z, use_reentrant=False) if self.grad_checkpointing else layer(z)
+        return self.head(self.drop(torch.tanh(self.ctx_h(z) + self.ctx_c(c)))), None
+
+
+def build_model(preset, vocab, n_cats):
+    return CadenceGRU(vocab, n_cats) if preset == "optimized" else CadenceGRUMN(vocab, n_cats)
+
+
+def loss_fn(model, mb, device):
+    """Summed next-word cross-entropy over real tokens, and their count (common.train_step
+    normalises by the token count of the whole accumulated batch)."""
+    x, y, cat = (mb[k].to(device, non_blocking=True) for k in ("x", "y", "cat"))
+    logits, _ = model(x, cat)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=PAD, reduction="sum")
+    return loss, (y != PAD).sum()
+
+
+@torch.inference_mode()
+def evaluate(model, data, device, amp_dtype, bs=256):
+    """Validation loss per token and perplexity."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(data["cats"]), bs):
+        batch = make_batch(data, torch.arange(i, min(i + bs, len(data["cats"]))))
+        with common.autocast(device, amp_dtype):
+            loss, k = loss_fn(model, batch, device)
+        total, n = total + loss.item(), n + int(k)
+    model.train()
+    return total / n, math.exp(total / n)
+
+
+def unigram_ppl(train, val, vocab):
+    """Category-blind unigram baseline (add-one smoothed): what a model that ignores context
+    and category scores. BOS is never predicted, so it is not counted."""
+    counts = torch.bincount(train["tokens"].long(), minlength=vocab).double() + 1
+    counts[BOS] = 0
+    logp = (counts / counts.sum()).log()
+    targets = val["tokens"].long()[val["tokens"] != BOS]
+    return math.exp(-logp[targets].mean().item())
+
+
+# -----------------------------------------------------------------------------
+# suggestions: category-constrained diverse beam search (CADENCE's dynamic beam search)
+
+@torch.inference_mode()
+def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
+    """Completions of `prefix` in `category`. Diversity as in CADENCE: the first word generated
+    is branched exhaustively (the `beam` most likely distinct first words), then each branch
+    runs its own beam of width `beam`; no two suggestions share their first new word.
+    A prefix not ending in a space has a partial last word: the first new word must extend it."""
+    if category not in cats:
+        raise UserError(f"--category {category}: unknown; this model knows {', '.join(cats)}")
+    words = prefix.lower().split()
+    partial = words.pop() if words and not prefix.endswith(" ") else ""
+    model.eval()
+    cat = torch.tensor([cats.index(category)], device=device)
+
+    def next_logp(seqs):  # seqs: list of id lists -> (N, V) log-probs of the next word
+        x = torch.tensor(seqs, device=device)
+        logits, _ = model(x, cat.expand(len(seqs)))
+        return logits[:, -1].float().log_softmax(-1)
+
+    start = [BOS] + [stoi.get(w, UNK) for w in words]
+    logp = next_logp([start])[0]
+    allowed = torch.full_like(logp, float("-inf"))
+    ok = [i for i, w in enumerate(itos) if i > EOS and w.startswith(partial)]
+    if not ok:
+        return []
+    allowed[ok] = 0  # the first new word is a real word (no PAD/UNK/BOS/EOS) extending `partial`
+    groups = [(logp[w].item(), start + [w]) for w in (logp + allowed).topk(min(beam, len(ok))).indices.tolist()]
+    for _ in range(3):  # too few branches (e.g. "run" -> "running" -> "shoes"): branch one word later
+        growing = [g for g in groups if g[1][-1] != EOS]
+        if len(groups) >= beam or not growing:
+            break
+        lp = next_logp([s for _, s in growing])
+        lp[:, [PAD, UNK, BOS]] = float("-inf")
+        # CADENCE's rising thresholds: a word opens a branch only with p > 0.05 (the best always does)
+        cand = sorted(((sc + v.item(), s + [i.item()], v.item()) for (sc, s), row in zip(growing, lp)
+                       for v, i in zip(*row.topk(beam))), key=lambda g: -g[0])
+        groups = [g for g in groups if g[1][-1] == EOS] + [
+            (sc, s) for k, (sc, s, v) in enumerate(cand) if k == 0 or v > math.log(0.05)]
+        groups = sorted(groups, key=lambda g: -g[0])[:beam]
+    results = []
+    for group in groups:  # one independent beam per branch: the diversity constraint
+        live, done = ([], [group]) if group[1][-1] == EOS else ([group], [])
+        for _ in range(max_len - 1):
+            if not live:
+                break
+            lp = next_logp([s for _, s in live])
+            lp[:, [PAD, UNK, BOS]] = float("-inf")
+            cand = []
+            for (score, seq), row in zip(live, lp):
+                top = row.topk(beam)
+                cand += [(score + v.item(), seq + [i.item()]) for v, i in zip(top.values, top.indices)]
+            cand.sort(key=lambda c: -c[0])
+            live = []
+            for score, seq in cand[:beam]:
+                (done if seq[-1] == EOS else live).append((score, seq))
+        done += live  # unfinished at max_len still count
+        # length-normalised score: otherwise the shortest completion always wins
+        score, seq = max(done, key=lambda d: d[0] / (len(d[1]) - len(start)))
+        results.append((score / (len(seq) - len(start)),
+                        " ".join(words + [itos[i] for i in seq[len(start):] if i != EOS])))
+    model.train()
+    return sorted(results, key=lambda r: -r[0])
+
+
+def run_suggest(args):
+    out = Path(args.out) if args.out else next(
+        (r for r, st in common.list_runs("runs") if st.get("trainer") == "gru"), None)
+    if out is None:
+        raise UserError("--suggest: no run folder given and none found under runs/; pass --out RUN")
+    state, path = common.find_checkpoint(out, args, print)
+    if state is None:
+        raise UserError(f"--suggest: no checkpoint in {out}/checkpoints; train first: "
+                        f"python train_gru.py --quick --out {out}")
+    extra = state["extra"]
+    itos, cats = extra["itos"], extra["cats"]
+    model = build_model(extra["preset"], len(itos), len(cats))
+    model.load_state_dict(state["model"])
+    category = args.category or cats[0]
+    print(f"model {path} (step {state['step']}); category {category}; prefix {args.suggest!r}")
+    for score, text in suggest(model, args.suggest, category, {w: i for i, w in enumerate(itos)},
+                               itos, cats, args.beam, args.max_len, torch.device("cpu")):
+        print(f"  {text:<50} {score:7.3f}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, sources = common.resolve_settings(parser, argv)
+    if args.suggest is not None:
+        return run_suggest(args)
+    if not 0 < args.val_frac < 0.5:
+        raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
+    if args.category is not None:
+        raise UserError("--category only applies with --suggest")
+
+    # -- data (validated before the run folder is touched)
+    if args.data:
+        pairs = read_csv(args.data)
+        data_desc = f"{args.data} ({len(pairs)} queries)"
+    else:
+        n = args.dataset_size or (5000 if args.quick else 10000)
+        pairs = generate_queries(n, seed=args.seed)
+        data_desc = f"built-in generator ({n} queries)"
+    cats = sorted({c for _, c in pairs})
+    # split by a seeded shuffle, not file order: real exports are often sorted by category
+    order = list(range(len(pairs)))
+    random.Random(args.seed).shuffle(order)
+    n_val = max(1, int(len(pairs) * args.val_frac))
+    val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+
+    out = Path(args.out) if args.out else common.default_out("gru")
+    args.out = str(out)
+    common.check_out_writable(out)
+    moved = common.prepare_run_dir(out, args, args.no_resume)
+    log = common.make_logger(out)
+    if moved:
+        log(f"--no-resume: earlier files kept as {', '.join(moved)}")
+    status = {"state": "starting", "pid": os.getpid(), "trainer": "gru", "out": str(out.resolve()),
+              "started": time.time(), "log": str((out / "train.log").resolve()), "metric_name": "val_ppl"}
+    common.update_status(out, status)
+    stop = common.install_stop_handlers()
+    try:
+        return train(args, sources, out, log, status, stop, train_pairs, val_pairs, cats, data_desc)
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def train(args, sources, out, log, status, stop, train_pairs, val_pairs, cats, data_desc):
+    common.seed_everything(args.seed)
+    device, amp_dtype, scaler, prec_why = common.setup_device(args, sources)
+    state, resumed_from = common.find_checkpoint(out, args, log)
+
+    # vocabulary from the training split (or the checkpoint, so ids never shift on resume)
+    itos = state["extra"]["itos"] if state else build_vocab(train_pairs, args.vocab_size)
+    if state:
+        cats = state["extra"]["cats"]
+        if state["extra"]["preset"] != args.preset:
+            raise UserError(f"{resumed_from} is a --preset {state['extra']['preset']} run; use that "
+                            "preset, a new --out, or --no-resume")
+    stoi = {w: i for i, w in enumerate(itos)}
+    cat_index = {c: i for i, c in enumerate(cats)}
+    if any(c not in cat_index for _, c in train_pairs + val_pairs):
+        raise UserError("the checkpoint's categories differ from this data; use a new --out or --no-resume")
+    train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
+    n_train = len(train_pairs)
+    log(f"data: {data_desc}; {n_train} train / {len(val_pairs)} val; vocab {len(itos)} words; "
+        f"{len(cats)} categories")
+
+    # -- model
+    model = build_model(args.preset, len(itos), len(cats)).to(device)
+    if args.grad_checkpointing:
+        if model.supports_grad_checkpointing:
+            model.grad_checkpointing = True
+        else:
+            log("gradient checkpointing: not used (the optimized preset is one fused GRU layer)")
+    n_params, n_trainable = common.count_params(model)
+    log(f"model: {args.preset}, {n_params:,} parameters")
+
+    # -- batch size: effective batch fixed, micro-batch fitted to the machine
+    longest = int((train_data["offsets"][1:] - train_data["offsets"][:-1]).argmax())
+
+    def probe(bs):  # worst case: bs copies of the longest query
+        return common.probe_step(model, lambda m, b: loss_fn(m, b, device),
+                                 make_batch(train_data, torch.full((bs,), longest)), device, amp_dtype)
+    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
+    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    E = micro_bs * accum
+    snap = common.memory_snapshot(device)
+    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
+        f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
+        + (f", GPU {common.free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
+
+    # -- optimizer and schedule: AdamW (seed: lr 1e-3, wd 0.01), warmup then cosine decay
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(n_train / E)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    warmup = min(100, total_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+
+    step, epoch, pos, best = 0, 0, 0, float("inf")
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
+        common.set_rng_state(state["rng"])
+        common.truncate_metrics(out, step)
+        log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum,
+                                           "effective_batch": E, "precision": args.precision,
+                                           "device": device.type, "why": {"batch": bs_why,
+                                                                          "precision": prec_why}})
+    base_ppl = unigram_ppl(train_data, val_data, len(itos))
+
+    def save(best_now=False):
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": common.rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
+                "micro_bs": micro_bs, "accum": accum, "args": {k: v for k, v in vars(args).items()},
+                "extra": {"itos": itos, "cats": cats, "preset": args.preset}}
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        common.update_status(out, status, last_checkpoint=str(path.resolve()))
+        return path
+
+    def run_eval():
+        nonlocal best
+        val_loss, val_ppl = evaluate(model, val_data, device, amp_dtype)
+        is_best = val_ppl < best
+        best = min(best, val_ppl)
+        common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
+                                    "val_ppl": round(val_ppl, 4)})
+        log(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
+            f"(unigram baseline {base_ppl:.2f})")
+        common.update_status(out, status, metric=round(val_ppl, 4))
+        return val_ppl, is_best
+
+    # -- the loop
+    watch = {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
+             "last": time.monotonic()}
+    common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+    t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    model.train()
+    while step < total_steps and epoch < args.epochs:
+        # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        while pos < steps_per_epoch and step < total_steps:
+            batch = make_batch(train_data, perm[pos * E:(pos + 1) * E])
+            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
+                                                  lambda m, b: loss_fn(m, b, device), micro_bs,
+                                                  args.clip, device, amp_dtype, log)
+            accum = math.ceil(E / micro_bs)
+            scheduler.step()
+            step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(batch["cat"])
+            common.check_memory(watch, device, log)
+            bar.update(1)
+            if step % args.log_every == 0 or step == total_steps:
+                sps = samples_seen / max(1e-9, time.time() - t_start)
+                mem = common.memory_snapshot(device)
+                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{val_ppl:.1f}" if val_ppl else "-",
+                                sps=f"{sps:.0f}", mem=f"{mem['gpu_mb'] or mem['ram_mb']:.0f}MB", refresh=False)
+                common.append_metrics(out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6),
+                                            "lr": scheduler.get_last_lr()[0]})
+                eta = (total_steps - step) * (time.time() - t_start) / (step - start_step)
+                common.update_status(out, status, step=step, epoch=epoch + 1, loss=round(loss, 5),
+                                     samples_per_s=round(sps, 1), eta_s=round(eta), **mem)
+            end_of_epoch = pos == steps_per_epoch
+            is_best = False
+            if (args.eval_every and step % args.eval_every == 0) or end_of_epoch or step == total_steps:
+                val_ppl, is_best = run_eval()
+            if end_of_epoch:
+                epoch, pos = epoch + 1, 0  # a checkpoint taken now says "start the next epoch"
+            saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
+            if saved:
+                save(is_best)
+            if why := common.stop_requested(stop, out):
+                if not saved:
+                    save()
+                log(f"stopped by {why} at step {step}; re-run the same command to resume")
+                common.update_status(out, status, state="stopped", step=step)
+                bar.close()
+                return 0
+            if end_of_epoch:
+                break
+    bar.close()
+
+    # -- report
+    if state is not None and state["step"] >= total_steps:
+        log("this run had already finished; reporting its final numbers")
+    val_loss, val_ppl = evaluate(model, val_data, device, amp_dtype)
+    wall = time.time() - status["started"]
+    summary = dict(trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
+                   unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch,
+                   samples_per_s=round(samples_seen / max(1e-9, time.time() - t_start), 1),
+                   peak_mem_mb=common.peak_memory_mb(device), params=n_params,
+                   trainable_params=n_trainable, wall_s=round(wall, 1), preset=args.preset,
+                   device=device.type, precision=args.precision, effective_batch=E)
+    common.write_summary(out, **summary)
+    plot = common.plot_progress(out, "val_ppl")
+    log(f"done: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} "
+        f"({val_ppl / base_ppl:.0%} of it); {step} steps in {wall:.0f}s; summary {out / 'summary.json'}"
+        + (f"; plot {plot}" if plot else ""))
+    for prefix, cat in [("red run", "fashion"), ("samsung ", "electronics"), ("steel", "home_kitchen")]:
+        if cat in cats:
+            sugg = suggest(model, prefix, cat, stoi, itos, cats, 3, args.max_len, device)
+            log(f"suggest {prefix!r} [{cat}]: " + " | ".join(t for _, t in sugg))
+    common.update_status(out, status, state="finished", step=step, metric=round(val_ppl, 4), eta_s=0)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
