@@ -443,7 +443,8 @@ def probe_step(model, loss_fn, batch, device, amp_dtype):
     """One forward+backward for choose_batch_size; returns the memory it needed in bytes.
 
     On CPU, torch has no allocator statistics, so we read the process RSS with the activations
-    alive (after forward) and count backward as needing about as much again.
+    alive (after forward) and count backward as needing about as much again. Gradients and the
+    optimizer's state are added from the parameter count (AdamW: two moments per weight).
     """
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -456,9 +457,11 @@ def probe_step(model, loss_fn, batch, device, amp_dtype):
     loss_sum.backward()
     model.zero_grad(set_to_none=True)  # the probe's gradients are not the run's
     del loss_sum
+    # AdamW's two moments do not exist yet (and on CPU neither do the gradients): count them
+    state = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) - base
-    return 2 * max(0, rss1 - rss0)
+        return torch.cuda.max_memory_allocated(device) - base + 2 * state
+    return 2 * max(0, rss1 - rss0) + 3 * state
 
 
 # -----------------------------------------------------------------------------
@@ -488,13 +491,17 @@ def peak_memory_mb(device):
     """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:  # Linux: VmHWM is this process's own high-water mark; ru_maxrss would carry over the
+        # peak of the parent it was forked from (e.g. pytest, or `common.py start`)
+        with open("/proc/self/status") as f:
+            return round(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024, 1)
+    except (OSError, StopIteration):
+        pass
     mi = psutil.Process().memory_info()
     peak = getattr(mi, "peak_wset", None)  # Windows
-    if peak is None:
+    if peak is None:  # macOS: ru_maxrss, in bytes there
         import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        if sys.platform == "darwin":
-            peak //= 1024  # macOS reports bytes
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / 2**20, 1)
 
 

@@ -510,30 +510,15 @@ def main(argv=None):
     n_val = max(1, int(len(pairs) * args.val_frac))
     val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
 
+    # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
+    # folder is written to
     out = Path(args.out) if args.out else common.default_out("gru")
     args.out = str(out)
     common.check_out_writable(out)
-    moved = common.prepare_run_dir(out, args, args.no_resume)
-    log = common.make_logger(out)
-    if moved:
-        log(f"--no-resume: earlier files kept as {', '.join(moved)}")
-    status = {"state": "starting", "pid": os.getpid(), "trainer": "gru", "out": str(out.resolve()),
-              "started": time.time(), "log": str((out / "train.log").resolve()), "metric_name": "val_ppl"}
-    common.update_status(out, status)
-    stop = common.install_stop_handlers()
-    try:
-        return train(args, sources, out, log, status, stop, train_pairs, val_pairs, cats, data_desc)
-    except BaseException as e:
-        if not isinstance(e, SystemExit):
-            common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
-        raise
-
-
-def train(args, sources, out, log, status, stop, train_pairs, val_pairs, cats, data_desc):
     common.seed_everything(args.seed)
-    device, amp_dtype, scaler, prec_why = common.setup_device(args, sources)
-    state, resumed_from = common.find_checkpoint(out, args, log)
-
+    device = common.setup_device(args, sources)
+    notes = []
+    state, resumed_from = common.find_checkpoint(out, args, notes.append)
     # vocabulary from the training split (or the checkpoint, so ids never shift on resume)
     itos = state["extra"]["itos"] if state else build_vocab(train_pairs, args.vocab_size)
     if state:
@@ -541,10 +526,32 @@ def train(args, sources, out, log, status, stop, train_pairs, val_pairs, cats, d
         if state["extra"]["preset"] != args.preset:
             raise UserError(f"{resumed_from} is a --preset {state['extra']['preset']} run; use that "
                             "preset, a new --out, or --no-resume")
+    if any(c not in cats for c in {c for _, c in pairs}):
+        raise UserError(f"{resumed_from} was trained on other categories than this data; use a new --out "
+                        "or --no-resume")
+
+    moved = common.prepare_run_dir(out, args, args.no_resume)
+    log = common.make_logger(out)
+    for note in notes + ([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else []):
+        log(note)
+    status = {"state": "starting", "pid": os.getpid(), "trainer": "gru", "out": str(out.resolve()),
+              "started": time.time(), "log": str((out / "train.log").resolve()), "metric_name": "val_ppl"}
+    common.update_status(out, status)
+    stop = common.install_stop_handlers()
+    try:
+        return train(args, sources, out, log, status, stop, device, state, resumed_from,
+                     train_pairs, val_pairs, itos, cats, data_desc)
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def train(args, sources, out, log, status, stop, device, state, resumed_from, train_pairs, val_pairs,
+          itos, cats, data_desc):
+    device, amp_dtype, scaler, prec_why = device
     stoi = {w: i for i, w in enumerate(itos)}
     cat_index = {c: i for i, c in enumerate(cats)}
-    if any(c not in cat_index for _, c in train_pairs + val_pairs):
-        raise UserError("the checkpoint's categories differ from this data; use a new --out or --no-resume")
     train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
     n_train = len(train_pairs)
     log(f"data: {data_desc}; {n_train} train / {len(val_pairs)} val; vocab {len(itos)} words; "

@@ -1,6 +1,5 @@
 """Unit tests of the shared functions in common.py (no subprocesses)."""
 import argparse
-import copy
 import json
 import os
 from pathlib import Path

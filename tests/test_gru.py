@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, metrics, popen, read_json, run
+from conftest import metrics, popen, read_json, run
 
 # tests run in an empty tmp dir, so no optimal_config.json is picked up unless a test writes one
 SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
@@ -166,8 +166,34 @@ def test_config_file_is_read_back_and_flags_override_it(tmp):
     assert read_json(tmp / "c2" / "args.json")["settings"]["batch_size"] == {"value": 5, "source": "flag"}
 
 
+def test_gru_mn_gradient_checkpointing_gives_the_same_gradients():
+    import train_gru
+    torch.manual_seed(0)
+    model = train_gru.CadenceGRUMN(30, 3, emb=8, hidden=(12, 10), attn=(6, 5), context=7, dropout=0.0)
+    x, cat = torch.randint(4, 30, (5, 9)), torch.tensor([0, 1, 2, 0, 1])
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        model(x, cat)[0].square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_gru_mn_is_causal():
+    """A word must not see later words: changing position 5 leaves outputs 0..4 unchanged."""
+    import train_gru
+    torch.manual_seed(0)
+    model = train_gru.CadenceGRUMN(30, 3, emb=8, hidden=(12, 10), attn=(6, 5), context=7, dropout=0.0)
+    x, cat = torch.randint(4, 30, (2, 8)), torch.tensor([0, 1])
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % 30
+    a, b = model(x, cat)[0], model(y, cat)[0]
+    assert torch.allclose(a[:, :5], b[:, :5]) and not torch.allclose(a[:, 5:], b[:, 5:])
+
+
 def test_original_preset_trains_a_step(tmp):
-    p = run("train_gru.py", "--preset", "original", "--dataset-size", "200", "--max-steps", "1",
+    run("train_gru.py", "--preset", "original", "--dataset-size", "200", "--max-steps", "1",
             "--batch-size", "4", "--grad-accum", "1", "--grad-checkpointing", "--out", "o", cwd=tmp, check=0)
     s = read_json(tmp / "o" / "summary.json")
     assert s["params"] > 40_000_000 and s["steps"] == 1
@@ -188,6 +214,7 @@ BAD_CSV = {
     "nocol.csv": "query,cat\nred shoes,fashion\n",
     "ragged.csv": "text,category\n" + "red shoes,fashion\n" * 20 + "a,b,c,d\n",
     "few.csv": "text,category\nred shoes,fashion\n",
+    "cars.csv": "text,category\n" + "red sports car,cars\n" * 20,
 }
 
 
@@ -214,6 +241,8 @@ def saved_run(tmp_path_factory):
     (["--val-frac", "0.9"], "--val-frac"),
     (["--config", "nope.json"], "--config nope.json"),
     (["--resume", "nope.pt"], "--resume nope.pt: file not found"),
+    (["--preset", "original"], "is a --preset optimized run"),     # resuming run/ with another model
+    (["--data", "cars.csv"], "trained on other categories"),       # ... or with other categories
     (["--out", "afile/run"], "--out afile/run"),
 ])
 def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags, expect):
