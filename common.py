@@ -198,11 +198,19 @@ def resolve_settings(parser, argv, log=print):
             raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({e!r}); "
                             "regenerate it with `python memory_optimizer.py config`")
         applied = []
+        actions = {a.dest: a for a in parser._actions}
         for key, entry in section.items():
             if key in sources and sources[key] == "default":
                 value = entry["value"] if isinstance(entry, dict) else entry
-                if key in ("batch_size", "grad_accum") and value != "auto":
-                    value = int(value)
+                action = actions.get(key)
+                try:  # the same checks as a typed flag
+                    if action is not None and action.type is not None:
+                        value = action.type(str(value))
+                    if action is not None and action.choices and value not in action.choices:
+                        raise ValueError(f"not one of {', '.join(map(str, action.choices))}")
+                except (ValueError, argparse.ArgumentTypeError) as e:
+                    raise UserError(f"--config {cfg_path}: {args.trainer}.{key} = {value!r} is invalid "
+                                    f"({e}); regenerate it with `python memory_optimizer.py config`")
                 setattr(args, key, value)
                 sources[key] = "optimal_config.json"
                 applied.append(f"{key}={value}")

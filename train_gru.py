@@ -541,9 +541,11 @@ def main(argv=None):
     try:
         return train(args, sources, out, log, status, stop, device, state, resumed_from,
                      train_pairs, val_pairs, itos, cats, data_desc)
-    except BaseException as e:
-        if not isinstance(e, SystemExit):
-            common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
+        common.update_status(out, status, state="stopped")
+        raise
+    except Exception as e:
+        common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
         raise
 
 

@@ -244,3 +244,11 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp):
         common.append_metrics(tmp, {"step": s, "loss": 1.0 / s})
     common.truncate_metrics(tmp, 4)
     assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4]
+
+
+def test_an_invalid_config_value_is_a_user_error(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    for bad in ({"precision": {"value": "fp8"}}, {"batch_size": {"value": 0}}):
+        (tmp / "optimal_config.json").write_text(json.dumps({"trainers": {"gru": bad}}))
+        with pytest.raises(UserError, match="is invalid"):
+            common.resolve_settings(train_gru.parser, [], lambda m: None)
