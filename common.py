@@ -272,7 +272,7 @@ def setup_device(args, sources=None):
         if prec == "auto":
             prec, why = "fp32", "CPU: fp32 (autocast brings no speed-up on most CPUs)"
         else:
-            why = f"CPU: {prec} as asked"
+            why = f"CPU: {prec} from {(sources or {}).get('precision', 'flag')}"
     else:
         # native bf16 only (Ampere+): emulated bf16 on a T4/GTX 16xx is slower than fp16
         bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -282,7 +282,7 @@ def setup_device(args, sources=None):
         elif prec == "bf16" and not bf16_ok:
             raise UserError("--precision bf16: this GPU does not support bf16; use fp16 or auto")
         else:
-            why = f"{prec} as asked"
+            why = f"{prec} from {(sources or {}).get('precision', 'flag')}"
         if torch.cuda.get_device_capability(dev)[0] >= 8:
             torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls via TF32 cores
             torch.backends.cudnn.allow_tf32 = True
@@ -840,7 +840,8 @@ def status_table(runs):
         loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "-"
         lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st):<9} "
                      f"{st.get('step', 0):>6}/{st.get('total_steps') or '?':<6} {loss:>8} {metric:>18} "
-                     f"{_fmt_eta(st.get('eta_s')):>8} {st.get('pid', '-'):>7}")
+                     f"{_fmt_eta(st.get('eta_s') if st.get('state') == 'running' else None):>8} "
+                     f"{st.get('pid', '-'):>7}")
     return "\n".join(lines)
 
 
@@ -941,7 +942,8 @@ def monitor_run(run, root="runs", interval=5.0, once=False):
             print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} step {st.get('step')}/"
                   f"{st.get('total_steps')} epoch {st.get('epoch')} loss {st.get('loss')} "
                   f"{st.get('metric_name', '')} {st.get('metric')} {st.get('samples_per_s')} samples/s "
-                  f"ETA {_fmt_eta(st.get('eta_s'))} RAM {st.get('ram_mb')} MB GPU {st.get('gpu_mb')} MB",
+                  f"ETA {_fmt_eta(st.get('eta_s'))} RAM {st.get('ram_mb')} MB"
+                  + (f" GPU {st['gpu_mb']} MB" if st.get("gpu_mb") is not None else ""),
                   flush=True)
             if once or state not in ("starting", "running"):
                 return 0
