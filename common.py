@@ -73,7 +73,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50, eval_every=0,
-                log_every=10):
+                log_every=10, keep=3):
     """Every trainer's parser starts here, so the same flag means the same thing everywhere.
 
     Trainer-specific defaults come in as arguments; trainers add their own flags afterwards.
@@ -94,7 +94,7 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
                    help="start from scratch; old checkpoints are moved aside, not deleted")
     g.add_argument("--save-every", type=pos_int, default=save_every, metavar="N",
                    help="checkpoint every N optimizer steps (also at epoch end and on stop)")
-    g.add_argument("--keep", type=pos_int, default=3, metavar="K",
+    g.add_argument("--keep", type=pos_int, default=keep, metavar="K",
                    help="keep the last K step checkpoints, plus best.pt")
     g.add_argument("--config", default="optimal_config.json", metavar="PATH",
                    help="settings written by `memory_optimizer.py config`; read when present, "
@@ -112,7 +112,8 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
                    type=batch_size_arg, default="auto", metavar="K|auto",
                    help=f"micro-batches per optimizer step; auto keeps the effective batch "
                         f"at {effective_batch}")
-    g.add_argument("--lr", type=pos_float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--lr", type=pos_float, default=lr,
+                   help="peak learning rate (AdamW)" + ("; default depends on the model" if lr is None else ""))
     g.add_argument("--clip", type=pos_float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
@@ -229,7 +230,7 @@ def apply_resource_efficient(args, sources, log=print):
     """The --resource-efficient preset, applied before anything is built; flags typed by the
     user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
     wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("mem_check_every", 15.0),
-              ("workers", min(args.workers, 1) if args.workers else 0), ("pin_memory", False),
+              ("workers", 1), ("pin_memory", False),
               ("save_every", max(1, args.save_every // 2)),
               ("eval_every", max(1, args.eval_every // 2) if args.eval_every else 0),
               ("grad_checkpointing", True)]
