@@ -643,8 +643,13 @@ def charts(out, labels, train_labels, history, test):
 # predict from a run folder
 
 def load_run(out, args):
-    """Model + tokenizer + labels from a run folder's newest checkpoint (or --resume PATH)."""
-    state, path = common.find_checkpoint(out, args, print)
+    """Model + tokenizer + labels from a run folder's best.pt (the model the summary reports),
+    else its newest checkpoint, or --resume PATH."""
+    best = out / "checkpoints" / "best.pt"
+    if args.resume is None and best.is_file():
+        state, path = common.load_checkpoint(best), best
+    else:
+        state, path = common.find_checkpoint(out, args, print)
     if state is None:
         raise UserError(f"no checkpoint in {out}/checkpoints; train first: python train_classifier.py --quick --out {out}")
     x = state["extra"]
