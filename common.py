@@ -104,7 +104,7 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
     g.add_argument("--epochs", type=pos_int, default=epochs, help="passes over the training data")
     g.add_argument("--max-steps", type=pos_int, default=None, metavar="N",
                    help="stop after N optimizer steps in total (overrides --epochs)")
-    g.add_argument("--seed", type=int, default=1337, help="random seed; fixed seed on CPU = same numbers")
+    g.add_argument("--seed", type=nonneg_int, default=1337, help="random seed; fixed seed on CPU = same numbers")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=batch_size_arg, default="auto",
                    metavar="N|auto",
                    help="micro-batch size; auto = RAM/GPU table, proved by a forward+backward probe")
@@ -117,6 +117,8 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
     g.add_argument("--clip", type=pos_float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
+    g.add_argument("--mixed_precision", dest="precision", action="store_const", const="auto",
+                   help="the seeds' spelling of --precision auto")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available")
     g.add_argument("--eval-every", type=nonneg_int, default=eval_every, metavar="N",
@@ -199,10 +201,13 @@ def resolve_settings(parser, argv, log=print):
             raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({e!r}); "
                             "regenerate it with `python memory_optimizer.py config`")
         applied = []
-        actions = {a.dest: a for a in parser._actions}
+        actions = {}
+        for a in parser._actions:  # the first action of a dest is its main flag (not an alias)
+            actions.setdefault(a.dest, a)
         for key, entry in section.items():
             if key in sources and sources[key] == "default":
-                value = entry["value"] if isinstance(entry, dict) else entry
+                value = entry if not isinstance(entry, dict) else \
+                    entry.get("quick_value", entry["value"]) if args.quick else entry["value"]
                 action = actions.get(key)
                 try:  # the same checks as a typed flag
                     if action is not None and action.type is not None:
@@ -224,6 +229,14 @@ def resolve_settings(parser, argv, log=print):
     if args.resource_efficient:
         apply_resource_efficient(args, sources, log)
     return args, sources
+
+
+def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
+    """--resource-efficient evaluates twice as often: with evaluation at epoch end only
+    (--eval-every 0), that means every half epoch. Called by trainers once steps/epoch is known."""
+    if args.resource_efficient and args.eval_every == 0 and sources.get("eval_every") != "flag":
+        args.eval_every, sources["eval_every"] = max(1, steps_per_epoch // 2), "resource-efficient"
+        log(f"--resource-efficient: evaluating every {args.eval_every} steps (half an epoch)")
 
 
 def apply_resource_efficient(args, sources, log=print):
@@ -276,7 +289,10 @@ def setup_device(args, sources=None):
             why = f"CPU: {prec} from {(sources or {}).get('precision', 'flag')}"
     else:
         # native bf16 only (Ampere+): emulated bf16 on a T4/GTX 16xx is slower than fp16
-        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.5 has no such argument and reports native support only
+            bf16_ok = torch.cuda.is_bf16_supported()
         if prec == "auto":
             prec = "bf16" if bf16_ok else "fp16"
             why = "GPU supports bf16" if bf16_ok else "GPU lacks bf16: fp16 with GradScaler"
@@ -289,6 +305,12 @@ def setup_device(args, sources=None):
             torch.backends.cudnn.allow_tf32 = True
             why += "; TF32 on (Ampere+)"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    if sources is not None:
+        if args.precision == "auto":
+            sources["precision"] = "auto"
+        if args.device == "auto":
+            sources["device"] = "auto"
+    args.device = dev.type
     # bf16 has fp32's exponent range, so only fp16 needs loss scaling
     scaler = torch.amp.GradScaler(dev.type, enabled=(prec == "fp16"))
     args.precision = prec
@@ -325,6 +347,7 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
     Returns (mean loss, items, micro_bs actually used). Called by every trainer's loop.
     """
     while True:
+        oom = False
         try:
             micro = split_batch(batch, micro_bs)
             total_loss, total_n, estimate = 0.0, 0, None
@@ -353,8 +376,9 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
         except Exception as e:
             if not is_oom(e) or micro_bs == 1:
                 raise
+            oom = True  # free below: inside `except` the traceback still pins the step's tensors
+        if oom:
             optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed try
-            del e
             free_memory(device)
             if scaler.is_enabled():  # forget a half-done unscale_, as scaler.update() would
                 scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
@@ -654,6 +678,11 @@ def prepare_run_dir(out, args, no_resume):
     """Create the run folder. With --no-resume, an earlier run's checkpoints and metrics are
     moved to *.old-<time> rather than deleted or overwritten."""
     out = Path(out)
+    if (out / "status.json").exists():
+        st = json.loads((out / "status.json").read_text() or "{}")
+        if st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and process_is_trainer(st):
+            raise UserError(f"--out {out} is being trained by pid {st['pid']} right now; wait for it, "
+                            f"stop it (python common.py stop {out}) or pick another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -805,18 +834,27 @@ def list_runs(root="runs"):
 
 
 def process_is_trainer(status):
-    """True if status['pid'] is alive and really is this run's trainer (not a recycled PID)."""
+    """True if status['pid'] is alive and really is this run's trainer: it runs the trainer's
+    script and was created when status.json says (a recycled PID has another create time)."""
     pid = status.get("pid")
     if not pid:
         return False
     try:
         proc = psutil.Process(pid)
-        cmd = " ".join(proc.cmdline())
-        # the pid must be a python running this trainer script with this run folder
-        return (TRAINERS.get(status.get("trainer"), "?") in cmd and
-                Path(status.get("out", "?")).name in cmd and proc.status() != psutil.STATUS_ZOMBIE)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if status.get("pid_created") is not None and abs(proc.create_time() - status["pid_created"]) > 1:
+            return False
+        return TRAINERS.get(status.get("trainer"), "?") in " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def new_status(trainer, out, metric_name):
+    """The status dict a trainer starts with (pid + its create time identify the process)."""
+    return {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
+            "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
+            "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
 
 
 def shown_state(status):
@@ -895,9 +933,22 @@ def start_background(trainer, flags, root="runs"):
     proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
                             env=env, **kw)
-    write_json_atomic(out / "status.json", {"state": "starting", "pid": proc.pid, "trainer": trainer,
-                                            "out": str(out.resolve()), "started": time.time(), "step": 0,
-                                            "log": str((out / "train.log").resolve())})
+    # wait until the trainer has validated its flags and data and claimed the run folder, so a
+    # user mistake is reported here (exit 2), not hidden in console.log
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < 120:
+        try:
+            if json.loads((out / "status.json").read_text()).get("pid") == proc.pid:
+                break
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        tail = (out / "console.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        print(tail[0], file=sys.stderr)
+        print(f"the {trainer} trainer exited with code {proc.returncode}; full output in {out / 'console.log'}",
+              file=sys.stderr)
+        sys.exit(proc.returncode or 1)
     print(f"started {trainer} in the background: run folder {out}, pid {proc.pid}")
     print(f"  watch it:  ./run.sh monitor {out}      stop it:  ./run.sh stop {out}")
     return out, proc.pid
@@ -929,6 +980,10 @@ def stop_run(run, root="runs", timeout=60.0):
             break
         time.sleep(0.5)
     st = json.loads((out / "status.json").read_text())
+    if st.get("state") in ("starting", "running"):
+        print(f"{out}: still running after {timeout:.0f}s (a step can be long); the STOP file stays, "
+              "check again with `python common.py status`", file=sys.stderr)
+        return 1
     print(f"{out}: {st.get('state')} at step {st.get('step')}; checkpoint {st.get('last_checkpoint')}")
     return 0
 
@@ -957,15 +1012,16 @@ def cli(argv=None):
     p = Parser(prog="common.py", description="start, watch and stop background training runs")
     p.add_argument("--runs", default="runs", help="folder holding the run folders")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="start a trainer detached: start gru [trainer flags]")
-    s.add_argument("trainer", help=", ".join(TRAINERS))
+    s = sub.add_parser("start", help="start a trainer detached: start gru [trainer flags]",
+                       formatter_class=HelpFormat, description="start TRAINER [its flags, e.g. --quick --out runs/q]")
+    s.add_argument("trainer", help=", ".join(TRAINERS) + "; every flag after it goes to the trainer")
     sub.add_parser("status", help="table of runs from their status.json")
-    s = sub.add_parser("monitor", help="refresh a run's status every 5 s until it ends")
+    s = sub.add_parser("monitor", help="refresh a run's status every 5 s until it ends", formatter_class=HelpFormat)
     s.add_argument("run", nargs="?", help="run folder (default: newest)")
-    s.add_argument("--interval", type=pos_float, default=5.0)
-    s = sub.add_parser("stop", help="stop a run gracefully (it saves a checkpoint first)")
+    s.add_argument("--interval", type=pos_float, default=5.0, help="seconds between refreshes")
+    s = sub.add_parser("stop", help="stop a run gracefully (it saves a checkpoint first)", formatter_class=HelpFormat)
     s.add_argument("run", nargs="?", help="run folder (default: newest running)")
-    s.add_argument("--timeout", type=pos_float, default=120.0)
+    s.add_argument("--timeout", type=pos_float, default=120.0, help="seconds to wait for the trainer to save and exit")
     args, rest = p.parse_known_args(argv)
     if args.cmd != "start" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -167,7 +167,9 @@ def recommend(profile, quick):
 
     # the same table the trainers start their batch probe from, so config and auto agree
     bs, bs_why = table_batch_size("cuda" if cuda else "cpu", quick, free_gpu_gb=gpu_free, ram_gb=ram_gb)
-    batch = _entry(bs, f"{bs_why}; the trainer's probe is skipped when this value is used")
+    # both columns of the table: a trainer run with --quick takes quick_value
+    qbs, _ = table_batch_size("cuda" if cuda else "cpu", True, free_gpu_gb=gpu_free, ram_gb=ram_gb)
+    batch = dict(_entry(bs, f"{bs_why}; the trainer's probe is skipped when this value is used"), quick_value=qbs)
 
     if cuda and profile.get("bf16_supported"):
         precision = _entry("bf16", "the GPU has native bf16: half the activation memory with "
@@ -221,7 +223,9 @@ def recommend(profile, quick):
         why += (", the trainer's effective batch" if got == effective else
                 f" (the trainer's effective batch is {effective}; {bs} does not divide it)" if got > bs else
                 f" (the micro-batch alone exceeds the trainer's effective batch of {effective})")
-        t = {"batch_size": batch, "grad_accum": _entry(accum, why), "precision": precision}
+        t = {"batch_size": batch, "grad_accum": dict(_entry(accum, why),
+                                                      quick_value=max(1, math.ceil(effective / qbs))),
+             "precision": precision}
         if name != "gru":  # train_gru.py uses no DataLoader, so workers/pin_memory mean nothing to it
             t["workers"] = workers
             t["pin_memory"] = pin

@@ -52,6 +52,6 @@ case "$cmd" in
     setup run
     "$PY" "train_$cmd.py" "$@" ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -771,8 +771,7 @@ def main(argv=None):
     log = common.make_logger(out)
     for note in notes + ([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else []):
         log(note)
-    status = {"state": "starting", "pid": os.getpid(), "trainer": "classifier", "out": str(out.resolve()),
-              "started": time.time(), "log": str((out / "train.log").resolve()), "metric_name": "val_acc"}
+    status = common.new_status("classifier", out, "val_acc")
     common.update_status(out, status)
     stop = common.install_stop_handlers()
     try:
@@ -837,6 +836,7 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     warmup = max(1, min(50, steps_per_epoch // 2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     if sources["log_every"] == "default":
         args.log_every = max(10, steps_per_epoch // 5)
 
@@ -849,8 +849,8 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
         step, epoch, pos, best, bad_epochs, ep_loss = (state[k] for k in ("step", "epoch", "pos", "best", "bad_epochs",
                                                                           "ep_loss"))
         common.set_rng_state(state["rng"])
-        common.truncate_metrics(out, step)
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
     common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
                                            "precision": args.precision, "device": device.type, "lora": bool(lora_targets),
                                            "why": {"batch": bs_why, "precision": prec_why}})
@@ -874,8 +874,8 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)
     model.train()
-    stopped_early = False
-    while step < total_steps and epoch < args.epochs and not stopped_early:
+    stopped_early = bad_epochs >= args.patience  # a resumed run that had already stopped early
+    while step < total_steps and (args.max_steps or epoch < args.epochs) and not stopped_early:
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         loader = torch.utils.data.DataLoader(
             range(n_train), batch_sampler=[perm[i * E:(i + 1) * E].tolist() for i in range(pos, steps_per_epoch)],
@@ -935,6 +935,11 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
             if stopped_early or step >= total_steps:
                 break
     bar.close()
+
+    if step == start_step and (out / "summary.json").exists():
+        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
+        common.update_status(out, status, state="finished", eta_s=0, metric_name="test_acc")
+        return 0
 
     # -- report on the test split with the best checkpoint (seed: load the best by accuracy)
     best_path = out / "checkpoints" / "best.pt"

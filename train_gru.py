@@ -15,7 +15,6 @@ Re-running the same command resumes from the newest checkpoint in --out.
 
 import csv
 import math
-import os
 import random
 import sys
 import time
@@ -202,15 +201,19 @@ def generate_queries(n, seed):
     return out
 
 
+def norm_category(c):
+    return " ".join(c.lower().split())
+
+
 def read_csv(path):
     """(query, category) pairs from a CSV with columns text,category; bad input -> UserError."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--data {p}: file not found")
     try:
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
             reader = csv.DictReader(f)
-            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+            cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
             if not cols:
                 raise UserError(f"--data {p}: the file is empty; it needs a header line 'text,category' and rows")
             missing = [c for c in ("text", "category") if c not in cols]
@@ -223,7 +226,7 @@ def read_csv(path):
                 if None in r or r["text"] is None or r["category"] is None:
                     raise UserError(f"--data {p}: line {i} has the wrong number of fields; quote "
                                     "texts that contain commas")
-                text, cat = " ".join(r["text"].lower().split()), r["category"].strip().lower()
+                text, cat = " ".join(r["text"].lower().split()), norm_category(r["category"])
                 if text and cat:
                     rows.append((text, cat))
     except UnicodeDecodeError:
@@ -405,6 +408,7 @@ def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
     is branched exhaustively (the `beam` most likely distinct first words), then each branch
     runs its own beam of width `beam`; no two suggestions share their first new word.
     A prefix not ending in a space has a partial last word: the first new word must extend it."""
+    category = norm_category(category)
     if category not in cats:
         raise UserError(f"--category {category}: unknown; this model knows {', '.join(cats)}")
     words = prefix.lower().split()
@@ -433,7 +437,7 @@ def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
         lp[:, [PAD, UNK, BOS]] = float("-inf")
         # CADENCE's rising thresholds: a word opens a branch only with p > 0.05 (the best always does)
         cand = sorted(((sc + v.item(), s + [i.item()], v.item()) for (sc, s), row in zip(growing, lp)
-                       for v, i in zip(*row.topk(beam))), key=lambda g: -g[0])
+                       for v, i in zip(*row.topk(min(beam, row.numel())))), key=lambda g: -g[0])
         groups = [g for g in groups if g[1][-1] == EOS] + [
             (sc, s) for k, (sc, s, v) in enumerate(cand) if k == 0 or v > math.log(0.05)]
         groups = sorted(groups, key=lambda g: -g[0])[:beam]
@@ -447,7 +451,7 @@ def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
             lp[:, [PAD, UNK, BOS]] = float("-inf")
             cand = []
             for (score, seq), row in zip(live, lp):
-                top = row.topk(beam)
+                top = row.topk(min(beam, row.numel()))
                 cand += [(score + v.item(), seq + [i.item()]) for v, i in zip(top.values, top.indices)]
             cand.sort(key=lambda c: -c[0])
             live = []
@@ -475,11 +479,14 @@ def run_suggest(args):
     itos, cats = extra["itos"], extra["cats"]
     model = build_model(extra["preset"], len(itos), len(cats))
     model.load_state_dict(state["model"])
-    category = args.category or cats[0]
+    category = norm_category(args.category) if args.category else cats[0]
     print(f"model {path} (step {state['step']}); category {category}; prefix {args.suggest!r}")
-    for score, text in suggest(model, args.suggest, category, {w: i for i, w in enumerate(itos)},
-                               itos, cats, args.beam, args.max_len, torch.device("cpu")):
+    found = suggest(model, args.suggest, category, {w: i for i, w in enumerate(itos)}, itos, cats,
+                    args.beam, args.max_len, torch.device("cpu"))
+    for score, text in found:
         print(f"  {text:<50} {score:7.3f}")
+    if not found:
+        print(f"  no word in the vocabulary starts with {args.suggest.split()[-1]!r}")
     return 0
 
 
@@ -501,6 +508,8 @@ def main(argv=None):
         data_desc = f"{args.data} ({len(pairs)} queries)"
     else:
         n = args.dataset_size or (5000 if args.quick else 10000)
+        if n < 20:
+            raise UserError(f"--dataset-size {n}: too few queries to split into train and validation; use 20 or more")
         pairs = generate_queries(n, seed=args.seed)
         data_desc = f"built-in generator ({n} queries)"
     cats = sorted({c for _, c in pairs})
@@ -534,8 +543,7 @@ def main(argv=None):
     log = common.make_logger(out)
     for note in notes + ([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else []):
         log(note)
-    status = {"state": "starting", "pid": os.getpid(), "trainer": "gru", "out": str(out.resolve()),
-              "started": time.time(), "log": str((out / "train.log").resolve()), "metric_name": "val_ppl"}
+    status = common.new_status("gru", out, "val_ppl")
     common.update_status(out, status)
     stop = common.install_stop_handlers()
     try:
@@ -587,6 +595,7 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     warmup = min(100, total_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
@@ -599,8 +608,8 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
         scaler.load_state_dict(state["scaler"])
         step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
         common.set_rng_state(state["rng"])
-        common.truncate_metrics(out, step)
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
     common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum,
                                            "effective_batch": E, "precision": args.precision,
                                            "device": device.type, "why": {"batch": bs_why,
@@ -637,7 +646,7 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)
     model.train()
-    while step < total_steps and epoch < args.epochs:
+    while step < total_steps and (args.max_steps or epoch < args.epochs):
         # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         while pos < steps_per_epoch and step < total_steps:
@@ -681,8 +690,10 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
     bar.close()
 
     # -- report
-    if state is not None and state["step"] >= total_steps:
-        log("this run had already finished; reporting its final numbers")
+    if step == start_step and (out / "summary.json").exists():
+        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
+        common.update_status(out, status, state="finished", eta_s=0)
+        return 0
     val_loss, val_ppl = evaluate(model, val_data, device, amp_dtype)
     wall = time.time() - status["started"]
     summary = dict(trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),

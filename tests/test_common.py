@@ -82,6 +82,25 @@ def test_injected_oom_halves_micro_batch_and_keeps_the_step_exact():
     assert max_diff(ref, got) < 1e-6
 
 
+def test_oom_after_unscale_with_an_enabled_grad_scaler_retries_cleanly(monkeypatch):
+    """fp16 path: an OOM after scaler.unscale_ (e.g. in clipping) must not leave the scaler
+    thinking this step was already unscaled."""
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_oom_once(params, max_norm):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return real_clip(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_oom_once)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    loss, n, used = common.train_step(model, opt, scaler, ragged_batch(), loss_fn, 12, clip=1.0,
+                                      device=DEV, amp_dtype=None, log=lambda m: None)
+    assert used == 6 and len(calls) == 2 and scaler.get_scale() == 1024.0  # stepped, no inf found
+
+
 def test_memoryerror_counts_as_oom_but_other_errors_propagate():
     def mem_err(model, mb):
         if len(mb["x"]) > 6:
@@ -252,3 +271,11 @@ def test_an_invalid_config_value_is_a_user_error(tmp, monkeypatch):
         (tmp / "optimal_config.json").write_text(json.dumps({"trainers": {"gru": bad}}))
         with pytest.raises(UserError, match="is invalid"):
             common.resolve_settings(train_gru.parser, [], lambda m: None)
+
+
+def test_quick_runs_take_the_quick_column_of_the_config(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    cfg = {"trainers": {"gru": {"batch_size": {"value": 8, "quick_value": 16, "reason": "t"}}}}
+    (tmp / "optimal_config.json").write_text(json.dumps(cfg))
+    assert common.resolve_settings(train_gru.parser, [], lambda m: None)[0].batch_size == 8
+    assert common.resolve_settings(train_gru.parser, ["--quick"], lambda m: None)[0].batch_size == 16

@@ -72,18 +72,25 @@ def test_same_seed_same_numbers(tmp):
     assert metrics(tmp / "a") == metrics(tmp / "b")
 
 
-@pytest.mark.parametrize("kill_after", ["ckpt_step00000010.pt", "ckpt_step00000035.pt"])
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp, kill_after):
-    flags = [*SMALL, "--max-steps", "45", "--save-every", "5", "--eval-every", "20"]
+def step_reached(status_path, n):
+    try:
+        return read_json(status_path).get("step", 0) >= n
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("save_every,kill_at", [(5, 10), (5, 35), (30, 12)])  # (30, 12): before any checkpoint
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp, save_every, kill_at):
+    flags = [*SMALL, "--max-steps", "45", "--save-every", save_every, "--eval-every", "20", "--log-every", "2"]
     run("train_gru.py", *flags, "--out", "ref", cwd=tmp, check=0)
     proc = popen("train_gru.py", *flags, "--out", "killed", cwd=tmp)
-    wait_for(lambda: (tmp / "killed" / "checkpoints" / kill_after).exists(), what=kill_after)
+    wait_for(lambda: step_reached(tmp / "killed" / "status.json", kill_at), what=f"step {kill_at}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_json(tmp / "killed" / "status.json")["state"] == "running"  # it had no chance to say
     p = run("train_gru.py", *flags, "--out", "killed", cwd=tmp, check=0)
-    assert "resumed from" in p.stdout
-    assert metrics(tmp / "killed") == metrics(tmp / "ref")
+    assert ("resumed from" in p.stdout) == (kill_at >= save_every)  # else it starts over
+    assert metrics(tmp / "killed") == metrics(tmp / "ref")  # nothing the killed run wrote is doubled
     ref, got = weights(tmp / "ref"), weights(tmp / "killed")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert read_json(tmp / "killed" / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
@@ -112,6 +119,19 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp):
     assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == st["step"]
 
 
+def test_max_steps_overrides_epochs(tmp):
+    run("train_gru.py", *SMALL, "--epochs", "1", "--max-steps", "30", "--out", "m", cwd=tmp, check=0)
+    assert read_json(tmp / "m" / "summary.json")["steps"] == 30  # 1 epoch is 22 steps
+
+
+def test_a_csv_with_an_excel_bom_is_read(tmp):
+    rows = "".join(f"{w} shoes size {i},Fashion\n{w} phone {i}gb,Electronics\n" for i in range(20) for w in ("red", "blue"))
+    (tmp / "bom.csv").write_bytes("\ufefftext,category\n".encode("utf-8") + rows.encode())
+    run("train_gru.py", "--data", "bom.csv", "--max-steps", "2", "--out", "b", cwd=tmp, check=0)
+    p = run("train_gru.py", "--suggest", "red ", "--category", "FASHION", "--out", "b", cwd=tmp, check=0)
+    assert "category fashion" in p.stdout
+
+
 def test_rotation_keeps_k_plus_best(tmp):
     run("train_gru.py", *SMALL, "--max-steps", "30", "--save-every", "3", "--keep", "2", "--out", "k",
         cwd=tmp, check=0)
@@ -131,6 +151,8 @@ def test_resource_efficient_halves_batch_and_cadence(tmp):
     from common import table_batch_size
     start = table_batch_size("cpu", True)[0]
     assert a["chosen"]["micro_batch"] == start // 2 and a["chosen"]["effective_batch"] == 64
+    assert s["eval_every"] == {"value": 11, "source": "resource-efficient"}  # half of 22 steps/epoch
+    assert s["workers"]["value"] == 1 and s["pin_memory"]["value"] is False
 
 
 def test_no_resume_moves_old_checkpoints_aside(tmp):
@@ -201,10 +223,10 @@ def test_original_preset_trains_a_step(tmp):
 
 # -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
 
-def tree_digest(d):
+def tree_digest(d, skip=None):
     h = hashlib.sha256()
     for f in sorted(Path(d).rglob("*")):
-        if f.is_file():
+        if f.is_file() and f.name != skip:
             h.update(str(f).encode() + f.read_bytes())
     return h.hexdigest()
 
@@ -280,6 +302,9 @@ def test_background_start_status_monitor_stop(tmp):
              read_json(out / "status.json").get("step", 0) >= 5, what="running")
     s = run("common.py", "status", cwd=tmp, check=0)
     assert "bg" in s.stdout and "running" in s.stdout
+    # a second trainer in the same run folder is refused while the first one is alive
+    p = run("train_gru.py", *SMALL, "--out", "runs/bg", cwd=tmp, check=2)
+    assert "is being trained by pid" in p.stderr
     st = run("common.py", "stop", "runs/bg", cwd=tmp, check=0)
     assert "stopped" in st.stdout
     final = read_json(out / "status.json")
@@ -293,5 +318,10 @@ def test_background_start_status_monitor_stop(tmp):
                                                   "out": str(fake), "started": time.time()}))
     p = run("common.py", "stop", "runs/fake", cwd=tmp, check=2)
     assert "is not this run's trainer" in p.stderr
+    # a bad flag is reported by `start` itself (exit 2), and the stopped run's files are untouched
+    before = tree_digest(out, skip="console.log")
+    p = run("common.py", "start", "gru", "--batch-size", "0", "--out", "runs/bg", cwd=tmp, check=2)
+    assert "--batch-size" in p.stderr and "exited with code 2" in p.stderr
+    assert tree_digest(out, skip="console.log") == before
     s = run("common.py", "status", cwd=tmp, check=0)
     assert "dead" in s.stdout  # shown honestly, not as running
