@@ -64,7 +64,13 @@ def run_main(main):
 # flags
 
 class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the docstring's layout and show every flag's default in --help."""
+    """Keep the docstring's layout and show every flag's default in --help (unless the help
+    text already speaks of its default, or there is none worth showing)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,7 +1,8 @@
 @echo off
 rem Windows launcher: the same commands as run.sh, as a menu. All logic is in Python.
 rem   start_training.bat            menu
-rem   start_training.bat status     (or: demo, test, monitor, stop, profile, config, optimize)
+rem   start_training.bat status     (or: demo, test, start, monitor, stop, profile, config, optimize,
+rem                                  watch, gru, classifier -- the same words as ./run.sh)
 setlocal
 cd /d "%~dp0"
 set PY=.venv\Scripts\python.exe
@@ -22,6 +23,7 @@ echo   4  Status of all runs
 echo   5  Monitor the newest run
 echo   6  Stop the newest running run (it saves first)
 echo   7  Profile this machine and write optimal_config.json
+echo   8  Receipt classifier, quick run (train_classifier.py --quick)
 echo   0  Exit
 set /p choice="Choose: "
 if "%choice%"=="1" "%PY%" common.py start gru --quick
@@ -31,6 +33,7 @@ if "%choice%"=="4" "%PY%" common.py status
 if "%choice%"=="5" "%PY%" common.py monitor
 if "%choice%"=="6" "%PY%" common.py stop
 if "%choice%"=="7" ("%PY%" memory_optimizer.py profile & "%PY%" memory_optimizer.py config)
+if "%choice%"=="8" "%PY%" common.py start classifier --quick
 if "%choice%"=="0" exit /b 0
 goto menu
 
@@ -42,6 +45,7 @@ if "%cmd%"=="demo" (
   "%PY%" memory_optimizer.py config
   "%PY%" train_gru.py --quick --out runs\demo
   "%PY%" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs\demo
+  "%PY%" train_gru.py --suggest "samsung " --category electronics --beam 5 --out runs\demo
   exit /b %errorlevel%
 )
 if "%cmd%"=="test" (
@@ -57,5 +61,13 @@ for %%c in (profile config optimize) do if "%cmd%"=="%%c" (
   "%PY%" memory_optimizer.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config or optimize
+if "%cmd%"=="watch" (
+  "%PY%" memory_optimizer.py monitor %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b %errorlevel%
+)
+for %%c in (gru classifier) do if "%cmd%"=="%%c" (
+  "%PY%" train_%cmd%.py %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b %errorlevel%
+)
+echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, watch, gru or classifier
 exit /b 2
