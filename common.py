@@ -22,6 +22,7 @@ Run as a script it manages background runs (the launchers run.sh / start_trainin
 """
 
 import argparse
+import csv
 import datetime
 import gc
 import json
@@ -266,6 +267,42 @@ def apply_resource_efficient(args, sources, log=print):
     log("--resource-efficient changes:")
     for key, before, after, note in rows:
         log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}")
+
+
+# -----------------------------------------------------------------------------
+# data files
+
+def read_csv(path, flag, columns):
+    """Rows of a UTF-8 CSV (Excel's BOM allowed) as tuples of the named columns, stripped;
+    rows with an empty field are skipped. Every problem is a UserError naming the flag and
+    file. Called by the trainers that read CSV data."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {p}: file not found")
+    want = ",".join(columns)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            if not cols:
+                raise UserError(f"{flag} {p}: the file is empty; it needs a header line '{want}' and rows")
+            missing = [c for c in columns if c not in cols]
+            if missing:
+                raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header must name "
+                                f"{want} (found: {', '.join(cols)})")
+            reader.fieldnames = cols
+            rows = []
+            for i, r in enumerate(reader, start=2):
+                if None in r or any(r[c] is None for c in columns):
+                    raise UserError(f"{flag} {p}: line {i} has the wrong number of fields; quote texts with commas")
+                row = tuple(r[c].strip() for c in columns)
+                if all(row):
+                    rows.append(row)
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {p}: not UTF-8 text; save the CSV as UTF-8")
+    except csv.Error as e:
+        raise UserError(f"{flag} {p}: malformed CSV ({e})")
+    return rows
 
 
 # -----------------------------------------------------------------------------

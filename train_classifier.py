@@ -15,7 +15,6 @@ seed (DistilBERT, r 16, alpha 32 on q and v: 891,656 trainable parameters).
 Re-running the same command resumes from the newest checkpoint in --out.
 """
 
-import csv
 import json
 import math
 import os
@@ -180,14 +179,15 @@ class LoRALinear(nn.Linear):
     checkpoints load into it unchanged; the adapter is lora_A / lora_B."""
 
     def __init__(self, base, r, alpha, dropout):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device=base.weight.device, dtype=base.weight.dtype)
         self.load_state_dict(base.state_dict())
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.scale = alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))  # (out, r)
+        self.lora_A = nn.Parameter(self.weight.new_empty(r, self.in_features))  # (r, in)
+        self.lora_B = nn.Parameter(self.weight.new_zeros(self.out_features, r))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.lora_drop = nn.Dropout(dropout)
 
@@ -506,32 +506,9 @@ def stratified_split(items, seed, train_frac):
 
 
 def read_csv(path, flag):
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {p}: file not found")
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            if not cols:
-                raise UserError(f"{flag} {p}: the file is empty; it needs a header line 'text,label' and rows")
-            missing = [c for c in ("text", "label") if c not in cols]
-            if missing:
-                raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header must name "
-                                f"text,label (found: {', '.join(cols)})")
-            reader.fieldnames = cols
-            rows = []
-            for i, r in enumerate(reader, start=2):
-                if None in r or r["text"] is None or r["label"] is None:
-                    raise UserError(f"{flag} {p}: line {i} has the wrong number of fields; quote texts with commas")
-                if r["text"].strip() and r["label"].strip():
-                    rows.append((r["text"].strip(), r["label"].strip()))
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {p}: not UTF-8 text; save the CSV as UTF-8")
-    except csv.Error as e:
-        raise UserError(f"{flag} {p}: malformed CSV ({e})")
+    rows = common.read_csv(path, flag, ("text", "label"))
     if not rows:
-        raise UserError(f"{flag} {p}: no rows with both text and label")
+        raise UserError(f"{flag} {path}: no rows with both text and label")
     return rows
 
 
@@ -547,6 +524,7 @@ def trim(batch):
 
 def classify(model, ids, mask, device, amp_dtype, bs=128):
     """Softmax probabilities (N, labels) for pre-tokenized rows."""
+    was_training = model.training
     model.eval()
     out = []
     with torch.inference_mode():
@@ -555,7 +533,7 @@ def classify(model, ids, mask, device, amp_dtype, bs=128):
             with common.autocast(device, amp_dtype):
                 logits = model(b["ids"].to(device), b["mask"].to(device))
             out.append(logits.float().softmax(-1).cpu())
-    model.train()
+    model.train(was_training)
     return torch.cat(out)
 
 

@@ -13,7 +13,6 @@ the query's category at every step, so "red run" in fashion completes to shoes, 
 Re-running the same command resumes from the newest checkpoint in --out.
 """
 
-import csv
 import math
 import random
 import sys
@@ -207,34 +206,9 @@ def norm_category(c):
 
 def read_csv(path):
     """(query, category) pairs from a CSV with columns text,category; bad input -> UserError."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--data {p}: file not found")
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
-            reader = csv.DictReader(f)
-            cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            if not cols:
-                raise UserError(f"--data {p}: the file is empty; it needs a header line 'text,category' and rows")
-            missing = [c for c in ("text", "category") if c not in cols]
-            if missing:
-                raise UserError(f"--data {p}: missing column(s) {', '.join(missing)}; the header must "
-                                f"name text,category (found: {', '.join(cols)})")
-            reader.fieldnames = cols
-            rows = []
-            for i, r in enumerate(reader, start=2):
-                if None in r or r["text"] is None or r["category"] is None:
-                    raise UserError(f"--data {p}: line {i} has the wrong number of fields; quote "
-                                    "texts that contain commas")
-                text, cat = " ".join(r["text"].lower().split()), norm_category(r["category"])
-                if text and cat:
-                    rows.append((text, cat))
-    except UnicodeDecodeError:
-        raise UserError(f"--data {p}: not UTF-8 text; save the CSV as UTF-8")
-    except csv.Error as e:
-        raise UserError(f"--data {p}: malformed CSV ({e})")
+    rows = [(" ".join(t.lower().split()), norm_category(c)) for t, c in common.read_csv(path, "--data", ("text", "category"))]
     if len(rows) < 10:
-        raise UserError(f"--data {p}: only {len(rows)} usable rows; need at least 10 (text and category both non-empty)")
+        raise UserError(f"--data {path}: only {len(rows)} usable rows; need at least 10 (text and category both non-empty)")
     return rows
 
 

@@ -6,9 +6,9 @@ Tokenizer, Encoder, add_lora, trim, classify) and the trainers' step (common.tra
 trainable}, and prints a markdown table for the README: trainable and total parameters, peak
 memory, step time, training samples/s, time per epoch and test accuracy.
 
-    python benchmarks/bench_classifier.py                        # laptop CPU, ~3 min on 2 idle cores
-    python benchmarks/bench_classifier.py --steps 2 --warmup 1 --epochs-small 1   # quick look, ~1 min
-    python benchmarks/bench_classifier.py --full-accuracy        # also train DistilBERT shapes 1 epoch each
+    python benchmarks/bench_classifier.py                        # laptop CPU, ~2 min on 2 idle cores
+    python benchmarks/bench_classifier.py --steps 2 --warmup 1 --epochs-small 1   # quick look, ~30 s
+    python benchmarks/bench_classifier.py --full-accuracy        # + DistilBERT shapes 1 epoch each: ~4 min
     python benchmarks/bench_classifier.py --device cuda          # GPU: adds peak GPU memory
 
 There are no pretrained weights on this machine, so both arms start from the same random
@@ -62,12 +62,12 @@ parser.add_argument("--epochs-small", type=int, default=3, metavar="N",
                          "then its test accuracy is measured; 3 is train_classifier's --quick")
 parser.add_argument("--full-accuracy", action="store_true",
                     help="also train the DistilBERT shape for --epochs-distilbert whole epochs and "
-                         "measure its test accuracy (slow: minutes per configuration on a CPU)")
+                         "measure its test accuracy (slow: per epoch on 2 cores ~40 s full, ~20 s LoRA)")
 parser.add_argument("--epochs-distilbert", type=int, default=1, metavar="N",
                     help="whole epochs for the DistilBERT shape with --full-accuracy")
 parser.add_argument("--repeats", type=int, default=3, metavar="R",
                     help="fresh worker processes per configuration, run alternately; the table shows "
-                         "median speed and accuracy and max memory over them (~45 s per repeat on 2 "
+                         "median speed and accuracy and max memory over them (~35 s per repeat on 2 "
                          "idle cores)")
 parser.add_argument("--train-size", type=int, default=840, metavar="N",
                     help="built-in training items (seed 0; plus 15%% each for validation and test), "
