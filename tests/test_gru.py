@@ -180,9 +180,12 @@ def test_suggest_is_diverse_and_category_constrained(quick_run, tmp):
 def test_config_file_is_read_back_and_flags_override_it(tmp):
     run("memory_optimizer.py", "config", cwd=tmp, check=0)
     cfg = read_json(tmp / "optimal_config.json")["trainers"]["gru"]
-    run("train_gru.py", "--quick", "--dataset-size", "600", "--max-steps", "2", "--out", "c", cwd=tmp, check=0)
+    run("train_gru.py", "--dataset-size", "600", "--max-steps", "2", "--out", "c", cwd=tmp, check=0)
     s = read_json(tmp / "c" / "args.json")["settings"]
     assert s["batch_size"] == {"value": cfg["batch_size"]["value"], "source": "optimal_config.json"}
+    run("train_gru.py", "--quick", "--dataset-size", "600", "--max-steps", "2", "--out", "q", cwd=tmp, check=0)
+    s = read_json(tmp / "q" / "args.json")["settings"]  # --quick takes the quick column
+    assert s["batch_size"] == {"value": cfg["batch_size"]["quick_value"], "source": "optimal_config.json"}
     run("train_gru.py", "--quick", "--dataset-size", "600", "--max-steps", "2", "--batch-size", "5",
         "--out", "c2", cwd=tmp, check=0)
     assert read_json(tmp / "c2" / "args.json")["settings"]["batch_size"] == {"value": 5, "source": "flag"}
