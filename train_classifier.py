@@ -858,7 +858,10 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
         loader = torch.utils.data.DataLoader(
             range(n_train), batch_sampler=[perm[i * E:(i + 1) * E].tolist() for i in range(pos, steps_per_epoch)],
             collate_fn=lambda idx: trim({k: v[idx] for k, v in splits["train"].items()}),
-            num_workers=args.workers, pin_memory=args.pin_memory)
+            num_workers=args.workers, pin_memory=args.pin_memory,
+            # its own generator: a loader seeds its workers from the global RNG otherwise, which
+            # would shift the dropout stream of a run resumed mid-epoch
+            generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         for batch in loader:
             loss, n, micro_bs = common.train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, args.clip,
                                                   device, amp_dtype, log)
