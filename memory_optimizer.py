@@ -12,7 +12,6 @@ and print which settings they took from it.
     python memory_optimizer.py monitor --duration 600 --interval 5 --csv memory.csv
 """
 
-import argparse
 import csv
 import datetime
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import (TRAINERS, UserError, Parser, pos_float, pos_int, free_memory, list_runs,
+from common import (TRAINERS, HelpFormat, UserError, Parser, pos_float, pos_int, free_memory, list_runs,
                     run_main, shown_state, table_batch_size, write_json_atomic)
 
 # Each trainer's default effective batch (samples per optimizer step). These must match the
@@ -437,25 +436,24 @@ def seconds(s):
 
 
 def main(argv=None):
-    p = Parser(prog="memory_optimizer.py", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="memory_optimizer.py", description=__doc__, formatter_class=HelpFormat)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{profile,config,optimize,monitor}")
 
-    s = sub.add_parser("profile", help="CPU, RAM, GPU, disk and versions of this machine")
+    s = sub.add_parser("profile", formatter_class=HelpFormat, help="CPU, RAM, GPU, disk and versions of this machine")
     s.add_argument("--json", action="store_true", help="print the profile as a JSON dict instead of a table")
 
-    s = sub.add_parser("config", help="write optimal_config.json: recommended settings for every trainer")
+    s = sub.add_parser("config", formatter_class=HelpFormat, help="write optimal_config.json: recommended settings for every trainer")
     s.add_argument("--out", default="optimal_config.json", metavar="PATH",
                    help="file to write (default optimal_config.json here, where the trainers look for it)")
     s.add_argument("--quick", action="store_true",
                    help="recommend batch sizes for --quick runs (the quick column of the RAM table)")
 
-    s = sub.add_parser("optimize", help="free this process's caches, show RAM/GPU use and the biggest "
+    s = sub.add_parser("optimize", formatter_class=HelpFormat, help="free this process's caches, show RAM/GPU use and the biggest "
                                         "processes, recommend what to close (never kills anything)")
     s.add_argument("--top", type=pos_int, default=8, metavar="N",
                    help="list the N processes using the most RAM")
 
-    s = sub.add_parser("monitor", help="print RAM, CPU, GPU and running trainings every few seconds")
+    s = sub.add_parser("monitor", formatter_class=HelpFormat, help="print RAM, CPU, GPU and running trainings every few seconds")
     s.add_argument("--duration", type=seconds, default=60.0, metavar="S",
                    help="stop after S seconds (Ctrl-C stops earlier)")
     s.add_argument("--interval", type=seconds, default=2.0, metavar="S", help="seconds between rows")

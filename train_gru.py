@@ -482,6 +482,8 @@ def main(argv=None):
         data_desc = f"{args.data} ({len(pairs)} queries)"
     else:
         n = args.dataset_size or (5000 if args.quick else 10000)
+        if args.dataset_size is None:
+            args.dataset_size, sources["dataset_size"] = n, "auto"
         if n < 20:
             raise UserError(f"--dataset-size {n}: too few queries to split into train and validation; use 20 or more")
         pairs = generate_queries(n, seed=args.seed)
