@@ -23,15 +23,14 @@ prints one JSON line), so one configuration's peak memory never includes another
 import argparse
 import json
 import math
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+
+import benchlib  # the parent side shared with bench_gru.py (this folder is sys.path[0])
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -199,25 +198,6 @@ def worker(args):
 # -----------------------------------------------------------------------------
 # parent: alternate configurations in fresh workers, then the table
 
-def run_worker(args, config):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config,
-           "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs-small", str(args.epochs_small),
-           "--epochs-distilbert", str(args.epochs_distilbert), "--train-size", str(args.train_size),
-           "--device", args.device] + (["--full-accuracy"] if args.full_accuracy else [])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"error: the {config} worker failed (exit {proc.returncode}); its output is above",
-              file=sys.stderr)
-        sys.exit(proc.returncode or 1)
-    return json.loads(lines[-1])
-
-
-def fmt_ratio(a, b):
-    return f"{a / b:.3g}x"
-
-
 def main():
     args = parser.parse_args()
     if args.worker:
@@ -239,18 +219,21 @@ def main():
         parser.error(f"--warmup {args.warmup} leaves no timed step in --epochs-distilbert "
                      f"{args.epochs_distilbert}; lower --warmup")
 
+    # the flags every worker gets: the parent's own, so the workers measure what was asked for
+    flags = ["--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs-small", str(args.epochs_small),
+             "--epochs-distilbert", str(args.epochs_distilbert), "--train-size", str(args.train_size),
+             "--device", args.device] + (["--full-accuracy"] if args.full_accuracy else [])
     # other work on the machine slows the steps (on 2 cores, one other torch process made a
     # 2-thread step here ~30x slower: OpenMP threads wait for each other at every op), so the
-    # report says how much CPU others used: a 1 s sample before, and over the run all CPU busy
-    # time minus our workers' CPU time
-    busy = psutil.cpu_percent(interval=1.0)
-    t_start, kids0 = time.perf_counter(), os.times()
+    # report says how much CPU others used
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
     results = {c: [] for c in CONFIGS}
     n_runs, done = len(CONFIGS) * args.repeats, 0
     for _ in range(args.repeats):
         for config in CONFIGS:  # alternating, so slow drift (thermals, neighbours) hits all alike
             t0 = time.perf_counter()
-            res = run_worker(args, config)
+            res = benchlib.run_worker(Path(__file__).resolve(), config, flags)
             results[config].append(res)
             done += 1
             acc = f", test acc {res['test_acc']:.3f}" if res["test_acc"] is not None else ""
@@ -258,11 +241,7 @@ def main():
                   f"{res['step_s'] * 1000:7.1f} ms, peak RSS {res['peak_rss_mb']:6.0f} MB, loss "
                   f"{res['loss_first']:.3f} -> {res['loss_last']:.3f} ({res['steps']} steps){acc} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    wall = time.perf_counter() - t_start
-    kids = os.times()
-    ours = kids.children_user + kids.children_system - kids0.children_user - kids0.children_system
-    others = psutil.cpu_percent(interval=None) - 100 * ours / (wall * os.cpu_count())
-    others = max(0.0, others) if os.name != "nt" else None  # os.times has no children's times on Windows
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
 
     # -- summary over repeats: median speed and accuracy, max memory
     def med(c, k):
@@ -279,7 +258,7 @@ def main():
         cells = [name]
         for shape in ("small", "distilbert"):
             full, lora = agg(f"{shape}-full", key), agg(f"{shape}-lora", key)
-            cells += [fmt(full), fmt(lora), fmt_ratio(lora, full) if ratio else ""]
+            cells += [fmt(full), fmt(lora), benchlib.fmt_ratio(lora, full) if ratio else ""]
         rows.append(cells)
 
     def first_of(c, k):
@@ -294,7 +273,7 @@ def main():
     for shape in ("small", "distilbert"):
         full, lora = (max(r["peak_rss_mb"] - r["rss_base_mb"] for r in results[f"{shape}-{arm}"])
                       for arm in ("full", "lora"))
-        above += [f"{full:.0f}", f"{lora:.0f}", fmt_ratio(lora, full)]
+        above += [f"{full:.0f}", f"{lora:.0f}", benchlib.fmt_ratio(lora, full)]
     rows.append(above)
     if first["small-full"]["device"] == "cuda":
         row("peak GPU memory, max_memory_allocated (MB)", "gpu_peak_mb", "{:.0f}".format, mx)
@@ -311,20 +290,8 @@ def main():
     rows.append(acc)
 
     # -- report
-    o = first["small-full"]
-    cores = f"{os.cpu_count()} logical cores"
-    phys = psutil.cpu_count(logical=False)
-    if phys and phys != os.cpu_count():
-        cores += f" ({phys} physical)"
-    dev = o["device"] if o["device"] == "cpu" else f"{o['device']} ({o['device_name']})"
-    d = first["distilbert-full"]
-    print("## Receipt classifier: full fine-tuning vs LoRA\n")
-    print(f"command: `python {shlex.join(sys.argv)}`  ")
-    from memory_optimizer import cpu_model
-    print(f"machine: {cpu_model()}, {cores}, {psutil.virtual_memory().total / 2**30:.1f} GB RAM; "
-          f"torch {o['torch']} ({o['threads']} threads); device {dev}, {o['precision']}; "
-          f"other processes used {busy:.0f}% of the CPU before the run"
-          + (f", ~{others:.0f}% during it  " if others is not None else "  "))
+    o, d = first["small-full"], first["distilbert-full"]
+    benchlib.print_header("Receipt classifier: full fine-tuning vs LoRA", sys.argv, o, busy, others)
     d_steps = (f"{args.epochs_distilbert} epoch(s)" if args.full_accuracy else
                f"{args.warmup} warm-up + {args.steps} timed steps")
     print(f"workload: {o['n_train']} built-in receipt items (seed 0), {o['n_labels']} labels, max-len 64 "
@@ -335,13 +302,8 @@ def main():
           f"timed after {args.warmup} warm-up steps. DistilBERT shape (6 x 768, vocabulary {d['vocab']}: "
           f"the {d['vocab_built']} built entries padded to DistilBERT's): lr 5e-5 full / 5e-4 LoRA, "
           f"{d_steps}. {args.repeats} repeat(s) per configuration, each in a fresh process, alternating\n")
-    header = ["", "small: full", "small: LoRA", "LoRA / full", "DistilBERT: full", "DistilBERT: LoRA", "LoRA / full"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
-    for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-        print("| " + " | ".join(cells) + " |")
+    benchlib.print_table(["", "small: full", "small: LoRA", "LoRA / full", "DistilBERT: full", "DistilBERT: LoRA",
+                          "LoRA / full"], rows)
     print()
     print("LoRA here wraps a randomly initialised, frozen encoder: there are no pretrained weights on this "
           "machine, and both arms start from the same init (torch.manual_seed(0)). This is a memory and "
@@ -355,11 +317,8 @@ def main():
     print("small preset, measured epoch wall times (s): " + "; ".join(
         f"{c.split('-')[1]} {', '.join(f'{s:.1f}' for s in v)}" for c, v in small_ep.items()) + "  ")
     if args.repeats > 1:
-        for c in CONFIGS:
-            per = ", ".join(f"{r['samples_per_s']:.1f}" for r in results[c])
-            print(f"{c} samples/s per repeat: {per}  ")
-    if any(r["micro_bs"] != args.batch_size for c in CONFIGS for r in results[c]):
-        print("note: a worker ran out of memory and halved its micro-batch (same effective batch)  ")
+        benchlib.print_per_repeat(results)
+    benchlib.print_micro_bs_note(results, args.batch_size)
     print("peak RSS includes the Python + torch runtime and the tokenized data; the row below it is what "
           "the model, its gradients, AdamW state and activations added  ")
     if max(busy, others or 0) >= 20:

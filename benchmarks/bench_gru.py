@@ -17,15 +17,14 @@ prints one JSON line), so one preset's peak memory never includes the other's.
 
 import argparse
 import json
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+
+import benchlib  # the parent side shared with bench_classifier.py (this folder is sys.path[0])
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -131,24 +130,6 @@ def worker(args):
 # -----------------------------------------------------------------------------
 # parent: alternate presets in fresh workers, then the table
 
-def run_worker(args, preset):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", preset,
-           "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-           "--steps", str(args.steps), "--steps-optimized", str(args.steps_optimized),
-           "--warmup", str(args.warmup), "--dataset-size", str(args.dataset_size), "--device", args.device]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"error: the {preset} worker failed (exit {proc.returncode}); its output is above",
-              file=sys.stderr)
-        sys.exit(proc.returncode or 1)
-    return json.loads(lines[-1])
-
-
-def fmt_ratio(a, b):
-    return f"{a / b:.3g}x"
-
-
 def main():
     args = parser.parse_args()
     if args.worker:
@@ -164,29 +145,26 @@ def main():
         parser.error(f"effective batch {E} (--batch-size x --grad-accum) is larger than "
                      f"--dataset-size {args.dataset_size}; raise --dataset-size")
 
+    # the flags every worker gets: the parent's own, so the workers measure what was asked for
+    flags = ["--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+             "--steps", str(args.steps), "--steps-optimized", str(args.steps_optimized),
+             "--warmup", str(args.warmup), "--dataset-size", str(args.dataset_size), "--device", args.device]
     # other work on the machine slows the steps (on 2 cores, one other torch process made the
-    # original's steps ~7x slower here), so the report says how much CPU others used: a 1 s
-    # sample before (not the load average: it still remembers a run that just ended) and, over
-    # the run, all CPU busy time minus our workers' CPU time
-    busy = psutil.cpu_percent(interval=1.0)
-    t_start, kids0 = time.perf_counter(), os.times()
+    # original's steps ~7x slower here), so the report says how much CPU others used
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
     results = {p: [] for p in PRESETS}
     n_runs = 2 * args.repeats
     for _ in range(args.repeats):
         for preset in PRESETS:  # alternating, so slow drift (thermals, neighbours) hits both alike
             t0 = time.perf_counter()
-            res = run_worker(args, preset)
+            res = benchlib.run_worker(Path(__file__).resolve(), preset, flags)
             results[preset].append(res)
             print(f"[{len(results['optimized']) + len(results['original'])}/{n_runs}] {preset:<9} "
                   f"{res['samples_per_s']:8.1f} samples/s, step {res['step_s'] * 1000:8.1f} ms, "
                   f"peak RSS {res['peak_rss_mb']:6.0f} MB, loss {res['loss_first']:.3f} -> "
                   f"{res['loss_last']:.3f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
-    wall = time.perf_counter() - t_start
-    kids = os.times()
-    ours = kids.children_user + kids.children_system - kids0.children_user - kids0.children_system
-    others = psutil.cpu_percent(interval=None) - 100 * ours / (wall * os.cpu_count())
-    others = max(0.0, others) if os.name != "nt" else None  # os.times has no children's times on Windows
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
 
     # -- summary over repeats: median speed, max memory
     def med(p, k):
@@ -197,56 +175,36 @@ def main():
 
     o, g = results["optimized"][0], results["original"][0]
     rows = [("model", o["model"], g["model"], ""),
-            ("parameters", f"{o['params']:,}", f"{g['params']:,}", fmt_ratio(o["params"], g["params"])),
+            ("parameters", f"{o['params']:,}", f"{g['params']:,}", benchlib.fmt_ratio(o["params"], g["params"])),
             ("checkpoint estimate, weights + AdamW state (MB)", f"{o['ckpt_mb']:.1f}", f"{g['ckpt_mb']:.1f}",
-             fmt_ratio(o["ckpt_mb"], g["ckpt_mb"]))]
+             benchlib.fmt_ratio(o["ckpt_mb"], g["ckpt_mb"]))]
     so, sg = med("optimized", "step_s"), med("original", "step_s")
     po, pg = med("optimized", "samples_per_s"), med("original", "samples_per_s")
-    rows += [("step time, median (ms)", f"{so * 1000:.1f}", f"{sg * 1000:.1f}", fmt_ratio(so, sg)),
-             ("training samples/s, median", f"{po:.1f}", f"{pg:.1f}", fmt_ratio(po, pg))]
+    rows += [("step time, median (ms)", f"{so * 1000:.1f}", f"{sg * 1000:.1f}", benchlib.fmt_ratio(so, sg)),
+             ("training samples/s, median", f"{po:.1f}", f"{pg:.1f}", benchlib.fmt_ratio(po, pg))]
     mo, mg = mx("optimized", "peak_rss_mb"), mx("original", "peak_rss_mb")
     bo, bg = med("optimized", "rss_base_mb"), med("original", "rss_base_mb")
     do = max(r["peak_rss_mb"] - r["rss_base_mb"] for r in results["optimized"])
     dg = max(r["peak_rss_mb"] - r["rss_base_mb"] for r in results["original"])
-    rows += [("peak RSS, max (MB)", f"{mo:.0f}", f"{mg:.0f}", fmt_ratio(mo, mg)),
+    rows += [("peak RSS, max (MB)", f"{mo:.0f}", f"{mg:.0f}", benchlib.fmt_ratio(mo, mg)),
              ("RSS before the model is built (MB)", f"{bo:.0f}", f"{bg:.0f}", ""),
-             ("peak RSS above that (MB)", f"{do:.0f}", f"{dg:.0f}", fmt_ratio(do, dg))]
+             ("peak RSS above that (MB)", f"{do:.0f}", f"{dg:.0f}", benchlib.fmt_ratio(do, dg))]
     if o["device"] == "cuda":
         go, gg = mx("optimized", "gpu_peak_mb"), mx("original", "gpu_peak_mb")
         rows.append(("peak GPU memory, max_memory_allocated (MB)", f"{go:.0f}", f"{gg:.0f}",
-                     fmt_ratio(go, gg)))
+                     benchlib.fmt_ratio(go, gg)))
 
     # -- report
-    cores = f"{os.cpu_count()} logical cores"
-    phys = psutil.cpu_count(logical=False)
-    if phys and phys != os.cpu_count():
-        cores += f" ({phys} physical)"
-    dev = o["device"] if o["device"] == "cpu" else f"{o['device']} ({o['device_name']})"
-    print("## CADENCE GRU: optimized vs original preset\n")
-    print(f"command: `python {shlex.join(sys.argv)}`  ")
-    from memory_optimizer import cpu_model
-    print(f"machine: {cpu_model()}, {cores}, {psutil.virtual_memory().total / 2**30:.1f} GB RAM; "
-          f"torch {o['torch']} ({o['threads']} threads); device {dev}, {o['precision']}; "
-          f"other processes used {busy:.0f}% of the CPU before the run"
-          + (f", ~{others:.0f}% during it  " if others is not None else "  "))
+    benchlib.print_header("CADENCE GRU: optimized vs original preset", sys.argv, o, busy, others)
     print(f"workload: {args.dataset_size} built-in queries (seed 0), vocabulary {o['vocab']} words, "
           f"{o['n_cats']} categories; the same batch of {E} queries every step ({args.batch_size} x "
           f"{args.grad_accum} accumulation, {o['T']} time steps), AdamW lr 1e-3, clip 1.0; "
           f"{args.warmup} warm-up steps, then {args.steps_optimized} (optimized) / {args.steps} (original) "
           f"timed steps; {args.repeats} repeat(s) per preset, each in a fresh process, alternating\n")
-    header = ("", "optimized", "original", "optimized / original")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        print("| " + " | ".join(cells) + " |")
+    benchlib.print_table(("", "optimized", "original", "optimized / original"), rows)
     print()
-    for p in PRESETS:
-        per = ", ".join(f"{r['samples_per_s']:.1f}" for r in results[p])
-        print(f"{p} samples/s per repeat: {per}  ")
-    if any(r["micro_bs"] != args.batch_size for p in PRESETS for r in results[p]):
-        print("note: a worker ran out of memory and halved its micro-batch (same effective batch)  ")
+    benchlib.print_per_repeat(results)
+    benchlib.print_micro_bs_note(results, args.batch_size)
     print("peak RSS includes the Python + torch runtime; the row below it is what the model, its "
           "gradients, AdamW state and activations added  ")
     if max(busy, others or 0) >= 20:

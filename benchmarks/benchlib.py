@@ -1,0 +1,113 @@
+"""benchlib.py -- the parent-side pieces that bench_gru.py and bench_classifier.py share.
+
+Both benchmarks run each measurement in a fresh worker process (the script re-invoked with
+--worker NAME, printing one JSON line) and print a markdown table for the README. This file holds
+what the parent side of both does the same way: starting a worker and reading its JSON line,
+measuring how much CPU other processes used, the command/machine header lines, the table and the
+per-repeat lines. The workers stay in their scripts: they measure different things.
+
+Plain functions with explicit arguments. Importing this file does not import torch (the parent
+stays light while its workers are timed); print_header imports it, through memory_optimizer,
+only once they are done.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import psutil
+
+
+def run_worker(script, name, flags):
+    """Run `python SCRIPT --worker NAME FLAGS...` and return its last JSON line as a dict; on a
+    failure, say which worker failed and exit with its code. Its stderr (progress, tracebacks)
+    passes through. Called by bench_gru.py and bench_classifier.py for every repeat."""
+    cmd = [sys.executable, str(script), "--worker", name, *flags]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"error: the {name} worker failed (exit {proc.returncode}); its output is above",
+              file=sys.stderr)
+        sys.exit(proc.returncode or 1)
+    return json.loads(lines[-1])
+
+
+def fmt_ratio(a, b):
+    """a / b as a table cell, e.g. '0.0123x'. Called by bench_gru.py and bench_classifier.py."""
+    return f"{a / b:.3g}x"
+
+
+def cpu_watch_start():
+    """Start measuring other processes' CPU use; returns (busy, t_start, kids0) where busy is the
+    percent of all CPU busy over a 1 s sample taken now. Other work on the machine slows the
+    steps, so the report says how much CPU others used: a 1 s sample before (not the load
+    average: it still remembers a run that just ended), and cpu_watch_end for the run itself.
+    Called by bench_gru.py and bench_classifier.py just before their first worker."""
+    busy = psutil.cpu_percent(interval=1.0)  # also primes the next cpu_percent(interval=None)
+    return busy, time.perf_counter(), os.times()
+
+
+def cpu_watch_end(t_start, kids0):
+    """Finish what cpu_watch_start began; returns (wall, others): the run's wall time in seconds
+    and the percent of all CPU that processes other than our workers used during it (all CPU busy
+    time minus the finished children's CPU time), or None on Windows, where os.times has no
+    children's times. Called by bench_gru.py and bench_classifier.py after their last worker."""
+    wall = time.perf_counter() - t_start
+    kids = os.times()
+    ours = kids.children_user + kids.children_system - kids0.children_user - kids0.children_system
+    others = psutil.cpu_percent(interval=None) - 100 * ours / (wall * os.cpu_count())
+    others = max(0.0, others) if os.name != "nt" else None
+    return wall, others
+
+
+def print_header(title, argv, res, busy, others):
+    """Print the report's title, `command:` and `machine:` lines (markdown, lines ending in two
+    spaces so they break). res is one worker's JSON dict (torch version, threads, device,
+    precision); busy and others come from cpu_watch_start/cpu_watch_end. The `workload:` line
+    that follows differs per benchmark and stays in each script. The caller has put the repo root
+    on sys.path (for memory_optimizer). Called by bench_gru.py and bench_classifier.py."""
+    from memory_optimizer import cpu_model  # it imports torch: only now, after the workers ran
+    cores = f"{os.cpu_count()} logical cores"
+    phys = psutil.cpu_count(logical=False)
+    if phys and phys != os.cpu_count():
+        cores += f" ({phys} physical)"
+    dev = res["device"] if res["device"] == "cpu" else f"{res['device']} ({res['device_name']})"
+    print(f"## {title}\n")
+    print(f"command: `python {shlex.join(argv)}`  ")
+    print(f"machine: {cpu_model()}, {cores}, {psutil.virtual_memory().total / 2**30:.1f} GB RAM; "
+          f"torch {res['torch']} ({res['threads']} threads); device {dev}, {res['precision']}; "
+          f"other processes used {busy:.0f}% of the CPU before the run"
+          + (f", ~{others:.0f}% during it  " if others is not None else "  "))
+
+
+def print_table(header, rows):
+    """Print a markdown table: the first column left-aligned, the others right-aligned (numbers),
+    every column padded to its widest cell so the source reads as a table too. header and each
+    row are sequences of strings of the same length. Called by bench_gru.py and
+    bench_classifier.py."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_per_repeat(results):
+    """Print each worker's samples/s per repeat, one line per name in results (a dict name ->
+    list of worker JSON dicts, in run order). Called by bench_gru.py (always) and
+    bench_classifier.py (with --repeats above 1)."""
+    for name, runs in results.items():
+        per = ", ".join(f"{r['samples_per_s']:.1f}" for r in runs)
+        print(f"{name} samples/s per repeat: {per}  ")
+
+
+def print_micro_bs_note(results, batch_size):
+    """Print a note if any worker in results (name -> list of worker JSON dicts) ran out of
+    memory and halved its micro-batch below batch_size (common.train_step does that and keeps the
+    effective batch). Called by bench_gru.py and bench_classifier.py."""
+    if any(r["micro_bs"] != batch_size for runs in results.values() for r in runs):
+        print("note: a worker ran out of memory and halved its micro-batch (same effective batch)  ")
