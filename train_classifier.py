@@ -49,7 +49,7 @@ g.add_argument("--data", default=None, metavar="CSV", help="training CSV with co
 g.add_argument("--val-data", default=None, metavar="CSV", help="validation CSV (default: split from --data)")
 g.add_argument("--test-data", default=None, metavar="CSV", help="test CSV (default: split from --data)")
 g.add_argument("--train-size", type=common.pos_int, default=840, metavar="N",
-               help="built-in training items (plus 15%% each for validation and test)")
+               help="built-in training items, about (stratified rounding); plus 15%% each for validation and test")
 g.add_argument("--max-len", type=common.pos_int, default=64, help="tokens per item, [CLS]/[SEP] included")
 g.add_argument("--model", choices=["small", "distilbert", "bert"], default="small",
                help="encoder shape when training from scratch (ignored with --pretrained)")
@@ -196,7 +196,8 @@ class LoRALinear(nn.Linear):
 
     def merged(self):
         """A plain nn.Linear computing the same function (in eval mode): W0 + scale * B A."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.weight + self.scale * self.lora_B @ self.lora_A)
             if self.bias is not None:
@@ -356,33 +357,46 @@ def load_pretrained(folder, n_labels):
         raise UserError(f"--pretrained {d}: no config.json there (a Hugging Face model folder is needed)")
     if not (d / "vocab.txt").is_file():
         raise UserError(f"--pretrained {d}: no vocab.txt there (a WordPiece vocabulary is needed)")
-    cfg = json.loads((d / "config.json").read_text())
-    kind = cfg.get("model_type", "bert")
-    if kind == "distilbert":
-        shape = dict(n_layers=cfg["n_layers"], dim=cfg["dim"], n_heads=cfg["n_heads"], hidden_dim=cfg["hidden_dim"],
-                     max_pos=cfg["max_position_embeddings"], type_vocab=0, eps=1e-12)
-    elif kind in ("bert", "roberta") or "hidden_size" in cfg:
-        shape = dict(n_layers=cfg["num_hidden_layers"], dim=cfg["hidden_size"], n_heads=cfg["num_attention_heads"],
-                     hidden_dim=cfg["intermediate_size"], max_pos=cfg["max_position_embeddings"],
-                     type_vocab=cfg.get("type_vocab_size", 2), eps=cfg.get("layer_norm_eps", 1e-12))
-    else:
-        raise UserError(f"--pretrained {d}: model_type {kind!r} is not BERT-family or DistilBERT")
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        kind = cfg.get("model_type", "bert")
+        if kind == "distilbert":
+            shape = dict(n_layers=cfg["n_layers"], dim=cfg["dim"], n_heads=cfg["n_heads"],
+                         hidden_dim=cfg["hidden_dim"], max_pos=cfg["max_position_embeddings"], type_vocab=0, eps=1e-12)
+        elif kind == "bert":  # BERT and its same-shaped relatives (MiniLM, BioBERT, ...) say "bert"
+            shape = dict(n_layers=cfg["num_hidden_layers"], dim=cfg["hidden_size"],
+                         n_heads=cfg["num_attention_heads"], hidden_dim=cfg["intermediate_size"],
+                         max_pos=cfg["max_position_embeddings"], type_vocab=cfg.get("type_vocab_size", 2),
+                         eps=cfg.get("layer_norm_eps", 1e-12))
+        else:
+            raise UserError(f"--pretrained {d}: model_type {kind!r}; only bert and distilbert checkpoints are supported")
+        vocab_size = int(cfg["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--pretrained {d}: config.json is not a valid BERT/DistilBERT config ({type(e).__name__}: {e})")
     act = cfg.get("hidden_act", cfg.get("activation", "gelu"))
     if act != "gelu":
         raise UserError(f"--pretrained {d}: activation {act!r}; only BERT's exact gelu is implemented")
     # one entry per "\n"-terminated line (str.splitlines would also split on \x1c, \u2028, ...)
     itos = (d / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n").split("\n")
     itos = [w.rstrip("\r") for w in itos]
+    missing_specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in itos]
+    if missing_specials or len(itos) > vocab_size:
+        raise UserError(f"--pretrained {d}: vocab.txt " + (f"lacks {', '.join(missing_specials)}" if missing_specials
+                        else f"has {len(itos)} entries, more than config.json's vocab_size {vocab_size}"))
     lower = True
     if (d / "tokenizer_config.json").is_file():
         lower = json.loads((d / "tokenizer_config.json").read_text()).get("do_lower_case", True)
-    if (d / "model.safetensors").is_file():
-        weights = read_safetensors(d / "model.safetensors")
-    elif (d / "pytorch_model.bin").is_file():
-        weights = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    path = next((d / f for f in ("model.safetensors", "pytorch_model.bin") if (d / f).is_file()), None)
+    if path is None:
         raise UserError(f"--pretrained {d}: neither model.safetensors nor pytorch_model.bin is there")
-    model = Encoder(cfg["vocab_size"], n_labels, **shape)
+    try:
+        weights = read_safetensors(path) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a Git LFS pointer, a truncated download, a pickled callable
+        raise UserError(f"--pretrained {path}: not a readable weights file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:150] if str(e) else ''}); download it again")
+    shape["vocab_size"] = vocab_size
+    model = Encoder(n_labels=n_labels, **shape)
     ours = model.state_dict()
     state, unexpected = {}, []
     for name, t in weights.items():
@@ -395,8 +409,11 @@ def load_pretrained(folder, n_labels):
                             f"config.json expects {tuple(ours[key].shape)}")
         state[key] = t.to(torch.float32)
     missing = [k for k in ours if k not in state and not k.startswith(("pre_classifier.", "classifier."))]
+    if "embeddings.word_embeddings.weight" not in state or not any(k.startswith("transformer.") for k in state):
+        raise UserError(f"--pretrained {d}: none of its tensor names map to a BERT/DistilBERT encoder "
+                        f"(e.g. {next(iter(weights), '-')}); is it another architecture?")
     model.load_state_dict(state, strict=False)
-    desc = (f"{kind} from {d}: {shape['n_layers']} layers, dim {shape['dim']}, vocab {len(itos)}; "
+    desc = (f"{kind} from {d}: {shape['n_layers']} layers, dim {shape['dim']}, vocab {vocab_size}; "
             f"{len(state)} tensors loaded")
     return model, Tokenizer(itos, lower), desc, missing, unexpected
 
@@ -630,8 +647,10 @@ def load_run(out, args):
         state, path = common.find_checkpoint(out, args, print)
     if state is None:
         raise UserError(f"no checkpoint in {out}/checkpoints; train first: python train_classifier.py --quick --out {out}")
-    x = state["extra"]
-    model = Encoder(len(x["itos"]), len(x["labels"]), **x["shape"])
+    x = state.get("extra", {})
+    if "labels" not in x:
+        raise UserError(f"{path} is not a train_classifier.py checkpoint")
+    model = Encoder(n_labels=len(x["labels"]), **x["shape"])
     if x["lora"]:
         add_lora(model, x["lora"]["targets"], x["lora"]["r"], x["lora"]["alpha"], x["lora"]["dropout"])
     model.load_state_dict(state["model"])
@@ -648,7 +667,10 @@ def run_predict(args):
         p = Path(args.predict_file)
         if not p.is_file():
             raise UserError(f"--predict-file {p}: file not found")
-        texts = [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+        try:
+            texts = [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"--predict-file {p}: not UTF-8 text; save it as UTF-8")
         if not texts:
             raise UserError(f"--predict-file {p}: no non-empty lines")
     else:
@@ -670,13 +692,21 @@ def main(argv=None):
     args, sources = common.resolve_settings(parser, argv)
     if args.predict is not None or args.predict_file is not None:
         return run_predict(args)
-    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    targets = list(dict.fromkeys(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     if not targets or any(t not in LORA_NAMES for t in targets):
         raise UserError(f"--lora-targets {args.lora_targets}: use a comma list of {','.join(LORA_NAMES)}")
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora-dropout {args.lora_dropout}: must be in [0, 1)")
     if args.full_finetune and args.lora:
         raise UserError("--full-finetune and --lora contradict each other; pick one")
+    if args.full_finetune and not args.pretrained:
+        raise UserError("--full-finetune only applies with --pretrained (from scratch every weight trains anyway)")
+    if args.merge and not (args.lora or (args.pretrained and not args.full_finetune)):
+        raise UserError("--merge folds LoRA adapters; this run has none (use it with --pretrained or --lora)")
+    if (args.val_data or args.test_data) and not args.data:
+        raise UserError("--val-data/--test-data need --data (the training CSV)")
+    if args.max_len < 3:
+        raise UserError(f"--max-len {args.max_len}: needs room for [CLS], one token and [SEP]; use 3 or more")
     if sources["epochs"] == "default":
         # seed (pretrained DistilBERT): --quick 1 epoch, default 3. A random encoder needs more:
         # measured on the built-in data, 1 epoch gives ~35% test accuracy, 3 epochs ~99%
@@ -721,7 +751,7 @@ def main(argv=None):
                      hidden_dim=model.transformer.layer[0].ffn.lin1.out_features,
                      max_pos=model.embeddings.position_embeddings.num_embeddings,
                      type_vocab=getattr(model.embeddings, "token_type_embeddings", nn.Embedding(0, 1)).num_embeddings,
-                     eps=model.embeddings.LayerNorm.eps)
+                     eps=model.embeddings.LayerNorm.eps, vocab_size=model.embeddings.word_embeddings.num_embeddings)
         if missing:
             notes.append(f"warning: missing in the checkpoint (left at random init): {', '.join(missing)}")
         if unexpected:
@@ -730,17 +760,25 @@ def main(argv=None):
     else:
         itos = state["extra"]["itos"] if state else build_vocab([t for t, _ in train_rows], args.vocab_size)
         tok = Tokenizer(itos)
-        shape = dict(PRESETS[args.model], max_pos=max(PRESETS[args.model]["max_pos"], args.max_len))
-        model = Encoder(len(itos), len(labels), **shape)
+        shape = dict(PRESETS[args.model], max_pos=max(PRESETS[args.model]["max_pos"], args.max_len),
+                     vocab_size=len(itos))
+        model = Encoder(n_labels=len(labels), **shape)
         model_desc = f"{args.model} from scratch, vocabulary {len(itos)} built from the training data"
     if args.max_len > shape["max_pos"]:
         raise UserError(f"--max-len {args.max_len}: the model has only {shape['max_pos']} positions")
     use_lora = (args.pretrained and not args.full_finetune) or args.lora
     if use_lora:
         add_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
-    if state and (state["extra"]["labels"] != labels or bool(state["extra"]["lora"]) != bool(use_lora)):
-        raise UserError(f"{resumed_from} was trained with other labels or another LoRA setting; "
-                        "use a new --out or --no-resume")
+    if state:
+        was = state.get("extra", {})
+        now_lora = {"targets": targets, "r": args.lora_r, "alpha": args.lora_alpha,
+                    "dropout": args.lora_dropout} if use_lora else None
+        changed = [name for name, a, b in (("labels", was.get("labels"), labels), ("model shape", was.get("shape"), shape),
+                                           ("LoRA settings", was.get("lora"), now_lora),
+                                           ("--max-len", was.get("max_len"), args.max_len)) if a != b]
+        if changed:
+            raise UserError(f"{resumed_from} was trained with other {', '.join(changed)}; use the same flags, "
+                            "a new --out, or --no-resume")
     if args.lr is None:  # LoRA / scratch need a larger step than full fine-tuning of pretrained weights
         args.lr, sources["lr"] = (5e-5 if args.pretrained and not use_lora else 1e-3 if not args.pretrained else 5e-4,
                                   "auto")
@@ -818,14 +856,14 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     if sources["log_every"] == "default":
         args.log_every = max(10, steps_per_epoch // 5)
 
-    step, epoch, pos, best, bad_epochs, ep_loss = 0, 0, 0, -1.0, 0, [0.0, 0]
+    step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = 0, 0, 0, -1.0, 0, [0.0, 0], -1.0
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step, epoch, pos, best, bad_epochs, ep_loss = (state[k] for k in ("step", "epoch", "pos", "best", "bad_epochs",
-                                                                          "ep_loss"))
+        step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = (
+            state[k] for k in ("step", "epoch", "pos", "best", "bad_epochs", "ep_loss", "best_at_epoch_start"))
         common.set_rng_state(state["rng"])
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
     common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
@@ -839,7 +877,8 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     def save(best_now=False):
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": common.rng_state(), "step": step, "epoch": epoch, "pos": pos,
-                "best": best, "bad_epochs": bad_epochs, "ep_loss": ep_loss, "micro_bs": micro_bs, "accum": accum,
+                "best": best, "bad_epochs": bad_epochs, "ep_loss": ep_loss, "best_at_epoch_start": best_at_epoch_start,
+                "micro_bs": micro_bs, "accum": accum,
                 "args": dict(vars(args)), "extra": extra}
         path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
@@ -893,7 +932,9 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
                 rec = {"step": step, "epoch": epoch + 1, "val_acc": round(val_acc, 4), "val_loss": round(val_loss, 5)}
                 if end_of_epoch:
                     rec["train_loss"] = round(ep_loss[0] / max(1, ep_loss[1]), 5)
-                    bad_epochs = 0 if is_best else bad_epochs + 1
+                    # an epoch is good if any evaluation in it (not only the last) beat the best so far
+                    bad_epochs = 0 if best > best_at_epoch_start else bad_epochs + 1
+                    best_at_epoch_start = best
                 common.append_metrics(out, rec)
                 log(f"epoch {epoch + 1} step {step}: val accuracy {val_acc:.3f}, val loss {val_loss:.4f}"
                     + (" (best)" if is_best else ""))

@@ -152,3 +152,37 @@ def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
     assert not (tmp / "runs").exists()  # nothing was created before the check
+
+
+def test_resume_with_other_model_flags_is_refused_and_the_run_kept(tmp):
+    run("train_classifier.py", "--train-size", "120", "--max-steps", "2", "--out", "r", cwd=tmp, check=0)
+    before = read_json(tmp / "r" / "status.json")
+    for flags, what in ((["--model", "bert"], "model shape"), (["--max-len", "32"], "--max-len"),
+                        (["--lora", "--lora-r", "8"], "LoRA settings")):
+        p = run("train_classifier.py", "--train-size", "120", "--max-steps", "4", *flags, "--out", "r",
+                cwd=tmp, check=2)
+        assert f"was trained with other {what}" in p.stderr
+    assert read_json(tmp / "r" / "status.json") == before
+
+
+def test_pretrained_checkpoints_that_do_not_fit_are_user_errors(tmp):
+    import json as _json
+    tc.write_checkpoint(tmp / "b", "bert", "bin")
+    (tmp / "b" / "pytorch_model.bin").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    p = run("train_classifier.py", "--pretrained", "b", "--out", "x", cwd=tmp, check=2)
+    assert "not a readable weights file" in p.stderr
+    tc.write_checkpoint(tmp / "m", "bert", "safetensors")
+    cfg = _json.loads((tmp / "m" / "config.json").read_text())
+    (tmp / "m" / "config.json").write_text(_json.dumps(dict(cfg, model_type="mpnet")))
+    p = run("train_classifier.py", "--pretrained", "m", "--out", "x", cwd=tmp, check=2)
+    assert "only bert and distilbert" in p.stderr
+    assert not (tmp / "x").exists()
+
+
+def test_early_stopping_counts_improvements_made_between_epoch_ends(tmp):
+    # frequent evaluations: the end-of-epoch one rarely beats the one just before it, which must
+    # not make the epoch count as "no improvement" (patience 1 would then stop after epoch 1)
+    tc.write_checkpoint(tmp / "d", "distilbert", "safetensors")
+    p = run("train_classifier.py", "--pretrained", "d", "--train-size", "200", "--epochs", "2", "--patience", "1",
+            "--eval-every", "2", "--max-len", "24", "--out", "e", cwd=tmp, check=0)
+    assert read_json(tmp / "e" / "summary.json")["epochs"] == 2, p.stdout[-2000:]
