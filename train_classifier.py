@@ -879,6 +879,9 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
                 "scaler": scaler.state_dict(), "rng": common.rng_state(), "step": step, "epoch": epoch, "pos": pos,
                 "best": best, "bad_epochs": bad_epochs, "ep_loss": ep_loss, "best_at_epoch_start": best_at_epoch_start,
                 "micro_bs": micro_bs, "accum": accum,
+                # totals over every segment of a run that was stopped and resumed
+                "wall_s": wall_before + time.time() - status["started"],
+                "train_s": train_before + time.time() - t_start, "samples": samples_before + seen,
                 "args": dict(vars(args)), "extra": extra}
         path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
@@ -888,6 +891,8 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
              "last": time.monotonic()}
     common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, seen, start_step, val_acc = time.time(), 0, step, None
+    wall_before, train_before, samples_before = ((state.get("wall_s", 0.0), state.get("train_s", 0.0),
+                                                  state.get("samples", 0)) if state else (0.0, 0.0, 0))
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)
     model.train()
@@ -969,12 +974,12 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
         model.load_state_dict(common.load_checkpoint(best_path)["model"])
     t = splits["test"]
     test = report(classify(model, t["ids"], t["mask"], device, amp_dtype), t["y"], labels)
-    wall = time.time() - status["started"]
+    wall = wall_before + time.time() - status["started"]
     history = [r for r in common.read_metrics(out) if "train_loss" in r]
     summary = dict(trainer="classifier", metric="test_accuracy", value=round(test["accuracy"], 4),
                    macro_f1=round(test["macro_f1"], 4), weighted_f1=round(test["weighted_f1"], 4),
                    mean_confidence=round(test["mean_confidence"], 4), best_val_accuracy=round(best, 4), steps=step,
-                   epochs=epoch, samples_per_s=round(seen / max(1e-9, time.time() - t_start), 1),
+                   epochs=epoch, samples_per_s=round((samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1),
                    peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_trainable,
                    wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
                    confusion_matrix=test["confusion_matrix"])

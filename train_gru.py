@@ -597,6 +597,9 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": common.rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
                 "micro_bs": micro_bs, "accum": accum, "args": {k: v for k, v in vars(args).items()},
+                # totals over every segment of a run that was stopped and resumed
+                "wall_s": wall_before + time.time() - status["started"],
+                "train_s": train_before + time.time() - t_start, "samples": samples_before + samples_seen,
                 "extra": {"itos": itos, "cats": cats, "preset": args.preset}}
         path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
@@ -619,6 +622,8 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
              "last": time.monotonic()}
     common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
+    wall_before, train_before, samples_before = ((state.get("wall_s", 0.0), state.get("train_s", 0.0),
+                                                  state.get("samples", 0)) if state else (0.0, 0.0, 0))
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)
     model.train()
@@ -671,10 +676,11 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
         common.update_status(out, status, state="finished", eta_s=0)
         return 0
     val_loss, val_ppl = evaluate(model, val_data, device, amp_dtype)
-    wall = time.time() - status["started"]
+    wall = wall_before + time.time() - status["started"]
     summary = dict(trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
                    unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch,
-                   samples_per_s=round(samples_seen / max(1e-9, time.time() - t_start), 1),
+                   samples_per_s=round((samples_before + samples_seen) /
+                                       max(1e-9, train_before + time.time() - t_start), 1),
                    peak_mem_mb=common.peak_memory_mb(device), params=n_params,
                    trainable_params=n_trainable, wall_s=round(wall, 1), preset=args.preset,
                    device=device.type, precision=args.precision, effective_batch=E)
