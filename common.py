@@ -9,8 +9,10 @@ what is easy to get wrong:
     the step ......... train_step (autocast, exact accumulation, unscale, clip, step, OOM retry)
     batch size ....... choose_batch_size (RAM/GPU table, then a real forward+backward probe)
     memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory
-    checkpoints ...... save_checkpoint (atomic + rotation), find_checkpoint (resume, fallback)
-    run folder ....... prepare_run_dir, update_status, append_metrics, write_summary, plot_progress
+    checkpoints ...... training_state, save_checkpoint (atomic + rotation), find_checkpoint (resume,
+                       fallback), restore_training_state
+    run folder ....... start_run, recording_failures, update_status, append_metrics, write_summary,
+                       plot_progress, progress_bar
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
 Run as a script it manages background runs (the launchers run.sh / start_training.bat call it):
@@ -22,6 +24,7 @@ Run as a script it manages background runs (the launchers run.sh / start_trainin
 """
 
 import argparse
+import contextlib
 import csv
 import datetime
 import gc
@@ -636,6 +639,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(model, optimizer, scheduler, scaler, **plain):
+    """What a checkpoint holds: the state_dicts, every RNG state, and the trainer's plain data
+    (step, position in the epoch, best metric, ...). Passed to save_checkpoint by the trainers."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **plain}
+
+
+def restore_training_state(state, model, optimizer, scheduler, scaler):
+    """The inverse of training_state, for a resume: after it, the run continues as if never stopped.
+    Returns (wall_s, train_s, samples) of the run's earlier segments, zeros without a state."""
+    if not state:
+        return 0.0, 0.0, 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state.get("wall_s", 0.0), state.get("train_s", 0.0), state.get("samples", 0)
+
+
 def _atomic_torch_save(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -717,7 +740,7 @@ def check_out_writable(out):
         raise UserError(f"--out {out}: {parent} is not a writable folder; pick another --out")
 
 
-def prepare_run_dir(out, args, no_resume):
+def prepare_run_dir(out, no_resume):
     """Create the run folder. With --no-resume, an earlier run's checkpoints and metrics are
     moved to *.old-<time> rather than deleted or overwritten."""
     out = Path(out)
@@ -761,6 +784,46 @@ def update_status(out, status, **changes):
     see half a file). Called by trainers at every log interval and state change."""
     status.update(changes, updated=time.time())
     write_json_atomic(Path(out) / "status.json", status)
+
+
+def start_run(out, args, trainer, metric_name, notes=()):
+    """Called by every trainer once all its checks have passed (nothing is written before):
+    claim the run folder, open train.log (and log `notes`), write the first status.json,
+    install the stop handlers. Returns (log, status, stop)."""
+    moved = prepare_run_dir(out, args.no_resume)
+    log = make_logger(out)
+    for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:
+        log(note)
+    status = new_status(trainer, out, metric_name)
+    update_status(out, status)
+    return log, status, install_stop_handlers()
+
+
+@contextlib.contextmanager
+def recording_failures(out, status):
+    """Around a trainer's training: if it raises, status.json says so (`failed` with the error,
+    or `stopped` after a second Ctrl-C) before the exception goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        update_status(out, status, state="stopped")
+        raise
+    except Exception as e:
+        update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def memory_watch(args):
+    """The state check_memory keeps between calls, from the memory flags."""
+    return {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
+            "last": time.monotonic()}
+
+
+def progress_bar(total, initial):
+    """The training bar: redraws often on a terminal, every 30 s into a log file."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=1 if sys.stderr.isatty() else 30)
 
 
 def append_metrics(out, record):

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 from common import UserError
@@ -783,22 +782,10 @@ def main(argv=None):
         args.lr, sources["lr"] = (5e-5 if args.pretrained and not use_lora else 1e-3 if not args.pretrained else 5e-4,
                                   "auto")
 
-    moved = common.prepare_run_dir(out, args, args.no_resume)
-    log = common.make_logger(out)
-    for note in notes + ([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else []):
-        log(note)
-    status = common.new_status("classifier", out, "val_acc")
-    common.update_status(out, status)
-    stop = common.install_stop_handlers()
-    try:
+    log, status, stop = common.start_run(out, args, "classifier", "val_acc", notes)
+    with common.recording_failures(out, status):
         return train(args, sources, out, log, status, stop, dev, state, resumed_from, model, tok, shape,
                      model_desc, use_lora and targets, labels, train_rows, val_rows, test_rows, desc)
-    except KeyboardInterrupt:
-        common.update_status(out, status, state="stopped")
-        raise
-    except Exception as e:
-        common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
-        raise
 
 
 def train(args, sources, out, log, status, stop, dev, state, resumed_from, model, tok, shape, model_desc,
@@ -857,14 +844,11 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
         args.log_every = max(10, steps_per_epoch // 5)
 
     step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = 0, 0, 0, -1.0, 0, [0.0, 0], -1.0
+    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
+                                                                              scheduler, scaler)
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
         step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = (
             state[k] for k in ("step", "epoch", "pos", "best", "bad_epochs", "ep_loss", "best_at_epoch_start"))
-        common.set_rng_state(state["rng"])
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
     common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
     common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
@@ -875,26 +859,20 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
                       "dropout": args.lora_dropout} if lora_targets else None}
 
     def save(best_now=False):
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": common.rng_state(), "step": step, "epoch": epoch, "pos": pos,
-                "best": best, "bad_epochs": bad_epochs, "ep_loss": ep_loss, "best_at_epoch_start": best_at_epoch_start,
-                "micro_bs": micro_bs, "accum": accum,
-                # totals over every segment of a run that was stopped and resumed
-                "wall_s": wall_before + time.time() - status["started"],
-                "train_s": train_before + time.time() - t_start, "samples": samples_before + seen,
-                "args": dict(vars(args)), "extra": extra}
+        ckpt = common.training_state(
+            model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best, bad_epochs=bad_epochs,
+            ep_loss=ep_loss, best_at_epoch_start=best_at_epoch_start, micro_bs=micro_bs, accum=accum,
+            # totals over every segment of a run that was stopped and resumed
+            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
+            samples=samples_before + seen, args=dict(vars(args)), extra=extra)
         path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
 
     # -- the loop: one evaluation per epoch (and every --eval-every steps), early stopping
-    watch = {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
-             "last": time.monotonic()}
+    watch = common.memory_watch(args)
     common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, seen, start_step, val_acc = time.time(), 0, step, None
-    wall_before, train_before, samples_before = ((state.get("wall_s", 0.0), state.get("train_s", 0.0),
-                                                  state.get("samples", 0)) if state else (0.0, 0.0, 0))
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30)
+    bar = common.progress_bar(total_steps, step)
     model.train()
     stopped_early = bad_epochs >= args.patience  # a resumed run that had already stopped early
     while step < total_steps and (args.max_steps or epoch < args.epochs) and not stopped_early:

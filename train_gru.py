@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 import common
 from common import UserError
@@ -515,22 +514,10 @@ def main(argv=None):
         raise UserError(f"{resumed_from} was trained on other categories than this data; use a new --out "
                         "or --no-resume")
 
-    moved = common.prepare_run_dir(out, args, args.no_resume)
-    log = common.make_logger(out)
-    for note in notes + ([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else []):
-        log(note)
-    status = common.new_status("gru", out, "val_ppl")
-    common.update_status(out, status)
-    stop = common.install_stop_handlers()
-    try:
+    log, status, stop = common.start_run(out, args, "gru", "val_ppl", notes)
+    with common.recording_failures(out, status):
         return train(args, sources, out, log, status, stop, device, state, resumed_from,
                      train_pairs, val_pairs, itos, cats, data_desc)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
-        common.update_status(out, status, state="stopped")
-        raise
-    except Exception as e:
-        common.update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
-        raise
 
 
 def train(args, sources, out, log, status, stop, device, state, resumed_from, train_pairs, val_pairs,
@@ -577,13 +564,10 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
         (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
 
     step, epoch, pos, best = 0, 0, 0, float("inf")
+    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
+                                                                              scheduler, scaler)
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
         step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
-        common.set_rng_state(state["rng"])
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
     common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
     common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum,
@@ -593,14 +577,12 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
     base_ppl = unigram_ppl(train_data, val_data, len(itos))
 
     def save(best_now=False):
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": common.rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
-                "micro_bs": micro_bs, "accum": accum, "args": {k: v for k, v in vars(args).items()},
-                # totals over every segment of a run that was stopped and resumed
-                "wall_s": wall_before + time.time() - status["started"],
-                "train_s": train_before + time.time() - t_start, "samples": samples_before + samples_seen,
-                "extra": {"itos": itos, "cats": cats, "preset": args.preset}}
+        ckpt = common.training_state(
+            model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best,
+            micro_bs=micro_bs, accum=accum, args=dict(vars(args)),
+            # totals over every segment of a run that was stopped and resumed
+            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
+            samples=samples_before + samples_seen, extra={"itos": itos, "cats": cats, "preset": args.preset})
         path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
         return path
@@ -618,14 +600,10 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
         return val_ppl, is_best
 
     # -- the loop
-    watch = {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
-             "last": time.monotonic()}
+    watch = common.memory_watch(args)
     common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
-    wall_before, train_before, samples_before = ((state.get("wall_s", 0.0), state.get("train_s", 0.0),
-                                                  state.get("samples", 0)) if state else (0.0, 0.0, 0))
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30)
+    bar = common.progress_bar(total_steps, step)
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
         # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches

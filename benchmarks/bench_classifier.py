@@ -34,6 +34,7 @@ import benchlib  # the parent side shared with bench_gru.py (this folder is sys.
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import nonneg_int, pos_int  # noqa: E402  (the trainers' flag types)
 CONFIGS = ("small-full", "small-lora", "distilbert-full", "distilbert-lora")
 DISTILBERT_VOCAB = 30522  # distilbert-base-uncased's vocab.txt; the built vocabulary is padded up to it
 DISTILBERT_LORA_TRAINABLE = 891_656  # the seed's adapter: 12 x 16 x (768 + 768) LoRA + 590,592 + 6,152 head
@@ -46,29 +47,29 @@ LR = {"small-full": 1e-3, "small-lora": 1e-3,  # train_classifier's default from
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
-parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16, metavar="N",
+parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=pos_int, default=16, metavar="N",
                     help="micro-batch size (items per forward/backward)")
-parser.add_argument("--grad-accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1,
+parser.add_argument("--grad-accum", "--gradient_accumulation_steps", dest="grad_accum", type=pos_int, default=1,
                     metavar="K", help="micro-batches per optimizer step; effective batch = N x K "
                                       "(16, the trainer's default)")
-parser.add_argument("--steps", type=int, default=6, metavar="N",
+parser.add_argument("--steps", type=pos_int, default=6, metavar="N",
                     help="timed optimizer steps for the DistilBERT shape (it is slow on a CPU, so it "
                          "trains a few steps, not whole epochs, unless --full-accuracy)")
-parser.add_argument("--warmup", type=int, default=2, metavar="N",
+parser.add_argument("--warmup", type=nonneg_int, default=2, metavar="N",
                     help="untimed optimizer steps before timing (allocator, thread pools, AdamW state)")
-parser.add_argument("--epochs-small", type=int, default=3, metavar="N",
+parser.add_argument("--epochs-small", type=pos_int, default=3, metavar="N",
                     help="whole epochs the small preset trains (every step after --warmup is timed), "
                          "then its test accuracy is measured; 3 is train_classifier's --quick")
 parser.add_argument("--full-accuracy", action="store_true",
                     help="also train the DistilBERT shape for --epochs-distilbert whole epochs and "
                          "measure its test accuracy (slow: per epoch on 2 cores ~40 s full, ~20 s LoRA)")
-parser.add_argument("--epochs-distilbert", type=int, default=1, metavar="N",
+parser.add_argument("--epochs-distilbert", type=pos_int, default=1, metavar="N",
                     help="whole epochs for the DistilBERT shape with --full-accuracy")
-parser.add_argument("--repeats", type=int, default=3, metavar="R",
+parser.add_argument("--repeats", type=pos_int, default=3, metavar="R",
                     help="fresh worker processes per configuration, run alternately; the table shows "
                          "median speed and accuracy and max memory over them (~35 s per repeat on 2 "
                          "idle cores)")
-parser.add_argument("--train-size", type=int, default=840, metavar="N",
+parser.add_argument("--train-size", type=pos_int, default=840, metavar="N",
                     help="built-in training items (seed 0; plus 15%% each for validation and test), "
                          "the seed's 840")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -203,11 +204,6 @@ def main():
     if args.worker:
         import common
         common.run_main(lambda: worker(args))  # a common.UserError: one line, exit 2
-    for name in ("batch_size", "grad_accum", "steps", "epochs_small", "epochs_distilbert", "repeats", "train_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be 1 or more")
-    if args.warmup < 0:
-        parser.error("--warmup must be 0 or more")
     E = args.batch_size * args.grad_accum
     if E > args.train_size:
         parser.error(f"effective batch {E} (--batch-size x --grad-accum) is larger than --train-size "

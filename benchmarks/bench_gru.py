@@ -28,6 +28,7 @@ import benchlib  # the parent side shared with bench_classifier.py (this folder 
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import nonneg_int, pos_int  # noqa: E402  (the trainers' flag types)
 PRESETS = ("optimized", "original")
 
 # -----------------------------------------------------------------------------
@@ -35,21 +36,21 @@ PRESETS = ("optimized", "original")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
-parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16, metavar="N",
+parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=pos_int, default=16, metavar="N",
                     help="micro-batch size (queries per forward/backward)")
-parser.add_argument("--grad-accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=4,
+parser.add_argument("--grad-accum", "--gradient_accumulation_steps", dest="grad_accum", type=pos_int, default=4,
                     metavar="K", help="micro-batches per optimizer step; effective batch = N x K")
-parser.add_argument("--steps", "--steps-original", dest="steps", type=int, default=8, metavar="N",
+parser.add_argument("--steps", "--steps-original", dest="steps", type=pos_int, default=8, metavar="N",
                     help="timed optimizer steps for --preset original (~4 s each on 2 cores; 8 keeps "
                          "the default run under 3 minutes)")
-parser.add_argument("--steps-optimized", type=int, default=50, metavar="N",
+parser.add_argument("--steps-optimized", type=pos_int, default=50, metavar="N",
                     help="timed optimizer steps for --preset optimized (it is ~100x faster, so more steps)")
-parser.add_argument("--warmup", type=int, default=2, metavar="N",
+parser.add_argument("--warmup", type=nonneg_int, default=2, metavar="N",
                     help="untimed optimizer steps before timing (allocator, thread pools, AdamW state)")
-parser.add_argument("--repeats", type=int, default=3, metavar="R",
+parser.add_argument("--repeats", type=pos_int, default=3, metavar="R",
                     help="fresh worker processes per preset, run alternately (optimized, original, ...); "
                          "the table shows median speed and max memory over them")
-parser.add_argument("--dataset-size", type=int, default=2000, metavar="N",
+parser.add_argument("--dataset-size", type=pos_int, default=2000, metavar="N",
                     help="built-in queries to generate (seed 0); sets the vocabulary and the batch")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto = cuda when available; CPU runs fp32, CUDA bf16 (fp16 + GradScaler "
@@ -135,11 +136,6 @@ def main():
     if args.worker:
         import common
         common.run_main(lambda: worker(args))  # a common.UserError: one line, exit 2
-    for name in ("batch_size", "grad_accum", "steps", "steps_optimized", "repeats", "dataset_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be 1 or more")
-    if args.warmup < 0:
-        parser.error("--warmup must be 0 or more")
     E = args.batch_size * args.grad_accum
     if E > args.dataset_size:
         parser.error(f"effective batch {E} (--batch-size x --grad-accum) is larger than "
