@@ -853,8 +853,10 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
                     tb.add_scalar("train/loss", loss, step)
                     tb.add_scalar("train/tokens_per_s", tps, step)
         is_best = False
-        if is_main and (args.eval_every and step % args.eval_every == 0 or step == total_steps):
-            is_best = run_eval()
+        if args.eval_every and step % args.eval_every == 0 or step == total_steps:
+            is_best = run_eval() if is_main else False
+            # every rank must know whether a checkpoint (and its barrier) follows
+            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX)) if world > 1 else is_best
         saved = step % args.save_every == 0 or is_best or step == total_steps
         if saved and is_main:
             save(is_best)
