@@ -263,6 +263,21 @@ def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
     assert "was trained on 2 process(es), this is 1" in p.stderr
 
 
+def test_resource_efficient_and_config_file(tmp):
+    flags = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--eval-tokens", "512", "--max-steps", "2"]
+    p = run("train_lm.py", *flags, "--resource-efficient", "--seq-len", "32", "--out", "re", cwd=tmp, check=0)
+    assert "--resource-efficient changes:" in p.stdout and "gradient checkpointing" in p.stdout
+    a = read_json(tmp / "re" / "args.json")
+    s = a["settings"]
+    assert s["grad_checkpointing"] == {"value": True, "source": "resource-efficient"}
+    assert s["save_every"]["value"] == 50 and s["eval_every"]["value"] == 50
+    assert a["chosen"]["effective_batch"] == 32 and a["chosen"]["micro_batch"] < 32
+    # optimal_config.json: its seq_len (CPU 256, quick 64) applies unless typed
+    run("memory_optimizer.py", "config", cwd=tmp, check=0)
+    run("train_lm.py", *flags, "--quick", "--out", "c", cwd=tmp, check=0)
+    assert read_json(tmp / "c" / "args.json")["settings"]["seq_len"] == {"value": 64, "source": "optimal_config.json"}
+
+
 # -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
 
 def tree_digest(d):
