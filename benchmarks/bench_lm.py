@@ -9,10 +9,10 @@ Three tables, each measurement in a fresh worker process (this script re-invoked
 printing one JSON line), so one run's peak memory never includes another's:
 
  1. ours vs naive, same model shape, data, batch, initial weights, schedule and steps:
-    "ours" is train_lm.py's LM (fused qkv Linear, F.scaled_dot_product_attention, tanh GELU)
+    "ours" is train_lm.py's LM (one fused qkv Linear, F.scaled_dot_product_attention)
     stepped by common.train_step (what the trainer runs); "naive" is written below in the plain
     nanoGPT-tutorial way: separate q/k/v Linears, attention as softmax(masked_fill(q k^T)) @ v
-    with the (T, T) matrix materialised, exact GELU, loss.item() every step, zero_grad(). Both:
+    with the (T, T) matrix materialised, loss.item() every step, zero_grad(). Both: exact GELU,
     AdamW (betas 0.9/0.95, wd 0.1 on 2-D weights), clip 1.0, warmup + cosine, fp32 on CPU.
  2. GPT vs eigen at T = 1K..32K, batch 1, the tiny width: time per training step and peak memory.
  3. MFU of every run in 1 and 2 against the fp32 matmul peak measured here (CPU) or the datasheet.
