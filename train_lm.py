@@ -4,7 +4,7 @@ Byte-level text packed once into memmaps, random windows streamed from disk (RAM
 however big the corpus), AMP + exact gradient accumulation, tokens/s and model-FLOPs utilisation
 (MFU) on every log line, validation in bits per byte, DDP with torchrun.
 
-    python train_lm.py --quick --out runs/lm                      # laptop CPU, ~1.5 min on 2 cores
+    python train_lm.py --quick --out runs/lm                      # laptop CPU, ~40 s on 2 cores
     python train_lm.py sample --out runs/lm --prompt "The with statement"
     python train_lm.py --arch eigen --quick --out runs/lme        # the linear-time eigenstate model
     python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20
