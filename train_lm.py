@@ -22,6 +22,7 @@ in the MIT-labelled paper/ten.tex of github.com/genovotechnologies/temporal-eige
 written here from its math: a diagonal complex linear recurrence of the S4D/LRU family.
 """
 
+import argparse
 import importlib
 import json
 import math
@@ -548,7 +549,7 @@ def run_sample(argv):
     best = out / "checkpoints" / "best.pt"
     if args.resume is None and best.is_file():
         args.resume = str(best)
-    state, path = common.find_checkpoint(out, argparse_ns(resume=args.resume, no_resume=False), print)
+    state, path = common.find_checkpoint(out, argparse.Namespace(resume=args.resume, no_resume=False), print)
     if state is None:
         raise UserError(f"--out {out}: no checkpoint there; train first: python train_lm.py --quick --out {out}")
     if "model_cfg" not in state:
@@ -562,11 +563,6 @@ def run_sample(argv):
     ids = generate(model, encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, device, args.seed)
     print(args.prompt + decode(ids))
     return 0
-
-
-def argparse_ns(**kw):
-    import argparse
-    return argparse.Namespace(**kw)
 
 
 # -----------------------------------------------------------------------------
