@@ -239,17 +239,21 @@ def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
               "--eval-every", "3", "--device", "cpu"]
     run("train_lm.py", *common, "--batch-size", "8", "--out", "one", cwd=tmp, check=0)
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    # its own session: on a hang, the whole group (torchrun and both ranks) is killed, not left behind
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "train_lm.py"), *common, "--batch-size", "4", "--out", "two"],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, out[-5000:]
+
+    def torchrun(*flags):
+        # its own session: on a hang, the whole group (torchrun and both ranks) is killed, not left behind
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(REPO / "train_lm.py"), *common, "--batch-size", "4", *flags, "--out", "two"],
+                                cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        assert proc.returncode == 0, out[-5000:]
+        return out
+    torchrun()
     one, two = deterministic(metrics(tmp / "one")), deterministic(metrics(tmp / "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 5
     for a, b in zip(one, two):
@@ -258,9 +262,12 @@ def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
     s = read_json(tmp / "two" / "summary.json")
     assert s["world_size"] == 2 and s["global_batch"] == 16
     assert read_json(tmp / "two" / "args.json")["chosen"]["micro_batch"] == 4
-    # resuming with another number of processes is refused
+    # resuming with another number of processes is refused; with the same number it continues
     p = run("train_lm.py", *common, "--batch-size", "4", "--max-steps", "8", "--out", "two", cwd=tmp, check=2)
     assert "was trained on 2 process(es), this is 1" in p.stderr
+    out = torchrun("--max-steps", "8")
+    assert "resumed from" in out and "ckpt_step00000006.pt" in out
+    assert read_json(tmp / "two" / "summary.json")["steps"] == 8
 
 
 def test_resource_efficient_and_config_file(tmp):
