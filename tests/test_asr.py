@@ -7,7 +7,6 @@ import signal
 import sys
 import time
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
