@@ -1019,7 +1019,7 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
             f"{time.time() - t0:.0f}s): CER {test_cer:.2f}%, WER {test_wer:.2f}% "
             f"(greedy CTC: CER {greedy_cer:.2f}%, WER {greedy_wer:.2f}%)")
         for ref, hyp in pairs[:3]:
-            log(f"  ref {ref!r}\n  hyp {hyp!r}")
+            log(f"  {ref!r} -> {hyp!r}")
     common.write_summary(out, **summary)
     plot = common.plot_progress(out, "val_cer")
     log(f"done: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (best checkpoint, greedy CTC); {step} steps in "
