@@ -70,8 +70,9 @@ g.add_argument("--dataset-size", type=common.pos_int, default=None, metavar="N",
 g.add_argument("--synthetic-dir", default="data", metavar="DIR",
                help="where the built-in set's WAVs and manifests are written (once, then reused)")
 g.add_argument("--preset", choices=list(PRESETS), default=None,
-               help="model size: original d256 12+6 layers, optimized d192 8+4 (~9.4M), minimal d128 "
-                    "6+3, tiny d96 2+1 (default: optimized; tiny with --quick)")
+               help="model size, parameters at a 200-character vocabulary: original d256 12+6 layers "
+                    "(24.9M), optimized d192 8+4 (9.5M; the seed's 9.4M with --subsample 1), minimal "
+                    "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick)")
 g.add_argument("--d_model", "--d-model", dest="d_model", type=common.pos_int, default=None,
                help="model width (overrides the preset; a multiple of --heads)")
 g.add_argument("--encoder_layers", "--encoder-layers", dest="encoder_layers", type=common.pos_int,

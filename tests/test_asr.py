@@ -372,3 +372,12 @@ def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
     p = run("train_asr.py", *flags, "--max-steps", "1", cwd=tmp, check=2)
     assert expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "Traceback" not in p.stderr and not (tmp / "runs").exists()
+
+
+def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
+    # ./run.sh demo writes optimal_config.json (asr preset "minimal" on a CPU): --quick must still be quick
+    run("memory_optimizer.py", "config", cwd=tmp, check=0)
+    p = run("train_asr.py", "--quick", "--dataset-size", "40", "--max-steps", "1", "--out", "c", cwd=tmp, check=0)
+    assert "model: tiny d 96" in p.stdout
+    p = run("train_asr.py", "--dataset-size", "40", "--max-steps", "1", "--out", "d", cwd=tmp, check=0)
+    assert "model: minimal d 128" in p.stdout and "preset=minimal" in p.stdout
