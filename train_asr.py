@@ -23,14 +23,18 @@ import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import csv  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import unicodedata  # noqa: E402
 import wave  # noqa: E402
+from fractions import Fraction  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -45,6 +49,7 @@ from common import UserError  # noqa: E402
 PAD, BLANK, SOS, EOS, UNK = 0, 1, 2, 3, 4
 SPECIALS = ["<pad>", "<blank>", "<sos>", "<eos>", "<unk>"]  # the seed's vocab.json order
 SR = 16000
+MIN_SECONDS = 0.1  # shorter clips give the x4 subsampler no frame at all (it needs 7 = 70 ms)
 N_FFT, HOP, N_MELS = 400, 160, 80  # 25 ms window, 10 ms hop, 80 mel bins (seed)
 # name: (d_model, encoder layers, decoder layers). The seed's table, plus "tiny" for --quick.
 PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 6, 3), "tiny": (96, 2, 1)}
@@ -54,6 +59,7 @@ PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 
 
 parser = common.make_parser(__doc__, trainer="asr", epochs=10, lr=None, effective_batch=16,
                             save_every=100, eval_every=0, log_every=10)
+parser.set_defaults(clip=5.0)  # the seed's gradient clipping
 g = parser.add_argument_group("speech recognizer")
 g.add_argument("--train-manifest", default=None, metavar="PATH",
                help="training data: JSONL or CSV/TSV manifest (default: built-in synthetic speech set)")
@@ -91,7 +97,7 @@ g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction,
                                   "time mask (up to 70 frames or a fifth of the utterance)")
 g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
                help="after warmup: cosine decay, or halve the LR when val loss has not improved for "
-                    "3 evaluations (the seed's ReduceLROnPlateau)")
+                    "more than 3 evaluations in a row (the seed's ReduceLROnPlateau, patience 3)")
 g.add_argument("--empty-cache-every", type=common.nonneg_int, default=50, metavar="N",
                help="CUDA: return cached blocks to the driver every N batches (0 = never)")
 g.add_argument("--beam", type=common.pos_int, default=4, help="beam width for the attention decoder")
@@ -104,17 +110,34 @@ g.add_argument("--transcribe", nargs="+", default=None, metavar="WAV",
 # -----------------------------------------------------------------------------
 # audio: WAV in, 16 kHz mono float out
 
-def read_wav(path):
-    """PCM WAV (8/16/24/32-bit, any rate, any channels) -> float32 tensor (samples,) at 16 kHz."""
+def open_wav(path, header_only=False):
+    """-> (channels, bytes per sample, rate, frames, raw sample bytes or None), by the stdlib
+    `wave`. Files in WAVE_FORMAT_EXTENSIBLE with PCM data (how sox and ffmpeg write most 24/32-bit
+    and multichannel WAVs; `wave` reads them only from Python 3.12) get their format tag rewritten
+    to plain PCM in memory. header_only reads the first 64 KiB: enough for the header."""
     try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-            raw = w.readframes(w.getnframes())
+        with open(path, "rb") as f:
+            data = f.read(65536 if header_only else -1)
+        i = data.find(b"fmt ", 12)
+        # fmt chunk: tag at +8; in the extensible form the SubFormat GUID, whose first two
+        # bytes are the real format code (1 = PCM), starts at +32
+        if i > 0 and data[i + 8:i + 10] == b"\xfe\xff" and data[i + 32:i + 34] == b"\x01\x00":
+            data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
+        with wave.open(io.BytesIO(data), "rb") as w:
+            info = (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes())
+            return (*info, None if header_only else w.readframes(info[3]))
     except FileNotFoundError:
         raise UserError(f"{path}: audio file not found")
-    except (wave.Error, EOFError, OSError) as e:
+    except (wave.Error, EOFError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable PCM WAV file ({e}); convert it, e.g. "
                         "`ffmpeg -i IN -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav`")
+
+
+def read_wav(path):
+    """PCM WAV (8/16/24/32-bit, any rate, any channels) -> float32 tensor (samples,) at 16 kHz."""
+    channels, width, rate, _, raw = open_wav(path)
+    if rate <= 0:
+        raise UserError(f"{path}: the header says {rate} samples per second")
     raw = raw[:len(raw) // (width * channels) * width * channels]  # a truncated file: whole frames only
     if width == 1:  # 8-bit WAV is unsigned, centred on 128
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
@@ -139,8 +162,13 @@ def resample(x, sr_in, sr_out, zeros=16):
     whole resampling is a single strided conv1d with `up` output channels. The low-pass cutoff
     is the lower of the two Nyquist rates, so downsampling does not alias.
     """
-    g = math.gcd(sr_in, sr_out)
-    up, down = sr_out // g, sr_in // g
+    # a rate that shares few factors with sr_out (e.g. 15999 Hz) would need thousands of
+    # phases: approximate the ratio by a fraction with a denominator up to 1000 (15999 -> 16000
+    # becomes 1:1, a time-scale error of 6e-5: 2 ms over 30 s, nothing a model notices)
+    ratio = Fraction(sr_out, sr_in).limit_denominator(1000)
+    up, down = ratio.numerator, ratio.denominator
+    if up == down:
+        return x
     cutoff = min(1.0, up / down)  # fraction of the input Nyquist rate
     width = math.ceil(zeros / cutoff)  # filter half-width in input samples
     m = torch.arange(-width, width + down, dtype=torch.float64)  # tap offsets from k*down
@@ -165,14 +193,10 @@ def write_wav(path, x, rate=SR):
 
 def wav_duration(path):
     """Seconds, from the header only (cheap enough to check every file before training)."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            return w.getnframes() / w.getframerate()
-    except FileNotFoundError:
-        raise UserError(f"{path}: audio file not found")
-    except (wave.Error, EOFError, OSError) as e:
-        raise UserError(f"{path}: not a readable PCM WAV file ({e}); convert it, e.g. "
-                        "`ffmpeg -i IN -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav`")
+    channels, width, rate, frames, _ = open_wav(path, header_only=True)
+    if rate <= 0 or width not in (1, 2, 3, 4):
+        raise UserError(f"{path}: unsupported WAV header ({rate} Hz, {8 * width}-bit); use 16-bit PCM")
+    return frames / rate
 
 
 # -----------------------------------------------------------------------------
@@ -210,7 +234,7 @@ def normalize(feats):
 def spec_augment(feats, gen):
     """One frequency mask (<= 27 bins) and one time mask (<= 70 frames, and at most a fifth of
     the utterance so short ones keep their content), set to 0 = the normalised mean (Park et
-    al. 2019, SpecAugment, LB policy, with the seed's one mask of each)."""
+    al. 2019, SpecAugment, the seed's F = 27, T = 70, one mask of each, no time warping)."""
     T, n_bins = feats.shape
     feats = feats.clone()
     f = int(torch.randint(0, 28, (), generator=gen))
@@ -226,12 +250,15 @@ def spec_augment(feats, gen):
 # data: manifests, vocabulary, length-bucketed batches
 
 def norm_text(s):
-    return " ".join(str(s).split())
+    # NFC: the same Devanagari (or accented) text typed two ways becomes the same characters
+    return " ".join(unicodedata.normalize("NFC", str(s)).split())
 
 
 def read_manifest(path, flag):
     """JSONL ({"audio_filepath", "text", "duration"?}) or CSV/TSV (header path,text or
-    audio_filepath,text) -> list of {"path", "text", "duration"}; paths relative to the manifest."""
+    audio_filepath,text) -> (list of {"path", "text", "duration"}, rows skipped for an empty
+    text); paths relative to the manifest. Every WAV header is read here, so a missing or corrupt
+    file stops the run before it starts; the duration is the header's (a manifest's may be stale)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{flag} {p}: file not found")
@@ -243,7 +270,7 @@ def read_manifest(path, flag):
                     continue
                 try:
                     r = json.loads(line)
-                    rows.append((r["audio_filepath"], r["text"], r.get("duration"), i))
+                    rows.append((r["audio_filepath"], r["text"], i))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise UserError(f"{flag} {p}: line {i} is not an object with audio_filepath and text "
                                     f"({e!r})")
@@ -258,28 +285,26 @@ def read_manifest(path, flag):
                                     "or use a .jsonl manifest")
                 reader.fieldnames = cols
                 for i, r in enumerate(reader, start=2):
-                    if r.get(key) is None or r.get("text") is None:
-                        raise UserError(f"{flag} {p}: line {i} has the wrong number of fields")
-                    rows.append((r[key].strip(), r["text"], r.get("duration") or None, i))
+                    if r.get(key) is None or r.get("text") is None or r.get(None):
+                        raise UserError(f"{flag} {p}: line {i} has the wrong number of fields; quote a "
+                                        'text that contains the delimiter ("hello, world")')
+                    rows.append((r[key].strip(), r["text"], i))
     except UnicodeDecodeError:
         raise UserError(f"{flag} {p}: not UTF-8 text; save the manifest as UTF-8")
-    items = []
-    for audio, text, dur, line in rows:
+    items, empty = [], 0
+    for audio, text, line in rows:
         text = norm_text(text)
         if not text or not str(audio).strip():
+            empty += 1
             continue
         wav = (p.parent / audio) if not Path(audio).is_absolute() else Path(audio)
         if not wav.is_file():
             raise UserError(f"{flag} {p}: line {line}: audio file {wav} not found (paths are relative "
                             "to the manifest's folder)")
-        try:
-            dur = float(dur) if dur is not None else wav_duration(wav)
-        except ValueError:
-            raise UserError(f"{flag} {p}: line {line}: duration {dur!r} is not a number")
-        items.append({"path": str(wav), "text": text, "duration": dur})
+        items.append({"path": str(wav), "text": text, "duration": wav_duration(wav)})
     if not items:
         raise UserError(f"{flag} {p}: no utterances (every row needs an audio path and a text)")
-    return items
+    return items, empty
 
 
 def build_vocab(items):
@@ -421,6 +446,30 @@ class Subsample(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, C * Fq)), ((lengths - 1) // 2 - 1) // 2
 
 
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm whose training statistics count real frames only: padded frames (whatever a
+    batch's padding share) neither shift the mean nor shrink the variance. Same parameters and
+    buffers as nn.BatchNorm1d. `recomputing` is set while gradient checkpointing reruns the
+    forward, so the running statistics are updated once per step, not twice."""
+    recomputing = False
+
+    def forward(self, x, pad):  # x (B, d, T); pad (B, T) True at padding
+        if not self.training:
+            return super().forward(x)
+        real = (~pad)[:, None].to(torch.float32)  # (B, 1, T)
+        n = real.sum()
+        xf = x.float()
+        mean = (xf * real).sum((0, 2)) / n  # (d,)
+        var = ((xf - mean[:, None]) ** 2 * real).sum((0, 2)) / n
+        if not self.recomputing:
+            with torch.no_grad():  # running stats as nn.BatchNorm1d keeps them (unbiased variance)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)
+                self.num_batches_tracked += 1
+        y = (xf - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps) * self.weight[:, None] + self.bias[:, None]
+        return y.to(x.dtype)
+
+
 class ConvModule(nn.Module):
     """Conformer convolution module (Gulati et al. 2020): pointwise -> GLU -> depthwise k=31 ->
     BatchNorm -> SiLU -> pointwise."""
@@ -430,7 +479,7 @@ class ConvModule(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.pw1 = nn.Conv1d(d, 2 * d, 1)
         self.dw = nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=d)
-        self.bn = nn.BatchNorm1d(d)
+        self.bn = MaskedBatchNorm1d(d)
         self.pw2 = nn.Conv1d(d, d, 1)
         self.drop = nn.Dropout(dropout)
 
@@ -439,9 +488,10 @@ class ConvModule(nn.Module):
         # zero the padding: else the 31-wide kernel carries it into the last real frames, and a
         # batch's result would depend on how much padding it has
         x = self.dw(x.masked_fill(pad[:, None], 0))
-        # BatchNorm's batch statistics include padded frames (as in the seed); micro-batches of
-        # one accumulated step therefore normalise slightly differently in training mode
-        return self.drop(self.pw2(F.silu(self.bn(x))).transpose(1, 2))
+        # batch statistics over real frames (the seed's nn.BatchNorm1d also counted padding); they
+        # still differ between the micro-batches of one step, as in any BatchNorm model, so with
+        # accumulation training-mode gradients match one big batch only approximately
+        return self.drop(self.pw2(F.silu(self.bn(x, pad))).transpose(1, 2))
 
 
 def feed_forward(d, dropout):
@@ -492,8 +542,9 @@ class ASRModel(nn.Module):
         x = self.drop(x + sinusoids(x.shape[1], self.d, x.device))
         pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
         for block in self.encoder:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, pad, use_reentrant=False)  # recompute in backward
+            if self.grad_checkpointing and self.training:  # recompute activations in backward
+                x = checkpoint(block, x, pad, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), recomputing(b)))
             else:
                 x = block(x, pad)
         return x, lengths, pad
@@ -509,6 +560,20 @@ class ASRModel(nn.Module):
         return self.out(x)
 
 
+@contextlib.contextmanager
+def recomputing(block):
+    """While checkpointing reruns `block`'s forward: BatchNorm must not update its running
+    statistics a second time."""
+    bns = [m for m in block.modules() if isinstance(m, MaskedBatchNorm1d)]
+    for m in bns:
+        m.recomputing = True
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.recomputing = False
+
+
 def model_shape(args):
     d, enc, dec = PRESETS[args.preset]
     return (args.d_model or d, args.encoder_layers or enc, args.decoder_layers or dec)
@@ -517,11 +582,6 @@ def model_shape(args):
 def build_model(shape, vocab, args):
     d, enc, dec = shape
     return ASRModel(vocab, d, enc, dec, args["heads"], 31, args["dropout"], args["subsample"])
-
-
-def loss_fn(model, b, ctc_weight):
-    """Summed hybrid loss and the number of target tokens it covers (characters + <eos>)."""
-    return forward(model, b, ctc_weight)[:2]
 
 
 def forward(model, b, ctc_weight):
@@ -541,6 +601,11 @@ def forward(model, b, ctc_weight):
     target = b["dec_out"][:, :U + 1]
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD, reduction="sum")
     return ctc_weight * ctc + (1 - ctc_weight) * ce, (target != PAD).sum(), log_probs, enc_len
+
+
+def loss_fn(model, b, ctc_weight):
+    """Summed hybrid loss and the number of target tokens it covers (characters + <eos>)."""
+    return forward(model, b, ctc_weight)[:2]
 
 
 # -----------------------------------------------------------------------------
@@ -648,7 +713,7 @@ def to_text(ids, itos):
 
 
 @torch.inference_mode()
-def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch=16):
+def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch):
     """Validation loss per target token and greedy-CTC CER/WER over `items`."""
     model.eval()
     loss_sum, n_tok, refs, hyps = 0.0, 0, [], []
@@ -705,13 +770,22 @@ def oom_advice(argv, args, device):
 
 # -----------------------------------------------------------------------------
 
+def asr_extra(state, path):
+    """The checkpoint's train_asr.py data (vocabulary, shape), or a user error for another file."""
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if not isinstance(extra, dict) or "shape" not in extra or "itos" not in extra:
+        raise UserError(f"{path} is not a train_asr.py checkpoint; pass a run folder of train_asr.py "
+                        "(--out) or one of its checkpoints (--resume)")
+    return extra
+
+
 def load_run(out, args):
     """The model of a finished or running run folder, for --transcribe."""
     state, path = common.find_checkpoint(out, args, print)
     if state is None:
         raise UserError(f"--transcribe: no checkpoint in {out}/checkpoints; train first: "
                         f"python train_asr.py --quick --out {out}")
-    extra = state["extra"]
+    extra = asr_extra(state, path)
     model = build_model(extra["shape"], len(extra["itos"]), extra["model_args"])
     model.load_state_dict(state["model"])
     return model.eval(), extra["itos"], path, state["step"]
@@ -726,10 +800,15 @@ def run_transcribe(args):
     if args.resume is None and best.exists():
         args.resume = str(best)
     audio = [read_wav(p) for p in args.transcribe]  # every file checked before the model loads
-    model, itos, path, step = load_run(out, args)
-    print(f"model {path} (step {step}); beam {args.beam}, CTC weight {args.decode_ctc_weight}")
     for p, x in zip(args.transcribe, audio):
-        ids = beam_search(model, normalize(log_mel(x)), args.beam, args.decode_ctc_weight, torch.device("cpu"))
+        if len(x) < MIN_SECONDS * SR:
+            raise UserError(f"{p}: {len(x) / SR:.3f} s is too short to transcribe (under {MIN_SECONDS:g} s)")
+    model, itos, path, step = load_run(out, args)
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    print(f"model {path} (step {step}) on {device.type}; beam {args.beam}, CTC weight {args.decode_ctc_weight}")
+    for p, x in zip(args.transcribe, audio):
+        ids = beam_search(model, normalize(log_mel(x)), args.beam, args.decode_ctc_weight, device)
         print(f"{p}\t{to_text(ids, itos)}")
     return 0
 
@@ -761,9 +840,10 @@ def main(argv=None):
 
     # -- data (validated before the run folder is touched)
     if args.train_manifest:
-        train_items = read_manifest(args.train_manifest, "--train-manifest")
+        train_items, empty = read_manifest(args.train_manifest, "--train-manifest")
         if args.val_manifest:
-            val_items = read_manifest(args.val_manifest, "--val-manifest")
+            val_items, e = read_manifest(args.val_manifest, "--val-manifest")
+            empty += e
         else:
             if not 0 < args.val_frac < 0.5:
                 raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
@@ -773,23 +853,28 @@ def main(argv=None):
                 raise UserError(f"--train-manifest {args.train_manifest}: too few utterances to hold out "
                                 "validation; add data or pass --val-manifest")
             val_items, train_items = train_items[:n_val], train_items[n_val:]
-        test_items = read_manifest(args.test_manifest, "--test-manifest") if args.test_manifest else []
+        test_items, e = read_manifest(args.test_manifest, "--test-manifest") if args.test_manifest else ([], 0)
+        empty += e
         data_desc = args.train_manifest
     else:
         n = args.dataset_size or (800 if args.quick else 3000)
         if args.dataset_size is None:
             args.dataset_size, sources["dataset_size"] = n, "auto"
         paths = synthetic_set(args.synthetic_dir, n, args.seed)
-        train_items, val_items, test_items = (read_manifest(paths[s], "--synthetic-dir") for s in ("train", "val", "test"))
+        train_items, val_items, test_items = (read_manifest(paths[s], "--synthetic-dir")[0]
+                                              for s in ("train", "val", "test"))
+        empty = 0
         data_desc = f"built-in synthetic speech ({paths['train'].parent})"
-    dropped = {}
-    for name, items in [("train", train_items), ("val", val_items), ("test", test_items)]:
-        keep = [it for it in items if it["duration"] <= args.max_duration]
-        dropped[name] = len(items) - len(keep)
-        items[:] = keep
+    short, long = f"under {MIN_SECONDS:g} s", f"over --max-duration {args.max_duration:g} s"
+    dropped = {"empty text": empty, short: 0, long: 0}
+    for items in (train_items, val_items, test_items):
+        dropped[short] += sum(it["duration"] < MIN_SECONDS for it in items)
+        dropped[long] += sum(it["duration"] > args.max_duration for it in items)
+        items[:] = [it for it in items if MIN_SECONDS <= it["duration"] <= args.max_duration]
+    dropped = {k: v for k, v in dropped.items() if v}
     if not train_items or not val_items:
         raise UserError(f"--max-duration {args.max_duration}: no {'training' if not train_items else 'validation'} "
-                        "utterance is that short; raise it")
+                        f"utterance is between {MIN_SECONDS:g} s and that long; raise it")
 
     # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
     # folder is written to
@@ -802,7 +887,7 @@ def main(argv=None):
     state, resumed_from = common.find_checkpoint(out, args, notes.append)
     model_args = {"heads": args.heads, "dropout": args.dropout, "subsample": args.subsample}
     if state:
-        extra = state["extra"]
+        extra = asr_extra(state, resumed_from)
         if extra["shape"] != list(shape) or extra["model_args"] != model_args:
             raise UserError(f"{resumed_from} is a model of shape {extra['shape']} {extra['model_args']}, these "
                             f"flags ask for {list(shape)} {model_args}; use the run's flags, a new --out or --no-resume")
@@ -811,11 +896,22 @@ def main(argv=None):
 
     log, status, stop = common.start_run(out, args, "asr", "val_cer", notes)
     with common.recording_failures(out, status):
-        return train(args, argv, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
-                     train_items, val_items, test_items, itos, data_desc, dropped)
+        try:
+            return train(args, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
+                         train_items, val_items, test_items, itos, data_desc, dropped)
+        except Exception as e:
+            # common.train_step halves the micro-batch on OOM; what reaches here did not fit even
+            # at batch 1 (in the batch probe, a step, validation or the test decoding)
+            if not common.is_oom(e):
+                raise
+            advice = oom_advice(argv, args, device[0])
+            for i, line in enumerate(advice, start=1):
+                log(f"  {i}. {line}")
+            raise UserError(f"out of memory even at batch 1 (utterances up to {args.max_duration:g}s); "
+                            f"try the {len(advice)} commands above, in order") from None
 
 
-def train(args, argv, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
+def train(args, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
           train_items, val_items, test_items, itos, data_desc, dropped):
     device, amp_dtype, scaler, prec_why = device
     stoi = {c: i for i, c in enumerate(itos)}
@@ -823,11 +919,11 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
     hours = sum(it["duration"] for it in train_items) / 3600
     log(f"data: {data_desc}; {len(train_items)} train ({hours:.2f} h) / {len(val_items)} val / "
         f"{len(test_items)} test utterances; {len(itos)} symbols"
-        + (f"; dropped over --max-duration {args.max_duration:g}s: {dropped}" if any(dropped.values()) else ""))
+        + ("; dropped: " + ", ".join(f"{n} {why}" for why, n in dropped.items()) if dropped else ""))
     too_fast = sum(1 for it in train_items if len(it["text"]) > int(it["duration"] * 100) // args.subsample)
     if too_fast:
         log(f"warning: {too_fast} training utterances have more characters than encoder frames; CTC "
-            "cannot align them (they add 0 CTC loss); try --subsample 1")
+            "cannot align them (they add 0 CTC loss)" + ("; try --subsample 1" if args.subsample > 1 else ""))
 
     # -- model
     model = build_model(shape, len(itos), model_args).to(device)
@@ -846,11 +942,16 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
 
     def probe(bs):
         b = make_batch(train_items, (longest * bs)[:bs], stoi)
-        return common.probe_step(model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()},
+        buffers = [t.clone() for t in model.buffers()]  # BatchNorm statistics: the probe's are not the run's
+        need = common.probe_step(model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()},
                                                               args.ctc_weight), b, device, amp_dtype)
+        for t, saved in zip(model.buffers(), buffers):
+            t.copy_(saved)
+        return need
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum
+    # after an OOM halving micro_bs * accum can overshoot an odd effective batch: keep the run's own
+    E = state["effective"] if state else micro_bs * accum
     snap = common.memory_snapshot(device)
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
         f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
@@ -894,7 +995,7 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
     def save(best_now=False):
         ckpt = common.training_state(
             model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best,
-            micro_bs=micro_bs, accum=accum, args=dict(vars(args)),
+            micro_bs=micro_bs, accum=accum, effective=E, args=dict(vars(args)),
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen,
             extra={"itos": itos, "shape": list(shape), "model_args": model_args, "plateau": dict(plateau),
@@ -905,7 +1006,8 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
 
     def run_eval():
         nonlocal best
-        val_loss, cer, wer, pairs = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype)
+        val_loss, cer, wer, pairs = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype,
+                                             micro_bs)
         is_best = val_loss < best  # best by validation loss, as the seed
         best = min(best, val_loss)
         if args.schedule == "plateau":
@@ -937,18 +1039,9 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
             batch = make_batch(train_items, batches[pos], stoi, aug_gen if args.spec_augment else None)
             padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            try:
-                loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
-                                                      lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
-                                                      args.clip, device, amp_dtype, log)
-            except Exception as e:
-                if not common.is_oom(e):
-                    raise
-                advice = oom_advice(argv, args, device)
-                for i, line in enumerate(advice, start=1):
-                    log(f"  {i}. {line}")
-                raise UserError(f"out of memory even at batch 1 (utterances up to {args.max_duration:g}s); "
-                                f"try the {len(advice)} commands above, in order") from None
+            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
+                                                  lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
+                                                  args.clip, device, amp_dtype, log)
             del batch  # the padded features of this step are not needed in the next one
             accum = math.ceil(E / micro_bs)
             scheduler.step()
@@ -1002,7 +1095,8 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
     best_path = out / "checkpoints" / "best.pt"
     if best_path.exists():
         model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    val_loss, val_cer, val_wer, _ = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype)
+    val_loss, val_cer, val_wer, _ = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype,
+                                             micro_bs)
     summary = dict(trainer="asr", metric="val_cer", value=round(val_cer, 3), val_cer=round(val_cer, 3),
                    val_wer=round(val_wer, 3), val_loss=round(val_loss, 5), test_cer=None, test_wer=None,
                    steps=step, epochs=epoch,
@@ -1013,7 +1107,8 @@ def train(args, argv, sources, out, log, status, stop, device, state, resumed_fr
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, stoi, itos, args, device)
-        _, greedy_cer, greedy_wer, _ = evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype)
+        _, greedy_cer, greedy_wer, _ = evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype,
+                                                micro_bs)
         summary.update(test_cer=round(test_cer, 3), test_wer=round(test_wer, 3),
                        test_cer_greedy_ctc=round(greedy_cer, 3), test_wer_greedy_ctc=round(greedy_wer, 3))
         log(f"test ({len(test_items)} utterances, beam {args.beam}, CTC weight {args.decode_ctc_weight}, "

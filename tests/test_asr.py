@@ -71,6 +71,31 @@ def test_wav_reader_resamples_to_16k(tmp, rate):
     assert np.abs(got[inner] - want[inner]).max() < 5e-3
 
 
+def test_extensible_24_bit_wav_is_read(tmp):
+    # sox/ffmpeg write 24-bit as WAVE_FORMAT_EXTENSIBLE with a PCM SubFormat GUID
+    x = tone(440, 16000)
+    v = np.round(x * (2**23 - 1)).astype(np.int32)
+    data = np.stack([v & 255, (v >> 8) & 255, (v >> 16) & 255], 1).astype(np.uint8).tobytes()
+    guid = (1).to_bytes(2, "little") + bytes.fromhex("000000001000800000aa00389b71")
+    fmt = ((0xFFFE).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little")
+           + (48000).to_bytes(4, "little") + (3).to_bytes(2, "little") + (24).to_bytes(2, "little")
+           + (22).to_bytes(2, "little") + (24).to_bytes(2, "little") + (4).to_bytes(4, "little") + guid)
+    body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(data).to_bytes(4, "little") + data
+    (tmp / "x.wav").write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
+    assert np.abs(asr.read_wav(tmp / "x.wav").numpy() - x).max() < 1e-6
+    assert asr.wav_duration(tmp / "x.wav") == pytest.approx(0.5)
+
+
+def test_odd_rates_resample_with_a_bounded_filter():
+    # 15999 Hz shares no factor with 16 kHz: exact polyphase would need 16000 phases
+    x = torch.tensor(tone(1000, 15999, seconds=1.0), dtype=torch.float32)
+    t0 = time.perf_counter()
+    y = asr.resample(x, 15999, 16000)
+    assert time.perf_counter() - t0 < 30  # not a timing target: the unbounded filter took minutes and GBs
+    spectrum = np.abs(np.fft.rfft(y.numpy(), 16000))  # 1 Hz bins at 16 kHz
+    assert abs(len(y) - 16000) <= 1 and abs(int(spectrum.argmax()) - 1000) <= 1
+
+
 def test_resampling_down_removes_what_the_new_rate_cannot_carry(tmp):
     # 7 kHz is above the Nyquist rate of 8 kHz audio: it must vanish, not fold back to 1 kHz
     x = torch.tensor(tone(7000, 16000, seconds=1.0), dtype=torch.float32)
@@ -178,6 +203,36 @@ def test_padding_does_not_change_an_utterance_result(subsample):
     assert torch.allclose(enc[1, :lens[1]], alone[0, :lens1[0]], atol=1e-5)
 
 
+def test_batchnorm_statistics_ignore_padding_in_training():
+    # the same utterances with 30 more padded frames: same output on real frames, same statistics
+    m = tiny_model().train()
+    b = padded_batch([90, 61, 40])
+    more = torch.cat([b["feats"], torch.zeros(3, 30, 80)], 1)
+    out = []
+    for feats in (b["feats"], more):
+        torch.manual_seed(0)
+        enc, lens, _ = m.encode(feats, b["feat_len"])
+        out.append((enc, lens))
+    for i in range(3):
+        L = out[0][1][i]
+        assert torch.allclose(out[0][0][i, :L], out[1][0][i, :L], atol=1e-5)
+    bn = m.encoder[0].conv.bn
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_gradient_checkpointing_same_gradients_and_one_statistics_update():
+    grads, stats = [], []
+    for ckpt in (False, True):
+        m = tiny_model().train()
+        m.grad_checkpointing = ckpt
+        loss, n = asr.loss_fn(m, padded_batch([90, 61, 40]), 0.3)
+        loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+        stats.append([t.clone() for t in m.buffers()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    assert all(torch.equal(a, b) for a, b in zip(*stats))  # running stats updated once, not twice
+
+
 @pytest.mark.parametrize("micro", [1, 2, 3])
 def test_accumulation_over_padded_micro_batches_equals_one_batch(micro):
     # eval mode: BatchNorm uses running statistics (in training mode its batch statistics differ
@@ -273,7 +328,7 @@ def test_oom_advice_lists_next_commands_in_order():
 def trained(tmp_path_factory):
     """A small built-in-set run, once, for the tests that need a trained model."""
     d = tmp_path_factory.mktemp("asr")
-    p = run("train_asr.py", *SMALL, "--epochs", "8", "--out", "runs/a", cwd=d, check=0)
+    p = run("train_asr.py", *SMALL, "--epochs", "10", "--out", "runs/a", cwd=d, check=0)
     return d, d / "runs" / "a", p
 
 
@@ -349,15 +404,24 @@ def bad_manifest(tmp, kind):
     (tmp / "a.wav").write_bytes(b"garbage" * 20)
     if kind == "corrupt wav":
         (tmp / "m.jsonl").write_text(json.dumps({"audio_filepath": "a.wav", "text": "hi"}) + "\n")
+    elif kind == "corrupt wav with duration":  # the seed's manifests carry durations
+        (tmp / "m.jsonl").write_text(json.dumps({"audio_filepath": "a.wav", "text": "hi", "duration": 1.0}) + "\n")
     elif kind == "missing wav":
         (tmp / "m.jsonl").write_text(json.dumps({"audio_filepath": "nope.wav", "text": "hi"}) + "\n")
     elif kind == "bad json":
         (tmp / "m.jsonl").write_text("{not json\n")
+    elif kind == "extra csv field":
+        write_pcm(tmp / "b.wav", tone(440, 16000), 16000, 2)
+        (tmp / "m.csv").write_text("path,text\nb.wav,hello, world\n")
+        return "m.csv"
     return "m.jsonl"
 
 
 @pytest.mark.parametrize("flags,expect", [
     (["--train-manifest", "corrupt wav"], "a.wav: not a readable PCM WAV"),
+    (["--train-manifest", "corrupt wav with duration"], "a.wav: not a readable PCM WAV"),
+    (["--train-manifest", "extra csv field"], "line 2 has the wrong number of fields; quote"),
+    (["--transcribe", "short.wav", "--out", "r"], "too short to transcribe"),
     (["--train-manifest", "missing wav"], "nope.wav not found"),
     (["--train-manifest", "bad json"], "line 1 is not an object"),
     (["--train-manifest", "absent.jsonl"], "absent.jsonl: file not found"),
@@ -368,7 +432,9 @@ def bad_manifest(tmp, kind):
     (["--transcribe", "nothere.wav", "--out", "r"], "nothere.wav: audio file not found"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
-    flags = [bad_manifest(tmp, f) if f in ("corrupt wav", "missing wav", "bad json") else f for f in flags]
+    flags = [bad_manifest(tmp, f) if f in ("corrupt wav", "corrupt wav with duration", "missing wav", "bad json",
+                                           "extra csv field") else f for f in flags]
+    write_pcm(tmp / "short.wav", tone(440, 16000, seconds=0.05), 16000, 2)
     p = run("train_asr.py", *flags, "--max-steps", "1", cwd=tmp, check=2)
     assert expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "Traceback" not in p.stderr and not (tmp / "runs").exists()
@@ -381,3 +447,33 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     assert "model: tiny d 96" in p.stdout
     p = run("train_asr.py", "--dataset-size", "40", "--max-steps", "1", "--out", "d", cwd=tmp, check=0)
     assert "model: minimal d 128" in p.stdout and "preset=minimal" in p.stdout
+
+
+@pytest.mark.parametrize("flags", [["--subsample", "1"], ["--schedule", "plateau", "--eval-every", "1"],
+                                   ["--no-spec-augment"], ["--grad-checkpointing"], ["--resource-efficient"],
+                                   ["--precision", "bf16"]])
+def test_every_training_option_runs(tmp, flags):
+    p = run("train_asr.py", "--quick", "--dataset-size", "32", "--max-steps", "2", "--beam", "1", *flags,
+            "--out", "o", cwd=tmp, check=0)
+    s = read_json(tmp / "o" / "summary.json")
+    assert s["steps"] == 2 and math.isfinite(s["val_loss"])
+    a = read_json(tmp / "o" / "args.json")["settings"]
+    if "--resource-efficient" in flags:
+        assert a["grad_checkpointing"]["value"] is True and a["batch_size"]["value"] == 8  # 16 halved
+    if "--subsample" in flags:
+        assert "subsample x1" in p.stdout
+
+
+def test_short_clips_are_dropped_and_counted_and_a_foreign_checkpoint_is_refused(tmp):
+    rows = []
+    for i, sec in enumerate([0.01, 0.05] + [0.6] * 12):
+        write_pcm(tmp / f"u{i}.wav", tone(300 + 50 * i, 16000, seconds=sec), 16000, 2)
+        rows.append(json.dumps({"audio_filepath": f"u{i}.wav", "text": "ab" if sec > 0.1 else "a", "duration": 9.0}))
+    rows.append(json.dumps({"audio_filepath": "u2.wav", "text": "  "}))  # empty transcript
+    (tmp / "m.jsonl").write_text("\n".join(rows) + "\n")
+    p = run("train_asr.py", "--train-manifest", "m.jsonl", "--val-frac", "0.2", "--preset", "tiny",
+            "--max-steps", "1", "--out", "s", cwd=tmp, check=0)
+    assert "dropped: 1 empty text, 2 under 0.1 s" in p.stdout
+    torch.save({"model": {}, "step": 1}, tmp / "other.pt")
+    p = run("train_asr.py", "--transcribe", "u3.wav", "--out", "s", "--resume", "other.pt", cwd=tmp, check=2)
+    assert "other.pt is not a train_asr.py checkpoint" in p.stderr
