@@ -381,7 +381,8 @@ def is_oom(e):
         isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device, amp_dtype, log=print):
+def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device, amp_dtype, log=print,
+               no_sync=None):
     """One optimizer step over `batch` (the whole effective batch), in micro-batches.
 
     loss_fn(model, micro_batch) -> (loss_sum, n_items): the loss summed over the items it
@@ -390,6 +391,8 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
     back-propagate loss_sum / estimate and, once every micro-batch is in, rescale the gradient
     by estimate / true_total (a padded micro-batch must not weigh like a full one).
     On CUDA OOM / MemoryError: free, halve the micro-batch, redo the step (same effective batch).
+    no_sync: for DDP, the wrapped model's no_sync; every micro-batch but the last runs inside
+    it, so gradients are all-reduced once per step, not once per micro-batch (train_lm.py).
     Returns (mean loss, items, micro_bs actually used). Called by every trainer's loop.
     """
     while True:
@@ -397,13 +400,15 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
         try:
             micro = split_batch(batch, micro_bs)
             total_loss, total_n, estimate = 0.0, 0, None
-            for mb in micro:
-                with autocast(device, amp_dtype):
-                    loss_sum, n = loss_fn(model, mb)
-                n = int(n)
-                if estimate is None:
-                    estimate = max(1, n * len(micro))
-                scaler.scale(loss_sum.float() / estimate).backward()
+            for i, mb in enumerate(micro):
+                sync = no_sync() if no_sync is not None and i < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast(device, amp_dtype):
+                        loss_sum, n = loss_fn(model, mb)
+                    n = int(n)
+                    if estimate is None:
+                        estimate = max(1, n * len(micro))
+                    scaler.scale(loss_sum.float() / estimate).backward()
                 total_loss += loss_sum.item()
                 total_n += n
                 del loss_sum  # else the graph of the last micro-batch lives through the optimizer step

@@ -210,7 +210,8 @@ def recommend(profile, quick):
                if cuda else _entry("tiny", "CPU: the tiny model is the one sized for CPU training")),
     }
     if not cuda:
-        lm_len = _entry(256, "CPU: attention cost grows with the square of the sequence length")
+        lm_len = dict(_entry(256, "CPU: attention cost grows with the square of the sequence length"),
+                      quick_value=64)  # what train_lm.py --quick uses on its own
     elif gpu_free < 8:
         lm_len = _entry(1024, f"only {gpu_free:.1f} GB free on the GPU: 1024 tokens keep activations small")
     else:

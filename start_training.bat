@@ -26,6 +26,7 @@ echo   6  Stop the newest running run (it saves first)
 echo   7  Profile this machine and write optimal_config.json
 echo   8  Receipt classifier, quick run (train_classifier.py --quick)
 echo   9  Speech recognizer, quick run (train_asr.py --quick)
+echo  10  Language model, quick run (train_lm.py --quick)
 echo   0  Exit
 set /p choice="Choose: "
 if "%choice%"=="1" "%PY%" common.py start gru --quick
@@ -37,6 +38,7 @@ if "%choice%"=="6" "%PY%" common.py stop
 if "%choice%"=="7" ("%PY%" memory_optimizer.py profile & "%PY%" memory_optimizer.py config)
 if "%choice%"=="8" "%PY%" common.py start classifier --quick
 if "%choice%"=="9" "%PY%" common.py start asr --quick
+if "%choice%"=="10" "%PY%" common.py start lm --quick
 if "%choice%"=="0" exit /b 0
 goto menu
 

@@ -1,0 +1,345 @@
+"""train_lm.py: the real script in subprocesses on CPU, plus the eigenstate scan checked in-process."""
+import hashlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, metrics, popen, read_json, run
+
+import train_lm
+
+# a small model that steps in ~20 ms: for the tests that need many runs, not learning
+TINY = ["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
+        "--grad-accum", "2", "--eval-tokens", "512"]
+
+
+def deterministic(recs):
+    """metrics.jsonl without the timing fields (ms/step, tokens/s, MFU, memory differ run to run)."""
+    keep = ("step", "loss", "lr", "val_loss", "val_bpb")
+    return [{k: r[k] for k in keep if k in r} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The README's quick run, cut to 120 steps (the full --quick, 300 steps, reaches 2.78 bits/byte)."""
+    d = tmp_path_factory.mktemp("quick")
+    p = run("train_lm.py", "--quick", "--max-steps", "120", "--eval-every", "60", "--log-every", "20",
+            "--out", "runs/q", cwd=d, check=0)
+    return d, d / "runs" / "q", p
+
+
+def test_quick_run_learns_and_writes_the_run_folder(quick_run):
+    d, out, p = quick_run
+    s = read_json(out / "summary.json")
+    # the bar: 8 bits/byte knows nothing; 120 steps on this corpus measured 3.32
+    assert s["metric"] == "val_bpb" and s["value"] < 3.6, s
+    for key in ("tokens_per_s", "mfu", "params", "peak_mem_mb", "wall_s", "steps", "global_batch"):
+        assert key in s
+    assert s["steps"] == 120 and s["arch"] == "gpt" and s["seq_len"] == 64 and s["global_batch"] == 32
+    assert "built-in corpus: Python's documentation topics" in p.stdout
+    assert (d / "data" / "pydoc" / "meta.json").exists()
+    # presets are printed with their parameter counts
+    assert "preset small_32k eigen  8 layers, d 1024, 128 eigenstates" in p.stdout
+    recs = metrics(out)
+    logs = [r for r in recs if "loss" in r]
+    assert all(k in logs[0] for k in ("ms_per_step", "tokens_per_s", "mfu", "peak_mem_mb", "lr"))
+    assert logs[-1]["loss"] < 0.85 * logs[0]["loss"]  # measured 2.63 vs 3.28 at step 20
+    assert [r["step"] for r in recs if "val_bpb" in r] == [60, 120]
+    assert read_json(out / "status.json")["state"] == "finished"
+    assert "MFU against measured" in p.stdout and (out / "peak_flops.json").exists()
+    a = read_json(out / "args.json")["settings"]
+    assert a["seq_len"] == {"value": 64, "source": "preset"} and a["lr"]["source"] == "preset"
+
+
+def test_sample_from_a_run_folder(quick_run):
+    d, out, _ = quick_run
+    p = run("train_lm.py", "sample", "--out", out, "--prompt", "The with statement", "--max-new-tokens", "80",
+            cwd=d, check=0)
+    assert "best.pt" in p.stdout and p.stdout.count("The with statement") == 2
+    text = p.stdout.split("prompt 'The with statement'\n", 1)[1]
+    assert len(text) >= 80 and sum(c.isalpha() or c.isspace() for c in text) > 0.6 * len(text)
+    p = run("train_lm.py", "sample", "--out", "nowhere", cwd=d, check=2)
+    assert p.stderr.startswith("error: --out nowhere: no checkpoint there")
+
+
+# -- the eigenstate scan -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,chunk", [(50, 1), (50, 7), (50, 16), (50, 50), (50, 64), (64, 16), (64, 64)])
+def test_chunked_eigen_scan_equals_the_sequential_scan(T, chunk):
+    """Output and gradients (inputs, |lambda|, omega) of the chunk-parallel form equal the plain
+    recurrence, for chunks that divide T, do not divide it, and exceed it."""
+    g = torch.Generator().manual_seed(T * 100 + chunk)
+    K = 6
+    beta = torch.randn(2, T, K, dtype=torch.float64, generator=g).requires_grad_()
+    mag = (0.1 + 0.89 * torch.rand(K, dtype=torch.float64, generator=g)).requires_grad_()
+    omega = (2 * torch.pi * torch.rand(K, dtype=torch.float64, generator=g)).requires_grad_()
+    w = torch.randn(2, T, K, dtype=torch.float64, generator=g)  # a loss that weighs every output
+    ref = train_lm.eigen_scan_reference(beta, mag, omega)
+    got = train_lm.eigen_scan_chunked(beta, mag, omega, chunk)
+    assert (ref - got).abs().max() <= 1e-5
+    g_ref = torch.autograd.grad((ref * w).sum(), [beta, mag, omega])
+    g_got = torch.autograd.grad((got * w).sum(), [beta, mag, omega])
+    for a, b in zip(g_ref, g_got):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def tiny_eigen(T, chunk=16):
+    return dict(arch="eigen", vocab_size=train_lm.VOCAB, n_layer=2, n_head=1, d_model=16, seq_len=T,
+                num_eigenstates=4, chunk_size=chunk)
+
+
+def test_eigen_model_is_causal_and_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = train_lm.LM(tiny_eigen(40, chunk=16)).double()
+    x = torch.randint(0, 256, (2, 40))
+    y = x.clone()
+    y[:, 30] = (y[:, 30] + 1) % 256
+    a, b = model(x), model(y)
+    assert torch.allclose(a[:, :30], b[:, :30]) and not torch.allclose(a[:, 30:], b[:, 30:])
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(g1, g2, atol=1e-10) for g1, g2 in zip(*grads))
+
+
+def saved_bytes(model, T):
+    """Bytes autograd keeps for backward in one forward at context T (activation memory)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    x = torch.randint(0, 256, (1, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return total
+
+
+def test_eigen_activation_memory_grows_linearly_with_context():
+    torch.manual_seed(0)
+    small, big = saved_bytes(train_lm.LM(tiny_eigen(4096)), 1024), saved_bytes(train_lm.LM(tiny_eigen(4096)), 4096)
+    # 4x the context: 4x the memory (attention-like growth would be 16x)
+    assert 3.5 <= big / small <= 4.2, (small, big)
+
+
+# -- data: prepare, memmaps, RAM -----------------------------------------------------------------
+
+def test_prepare_round_trip(tmp):
+    src = tmp / "texts"
+    (src / "sub").mkdir(parents=True)
+    docs = {"a.txt": "Hello, world.\n" * 50, "sub/b.md": "Ünïcödé — ok ✓\n" * 40, "c.txt": "last one " * 30}
+    for name, text in docs.items():
+        (src / name).write_text(text, encoding="utf-8")
+    (src / "blob.bin").write_bytes(b"\0\1\2" * 100)  # a binary: skipped
+    p = run("train_lm.py", "prepare", "--input", src, "--out-data", "packed", "--val-frac", "0.2", cwd=tmp, check=0)
+    assert "packed 3 documents (1 binary files skipped)" in p.stdout
+    meta = read_json(tmp / "packed" / "meta.json")
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 257 and meta["dtype"] == "uint16"
+    train = np.memmap(tmp / "packed" / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(tmp / "packed" / "val.bin", dtype=np.uint16, mode="r")
+    assert len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
+    assert abs(meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) - 0.2) < 0.01
+    ordered = [docs[k] for k in sorted(docs, key=lambda k: str(src / k))]  # files in path order
+    stream = np.concatenate([train, val]).tolist()
+    expect = []
+    for i, text in enumerate(ordered):
+        expect += list(text.encode("utf-8")) + ([train_lm.EOT] if i < len(ordered) - 1 else [])
+    assert stream == expect
+    assert train_lm.decode(stream) == "\n\n".join(ordered)
+    # and it trains from the prepared folder
+    run("train_lm.py", "--data", "packed", *TINY, "--max-steps", "2", "--out", "r", cwd=tmp, check=0)
+    # a second prepare into the same folder is refused, nothing overwritten
+    p = run("train_lm.py", "prepare", "--input", src, "--out-data", "packed", cwd=tmp, check=2)
+    assert "already exists" in p.stderr
+
+
+RSS_PROBE = r"""
+import sys, psutil, numpy as np
+sys.path.insert(0, sys.argv[1])
+import train_lm
+path, n = sys.argv[2], int(sys.argv[3])
+train_lm.get_batch(path, n, 1024, 0, 0, 8, 0, 8)
+before = psutil.Process().memory_info().rss
+for step in range(400):  # 400 x 8 x 1 KB windows: touches ~3 MB of the corpus, wherever it lies
+    train_lm.get_batch(path, n, 1024, 0, step, 8, 0, 8)
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def test_ram_stays_flat_with_corpus_size(tmp):
+    """Sampling windows from a 10x bigger corpus does not raise the process's RSS: windows are
+    read through a short-lived memmap, never the whole file."""
+    grew = {}
+    for name, mb in (("small", 4), ("big", 40)):
+        rng = np.random.default_rng(0)
+        docs = [lambda: rng.integers(32, 127, size=1 << 20, dtype=np.uint8).tobytes()] * mb
+        meta = train_lm.write_corpus(tmp / name, docs, 0.05, ["random"])
+        p = subprocess.run([sys.executable, "-c", RSS_PROBE, str(REPO), str(tmp / name / "train.bin"),
+                            str(meta["train_tokens"])], capture_output=True, text=True, check=True)
+        grew[name] = int(p.stdout.strip())
+    # the big corpus is 76 MB on disk: loading it would add that much
+    assert grew["big"] < 8 * 2**20 and grew["big"] < grew["small"] + 4 * 2**20, grew
+
+
+# -- resume, DDP -----------------------------------------------------------------------------------
+
+def wait_for(pred, timeout=120, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def step_reached(status_path, n):
+    try:
+        return read_json(status_path).get("step", 0) >= n
+    except (OSError, ValueError):
+        return False
+
+
+def last_weights(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("ckpt_step*.pt"))
+    return torch.load(ckpts[-1], weights_only=True)["model"]
+
+
+def test_kill_9_then_resume_reproduces_the_run(tmp):
+    flags = [*TINY, "--arch", "eigen", "--chunk-size", "12", "--max-steps", "40", "--save-every", "5",
+             "--eval-every", "10", "--log-every", "2"]
+    run("train_lm.py", *flags, "--out", "ref", cwd=tmp, check=0)
+    proc = popen("train_lm.py", *flags, "--out", "killed", cwd=tmp)
+    wait_for(lambda: step_reached(tmp / "killed" / "status.json", 12), what="step 12")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = run("train_lm.py", *flags, "--out", "killed", cwd=tmp, check=0)
+    assert "resumed from" in p.stdout
+    assert deterministic(metrics(tmp / "killed")) == deterministic(metrics(tmp / "ref"))
+    ref, got = last_weights(tmp / "ref"), last_weights(tmp / "killed")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert read_json(tmp / "killed" / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
+
+
+def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
+    """Global batch 16 either way: 1 process x 8 x 2 accumulation, or 2 gloo ranks x 4 x 2 (no_sync on
+    the first micro-batch). Each rank reads its slice of the same windows, so losses match."""
+    common = [*TINY[:8], "--grad-accum", "2", "--eval-tokens", "512", "--max-steps", "6", "--log-every", "2",
+              "--eval-every", "3", "--device", "cpu"]
+    run("train_lm.py", *common, "--batch-size", "8", "--out", "one", cwd=tmp, check=0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+
+    def torchrun(*flags):
+        # its own session: on a hang, the whole group (torchrun and both ranks) is killed, not left behind
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(REPO / "train_lm.py"), *common, "--batch-size", "4", *flags, "--out", "two"],
+                                cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        assert proc.returncode == 0, out[-5000:]
+        return out
+    torchrun()
+    one, two = deterministic(metrics(tmp / "one")), deterministic(metrics(tmp / "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 5
+    for a, b in zip(one, two):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    s = read_json(tmp / "two" / "summary.json")
+    assert s["world_size"] == 2 and s["global_batch"] == 16
+    assert read_json(tmp / "two" / "args.json")["chosen"]["micro_batch"] == 4
+    # resuming with another number of processes is refused; with the same number it continues
+    p = run("train_lm.py", *common, "--batch-size", "4", "--max-steps", "8", "--out", "two", cwd=tmp, check=2)
+    assert "was trained on 2 process(es), this is 1" in p.stderr
+    out = torchrun("--max-steps", "8")
+    assert "resumed from" in out and "ckpt_step00000006.pt" in out
+    assert read_json(tmp / "two" / "summary.json")["steps"] == 8
+
+
+def test_resource_efficient_and_config_file(tmp):
+    flags = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--eval-tokens", "512", "--max-steps", "2"]
+    p = run("train_lm.py", *flags, "--resource-efficient", "--seq-len", "32", "--out", "re", cwd=tmp, check=0)
+    assert "--resource-efficient changes:" in p.stdout and "gradient checkpointing" in p.stdout
+    a = read_json(tmp / "re" / "args.json")
+    s = a["settings"]
+    assert s["grad_checkpointing"] == {"value": True, "source": "resource-efficient"}
+    assert s["save_every"]["value"] == 50 and s["eval_every"]["value"] == 50
+    assert a["chosen"]["effective_batch"] == 32 and a["chosen"]["micro_batch"] < 32
+    # optimal_config.json: its seq_len (CPU 256, quick 64) applies unless typed
+    run("memory_optimizer.py", "config", cwd=tmp, check=0)
+    run("train_lm.py", *flags, "--quick", "--out", "c", cwd=tmp, check=0)
+    assert read_json(tmp / "c" / "args.json")["settings"]["seq_len"] == {"value": 64, "source": "optimal_config.json"}
+
+
+# -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
+
+def tree_digest(d):
+    h = hashlib.sha256()
+    for f in sorted(Path(d).rglob("*")):
+        if f.is_file():
+            h.update(str(f).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved")
+    run("train_lm.py", *TINY, "--max-steps", "2", "--out", "run", cwd=d, check=0)
+    (d / "nometa").mkdir()
+    (d / "badmeta").mkdir()
+    (d / "badmeta" / "meta.json").write_text("{not json")
+    (d / "short").mkdir()
+    train_lm.write_corpus(d / "short" / "c", [lambda: b"tiny text " * 20], 0.1, ["x"])
+    return d
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--data", "missing"], "--data missing: no such folder"),
+    (["--data", "nometa"], "--data nometa: no readable meta.json"),
+    (["--data", "badmeta"], "--data badmeta: no readable meta.json"),
+    (["--data", "short/c"], "fewer than --seq-len 32 + 1"),
+    (["--arch", "rnn"], "--arch"),
+    (["--n-head", "3"], "--d-model 32 is not divisible by --n-head 3"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--arch", "eigen"], "was trained with arch gpt (now eigen)"),  # resuming run/ with another model
+    (["--precision", "fp16"], "fp16 needs CUDA"),
+    (["--out", "afile/run"], "--out afile/run"),
+    (["--tensorboard"], "--tensorboard: the tensorboard package is not installed"),
+])
+def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags, expect):
+    d = saved_run
+    if "--tensorboard" in flags and importlib.util.find_spec("tensorboard"):
+        pytest.skip("tensorboard is installed here")
+    (d / "afile").write_text("not a folder")
+    before = tree_digest(d / "run")
+    typed = {f for f in flags if f.startswith("--")}
+    base = [a for i, a in enumerate(TINY) if a not in typed and TINY[i - 1] not in typed]  # flags win
+    out = [] if "--out" in flags else ["--out", "run"]
+    p = run("train_lm.py", *base, *flags, *out, cwd=d, check=2)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
+    assert tree_digest(d / "run") == before
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--input", "nothing.txt", "--out-data", "x"], "--input nothing.txt: no such file or folder"),
+    (["--input", "run/args.json", "--out-data", "x", "--val-frac", "0.7"], "--val-frac 0.7"),
+    (["--out-data", "x"], "--input"),
+])
+def test_prepare_mistakes_exit_2(saved_run, args, expect):
+    p = run("train_lm.py", "prepare", *args, cwd=saved_run, check=2)
+    assert p.stderr.startswith("error:") and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1

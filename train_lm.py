@@ -1,0 +1,908 @@
+"""train_lm.py -- language-model pretraining: a GPT and a linear-time "eigenstate" recurrent LM.
+
+Byte-level text packed once into memmaps, random windows streamed from disk (RAM stays flat
+however big the corpus), AMP + exact gradient accumulation, tokens/s and model-FLOPs utilisation
+(MFU) on every log line, validation in bits per byte, DDP with torchrun.
+
+    python train_lm.py --quick --out runs/lm                      # laptop CPU, ~40 s on 2 cores
+    python train_lm.py sample --out runs/lm --prompt "The with statement"
+    python train_lm.py --arch eigen --quick --out runs/lme        # the linear-time eigenstate model
+    python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20
+    python train_lm.py prepare --input ~/books/ --out-data data/books        # pack your text once
+    python train_lm.py --data data/books --preset small --out runs/books     # one GPU (bf16)
+    torchrun --nproc_per_node=8 train_lm.py --data data/books --preset small  # 8 GPUs, DDP
+    python train_lm.py --data data/web --preset small_32k                     # the seed's 32K-context run
+
+Without --data the built-in corpus is used: the English text of Python's own documentation
+(`pydoc_data.topics`, shipped with every Python), packed once into data/pydoc.
+Re-running the same command resumes from the newest checkpoint in --out.
+
+The eigenstate model is the Temporal Eigenstate Network (Genovo Technologies; public description
+in the MIT-labelled paper/ten.tex of github.com/genovotechnologies/temporal-eigenstate-networks),
+written here from its math: a diagonal complex linear recurrence of the S4D/LRU family.
+"""
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import common
+from common import UserError
+
+# byte-level tokenizer: ids 0..255 are the bytes themselves, then the specials
+EOT = 256  # end of text, between documents
+SPECIALS = {"<eot>": EOT}
+VOCAB = 256 + len(SPECIALS)
+DTYPE = np.uint16  # 2 bytes a token on disk: room for 65,536 ids
+DEFAULT_DATA = Path("data") / "pydoc"
+
+# Shapes; flags override. Parameter counts are printed at start (they depend on --arch).
+PRESETS = {
+    "tiny": dict(arch="gpt", n_layer=4, n_head=4, d_model=128, seq_len=256, num_eigenstates=32,
+                 chunk_size=64, lr=1e-3),
+    # GPT-2 small's shape (124M with GPT-2's 50K vocabulary; ~86M with 257 byte ids)
+    "small": dict(arch="gpt", n_layer=12, n_head=12, d_model=768, seq_len=1024, num_eigenstates=64,
+                  chunk_size=128, lr=6e-4),
+    # the seed's scripts/train_small_32k.sh: d 1024, 8 layers, 128 eigenstates, 32K context,
+    # chunk 256, batch 4 x accumulation 4, gradient checkpointing, lr 3e-4
+    "small_32k": dict(arch="eigen", n_layer=8, n_head=16, d_model=1024, seq_len=32768, num_eigenstates=128,
+                      chunk_size=256, lr=3e-4, batch_size=4, grad_accum=4, grad_checkpointing=True),
+}
+QUICK_SEQ_LEN, QUICK_STEPS, QUICK_LR = 64, 300, 2e-3
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = common.make_parser(__doc__, trainer="lm", epochs=1, lr=None, effective_batch=32,
+                            save_every=100, eval_every=100, log_every=10)
+g = parser.add_argument_group("language model")
+g.add_argument("--data", default=None, metavar="DIR",
+               help=f"a folder made by `train_lm.py prepare` (default: the built-in corpus, packed "
+                    f"into {DEFAULT_DATA} on first use)")
+g.add_argument("--preset", choices=list(PRESETS), default="tiny",
+               help="model shape: tiny (CPU demo), small (GPT-2 small's shape), small_32k (the seed's "
+                    "eigen model at 32K context)")
+g.add_argument("--arch", choices=["gpt", "eigen"], default=None,
+               help="gpt: pre-LN causal transformer; eigen: linear-time eigenstate recurrence "
+                    "(default: the preset's)")
+g.add_argument("--n-layer", type=common.pos_int, default=None, metavar="N", help="blocks (default: the preset's)")
+g.add_argument("--n-head", type=common.pos_int, default=None, metavar="N",
+               help="attention heads, gpt only (default: the preset's)")
+g.add_argument("--d-model", type=common.pos_int, default=None, metavar="D", help="width (default: the preset's)")
+g.add_argument("--seq-len", type=common.pos_int, default=None, metavar="T",
+               help=f"context length in tokens (default: the preset's; {QUICK_SEQ_LEN} with --quick)")
+g.add_argument("--num-eigenstates", type=common.pos_int, default=None, metavar="K",
+               help="complex eigenstates per cell, eigen only (default: the preset's)")
+g.add_argument("--chunk-size", type=common.pos_int, default=None, metavar="C",
+               help="eigen: tokens per chunk of the chunk-parallel scan (default: the preset's)")
+g.add_argument("--eval-tokens", type=common.pos_int, default=65536, metavar="N",
+               help="validation tokens scored at each evaluation (fixed windows from the start of val.bin)")
+g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on 2-D weights only")
+g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow)")
+g.add_argument("--tensorboard", action="store_true",
+               help="also write TensorBoard logs to <out>/tb (needs `pip install tensorboard`)")
+
+
+def prepare_parser():
+    p = common.Parser(prog="train_lm.py prepare", allow_abbrev=False, formatter_class=common.HelpFormat,
+                      description="tokenize text files once (bytes + <eot> between documents) and pack "
+                                  "them into train.bin / val.bin memmaps with meta.json")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text files and/or folders (searched recursively; each file is one document)")
+    p.add_argument("--out-data", required=True, metavar="DIR", help="folder to write (must not hold a corpus yet)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of tokens at the end held out for validation")
+    return p
+
+
+def sample_parser():
+    p = common.Parser(prog="train_lm.py sample", allow_abbrev=False, formatter_class=common.HelpFormat,
+                      description="generate text from a run folder's best checkpoint (else its newest)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=common.pos_int, default=300, metavar="N", help="bytes to generate")
+    p.add_argument("--temperature", type=common.pos_float, default=0.8, help="below 1: safer, above 1: wilder")
+    p.add_argument("--top-k", type=common.nonneg_int, default=40, metavar="K",
+                   help="sample among the K likeliest tokens (0 = all)")
+    p.add_argument("--seed", type=common.nonneg_int, default=1337, help="random seed")
+    p.add_argument("--resume", default=None, metavar="PATH", help="this checkpoint file instead")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# data: bytes -> one uint16 stream -> train.bin / val.bin memmaps + meta.json
+
+def encode(text):
+    return list(text.encode("utf-8"))
+
+
+def decode(ids):
+    """Bytes back to text; <eot> becomes a blank line, a cut multi-byte character becomes U+FFFD."""
+    out, buf = [], bytearray()
+    for i in ids:
+        if i < 256:
+            buf.append(int(i))
+        else:
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+    out.append(buf.decode("utf-8", errors="replace"))
+    return "\n\n".join(out)
+
+
+def find_documents(inputs):
+    """Text files under the inputs, in a stable order; files with NUL bytes (binaries) skipped."""
+    docs, skipped = [], []
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise UserError(f"--input {raw}: no such file or folder")
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            with open(f, "rb") as fh:
+                head = fh.read(8192)
+            (skipped if b"\0" in head else docs).append(f)
+    return docs, skipped
+
+
+def write_corpus(out_dir, docs, val_frac, sources):
+    """Pack documents (callables returning bytes, or Paths) into out_dir with <eot> between them.
+
+    Byte tokenization is a copy, so a file's token count is its size: the memmaps are sized
+    first and filled one document at a time, and RAM never holds more than one document.
+    The split is by position: the last val_frac of the token stream is validation.
+    Written into a temporary folder and renamed, so a half-written corpus is never used.
+    """
+    out_dir = Path(out_dir)
+    sizes = [d.stat().st_size if isinstance(d, Path) else len(d()) for d in docs]
+    total = sum(sizes) + len(docs) - 1
+    n_val = int(total * val_frac)
+    n_train = total - n_val
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    stream = np.memmap(tmp / "all.bin", dtype=DTYPE, mode="w+", shape=(total,))
+    pos = 0
+    for i, d in enumerate(docs):
+        data = d.read_bytes() if isinstance(d, Path) else d()
+        stream[pos:pos + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        pos += len(data)
+        if i < len(docs) - 1:
+            stream[pos] = EOT
+            pos += 1
+    assert pos == total, "a file changed size while it was read"
+    for name, lo, hi in (("train.bin", 0, n_train), ("val.bin", n_train, total)):
+        part = np.memmap(tmp / name, dtype=DTYPE, mode="w+", shape=(hi - lo,))
+        for a in range(lo, hi, 1 << 24):  # 32 MB at a time: RAM stays flat for any corpus size
+            part[a - lo:min(hi, a + (1 << 24)) - lo] = stream[a:min(hi, a + (1 << 24))]
+        part.flush()
+        del part
+    del stream
+    (tmp / "all.bin").unlink()
+    meta = {"tokenizer": "bytes", "vocab_size": VOCAB, "specials": SPECIALS, "dtype": np.dtype(DTYPE).name,
+            "train_tokens": n_train, "val_tokens": n_val, "val_frac": val_frac, "documents": len(docs),
+            "sources": sources}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process (a DDP rank) finished the same corpus first
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return meta
+
+
+def run_prepare(argv):
+    args = prepare_parser().parse_args(argv)
+    if not 0 < args.val_frac < 0.5:
+        raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
+    out = Path(args.out_data)
+    if (out / "meta.json").exists() or (out.exists() and any(out.iterdir())):
+        raise UserError(f"--out-data {out}: already exists and is not empty; pick a new folder")
+    common.check_out_writable(out)
+    docs, skipped = find_documents(args.input)
+    if not docs:
+        raise UserError(f"--input {' '.join(args.input)}: no text files found")
+    if sum(d.stat().st_size for d in docs) < 1000:
+        raise UserError(f"--input: only {sum(d.stat().st_size for d in docs)} bytes of text; need at least 1000")
+    if out.exists():
+        out.rmdir()  # empty: checked above; recreated by the rename
+    t0 = time.time()
+    meta = write_corpus(out, docs, args.val_frac, [str(Path(a).expanduser().resolve()) for a in args.input])
+    print(f"packed {meta['documents']} documents ({len(skipped)} binary files skipped) into {out}: "
+          f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens in {time.time() - t0:.1f}s")
+    return 0
+
+
+def builtin_corpus(log):
+    """Python's documentation topics, packed into data/pydoc on first use (about 470 KB)."""
+    if not (DEFAULT_DATA / "meta.json").exists():
+        from pydoc_data.topics import topics
+        docs = [lambda k=k: topics[k].encode("utf-8") for k in sorted(topics)]
+        common.check_out_writable(DEFAULT_DATA)
+        write_corpus(DEFAULT_DATA, docs, 0.1, ["pydoc_data.topics"])
+        log(f"built-in corpus: Python's documentation topics (pydoc_data.topics) packed into {DEFAULT_DATA}")
+    return DEFAULT_DATA
+
+
+def load_meta(data_dir, seq_len):
+    """meta.json of a prepared folder, checked against the files; every problem is a UserError."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"--data {d}: no such folder; make one with `python train_lm.py prepare "
+                        f"--input FILES --out-data {d}`")
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens"):
+            meta[k]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--data {d}: no readable meta.json ({type(e).__name__}); is it a folder made by "
+                        "`train_lm.py prepare`?")
+    if meta["tokenizer"] != "bytes" or meta["dtype"] != np.dtype(DTYPE).name:
+        raise UserError(f"--data {d}: tokenizer {meta['tokenizer']!r} / dtype {meta['dtype']!r}; this trainer "
+                        "reads bytes / uint16 (re-run prepare)")
+    for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")):
+        f = d / name
+        if not f.is_file() or f.stat().st_size != meta[key] * np.dtype(DTYPE).itemsize:
+            raise UserError(f"--data {d}: {name} is missing or not {meta[key]:,} tokens long as meta.json says; "
+                            "re-run prepare")
+        if meta[key] < seq_len + 1:
+            raise UserError(f"--data {d}: {name} holds {meta[key]:,} tokens, fewer than --seq-len {seq_len} + 1; "
+                            "use a smaller --seq-len or more text")
+    return meta
+
+
+def get_batch(path, n_tokens, seq_len, seed, step, global_batch, rank, per_rank):
+    """This rank's windows of step `step`: (per_rank, seq_len + 1) int64 token ids.
+
+    The start positions of the whole global batch depend only on (seed, step), and rank r reads
+    its slice of them: a resumed run draws the same windows (no sampler state to save), and N
+    ranks see exactly the windows one process would at the same global batch.
+    A fresh memmap per batch, as nanoGPT does: pages read through a long-lived mapping would stay
+    in this process's RSS, so a big corpus would look like a memory leak.
+    """
+    rng = np.random.default_rng((seed, step))
+    starts = rng.integers(0, n_tokens - seq_len, size=global_batch)[rank * per_rank:(rank + 1) * per_rank]
+    mm = np.memmap(path, dtype=DTYPE, mode="r")
+    x = np.stack([mm[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    del mm
+    return {"x": torch.from_numpy(x)}  # (B, T + 1): inputs x[:, :-1], targets x[:, 1:]
+
+
+def val_windows(path, n_tokens, seq_len, max_tokens):
+    """Fixed, non-overlapping validation windows from the start of val.bin (the same every eval)."""
+    n = max(1, min((n_tokens - 1) // seq_len, max_tokens // seq_len))
+    mm = np.memmap(path, dtype=DTYPE, mode="r")
+    x = np.stack([mm[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int64)
+    del mm
+    return torch.from_numpy(x)
+
+
+# -----------------------------------------------------------------------------
+# model: GPT
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d, 3 * d)  # one matmul for q, k and v
+        self.proj = nn.Linear(d, d)
+        self.proj.residual = True
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hs)
+        # fused kernel (flash / memory-efficient where available): never materialises (T, T) scores
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, 4 * d)
+        self.proj = nn.Linear(4 * d, d)
+        self.proj.residual = True
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))  # exact GELU: on CPU faster than the tanh form
+
+
+# -----------------------------------------------------------------------------
+# model: the eigenstate recurrence
+#
+# Per eigenstate k: lambda_k = |lambda_k| e^{i omega_k} with |lambda_k| = 0.1 + 0.89 sigmoid(alpha_k),
+# and c_t = lambda_k c_{t-1} + beta_t (beta real), so with lag n = j - s inside a chunk,
+#     c_{t0+j} = sum_{s<=j} lambda^{j-s} beta_{t0+s}  +  lambda^{j+1} c_{t0-1}.
+# The first sum is a (C x C) lower-triangular matrix per eigenstate times the chunk's inputs
+# (a batched matmul over K); the second carries the state into the chunk. Both are exact, so the
+# chunked form equals the sequential scan (tested), costs O(T C K) and keeps O(T K) for backward.
+
+def eigen_scan_reference(beta, mag, omega):
+    """Re(c_t) by the plain sequential scan. beta (B, T, K) real; mag, omega (K,). For the tests."""
+    B, T, K = beta.shape
+    a = beta.new_zeros(B, K)  # Re c
+    b = beta.new_zeros(B, K)  # Im c
+    cos, sin = torch.cos(omega), torch.sin(omega)
+    out = []
+    for t in range(T):
+        a, b = mag * (a * cos - b * sin) + beta[:, t], mag * (a * sin + b * cos)
+        out.append(a)
+    return torch.stack(out, 1)
+
+
+def eigen_scan_chunked(beta, mag, omega, chunk):
+    """Re(c_t) chunk-parallel; the same numbers as eigen_scan_reference. beta (B, T, K) -> (B, T, K).
+
+    A T that chunk does not divide is padded with zero inputs at the end: the scan is causal,
+    so padding after the last token changes nothing before it; the padded outputs are cut off.
+    Laid out eigenstate-first, (K, C, B n): the in-chunk sums are then one plain bmm with K as
+    its batch ((C x C) @ (C x B n) each), which runs at matmul speed; an einsum over the
+    (B, n, C, K) layout fell into a strided bmm ~100x slower at 16K tokens.
+    """
+    B, T, K = beta.shape
+    C = min(chunk, T)
+    n = -(-T // C)
+    x = F.pad(beta, (0, 0, 0, n * C - T)).view(B, n, C, K).permute(3, 2, 0, 1).reshape(K, C, B * n)  # (K, C, B n)
+    lag = torch.arange(C, device=beta.device, dtype=beta.dtype)
+    d = lag[:, None] - lag[None, :]  # (C, C): lag j - s
+    log_mag, w = torch.log(mag)[:, None, None], omega[:, None, None]  # (K, 1, 1)
+    # |lambda|^n as exp(n log|lambda|): no overflow, 0.1^255 just underflows to 0
+    decay = torch.exp(d.clamp(min=0) * log_mag) * (d >= 0)  # (K, C, C), zero above the diagonal
+    y = torch.bmm(decay * torch.cos(d * w), x)  # (K, C, B n): Re of the in-chunk sums
+    # the chunk's own contribution to its last state, real and imaginary
+    last_re = y[:, -1].view(K, B, n)
+    last_im = torch.bmm((decay[:, -1] * torch.sin(d[-1] * w[:, 0]))[:, None], x).view(K, B, n)
+    # carry across chunks: h_n = last_n + lambda^C h_{n-1} (n steps of (K, B); no detach, so
+    # gradients flow through every chunk boundary)
+    magC, angC = torch.exp(C * log_mag[:, 0]), C * w[:, 0]  # (K, 1)
+    pc_re, pc_im = magC * torch.cos(angC), magC * torch.sin(angC)
+    h_re, h_im = beta.new_zeros(K, B), beta.new_zeros(K, B)
+    prev_re, prev_im = [], []
+    for i in range(n):
+        prev_re.append(h_re)
+        prev_im.append(h_im)
+        h_re, h_im = (last_re[:, :, i] + pc_re * h_re - pc_im * h_im,
+                      last_im[:, :, i] + pc_re * h_im + pc_im * h_re)
+    prev_re = torch.stack(prev_re, 2).view(K, 1, B * n)  # (K, 1, B n): the state before each chunk
+    prev_im = torch.stack(prev_im, 2).view(K, 1, B * n)
+    # Re(lambda^{j+1} h) for j = 0..C-1
+    p = lag + 1  # (C,)
+    pmag = torch.exp(p * log_mag[:, 0])  # (K, C)
+    p_re, p_im = pmag * torch.cos(p * w[:, 0]), pmag * torch.sin(p * w[:, 0])
+    y = y + p_re[:, :, None] * prev_re - p_im[:, :, None] * prev_im  # (K, C, B n)
+    return y.view(K, C, B, n).permute(2, 3, 1, 0).reshape(B, n * C, K)[:, :T]
+
+
+class EigenMixer(nn.Module):
+    """Two eigenstate cells, averaged: y_t = mean_cells W_out Re(c_t), c_t = lambda c_{t-1} + W_in x_t.
+
+    Both cells are stored as one bank of 2K eigenstates (cell i owns rows i*K..i*K+K-1): one W_in
+    (d -> 2K) and one scan; 0.5 * W_out [Re c_1; Re c_2] with W_out (2K -> d) is exactly the
+    average of the two cells' W_out Re(c). The seed's resonance coupling and dropout are left out.
+    """
+
+    def __init__(self, d, K, chunk, cells=2):
+        super().__init__()
+        self.chunk, self.cells = chunk, cells
+        self.w_in = nn.Linear(d, cells * K, bias=False)
+        self.w_out = nn.Linear(cells * K, d, bias=False)
+        self.w_out.residual = True
+        self.alpha = nn.Parameter(torch.empty(cells * K))  # raw decay: |lambda| = 0.1 + 0.89 sigmoid(alpha)
+        self.omega = nn.Parameter(torch.empty(cells * K))  # rotation per step, learnable
+        self.reset_eigen()
+
+    def reset_eigen(self):
+        K = self.alpha.numel() // self.cells
+        with torch.no_grad():
+            self.alpha.uniform_(-3.0, 0.0)  # |lambda| in about 0.14..0.55 at init (the seed's)
+            self.omega.copy_((2 * math.pi * torch.arange(K) / K).repeat(self.cells))
+
+    def magnitude(self):
+        return 0.1 + 0.89 * torch.sigmoid(self.alpha)
+
+    def forward(self, x):  # (B, T, C)
+        beta = self.w_in(x)  # (B, T, 2K)
+        # the scan in fp32 even under autocast: decay powers span 0.1^C .. 1
+        with torch.autocast(x.device.type, enabled=False):
+            re = eigen_scan_chunked(beta.float(), self.magnitude().float(), self.omega.float(), self.chunk)
+        return self.w_out(re.to(beta.dtype)) / self.cells
+
+
+class Block(nn.Module):
+    """Pre-norm residual block (x + mix(LN x), then x + MLP(LN x)) for both archs: pre-norm keeps
+    deep stacks stable without warmup tricks (the seed's eigen block was post-norm; we chose one)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg["d_model"]
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mix = (CausalSelfAttention(d, cfg["n_head"]) if cfg["arch"] == "gpt"
+                    else EigenMixer(d, cfg["num_eigenstates"], cfg["chunk_size"]))
+        self.mlp = MLP(d)
+
+    def forward(self, x):
+        x = x + self.mix(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class LM(nn.Module):
+    """Token + learned position embeddings -> blocks -> LayerNorm -> tied head (logits)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg["d_model"]
+        self.wte = nn.Embedding(cfg["vocab_size"], d)
+        self.wpe = nn.Embedding(cfg["seq_len"], d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg["n_layer"]))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
+        self.head.weight = self.wte.weight  # tied: the input and output embedding are one matrix
+        self.grad_checkpointing = False
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 layers) so the
+                # residual stream's variance does not grow with depth
+                std = 0.02 / math.sqrt(2 * cfg["n_layer"]) if getattr(m, "residual", False) else 0.02
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, EigenMixer):
+                m.reset_eigen()
+
+    def forward(self, idx):  # (B, T) -> logits (B, T, V)
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.blocks:
+            # recompute each block's activations in backward instead of keeping them
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        return self.head(self.ln_f(x))
+
+
+def model_config(args, vocab):
+    return {"arch": args.arch, "vocab_size": vocab, "n_layer": args.n_layer, "n_head": args.n_head,
+            "d_model": args.d_model, "seq_len": args.seq_len, "num_eigenstates": args.num_eigenstates,
+            "chunk_size": args.chunk_size}
+
+
+def count_on_meta(cfg):
+    """Parameters of a shape without allocating it (a 32K position table is 33M weights)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LM(cfg).parameters())
+
+
+def flops_per_token(cfg):
+    """Model FLOPs per trained token (forward + backward = 3 x forward, 2 FLOPs a multiply-add).
+
+    6 N for the weight matmuls, N without the position table (a lookup, no matmul; the tied
+    token embedding counts once, as the head). GPT adds attention: 12 L d T, the PaLM paper's
+    convention (QK^T and AV, forward and backward, counted as if not causal). Eigen adds its scan:
+    per layer and eigenstate, the in-chunk matmul is C multiply-adds per token (we count the dense
+    C x C matrix, zeros above the diagonal included: the machine does that work), plus ~4 for the
+    carried state: 6 L (2K) (C + 4). W_in, W_out and the FFN are in 6 N.
+    """
+    n = count_on_meta(cfg) - cfg["seq_len"] * cfg["d_model"]
+    L, d, T = cfg["n_layer"], cfg["d_model"], cfg["seq_len"]
+    if cfg["arch"] == "gpt":
+        return 6 * n + 12 * L * d * T
+    C = min(cfg["chunk_size"], T)
+    return 6 * n + 6 * L * 2 * cfg["num_eigenstates"] * (C + 4)
+
+
+def loss_fn(model, mb, device):
+    """Cross-entropy summed over the micro-batch's tokens, and their count: common.train_step
+    divides by the tokens of the whole accumulated batch, so accumulation is exact."""
+    x = mb["x"].to(device, non_blocking=True)
+    logits = model(x[:, :-1])  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+    return loss, x[:, 1:].numel()
+
+
+@torch.inference_mode()
+def evaluate(model, windows, device, amp_dtype, bs):
+    """Validation loss in nats per token, and bits per byte (byte tokens: nats / ln 2; the <eot>
+    separators, about 0.02 % of tokens on the built-in corpus, are counted as bytes)."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(windows), bs):
+        with common.autocast(device, amp_dtype):
+            loss, k = loss_fn(model, {"x": windows[i:i + bs]}, device)
+        total, n = total + loss.item(), n + k
+    model.train()
+    return total / n, total / n / math.log(2)
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
+    """Sample n_new tokens after prompt_ids; the context is cut to the model's seq_len."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([prompt_ids or [EOT]], device=device)
+    T = model.cfg["seq_len"]
+    for _ in range(n_new):
+        logits = model(ids[:, -T:])[:, -1].float() / temperature  # (1, V)
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = torch.multinomial(logits.softmax(-1), 1, generator=g)
+        ids = torch.cat([ids, nxt], 1)
+    model.train()
+    return ids[0, len(prompt_ids or [EOT]):].tolist()
+
+
+def run_sample(argv):
+    args = sample_parser().parse_args(argv)
+    out = Path(args.out)
+    best = out / "checkpoints" / "best.pt"
+    if args.resume is None and best.is_file():
+        args.resume = str(best)
+    state, path = common.find_checkpoint(out, argparse.Namespace(resume=args.resume, no_resume=False), print)
+    if state is None:
+        raise UserError(f"--out {out}: no checkpoint there; train first: python train_lm.py --quick --out {out}")
+    if "model_cfg" not in state:
+        raise UserError(f"{path} is not a train_lm.py checkpoint")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model = LM(state["model_cfg"]).to(device)
+    model.load_state_dict(state["model"])
+    print(f"model {path} (step {state['step']}, {state['model_cfg']['arch']}); prompt {args.prompt!r}")
+    ids = generate(model, encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, device, args.seed)
+    print(args.prompt + decode(ids))
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# device peak FLOP/s, for MFU
+
+# dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (bf16/fp16, fp32 via TF32, plain fp32)
+GPU_PEAK_TFLOPS = {"H100 PCIe": (756, 378, 51), "H100": (989, 494, 67), "H200": (989, 494, 67),
+                   "A100": (312, 156, 19.5), "A10G": (70, 35, 31.2), "A10": (125, 62.5, 31.2),
+                   "L40S": (362, 183, 91.6), "L4": (121, 60, 30.3), "T4": (65, 8.1, 8.1),
+                   "V100": (125, 15.7, 15.7), "RTX 4090": (165, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6)}
+
+
+def measure_matmul_peak(device, dtype, seconds=1.0):
+    """Best FLOP/s of a square matmul on this device, over about `seconds`."""
+    n = 2048 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def device_peak(device, amp_dtype, out, log):
+    """(FLOP/s, where it came from): the datasheet for known GPUs, else measured once and cached
+    in <out>/peak_flops.json (keyed by machine, so a resumed run reuses it)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                tflops = half if amp_dtype is not None else tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
+                return tflops * 1e12, f"{name} datasheet, {tflops:g} TFLOP/s"
+    from memory_optimizer import cpu_model
+    key = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}, " \
+          f"{torch.get_num_threads()} threads, {amp_dtype or torch.float32}"
+    cache = Path(out) / "peak_flops.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["flops"], f"measured {cached['flops'] / 1e9:.0f} GFLOP/s matmul peak ({key}; cached)"
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    flops = measure_matmul_peak(device, amp_dtype or torch.float32)
+    common.write_json_atomic(cache, {"key": key, "flops": flops})
+    return flops, f"measured {flops / 1e9:.0f} GFLOP/s matmul peak ({key})"
+
+
+# -----------------------------------------------------------------------------
+
+def resolve_shape(args, sources, log):
+    """Preset values under the flags; --quick shortens the context. Logged, recorded in args.json."""
+    preset = PRESETS[args.preset]
+    for key in ("arch", "n_layer", "n_head", "d_model", "seq_len", "num_eigenstates", "chunk_size"):
+        # a preset typed on the command line beats optimal_config.json's seq_len (made for the default preset)
+        from_cfg = sources.get(key) == "optimal_config.json" and sources.get("preset") == "flag"
+        if getattr(args, key) is None or from_cfg:
+            value = preset[key]
+            if key == "seq_len" and args.quick and not from_cfg:
+                value = QUICK_SEQ_LEN
+            if from_cfg:
+                log(f"--preset {args.preset}: {key} {value} (not {getattr(args, key)} from the config)")
+            setattr(args, key, value)
+            sources[key] = "preset"
+    for key in ("batch_size", "grad_accum", "grad_checkpointing"):
+        if key in preset and sources.get(key) == "default":
+            setattr(args, key, preset[key])
+            sources[key] = "preset"
+    if args.lr is None:
+        args.lr, sources["lr"] = (QUICK_LR if args.quick and args.preset == "tiny" else preset["lr"]), "preset"
+    if args.arch == "gpt" and args.d_model % args.n_head:
+        raise UserError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len {args.seq_len}: need at least 2 tokens")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:
+        return run_prepare(argv[1:])
+    if argv[:1] == ["sample"]:
+        return run_sample(argv[1:])
+    notes = []
+    args, sources = common.resolve_settings(parser, argv, log=notes.append)
+    resolve_shape(args, sources, notes.append)
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # lazily: most runs never need it
+        except ImportError:
+            raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                            "metrics.jsonl has the same numbers")
+    if not 0 <= args.weight_decay < 1:
+        raise UserError(f"--weight-decay {args.weight_decay}: must be in [0, 1)")
+
+    # -- DDP: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and args.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # before setup_device: "cuda" then means this rank's GPU
+    is_main = rank == 0
+
+    # -- data (validated before the run folder is touched)
+    data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
+    meta = load_meta(data_dir, args.seq_len)
+
+    out, device, state, resumed_from, more_notes = common.open_run(args, sources)
+    notes += more_notes
+    cfg = model_config(args, meta["vocab_size"])
+    if state:
+        if state.get("model_cfg") != cfg:
+            diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
+                             if state.get("model_cfg", {}).get(k) != v)
+            raise UserError(f"{resumed_from} was trained with {diff}; use the same flags, a new --out or --no-resume")
+        if state["world_size"] != world:
+            raise UserError(f"{resumed_from} was trained on {state['world_size']} process(es), this is {world}; "
+                            f"resume with the same --nproc_per_node, or use a new --out")
+
+    if is_main:
+        log, status, stop = common.start_run(out, args, "lm", "val_bpb", notes)
+    else:  # only rank 0 writes; the others still stop cleanly on SIGTERM from torchrun
+        log, status, stop = (lambda msg: None), {"started": time.time()}, common.install_stop_handlers()
+    if world > 1:
+        dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
+    try:
+        with common.recording_failures(out, status) if is_main else nullcontext():
+            return train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, meta,
+                         data_dir, rank, world, local_rank)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, meta, data_dir,
+          rank, world, local_rank):
+    device, amp_dtype, scaler, prec_why = device
+    is_main = rank == 0
+    train_bin, val_bin = data_dir / "train.bin", data_dir / "val.bin"
+    log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
+        f"{meta['val_tokens']:,} val tokens; byte tokenizer, vocab {meta['vocab_size']}")
+
+    # -- model
+    for name in PRESETS:
+        c = dict(cfg, **{k: PRESETS[name][k] for k in cfg if k in PRESETS[name]})
+        log(f"preset {name:<9} {c['arch']:<5} {c['n_layer']:>2} layers, d {c['d_model']:>4}, "
+            + (f"{c['n_head']} heads" if c["arch"] == "gpt" else f"{c['num_eigenstates']} eigenstates x 2 cells, "
+               f"chunk {c['chunk_size']}") + f", context {c['seq_len']}: {count_on_meta(c):,} parameters")
+    model = LM(cfg).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    n_params, _ = common.count_params(model)
+    log(f"model: --preset {args.preset} --arch {cfg['arch']}: {cfg['n_layer']} layers, d {cfg['d_model']}, "
+        + (f"{cfg['n_head']} heads" if cfg["arch"] == "gpt" else
+           f"{cfg['num_eigenstates']} eigenstates x 2 cells, chunk {cfg['chunk_size']}")
+        + f", context {cfg['seq_len']}; {n_params:,} parameters"
+        + ("; gradient checkpointing" if args.grad_checkpointing else ""))
+
+    # -- batch size: effective batch per rank fixed, micro-batch fitted to the machine
+    def probe(bs):
+        return common.probe_step(model, lambda m, b: loss_fn(m, b, device),
+                                 {"x": torch.zeros(bs, args.seq_len + 1, dtype=torch.long)}, device, amp_dtype)
+    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
+    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    E = micro_bs * accum  # windows per rank per step
+    G = E * world  # the global batch
+    tokens_per_step = G * args.seq_len
+    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} accumulation"
+        + (f" x {world} processes" if world > 1 else "") + f" = {G} windows of {args.seq_len} tokens "
+        f"= {tokens_per_step:,} tokens per step ({bs_why})")
+
+    # -- optimizer: AdamW, weight decay on 2-D weights only (not on norms, biases, eigenvalues)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    steps_per_epoch = max(1, meta["train_tokens"] // tokens_per_step)
+    total_steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * steps_per_epoch)
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
+    # OneCycle's shape: linear warmup over 10 % of the steps, then cosine down to zero
+    warmup = max(1, total_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))))
+
+    step, best = 0, float("inf")
+    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
+                                                                              scheduler, scaler)
+    if state:
+        step, best = state["step"], state["best"]
+        log(f"resumed from {resumed_from} (step {step})")
+    if is_main:
+        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
+        common.write_args(out, args, sources, {
+            "micro_batch": micro_bs, "grad_accum": accum, "world_size": world, "effective_batch": E,
+            "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
+            "device": device.type, "why": {"batch": bs_why, "precision": prec_why}})
+
+    # -- compile and DDP wrap the model that trains; `model` stays the plain module we save
+    train_model = torch.compile(model) if args.compile else model
+    no_sync = None
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        no_sync = train_model.no_sync  # all-reduce once per step, on the last micro-batch
+    peak, peak_why = device_peak(device, amp_dtype, out, log) if is_main else (1.0, "")
+    fpt = flops_per_token(cfg)
+    log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
+    tb = None
+    if args.tensorboard and is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(out / "tb"))
+    windows = val_windows(val_bin, meta["val_tokens"], args.seq_len, args.eval_tokens)
+
+    def save(best_now=False):
+        ckpt = common.training_state(
+            model, optimizer, scheduler, scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
+            world_size=world, model_cfg=cfg, args=dict(vars(args)),
+            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
+            samples=samples_before + samples_seen)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        common.update_status(out, status, last_checkpoint=str(path.resolve()))
+
+    def run_eval():
+        nonlocal best
+        val_loss, val_bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
+        is_best = val_bpb < best
+        best = min(best, val_bpb)
+        common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 5)})
+        log(f"step {step}: val loss {val_loss:.4f} nats/token, {val_bpb:.4f} bits/byte ({len(windows)} windows)")
+        common.update_status(out, status, metric=round(val_bpb, 5))
+        if tb:
+            tb.add_scalar("val/bpb", val_bpb, step)
+        return is_best
+
+    def all_ranks(value, op):  # a number agreed by every rank (no-op on one process)
+        if world == 1:
+            return value
+        t = torch.tensor([float(value)], device=device)
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+    # -- the loop
+    watch = common.memory_watch(args)
+    if is_main:
+        common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+    t_start, samples_seen, start_step = time.time(), 0, step
+    t_log, step_log = time.time(), step
+    bar = common.progress_bar(total_steps, step) if is_main else None
+    model.train()
+    while step < total_steps:
+        batch = get_batch(train_bin, meta["train_tokens"], args.seq_len, args.seed, step, G, rank, E)
+        loss, _, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
+                                              lambda m, b: loss_fn(m, b, device), micro_bs, args.clip,
+                                              device, amp_dtype, log, no_sync=no_sync)
+        accum = math.ceil(E / micro_bs)
+        scheduler.step()
+        step, samples_seen = step + 1, samples_seen + G
+        common.check_memory(watch, device, log)
+        if is_main:
+            bar.update(1)
+        if step % args.log_every == 0 or step == total_steps:
+            loss = all_ranks(loss, dist.ReduceOp.SUM) / world if world > 1 else loss
+            dt = time.time() - t_log
+            ms = 1000 * dt / (step - step_log)
+            tps = tokens_per_step * (step - step_log) / dt
+            mfu = fpt * tps / (peak * world)
+            peak_mb = common.peak_memory_mb(device)
+            t_log, step_log = time.time(), step
+            lr = scheduler.get_last_lr()[0]
+            if is_main:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+                log(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f} ms/step | {tps:,.0f} tokens/s "
+                    f"| MFU {100 * mfu:.1f}% | peak {peak_mb:,.0f} MB")
+                common.append_metrics(out, {"step": step, "loss": round(loss, 6), "lr": lr, "ms_per_step": round(ms, 1),
+                                            "tokens_per_s": round(tps), "mfu": round(mfu, 4), "peak_mem_mb": peak_mb})
+                eta = (total_steps - step) * (time.time() - t_start) / (step - start_step)
+                common.update_status(out, status, step=step, epoch=step // steps_per_epoch + 1, loss=round(loss, 5),
+                                     samples_per_s=round(G * (step - start_step) / (time.time() - t_start), 1),
+                                     tokens_per_s=round(tps), mfu=round(mfu, 4), eta_s=round(eta),
+                                     **common.memory_snapshot(device))
+                if tb:
+                    tb.add_scalar("train/loss", loss, step)
+                    tb.add_scalar("train/tokens_per_s", tps, step)
+        is_best = False
+        if args.eval_every and step % args.eval_every == 0 or step == total_steps:
+            is_best = run_eval() if is_main else False
+            # every rank must know whether a checkpoint (and its barrier) follows
+            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX)) if world > 1 else is_best
+        saved = step % args.save_every == 0 or is_best or step == total_steps
+        if saved and is_main:
+            save(is_best)
+        if saved and world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        why = common.stop_requested(stop, out)
+        if all_ranks(bool(why), dist.ReduceOp.MAX) if world > 1 else why:  # every rank stops at the same step
+            if not saved and is_main:
+                save()
+            log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
+            if is_main:
+                common.update_status(out, status, state="stopped", step=step)
+                bar.close()
+            return 0
+    if is_main:
+        bar.close()
+    if world > 1:
+        dist.barrier()
+    if not is_main:
+        return 0
+
+    # -- report
+    if step == start_step and (out / "summary.json").exists():
+        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
+        common.update_status(out, status, state="finished", eta_s=0)
+        return 0
+    val_loss, val_bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
+    wall = wall_before + time.time() - status["started"]
+    train_s = train_before + time.time() - t_start
+    samples = samples_before + samples_seen
+    tps = samples * args.seq_len / max(1e-9, train_s)
+    common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
+                         val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
+                         samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / (peak * world), 4),
+                         peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
+                         wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
+                         world_size=world, device=device.type, precision=args.precision, global_batch=G,
+                         tokens_trained=samples * args.seq_len)
+    plot = common.plot_progress(out, "val_bpb")
+    log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
+        f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
+        f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+    text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
+    log("sample: " + repr("The " + text))
+    if tb:
+        tb.close()
+    common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
