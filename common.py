@@ -729,6 +729,21 @@ def find_checkpoint(out, args, log=print):
 # -----------------------------------------------------------------------------
 # run folder: args.json, status.json, metrics.jsonl, train.log, summary.json, plots
 
+def open_run(args, sources):
+    """Called by every trainer once its flags and data are checked, before anything is written:
+    the run folder (default runs/<trainer>-<time>, checked writable), the seed, the device and
+    precision (setup_device), and the checkpoint to resume. Returns (out, (device, amp_dtype,
+    scaler, why), state, resumed_from, notes): notes are lines for the log, once start_run opens it."""
+    out = Path(args.out) if args.out else default_out(args.trainer)
+    args.out = str(out)
+    check_out_writable(out)
+    seed_everything(args.seed)
+    device = setup_device(args, sources)
+    notes = []
+    state, resumed_from = find_checkpoint(out, args, notes.append)
+    return out, device, state, resumed_from, notes
+
+
 def default_out(trainer):
     return Path("runs") / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 

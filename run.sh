@@ -6,6 +6,7 @@
 #   ./run.sh status | monitor [RUN] | stop [RUN]
 #   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
 #   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags])
+#   ./run.sh asr-memory-optimized --train-manifest M.jsonl   the seed's T4 recipe for train_asr.py
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -48,10 +49,14 @@ case "$cmd" in
   watch)
     setup run
     "$PY" memory_optimizer.py monitor "$@" ;;
+  asr-memory-optimized)  # the seed's run_training_memory_optimized.sh, flag for flag
+    setup run
+    "$PY" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision \
+      --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 "$@" ;;
   gru|classifier|asr|lm)
     setup run
     "$PY" "train_$cmd.py" "$@" ;;
   *)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;
 esac

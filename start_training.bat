@@ -2,7 +2,8 @@
 rem Windows launcher: the same commands as run.sh, as a menu. All logic is in Python.
 rem   start_training.bat            menu
 rem   start_training.bat status     (or: demo, test, start, monitor, stop, profile, config, optimize,
-rem                                  watch, gru, classifier, lm -- the same words as ./run.sh)
+rem                                  watch, gru, classifier, asr, lm, asr-memory-optimized --
+rem                                  the same words as ./run.sh)
 setlocal
 cd /d "%~dp0"
 set PY=.venv\Scripts\python.exe
@@ -24,7 +25,8 @@ echo   5  Monitor the newest run
 echo   6  Stop the newest running run (it saves first)
 echo   7  Profile this machine and write optimal_config.json
 echo   8  Receipt classifier, quick run (train_classifier.py --quick)
-echo   9  Language model, quick run (train_lm.py --quick)
+echo   9  Speech recognizer, quick run (train_asr.py --quick)
+echo  10  Language model, quick run (train_lm.py --quick)
 echo   0  Exit
 set /p choice="Choose: "
 if "%choice%"=="1" "%PY%" common.py start gru --quick
@@ -35,7 +37,8 @@ if "%choice%"=="5" "%PY%" common.py monitor
 if "%choice%"=="6" "%PY%" common.py stop
 if "%choice%"=="7" ("%PY%" memory_optimizer.py profile & "%PY%" memory_optimizer.py config)
 if "%choice%"=="8" "%PY%" common.py start classifier --quick
-if "%choice%"=="9" "%PY%" common.py start lm --quick
+if "%choice%"=="9" "%PY%" common.py start asr --quick
+if "%choice%"=="10" "%PY%" common.py start lm --quick
 if "%choice%"=="0" exit /b 0
 goto menu
 
@@ -67,9 +70,14 @@ if "%cmd%"=="watch" (
   "%PY%" memory_optimizer.py monitor %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-for %%c in (gru classifier lm) do if "%cmd%"=="%%c" (
+if "%cmd%"=="asr-memory-optimized" (
+  rem the seed's run_training_memory_optimized.sh, flag for flag
+  "%PY%" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b %errorlevel%
+)
+for %%c in (gru classifier asr lm) do if "%cmd%"=="%%c" (
   "%PY%" train_%cmd%.py %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, watch, gru, classifier or lm
+echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, watch, gru, classifier, asr, lm or asr-memory-optimized
 exit /b 2

@@ -736,13 +736,7 @@ def main(argv=None):
                         f"(got {len(labels)} labels, {len(val_rows)} val, {len(test_rows)} test rows)")
 
     # -- model and tokenizer (user mistakes in --pretrained surface here, before any write)
-    out = Path(args.out) if args.out else common.default_out("classifier")
-    args.out = str(out)
-    common.check_out_writable(out)
-    common.seed_everything(args.seed)
-    dev = common.setup_device(args, sources)
-    notes = []
-    state, resumed_from = common.find_checkpoint(out, args, notes.append)
+    out, dev, state, resumed_from, notes = common.open_run(args, sources)
     if args.pretrained:
         model, tok, model_desc, missing, unexpected = load_pretrained(args.pretrained, len(labels))
         shape = dict(n_layers=len(model.transformer.layer), dim=model.pre_classifier.in_features,

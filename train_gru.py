@@ -496,13 +496,7 @@ def main(argv=None):
 
     # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
     # folder is written to
-    out = Path(args.out) if args.out else common.default_out("gru")
-    args.out = str(out)
-    common.check_out_writable(out)
-    common.seed_everything(args.seed)
-    device = common.setup_device(args, sources)
-    notes = []
-    state, resumed_from = common.find_checkpoint(out, args, notes.append)
+    out, device, state, resumed_from, notes = common.open_run(args, sources)
     # vocabulary from the training split (or the checkpoint, so ids never shift on resume)
     itos = state["extra"]["itos"] if state else build_vocab(train_pairs, args.vocab_size)
     if state:

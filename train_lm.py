@@ -673,12 +673,8 @@ def main(argv=None):
     data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
     meta = load_meta(data_dir, args.seq_len)
 
-    out = Path(args.out) if args.out else common.default_out("lm")
-    args.out = str(out)
-    common.check_out_writable(out)
-    common.seed_everything(args.seed)
-    device = common.setup_device(args, sources)
-    state, resumed_from = common.find_checkpoint(out, args, notes.append)
+    out, device, state, resumed_from, more_notes = common.open_run(args, sources)
+    notes += more_notes
     cfg = model_config(args, meta["vocab_size"])
     if state:
         if state.get("model_cfg") != cfg:

@@ -37,11 +37,13 @@ def run(cwd, *args, timeout=60):
 
 def check_entries(trainers):
     """Every setting is {"value": ..., "reason": "<non-empty sentence>"}; batch_size and
-    grad_accum also carry the quick column ("quick_value", taken by --quick runs), and so may
-    the LM's seq_len (on CPU: train_lm.py --quick's own context, 64)."""
+    grad_accum (and the asr preset: --quick keeps its tiny model) also carry the quick column
+    ("quick_value", taken by --quick runs), and so may the LM's seq_len (on CPU: train_lm.py
+    --quick's own context, 64)."""
     for name, settings in trainers.items():
         for key, entry in settings.items():
-            extra = {"quick_value"} if key in ("batch_size", "grad_accum") else set()
+            extra = {"quick_value"} if key in ("batch_size", "grad_accum") or (name, key) == ("asr", "preset") \
+                else set()
             if (name, key) == ("lm", "seq_len") and "quick_value" in entry:
                 extra = {"quick_value"}
             assert set(entry) == {"value", "reason"} | extra, (name, key, entry)

@@ -1,0 +1,1122 @@
+"""train_asr.py -- a speech recognizer: Conformer encoder + Transformer decoder, CTC + attention.
+
+After the KonkaniVani ASR project (Conformer encoder, Transformer decoder, hybrid CTC/attention
+loss, character vocabulary), rebuilt to fit small GPUs: the input is subsampled x4 in time before
+the encoder (the seed had no subsampling, so self-attention ran over every 10 ms frame), the
+batch size is fitted to the machine, and out-of-memory is recovered from, not fatal.
+
+    python train_asr.py --quick --out runs/a                      # laptop CPU: built-in set, minutes
+    python train_asr.py --transcribe a.wav b.wav --out runs/a     # print transcripts
+    python train_asr.py --train-manifest train.jsonl --val-manifest val.jsonl --out runs/mine
+    python train_asr.py --train-manifest train.jsonl --batch_size 2 --gradient_accumulation_steps 4 \\
+        --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4   # the seed's T4 line
+
+A manifest is JSONL ({"audio_filepath": ..., "text": ..., "duration": ...} per line) or CSV/TSV
+with a header naming path,text; paths are relative to the manifest. Audio: PCM WAV, any rate
+(resampled to 16 kHz), mono or stereo. Re-running the same command resumes.
+"""
+
+import os
+
+# Must be set before torch initialises CUDA: lets the caching allocator grow segments instead of
+# leaving fragments between variable-length batches (the seed's fix for its T4 OOMs).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import unicodedata  # noqa: E402
+import wave  # noqa: E402
+from fractions import Fraction  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+PAD, BLANK, SOS, EOS, UNK = 0, 1, 2, 3, 4
+SPECIALS = ["<pad>", "<blank>", "<sos>", "<eos>", "<unk>"]  # the seed's vocab.json order
+SR = 16000
+MIN_SECONDS = 0.1  # shorter clips give the x4 subsampler no frame at all (it needs 7 = 70 ms)
+N_FFT, HOP, N_MELS = 400, 160, 80  # 25 ms window, 10 ms hop, 80 mel bins (seed)
+# name: (d_model, encoder layers, decoder layers). The seed's table, plus "tiny" for --quick.
+PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 6, 3), "tiny": (96, 2, 1)}
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = common.make_parser(__doc__, trainer="asr", epochs=10, lr=None, effective_batch=16,
+                            save_every=100, eval_every=0, log_every=10)
+parser.set_defaults(clip=5.0)  # the seed's gradient clipping
+g = parser.add_argument_group("speech recognizer")
+g.add_argument("--train-manifest", default=None, metavar="PATH",
+               help="training data: JSONL or CSV/TSV manifest (default: built-in synthetic speech set)")
+g.add_argument("--val-manifest", default=None, metavar="PATH",
+               help="validation manifest (default: --val-frac of the training manifest)")
+g.add_argument("--test-manifest", default=None, metavar="PATH",
+               help="test manifest, decoded with beam search at the end (default: none with your data)")
+g.add_argument("--val-frac", type=float, default=0.05,
+               help="share of the training manifest held out when there is no --val-manifest")
+g.add_argument("--max-duration", type=common.pos_float, default=30.0, metavar="S",
+               help="drop utterances longer than S seconds (seed: 30); lower it to save memory")
+g.add_argument("--dataset-size", type=common.pos_int, default=None, metavar="N",
+               help="built-in set: training utterances (default 800 with --quick, else 3000)")
+g.add_argument("--synthetic-dir", default="data", metavar="DIR",
+               help="where the built-in set's WAVs and manifests are written (once, then reused)")
+g.add_argument("--preset", choices=list(PRESETS), default=None,
+               help="model size, parameters at a 200-character vocabulary: original d256 12+6 layers "
+                    "(24.9M), optimized d192 8+4 (9.5M; the seed's 9.4M with --subsample 1), minimal "
+                    "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick)")
+g.add_argument("--d_model", "--d-model", dest="d_model", type=common.pos_int, default=None,
+               help="model width (overrides the preset; a multiple of --heads)")
+g.add_argument("--encoder_layers", "--encoder-layers", dest="encoder_layers", type=common.pos_int,
+               default=None, help="Conformer blocks (overrides the preset)")
+g.add_argument("--decoder_layers", "--decoder-layers", dest="decoder_layers", type=common.pos_int,
+               default=None, help="Transformer decoder layers (overrides the preset)")
+g.add_argument("--heads", type=common.pos_int, default=4, help="attention heads (seed: 4)")
+g.add_argument("--dropout", type=float, default=0.1, help="dropout in encoder and decoder")
+g.add_argument("--subsample", type=int, choices=[4, 1], default=4,
+               help="time subsampling before the encoder: 4 = two stride-2 convolutions (40 ms frames), "
+                    "1 = none, as in the seed (4x the frames, ~16x the attention memory)")
+g.add_argument("--ctc-weight", type=float, default=0.3,
+               help="loss = w * CTC + (1 - w) * attention cross-entropy (seed: 0.3)")
+g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction,
+               default=True, help="SpecAugment in training: one frequency mask (up to 27 bins) and one "
+                                  "time mask (up to 70 frames or a fifth of the utterance)")
+g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
+               help="after warmup: cosine decay, or halve the LR when val loss has not improved for "
+                    "more than 3 evaluations in a row (the seed's ReduceLROnPlateau, patience 3)")
+g.add_argument("--empty-cache-every", type=common.nonneg_int, default=50, metavar="N",
+               help="CUDA: return cached blocks to the driver every N batches (0 = never)")
+g.add_argument("--beam", type=common.pos_int, default=4, help="beam width for the attention decoder")
+g.add_argument("--decode-ctc-weight", type=float, default=0.5,
+               help="beam search score = w * CTC prefix score + (1 - w) * attention (0 = attention only)")
+g.add_argument("--transcribe", nargs="+", default=None, metavar="WAV",
+               help="print transcripts of these WAV files with the model in --out (no training)")
+
+
+# -----------------------------------------------------------------------------
+# audio: WAV in, 16 kHz mono float out
+
+def open_wav(path, header_only=False):
+    """-> (channels, bytes per sample, rate, frames, raw sample bytes or None), by the stdlib
+    `wave`. Files in WAVE_FORMAT_EXTENSIBLE with PCM data (how sox and ffmpeg write most 24/32-bit
+    and multichannel WAVs; `wave` reads them only from Python 3.12) get their format tag rewritten
+    to plain PCM in memory. header_only reads the first 64 KiB: enough for the header."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(65536 if header_only else -1)
+        i = data.find(b"fmt ", 12)
+        # fmt chunk: tag at +8; in the extensible form the SubFormat GUID, whose first two
+        # bytes are the real format code (1 = PCM), starts at +32
+        if i > 0 and data[i + 8:i + 10] == b"\xfe\xff" and data[i + 32:i + 34] == b"\x01\x00":
+            data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
+        with wave.open(io.BytesIO(data), "rb") as w:
+            info = (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes())
+            return (*info, None if header_only else w.readframes(info[3]))
+    except FileNotFoundError:
+        raise UserError(f"{path}: audio file not found")
+    except (wave.Error, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable PCM WAV file ({e}); convert it, e.g. "
+                        "`ffmpeg -i IN -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav`")
+
+
+def read_wav(path):
+    """PCM WAV (8/16/24/32-bit, any rate, any channels) -> float32 tensor (samples,) at 16 kHz."""
+    channels, width, rate, _, raw = open_wav(path)
+    if rate <= 0:
+        raise UserError(f"{path}: the header says {rate} samples per second")
+    raw = raw[:len(raw) // (width * channels) * width * channels]  # a truncated file: whole frames only
+    if width == 1:  # 8-bit WAV is unsigned, centred on 128
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 2**15
+    elif width == 3:  # little-endian 24-bit: put the 3 bytes in the top of an int32, keep the sign
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8).astype(np.float32) / 2**23
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2**31
+    else:
+        raise UserError(f"{path}: {8 * width}-bit samples are not supported; use 16-bit PCM")
+    x = torch.from_numpy(x.reshape(-1, channels).mean(1))  # stereo -> mono by averaging
+    return resample(x, rate, SR) if rate != SR else x
+
+
+def resample(x, sr_in, sr_out, zeros=16):
+    """Band-limited resampling by a windowed-sinc polyphase filter, in plain torch.
+
+    With g = gcd(sr_in, sr_out), up = sr_out/g and down = sr_in/g, output sample k*up + j sits
+    at input position k*down + j*down/up. Each of the `up` phases j is one FIR filter, so the
+    whole resampling is a single strided conv1d with `up` output channels. The low-pass cutoff
+    is the lower of the two Nyquist rates, so downsampling does not alias.
+    """
+    # a rate that shares few factors with sr_out (e.g. 15999 Hz) would need thousands of
+    # phases: approximate the ratio by a fraction with a denominator up to 1000 (15999 -> 16000
+    # becomes 1:1, a time-scale error of 6e-5: 2 ms over 30 s, nothing a model notices)
+    ratio = Fraction(sr_out, sr_in).limit_denominator(1000)
+    up, down = ratio.numerator, ratio.denominator
+    if up == down:
+        return x
+    cutoff = min(1.0, up / down)  # fraction of the input Nyquist rate
+    width = math.ceil(zeros / cutoff)  # filter half-width in input samples
+    m = torch.arange(-width, width + down, dtype=torch.float64)  # tap offsets from k*down
+    t = m[None, :] - torch.arange(up, dtype=torch.float64)[:, None] * down / up  # (up, taps)
+    window = torch.where(t.abs() <= width, 0.5 * (1 + torch.cos(math.pi * t / width)), torch.zeros(()))
+    h = (cutoff * torch.sinc(cutoff * t) * window).float()  # (up, taps)
+    xp = F.pad(x[None, None], (width, width + down))
+    y = F.conv1d(xp, h[:, None], stride=down)[0]  # (up, n): phase j of block k
+    n_out = math.ceil(len(x) * up / down)
+    return y.t().reshape(-1)[:n_out]
+
+
+def write_wav(path, x, rate=SR):
+    """float tensor/array in [-1, 1] -> 16-bit PCM mono WAV."""
+    pcm = (np.clip(np.asarray(x), -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def wav_duration(path):
+    """Seconds, from the header only (cheap enough to check every file before training)."""
+    channels, width, rate, frames, _ = open_wav(path, header_only=True)
+    if rate <= 0 or width not in (1, 2, 3, 4):
+        raise UserError(f"{path}: unsupported WAV header ({rate} Hz, {8 * width}-bit); use 16-bit PCM")
+    return frames / rate
+
+
+# -----------------------------------------------------------------------------
+# features: 80-bin log-mel, per-utterance normalisation, SpecAugment
+
+def mel_filterbank(n_freqs=N_FFT // 2 + 1, n_mels=N_MELS, sr=SR, f_min=0.0, f_max=SR / 2):
+    """(n_freqs, n_mels) triangular filters on the HTK mel scale, unnormalised (as the seed's
+    torchaudio MelSpectrogram). With 201 FFT bins the lowest few filters fall between bins and
+    stay empty; normalisation maps those constant rows to 0."""
+    def hz_to_mel(f):
+        return 2595 * math.log10(1 + f / 700)
+    freqs = torch.linspace(0, sr / 2, n_freqs)[:, None]  # (n_freqs, 1)
+    mels = torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
+    edges = 700 * (10 ** (mels / 2595) - 1)  # band edges in Hz
+    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
+    return ((freqs - lo) / (mid - lo)).minimum((hi - freqs) / (hi - mid)).clamp(min=0)
+
+
+MEL_FB = mel_filterbank()
+WINDOW = torch.hann_window(N_FFT)  # periodic Hann, as torch.stft expects
+
+
+def log_mel(x):
+    """(samples,) at 16 kHz -> (frames, 80) log power mel; frames = 1 + samples // 160."""
+    spec = torch.stft(x, N_FFT, HOP, window=WINDOW, center=True, pad_mode="reflect", return_complex=True)
+    power = spec.real ** 2 + spec.imag ** 2  # (201, frames)
+    return torch.log(power.t() @ MEL_FB + 1e-10)
+
+
+def normalize(feats):
+    """Per-utterance mean/variance normalisation per mel bin: loudness and channel cancel out."""
+    return (feats - feats.mean(0)) / (feats.std(0, unbiased=False) + 1e-5)
+
+
+def spec_augment(feats, gen):
+    """One frequency mask (<= 27 bins) and one time mask (<= 70 frames, and at most a fifth of
+    the utterance so short ones keep their content), set to 0 = the normalised mean (Park et
+    al. 2019, SpecAugment, the seed's F = 27, T = 70, one mask of each, no time warping)."""
+    T, n_bins = feats.shape
+    feats = feats.clone()
+    f = int(torch.randint(0, 28, (), generator=gen))
+    f0 = int(torch.randint(0, n_bins - f + 1, (), generator=gen))
+    feats[:, f0:f0 + f] = 0
+    t = int(torch.randint(0, min(70, T // 5) + 1, (), generator=gen))
+    t0 = int(torch.randint(0, T - t + 1, (), generator=gen))
+    feats[t0:t0 + t] = 0
+    return feats
+
+
+# -----------------------------------------------------------------------------
+# data: manifests, vocabulary, length-bucketed batches
+
+def norm_text(s):
+    # NFC: the same Devanagari (or accented) text typed two ways becomes the same characters
+    return " ".join(unicodedata.normalize("NFC", str(s)).split())
+
+
+def read_manifest(path, flag):
+    """JSONL ({"audio_filepath", "text", "duration"?}) or CSV/TSV (header path,text or
+    audio_filepath,text) -> (list of {"path", "text", "duration"}, rows skipped for an empty
+    text); paths relative to the manifest. Every WAV header is read here, so a missing or corrupt
+    file stops the run before it starts; the duration is the header's (a manifest's may be stale)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {p}: file not found")
+    rows = []
+    try:
+        if p.suffix.lower() in (".jsonl", ".json"):
+            for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    rows.append((r["audio_filepath"], r["text"], i))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UserError(f"{flag} {p}: line {i} is not an object with audio_filepath and text "
+                                    f"({e!r})")
+        else:
+            delim = "\t" if p.suffix.lower() == ".tsv" else ","
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter=delim)
+                cols = [(c or "").strip().lower() for c in reader.fieldnames or []]
+                key = "path" if "path" in cols else "audio_filepath"
+                if key not in cols or "text" not in cols:
+                    raise UserError(f"{flag} {p}: the header must name path,text (found: {', '.join(cols)}); "
+                                    "or use a .jsonl manifest")
+                reader.fieldnames = cols
+                for i, r in enumerate(reader, start=2):
+                    if r.get(key) is None or r.get("text") is None or r.get(None):
+                        raise UserError(f"{flag} {p}: line {i} has the wrong number of fields; quote a "
+                                        'text that contains the delimiter ("hello, world")')
+                    rows.append((r[key].strip(), r["text"], i))
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {p}: not UTF-8 text; save the manifest as UTF-8")
+    items, empty = [], 0
+    for audio, text, line in rows:
+        text = norm_text(text)
+        if not text or not str(audio).strip():
+            empty += 1
+            continue
+        wav = (p.parent / audio) if not Path(audio).is_absolute() else Path(audio)
+        if not wav.is_file():
+            raise UserError(f"{flag} {p}: line {line}: audio file {wav} not found (paths are relative "
+                            "to the manifest's folder)")
+        items.append({"path": str(wav), "text": text, "duration": wav_duration(wav)})
+    if not items:
+        raise UserError(f"{flag} {p}: no utterances (every row needs an audio path and a text)")
+    return items, empty
+
+
+def build_vocab(items):
+    """Specials + every character of the training transcripts, sorted (the seed's vocab.json)."""
+    return SPECIALS + sorted({c for it in items for c in it["text"]})
+
+
+def encode(text, stoi):
+    return [stoi.get(c, UNK) for c in text]
+
+
+def bucket_batches(items, batch, seed, epoch):
+    """Length-sorted batches, so a batch carries little padding. The sort key is jittered by
+    +-10 % per epoch and the batch order shuffled, so batches differ between epochs; both depend
+    only on (seed, epoch), so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    jitter = 1 + 0.2 * (torch.rand(len(items), generator=g) - 0.5)
+    order = sorted(range(len(items)), key=lambda i: items[i]["duration"] * float(jitter[i]))
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def make_batch(items, idxs, stoi, augment_gen=None):
+    """Read, featurise and pad utterances idxs -> dict of tensors (dim 0 = utterances).
+
+    feats (B, T, 80) zero-padded; feat_len (B,); chars (B, U) padded with PAD; dec_in (B, U+1)
+    = <sos> + chars; dec_out (B, U+1) = chars + <eos>; tgt_len (B,) characters per utterance.
+    """
+    feats = []
+    for i in idxs:
+        f = normalize(log_mel(read_wav(items[i]["path"])))
+        feats.append(spec_augment(f, augment_gen) if augment_gen is not None else f)
+    ids = [encode(items[i]["text"], stoi) for i in idxs]
+    B, T, U = len(idxs), max(len(f) for f in feats), max(len(t) for t in ids)
+    b = {"feats": torch.zeros(B, T, N_MELS), "feat_len": torch.tensor([len(f) for f in feats]),
+         "chars": torch.full((B, U), PAD), "dec_in": torch.full((B, U + 1), PAD),
+         "dec_out": torch.full((B, U + 1), PAD), "tgt_len": torch.tensor([len(t) for t in ids])}
+    for k, (f, t) in enumerate(zip(feats, ids)):
+        b["feats"][k, :len(f)] = f
+        b["chars"][k, :len(t)] = torch.tensor(t, dtype=torch.long)
+        b["dec_in"][k, :len(t) + 1] = torch.tensor([SOS] + t)
+        b["dec_out"][k, :len(t) + 1] = torch.tensor(t + [EOS])
+    return b
+
+
+# -----------------------------------------------------------------------------
+# built-in data: synthetic "speech" that exercises the whole pipeline and can be learned
+#
+# Each of 16 letters is a chord of two tones (a low and a high one, like telephone DTMF keys,
+# with rows 1.33x apart so a speaker's pitch shift of up to 6 % never turns one letter into
+# another), 70-110 ms long with a short fade, separated by 10-30 ms gaps so doubled letters
+# stay two events; a space is 80-140 ms of silence. Every utterance has its own "speaker"
+# (pitch shift, loudness) and background noise at 15-25 dB SNR. Transcripts are sentences of
+# romanised Konkani-like words over those letters.
+
+LETTERS = "aeioudghkmnprstv"
+LOW_HZ, HIGH_HZ = [300, 400, 533, 711], [1100, 1467, 1956, 2608]
+WORDS = ["konkani", "vaani", "dis", "mhaka", "tum", "kitem", "korta", "ghara", "vetam", "pani",
+         "sukh", "dev", "maka", "tuka", "hanv", "ami", "tumi", "gomant", "sorg", "datta", "samudr",
+         "pavs", "nadi", "denva", "ratri", "sakar", "mogan", "vhodd", "poddta", "kuddi"]
+
+
+def synth_utterance(text, rng):
+    """text over LETTERS and spaces -> float32 waveform at 16 kHz."""
+    shift, gain = rng.uniform(0.94, 1.06), rng.uniform(0.3, 0.9)
+    parts = [np.zeros(int(SR * rng.uniform(0.05, 0.2)))]
+    for c in text:
+        if c == " ":
+            parts.append(np.zeros(int(SR * rng.uniform(0.08, 0.14))))
+            continue
+        k = LETTERS.index(c)
+        n = int(SR * rng.uniform(0.07, 0.11))
+        t = np.arange(n) / SR
+        tone = np.sin(2 * np.pi * LOW_HZ[k // 4] * shift * t) + 0.7 * np.sin(2 * np.pi * HIGH_HZ[k % 4] * shift * t)
+        fade = np.minimum(1, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.005 * SR))
+        parts += [tone * fade, np.zeros(int(SR * rng.uniform(0.01, 0.03)))]
+    parts.append(np.zeros(int(SR * rng.uniform(0.05, 0.2))))
+    x = gain * 0.5 * np.concatenate(parts)
+    noise_rms = np.sqrt(np.mean(x ** 2)) / 10 ** (rng.uniform(15, 25) / 20)
+    return (x + rng.normal(0, noise_rms, len(x))).astype(np.float32)
+
+
+def synthetic_set(root, n_train, seed, log=print):
+    """Write (once) the built-in set as WAVs + JSONL manifests under root/asr-synthetic-n{N}-s{seed};
+    returns the three manifest paths. The manifests are written last, so a half-written set
+    (killed mid-way) is regenerated, not used."""
+    d = Path(root) / f"asr-synthetic-n{n_train}-s{seed}"
+    splits = {"train": n_train, "val": max(20, n_train // 8), "test": max(20, n_train // 8)}
+    paths = {s: d / f"{s}.jsonl" for s in splits}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    try:
+        (d / "wav").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--synthetic-dir {root}: cannot create {d} ({e.strerror}); pick another folder")
+    log(f"writing the built-in speech set ({sum(splits.values())} utterances) to {d} (once)")
+    rng = np.random.default_rng(seed)
+    for split, n in splits.items():
+        lines = []
+        for i in range(n):
+            text = " ".join(rng.choice(WORDS, size=rng.integers(2, 5)))
+            x = synth_utterance(text, rng)
+            name = f"wav/{split}_{i:05d}.wav"
+            write_wav(d / name, x)
+            lines.append(json.dumps({"audio_filepath": name, "text": text, "duration": round(len(x) / SR, 3),
+                                     "speaker": f"synth{i % 50}"}))
+        tmp = paths[split].with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, paths[split])
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# model: Conv2d subsampling -> Conformer encoder -> CTC head; Transformer decoder
+
+def sinusoids(T, d, device):
+    """(T, d) fixed sinusoidal positions (Vaswani et al. 2017), as the seed uses on both sides."""
+    pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(T, d, device=device)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return pe
+
+
+class Subsample(nn.Module):
+    """x4 in time (and mel): two 3x3 stride-2 convolutions, then a projection to d_model.
+    32 channels, not d_model (ESPnet's choice): it keeps the parameter count near the seed's
+    9.4M while still dividing the encoder's frames, and so attention memory, by 4 and 16."""
+
+    def __init__(self, d, channels=32):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
+        self.proj = nn.Linear(channels * (((N_MELS - 1) // 2 - 1) // 2), d)
+
+    def forward(self, x, lengths):  # x (B, T, 80)
+        x = self.conv(x[:, None])  # (B, C, T/4, 19)
+        B, C, T, Fq = x.shape
+        # an unpadded 3-wide stride-2 conv maps L frames to (L - 1) // 2; real frames never see padding
+        return self.proj(x.transpose(1, 2).reshape(B, T, C * Fq)), ((lengths - 1) // 2 - 1) // 2
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm whose training statistics count real frames only: padded frames (whatever a
+    batch's padding share) neither shift the mean nor shrink the variance. Same parameters and
+    buffers as nn.BatchNorm1d. `recomputing` is set while gradient checkpointing reruns the
+    forward, so the running statistics are updated once per step, not twice."""
+    recomputing = False
+
+    def forward(self, x, pad):  # x (B, d, T); pad (B, T) True at padding
+        if not self.training:
+            return super().forward(x)
+        real = (~pad)[:, None].to(torch.float32)  # (B, 1, T)
+        n = real.sum()
+        xf = x.float()
+        mean = (xf * real).sum((0, 2)) / n  # (d,)
+        var = ((xf - mean[:, None]) ** 2 * real).sum((0, 2)) / n
+        if not self.recomputing:
+            with torch.no_grad():  # running stats as nn.BatchNorm1d keeps them (unbiased variance)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)
+                self.num_batches_tracked += 1
+        y = (xf - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps) * self.weight[:, None] + self.bias[:, None]
+        return y.to(x.dtype)
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution module (Gulati et al. 2020): pointwise -> GLU -> depthwise k=31 ->
+    BatchNorm -> SiLU -> pointwise."""
+
+    def __init__(self, d, kernel, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.pw1 = nn.Conv1d(d, 2 * d, 1)
+        self.dw = nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=d)
+        self.bn = MaskedBatchNorm1d(d)
+        self.pw2 = nn.Conv1d(d, d, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, pad):  # x (B, T, d); pad (B, T) True at padding
+        x = F.glu(self.pw1(self.norm(x).transpose(1, 2)), dim=1)  # (B, d, T)
+        # zero the padding: else the 31-wide kernel carries it into the last real frames, and a
+        # batch's result would depend on how much padding it has
+        x = self.dw(x.masked_fill(pad[:, None], 0))
+        # batch statistics over real frames (the seed's nn.BatchNorm1d also counted padding); they
+        # still differ between the micro-batches of one step, as in any BatchNorm model, so with
+        # accumulation training-mode gradients match one big batch only approximately
+        return self.drop(self.pw2(F.silu(self.bn(x, pad))).transpose(1, 2))
+
+
+def feed_forward(d, dropout):
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(dropout),
+                         nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+
+class ConformerBlock(nn.Module):
+    """Macaron block: x + FF/2, + MHSA, + conv, + FF/2, then LayerNorm (Gulati et al. 2020)."""
+
+    def __init__(self, d, heads, kernel, dropout):
+        super().__init__()
+        self.ff1, self.ff2 = feed_forward(d, dropout), feed_forward(d, dropout)
+        self.attn_norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.attn_drop = nn.Dropout(dropout)
+        self.conv = ConvModule(d, kernel, dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, pad):
+        x = x + 0.5 * self.ff1(x)
+        h = self.attn_norm(x)
+        x = x + self.attn_drop(self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+        x = x + self.conv(x, pad)
+        return self.norm(x + 0.5 * self.ff2(x))
+
+
+class ASRModel(nn.Module):
+    def __init__(self, vocab, d, enc_layers, dec_layers, heads=4, kernel=31, dropout=0.1, subsample=4):
+        super().__init__()
+        self.d, self.grad_checkpointing = d, False
+        self.front = Subsample(d) if subsample == 4 else None
+        self.input = nn.Linear(N_MELS, d) if subsample == 1 else None  # the seed's front end
+        self.encoder = nn.ModuleList(ConformerBlock(d, heads, kernel, dropout) for _ in range(enc_layers))
+        self.ctc_head = nn.Linear(d, vocab)
+        self.embed = nn.Embedding(vocab, d)
+        self.decoder = nn.ModuleList(nn.TransformerDecoderLayer(d, heads, 4 * d, dropout, batch_first=True)
+                                     for _ in range(dec_layers))  # post-norm, ReLU (seed)
+        self.out = nn.Linear(d, vocab)
+        self.drop = nn.Dropout(dropout)
+
+    def encode(self, feats, lengths):
+        """feats (B, T, 80), lengths (B,) -> enc (B, T', d), lengths (B,), pad mask (B, T')."""
+        if self.front is not None:
+            x, lengths = self.front(feats, lengths)
+        else:
+            x = self.input(feats)
+        x = self.drop(x + sinusoids(x.shape[1], self.d, x.device))
+        pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]
+        for block in self.encoder:
+            if self.grad_checkpointing and self.training:  # recompute activations in backward
+                x = checkpoint(block, x, pad, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), recomputing(b)))
+            else:
+                x = block(x, pad)
+        return x, lengths, pad
+
+    def decode(self, tokens, enc, enc_pad):
+        """tokens (B, U) starting with <sos> -> logits (B, U, V) for the next character."""
+        U = tokens.shape[1]
+        x = self.drop(self.embed(tokens) * math.sqrt(self.d) + sinusoids(U, self.d, tokens.device))
+        causal = torch.ones(U, U, dtype=torch.bool, device=tokens.device).triu(1)  # True = may not attend
+        tgt_pad = tokens == PAD
+        for layer in self.decoder:
+            x = layer(x, enc, tgt_mask=causal, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=enc_pad)
+        return self.out(x)
+
+
+@contextlib.contextmanager
+def recomputing(block):
+    """While checkpointing reruns `block`'s forward: BatchNorm must not update its running
+    statistics a second time."""
+    bns = [m for m in block.modules() if isinstance(m, MaskedBatchNorm1d)]
+    for m in bns:
+        m.recomputing = True
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.recomputing = False
+
+
+def model_shape(args):
+    d, enc, dec = PRESETS[args.preset]
+    return (args.d_model or d, args.encoder_layers or enc, args.decoder_layers or dec)
+
+
+def build_model(shape, vocab, args):
+    d, enc, dec = shape
+    return ASRModel(vocab, d, enc, dec, args["heads"], 31, args["dropout"], args["subsample"])
+
+
+def forward(model, b, ctc_weight):
+    """-> (summed hybrid loss, target tokens (characters + <eos>), CTC log-probs (B, T', V), lengths).
+
+    Both terms are sums, divided once by the target tokens of the whole accumulated batch in
+    common.train_step, so a padded micro-batch weighs by its real tokens, not as 1/k of the step.
+    CTC targets are the characters only (the seed also fed <sos>/<eos> to CTC, which made CTC
+    learn to emit them).
+    """
+    T, U = int(b["feat_len"].max()), int(b["tgt_len"].max())
+    enc, enc_len, pad = model.encode(b["feats"][:, :T], b["feat_len"])  # trim this micro-batch's padding
+    log_probs = model.ctc_head(enc).float().log_softmax(-1)  # (B, T', V); CTC in fp32
+    ctc = F.ctc_loss(log_probs.transpose(0, 1), b["chars"][:, :U], enc_len, b["tgt_len"], blank=BLANK,
+                     reduction="sum", zero_infinity=True)  # an utterance too short for its text adds 0
+    logits = model.decode(b["dec_in"][:, :U + 1], enc, pad)  # (B, U+1, V)
+    target = b["dec_out"][:, :U + 1]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD, reduction="sum")
+    return ctc_weight * ctc + (1 - ctc_weight) * ce, (target != PAD).sum(), log_probs, enc_len
+
+
+def loss_fn(model, b, ctc_weight):
+    """Summed hybrid loss and the number of target tokens it covers (characters + <eos>)."""
+    return forward(model, b, ctc_weight)[:2]
+
+
+# -----------------------------------------------------------------------------
+# decoding and metrics
+
+def ctc_greedy(log_probs, lengths):
+    """(B, T, V) -> list of id lists: best class per frame, merge repeats, drop blanks/specials."""
+    out = []
+    for seq, L in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
+        seq = seq[:L]
+        out.append([c for i, c in enumerate(seq) if c > UNK and (i == 0 or c != seq[i - 1])])
+    return out
+
+
+def ctc_prefix_scores(x, r_n, r_b, last, first):
+    """CTC prefix probabilities of every one-character extension of H hypotheses at once.
+
+    x (T, V) frame log-probs; r_n, r_b (T, H): log-prob that frames 0..t emit prefix h and end
+    in a non-blank / blank frame; last (H,) last character of each h; first = h is empty.
+    Returns r_n', r_b' (T, H, V) for each h+c and log psi (H, V), the log-probability that the
+    utterance's output starts with h+c (Watanabe et al. 2017, Hybrid CTC/attention, alg. 2).
+    """
+    T, V = x.shape
+    H = r_n.shape[1]
+    # phi: paths into frame t+1 can start c after prefix h ... but a repeat of h's last char
+    # needs a blank in between, so only blank-ending paths count for c == last
+    phi = torch.logaddexp(r_n, r_b)[:, :, None].expand(T, H, V).clone()
+    idx = torch.arange(H)
+    phi[:, idx, last] = r_b
+    new_n = torch.full((T, H, V), -math.inf, dtype=x.dtype)
+    new_b = torch.full((T, H, V), -math.inf, dtype=x.dtype)
+    if first:
+        new_n[0] = x[0]
+    for t in range(1, T):
+        new_n[t] = torch.logaddexp(new_n[t - 1], phi[t - 1]) + x[t]
+        new_b[t] = torch.logaddexp(new_n[t - 1], new_b[t - 1]) + x[t, BLANK]
+    psi = torch.logsumexp(torch.cat([new_n[:1], phi[:-1] + x[1:, None, :]]), 0)
+    return new_n, new_b, psi
+
+
+@torch.inference_mode()
+def beam_search(model, feats, beam, ctc_weight, device):
+    """One utterance (T, 80) -> best id list, by attention beam search scored jointly with the
+    CTC prefix score: score = (1 - w) * log p_att + w * log p_ctc(prefix). Both parts only
+    fall as a hypothesis grows, so the search can stop once a finished one beats all live ones."""
+    enc, enc_len, _ = model.encode(feats[None].to(device), torch.tensor([len(feats)], device=device))
+    x = model.ctc_head(enc)[0].float().log_softmax(-1).cpu()  # (T', V)
+    T, V = x.shape
+    banned = torch.zeros(V)
+    banned[[PAD, BLANK, SOS]] = -math.inf
+    # live hypotheses: (ids, score, r_n (T,), r_b (T,), psi); the empty prefix is all blanks
+    live = [([SOS], 0.0, torch.full((T,), -math.inf), torch.cumsum(x[:, BLANK], 0), 0.0)]
+    done = []
+    for step in range(T):
+        tokens = torch.tensor([h[0] for h in live], device=device)
+        att = model.decode(tokens, enc.expand(len(live), -1, -1), None)[:, -1].float().log_softmax(-1).cpu()
+        score = torch.tensor([h[1] for h in live])[:, None] + (1 - ctc_weight) * att + banned
+        if ctc_weight > 0:
+            r_n = torch.stack([h[2] for h in live], 1)
+            r_b = torch.stack([h[3] for h in live], 1)
+            last = torch.tensor([h[0][-1] if len(h[0]) > 1 else PAD for h in live])
+            new_n, new_b, psi = ctc_prefix_scores(x, r_n, r_b, last, first=step == 0)
+            psi[:, EOS] = torch.logaddexp(r_n[-1], r_b[-1])  # the output is exactly h
+            score = score + ctc_weight * (psi - torch.tensor([h[4] for h in live])[:, None])
+        top = score.flatten().topk(min(beam, score.numel()))
+        nxt = []
+        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
+            h, c = divmod(flat, V)
+            ids = live[h][0] + [c]
+            if c == EOS:
+                done.append((s, ids))
+            elif ctc_weight > 0:
+                nxt.append((ids, s, new_n[:, h, c], new_b[:, h, c], float(psi[h, c])))
+            else:
+                nxt.append((ids, s, None, None, 0.0))
+        live = nxt
+        if not live or (done and max(d[0] for d in done) >= max(h[1] for h in live)):
+            break
+    if not done:  # no hypothesis finished within T steps: take the best live one
+        done = [(h[1], h[0]) for h in live]
+    best = max(done, key=lambda d: d[0])[1]
+    return [c for c in best if c > UNK]
+
+
+def edit_distance(a, b):
+    """Levenshtein distance between two sequences (one DP row)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def error_rates(refs, hyps):
+    """(CER, WER) in % over a corpus: total edits / total reference characters (words)."""
+    ce = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
+    we = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
+    return (100 * ce / max(1, sum(len(r) for r in refs)),
+            100 * we / max(1, sum(len(r.split()) for r in refs)))
+
+
+def to_text(ids, itos):
+    return "".join(itos[i] for i in ids)
+
+
+@torch.inference_mode()
+def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch):
+    """Validation loss per target token and greedy-CTC CER/WER over `items`."""
+    model.eval()
+    loss_sum, n_tok, refs, hyps = 0.0, 0, [], []
+    order = sorted(range(len(items)), key=lambda i: items[i]["duration"])
+    for k in range(0, len(order), batch):
+        idxs = order[k:k + batch]
+        b = {key: v.to(device) for key, v in make_batch(items, idxs, stoi).items()}
+        with common.autocast(device, amp_dtype):
+            ls, n, log_probs, enc_len = forward(model, b, ctc_weight)
+        loss_sum, n_tok = loss_sum + ls.item(), n_tok + int(n)
+        refs += [items[i]["text"] for i in idxs]
+        hyps += [to_text(h, itos) for h in ctc_greedy(log_probs, enc_len)]
+    model.train()
+    return (loss_sum / max(1, n_tok), *error_rates(refs, hyps), list(zip(refs, hyps)))
+
+
+def decode_set(model, items, stoi, itos, args, device):
+    """Beam search (attention + CTC prefix score) over `items` -> (CER, WER, pairs)."""
+    model.eval()
+    refs, hyps = [], []
+    for it in items:
+        feats = normalize(log_mel(read_wav(it["path"])))
+        hyps.append(to_text(beam_search(model, feats, args.beam, args.decode_ctc_weight, device), itos))
+        refs.append(it["text"])
+    model.train()
+    return (*error_rates(refs, hyps), list(zip(refs, hyps)))
+
+
+def oom_advice(argv, args, device):
+    """The seed's "try in order" list, as the commands to run next (when batch 1 does not fit)."""
+    def cmd(*extra):
+        keep = []
+        skip = {e.split()[0] for e in extra}
+        it = iter(argv)
+        for a in it:
+            if a.split("=")[0] in skip:
+                if "=" not in a:
+                    next(it, None)
+                continue
+            keep.append(a)
+        return "python train_asr.py " + " ".join(shlex.quote(a) for a in keep + [w for e in extra for w in e.split()])
+    steps = []
+    if device.type == "cuda" and args.precision == "fp32":
+        steps.append(cmd("--precision auto"))
+    if args.subsample == 1:
+        steps.append(cmd("--subsample 4"))
+    if not args.grad_checkpointing:
+        steps.append(cmd("--grad-checkpointing"))
+    if args.preset not in ("minimal", "tiny"):
+        steps.append(cmd("--preset minimal"))
+    steps.append(cmd(f"--max-duration {max(1, int(args.max_duration // 2))}"))
+    return steps
+
+
+# -----------------------------------------------------------------------------
+
+def asr_extra(state, path):
+    """The checkpoint's train_asr.py data (vocabulary, shape), or a user error for another file."""
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if not isinstance(extra, dict) or "shape" not in extra or "itos" not in extra:
+        raise UserError(f"{path} is not a train_asr.py checkpoint; pass a run folder of train_asr.py "
+                        "(--out) or one of its checkpoints (--resume)")
+    return extra
+
+
+def load_run(out, args):
+    """The model of a finished or running run folder, for --transcribe."""
+    state, path = common.find_checkpoint(out, args, print)
+    if state is None:
+        raise UserError(f"--transcribe: no checkpoint in {out}/checkpoints; train first: "
+                        f"python train_asr.py --quick --out {out}")
+    extra = asr_extra(state, path)
+    model = build_model(extra["shape"], len(extra["itos"]), extra["model_args"])
+    model.load_state_dict(state["model"])
+    return model.eval(), extra["itos"], path, state["step"]
+
+
+def run_transcribe(args):
+    out = Path(args.out) if args.out else next(
+        (r for r, st in common.list_runs("runs") if st.get("trainer") == "asr"), None)
+    if out is None:
+        raise UserError("--transcribe: no run folder given and none found under runs/; pass --out RUN")
+    best = out / "checkpoints" / "best.pt"
+    if args.resume is None and best.exists():
+        args.resume = str(best)
+    audio = [read_wav(p) for p in args.transcribe]  # every file checked before the model loads
+    for p, x in zip(args.transcribe, audio):
+        if len(x) < MIN_SECONDS * SR:
+            raise UserError(f"{p}: {len(x) / SR:.3f} s is too short to transcribe (under {MIN_SECONDS:g} s)")
+    model, itos, path, step = load_run(out, args)
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    print(f"model {path} (step {step}) on {device.type}; beam {args.beam}, CTC weight {args.decode_ctc_weight}")
+    for p, x in zip(args.transcribe, audio):
+        ids = beam_search(model, normalize(log_mel(x)), args.beam, args.decode_ctc_weight, device)
+        print(f"{p}\t{to_text(ids, itos)}")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, sources = common.resolve_settings(parser, argv)
+    if not 0 <= args.decode_ctc_weight <= 1:
+        raise UserError(f"--decode-ctc-weight {args.decode_ctc_weight}: must be between 0 and 1")
+    if args.transcribe:
+        return run_transcribe(args)
+    if not 0 <= args.ctc_weight <= 1:
+        raise UserError(f"--ctc-weight {args.ctc_weight}: must be between 0 and 1")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.preset is None:
+        args.preset, sources["preset"] = ("tiny" if args.quick else "optimized"), "auto"
+    if args.lr is None:  # seed: 5e-4; the tiny model of --quick learns in a few hundred steps at 2e-3
+        args.lr, sources["lr"] = (2e-3 if args.preset == "tiny" else 5e-4), "auto"
+    shape = model_shape(args)
+    if shape[0] % args.heads:
+        raise UserError(f"--d_model {shape[0]} is not a multiple of --heads {args.heads}")
+    if (args.val_manifest or args.test_manifest) and not args.train_manifest:
+        raise UserError("--val-manifest/--test-manifest need --train-manifest too")
+    if args.train_manifest and args.dataset_size:
+        raise UserError("--dataset-size is for the built-in set; it does not apply with --train-manifest")
+    if args.quick and sources["epochs"] == "default":
+        args.epochs, sources["epochs"] = 6, "quick"
+
+    # -- data (validated before the run folder is touched)
+    if args.train_manifest:
+        train_items, empty = read_manifest(args.train_manifest, "--train-manifest")
+        if args.val_manifest:
+            val_items, e = read_manifest(args.val_manifest, "--val-manifest")
+            empty += e
+        else:
+            if not 0 < args.val_frac < 0.5:
+                raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
+            random.Random(args.seed).shuffle(train_items)
+            n_val = max(1, int(len(train_items) * args.val_frac))
+            if len(train_items) - n_val < 1:
+                raise UserError(f"--train-manifest {args.train_manifest}: too few utterances to hold out "
+                                "validation; add data or pass --val-manifest")
+            val_items, train_items = train_items[:n_val], train_items[n_val:]
+        test_items, e = read_manifest(args.test_manifest, "--test-manifest") if args.test_manifest else ([], 0)
+        empty += e
+        data_desc = args.train_manifest
+    else:
+        n = args.dataset_size or (800 if args.quick else 3000)
+        if args.dataset_size is None:
+            args.dataset_size, sources["dataset_size"] = n, "auto"
+        paths = synthetic_set(args.synthetic_dir, n, args.seed)
+        train_items, val_items, test_items = (read_manifest(paths[s], "--synthetic-dir")[0]
+                                              for s in ("train", "val", "test"))
+        empty = 0
+        data_desc = f"built-in synthetic speech ({paths['train'].parent})"
+    short, long = f"under {MIN_SECONDS:g} s", f"over --max-duration {args.max_duration:g} s"
+    dropped = {"empty text": empty, short: 0, long: 0}
+    for items in (train_items, val_items, test_items):
+        dropped[short] += sum(it["duration"] < MIN_SECONDS for it in items)
+        dropped[long] += sum(it["duration"] > args.max_duration for it in items)
+        items[:] = [it for it in items if MIN_SECONDS <= it["duration"] <= args.max_duration]
+    dropped = {k: v for k, v in dropped.items() if v}
+    if not train_items or not val_items:
+        raise UserError(f"--max-duration {args.max_duration}: no {'training' if not train_items else 'validation'} "
+                        f"utterance is between {MIN_SECONDS:g} s and that long; raise it")
+
+    # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
+    # folder is written to
+    out, device, state, resumed_from, notes = common.open_run(args, sources)
+    model_args = {"heads": args.heads, "dropout": args.dropout, "subsample": args.subsample}
+    if state:
+        extra = asr_extra(state, resumed_from)
+        if extra["shape"] != list(shape) or extra["model_args"] != model_args:
+            raise UserError(f"{resumed_from} is a model of shape {extra['shape']} {extra['model_args']}, these "
+                            f"flags ask for {list(shape)} {model_args}; use the run's flags, a new --out or --no-resume")
+    # the vocabulary comes from the training transcripts (or the checkpoint, so ids never shift)
+    itos = state["extra"]["itos"] if state else build_vocab(train_items)
+
+    log, status, stop = common.start_run(out, args, "asr", "val_cer", notes)
+    with common.recording_failures(out, status):
+        try:
+            return train(args, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
+                         train_items, val_items, test_items, itos, data_desc, dropped)
+        except Exception as e:
+            # common.train_step halves the micro-batch on OOM; what reaches here did not fit even
+            # at batch 1 (in the batch probe, a step, validation or the test decoding)
+            if not common.is_oom(e):
+                raise
+            advice = oom_advice(argv, args, device[0])
+            for i, line in enumerate(advice, start=1):
+                log(f"  {i}. {line}")
+            raise UserError(f"out of memory even at batch 1 (utterances up to {args.max_duration:g}s); "
+                            f"try the {len(advice)} commands above, in order") from None
+
+
+def train(args, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
+          train_items, val_items, test_items, itos, data_desc, dropped):
+    device, amp_dtype, scaler, prec_why = device
+    stoi = {c: i for i, c in enumerate(itos)}
+    (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
+    hours = sum(it["duration"] for it in train_items) / 3600
+    log(f"data: {data_desc}; {len(train_items)} train ({hours:.2f} h) / {len(val_items)} val / "
+        f"{len(test_items)} test utterances; {len(itos)} symbols"
+        + ("; dropped: " + ", ".join(f"{n} {why}" for why, n in dropped.items()) if dropped else ""))
+    too_fast = sum(1 for it in train_items if len(it["text"]) > int(it["duration"] * 100) // args.subsample)
+    if too_fast:
+        log(f"warning: {too_fast} training utterances have more characters than encoder frames; CTC "
+            "cannot align them (they add 0 CTC loss)" + ("; try --subsample 1" if args.subsample > 1 else ""))
+
+    # -- model
+    model = build_model(shape, len(itos), model_args).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    n_params, _ = common.count_params(model)
+    enc = sum(p.numel() for p in [*model.encoder.parameters(),
+                                  *(model.front or model.input).parameters()])
+    ctc = sum(p.numel() for p in model.ctc_head.parameters())
+    log(f"model: {args.preset} d {shape[0]}, {shape[1]} encoder + {shape[2]} decoder layers, "
+        f"subsample x{args.subsample}: {n_params:,} parameters (encoder {enc / 1e6:.2f}M, CTC {ctc / 1e6:.2f}M, "
+        f"decoder {(n_params - enc - ctc) / 1e6:.2f}M)")
+
+    # -- batch size: effective batch fixed, micro-batch fitted to the machine on the longest
+    # utterances (the worst case the run will see)
+    longest = sorted(range(len(train_items)), key=lambda i: -train_items[i]["duration"])
+
+    def probe(bs):
+        b = make_batch(train_items, (longest * bs)[:bs], stoi)
+        buffers = [t.clone() for t in model.buffers()]  # BatchNorm statistics: the probe's are not the run's
+        need = common.probe_step(model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()},
+                                                              args.ctc_weight), b, device, amp_dtype)
+        for t, saved in zip(model.buffers(), buffers):
+            t.copy_(saved)
+        return need
+    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
+    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    # after an OOM halving micro_bs * accum can overshoot an odd effective batch: keep the run's own
+    E = state["effective"] if state else micro_bs * accum
+    snap = common.memory_snapshot(device)
+    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
+        f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
+        + (f", GPU {common.free_gpu_gb(device):.1f} GB free; allocator {os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
+           if device.type == "cuda" else ""))
+
+    # -- optimizer and schedule: AdamW (seed: lr 5e-4, wd 1e-6), warmup, then cosine or plateau
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-6,
+                                  fused=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(train_items) / E)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
+    warmup = min(500, total_steps // 10)
+    plateau = {"scale": 1.0, "best": math.inf, "bad": 0}  # ReduceLROnPlateau(factor 0.5, patience 3)
+
+    def lr_factor(s):
+        ramp = min(1.0, (s + 1) / max(1, warmup))
+        if args.schedule == "plateau":
+            return ramp * plateau["scale"]
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    step, epoch, pos, best = 0, 0, 0, math.inf
+    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
+                                                                              scheduler, scaler)
+    if state:
+        step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
+        plateau.update(state["extra"]["plateau"])  # the optimizer's restored lr already carries it
+        log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
+    common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum,
+                                           "effective_batch": E, "precision": args.precision,
+                                           "device": device.type, "why": {"batch": bs_why,
+                                                                          "precision": prec_why}})
+    # SpecAugment's masks come from their own generator, saved in the checkpoint, so dropout and
+    # masks do not shift each other's random streams
+    aug_gen = torch.Generator().manual_seed(args.seed + 1)
+    if state:
+        aug_gen.set_state(state["extra"]["aug_rng"])
+
+    def save(best_now=False):
+        ckpt = common.training_state(
+            model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best,
+            micro_bs=micro_bs, accum=accum, effective=E, args=dict(vars(args)),
+            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
+            samples=samples_before + samples_seen,
+            extra={"itos": itos, "shape": list(shape), "model_args": model_args, "plateau": dict(plateau),
+                   "aug_rng": aug_gen.get_state(), "preset": args.preset})
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        common.update_status(out, status, last_checkpoint=str(path.resolve()))
+        return path
+
+    def run_eval():
+        nonlocal best
+        val_loss, cer, wer, pairs = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype,
+                                             micro_bs)
+        is_best = val_loss < best  # best by validation loss, as the seed
+        best = min(best, val_loss)
+        if args.schedule == "plateau":
+            if val_loss < plateau["best"]:
+                plateau.update(best=val_loss, bad=0)
+            else:
+                plateau["bad"] += 1
+                if plateau["bad"] > 3:
+                    plateau.update(scale=plateau["scale"] * 0.5, bad=0)
+                    log(f"val loss has not improved for 4 evaluations: lr x0.5 (now x{plateau['scale']:g})")
+        common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
+                                    "val_cer": round(cer, 3), "val_wer": round(wer, 3)})
+        ref, hyp = pairs[0]
+        log(f"step {step}: val loss {val_loss:.4f}, CER {cer:.2f}%, WER {wer:.2f}% (greedy CTC); "
+            f"e.g. {ref!r} -> {hyp!r}")
+        common.update_status(out, status, metric=round(cer, 3))
+        return cer, is_best
+
+    # -- the loop
+    watch = common.memory_watch(args)
+    common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+    t_start, samples_seen, start_step, val_cer = time.time(), 0, step, None
+    batches_seen = 0
+    bar = common.progress_bar(total_steps, step)
+    model.train()
+    while step < total_steps and (args.max_steps or epoch < args.epochs):
+        batches = bucket_batches(train_items, E, args.seed, epoch)
+        while pos < steps_per_epoch and step < total_steps:
+            batch = make_batch(train_items, batches[pos], stoi, aug_gen if args.spec_augment else None)
+            padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
+                                                  lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
+                                                  args.clip, device, amp_dtype, log)
+            del batch  # the padded features of this step are not needed in the next one
+            accum = math.ceil(E / micro_bs)
+            scheduler.step()
+            step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(batches[pos])
+            batches_seen += 1
+            if device.type == "cuda" and args.empty_cache_every and batches_seen % args.empty_cache_every == 0:
+                # variable-length batches leave differently sized free blocks in the cache; handing
+                # them back now and then keeps a long run from dying of fragmentation (seed)
+                torch.cuda.empty_cache()
+            common.check_memory(watch, device, log)
+            bar.update(1)
+            if step % args.log_every == 0 or step == total_steps:
+                sps = samples_seen / max(1e-9, time.time() - t_start)
+                mem = common.memory_snapshot(device)
+                bar.set_postfix(loss=f"{loss:.3f}", cer=f"{val_cer:.1f}" if val_cer is not None else "-",
+                                sps=f"{sps:.1f}", mem=f"{mem['gpu_mb'] or mem['ram_mb']:.0f}MB", refresh=False)
+                common.append_metrics(out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6),
+                                            "lr": scheduler.get_last_lr()[0],
+                                            "padding": round(padding, 3)})
+                eta = (total_steps - step) * (time.time() - t_start) / (step - start_step)
+                common.update_status(out, status, step=step, epoch=epoch + 1, loss=round(loss, 5),
+                                     samples_per_s=round(sps, 2), eta_s=round(eta), **mem)
+            end_of_epoch = pos == steps_per_epoch
+            is_best = False
+            if (args.eval_every and step % args.eval_every == 0) or end_of_epoch or step == total_steps:
+                val_cer, is_best = run_eval()
+            if end_of_epoch:
+                epoch, pos = epoch + 1, 0  # a checkpoint taken now says "start the next epoch"
+            saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
+            if saved:
+                save(is_best)
+            if why := common.stop_requested(stop, out):
+                if not saved:
+                    save()
+                log(f"stopped by {why} at step {step}; re-run the same command to resume")
+                common.update_status(out, status, state="stopped", step=step)
+                bar.close()
+                return 0
+            if end_of_epoch:
+                break
+    bar.close()
+
+    # -- report: greedy CTC on val, beam search (attention + CTC prefix score) on test with the
+    # best checkpoint
+    if step == start_step and (out / "summary.json").exists():
+        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
+        common.update_status(out, status, state="finished", eta_s=0)
+        return 0
+    wall = wall_before + time.time() - status["started"]
+    train_s = train_before + time.time() - t_start
+    best_path = out / "checkpoints" / "best.pt"
+    if best_path.exists():
+        model.load_state_dict(common.load_checkpoint(best_path)["model"])
+    val_loss, val_cer, val_wer, _ = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype,
+                                             micro_bs)
+    summary = dict(trainer="asr", metric="val_cer", value=round(val_cer, 3), val_cer=round(val_cer, 3),
+                   val_wer=round(val_wer, 3), val_loss=round(val_loss, 5), test_cer=None, test_wer=None,
+                   steps=step, epochs=epoch,
+                   samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
+                   peak_mem_mb=common.peak_memory_mb(device), params=n_params, wall_s=round(wall, 1),
+                   preset=args.preset, shape=list(shape), subsample=args.subsample, device=device.type,
+                   precision=args.precision, effective_batch=E)
+    if test_items:
+        t0 = time.time()
+        test_cer, test_wer, pairs = decode_set(model, test_items, stoi, itos, args, device)
+        _, greedy_cer, greedy_wer, _ = evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype,
+                                                micro_bs)
+        summary.update(test_cer=round(test_cer, 3), test_wer=round(test_wer, 3),
+                       test_cer_greedy_ctc=round(greedy_cer, 3), test_wer_greedy_ctc=round(greedy_wer, 3))
+        log(f"test ({len(test_items)} utterances, beam {args.beam}, CTC weight {args.decode_ctc_weight}, "
+            f"{time.time() - t0:.0f}s): CER {test_cer:.2f}%, WER {test_wer:.2f}% "
+            f"(greedy CTC: CER {greedy_cer:.2f}%, WER {greedy_wer:.2f}%)")
+        for ref, hyp in pairs[:3]:
+            log(f"  {ref!r} -> {hyp!r}")
+    common.write_summary(out, **summary)
+    plot = common.plot_progress(out, "val_cer")
+    log(f"done: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (best checkpoint, greedy CTC); {step} steps in "
+        f"{wall:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+    common.update_status(out, status, state="finished", step=step, metric=round(val_cer, 3), eta_s=0)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
