@@ -677,9 +677,11 @@ def main(argv=None):
     notes += more_notes
     cfg = model_config(args, meta["vocab_size"])
     if state:
-        if state.get("model_cfg") != cfg:
+        if "model_cfg" not in state or "world_size" not in state:
+            raise UserError(f"{resumed_from} is not a train_lm.py checkpoint; use a new --out or --no-resume")
+        if state["model_cfg"] != cfg:
             diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
-                             if state.get("model_cfg", {}).get(k) != v)
+                             if state["model_cfg"].get(k) != v)
             raise UserError(f"{resumed_from} was trained with {diff}; use the same flags, a new --out or --no-resume")
         if state["world_size"] != world:
             raise UserError(f"{resumed_from} was trained on {state['world_size']} process(es), this is {world}; "

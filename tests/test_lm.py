@@ -304,6 +304,7 @@ def saved_run(tmp_path_factory):
     (d / "badmeta" / "meta.json").write_text("{not json")
     (d / "short").mkdir()
     train_lm.write_corpus(d / "short" / "c", [lambda: b"tiny text " * 20], 0.1, ["x"])
+    torch.save({"model": {}, "step": 3}, d / "foreign.pt")  # loadable, but not one of ours
     return d
 
 
@@ -319,6 +320,7 @@ def saved_run(tmp_path_factory):
     (["--precision", "fp16"], "fp16 needs CUDA"),
     (["--out", "afile/run"], "--out afile/run"),
     (["--tensorboard"], "--tensorboard: the tensorboard package is not installed"),
+    (["--resume", "foreign.pt", "--out", "run2"], "foreign.pt is not a train_lm.py checkpoint"),
 ])
 def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags, expect):
     d = saved_run
