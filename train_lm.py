@@ -7,11 +7,11 @@ however big the corpus), AMP + exact gradient accumulation, tokens/s and model-F
     python train_lm.py --quick --out runs/lm                      # laptop CPU, ~40 s on 2 cores
     python train_lm.py sample --out runs/lm --prompt "The with statement"
     python train_lm.py --arch eigen --quick --out runs/lme        # the linear-time eigenstate model
-    python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20
+    python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20 --out runs/e32k
     python train_lm.py prepare --input ~/books/ --out-data data/books        # pack your text once
     python train_lm.py --data data/books --preset small --out runs/books     # one GPU (bf16)
-    torchrun --nproc_per_node=8 train_lm.py --data data/books --preset small  # 8 GPUs, DDP
-    python train_lm.py --data data/web --preset small_32k                     # the seed's 32K-context run
+    torchrun --nproc_per_node=8 train_lm.py --data data/books --preset small --out runs/books8  # 8 GPUs
+    python train_lm.py --data data/web --preset small_32k --out runs/web32k   # the seed's 32K-context run
 
 Without --data the built-in corpus is used: the English text of Python's own documentation
 (`pydoc_data.topics`, shipped with every Python), packed once into data/pydoc.
@@ -27,6 +27,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -149,8 +150,12 @@ def find_documents(inputs):
         p = Path(raw).expanduser()
         if not p.exists():
             raise UserError(f"--input {raw}: no such file or folder")
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        # hidden folders and files (.git, .venv, .DS_Store) are not the user's text
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(p).parts)) if p.is_dir() else [p]
         for f in files:
+            if f.stat().st_size == 0:
+                continue  # an empty file would only add a second <eot>
             with open(f, "rb") as fh:
                 head = fh.read(8192)
             (skipped if b"\0" in head else docs).append(f)
@@ -172,24 +177,30 @@ def write_corpus(out_dir, docs, val_frac, sources):
     n_train = total - n_val
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    stream = np.memmap(tmp / "all.bin", dtype=DTYPE, mode="w+", shape=(total,))
-    pos = 0
-    for i, d in enumerate(docs):
-        data = d.read_bytes() if isinstance(d, Path) else d()
-        stream[pos:pos + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        pos += len(data)
-        if i < len(docs) - 1:
-            stream[pos] = EOT
-            pos += 1
-    assert pos == total, "a file changed size while it was read"
-    for name, lo, hi in (("train.bin", 0, n_train), ("val.bin", n_train, total)):
-        part = np.memmap(tmp / name, dtype=DTYPE, mode="w+", shape=(hi - lo,))
-        for a in range(lo, hi, 1 << 24):  # 32 MB at a time: RAM stays flat for any corpus size
-            part[a - lo:min(hi, a + (1 << 24)) - lo] = stream[a:min(hi, a + (1 << 24))]
-        part.flush()
-        del part
-    del stream
-    (tmp / "all.bin").unlink()
+    try:  # a failure or Ctrl-C leaves no half-written temporary folder behind
+        stream = np.memmap(tmp / "all.bin", dtype=DTYPE, mode="w+", shape=(total,))
+        pos = 0
+        for i, (d, size) in enumerate(zip(docs, sizes)):
+            data = d.read_bytes() if isinstance(d, Path) else d()
+            if len(data) != size:
+                raise UserError(f"--input: {d} changed size while it was read ({size} -> {len(data)} bytes); "
+                                "run prepare again when nothing writes to it")
+            stream[pos:pos + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            pos += len(data)
+            if i < len(docs) - 1:
+                stream[pos] = EOT
+                pos += 1
+        for name, lo, hi in (("train.bin", 0, n_train), ("val.bin", n_train, total)):
+            part = np.memmap(tmp / name, dtype=DTYPE, mode="w+", shape=(hi - lo,))
+            for a in range(lo, hi, 1 << 24):  # 32 MB at a time: RAM stays flat for any corpus size
+                part[a - lo:min(hi, a + (1 << 24)) - lo] = stream[a:min(hi, a + (1 << 24))]
+            part.flush()
+            del part
+        del stream
+        (tmp / "all.bin").unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     meta = {"tokenizer": "bytes", "vocab_size": VOCAB, "specials": SPECIALS, "dtype": np.dtype(DTYPE).name,
             "train_tokens": n_train, "val_tokens": n_val, "val_frac": val_frac, "documents": len(docs),
             "sources": sources}
@@ -208,9 +219,14 @@ def run_prepare(argv):
     if not 0 < args.val_frac < 0.5:
         raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
     out = Path(args.out_data)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-data {out}: is a file; give a new folder name")
     if (out / "meta.json").exists() or (out.exists() and any(out.iterdir())):
         raise UserError(f"--out-data {out}: already exists and is not empty; pick a new folder")
-    common.check_out_writable(out)
+    try:
+        common.check_out_writable(out)
+    except UserError as e:  # its message names --out; here the flag is --out-data
+        raise UserError(str(e).replace("--out ", "--out-data ", 1)) from None
     docs, skipped = find_documents(args.input)
     if not docs:
         raise UserError(f"--input {' '.join(args.input)}: no text files found")
@@ -222,6 +238,12 @@ def run_prepare(argv):
     meta = write_corpus(out, docs, args.val_frac, [str(Path(a).expanduser().resolve()) for a in args.input])
     print(f"packed {meta['documents']} documents ({len(skipped)} binary files skipped) into {out}: "
           f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens in {time.time() - t0:.1f}s")
+    if skipped:  # NUL bytes: binaries, and also UTF-16 text (save it as UTF-8 to include it)
+        print("skipped (NUL bytes: binary or UTF-16): " + ", ".join(map(str, skipped[:10]))
+              + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
+    if meta["val_tokens"] < 1025:
+        print(f"warning: validation holds only {meta['val_tokens']:,} tokens; training needs --seq-len below "
+              "that (raise --val-frac or add text for longer contexts)")
     return 0
 
 
@@ -239,6 +261,8 @@ def builtin_corpus(log):
 def load_meta(data_dir, seq_len):
     """meta.json of a prepared folder, checked against the files; every problem is a UserError."""
     d = Path(data_dir)
+    if d.is_file():
+        raise UserError(f"--data {d}: is a file; pass the folder that holds meta.json, train.bin and val.bin")
     if not d.is_dir():
         raise UserError(f"--data {d}: no such folder; make one with `python train_lm.py prepare "
                         f"--input FILES --out-data {d}`")
@@ -249,6 +273,12 @@ def load_meta(data_dir, seq_len):
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"--data {d}: no readable meta.json ({type(e).__name__}); is it a folder made by "
                         "`train_lm.py prepare`?")
+    for k in ("vocab_size", "train_tokens", "val_tokens"):
+        if type(meta[k]) is not int or meta[k] < 0:
+            raise UserError(f"--data {d}: meta.json's {k} is {meta[k]!r}, not a token count; re-run prepare")
+    if meta["vocab_size"] != VOCAB:
+        raise UserError(f"--data {d}: meta.json says vocab_size {meta['vocab_size']}; the byte tokenizer has "
+                        f"{VOCAB} ids (re-run prepare)")
     if meta["tokenizer"] != "bytes" or meta["dtype"] != np.dtype(DTYPE).name:
         raise UserError(f"--data {d}: tokenizer {meta['tokenizer']!r} / dtype {meta['dtype']!r}; this trainer "
                         "reads bytes / uint16 (re-run prepare)")
@@ -571,7 +601,8 @@ def run_sample(argv):
 # dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (bf16/fp16, fp32 via TF32, plain fp32)
 GPU_PEAK_TFLOPS = {"H100 PCIe": (756, 378, 51), "H100": (989, 494, 67), "H200": (989, 494, 67),
                    "A100": (312, 156, 19.5), "A10G": (70, 35, 31.2), "A10": (125, 62.5, 31.2),
-                   "L40S": (362, 183, 91.6), "L4": (121, 60, 30.3), "T4": (65, 8.1, 8.1),
+                   "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5),
+                   "L4": (121, 60, 30.3), "T4": (65, 8.1, 8.1),
                    "V100": (125, 15.7, 15.7), "RTX 4090": (165, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6)}
 
 

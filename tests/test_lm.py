@@ -1,7 +1,9 @@
 """train_lm.py: the real script in subprocesses on CPU, plus the eigenstate scan checked in-process."""
 import hashlib
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +307,10 @@ def saved_run(tmp_path_factory):
     (d / "short").mkdir()
     train_lm.write_corpus(d / "short" / "c", [lambda: b"tiny text " * 20], 0.1, ["x"])
     torch.save({"model": {}, "step": 3}, d / "foreign.pt")  # loadable, but not one of ours
+    for name, change in (("wrongvocab", {"vocab_size": 100}), ("strcount", {"val_tokens": "150"})):
+        shutil.copytree(d / "short" / "c", d / name)
+        meta = json.loads((d / name / "meta.json").read_text())
+        (d / name / "meta.json").write_text(json.dumps({**meta, **change}))
     return d
 
 
@@ -313,6 +319,9 @@ def saved_run(tmp_path_factory):
     (["--data", "nometa"], "--data nometa: no readable meta.json"),
     (["--data", "badmeta"], "--data badmeta: no readable meta.json"),
     (["--data", "short/c"], "fewer than --seq-len 32 + 1"),
+    (["--data", "short/c/meta.json"], "is a file; pass the folder"),
+    (["--data", "wrongvocab"], "meta.json says vocab_size 100"),
+    (["--data", "strcount"], "meta.json's val_tokens is '150', not a token count"),
     (["--arch", "rnn"], "--arch"),
     (["--n-head", "3"], "--d-model 32 is not divisible by --n-head 3"),
     (["--seq-len", "0"], "--seq-len"),
@@ -341,7 +350,24 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
     (["--input", "nothing.txt", "--out-data", "x"], "--input nothing.txt: no such file or folder"),
     (["--input", "run/args.json", "--out-data", "x", "--val-frac", "0.7"], "--val-frac 0.7"),
     (["--out-data", "x"], "--input"),
+    (["--input", "run/args.json", "--out-data", "run/args.json"], "--out-data run/args.json: is a file"),
+    (["--input", "run/args.json", "--out-data", "afile/sub"], "--out-data afile/sub"),
 ])
 def test_prepare_mistakes_exit_2(saved_run, args, expect):
+    (saved_run / "afile").write_text("not a folder")
     p = run("train_lm.py", "prepare", *args, cwd=saved_run, check=2)
     assert p.stderr.startswith("error:") and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_skips_empty_hidden_and_binary_files_and_names_them(tmp):
+    (tmp / "t" / ".git").mkdir(parents=True)
+    (tmp / "t" / "a.txt").write_text("plain words and more words. " * 60)
+    (tmp / "t" / "empty.txt").write_text("")
+    (tmp / "t" / ".git" / "config").write_text("[core] hidden " * 100)
+    (tmp / "t" / "blob.bin").write_bytes(b"\0\1\2" * 500)
+    p = run("train_lm.py", "prepare", "--input", "t", "--out-data", "d", cwd=tmp, check=0)
+    assert "packed 1 documents (1 binary files skipped)" in p.stdout and "blob.bin" in p.stdout
+    meta = read_json(tmp / "d" / "meta.json")
+    assert meta["documents"] == 1 and meta["train_tokens"] + meta["val_tokens"] == 28 * 60
+    assert "warning: validation holds only 168 tokens" in p.stdout
+    assert not list(tmp.glob("d.tmp-*"))
