@@ -154,9 +154,7 @@ def main():
           "AdamW state and activations added  ")
     if any(r["micro_bs"] != r["batch"] for r in results.values()):
         print("note: a configuration ran out of memory and halved its micro-batch (same batch, accumulated)  ")
-    if max(busy, others or 0) >= 20:
-        print("note: other processes shared the CPU with this run; re-run on an idle machine for the README  ")
-    print(f"total wall time: {wall:.0f} s")
+    benchlib.print_footer(busy, others, wall)
     return 0
 
 

@@ -330,9 +330,7 @@ def main():
     if any(v is None for v in long.values()):
         print(f"GPT skipped above {args.gpt_max_context:,} tokens: attention time grows as T^2 "
               f"(--gpt-max-context to include it)  ")
-    if max(busy, others or 0) >= 20:
-        print("note: other processes shared the CPU with this run; re-run on an idle machine for the README  ")
-    print(f"total wall time: {wall:.0f} s")
+    benchlib.print_footer(busy, others, wall)
     return 0
 
 

@@ -111,3 +111,11 @@ def print_micro_bs_note(results, batch_size):
     effective batch). Called by bench_gru.py and bench_classifier.py."""
     if any(r["micro_bs"] != batch_size for runs in results.values() for r in runs):
         print("note: a worker ran out of memory and halved its micro-batch (same effective batch)  ")
+
+
+def print_footer(busy, others, wall):
+    """The report's last lines: a note when other processes shared the CPU (busy/others from
+    cpu_watch_start/cpu_watch_end), then the wall time. Called by bench_asr.py and bench_lm.py."""
+    if max(busy, others or 0) >= 20:
+        print("note: other processes shared the CPU with this run; re-run on an idle machine for the README  ")
+    print(f"total wall time: {wall:.0f} s")
