@@ -96,9 +96,8 @@ def worker(args):
         "step_s": step_s, "samples_per_s": bs / step_s, "rss_base_mb": rss_base,
         "peak_rss_mb": common.peak_memory_mb(torch.device("cpu")),
         "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "micro_bs": micro_bs, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": choice.precision + (" + GradScaler" if scaler.is_enabled() else "")}))
+        "micro_bs": micro_bs,
+        **benchlib.runtime_info(device, choice.precision + (" + GradScaler" if scaler.is_enabled() else ""))}))
     return 0
 
 

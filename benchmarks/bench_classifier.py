@@ -93,7 +93,6 @@ def worker(args):
     choice = argparse.Namespace(device=args.device, precision="auto")
     device, amp_dtype, scaler, _ = common.setup_device(choice)  # the trainers' own choice
     precision = choice.precision + (" + GradScaler" if scaler.is_enabled() else "")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     # -- data: the trainer's built-in items, vocabulary and pre-tokenized splits (max-len 64)
     train_rows, val_rows, test_rows = tc.generate_items(args.train_size, seed=0)
@@ -191,8 +190,7 @@ def worker(args):
         "n_test": len(test_rows), "lr": lr, "step_times": times, "loss_first": losses[0], "loss_last": losses[-1],
         "rss_base_mb": rss_base, "peak_rss_mb": peak_rss, "gpu_peak_mb": gpu_peak, "micro_bs": micro_bs,
         "vocab": len(itos), "vocab_built": n_built, "n_labels": len(labels), "n_train": n_train,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type,
-        "device_name": device_name, "precision": precision}))
+        **benchlib.runtime_info(device, precision)}))
     return 0
 
 

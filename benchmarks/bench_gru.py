@@ -72,7 +72,6 @@ def worker(args):
     choice = argparse.Namespace(device=args.device, precision="auto")
     device, amp_dtype, scaler, _ = common.setup_device(choice)  # the trainers' own choice
     precision = choice.precision + (" + GradScaler" if scaler.is_enabled() else "")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     # -- data: the same queries, vocabulary and batch for both presets
     pairs = train_gru.generate_queries(args.dataset_size, seed=0)
@@ -123,8 +122,7 @@ def worker(args):
         "rss_base_mb": rss_base, "peak_rss_mb": common.peak_memory_mb(torch.device("cpu")),
         "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "micro_bs": micro_bs, "vocab": len(itos), "n_cats": len(cats), "T": batch["x"].shape[1],
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type,
-        "device_name": device_name, "precision": precision}))
+        **benchlib.runtime_info(device, precision)}))
     return 0
 
 

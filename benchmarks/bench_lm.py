@@ -118,13 +118,6 @@ def naive_gpt(vocab, L, H, d, T):
 # -----------------------------------------------------------------------------
 # workers
 
-def base_info(device, precision):
-    import torch
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": precision}
-
-
 def data_dir(log):
     import os
     import train_lm
@@ -139,7 +132,7 @@ def worker(args):
 
     choice = argparse.Namespace(device=args.device, precision="auto")
     device, amp_dtype, scaler, _ = common.setup_device(choice)
-    info = base_info(device, choice.precision)
+    info = benchlib.runtime_info(device, choice.precision)
     if args.worker == "peak":
         import tempfile
         if device.type == "cpu":  # as train_lm.py measures it, but best of 3 s instead of 1

@@ -1,14 +1,15 @@
-"""benchlib.py -- the parent-side pieces that bench_gru.py and bench_classifier.py share.
+"""benchlib.py -- the pieces that the benchmarks (bench_gru, bench_classifier, bench_asr, bench_lm) share.
 
-Both benchmarks run each measurement in a fresh worker process (the script re-invoked with
---worker NAME, printing one JSON line) and print a markdown table for the README. This file holds
-what the parent side of both does the same way: starting a worker and reading its JSON line,
-measuring how much CPU other processes used, the command/machine header lines, the table and the
-per-repeat lines. The workers stay in their scripts: they measure different things.
+Every benchmark runs each measurement in a fresh worker process (the script re-invoked with
+--worker NAME, printing one JSON line) and prints a markdown table for the README. This file holds
+what they all do the same way: the worker's runtime fields (runtime_info), and on the parent side
+starting a worker and reading its JSON line, measuring how much CPU other processes used, the
+command/machine header lines, the table, the per-repeat lines and the footer. What each worker
+measures stays in its script.
 
 Plain functions with explicit arguments. Importing this file does not import torch (the parent
-stays light while its workers are timed); print_header imports it, through memory_optimizer,
-only once they are done.
+stays light while its workers are timed); runtime_info imports it inside the worker, and
+print_header, through memory_optimizer, only once the workers are done.
 """
 
 import json
@@ -33,6 +34,16 @@ def run_worker(script, name, flags):
               file=sys.stderr)
         sys.exit(proc.returncode or 1)
     return json.loads(lines[-1])
+
+
+def runtime_info(device, precision):
+    """The worker's runtime as JSON fields: torch version, threads, device, device name and
+    precision -- what print_header reads back. Imports torch (call it in workers only). Called
+    by every benchmark's worker."""
+    import torch
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": precision}
 
 
 def fmt_ratio(a, b):
