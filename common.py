@@ -143,6 +143,9 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
                    help="free caches when system RAM use passes this percentage")
     g.add_argument("--gpu-threshold", type=percent, default=90.0, metavar="PCT",
                    help="free caches when GPU memory use passes this percentage")
+    g.add_argument("--swap-threshold", type=percent, default=50.0, metavar="PCT",
+                   help="free caches when swap use passes this percentage (swapping slows training "
+                        "10-100x)")
     g.add_argument("--mem-check-every", type=pos_float, default=30.0, metavar="S",
                    help="seconds between memory checks")
     g.add_argument("--grad-checkpointing", action="store_true",
@@ -192,8 +195,11 @@ def explicit_flags(parser, argv):
     return given
 
 
-def resolve_settings(parser, argv, log=print):
+def resolve_settings(parser, argv, log=print, modes=None):
     """Parse argv, then layer optimal_config.json and --resource-efficient under the flags.
+
+    modes(args, sources, log), when given, replaces the generic --resource-efficient layer
+    (train_lm.py: the seed's exact fine-tuning table and its sibling modes).
 
     Returns (args, sources): sources[name] is "default", "optimal_config.json", "flag",
     "resource-efficient" or (filled in later) "auto"/"checkpoint". Called by every trainer.
@@ -236,7 +242,9 @@ def resolve_settings(parser, argv, log=print):
         raise UserError(f"--config {cfg_path}: file not found; create it with "
                         f"`python memory_optimizer.py config --out {cfg_path}` or drop the flag")
 
-    if args.resource_efficient:
+    if modes is not None:
+        modes(args, sources, log)
+    elif args.resource_efficient:
         apply_resource_efficient(args, sources, log)
     return args, sources
 
@@ -252,7 +260,7 @@ def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
 def apply_resource_efficient(args, sources, log=print):
     """The --resource-efficient preset, applied before anything is built; flags typed by the
     user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
-    wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("mem_check_every", 15.0),
+    wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("swap_threshold", 30.0), ("mem_check_every", 15.0),
               ("workers", 1), ("pin_memory", False),
               ("save_every", max(1, args.save_every // 2)),
               ("eval_every", max(1, args.eval_every // 2) if args.eval_every else 0),
@@ -492,7 +500,8 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
         why = f"--batch-size from {sources['batch_size']}"
         if args.grad_accum == "auto":
             sources["grad_accum"] = "auto"
-        if args.resource_efficient and micro > 1 and sources["batch_size"] != "flag":
+        # a batch the user typed, or one a mode set outright (train_lm.py's table), is not halved
+        if args.resource_efficient and micro > 1 and sources["batch_size"] not in ("flag", "resource-efficient"):
             micro, accum = micro // 2, accum * 2
             why += "; halved by --resource-efficient"
     args.batch_size, args.grad_accum = micro, accum
@@ -609,6 +618,9 @@ def check_memory(watch, device, log=print):
         over.append(f"RAM {snap['ram_pct']:.0f}% > {watch['ram']:.0f}%")
     if snap["gpu_pct"] is not None and snap["gpu_pct"] > watch["gpu"]:
         over.append(f"GPU {snap['gpu_pct']:.0f}% > {watch['gpu']:.0f}%")
+    swap = psutil.swap_memory()
+    if swap.total and swap.percent > watch["swap"]:
+        over.append(f"swap {swap.percent:.0f}% > {watch['swap']:.0f}%")
     if over:
         free_memory(device)
         log(f"memory monitor: {', '.join(over)}: freed Python garbage and CUDA cache "
@@ -836,6 +848,7 @@ def recording_failures(out, status):
 def memory_watch(args):
     """The state check_memory keeps between calls, from the memory flags."""
     return {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
+            "swap": args.swap_threshold,
             "last": time.monotonic()}
 
 

@@ -23,11 +23,14 @@ written here from its math: a diagonal complex linear recurrence of the S4D/LRU 
 """
 
 import argparse
+import hashlib
 import importlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -95,6 +98,36 @@ g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight dec
 g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow)")
 g.add_argument("--tensorboard", action="store_true",
                help="also write TensorBoard logs to <out>/tb (needs `pip install tensorboard`)")
+
+g = parser.add_argument_group("instruction fine-tuning (--task sft): English request -> shell command")
+g.add_argument("--task", choices=["lm", "sft"], default="lm",
+               help="lm: next-byte pretraining on text; sft: supervised fine-tuning on {input, output} "
+                    "pairs, loss on the answer only")
+g.add_argument("--init-from", default=None, metavar="RUN",
+               help="sft: start from the weights of a train_lm.py run folder (its best.pt, else newest "
+                    "checkpoint); the model's shape comes from there")
+g.add_argument("--mac", action="store_true",
+               help="sft: the seed's Apple-laptop mode (batch 1 x 32, lr 3e-5, 256 tokens, fp32; table at "
+                    "start). Wins over --cpu-only and --resource-efficient")
+g.add_argument("--cpu-only", action="store_true",
+               help="sft: the seed's CPU mode (batch 1 x 64, lr 1e-5, 128 tokens, fp32, CPU). Wins over "
+                    "--resource-efficient")
+g.add_argument("--continuous-learning", action="store_true",
+               help="sft: after training, watch --feedback-db and fine-tune on new well-rated interactions "
+                    "(rounds kept only if the test split is not worse) until stopped")
+g.add_argument("--feedback-db", default=None, metavar="PATH",
+               help="SQLite store of ask/rate interactions (table user_interactions)")
+g.add_argument("--retrain-threshold", type=common.pos_int, default=100, metavar="N",
+               help="continuous learning: start a round when N new well-rated rows exist")
+g.add_argument("--replay", type=float, default=0.5, metavar="FRAC",
+               help="continuous learning: share of each round's batches drawn from the original "
+                    "training pairs (so new rows do not make the model forget)")
+g.add_argument("--round-epochs", type=common.pos_int, default=3, metavar="N",
+               help="continuous learning: passes over the new rows per round")
+g.add_argument("--poll-every", type=common.pos_float, default=30.0, metavar="S",
+               help="continuous learning: seconds between looks at --feedback-db")
+g.add_argument("--max-rounds", type=common.nonneg_int, default=0, metavar="N",
+               help="continuous learning: stop after N rounds (0 = run until stopped)")
 
 
 def prepare_parser():
@@ -317,6 +350,251 @@ def val_windows(path, n_tokens, seq_len, max_tokens):
     x = np.stack([mm[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int64)
     del mm
     return torch.from_numpy(x)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item i = the batch of optimizer step i, fn(step=i, **kw), for a DataLoader with --workers
+    processes that build batches ahead of the loop. A module function plus plain data, so it
+    pickles for the spawn start method (Windows, macOS)."""
+
+    def __init__(self, fn, **kw):
+        self.fn, self.kw = fn, kw
+
+    def __getitem__(self, i):
+        return self.fn(step=i, **self.kw)
+
+
+def quiet_worker(_):
+    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning data: English request -> shell command pairs (--task sft)
+
+# The seed's (Overseer) 8 special tokens, after the byte ids and <eot>: an answer is
+# "<command>ls -lS</command> Lists files ...", so the command is found without parsing prose.
+SFT_SPECIALS = ["<system>", "</system>", "<command>", "</command>", "<file>", "</file>", "<output>", "</output>"]
+SFT_IDS = {s: VOCAB + i for i, s in enumerate(SFT_SPECIALS)}
+SFT_VOCAB = VOCAB + len(SFT_SPECIALS)
+CMD_OPEN, CMD_CLOSE = SFT_IDS["<command>"], SFT_IDS["</command>"]
+SPECIAL_RE = re.compile("(" + "|".join(map(re.escape, SFT_SPECIALS)) + ")")
+DEFAULT_PAIRS = Path("data") / "shell_commands.jsonl"
+
+# The built-in data: each line is (request phrasings, command, explanation); {slots} are filled
+# from SLOTS, so one line gives many pairs. The commands cover the seed's list (ls cd grep find
+# top ps kill chmod chown tar zip git npm pip docker) and the everyday file tools.
+SLOTS = {
+    "file": ["notes.txt", "report.pdf", "main.py", "data.csv", "config.yaml", "app.log", "README.md",
+             "index.html", "backup.sql", "photo.jpg", "deploy.sh", "server.js", "todo.md", "train.py"],
+    "dir": ["src", "logs", "docs", "build", "tmp", "projects", "downloads", "images", "tests", "backup",
+            "music", "data"],
+    "pattern": ["error", "TODO", "warning", "import", "failed", "localhost", "password", "main"],
+    "ext": ["py", "txt", "log", "csv", "md", "json", "jpg", "sh"],
+    "user": ["alice", "bob", "deploy", "www-data", "root"],
+    "pid": ["1234", "4321", "987", "2048", "31337", "555"],
+    "proc": ["python", "nginx", "node", "java", "postgres", "redis", "firefox"],
+    "pkg": ["numpy", "requests", "flask", "torch", "pandas", "pytest", "django", "scipy"],
+    "npmpkg": ["express", "react", "lodash", "axios", "typescript"],
+    "branch": ["main", "dev", "feature-login", "fix-typo", "release", "hotfix"],
+    "image": ["nginx", "redis", "postgres", "ubuntu", "python", "alpine"],
+    "n": ["3", "5", "10", "20", "50"],
+    "mode": ["755", "644", "600", "700"],
+    "msg": ["fix bug", "add tests", "update docs", "initial commit", "refactor"],
+}
+TEMPLATES = [
+    (["list files", "show the files here", "what files are in this folder"], "ls", "Lists the files in the current folder."),
+    (["list all files including hidden ones", "show hidden files"], "ls -a", "-a includes names that start with a dot."),
+    (["list files by size", "show files sorted by size", "which files are biggest"], "ls -lS", "-l long format, -S sorted by size, largest first."),
+    (["list files by date", "show the newest files first"], "ls -lt", "-t sorts by modification time, newest first."),
+    (["list files in {dir}", "show what is in {dir}"], "ls {dir}", "Lists the files in {dir}."),
+    (["list files in {dir} with details", "long listing of {dir}"], "ls -l {dir}", "-l shows permissions, owner, size and date."),
+    (["go to {dir}", "change directory to {dir}", "open the folder {dir}"], "cd {dir}", "Changes the current folder to {dir}."),
+    (["go up one folder", "go to the parent directory"], "cd ..", ".. is the parent folder."),
+    (["go to my home folder", "go home"], "cd ~", "~ is your home folder."),
+    (["search for {pattern} in {file}", "find lines with {pattern} in {file}"], "grep \"{pattern}\" {file}", "Prints the lines of {file} that contain {pattern}."),
+    (["search for {pattern} in all files under {dir}", "find {pattern} recursively in {dir}"], "grep -r \"{pattern}\" {dir}", "-r searches every file under {dir}."),
+    (["count lines with {pattern} in {file}", "how many lines of {file} contain {pattern}"], "grep -c \"{pattern}\" {file}", "-c prints the number of matching lines."),
+    (["search for {pattern} in {file} ignoring case"], "grep -i \"{pattern}\" {file}", "-i ignores upper and lower case."),
+    (["find all .{ext} files", "find every {ext} file here"], "find . -name \"*.{ext}\"", "Searches this folder and below for names ending in .{ext}."),
+    (["find .{ext} files in {dir}", "find all {ext} files under {dir}"], "find {dir} -name \"*.{ext}\"", "Searches {dir} and below for names ending in .{ext}."),
+    (["find files bigger than 100MB", "find large files"], "find . -size +100M", "-size +100M matches files over 100 MB."),
+    (["find files changed in the last {n} days", "find files modified in the past {n} days"], "find . -mtime -{n}", "-mtime -{n} matches files modified less than {n} days ago."),
+    (["find empty files in {dir}"], "find {dir} -type f -empty", "-empty matches files of size zero."),
+    (["show running processes", "list all processes"], "ps aux", "a: all users, u: with owner and CPU/memory, x: including daemons."),
+    (["find the {proc} process", "is {proc} running"], "ps aux | grep {proc}", "Lists processes and keeps the lines that mention {proc}."),
+    (["show cpu usage", "which processes use the most cpu"], "top", "top shows processes by CPU use, refreshed live; q quits."),
+    (["kill process {pid}", "stop process {pid}"], "kill {pid}", "Sends SIGTERM to process {pid}."),
+    (["force kill process {pid}", "kill -9 process {pid}"], "kill -9 {pid}", "SIGKILL cannot be ignored by the process."),
+    (["stop all {proc} processes", "kill every {proc} process"], "pkill {proc}", "pkill signals every process named {proc}."),
+    (["make {file} executable", "allow running {file}"], "chmod +x {file}", "+x adds execute permission."),
+    (["set the permissions of {file} to {mode}", "chmod {file} to {mode}"], "chmod {mode} {file}", "Octal permissions {mode} for owner, group and others."),
+    (["change the owner of {file} to {user}", "give {file} to {user}"], "chown {user} {file}", "Makes {user} the owner of {file}."),
+    (["give {user} ownership of {dir} recursively", "make {user} own everything in {dir}"], "chown -R {user} {dir}", "-R changes {dir} and everything in it."),
+    (["compress {dir} into a tar.gz archive", "make a tarball of {dir}"], "tar -czf {dir}.tar.gz {dir}", "c: create, z: gzip, f: archive file name."),
+    (["extract {dir}.tar.gz", "unpack the archive {dir}.tar.gz"], "tar -xzf {dir}.tar.gz", "x: extract, z: gunzip, f: from this file."),
+    (["list the contents of {dir}.tar.gz", "what is inside {dir}.tar.gz"], "tar -tzf {dir}.tar.gz", "t lists the archive without extracting."),
+    (["zip the folder {dir}", "make a zip file of {dir}"], "zip -r {dir}.zip {dir}", "-r adds the folder and everything in it."),
+    (["unzip {dir}.zip", "extract {dir}.zip"], "unzip {dir}.zip", "Extracts the zip archive into the current folder."),
+    (["show git status", "what changed in the repo"], "git status", "Shows changed, staged and untracked files."),
+    (["commit with message {msg}", "git commit saying {msg}"], "git commit -m \"{msg}\"", "Records the staged changes with the message."),
+    (["push to {branch}", "push my commits to {branch}"], "git push origin {branch}", "Uploads your commits to the {branch} branch on origin."),
+    (["push my changes", "upload my commits"], "git push", "Uploads your commits to the remote branch."),
+    (["pull the latest changes", "update the repo"], "git pull", "Fetches and merges the remote branch."),
+    (["create a branch called {branch}", "start a new branch {branch}"], "git checkout -b {branch}", "-b creates the branch and switches to it."),
+    (["switch to branch {branch}", "checkout {branch}"], "git checkout {branch}", "Switches the working tree to {branch}."),
+    (["show the last {n} commits", "git log of the last {n} commits"], "git log -n {n} --oneline", "One line per commit, newest first."),
+    (["stage {file}", "add {file} to the next commit"], "git add {file}", "Stages {file} for the next commit."),
+    (["install {pkg}", "pip install {pkg}"], "pip install {pkg}", "Installs the Python package {pkg}."),
+    (["uninstall {pkg}", "remove the python package {pkg}"], "pip uninstall {pkg}", "Removes the Python package {pkg}."),
+    (["upgrade {pkg}", "update {pkg} to the latest version"], "pip install --upgrade {pkg}", "--upgrade installs the newest version."),
+    (["list installed python packages", "which python packages are installed"], "pip list", "Lists installed packages with versions."),
+    (["save installed packages to requirements.txt", "freeze my python packages"], "pip freeze > requirements.txt", "Writes name==version lines to requirements.txt."),
+    (["install {npmpkg} with npm", "add the npm package {npmpkg}"], "npm install {npmpkg}", "Installs {npmpkg} into node_modules."),
+    (["list running containers", "show docker containers"], "docker ps", "Lists running containers."),
+    (["list all containers", "show stopped containers too"], "docker ps -a", "-a includes stopped containers."),
+    (["run a {image} container", "start {image} in docker"], "docker run -d {image}", "-d runs the container in the background."),
+    (["pull the {image} image", "download the {image} docker image"], "docker pull {image}", "Downloads the image from the registry."),
+    (["list docker images", "show my docker images"], "docker images", "Lists the images stored locally."),
+    (["show disk usage of this folder", "how big is this folder"], "du -sh .", "-s one total, -h human-readable sizes."),
+    (["show disk usage of {dir}", "how big is {dir}"], "du -sh {dir}", "-s one total, -h human-readable sizes."),
+    (["show free disk space", "how much disk space is left"], "df -h", "Free and used space per disk, human-readable."),
+    (["show memory usage", "how much ram is free"], "free -h", "Used and free RAM and swap, human-readable."),
+    (["copy {file} to {dir}", "make a copy of {file} in {dir}"], "cp {file} {dir}/", "Copies {file} into {dir}."),
+    (["move {file} to {dir}", "put {file} into {dir}"], "mv {file} {dir}/", "Moves {file} into {dir}."),
+    (["delete {file}", "remove the file {file}"], "rm {file}", "Deletes {file}; there is no undo."),
+    (["delete the folder {dir} and everything in it"], "rm -r {dir}", "-r removes the folder and its contents; there is no undo."),
+    (["create a folder called {dir}", "make a new directory {dir}"], "mkdir {dir}", "Creates the folder {dir}."),
+    (["show the contents of {file}", "print {file}"], "cat {file}", "Prints the whole file."),
+    (["show the first {n} lines of {file}"], "head -n {n} {file}", "Prints the first {n} lines."),
+    (["show the last {n} lines of {file}"], "tail -n {n} {file}", "Prints the last {n} lines."),
+    (["follow {file} as it grows", "watch the log {file}"], "tail -f {file}", "-f keeps printing new lines; Ctrl-C stops."),
+    (["count the lines in {file}", "how many lines does {file} have"], "wc -l {file}", "-l counts lines."),
+]
+PREFIXES = ["", "please ", "how do I ", "I want to ", "can you "]
+# the typo pairs of the seed ("git pus" -> "git push"), made systematic: a misspelt command word
+TYPOS = {"git": ["gti", "igt"], "push": ["pus", "psuh"], "pull": ["pul", "pulll"], "status": ["staus", "stauts"],
+         "grep": ["grpe", "gerp"], "ls": ["sl"], "cd": ["dc"], "docker": ["dokcer", "docekr"], "pip": ["ipp"],
+         "install": ["instal", "isntall"], "mkdir": ["mkdri", "mkidr"], "chmod": ["chmdo", "chomd"],
+         "kill": ["kil"], "find": ["fnid"], "python": ["pyhton", "pytohn"], "commit": ["comit", "commti"]}
+
+
+def format_answer(command, explanation=""):
+    return f"<command>{command}</command>" + (f" {explanation}" if explanation else "")
+
+
+def builtin_pairs():
+    """The built-in English -> command pairs, in a fixed order (no randomness: the same file everywhere)."""
+    pairs, seen = [], set()
+
+    def add(inp, cmd, expl):
+        if inp not in seen:
+            seen.add(inp)
+            pairs.append({"input": inp, "output": format_answer(cmd, expl)})
+
+    for phrasings, cmd, expl in TEMPLATES:
+        names = re.findall(r"{(\w+)}", " ".join(phrasings) + cmd)
+        names = list(dict.fromkeys(names))
+        combos = [{}]
+        for name in names:  # every combination of the slots this template uses
+            combos = [dict(c, **{name: v}) for c in combos for v in SLOTS[name]]
+        for i, c in enumerate(combos):
+            for j, p in enumerate(phrasings):
+                prefix = PREFIXES[(i + j) % len(PREFIXES)]
+                add(prefix + p.format(**c), cmd.format(**c), expl.format(**c))
+    for cmd in sorted({p["output"].split("</command>")[0][len("<command>"):] for p in pairs}):
+        words = cmd.split()
+        for k, w in enumerate(words[:2]):
+            for typo in TYPOS.get(w, []):
+                bad = " ".join(words[:k] + [typo] + words[k + 1:])
+                add(bad, cmd, f"Corrected the typo: {typo} -> {w}.")
+    return pairs
+
+
+def encode_sft(text):
+    """Bytes, with the special-token strings as single ids (only in answers: a user who types
+    "<command>" in a request gets the bytes, see render)."""
+    ids = []
+    for part in SPECIAL_RE.split(text):
+        ids.extend([SFT_IDS[part]] if part in SFT_IDS else encode(part))
+    return ids
+
+
+def decode_sft(ids):
+    """Ids back to text, specials as their strings; stops at <eot>."""
+    out, buf = [], bytearray()
+    for i in ids:
+        if i < 256:
+            buf.append(int(i))
+            continue
+        out.append(buf.decode("utf-8", errors="replace"))
+        buf = bytearray()
+        if i == EOT:
+            break
+        out.append(SFT_SPECIALS[i - VOCAB])
+    out.append(buf.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+def prompt_ids(request):
+    return encode(f"User: {request}\nAssistant: ")
+
+
+def render(pair):
+    """(ids, n_prompt): "User: {input}\\nAssistant: {output}<eot>" as token ids; the loss is on
+    the ids after the first n_prompt (the answer and its <eot>), the prompt only conditions."""
+    p = prompt_ids(pair["input"])
+    return p + encode_sft(pair["output"]) + [EOT], len(p)
+
+
+def command_of(text):
+    """The command in an answer: between <command> and </command>, else its first line."""
+    m = re.search(r"<command>(.*?)(</command>|$)", text, re.S)
+    return " ".join((m.group(1) if m else text.split("\n")[0]).split())
+
+
+def split_of(pair):
+    """0 = test, 1 = val, else train: by a hash of the request, so the split is the same in
+    every run and for every --seed, and a request never lands in two splits."""
+    return int(hashlib.sha256(pair["input"].strip().lower().encode()).hexdigest(), 16) % 10
+
+
+def sft_batch(step, examples, seed, global_batch, rank, per_rank, seq_len):
+    """This rank's examples of step `step`, padded to the longest (not to seq_len: the built-in
+    pairs are ~130 tokens, so a 2048 context costs nothing until an example needs it).
+
+    A fresh permutation per epoch from (seed, epoch): every example once per epoch, the same on
+    resume and on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the
+    target is an answer token, and n (B,) real tokens per example (for tokens/s).
+    """
+    per_epoch = max(1, len(examples) // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng((seed, epoch)).permutation(len(examples))
+    idx = order[pos * global_batch:(pos + 1) * global_batch][rank * per_rank:(rank + 1) * per_rank]
+    return collate([examples[i] for i in idx], seq_len)
+
+
+def collate(batch, seq_len):
+    cut = [(ids[:seq_len + 1], n_prompt) for ids, n_prompt in batch]  # an over-long example is cut at the end
+    L = max(len(ids) for ids, _ in cut) - 1
+    x = torch.full((len(cut), L + 1), EOT, dtype=torch.long)
+    w = torch.zeros(len(cut), L)
+    for i, (ids, n_prompt) in enumerate(cut):
+        x[i, :len(ids)] = torch.tensor(ids)
+        w[i, n_prompt - 1:len(ids) - 1] = 1.0  # target j is token j+1: the answer starts at n_prompt
+    return {"x": x, "w": w, "n": torch.tensor([len(ids) for ids, _ in cut])}
+
+
+def sft_loss_fn(model, mb, device):
+    """Cross-entropy summed over the answer tokens only (prompt and padding weigh 0), and their
+    count: train_step divides by the answer tokens of the whole accumulated batch."""
+    w = mb["w"].to(device, non_blocking=True)
+    L = int(w.nonzero()[:, 1].max()) + 1 if w.any() else 1  # this micro-batch's longest answer end
+    x = mb["x"][:, :L + 1].to(device, non_blocking=True)
+    w = w[:, :L]
+    logits = model(x[:, :-1])  # (B, L, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+    return (loss * w.flatten()).sum(), w.sum()
 
 
 # -----------------------------------------------------------------------------
@@ -573,6 +851,64 @@ def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
     return ids[0, len(prompt_ids or [EOT]):].tolist()
 
 
+@torch.inference_mode()
+def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
+    """Greedy continuations of many prompts at once (the eval's and ask's decoder).
+
+    Prompts are right-padded into one buffer and each row keeps its own length: with causal
+    attention the padding after a row's last token cannot change that token's logits, so one
+    forward over (rows, longest) serves every row. A row ends at `stop`, <eot>, or the context.
+    """
+    model.eval()
+    T = model.cfg["seq_len"]
+    outs = []
+    for a in range(0, len(prompts), rows):
+        chunk = [p[-T:] for p in prompts[a:a + rows]]
+        lens = torch.tensor([len(p) for p in chunk])
+        buf = torch.full((len(chunk), min(T, int(lens.max()) + max_new)), EOT, dtype=torch.long)
+        for i, p in enumerate(chunk):
+            buf[i, :len(p)] = torch.tensor(p)
+        done = lens >= buf.shape[1]
+        for _ in range(max_new):
+            live = (~done).nonzero()[:, 0]
+            if len(live) == 0:
+                break
+            hi = int(lens[live].max())
+            logits = model(buf[live, :hi].to(device))  # (live, hi, V)
+            nxt = logits[torch.arange(len(live)), (lens[live] - 1).to(device)].argmax(-1).cpu()
+            buf[live, lens[live]] = nxt
+            lens[live] += 1
+            done[live] = (nxt == stop) | (nxt == EOT) | (lens[live] >= buf.shape[1])
+        outs += [buf[i, len(p):int(lens[i])].tolist() for i, p in enumerate(chunk)]
+    model.train()
+    return outs
+
+
+@torch.inference_mode()
+def evaluate_sft(model, examples, device, amp_dtype, bs, seq_len):
+    """Validation loss in nats per answer token (prompts masked, as in training)."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), bs):
+        with common.autocast(device, amp_dtype):
+            loss, k = sft_loss_fn(model, collate(examples[i:i + bs], seq_len), device)
+        total, n = total + loss.item(), n + int(k)
+    model.train()
+    return total / max(1, n)
+
+
+def command_accuracy(model, pairs, device, max_new=64):
+    """(exact, substring, answers) on pairs: exact = the generated command (between <command>
+    and </command>) equals the expected one, whitespace-normalised; substring = the expected
+    command appears in the generated text (the seed's "command accuracy")."""
+    answers = [decode_sft(ids) for ids in greedy_batch(model, [prompt_ids(p["input"]) for p in pairs],
+                                                        max_new, device, stop=CMD_CLOSE)]
+    want = [command_of(p["output"]) for p in pairs]
+    exact = sum(command_of(a) == w for a, w in zip(answers, want)) / max(1, len(pairs))
+    sub = sum(w in " ".join(a.split()) for a, w in zip(answers, want)) / max(1, len(pairs))
+    return exact, sub, answers
+
+
 def run_sample(argv):
     args = sample_parser().parse_args(argv)
     out = Path(args.out)
@@ -649,6 +985,79 @@ def device_peak(device, amp_dtype, out, log):
 
 # -----------------------------------------------------------------------------
 
+# The seed's fine-tuning settings (Overseer, training/configs/training_config.py): its standard
+# column, and the three small-machine modes. The seed set its mode flag after the config object
+# was built, so the overrides never took effect; here apply_modes runs before anything is built,
+# and a test checks that each value reaches the running loop (args.json "loop").
+SFT_STANDARD = dict(batch_size=16, grad_accum=4, lr=1e-4, seq_len=2048, workers=4, pin_memory=True,
+                    save_every=500, eval_every=100, log_every=10, ram_threshold=85.0, gpu_threshold=90.0,
+                    swap_threshold=50.0, mem_check_every=30.0)
+# --quick: the laptop demo (a tiny model from scratch learns at 2e-3, not at the seed's 1e-4)
+SFT_QUICK = dict(batch_size=16, grad_accum=2, lr=2e-3, seq_len=256, workers=0, save_every=100, eval_every=100,
+                 max_steps=600)
+MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order); one mode applies
+    "mac": dict(batch_size=1, grad_accum=32, lr=3e-5, seq_len=256, precision="fp32", workers=0,
+                ram_threshold=60.0, gpu_threshold=70.0, swap_threshold=25.0, mem_check_every=10.0,
+                save_every=100, eval_every=25),
+    "cpu_only": dict(batch_size=1, grad_accum=64, lr=1e-5, seq_len=128, precision="fp32", device="cpu",
+                     ram_threshold=50.0, gpu_threshold=0.0, swap_threshold=20.0, mem_check_every=5.0,
+                     save_every=50, eval_every=10),
+    "resource_efficient": dict(batch_size=4, grad_accum=16, lr=5e-5, seq_len=1024, workers=1, pin_memory=False,
+                               grad_checkpointing=True, precision="fp16", save_every=200, eval_every=50,
+                               log_every=25, ram_threshold=70.0, gpu_threshold=75.0, swap_threshold=30.0,
+                               mem_check_every=15.0),
+}
+
+
+def apply_modes(args, sources, log):
+    """Settings layers after optimal_config.json, before anything is built (common.resolve_settings
+    calls this). --task lm: the generic --resource-efficient of every trainer. --task sft: the
+    seed's standard column, then --quick, then one mode; flags typed by the user always win."""
+    if args.task == "lm":
+        for flag in ("init_from", "mac", "cpu_only", "continuous_learning", "feedback_db", "download_data"):
+            if getattr(args, flag, None):
+                raise UserError(f"--{flag.replace('_', '-')}: fine-tuning only; add --task sft")
+        if args.resource_efficient:
+            common.apply_resource_efficient(args, sources, log)
+        return
+
+    def layer(values, name, over_config=()):
+        for key, value in values.items():
+            if sources.get(key) == "default" or (sources.get(key) == "optimal_config.json" and key in over_config):
+                setattr(args, key, value)
+                sources[key] = name
+
+    # optimal_config.json's lm batch and seq_len are sized for pretraining windows, not for pairs
+    layer(SFT_STANDARD, "sft standard", over_config=("batch_size", "grad_accum", "seq_len"))
+    if args.quick:
+        layer(SFT_QUICK, "quick", over_config=("batch_size", "grad_accum", "seq_len", "workers"))
+    mode = "mac" if args.mac else "cpu_only" if args.cpu_only else "resource_efficient" if args.resource_efficient \
+        else None
+    if not mode:
+        return
+    given = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    rows = []
+    for key, value in MODES[mode].items():
+        before = getattr(args, key)
+        note = ""
+        if sources.get(key) == "flag":
+            value, note = before, "kept: given as a flag"
+        elif key == "precision" and value == "fp16" and not (cuda and mode != "mac"):
+            value, note = before, "fp16 is for the GPU; the CPU stays fp32"
+        else:
+            setattr(args, key, value)
+            sources[key] = mode.replace("_", "-")
+        rows.append((key.replace("_", "-"), before, value, note))
+    eff = args.batch_size * args.grad_accum if "auto" not in (args.batch_size, args.grad_accum) else "auto"
+    log(f"--{mode.replace('_', '-')}: the seed's settings, applied before anything is built"
+        + (f" ({' > '.join(given)}: the first wins)" if len(given) > 1 else ""))
+    log(f"  {'setting':<18} {'before':>9} -> {'after':<9}")
+    for key, before, after, note in rows:
+        log(f"  {key:<18} {str(before):>9} -> {str(after):<9} {note}")
+    log(f"  {'effective batch':<18} {'':>9}    {eff}")
+
+
 def resolve_shape(args, sources, log):
     """Preset values under the flags; --quick shortens the context. Logged, recorded in args.json."""
     preset = PRESETS[args.preset]
@@ -675,14 +1084,102 @@ def resolve_shape(args, sources, log):
         raise UserError(f"--seq-len {args.seq_len}: need at least 2 tokens")
 
 
+def sft_pairs(args, log):
+    """The pairs of --task sft, split by split_of: (train, val, test) lists of {input, output}.
+
+    --data (a .jsonl/.csv file or a folder of them), else the built-in generator; pairs from
+    --download-data are added. A request seen twice keeps its first answer.
+    """
+    if args.data:
+        records, bad, reasons = read_pairs(Path(args.data).expanduser(), "--data")
+        log(f"--data {args.data}: {len(records)} pairs" + (f", {bad} bad rows skipped (first: {reasons[0]})"
+                                                            if bad else ""))
+    else:
+        records = builtin_pairs()
+        if not DEFAULT_PAIRS.exists():  # a file to read and copy; never overwritten
+            DEFAULT_PAIRS.parent.mkdir(parents=True, exist_ok=True)
+            tmp = DEFAULT_PAIRS.with_name(DEFAULT_PAIRS.name + f".tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(tmp, DEFAULT_PAIRS)
+        log(f"built-in data: {len(records)} English request -> shell command pairs (a copy to read or extend: "
+            f"{DEFAULT_PAIRS}, use it with --data)")
+    if args.download_data:
+        for source, recs, bad, reasons in fetch_pairs(args, log):
+            records += recs
+    seen, pairs = set(), []
+    for r in records:
+        if r["input"] not in seen:
+            seen.add(r["input"])
+            pairs.append(r)
+    test, val, train = [], [], []
+    for p in pairs:
+        (test, val, train)[min(split_of(p), 2)].append(p)  # 10 % test, 10 % val, 80 % train
+    if not (train and val and test):
+        raise UserError(f"{'--data ' + str(args.data) if args.data else 'the data'}: {len(pairs)} distinct pairs "
+                        f"give {len(train)} train / {len(val)} val / {len(test)} test; each split needs at least "
+                        "one (about 30 pairs or more)")
+    return train, val, test
+
+
+def find_run_checkpoint(run, flag):
+    """A run folder's best.pt, else its newest checkpoint (a train_lm.py one), for ask and --init-from."""
+    run = Path(run)
+    best = run / "checkpoints" / "best.pt"
+    state, path = common.find_checkpoint(run, argparse.Namespace(resume=str(best) if best.is_file() else None,
+                                                                 no_resume=False), lambda m: None)
+    if state is None:
+        raise UserError(f"{flag} {run}: no checkpoint there; train first: python train_lm.py --quick --out {run}")
+    if "model_cfg" not in state:
+        raise UserError(f"{flag} {run}: {path} is not a train_lm.py checkpoint")
+    return state, path
+
+
+def init_shape(args, sources, log):
+    """--init-from: the model's shape comes from that run's checkpoint; returns its state."""
+    if not args.init_from:
+        return None
+    state, path = find_run_checkpoint(args.init_from, "--init-from")
+    for key in ("arch", "n_layer", "n_head", "d_model", "num_eigenstates", "chunk_size"):
+        if sources.get(key) == "flag" and getattr(args, key) != state["model_cfg"][key]:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: the shape comes from --init-from "
+                            f"({key} {state['model_cfg'][key]}); drop the flag")
+        setattr(args, key, state["model_cfg"][key])
+        sources[key] = "init-from"
+    log(f"--init-from {path} (step {state['step']}, {state.get('task', 'lm')}): its weights and shape")
+    return state
+
+
+def load_init(model, init, log):
+    """Copy --init-from weights into the fine-tuning model. The token table grows from the
+    pretrained vocabulary (257 ids) by the 8 specials, and the position table may grow to the
+    new --seq-len: the new rows keep their N(0, 0.02) init and are learned in fine-tuning."""
+    own = model.state_dict()
+    grown = []
+    for k, v in init["model"].items():
+        if own[k].shape != v.shape:
+            n = min(v.shape[0], own[k].shape[0])
+            own[k][:n] = v[:n]
+            grown.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
+        else:
+            own[k].copy_(v)
+    model.load_state_dict(own)
+    if grown:
+        log("--init-from: " + "; ".join(dict.fromkeys(grown)))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:
         return run_prepare(argv[1:])
     if argv[:1] == ["sample"]:
         return run_sample(argv[1:])
+    if argv[:1] == ["ask"]:
+        return run_ask(argv[1:])
+    if argv[:1] == ["rate"]:
+        return run_rate(argv[1:])
     notes = []
-    args, sources = common.resolve_settings(parser, argv, log=notes.append)
+    args, sources = common.resolve_settings(parser, argv, log=notes.append, modes=apply_modes)
+    init = init_shape(args, sources, notes.append) if args.task == "sft" else None
     resolve_shape(args, sources, notes.append)
     if args.tensorboard:
         try:
@@ -692,24 +1189,40 @@ def main(argv=None):
                             "metrics.jsonl has the same numbers")
     if not 0 <= args.weight_decay < 1:
         raise UserError(f"--weight-decay {args.weight_decay}: must be in [0, 1)")
+    if not 0 <= args.replay < 1:
+        raise UserError(f"--replay {args.replay}: must be in [0, 1) (the share of replayed pairs per batch)")
+    if args.continuous_learning and not args.feedback_db:
+        raise UserError("--continuous-learning: needs --feedback-db PATH (the SQLite store ask/rate write)")
 
     # -- DDP: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and args.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # before setup_device: "cuda" then means this rank's GPU
+    if world > 1 and args.continuous_learning:
+        raise UserError("--continuous-learning: runs as one process (no torchrun)")
     is_main = rank == 0
 
     # -- data (validated before the run folder is touched)
-    data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
-    meta = load_meta(data_dir, args.seq_len)
+    if args.task == "lm":
+        data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
+        meta = load_meta(data_dir, args.seq_len)
+        data = {"dir": data_dir, "meta": meta}
+        vocab = meta["vocab_size"]
+    else:
+        data = dict(zip(("train", "val", "test"), sft_pairs(args, notes.append)))
+        vocab = SFT_VOCAB
+    if args.continuous_learning:
+        open_feedback_db(args.feedback_db, create=True).close()  # a bad path or file fails now, not after training
 
     out, device, state, resumed_from, more_notes = common.open_run(args, sources)
     notes += more_notes
-    cfg = model_config(args, meta["vocab_size"])
+    cfg = model_config(args, vocab)
     if state:
         if "model_cfg" not in state or "world_size" not in state:
             raise UserError(f"{resumed_from} is not a train_lm.py checkpoint; use a new --out or --no-resume")
+        if state.get("task", "lm") != args.task:
+            raise UserError(f"{resumed_from} is a --task {state.get('task', 'lm')} run; use a new --out or --no-resume")
         if state["model_cfg"] != cfg:
             diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
                              if state["model_cfg"].get(k) != v)
@@ -718,28 +1231,42 @@ def main(argv=None):
             raise UserError(f"{resumed_from} was trained on {state['world_size']} process(es), this is {world}; "
                             f"resume with the same --nproc_per_node, or use a new --out")
 
+    metric = "val_bpb" if args.task == "lm" else "val_loss"
     if is_main:
-        log, status, stop = common.start_run(out, args, "lm", "val_bpb", notes)
+        log, status, stop = common.start_run(out, args, "lm", metric, notes)
     else:  # only rank 0 writes; the others still stop cleanly on SIGTERM from torchrun
         log, status, stop = (lambda msg: None), {"started": time.time()}, common.install_stop_handlers()
     if world > 1:
         dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
     try:
         with common.recording_failures(out, status) if is_main else nullcontext():
-            return train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, meta,
-                         data_dir, rank, world, local_rank)
+            return train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, data,
+                         rank, world, local_rank, init)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, meta, data_dir,
-          rank, world, local_rank):
+def train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, data, rank, world, local_rank,
+          init):
     device, amp_dtype, scaler, prec_why = device
     is_main = rank == 0
-    train_bin, val_bin = data_dir / "train.bin", data_dir / "val.bin"
-    log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
-        f"{meta['val_tokens']:,} val tokens; byte tokenizer, vocab {meta['vocab_size']}")
+    sft = args.task == "sft"
+    if sft:
+        examples = [render(p) for p in data["train"]]  # (ids, n_prompt)
+        val_examples = [render(p) for p in data["val"]]
+        mean_len = sum(len(ids) - 1 for ids, _ in examples) / len(examples)
+        cut = sum(len(ids) > args.seq_len + 1 for ids, _ in examples)
+        log(f"data: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test pairs, "
+            f"{mean_len:.0f} tokens on average" + (f"; {cut} longer than --seq-len {args.seq_len} are cut" if cut else "")
+            + f"; bytes + {len(SFT_SPECIALS)} special tokens, vocab {SFT_VOCAB}; loss on the answer only")
+        task_loss = sft_loss_fn
+    else:
+        meta, data_dir = data["meta"], data["dir"]
+        train_bin, val_bin = data_dir / "train.bin", data_dir / "val.bin"
+        log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
+            f"{meta['val_tokens']:,} val tokens; byte tokenizer, vocab {meta['vocab_size']}")
+        task_loss = loss_fn
 
     # -- model
     for name in PRESETS:
@@ -748,6 +1275,8 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
             + (f"{c['n_head']} heads" if c["arch"] == "gpt" else f"{c['num_eigenstates']} eigenstates x 2 cells, "
                f"chunk {c['chunk_size']}") + f", context {c['seq_len']}: {count_on_meta(c):,} parameters")
     model = LM(cfg).to(device)
+    if init and not state:
+        load_init(model, init, log)
     model.grad_checkpointing = args.grad_checkpointing
     n_params, _ = common.count_params(model)
     log(f"model: --preset {args.preset} --arch {cfg['arch']}: {cfg['n_layer']} layers, d {cfg['d_model']}, "
@@ -757,17 +1286,24 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
         + ("; gradient checkpointing" if args.grad_checkpointing else ""))
 
     # -- batch size: effective batch per rank fixed, micro-batch fitted to the machine
-    def probe(bs):
-        return common.probe_step(model, lambda m, b: loss_fn(m, b, device),
-                                 {"x": torch.zeros(bs, args.seq_len + 1, dtype=torch.long)}, device, amp_dtype)
+    longest = min(args.seq_len, max(len(ids) for ids, _ in examples) - 1) if sft else args.seq_len
+
+    def probe(bs):  # the longest batch the run will see
+        return common.probe_step(model, lambda m, b: task_loss(m, b, device),
+                                 {"x": torch.zeros(bs, longest + 1, dtype=torch.long),
+                                  "w": torch.ones(bs, longest)}, device, amp_dtype)
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum  # windows per rank per step
+    E = micro_bs * accum  # windows (pairs) per rank per step
     G = E * world  # the global batch
-    tokens_per_step = G * args.seq_len
+    tokens_per_step = G * (mean_len if sft else args.seq_len)  # sft: on average (padding not counted)
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} accumulation"
-        + (f" x {world} processes" if world > 1 else "") + f" = {G} windows of {args.seq_len} tokens "
-        f"= {tokens_per_step:,} tokens per step ({bs_why})")
+        + (f" x {world} processes" if world > 1 else "")
+        + (f" = {G} pairs ({tokens_per_step:,.0f} tokens on average) per step" if sft else
+           f" = {G} windows of {args.seq_len} tokens = {tokens_per_step:,} tokens per step") + f" ({bs_why})")
+    if sft and len(examples) < G:
+        raise UserError(f"--batch-size x --grad-accum = {G} pairs per step, but the data has {len(examples)} "
+                        "training pairs; lower --grad-accum or add data")
 
     # -- optimizer: AdamW, weight decay on 2-D weights only (not on norms, biases, eigenvalues)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -775,7 +1311,7 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    steps_per_epoch = max(1, meta["train_tokens"] // tokens_per_step)
+    steps_per_epoch = max(1, (len(examples) if sft else meta["train_tokens"] // args.seq_len) // G)
     total_steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * steps_per_epoch)
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     # OneCycle's shape: linear warmup over 10 % of the steps, then cosine down to zero
@@ -784,6 +1320,7 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
         (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))))
 
     step, best = 0, float("inf")
+    save_every, eval_every, log_every = args.save_every, args.eval_every, args.log_every
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
                                                                               scheduler, scaler)
     if state:
@@ -804,18 +1341,20 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
             train_model, device_ids=[local_rank] if device.type == "cuda" else None)
         no_sync = train_model.no_sync  # all-reduce once per step, on the last micro-batch
     peak, peak_why = device_peak(device, amp_dtype, out, log) if is_main else (1.0, "")
-    fpt = flops_per_token(cfg)
+    # sft: attention counted at the average pair length, not the context the model could take
+    fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))) if sft else cfg)
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
     tb = None
     if args.tensorboard and is_main:
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(out / "tb"))
-    windows = val_windows(val_bin, meta["val_tokens"], args.seq_len, args.eval_tokens)
+    if not sft:
+        windows = val_windows(val_bin, meta["val_tokens"], args.seq_len, args.eval_tokens)
 
     def save(best_now=False):
         ckpt = common.training_state(
             model, optimizer, scheduler, scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
-            world_size=world, model_cfg=cfg, args=dict(vars(args)),
+            world_size=world, model_cfg=cfg, args=dict(vars(args)), task=args.task,
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen)
         path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
@@ -823,14 +1362,19 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
 
     def run_eval():
         nonlocal best
-        val_loss, val_bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
-        is_best = val_bpb < best
-        best = min(best, val_bpb)
-        common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 5)})
-        log(f"step {step}: val loss {val_loss:.4f} nats/token, {val_bpb:.4f} bits/byte ({len(windows)} windows)")
-        common.update_status(out, status, metric=round(val_bpb, 5))
+        if sft:
+            value = val_loss = evaluate_sft(model, val_examples, device, amp_dtype, micro_bs, args.seq_len)
+            common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6)})
+            log(f"step {step}: val loss {val_loss:.4f} nats per answer token ({len(val_examples)} pairs)")
+        else:
+            val_loss, value = evaluate(model, windows, device, amp_dtype, micro_bs)
+            common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(value, 5)})
+            log(f"step {step}: val loss {val_loss:.4f} nats/token, {value:.4f} bits/byte ({len(windows)} windows)")
+        is_best = value < best
+        best = min(best, value)
+        common.update_status(out, status, metric=round(value, 5))
         if tb:
-            tb.add_scalar("val/bpb", val_bpb, step)
+            tb.add_scalar("val/" + ("loss" if sft else "bpb"), value, step)
         return is_best
 
     def all_ranks(value, op):  # a number agreed by every rank (no-op on one process)
@@ -840,18 +1384,39 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
         dist.all_reduce(t, op=op)
         return t.item()
 
+    # -- batches: step i's batch depends on (seed, i) only; --workers processes build them ahead
+    if sft:
+        batches = StepBatches(sft_batch, examples=examples, seed=args.seed, global_batch=G, rank=rank,
+                              per_rank=E, seq_len=args.seq_len)
+    else:
+        batches = StepBatches(get_batch, path=train_bin, n_tokens=meta["train_tokens"], seq_len=args.seq_len,
+                              seed=args.seed, global_batch=G, rank=rank, per_rank=E)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, max(step, total_steps)),
+                                         num_workers=args.workers, worker_init_fn=quiet_worker,
+                                         pin_memory=args.pin_memory and device.type == "cuda")
+
     # -- the loop
     watch = common.memory_watch(args)
     if is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+        # what the loop below really runs with, read back from its objects (the mode tables are tested on this)
+        common.write_args(out, args, sources, dict(json.loads((out / "args.json").read_text())["chosen"], loop={
+            "micro_batch": micro_bs, "grad_accum": accum, "lr": optimizer.param_groups[0]["initial_lr"],
+            "seq_len": model.cfg["seq_len"], "workers": loader.num_workers, "pin_memory": loader.pin_memory,
+            "grad_checkpointing": model.grad_checkpointing, "precision": args.precision, "device": device.type,
+            "save_every": save_every, "eval_every": eval_every, "log_every": log_every,
+            "ram_threshold": watch["ram"], "gpu_threshold": watch["gpu"], "swap_threshold": watch["swap"],
+            "mem_check_every": watch["every"]}))
     t_start, samples_seen, start_step = time.time(), 0, step
-    t_log, step_log = time.time(), step
+    t_log, step_log, tokens_log = time.time(), step, 0
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
+    batch_iter = iter(loader)
     while step < total_steps:
-        batch = get_batch(train_bin, meta["train_tokens"], args.seq_len, args.seed, step, G, rank, E)
+        batch = next(batch_iter)
+        tokens_log += int(batch["n"].sum()) * world if sft else tokens_per_step
         loss, _, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
-                                              lambda m, b: loss_fn(m, b, device), micro_bs, args.clip,
+                                              lambda m, b: task_loss(m, b, device), micro_bs, args.clip,
                                               device, amp_dtype, log, no_sync=no_sync)
         accum = math.ceil(E / micro_bs)
         scheduler.step()
@@ -859,14 +1424,14 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
         common.check_memory(watch, device, log)
         if is_main:
             bar.update(1)
-        if step % args.log_every == 0 or step == total_steps:
+        if step % log_every == 0 or step == total_steps:
             loss = all_ranks(loss, dist.ReduceOp.SUM) / world if world > 1 else loss
             dt = time.time() - t_log
             ms = 1000 * dt / (step - step_log)
-            tps = tokens_per_step * (step - step_log) / dt
+            tps = tokens_log / dt
             mfu = fpt * tps / (peak * world)
             peak_mb = common.peak_memory_mb(device)
-            t_log, step_log = time.time(), step
+            t_log, step_log, tokens_log = time.time(), step, 0
             lr = scheduler.get_last_lr()[0]
             if is_main:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
@@ -883,11 +1448,11 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
                     tb.add_scalar("train/loss", loss, step)
                     tb.add_scalar("train/tokens_per_s", tps, step)
         is_best = False
-        if args.eval_every and step % args.eval_every == 0 or step == total_steps:
+        if eval_every and step % eval_every == 0 or step == total_steps:
             is_best = run_eval() if is_main else False
             # every rank must know whether a checkpoint (and its barrier) follows
             is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX)) if world > 1 else is_best
-        saved = step % args.save_every == 0 or is_best or step == total_steps
+        saved = step % save_every == 0 or is_best or step == total_steps
         if saved and is_main:
             save(is_best)
         if saved and world > 1:
@@ -901,6 +1466,7 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
                 common.update_status(out, status, state="stopped", step=step)
                 bar.close()
             return 0
+    del batch_iter  # its worker processes end here
     if is_main:
         bar.close()
     if world > 1:
@@ -912,29 +1478,66 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
-        return 0
-    val_loss, val_bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
-    wall = wall_before + time.time() - status["started"]
-    train_s = train_before + time.time() - t_start
-    samples = samples_before + samples_seen
-    tps = samples * args.seq_len / max(1e-9, train_s)
-    common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
-                         val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
-                         samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / (peak * world), 4),
-                         peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
-                         wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
-                         world_size=world, device=device.type, precision=args.precision, global_batch=G,
-                         tokens_trained=samples * args.seq_len)
-    plot = common.plot_progress(out, "val_bpb")
-    log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
-        f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
-        f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
-    text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
-    log("sample: " + repr("The " + text))
+    elif sft:
+        report_sft(args, out, log, status, model, device, amp_dtype, micro_bs, data, val_examples, best, step,
+                   wall_before + time.time() - status["started"], train_before + time.time() - t_start,
+                   samples_before + samples_seen, mean_len, fpt, peak, n_params, cfg, G)
+    else:
+        val_loss, val_bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
+        wall = wall_before + time.time() - status["started"]
+        train_s = train_before + time.time() - t_start
+        samples = samples_before + samples_seen
+        tps = samples * args.seq_len / max(1e-9, train_s)
+        common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
+                             val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
+                             samples_per_s=round(samples / max(1e-9, train_s), 2),
+                             mfu=round(fpt * tps / (peak * world), 4),
+                             peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
+                             wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
+                             world_size=world, device=device.type, precision=args.precision, global_batch=G,
+                             tokens_trained=samples * args.seq_len)
+        plot = common.plot_progress(out, "val_bpb")
+        log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
+            f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
+            f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+        text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
+        log("sample: " + repr("The " + text))
+        common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
     if tb:
         tb.close()
-    common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
+    if args.continuous_learning:
+        def save_round(new_step):  # a kept round: a new checkpoint, and best.pt (what ask serves)
+            nonlocal step
+            step = new_step
+            save(best_now=True)
+        return feedback_rounds(args, out, log, status, stop, model, device, amp_dtype, scaler, micro_bs, E,
+                               examples, data["test"], step, save_round)
     return 0
+
+
+def report_sft(args, out, log, status, model, device, amp_dtype, micro_bs, data, val_examples, best, step, wall,
+               train_s, samples, mean_len, fpt, peak, n_params, cfg, G):
+    """The end of an sft run: val loss, command accuracy on the test split, summary.json."""
+    val_loss = evaluate_sft(model, val_examples, device, amp_dtype, micro_bs, args.seq_len)
+    exact, sub, answers = command_accuracy(model, data["test"], device)
+    tps = samples * mean_len / max(1e-9, train_s)
+    common.write_summary(out, trainer="lm", task="sft", metric="val_loss", value=round(val_loss, 6),
+                         best_value=round(best, 6), command_exact=round(exact, 4), command_substring=round(sub, 4),
+                         test_pairs=len(data["test"]), steps=step, tokens_per_s=round(tps, 1),
+                         samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
+                         peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
+                         wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
+                         precision=args.precision, global_batch=G, pairs_trained=samples)
+    plot = common.plot_progress(out, "val_loss")
+    log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
+        f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "
+        f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+    for p, a in list(zip(data["test"], answers))[:5]:
+        log(f"  {p['input']!r} -> {command_of(a)!r}" + ("" if command_of(a) == command_of(p["output"]) else
+                                                     f" (expected {command_of(p['output'])!r})"))
+    log(f"ask it: python train_lm.py ask --out {out} \"list files by size\"")
+    common.update_status(out, status, state="finished", step=step, metric=round(val_loss, 6), eta_s=0,
+                         command_exact=round(exact, 4))
 
 
 if __name__ == "__main__":
