@@ -31,9 +31,11 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -931,6 +933,43 @@ def run_sample(argv):
     return 0
 
 
+def ask_parser():
+    p = common.Parser(prog="train_lm.py ask", allow_abbrev=False, formatter_class=common.HelpFormat,
+                      description="turn plain-English requests into shell commands with a --task sft run "
+                                  "(its best checkpoint, else its newest)")
+    p.add_argument("request", nargs="+", help="what you want to do, e.g. \"list files by size\" (several: one answer each)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder of train_lm.py --task sft")
+    p.add_argument("--feedback-db", default=None, metavar="PATH",
+                   help="also log each request and answer in this SQLite store, to rate and learn from")
+    p.add_argument("--max-new-tokens", type=common.pos_int, default=160, metavar="N", help="answer length limit")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    return p
+
+
+def run_ask(argv):
+    args = ask_parser().parse_args(argv)
+    state, path = find_run_checkpoint(args.out, "--out")
+    if state.get("task") != "sft":
+        raise UserError(f"--out {args.out}: {path} is a language model (--task lm); ask needs a fine-tuned run: "
+                        f"python train_lm.py --task sft --quick --out {args.out}-sft")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model = LM(state["model_cfg"]).to(device)
+    model.load_state_dict(state["model"])
+    answers = greedy_batch(model, [prompt_ids(r) for r in args.request], args.max_new_tokens, device)
+    for request, ids in zip(args.request, answers):
+        text = decode_sft(ids)
+        explanation = text.split("</command>", 1)[1].strip() if "</command>" in text else ""
+        print(f"> {request}\n$ {command_of(text)}" + (f"\n  {explanation}" if explanation else ""))
+        if args.feedback_db:
+            i = log_interaction(args.feedback_db, request, text,
+                                context={"run": str(Path(args.out).resolve()), "step": state["step"]})
+            print(f"  logged as interaction {i}; rate it: python train_lm.py rate --feedback-db {args.feedback_db} "
+                  f"{i} good   (or bad)")
+    return 0
+
+
 # -----------------------------------------------------------------------------
 # device peak FLOP/s, for MFU
 
@@ -1538,6 +1577,391 @@ def report_sft(args, out, log, status, model, device, amp_dtype, micro_bs, data,
     log(f"ask it: python train_lm.py ask --out {out} \"list files by size\"")
     common.update_status(out, status, state="finished", step=step, metric=round(val_loss, 6), eta_s=0,
                          command_exact=round(exact, 4))
+
+
+def as_answer(response):
+    """A logged response as a training answer: the model's own form, or a bare command wrapped."""
+    return response if "<command>" in response else format_answer(response.strip())
+
+
+def feedback_rounds(args, out, log, status, stop, model, device, amp_dtype, scaler, micro_bs, E, examples,
+                    test_pairs, step, save_round):
+    """--continuous-learning: watch --feedback-db; at --retrain-threshold new well-rated rows,
+    fine-tune on them with --replay of the original pairs, keep the result only if the test
+    split's exact command accuracy is not worse, record the rows as used, and watch again.
+
+    Each round starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has
+    ended at zero, and a small step keeps the round from undoing what the model knew.
+    """
+    db, run_key, warned = args.feedback_db, str(Path(out).resolve()), set()
+    round_no = max(used_rows(db, run=run_key).values(), default=0)
+    exact, sub, _ = command_accuracy(model, test_pairs, device)
+    log(f"continuous learning: watching {db} every {args.poll_every:g}s; a round starts at "
+        f"{args.retrain_threshold} new rows rated feedback >= 1 and success = 1; test exact {exact:.1%} now")
+    common.update_status(out, status, state="watching", round=round_no, command_exact=round(exact, 4))
+    rounds_here = 0
+    while True:
+        why = common.stop_requested(stop, out)
+        if why:
+            log(f"continuous learning stopped by {why} after round {round_no}; re-run the same command to go on")
+            common.update_status(out, status, state="stopped")
+            return 0
+        rows = new_training_rows(db, warned, log)
+        if len(rows) < args.retrain_threshold:
+            t_next = time.time() + args.poll_every
+            while time.time() < t_next and not common.stop_requested(stop, out):
+                time.sleep(min(0.2, args.poll_every))
+            continue
+
+        round_no, rounds_here = round_no + 1, rounds_here + 1
+        new = [render({"input": r["input"], "output": as_answer(r["output"])}) for r in rows]
+        n_new = max(1, round(E * (1 - args.replay)))  # per step; the rest of the batch is replay
+        n_steps = math.ceil(args.round_epochs * len(new) / n_new)
+        log(f"round {round_no}: {len(rows)} new rows (ids {rows[0]['id']}..{rows[-1]['id']}), {n_steps} steps of "
+            f"{n_new} new + {E - n_new} replayed pairs")
+        common.update_status(out, status, state="retraining", round=round_no)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}  # to roll back a worse round
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr / 10, betas=(0.9, 0.95),
+                                      weight_decay=args.weight_decay)
+        rng = np.random.default_rng((args.seed, 1_000_000 + round_no))
+        order = np.concatenate([rng.permutation(len(new)) for _ in range(args.round_epochs + 1)])
+        model.train()
+        stopped = None
+        for i in range(n_steps):
+            batch = [new[j] for j in order[i * n_new:(i + 1) * n_new]]
+            batch += [examples[j] for j in rng.integers(0, len(examples), E - n_new)]
+            loss, _, micro_bs = common.train_step(model, optimizer, scaler, collate(batch, args.seq_len),
+                                                  lambda m, b: sft_loss_fn(m, b, device), micro_bs, args.clip,
+                                                  device, amp_dtype, log)
+            stopped = common.stop_requested(stop, out)
+            if stopped:
+                break
+        if stopped:  # a half round is thrown away; its rows stay new for the next run
+            model.load_state_dict(before)
+            log(f"round {round_no} interrupted by {stopped}: discarded, its rows stay unused")
+            common.update_status(out, status, state="stopped")
+            return 0
+        after, after_sub, _ = command_accuracy(model, test_pairs, device)
+        kept = after >= exact
+        if kept:
+            step += n_steps
+            save_round(step)
+        else:
+            model.load_state_dict(before)
+        mark_used(db, [r["id"] for r in rows], round_no, run_key, kept)
+        rec = {"round": round_no, "step": step, "rows": len(rows), "first_id": rows[0]["id"], "last_id": rows[-1]["id"],
+               "round_steps": n_steps, "loss": round(loss, 6), "test_exact_before": round(exact, 4),
+               "test_exact_after": round(after, 4), "test_substring_after": round(after_sub, 4), "kept": kept}
+        common.append_metrics(out, rec)
+        log(f"round {round_no}: test exact {exact:.1%} -> {after:.1%}: "
+            + (f"kept (checkpoint step {step})" if kept else "worse, rolled back"))
+        exact = after if kept else exact
+        common.update_status(out, status, state="watching", step=step, round=round_no, last_round=rec,
+                             command_exact=round(exact, 4))
+        if args.max_rounds and rounds_here >= args.max_rounds:
+            log(f"--max-rounds {args.max_rounds}: done")
+            common.update_status(out, status, state="finished")
+            return 0
+
+
+# -----------------------------------------------------------------------------
+# feedback store (SQLite) for --continuous-learning
+#
+# `ask --feedback-db PATH` logs each request and answer, `rate` records whether the answer was good,
+# and the --continuous-learning watcher polls for rated rows it has not trained on yet. Three
+# processes share one file, so every function opens its own short-lived connection and holds
+# a transaction only for one statement or one small batch.
+
+# the seed's table, column for column, so a database the seed wrote opens unchanged
+FEEDBACK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS user_interactions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp TEXT,
+    user_input TEXT,
+    ai_response TEXT,
+    user_feedback INTEGER,
+    context TEXT,      -- JSON
+    success INTEGER    -- bool
+);
+"""
+# ours: one row per interaction a retraining round consumed, so no row is trained on twice
+TRAINING_USE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS training_use (
+    interaction_id INTEGER PRIMARY KEY,
+    round INTEGER,
+    run TEXT,
+    kept INTEGER,
+    used_at TEXT
+);
+"""
+SEED_COLUMNS = ("id", "timestamp", "user_input", "ai_response", "user_feedback", "context", "success")
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+
+
+def _utc_now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def open_feedback_db(path, create=True):
+    """Open (and with create=True make) the feedback database; every problem is a UserError naming
+    --feedback-db. Called by the functions below (one connection per call) and by the watcher at start.
+
+    create=False is for readers (`rate`, the trainer): a missing file is then the user's mistake,
+    not a reason to leave an empty database behind.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--feedback-db {path}: is a folder; give a file name such as {path / 'feedback.db'}")
+    if not path.exists():
+        if not create:
+            raise UserError(f"--feedback-db {path}: no such database; `ask --feedback-db {path}` creates it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif path.stat().st_size:
+        # check the header ourselves: sqlite3 only notices at the first query, and switching the
+        # journal mode of a file that is not a database must never be tried
+        with open(path, "rb") as f:
+            if f.read(16) != SQLITE_MAGIC:
+                raise UserError(f"--feedback-db {path}: not a SQLite database; give another file name")
+    try:
+        # timeout = busy timeout: a writer waits up to 10 s for another writer's short transaction
+        # instead of failing with "database is locked"; isolation_level=None: we say BEGIN ourselves
+        con = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
+    except sqlite3.Error as e:
+        raise UserError(f"--feedback-db {path}: cannot open ({e})") from None
+    try:
+        # WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can write while
+        # the trainer reads. The mode is stored in the file; switching needs a moment's exclusive
+        # lock, so only do it once.
+        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
+        # in WAL mode NORMAL survives a crash of any process; only a power cut can lose the last commits
+        con.execute("PRAGMA synchronous=NORMAL")
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "user_interactions" not in tables:
+            if not create:
+                raise UserError(f"--feedback-db {path}: has no user_interactions table; is it the right file?")
+            con.executescript(FEEDBACK_SCHEMA)
+        cols = {r[1] for r in con.execute("PRAGMA table_info(user_interactions)")}
+        missing = [c for c in SEED_COLUMNS if c not in cols]
+        if missing:
+            raise UserError(f"--feedback-db {path}: its user_interactions table lacks column(s) "
+                            f"{', '.join(missing)}; it was not written by `ask` or the seed")
+        if "training_use" not in tables:
+            # also added to a seed database opened read-side: the trainer has to record what it used
+            con.executescript(TRAINING_USE_SCHEMA)
+    except UserError:
+        con.close()
+        raise
+    except sqlite3.Error as e:
+        con.close()
+        raise UserError(f"--feedback-db {path}: {e}") from None
+    return con
+
+
+def _feedback_call(db_path, create, fn):
+    """Run fn(con) on a fresh connection, close it, and turn SQLite errors into one-line UserErrors."""
+    con = open_feedback_db(db_path, create=create)
+    try:
+        return fn(con)
+    except sqlite3.Error as e:
+        raise UserError(f"--feedback-db {db_path}: {e}") from None
+    finally:
+        con.close()
+
+
+def log_interaction(db_path, user_input, ai_response, context=None, success=None, feedback=None):
+    """Append one request/answer pair; returns its id. Called by `ask --feedback-db` after each answer.
+
+    context is any JSON-serialisable value (stored as JSON text); success None = not known yet.
+    """
+    row = (_utc_now(), user_input, ai_response, feedback,
+           None if context is None else json.dumps(context), None if success is None else int(bool(success)))
+
+    def insert(con):
+        cur = con.execute("INSERT INTO user_interactions (timestamp, user_input, ai_response, user_feedback, "
+                          "context, success) VALUES (?, ?, ?, ?, ?, ?)", row)
+        return cur.lastrowid
+    return _feedback_call(db_path, True, insert)
+
+
+def rate_interaction(db_path, interaction_id, feedback, success=None):
+    """Set an interaction's user_feedback (any int: -1 bad, 0 neutral, 1 good, more = better) and, unless
+    success is None, its success (1/0). Called by `rate`. An unknown id is a UserError."""
+    if isinstance(feedback, bool) or not isinstance(feedback, int):
+        raise UserError(f"feedback {feedback!r}: must be an integer (-1 bad, 0 neutral, 1 good)")
+
+    def update(con):
+        # COALESCE: success None leaves the stored value as it was
+        cur = con.execute("UPDATE user_interactions SET user_feedback = ?, success = COALESCE(?, success) "
+                          "WHERE id = ?", (feedback, None if success is None else int(bool(success)), interaction_id))
+        if cur.rowcount == 0:
+            raise UserError(f"--feedback-db {db_path}: no interaction {interaction_id}; "
+                            f"`train_lm.py rate --feedback-db {db_path} --list` shows the ids")
+    _feedback_call(db_path, False, update)
+
+
+def _bad_row_reason(user_input, ai_response, feedback, context):
+    """Why a rated row cannot be trained on, or None. The seed's table has no constraints, so anything
+    another tool (or a hand edit) put there reaches this point."""
+    for name, v in (("user_input", user_input), ("ai_response", ai_response)):
+        if v is None:
+            return f"{name} is NULL"
+        if not isinstance(v, str):
+            return f"{name} is a {type(v).__name__}, not text"
+        if not v.strip():
+            return f"empty {name}"
+    # SQLite compares text as greater than any number, so user_feedback 'great' passes `>= 1`
+    if isinstance(feedback, bool) or not isinstance(feedback, int):
+        return f"user_feedback {feedback!r} is not an integer"
+    if context is not None:
+        if not isinstance(context, str):
+            return f"context is a {type(context).__name__}, not JSON text"
+        try:
+            json.loads(context)
+        except ValueError:
+            return "context is not valid JSON"
+    return None
+
+
+def new_training_rows(db_path, warned, log):
+    """Rated-good rows not yet trained on, oldest first: [{"id", "input", "output", "context"}] with
+    context parsed from JSON (or None). Called by the --continuous-learning watcher on every poll.
+
+    A row needs user_feedback >= 1 and success = 1 and no training_use entry. A row that fails
+    validation is skipped, never used, and logged once per id: `warned` is a set the caller keeps
+    between polls. One SELECT = one short read transaction; in WAL mode it never blocks `ask`/`rate`.
+    """
+    def select(con):
+        return con.execute(
+            "SELECT u.id, u.user_input, u.ai_response, u.user_feedback, u.context FROM user_interactions u "
+            "LEFT JOIN training_use t ON t.interaction_id = u.id "
+            "WHERE t.interaction_id IS NULL AND u.user_feedback >= 1 AND u.success = 1 ORDER BY u.id").fetchall()
+    rows = []
+    for id_, user_input, ai_response, feedback, context in _feedback_call(db_path, False, select):
+        reason = _bad_row_reason(user_input, ai_response, feedback, context)
+        if reason:
+            if id_ not in warned:
+                warned.add(id_)
+                log(f"feedback-db: interaction {id_} skipped: {reason}")
+            continue
+        rows.append({"id": id_, "input": user_input, "output": ai_response,
+                     "context": None if context is None else json.loads(context)})
+    return rows
+
+
+def mark_used(db_path, ids, round_no, run, kept):
+    """Record that retraining round `round_no` of run folder `run` consumed these interaction ids, and
+    whether its model was kept. Called by the watcher after every round, whatever its outcome, so a
+    row that made a round worse is not fed in again."""
+    now = _utc_now()
+    batch = [(int(i), int(round_no), str(run), int(bool(kept)), now) for i in ids]
+
+    def insert(con):
+        con.execute("BEGIN IMMEDIATE")  # take the write lock up front: the busy timeout then covers it
+        try:
+            # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
+            con.executemany("INSERT OR IGNORE INTO training_use (interaction_id, round, run, kept, used_at) "
+                            "VALUES (?, ?, ?, ?, ?)", batch)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    _feedback_call(db_path, False, insert)
+
+
+def used_rows(db_path, run=None):
+    """{interaction id: training round} for every row a round consumed (only run `run`'s, if given).
+    Called by `rate --list` and the tests."""
+    def select(con):
+        if run is None:
+            return con.execute("SELECT interaction_id, round FROM training_use").fetchall()
+        return con.execute("SELECT interaction_id, round FROM training_use WHERE run = ?", (str(run),)).fetchall()
+    return dict(_feedback_call(db_path, False, select))
+
+
+def rating_arg(s):
+    """`rate`'s RATING: good, bad or an integer score."""
+    if s in ("good", "bad"):
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be good, bad or an integer score, got {s!r}") from None
+
+
+def rate_parser():
+    p = common.Parser(prog="train_lm.py rate", allow_abbrev=False, formatter_class=common.HelpFormat,
+                      usage="train_lm.py rate --feedback-db PATH ID {good,bad,SCORE} [--success | --failed]\n"
+                            "       train_lm.py rate --feedback-db PATH --list [N]",
+                      description="rate an answer that `ask --feedback-db` logged; --continuous-learning "
+                                  "trains on answers with feedback >= 1 that succeeded")
+    p.add_argument("--feedback-db", required=True, metavar="PATH", help="the database `ask --feedback-db` writes")
+    p.add_argument("id", nargs="?", type=common.pos_int, metavar="ID", help="interaction id (see --list)")
+    p.add_argument("rating", nargs="?", type=rating_arg, metavar="{good,bad,SCORE}",
+                   help="good = feedback 1 + success 1; bad = feedback -1 + success 0; an integer sets "
+                        "the feedback only")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--success", dest="success", action="store_const", const=True, default=None,
+                   help="the command worked (overrides what good/bad imply)")
+    g.add_argument("--failed", dest="success", action="store_const", const=False,
+                   help="the command failed (overrides what good/bad imply)")
+    p.add_argument("--list", nargs="?", type=common.pos_int, const=20, default=None, metavar="N",
+                   help="show the last N interactions (default N 20) instead of rating one")
+    return p
+
+
+def _short(text, n):
+    text = "NULL" if text is None else str(text).replace("\n", "\\n")
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def run_rate(argv):
+    """`python train_lm.py rate ...`: record a rating, or list recent interactions. Called by main()."""
+    p = rate_parser()
+    args = p.parse_args(argv)
+    db = args.feedback_db
+    if args.list is not None:
+        if args.id is not None or args.success is not None:
+            p.error("--list takes no ID, RATING, --success or --failed")
+        con = open_feedback_db(db, create=False)
+        try:
+            rows = con.execute("SELECT id, timestamp, user_feedback, success, user_input, ai_response "
+                               "FROM user_interactions ORDER BY id DESC LIMIT ?", (args.list,)).fetchall()
+        finally:
+            con.close()
+        if not rows:
+            print(f"--feedback-db {db}: no interactions yet")
+            return 0
+        used = used_rows(db)
+        print(f"{'id':>6}  {'time (UTC)':<25} {'feedback':>8} {'success':>7}  {'training':<9} input -> response")
+        for id_, ts, fb, ok, q, a in reversed(rows):
+            train = f"round {used[id_]}" if id_ in used else "new"
+            print(f"{id_:>6}  {_short(ts, 25):<25} {_short('-' if fb is None else fb, 8):>8} "
+                  f"{'-' if ok is None else ok:>7}  {train:<9} {_short(q, 40)} -> {_short(a, 60)}")
+        return 0
+    if args.id is None or args.rating is None:
+        p.error("give ID and RATING (good, bad or an integer), or --list")
+    feedback, success = {"good": (1, True), "bad": (-1, False)}.get(args.rating, (args.rating, None))
+    if args.success is not None:
+        success = args.success
+    rate_interaction(db, args.id, feedback, success)
+    con = open_feedback_db(db, create=False)
+    try:
+        fb, ok = con.execute("SELECT user_feedback, success FROM user_interactions WHERE id = ?",
+                             (args.id,)).fetchone()
+    finally:
+        con.close()
+    used = used_rows(db)
+    if args.id in used:
+        note = f"already trained on in round {used[args.id]}; the new rating does not undo that"
+    elif fb < 1:
+        note = "not trained on (that needs feedback 1 or more)"
+    elif ok != 1:
+        note = "not trained on until it is marked a success (add --success if the command worked)"
+    else:
+        note = "the next --continuous-learning round will train on it"
+    print(f"interaction {args.id}: feedback {fb}, success {'unset' if ok is None else ok} -- {note}")
+    return 0
 
 
 if __name__ == "__main__":
