@@ -1062,7 +1062,8 @@ def apply_modes(args, sources, log):
 
     def layer(values, name, over_config=()):
         for key, value in values.items():
-            if sources.get(key) == "default" or (sources.get(key) == "optimal_config.json" and key in over_config):
+            if sources.get(key) in ("default", "sft standard") or (
+                    sources.get(key) == "optimal_config.json" and key in over_config):
                 setattr(args, key, value)
                 sources[key] = name
 
