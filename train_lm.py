@@ -718,7 +718,7 @@ def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, tim
         except urllib.error.URLError as e:
             raise UserError(f"--download-data {url}: cannot connect ({e.reason})")
         except (OSError, http.client.HTTPException) as e:  # dropped before any header arrived
-            raise UserError(f"--download-data {url}: download interrupted after {offset:,} bytes ({e!r}); "
+            raise UserError(f"--download-data {url}: download interrupted after {offset:,} bytes ({type(e).__name__}: {e}); "
                             "re-run the same command to resume")
         with resp:
             if offset and resp.status != 206:
@@ -735,7 +735,9 @@ def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, tim
             try:
                 with open(part, "ab" if offset else "wb") as f:
                     while True:
-                        block = resp.read(1 << 16)
+                        # read1: what has arrived, up to 64 KiB; read() would wait to fill its buffer
+                        # and lose those bytes to a timeout instead of keeping them in the .part
+                        block = resp.read1(1 << 16)
                         if not block:
                             break
                         if done + len(block) > max_bytes:
@@ -747,7 +749,7 @@ def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, tim
                         bar.update(len(block))
                     f.flush()
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                raise UserError(f"--download-data {url}: download interrupted after {done:,} bytes ({e!r}); "
+                raise UserError(f"--download-data {url}: download interrupted after {done:,} bytes ({type(e).__name__}: {e}); "
                                 "re-run the same command to resume")
             finally:
                 bar.close()
