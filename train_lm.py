@@ -718,8 +718,8 @@ def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, tim
         except urllib.error.URLError as e:
             raise UserError(f"--download-data {url}: cannot connect ({e.reason})")
         except (OSError, http.client.HTTPException) as e:  # dropped before any header arrived
-            raise UserError(f"--download-data {url}: download interrupted after {offset:,} bytes ({type(e).__name__}: {e}); "
-                            "re-run the same command to resume")
+            raise UserError(f"--download-data {url}: download interrupted after {offset:,} bytes "
+                            f"({type(e).__name__}: {e}); re-run the same command to resume")
         with resp:
             if offset and resp.status != 206:
                 log(f"--download-data {url}: the server ignored the resume request; starting over")
@@ -749,8 +749,8 @@ def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, tim
                         bar.update(len(block))
                     f.flush()
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                raise UserError(f"--download-data {url}: download interrupted after {done:,} bytes ({type(e).__name__}: {e}); "
-                                "re-run the same command to resume")
+                raise UserError(f"--download-data {url}: download interrupted after {done:,} bytes "
+                                f"({type(e).__name__}: {e}); re-run the same command to resume")
             finally:
                 bar.close()
         if total is not None and done < total:  # the server closed early without an error
