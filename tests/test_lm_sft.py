@@ -1,0 +1,180 @@
+"""train_lm.py --task sft: fine-tuning on request -> command pairs, the seed's modes, ask, and
+continuous learning from the SQLite feedback store. The real script in subprocesses, on CPU."""
+import json
+import re
+import shutil
+import sqlite3
+import time
+
+import pytest
+import torch
+
+from conftest import metrics, popen, read_json, run
+
+import train_lm
+
+# a model that steps in a few ms: for runs that check plumbing, not learning
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160"]
+
+
+# the quick run on 8 of the 67 built-in templates, batch 8 for 400 steps: ~35 s on 2 cores (the
+# full quick run, 600 steps of 32 pairs on all of them, takes ~3 min: README)
+QUICK = ["--task", "sft", "--quick", "--data", "pairs.jsonl", "--batch-size", "8", "--grad-accum", "1",
+         "--max-steps", "400", "--eval-every", "200"]
+KEEP = ("kill ", "pip install ", "cd ", "git status", "ls -lS", "rm ", "docker pull ", "mkdir ")
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    pairs = [p for p in train_lm.builtin_pairs() if "typo" not in p["output"]
+             and train_lm.command_of(p["output"]).startswith(KEEP)]
+    (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    p = run("train_lm.py", *QUICK, "--out", "runs/cmd", cwd=d, check=0, timeout=600)
+    return d, d / "runs" / "cmd", p
+
+
+def test_quick_sft_learns_commands(sft_run):
+    d, out, p = sft_run
+    s = read_json(out / "summary.json")
+    # measured: 14.6 % exact (7 of 48 test pairs), val loss 0.26; untrained: 0 % and ln(265) = 5.6
+    assert s["task"] == "sft" and s["test_pairs"] == 48
+    assert s["command_exact"] >= 0.08 and s["command_substring"] >= s["command_exact"], s
+    vals = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert len(vals) == 2 and vals[-1] < 0.5 and vals[0] < 1.5, vals  # nats per answer token
+    assert "loss on the answer only" in p.stdout and "test command accuracy" in p.stdout
+    # ask: a command for a request, and a clear error for a run that is not fine-tuned
+    a = run("train_lm.py", "ask", "--out", "runs/cmd", "list files by size", "show git status", cwd=d, check=0)
+    lines = [l for l in a.stdout.splitlines() if l.startswith("$ ")]
+    assert len(lines) == 2 and lines[0].startswith("$ ls"), a.stdout  # the second: whatever it learned
+
+
+def test_prompt_tokens_carry_no_loss():
+    torch.manual_seed(0)
+    pair = {"input": "list files by size", "output": "<command>ls -lS</command> largest first."}
+    ids, n_prompt = train_lm.render(pair)
+    assert ids[n_prompt] == train_lm.CMD_OPEN and ids[-1] == train_lm.EOT
+    assert train_lm.decode_sft(ids[n_prompt:]) == pair["output"]
+    other = train_lm.render({"input": "x", "output": "<command>pwd</command>"})
+    batch = train_lm.collate([(ids, n_prompt), other], 200)
+    model = train_lm.LM(dict(arch="gpt", vocab_size=train_lm.SFT_VOCAB, n_layer=1, n_head=2, d_model=32,
+                             seq_len=200, num_eigenstates=4, chunk_size=8))
+    logits = {}
+
+    def keep(module, inputs, out):  # the logits, with their gradient kept
+        out.retain_grad()
+        logits["t"] = out
+    model.head.register_forward_hook(keep)
+    loss, n = train_lm.sft_loss_fn(model, batch, torch.device("cpu"))
+    assert n == (len(ids) - n_prompt) + (len(other[0]) - other[1])  # answer tokens and <eot>, both rows
+    loss.backward()
+    g = logits["t"].grad.abs().sum(-1)  # (B, L): which positions the loss reads
+    assert g[0, :n_prompt - 1].sum() == 0  # the prompt predicts nothing
+    assert (g[0, n_prompt - 1:len(ids) - 1] > 0).all()  # every answer token does
+    assert g[1, len(other[0]) - 1:].sum() == 0  # padding predicts nothing
+
+
+@pytest.mark.parametrize("flags, mode", [(["--resource-efficient"], "resource_efficient"),
+                                         (["--cpu-only", "--resource-efficient"], "cpu_only"),
+                                         (["--resource-efficient", "--cpu-only", "--mac"], "mac")])
+def test_mode_values_reach_the_loop(tmp, flags, mode):
+    p = run("train_lm.py", "--task", "sft", *flags, *TINY[:6], "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
+    want = dict(train_lm.MODES[mode])
+    loop = read_json(tmp / "m" / "args.json")["chosen"]["loop"]
+    if want.get("precision") == "fp16":  # fp16 is for the GPU; this machine runs fp32
+        want["precision"] = "fp32"
+        assert "fp16 is for the GPU" in p.stdout
+    for key, value in want.items():
+        got = loop[{"batch_size": "micro_batch"}.get(key, key)]
+        assert got == value, (key, got, value)
+    # the before/after table is printed, and the seed's standard column is the "before"
+    assert f"--{mode.replace('_', '-')}: the seed's settings" in p.stdout
+    if mode == "resource_efficient":
+        for row in (r"batch-size +16 -> 4 ", r"grad-accum +4 -> 16 ", r"lr +0.0001 -> 5e-05 ",
+                    r"seq-len +2048 -> 1024 ", r"swap-threshold +50.0 -> 30.0 ", r"save-every +500 -> 200 "):
+            assert re.search(row, p.stdout), row
+    if len(flags) > 1:
+        assert "the first wins" in p.stdout
+
+
+def test_flags_beat_the_mode_and_lm_refuses_sft_flags(tmp):
+    p = run("train_lm.py", "--task", "sft", "--resource-efficient", "--lr", "1e-3", *TINY[:6], "--max-steps", "1",
+            "--out", "m", cwd=tmp, check=0)
+    loop = read_json(tmp / "m" / "args.json")["chosen"]["loop"]
+    assert loop["lr"] == 1e-3 and loop["micro_batch"] == 4 and "kept: given as a flag" in p.stdout
+    for bad in (["--mac"], ["--init-from", "m"], ["--continuous-learning"]):
+        p = run("train_lm.py", *bad, "--out", "x", cwd=tmp, check=2)
+        assert "add --task sft" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run("train_lm.py", "--task", "sft", "--continuous-learning", "--out", "x", cwd=tmp, check=2)
+    assert "needs --feedback-db" in p.stderr
+    assert not (tmp / "x").exists()
+
+
+def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
+    flags = ["--task", "sft", "--quick", *TINY, "--batch-size", "4", "--grad-accum", "2", "--log-every", "3",
+             "--eval-every", "3"]
+    run("train_lm.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "one", cwd=tmp, check=0)
+    # the run as if it had been killed after step 3: only that checkpoint, re-run the same command
+    (tmp / "two" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp / "one" / "checkpoints" / "ckpt_step00000003.pt", tmp / "two" / "checkpoints")
+    p = run("train_lm.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "two", cwd=tmp, check=0)
+    assert "resumed from" in p.stdout and "(step 3)" in p.stdout
+    keep = ("step", "loss", "val_loss")
+    one, two = [[{k: r[k] for k in keep if k in r} for r in metrics(tmp / o) if r["step"] > 3] for o in ("one", "two")]
+    assert one == two and len(one) == 2, (one, two)  # step 6: the same loss and val loss, to the digit
+    w1, w2 = [torch.load(tmp / o / "checkpoints" / "ckpt_step00000006.pt", weights_only=True)["model"]
+              for o in ("one", "two")]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    # --init-from an lm run: shape from there, vocabulary grown by the 8 specials, position table grown
+    run("train_lm.py", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
+        "--grad-accum", "1", "--eval-tokens", "256", "--max-steps", "2", "--out", "lm", cwd=tmp, check=0)
+    p = run("train_lm.py", "--task", "sft", "--quick", "--init-from", "lm", "--seq-len", "160", "--batch-size", "4",
+            "--grad-accum", "1", "--max-steps", "2", "--out", "ft", cwd=tmp, check=0)
+    assert "wte.weight (257, 32) -> (265, 32)" in p.stdout and "wpe.weight (32, 32) -> (160, 32)" in p.stdout
+    lm = torch.load(tmp / "lm" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    ft = torch.load(sorted((tmp / "ft" / "checkpoints").glob("ckpt_*.pt"))[0], weights_only=True)
+    assert ft["task"] == "sft" and ft["model_cfg"]["d_model"] == 32
+    p = run("train_lm.py", "--task", "sft", "--init-from", "lm", "--d-model", "64", "--out", "ft2", cwd=tmp, check=2)
+    assert "the shape comes from --init-from" in p.stderr
+    assert lm["wte.weight"].shape == (257, 32)
+    p = run("train_lm.py", "ask", "--out", "lm", "list files", cwd=tmp, check=2)
+    assert "ask needs a fine-tuned run" in p.stderr
+
+
+def test_continuous_learning_rounds(sft_run, tmp):
+    d, out, _ = sft_run
+    db = tmp / "fb.db"
+
+    def add(n, start):  # rows as ask would log them, rated good
+        ids = [train_lm.log_interaction(db, f"please list files number {start + i}",
+                                        "<command>ls</command> Lists the files.") for i in range(n)]
+        for i in ids:
+            train_lm.rate_interaction(db, i, 1, success=1)
+        return ids
+
+    first = add(4, 0)
+    bad = train_lm.log_interaction(db, "   ", "<command>ls</command>")  # empty request: skipped, warned
+    train_lm.rate_interaction(db, bad, 1, success=1)
+    p = popen("train_lm.py", *QUICK, "--out", str(out), "--continuous-learning", "--feedback-db", str(db), "--retrain-threshold", "4",
+              "--poll-every", "0.2", "--max-rounds", "2", "--round-epochs", "1", cwd=d)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any("round" in r for r in metrics(out)):
+            time.sleep(0.5)
+        second = add(4, 100)
+        stdout, _ = p.communicate(timeout=max(10, deadline - time.time()))
+    finally:
+        p.kill()
+    assert p.returncode == 0, stdout[-3000:]
+    rounds = [r for r in metrics(out) if "round" in r]
+    assert [r["round"] for r in rounds] == [1, 2], stdout[-2000:]
+    used = train_lm.used_rows(db)
+    assert sorted(i for i, r in used.items() if r == 1) == first  # round 1: exactly the first rows
+    assert sorted(i for i, r in used.items() if r == 2) == second  # round 2: only the new ones
+    assert bad not in used and stdout.count(f"interaction {bad} skipped") == 1
+    assert all(r["rows"] == 4 and "kept" in r and "test_exact_after" in r for r in rounds)
+    st = read_json(out / "status.json")
+    assert st["round"] == 2 and st["state"] == "finished" and st["last_round"]["round"] == 2
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
