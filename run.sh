@@ -5,7 +5,7 @@
 #   ./run.sh start gru [flags]     train in the background (survives closing the terminal)
 #   ./run.sh status | monitor [RUN] | stop [RUN]
 #   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
-#   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags])
+#   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags]; also lm --task sft)
 #   ./run.sh asr-memory-optimized --train-manifest M.jsonl   the seed's T4 recipe for train_asr.py
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -27,6 +27,7 @@ echo   7  Profile this machine and write optimal_config.json
 echo   8  Receipt classifier, quick run (train_classifier.py --quick)
 echo   9  Speech recognizer, quick run (train_asr.py --quick)
 echo  10  Language model, quick run (train_lm.py --quick)
+echo  11  Shell-command assistant, quick fine-tune (train_lm.py --task sft --quick)
 echo   0  Exit
 set /p choice="Choose: "
 if "%choice%"=="1" "%PY%" common.py start gru --quick
@@ -39,6 +40,7 @@ if "%choice%"=="7" ("%PY%" memory_optimizer.py profile & "%PY%" memory_optimizer
 if "%choice%"=="8" "%PY%" common.py start classifier --quick
 if "%choice%"=="9" "%PY%" common.py start asr --quick
 if "%choice%"=="10" "%PY%" common.py start lm --quick
+if "%choice%"=="11" "%PY%" common.py start lm --task sft --quick
 if "%choice%"=="0" exit /b 0
 goto menu
 
