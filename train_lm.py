@@ -1249,9 +1249,16 @@ def fetch_pairs(args, log=print):
     the model, so a bad URL or file fails in seconds."""
     check_download_args(args)
     urls, sums = args.download_data or [], args.sha256 or []
+    # torchrun: local rank 0 downloads on each machine; the other ranks wait for its finished file
+    # and then reuse it (were rank 0 to fail, torchrun stops them)
+    wait = int(os.environ.get("LOCAL_RANK", "0")) > 0
     out = []
     for i, url in enumerate(urls):
         sha = sums[i] if i < len(sums) else None
+        if wait and urllib.parse.urlsplit(url).scheme.lower() in ("http", "https"):
+            final = Path(args.download_dir) / download_name(url)
+            while not final.exists() or final.with_name(final.name + ".part").exists():
+                time.sleep(0.5)
         path = download(url, args.download_dir, sha256=sha, max_bytes=int(args.max_download_mb * 2 ** 20), log=log)
         if sha is not None and path == Path(url):  # a local path: download() had nothing to check
             if not path.is_file():

@@ -18,9 +18,11 @@ printing one JSON line), so one run's peak memory never includes another's:
  3. MFU of every run in 1 and 2 against the fp32 matmul peak measured here (CPU) or the datasheet.
  4. --task sft, the seed's standard column vs --resource-efficient on the same model (the tiny
     preset, built-in pairs, 64 pairs per step either way): train_lm.py itself in a subprocess;
-    peak RSS (CPU) or max allocated (GPU) from its summary.json, tokens/s from its log records.
+    peak RSS (CPU) or max allocated (GPU) from its summary.json, tokens/s from its log records;
+    a middle column runs the standard settings with only the mode's allocator setting; and the
+    tensors' own peak for one micro-batch of each, counted in this process (tensor_peak_mb).
 
-    python benchmarks/bench_lm.py --sft-only  # table 4 alone, ~2 min
+    python benchmarks/bench_lm.py --sft-only  # table 4 alone, ~4 min
 """
 
 import argparse
@@ -346,20 +348,31 @@ def main():
     return 0
 
 
+SFT_RUNS = {  # table 4's columns: (train_lm.py flags, environment)
+    "standard": ([], {}),
+    # the standard column with only the allocator setting --resource-efficient makes
+    # (common.keep_heap_small), through glibc's own variable: which part of the saving is whose
+    "standard + heap": ([], {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}),
+    "resource-efficient": (["--resource-efficient"], {}),
+}
+
+
 def sft_modes(args):
-    """Table 4's runs: train_lm.py --task sft, standard vs --resource-efficient, alternating,
-    --repeats each; every run a fresh process in a fresh folder (its own peak)."""
+    """Table 4's runs: train_lm.py --task sft in each SFT_RUNS column, alternating, --repeats
+    each; every run a fresh process in a fresh folder (its own peak)."""
+    import os
     import subprocess
     import tempfile
+    import torch
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            for mode in ("standard", "resource-efficient"):
-                out = Path(tmp) / f"{mode}-{i}"
+            for mode, (flags, env) in SFT_RUNS.items():
+                out = Path(tmp) / f"{mode.replace(' ', '')}-{i}"
                 cmd = [sys.executable, str(REPO / "train_lm.py"), "--task", "sft", "--max-steps", str(args.sft_steps),
-                       "--log-every", "2", "--device", args.device, "--out", str(out)]  # cwd: no optimal_config.json
-                cmd += ["--resource-efficient"] if mode == "resource-efficient" else []
-                p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+                       "--log-every", "2", "--device", args.device, "--out", str(out), *flags]
+                p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,  # cwd: no optimal_config.json
+                                   env={**os.environ, **env})
                 if p.returncode:
                     print(p.stdout[-2000:], p.stderr[-2000:], file=sys.stderr)
                     sys.exit(f"error: the {mode} sft run failed (exit {p.returncode})")
@@ -368,32 +381,88 @@ def sft_modes(args):
                 logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
                 # the first record holds the first steps' warm-up; the median of the rest
                 tps = statistics.median(r["tokens_per_s"] for r in logs[1:] or logs)
-                import torch
                 res.setdefault(mode, []).append(dict(tokens_per_s=tps, peak_mb=s["peak_mem_mb"], loop=a,
-                                                     val_loss=s["value"], torch=torch.__version__,
-                                                     threads=torch.get_num_threads(), device=s["device"]))
+                                                     torch=torch.__version__, threads=torch.get_num_threads(),
+                                                     device=s["device"]))
                 print(f"sft {mode:<18} {tps:8.0f} tokens/s, peak {s['peak_mem_mb']:6.0f} MB", file=sys.stderr,
                       flush=True)
+    for mode, runs in res.items():
+        runs[0]["tensor_mb"] = tensor_peak_mb(runs[0]["loop"])
     return res
 
 
+def tensor_peak_mb(loop):
+    """Peak bytes of live tensors during one forward + backward of the run's first micro-batch
+    (its micro-batch size, context and checkpointing, the tiny preset's shape): what
+    torch.cuda.max_memory_allocated measures on a GPU, counted here on the CPU without the
+    allocator's retention. Every op's output storage is counted from its creation until it is
+    freed (a weakref on the storage); the weights, made before, are not counted."""
+    import weakref
+    import torch
+    import train_lm
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.now, self.peak = {}, 0, 0
+
+        def free(self, key):
+            self.now -= self.live.pop(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    key = st.data_ptr()
+                    if key and key not in self.live:
+                        self.live[key] = st.nbytes()
+                        self.now += st.nbytes()
+                        self.peak = max(self.peak, self.now)
+                        weakref.finalize(st, self.free, key)
+            return out
+
+    L, H, d = LONG
+    torch.manual_seed(0)
+    model = train_lm.LM(dict(arch="gpt", vocab_size=train_lm.SFT_VOCAB, n_layer=L, n_head=H, d_model=d,
+                             seq_len=loop["seq_len"], num_eigenstates=32, chunk_size=64))
+    model.grad_checkpointing = loop["grad_checkpointing"]
+    train = [train_lm.render(p) for p in train_lm.builtin_pairs() if train_lm.split_of(p) >= 2]
+    mb = train_lm.sft_batch(0, train, 1337, loop["micro_batch"] * loop["grad_accum"], 0, loop["micro_batch"],
+                            loop["seq_len"])
+    with LiveTensors() as live:
+        loss, n = train_lm.sft_loss_fn(model, mb, torch.device("cpu"))
+        (loss / n).backward()
+        del loss, n
+    return live.peak / 2**20
+
+
 def print_sft(args, res):
-    st, re_ = res["standard"], res["resource-efficient"]
-    ts, tr = (statistics.median(r["tokens_per_s"] for r in x) for x in (st, re_))
-    ms, mr = (max(r["peak_mb"] for r in x) for x in (st, re_))
+    st, hp, re_ = res["standard"], res["standard + heap"], res["resource-efficient"]
+    ts, th, tr = (statistics.median(r["tokens_per_s"] for r in x) for x in (st, hp, re_))
+    ms, mh, mr = (max(r["peak_mb"] for r in x) for x in (st, hp, re_))
     a, b = st[0]["loop"], re_[0]["loop"]
     print(f"**--task sft, tiny preset, built-in pairs, {args.sft_steps} steps of 64 pairs; standard (the seed's) vs "
           f"--resource-efficient** ({args.repeats} repeat(s), alternating; median speed, max memory)\n")
-    rows = [("micro-batch x accumulation", f"{a['micro_batch']} x {a['grad_accum']}",
+    rows = [("micro-batch x accumulation", f"{a['micro_batch']} x {a['grad_accum']}", "same",
              f"{b['micro_batch']} x {b['grad_accum']}", ""),
-            ("gradient checkpointing, workers", f"{a['grad_checkpointing']}, {a['workers']}",
+            ("gradient checkpointing, workers", f"{a['grad_checkpointing']}, {a['workers']}", "same",
              f"{b['grad_checkpointing']}, {b['workers']}", ""),
-            ("context (seq_len), lr", f"{a['seq_len']}, {a['lr']:g}", f"{b['seq_len']}, {b['lr']:g}", ""),
-            ("tokens/s, median", f"{ts:,.0f}", f"{tr:,.0f}", benchlib.fmt_ratio(tr, ts)),
-            ("peak memory of the process, max (MB)", f"{ms:,.0f}", f"{mr:,.0f}", benchlib.fmt_ratio(mr, ms))]
-    benchlib.print_table(("", "standard", "resource-efficient", "efficient / standard"), rows)
-    print("\n(CPU: peak RSS includes the Python + torch runtime, ~300 MB, that both pay; the seed claims "
-          "-30 to -50 % memory at 40-60 % of the speed)  ")
+            ("context (seq_len), lr", f"{a['seq_len']}, {a['lr']:g}", "same", f"{b['seq_len']}, {b['lr']:g}", ""),
+            ("glibc mmap threshold", "dynamic (default)", "1 MB", "1 MB", ""),
+            ("tokens/s, median", f"{ts:,.0f}", f"{th:,.0f}", f"{tr:,.0f}", benchlib.fmt_ratio(tr, ts)),
+            ("peak tensor memory, one micro-batch fwd+bwd (MB)", f"{st[0]['tensor_mb']:,.1f}",
+             f"{hp[0]['tensor_mb']:,.1f}", f"{re_[0]['tensor_mb']:,.1f}",
+             benchlib.fmt_ratio(re_[0]["tensor_mb"], st[0]["tensor_mb"])),
+            ("peak memory of the process, max (MB)", f"{ms:,.0f}", f"{mh:,.0f}", f"{mr:,.0f}",
+             benchlib.fmt_ratio(mr, ms))]
+    benchlib.print_table(("", "standard", "standard + heap setting", "resource-efficient",
+                          "efficient / standard"), rows)
+    print("\n(peak memory of the process: RSS on a CPU, max allocated on a GPU; on a CPU it includes the Python + "
+          "torch runtime, ~300 MB, that all pay. Peak tensor memory: counted in this process, see tensor_peak_mb. "
+          "The seed claims -30 to -50 % memory at 40-60 % of the speed)  ")
 
 
 if __name__ == "__main__":

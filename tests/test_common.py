@@ -1,7 +1,9 @@
-"""Unit tests of the shared functions in common.py (no subprocesses)."""
+"""Unit tests of the shared functions in common.py."""
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,6 +242,7 @@ def test_settings_sources_config_and_flags(tmp, monkeypatch):
 
 def test_resource_efficient_preset_and_flags_win(tmp, monkeypatch):
     monkeypatch.chdir(tmp)
+    monkeypatch.setattr(common, "keep_heap_small", lambda: True)  # not in this pytest process
     logs = []
     args, src = common.resolve_settings(train_gru.parser, ["--resource-efficient", "--save-every", "40"],
                                         logs.append)
@@ -247,6 +250,33 @@ def test_resource_efficient_preset_and_flags_win(tmp, monkeypatch):
     assert args.grad_checkpointing and not args.pin_memory
     assert args.save_every == 40 and src["save_every"] == "flag"
     assert any("save_every" in m and "kept" in m for m in logs)
+    assert any("mmap threshold" in m for m in logs)
+
+
+HEAP = """
+import sys, psutil, torch, common
+on = sys.argv[1] == "on" and common.keep_heap_small()
+big = torch.ones(8 << 20, dtype=torch.uint8); del big  # glibc now keeps blocks under 8 MB in the heap
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+before = rss()
+ts = [torch.ones(2 << 20, dtype=torch.uint8) for _ in range(6)]  # 12 MB, written to
+del ts
+print(on, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_heap_small_returns_freed_tensors_to_the_os():
+    kept = {}
+    for mode in ("off", "on"):
+        p = subprocess.run([sys.executable, "-c", HEAP, mode], capture_output=True, text=True,
+                           cwd=common.REPO, check=True)
+        on, mb = p.stdout.split()
+        kept[mode] = (on == "True", float(mb))
+    if not kept["on"][0]:
+        pytest.skip("not glibc: mallopt unavailable")
+    assert kept["off"][1] > 8, kept  # the default: 12 MB of freed tensors stay in the process
+    assert kept["on"][1] < 2, kept  # fixed threshold: they go back to the OS
 
 
 def test_missing_explicit_config_is_a_user_error(tmp, monkeypatch):

@@ -294,3 +294,18 @@ def test_fetch_pairs_mixes_urls_and_local_paths(server, tmp_path):
     (tmp_path / "bad.jsonl").write_text("nope\n")
     with pytest.raises(UserError, match="no usable input/output pairs, 1 bad rows"):
         train_lm.fetch_pairs(parse("--download-data", str(tmp_path / "bad.jsonl")), log=logs.append)
+
+
+def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monkeypatch):
+    server.files["/p.jsonl"] = JSONL.encode()
+    args = parse("--download-data", server.url + "/p.jsonl", "--download-dir", str(tmp_path / "dl"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    got = []
+    rank1 = threading.Thread(target=lambda: got.extend(train_lm.fetch_pairs(args, log=lambda m: None)), daemon=True)
+    rank1.start()
+    rank1.join(1.5)
+    assert rank1.is_alive() and server.requests == []  # waiting, not downloading
+    train_lm.download(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
+    rank1.join(5)
+    assert not rank1.is_alive() and len(got[0][1]) == 2
+    assert len(server.requests) == 1  # one transfer for both ranks

@@ -1,9 +1,12 @@
 """train_lm.py --task sft: fine-tuning on request -> command pairs, the seed's modes, ask, and
 continuous learning from the SQLite feedback store. The real script in subprocesses, on CPU."""
+import functools
+import http.server
 import json
 import re
 import shutil
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -108,6 +111,31 @@ def test_flags_beat_the_mode_and_lm_refuses_sft_flags(tmp):
     p = run("train_lm.py", "--task", "sft", "--continuous-learning", "--out", "x", cwd=tmp, check=2)
     assert "needs --feedback-db" in p.stderr
     assert not (tmp / "x").exists()
+
+
+def test_download_data_trains_on_the_served_pairs(tmp):
+    """The whole command against a local HTTP server: download, convert CSV, count bad rows, train."""
+    (tmp / "www").mkdir()
+    rows = [f"show line {i} of notes.txt,sed -n {i}p notes.txt,prints line {i}" for i in range(1, 81)]
+    (tmp / "www" / "cmds.csv").write_text("description,command,explanation\n" + "\n".join(rows) + "\n,,\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp / "www"))
+    handler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/cmds.csv"
+    try:
+        (tmp / "mine.jsonl").write_text(json.dumps({"input": "where am i", "output": "<command>pwd</command>"}) + "\n")
+        p = run("train_lm.py", "--task", "sft", *TINY, "--data", "mine.jsonl", "--download-data", url,
+                "--batch-size", "8", "--grad-accum", "1", "--max-steps", "2", "--out", "dl", cwd=tmp, check=0)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert f"--download-data {url}: 80 pairs, 1 bad rows skipped" in p.stdout
+    assert len(list((tmp / "data" / "downloads").glob("*-cmds.csv"))) == 1 and \
+        not list((tmp / "data" / "downloads").glob("*.part"))
+    pairs = [{"input": f"show line {i} of notes.txt"} for i in range(1, 81)] + [{"input": "where am i"}]
+    s = read_json(tmp / "dl" / "summary.json")
+    assert s["test_pairs"] == sum(train_lm.split_of(q) == 0 for q in pairs) > 0
 
 
 def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
