@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metrics, popen, read_json, run
+from conftest import call, metrics, popen, read_json, run
 
 sys.argv = sys.argv[:1]  # train_asr builds its parser at import; keep pytest's flags away from it
 import train_asr as asr  # noqa: E402
@@ -435,7 +435,8 @@ def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
     flags = [bad_manifest(tmp, f) if f in ("corrupt wav", "corrupt wav with duration", "missing wav", "bad json",
                                            "extra csv field") else f for f in flags]
     write_pcm(tmp / "short.wav", tone(440, 16000, seconds=0.05), 16000, 2)
-    p = run("train_asr.py", *flags, "--max-steps", "1", cwd=tmp, check=2)
+    p = call("train_asr.py", *flags, "--max-steps", "1", cwd=tmp)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     assert expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "Traceback" not in p.stderr and not (tmp / "runs").exists()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_classifier as tcl
-from conftest import read_json, run
+from conftest import call, read_json, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 import tiny_checkpoints as tc  # noqa: E402
@@ -148,7 +148,8 @@ BAD = {
 def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
     for name, text in BAD.items():
         (tmp / name).write_text(text)
-    p = run("train_classifier.py", "--quick", *flags, cwd=tmp, check=2)
+    p = call("train_classifier.py", "--quick", *flags, cwd=tmp)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
     assert not (tmp / "runs").exists()  # nothing was created before the check

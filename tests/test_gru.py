@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import metrics, popen, read_json, run
+from conftest import call, metrics, popen, read_json, run
 
 # tests run in an empty tmp dir, so no optimal_config.json is picked up unless a test writes one
 SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
@@ -277,7 +277,8 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
     (d / "afile").write_text("not a folder")
     before = tree_digest(d / "run")
     out = [] if "--out" in flags else ["--out", "run"]
-    p = run("train_gru.py", "--quick", *flags, *out, cwd=d, check=2)
+    p = call("train_gru.py", "--quick", *flags, *out, cwd=d)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
     assert "Traceback" not in p.stdout + p.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, metrics, popen, read_json, run
+from conftest import REPO, call, metrics, popen, read_json, run
 
 import train_lm
 
@@ -340,7 +340,8 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
     typed = {f for f in flags if f.startswith("--")}
     base = [a for i, a in enumerate(TINY) if a not in typed and TINY[i - 1] not in typed]  # flags win
     out = [] if "--out" in flags else ["--out", "run"]
-    p = run("train_lm.py", *base, *flags, *out, cwd=d, check=2)
+    p = call("train_lm.py", *base, *flags, *out, cwd=d)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
     assert tree_digest(d / "run") == before
@@ -355,7 +356,8 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
 ])
 def test_prepare_mistakes_exit_2(saved_run, args, expect):
     (saved_run / "afile").write_text("not a folder")
-    p = run("train_lm.py", "prepare", *args, cwd=saved_run, check=2)
+    p = call("train_lm.py", "prepare", *args, cwd=saved_run)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     assert p.stderr.startswith("error:") and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 

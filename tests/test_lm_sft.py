@@ -12,12 +12,19 @@ import time
 import pytest
 import torch
 
-from conftest import metrics, popen, read_json, run
+from conftest import call, metrics, popen, read_json, run
 
 import train_lm
 
 # a model that steps in a few ms: for runs that check plumbing, not learning
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160"]
+
+
+def few_pairs(d):
+    """Every 30th built-in pair (124, ~12 per split) in d/few.jsonl: for runs that check plumbing,
+    where evaluating the full 370-pair test split would be most of the time."""
+    (d / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_lm.builtin_pairs()[::30]))
+    return ["--data", "few.jsonl"]
 
 
 # the quick run on 8 of the 67 built-in templates, batch 8 for 400 steps: ~35 s on 2 cores (the
@@ -81,7 +88,8 @@ def test_prompt_tokens_carry_no_loss():
                                          (["--cpu-only", "--resource-efficient"], "cpu_only"),
                                          (["--resource-efficient", "--cpu-only", "--mac"], "mac")])
 def test_mode_values_reach_the_loop(tmp, flags, mode):
-    p = run("train_lm.py", "--task", "sft", *flags, *TINY[:6], "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
+    p = run("train_lm.py", "--task", "sft", *flags, *TINY[:6], *few_pairs(tmp), "--max-steps", "1", "--out", "m",
+            cwd=tmp, check=0)
     want = dict(train_lm.MODES[mode])
     loop = read_json(tmp / "m" / "args.json")["chosen"]["loop"]
     if want.get("precision") == "fp16":  # fp16 is for the GPU; this machine runs fp32
@@ -101,15 +109,15 @@ def test_mode_values_reach_the_loop(tmp, flags, mode):
 
 
 def test_flags_beat_the_mode_and_lm_refuses_sft_flags(tmp):
-    p = run("train_lm.py", "--task", "sft", "--resource-efficient", "--lr", "1e-3", *TINY[:6], "--max-steps", "1",
-            "--out", "m", cwd=tmp, check=0)
+    p = run("train_lm.py", "--task", "sft", "--resource-efficient", "--lr", "1e-3", *TINY[:6], *few_pairs(tmp),
+            "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
     loop = read_json(tmp / "m" / "args.json")["chosen"]["loop"]
     assert loop["lr"] == 1e-3 and loop["micro_batch"] == 4 and "kept: given as a flag" in p.stdout
     for bad in (["--mac"], ["--init-from", "m"], ["--continuous-learning"]):
-        p = run("train_lm.py", *bad, "--out", "x", cwd=tmp, check=2)
-        assert "add --task sft" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = run("train_lm.py", "--task", "sft", "--continuous-learning", "--out", "x", cwd=tmp, check=2)
-    assert "needs --feedback-db" in p.stderr
+        p = call("train_lm.py", *bad, "--out", "x", cwd=tmp)
+        assert p.returncode == 2 and "add --task sft" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = call("train_lm.py", "--task", "sft", "--continuous-learning", "--out", "x", cwd=tmp)
+    assert p.returncode == 2 and "needs --feedback-db" in p.stderr
     assert not (tmp / "x").exists()
 
 
@@ -139,7 +147,7 @@ def test_download_data_trains_on_the_served_pairs(tmp):
 
 
 def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
-    flags = ["--task", "sft", "--quick", *TINY, "--batch-size", "4", "--grad-accum", "2", "--log-every", "3",
+    flags = ["--task", "sft", "--quick", *TINY, *few_pairs(tmp), "--batch-size", "4", "--grad-accum", "2", "--log-every", "3",
              "--eval-every", "3"]
     run("train_lm.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "one", cwd=tmp, check=0)
     # the run as if it had been killed after step 3: only that checkpoint, re-run the same command
@@ -156,17 +164,17 @@ def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
     # --init-from an lm run: shape from there, vocabulary grown by the 8 specials, position table grown
     run("train_lm.py", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
         "--grad-accum", "1", "--eval-tokens", "256", "--max-steps", "2", "--out", "lm", cwd=tmp, check=0)
-    p = run("train_lm.py", "--task", "sft", "--quick", "--init-from", "lm", "--seq-len", "160", "--batch-size", "4",
-            "--grad-accum", "1", "--max-steps", "2", "--out", "ft", cwd=tmp, check=0)
+    p = run("train_lm.py", "--task", "sft", "--quick", "--init-from", "lm", *few_pairs(tmp), "--seq-len", "160",
+            "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--out", "ft", cwd=tmp, check=0)
     assert "wte.weight (257, 32) -> (265, 32)" in p.stdout and "wpe.weight (32, 32) -> (160, 32)" in p.stdout
     lm = torch.load(tmp / "lm" / "checkpoints" / "best.pt", weights_only=True)["model"]
     ft = torch.load(sorted((tmp / "ft" / "checkpoints").glob("ckpt_*.pt"))[0], weights_only=True)
     assert ft["task"] == "sft" and ft["model_cfg"]["d_model"] == 32
-    p = run("train_lm.py", "--task", "sft", "--init-from", "lm", "--d-model", "64", "--out", "ft2", cwd=tmp, check=2)
-    assert "the shape comes from --init-from" in p.stderr
+    p = call("train_lm.py", "--task", "sft", "--init-from", "lm", "--d-model", "64", "--out", "ft2", cwd=tmp)
+    assert p.returncode == 2 and "the shape comes from --init-from" in p.stderr
     assert lm["wte.weight"].shape == (257, 32)
-    p = run("train_lm.py", "ask", "--out", "lm", "list files", cwd=tmp, check=2)
-    assert "ask needs a fine-tuned run" in p.stderr
+    p = call("train_lm.py", "ask", "--out", "lm", "list files", cwd=tmp)
+    assert p.returncode == 2 and "ask needs a fine-tuned run" in p.stderr
 
 
 def test_continuous_learning_rounds(sft_run, tmp):
