@@ -45,17 +45,26 @@ parser = common.make_parser(__doc__, trainer="classifier", epochs=3, lr=None, ef
 g = parser.add_argument_group("classifier")
 g.add_argument("--data", default=None, metavar="CSV", help="training CSV with columns text,label "
                "(default: built-in receipt items)")
-g.add_argument("--val-data", default=None, metavar="CSV", help="validation CSV (default: split from --data)")
-g.add_argument("--test-data", default=None, metavar="CSV", help="test CSV (default: split from --data)")
+g.add_argument("--val-data", default=None, metavar="CSV",
+               help="validation CSV (default: 15%% of --data, split off stratified by label)")
+g.add_argument("--test-data", default=None, metavar="CSV",
+               help="test CSV (default: 15%% of --data, split off stratified by label)")
 g.add_argument("--train-size", type=common.pos_int, default=840, metavar="N",
                help="built-in training items, about (stratified rounding); plus 15%% each for validation and test")
-g.add_argument("--max-len", type=common.pos_int, default=64, help="tokens per item, [CLS]/[SEP] included")
-g.add_argument("--model", choices=["small", "distilbert", "bert"], default="small",
-               help="encoder shape when training from scratch (ignored with --pretrained)")
+g.add_argument("--max-len", type=common.pos_int, default=64,
+               help="tokens per item, [CLS]/[SEP] included (fasttext: words per item)")
+g.add_argument("--model", choices=["fasttext", "small", "distilbert", "bert"], default="fasttext",
+               help="model when training from scratch (ignored with --pretrained): fasttext = mean of word, "
+                    "bigram and character n-gram embeddings + a linear layer (won on small real data, see "
+                    "README); small/distilbert/bert = transformer encoder shapes")
+g.add_argument("--pooling", choices=["cls", "mean"], default=None,
+               help="what the head reads: [CLS], or the mean over tokens (default: mean with --pretrained, "
+                    "cls from scratch; measured in README)")
 g.add_argument("--pretrained", default=None, metavar="DIR",
                help="local Hugging Face BERT/DistilBERT folder to fine-tune (config.json, vocab.txt, weights)")
-g.add_argument("--vocab-size", type=common.pos_int, default=8000,
-               help="vocabulary cap when it is built from the training data")
+g.add_argument("--vocab-size", type=common.pos_int, default=None,
+               help="vocabulary cap when it is built from the training data (default: 8000 word pieces for "
+                    "the transformers, 200000 n-grams for fasttext)")
 g.add_argument("--lora-r", type=common.pos_int, default=16, help="LoRA rank")
 g.add_argument("--lora-alpha", type=common.pos_float, default=32, help="LoRA scale numerator (scale = alpha/r)")
 g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
@@ -71,7 +80,11 @@ g.add_argument("--patience", type=common.pos_int, default=3,
 g.add_argument("--predict", default=None, metavar="TEXT", help="classify TEXT with the model in --out")
 g.add_argument("--predict-file", default=None, metavar="FILE", help="classify every line of FILE")
 
-PRESETS = {  # name: (layers, dim, heads, ffn, positions, token types)
+# measured on real data (README, "Defaults measured on real data"); --quick runs half the epochs
+FASTTEXT_EPOCHS, FASTTEXT_LR = 10, 5e-3  # from scratch
+PRETRAINED_EPOCHS, LORA_LR = 3, 5e-4  # --pretrained (epochs also for --full-finetune), LoRA
+PRESETS = {  # name: (layers, dim, heads, ffn, positions, token types); fasttext: embedding width
+    "fasttext": dict(kind="fasttext", dim=64),
     "small": dict(n_layers=4, dim=256, n_heads=4, hidden_dim=1024, max_pos=128, type_vocab=0),
     "distilbert": dict(n_layers=6, dim=768, n_heads=12, hidden_dim=3072, max_pos=512, type_vocab=0),
     "bert": dict(n_layers=12, dim=768, n_heads=12, hidden_dim=3072, max_pos=512, type_vocab=2),
@@ -169,6 +182,46 @@ def build_vocab(texts, cap):
     return base + words[:max(0, cap - len(base))]
 
 
+# fastText's features (Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification";
+# Bojanowski et al. 2017 for the character n-grams): the words, the word bigrams, and the
+# character 3- to 5-grams of each word wrapped in < >, so "ssh" gives <ss ssh sh> and a rare or
+# misspelt word still shares pieces with known ones. fastText hashes them into buckets; we keep
+# an exact vocabulary of the ones seen in training (small data has few), so no two collide.
+
+def ngrams(text, max_words):
+    words = basic_tokenize(text)[:max_words]
+    feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+    for w in words:
+        w = "<" + w + ">"
+        feats += ["#" + w[i:i + n] for n in (3, 4, 5) if len(w) > n for i in range(len(w) - n + 1)]
+    return feats
+
+
+def build_ngram_vocab(texts, cap, max_words):
+    """[PAD], then every n-gram of the training text by frequency (ties alphabetical), up to cap."""
+    counts = {}
+    for t in texts:
+        for f in ngrams(t, max_words):
+            counts[f] = counts.get(f, 0) + 1
+    return ["[PAD]"] + sorted(counts, key=lambda f: (-counts[f], f))[:cap - 1]
+
+
+class NgramTokenizer:
+    """The Tokenizer interface (itos, lower, encode) over fastText's n-grams; unseen n-grams are dropped."""
+
+    def __init__(self, itos, lower=True):
+        self.itos, self.lower = list(itos), True  # basic_tokenize lower-cases; kept for the checkpoint
+        self.stoi = {f: i for i, f in enumerate(self.itos)}
+
+    def encode(self, texts, max_len):
+        """(N, longest) n-gram ids padded with 0 and their mask; max_len caps the words per item."""
+        seqs = [[self.stoi[f] for f in ngrams(t, max_len) if f in self.stoi] for t in texts]
+        ids = torch.zeros(len(texts), max(1, max(map(len, seqs), default=1)), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return ids, ids != 0
+
+
 # -----------------------------------------------------------------------------
 # model: a BERT / DistilBERT-shaped encoder (post-LN), DistilBERT's parameter names
 
@@ -234,7 +287,7 @@ class Encoder(nn.Module):
     [CLS]: pre_classifier Linear(d, d) -> ReLU -> Dropout(0.2) -> classifier Linear(d, labels)."""
 
     def __init__(self, vocab_size, n_labels, n_layers, dim, n_heads, hidden_dim, max_pos, type_vocab,
-                 eps=1e-12, dropout=0.1):
+                 eps=1e-12, dropout=0.1, pooling="cls"):
         super().__init__()
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(vocab_size, dim, padding_idx=0)
@@ -248,6 +301,7 @@ class Encoder(nn.Module):
         self.classifier = nn.Linear(dim, n_labels)
         self.drop, self.head_drop = nn.Dropout(dropout), nn.Dropout(0.2)
         self.grad_checkpointing = False
+        self.pooling = pooling
         self.apply(self._init)
 
     @staticmethod
@@ -269,8 +323,38 @@ class Encoder(nn.Module):
         return x
 
     def forward(self, ids, mask):  # -> logits (B, labels)
-        cls = self.encode(ids, mask)[:, 0]
-        return self.classifier(self.head_drop(F.relu(self.pre_classifier(cls))))
+        h = self.encode(ids, mask)  # (B, T, D)
+        if self.pooling == "mean":  # over real tokens: how sentence-transformers trained all-MiniLM
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            pooled = h[:, 0]  # [CLS]
+        return self.classifier(self.head_drop(F.relu(self.pre_classifier(pooled))))
+
+
+class FastText(nn.Module):
+    """The mean of an item's n-gram embeddings, then one linear layer (fastText's supervised
+    model). An item with no known n-gram averages nothing and gets the bias alone."""
+
+    def __init__(self, vocab_size, n_labels, dim, kind="fasttext"):
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.classifier = nn.Linear(dim, n_labels)
+        nn.init.uniform_(self.embeddings.weight, -1 / dim, 1 / dim)  # fastText's init
+        with torch.no_grad():
+            self.embeddings.weight[0].zero_()
+        self.grad_checkpointing = False  # nothing to checkpoint; the attribute keeps the trainer's code uniform
+
+    def forward(self, ids, mask):  # ids, mask (B, T) -> logits (B, labels)
+        m = mask.unsqueeze(-1).to(self.embeddings.weight.dtype)  # (B, T, 1)
+        h = (self.embeddings(ids) * m).sum(1) / m.sum(1).clamp(min=1)  # (B, dim)
+        return self.classifier(h)
+
+
+def build_model(shape, n_labels):
+    """The model a checkpoint's `shape` describes: FastText, or the transformer Encoder."""
+    return FastText(n_labels=n_labels, **shape) if shape.get("kind") == "fasttext" else \
+        Encoder(n_labels=n_labels, **shape)
 
 
 LORA_NAMES = {"q": ["attention.q_lin"], "k": ["attention.k_lin"], "v": ["attention.v_lin"],
@@ -649,11 +733,12 @@ def load_run(out, args):
     x = state.get("extra", {})
     if "labels" not in x:
         raise UserError(f"{path} is not a train_classifier.py checkpoint")
-    model = Encoder(n_labels=len(x["labels"]), **x["shape"])
+    model = build_model(x["shape"], len(x["labels"]))
     if x["lora"]:
         add_lora(model, x["lora"]["targets"], x["lora"]["r"], x["lora"]["alpha"], x["lora"]["dropout"])
     model.load_state_dict(state["model"])
-    return model, Tokenizer(x["itos"], x["lower"]), x["labels"], x["max_len"], path
+    tok = (NgramTokenizer if x["shape"].get("kind") == "fasttext" else Tokenizer)(x["itos"], x["lower"])
+    return model, tok, x["labels"], x["max_len"], path
 
 
 def run_predict(args):
@@ -704,24 +789,39 @@ def main(argv=None):
         raise UserError("--merge folds LoRA adapters; this run has none (use it with --pretrained or --lora)")
     if (args.val_data or args.test_data) and not args.data:
         raise UserError("--val-data/--test-data need --data (the training CSV)")
+    fasttext = args.model == "fasttext" and not args.pretrained
+    if fasttext and args.lora:
+        raise UserError("--lora wraps transformer layers; fasttext has none (add --model small)")
     if args.max_len < 3:
         raise UserError(f"--max-len {args.max_len}: needs room for [CLS], one token and [SEP]; use 3 or more")
     if sources["epochs"] == "default":
         # seed (pretrained DistilBERT): --quick 1 epoch, default 3. A random encoder needs more:
-        # measured on the built-in data, 1 epoch gives ~35% test accuracy, 3 epochs ~99%
-        args.epochs = (1 if args.quick else 3) if args.pretrained else (3 if args.quick else 5)
+        # measured on the built-in data, 1 epoch gives ~35% test accuracy, 3 epochs ~99%.
+        # fasttext: FASTTEXT_EPOCHS, measured on real data (README)
+        args.epochs = (1 if args.quick else PRETRAINED_EPOCHS) if args.pretrained else \
+            (FASTTEXT_EPOCHS // 2 if args.quick else FASTTEXT_EPOCHS) if fasttext else (3 if args.quick else 5)
         sources["epochs"] = "auto"
+    if fasttext and args.pooling:
+        raise UserError("--pooling chooses what a transformer's head reads; fasttext always averages (drop it)")
+    if sources["pooling"] == "default" and not fasttext:
+        args.pooling, sources["pooling"] = ("mean" if args.pretrained else "cls"), "auto"
+    if sources["vocab_size"] == "default":
+        args.vocab_size, sources["vocab_size"] = (200_000 if fasttext else 8000), "auto"
 
     # -- data (validated before the run folder is touched)
     if args.data:
         train_rows = read_csv(args.data, "--data")
-        if args.val_data or args.test_data:
-            if not (args.val_data and args.test_data):
-                raise UserError("give both --val-data and --test-data, or neither (then they are split from --data)")
-            val_rows, test_rows = read_csv(args.val_data, "--val-data"), read_csv(args.test_data, "--test-data")
-        else:
-            train_rows, val_rows, test_rows = stratified_split(train_rows, args.seed, 0.7)
+        val_rows = read_csv(args.val_data, "--val-data") if args.val_data else None
+        test_rows = read_csv(args.test_data, "--test-data") if args.test_data else None
         desc = f"{args.data}"
+        if val_rows is None and test_rows is None:
+            train_rows, val_rows, test_rows = stratified_split(train_rows, args.seed, 0.7)
+            desc += " (validation and test split off it: 15% each, stratified by label)"
+        elif val_rows is None or test_rows is None:
+            # the split no file gives is held out of --data: 15%, stratified by label
+            train_rows, a, b = stratified_split(train_rows, args.seed, 0.85)
+            val_rows, test_rows = (a + b, test_rows) if val_rows is None else (val_rows, a + b)
+            desc += f" ({'validation' if args.test_data else 'test'} split off it: 15%, stratified by label)"
     else:
         train_rows, val_rows, test_rows = generate_items(args.train_size, args.seed)
         desc = "built-in receipt items"
@@ -744,20 +844,29 @@ def main(argv=None):
                      hidden_dim=model.transformer.layer[0].ffn.lin1.out_features,
                      max_pos=model.embeddings.position_embeddings.num_embeddings,
                      type_vocab=getattr(model.embeddings, "token_type_embeddings", nn.Embedding(0, 1)).num_embeddings,
-                     eps=model.embeddings.LayerNorm.eps, vocab_size=model.embeddings.word_embeddings.num_embeddings)
+                     eps=model.embeddings.LayerNorm.eps, vocab_size=model.embeddings.word_embeddings.num_embeddings,
+                     pooling=args.pooling)
+        model.pooling = args.pooling
         if missing:
             notes.append(f"warning: missing in the checkpoint (left at random init): {', '.join(missing)}")
         if unexpected:
             notes.append(f"not used from the checkpoint: {', '.join(unexpected[:8])}"
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    elif fasttext:
+        itos = state["extra"]["itos"] if state else \
+            build_ngram_vocab([t for t, _ in train_rows], args.vocab_size, args.max_len)
+        tok = NgramTokenizer(itos)
+        shape = dict(PRESETS["fasttext"], vocab_size=len(itos))
+        model = FastText(n_labels=len(labels), **shape)
+        model_desc = f"fasttext from scratch, {len(itos):,} word / bigram / character n-grams from the training data"
     else:
         itos = state["extra"]["itos"] if state else build_vocab([t for t, _ in train_rows], args.vocab_size)
         tok = Tokenizer(itos)
         shape = dict(PRESETS[args.model], max_pos=max(PRESETS[args.model]["max_pos"], args.max_len),
-                     vocab_size=len(itos))
+                     vocab_size=len(itos), pooling=args.pooling)
         model = Encoder(n_labels=len(labels), **shape)
         model_desc = f"{args.model} from scratch, vocabulary {len(itos)} built from the training data"
-    if args.max_len > shape["max_pos"]:
+    if args.max_len > shape.get("max_pos", args.max_len):  # fasttext has no positions
         raise UserError(f"--max-len {args.max_len}: the model has only {shape['max_pos']} positions")
     use_lora = (args.pretrained and not args.full_finetune) or args.lora
     if use_lora:
@@ -773,8 +882,8 @@ def main(argv=None):
             raise UserError(f"{resumed_from} was trained with other {', '.join(changed)}; use the same flags, "
                             "a new --out, or --no-resume")
     if args.lr is None:  # LoRA / scratch need a larger step than full fine-tuning of pretrained weights
-        args.lr, sources["lr"] = (5e-5 if args.pretrained and not use_lora else 1e-3 if not args.pretrained else 5e-4,
-                                  "auto")
+        args.lr, sources["lr"] = (5e-5 if args.pretrained and not use_lora else LORA_LR if args.pretrained else
+                                  FASTTEXT_LR if fasttext else 1e-3), "auto"
 
     log, status, stop = common.start_run(out, args, "classifier", "val_acc", notes)
     with common.recording_failures(out, status):

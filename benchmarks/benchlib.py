@@ -130,3 +130,45 @@ def print_footer(busy, others, wall):
     if max(busy, others or 0) >= 20:
         print("note: other processes shared the CPU with this run; re-run on an idle machine for the README  ")
     print(f"total wall time: {wall:.0f} s")
+
+
+# -----------------------------------------------------------------------------
+# real text nobody here wrote: Debian's package index (the apt lists on this machine)
+
+APT_LISTS = "/var/lib/apt/lists"
+SECTIONS = ("admin", "games", "graphics", "net", "science", "sound", "text", "web")
+
+
+def debian_descriptions(sections=SECTIONS, per_section=400, seed=0, lists=APT_LISTS):
+    """[(one-line description, section)] from the Debian package index that apt downloaded:
+    the `Description:` first line of every package in `sections`, without library, -dev, -doc,
+    -dbg, -data and -common packages (their descriptions are formulaic: "development files for
+    ..."), each description once, then `per_section` per section drawn with random.Random(seed)
+    from the sorted set, so the same index gives the same rows. The index is read with apt's own
+    helper, which decompresses .lz4/.xz/.gz lists. Exits with one line if there is no index or a
+    section has too few packages. Called by bench_classifier_real.py and bench_gru.py."""
+    import glob
+    import random
+    import re
+    # the release's own index, the largest list: -updates and -security hold only what they patched
+    paths = sorted(glob.glob(f"{lists}/*_main_binary-*_Packages*"), key=os.path.getsize)
+    if not paths:
+        sys.exit(f"error: no Debian package index in {lists}; run `apt-get update` first")
+    paths = paths[-1:]
+    text = subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", paths[0]], check=True,
+                          stdout=subprocess.PIPE).stdout.decode("utf-8", "replace")
+    found = {s: set() for s in sections}
+    for record in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in record.split("\n") if ": " in line and line[0] != " ")
+        section = fields.get("Section", "").split("/")[-1]  # "contrib/games" -> "games"
+        name = fields.get("Package", "")
+        if section in found and "Description" in fields and not (
+                name.startswith("lib") or re.search(r"-(dev|doc|dbg|dbgsym|data|common|l10n)$", name)):
+            found[section].add(fields["Description"].strip())
+    rows, rng = [], random.Random(seed)
+    for s in sections:
+        if len(found[s]) < per_section:
+            sys.exit(f"error: section {s} has only {len(found[s])} usable packages in {paths[0]}; "
+                     f"lower --per-section")
+        rows += [(d, s) for d in rng.sample(sorted(found[s]), per_section)]
+    return rows

@@ -74,9 +74,11 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
+    # the default from-scratch model is fasttext: chance is 1/8; measured 1.000 (182 items) in 9 s
     d, out, p = quick_run
     s = read_json(out / "summary.json")
-    assert s["metric"] == "test_accuracy" and s["value"] >= 0.90, s["value"]  # measured 0.99 on 2 cores
+    assert s["metric"] == "test_accuracy" and s["value"] >= 0.90, s["value"]
+    assert "model: fasttext from scratch" in p.stdout
     assert s["macro_f1"] >= 0.85 and 0 < s["mean_confidence"] <= 1
     assert sum(map(sum, s["confusion_matrix"])) == sum(c["support"] for c in s["per_class"].values())
     assert read_json(out / "status.json")["state"] == "finished"
@@ -85,6 +87,40 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     pytest.importorskip("matplotlib")
     for png in ("category_distribution", "training_progress", "confusion_matrix", "summary_card"):
         assert (out / "visualizations" / f"{png}.png").stat().st_size > 5000
+
+
+def test_the_measured_defaults_are_recorded_in_args_json(quick_run, tmp):
+    d, out, _ = quick_run
+    settings = read_json(out / "args.json")["settings"]
+    assert settings["model"] == {"value": "fasttext", "source": "default"}
+    assert settings["lr"] == {"value": tcl.FASTTEXT_LR, "source": "auto"}
+    assert settings["epochs"] == {"value": tcl.FASTTEXT_EPOCHS // 2, "source": "auto"}  # --quick: half
+    assert settings["vocab_size"] == {"value": 200_000, "source": "auto"}
+    # --pretrained: LoRA at its own lr, on mean pooling (a tiny checkpoint, 1 step)
+    tc.write_checkpoint(tmp / "tiny", "bert", "safetensors")
+    run("train_classifier.py", "--pretrained", "tiny", "--max-steps", "1", "--max-len", "24", "--out", "p",
+        cwd=tmp, check=0)
+    settings = read_json(tmp / "p" / "args.json")["settings"]
+    assert settings["pooling"] == {"value": "mean", "source": "auto"}
+    assert settings["lr"] == {"value": tcl.LORA_LR, "source": "auto"}
+    assert settings["epochs"] == {"value": tcl.PRETRAINED_EPOCHS, "source": "auto"}
+
+
+def test_test_data_alone_splits_validation_off_the_training_file(tmp):
+    import csv
+    train, _, test = tcl.generate_items(400, seed=3)
+    for name, rows in (("train.csv", train), ("test.csv", test)):
+        with open(tmp / name, "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    p = run("train_classifier.py", "--data", "train.csv", "--test-data", "test.csv", "--epochs", "2",
+            "--out", "r", cwd=tmp, check=0)
+    per_label = {l: sum(1 for _, x in train if x == l) for l in tcl.CATEGORIES}
+    n_val = len(train) - len(tcl.stratified_split(train, 1337, 0.85)[0])  # the trainer's --seed 1337
+    assert "validation split off it: 15%, stratified by label" in p.stdout
+    assert f"{len(train) - n_val} train / {n_val} val / {len(test)} test" in p.stdout
+    assert abs(n_val - 0.15 * len(train)) <= len(per_label)  # 15%, rounded per label
+    s = read_json(tmp / "r" / "summary.json")
+    assert sum(c["support"] for c in s["per_class"].values()) == len(test) and s["value"] >= 0.8
 
 
 def test_predict_on_a_run_folder(quick_run, tmp):
@@ -114,7 +150,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp):
     import signal
     from conftest import metrics, popen
     from test_gru import step_reached, wait_for
-    flags = ["--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1"]
+    flags = ["--model", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1"]
     run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
     proc = popen("train_classifier.py", *flags, "--out", "k", cwd=tmp)
     wait_for(lambda: step_reached(tmp / "k" / "status.json", 23), what="step 23")  # mid second epoch
@@ -140,7 +176,8 @@ BAD = {
     (["--data", "empty.csv"], "--data empty.csv: the file is empty"),
     (["--data", "train.csv", "--val-data", "val.csv", "--test-data", "test.csv"],
      "--test-data: label(s) C never occur in the training data"),
-    (["--data", "train.csv", "--val-data", "val.csv"], "give both --val-data and --test-data"),
+    (["--lora"], "--lora wraps transformer layers; fasttext has none"),
+    (["--pooling", "mean"], "--pooling chooses what a transformer's head reads"),
     (["--lora-targets", "q,x"], "--lora-targets q,x"),
     (["--pretrained", "nowhere"], "--pretrained nowhere: no config.json"),
     (["--predict", "uber"], "--predict/--predict-file need --out"),
@@ -156,10 +193,12 @@ def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
 
 
 def test_resume_with_other_model_flags_is_refused_and_the_run_kept(tmp):
-    run("train_classifier.py", "--train-size", "120", "--max-steps", "2", "--out", "r", cwd=tmp, check=0)
+    run("train_classifier.py", "--model", "small", "--train-size", "120", "--max-steps", "2", "--out", "r",
+        cwd=tmp, check=0)
     before = read_json(tmp / "r" / "status.json")
-    for flags, what in ((["--model", "bert"], "model shape"), (["--max-len", "32"], "--max-len"),
-                        (["--lora", "--lora-r", "8"], "LoRA settings")):
+    for flags, what in ((["--model", "bert"], "model shape"), (["--model", "small", "--max-len", "32"], "--max-len"),
+                        (["--model", "small", "--lora", "--lora-r", "8"], "LoRA settings"),
+                        (["--model", "small", "--pooling", "mean"], "model shape")):
         p = run("train_classifier.py", "--train-size", "120", "--max-steps", "4", *flags, "--out", "r",
                 cwd=tmp, check=2)
         assert f"was trained with other {what}" in p.stderr

@@ -174,7 +174,7 @@ def test_recommend_cpu_ram_bands(ram, standard, quick, monkeypatch):
             assert rec[name]["grad_accum"]["value"] == max(1, math.ceil(effective / bs))
             assert rec[name]["precision"]["value"] == "fp32"
         assert rec["gru"]["grad_accum"]["value"] * bs == 64
-        assert rec["classifier"]["preset"]["value"] == ("small" if ram < 16 else "distilbert")
+        assert rec["classifier"]["model"]["value"] == "fasttext"  # measured best on small data, any RAM
         assert rec["classifier"]["workers"]["value"] == 2  # min(2, 8 // 2)
         assert rec["classifier"]["pin_memory"]["value"] is False
         assert rec["asr"]["preset"]["value"] == "minimal"
@@ -200,7 +200,7 @@ def test_recommend_cuda_and_small_cpu():
     assert big["lm"]["precision"]["value"] == "bf16"
     assert big["lm"]["seq_len"]["value"] == 2048
     assert big["asr"]["preset"]["value"] == "optimized"
-    assert big["classifier"]["preset"]["value"] == "distilbert"  # a GPU, whatever the RAM
+    assert big["classifier"]["model"]["value"] == "fasttext"  # a GPU too: the data, not the machine, decides
     assert big["asr"]["workers"]["value"] == 4
 
     laptop = mo.recommend(fake_profile(8, cores=1), quick=False)
