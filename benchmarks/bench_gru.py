@@ -13,12 +13,25 @@ memory on CUDA), with the ratio optimized / original.
 The table goes to stdout, progress to stderr: `python benchmarks/bench_gru.py > table.md`.
 Each measurement runs in a fresh subprocess (this script re-invoked with --worker PRESET, which
 prints one JSON line), so one preset's peak memory never includes the other's.
+
+Real categorized text (issue 13): one-line Debian package descriptions from this machine's apt
+index (benchlib.debian_descriptions), lower-cased, stand in for queries and their section for the
+category. --real trains the real train_gru.py twice with its defaults (no tuning flags), once with
+the sections as categories and once category-blind (the same rows, one category "all" for all,
+so the split and vocabulary are the same), and prints val perplexity and wall time side by side:
+
+    python benchmarks/bench_gru.py --make-data data/debian_gru   # writes queries.csv, queries_blind.csv
+    python benchmarks/bench_gru.py --real data/debian_gru        # 5.6 min on 2 shared cores; makes the data if missing
+    python train_gru.py --data data/debian_gru/queries.csv --out runs/debian   # the same run by hand
 """
 
 import argparse
+import csv
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +68,21 @@ parser.add_argument("--dataset-size", type=pos_int, default=2000, metavar="N",
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto = cuda when available; CPU runs fp32, CUDA bf16 (fp16 + GradScaler "
                          "where bf16 is unsupported)")
+g = parser.add_argument_group("real categorized text (the speed flags above do not apply)")
+g.add_argument("--make-data", default=None, metavar="DIR",
+               help="write DIR/queries.csv (text,category = description,section) and DIR/queries_blind.csv "
+                    "(the same texts, category 'all') from the apt index, then exit")
+g.add_argument("--real", default=None, metavar="DIR",
+               help="train train_gru.py (its defaults) on DIR/queries.csv and DIR/queries_blind.csv "
+                    "(written first if missing) and print the category-conditioned vs blind table")
+g.add_argument("--per-section", type=pos_int, default=400, metavar="N",
+               help="--make-data: descriptions per section (8 sections: %s)" % ", ".join(benchlib.SECTIONS))
+g.add_argument("--seeds", type=nonneg_int, nargs="+", default=[1337], metavar="S",
+               help="--real: train_gru.py --seed values (each changes the split and the initial "
+                    "weights); every seed trains both models, the table shows the mean")
+g.add_argument("--train-args", default="", metavar="FLAGS",
+               help="--real: extra train_gru.py flags for both runs, e.g. \"--lr 1e-3 --epochs 3\" "
+                    "(the seed's values); the default table uses none")
 parser.add_argument("--worker", choices=PRESETS, default=None,
                     help="internal: measure this one preset in this process and print one JSON line "
                          "(the parent run starts these)")
@@ -127,6 +155,94 @@ def worker(args):
 
 
 # -----------------------------------------------------------------------------
+# real text: conditioned vs blind, the real trainer with its defaults
+
+def make_data(folder, per_section):
+    """Write the two CSVs train_gru.py --data reads; returns their paths."""
+    rows = benchlib.debian_descriptions(per_section=per_section)  # [(description, section)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "queries.csv", folder / "queries_blind.csv"
+    for path, blind in zip(paths, (False, True)):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "category"])
+            # lower-cased like a typed query; train_gru.py lower-cases anyway, the file shows what it sees
+            w.writerows((" ".join(d.lower().split()), "all" if blind else s) for d, s in rows)
+    print(f"wrote {paths[0]} and {paths[1]}: {len(rows)} descriptions, {len(benchlib.SECTIONS)} sections "
+          f"x {per_section}", file=sys.stderr)
+    return paths
+
+
+def train_once(csv_path, seed, extra, workdir):
+    """Run train_gru.py on csv_path in a fresh folder of workdir and return its summary.json. The
+    cwd is that folder, so no optimal_config.json of the caller's is read: its defaults, as shipped."""
+    out = Path(tempfile.mkdtemp(dir=workdir))
+    cmd = [sys.executable, str(REPO / "train_gru.py"), "--data", str(Path(csv_path).resolve()),
+           "--seed", str(seed), "--out", "run", *extra]
+    proc = subprocess.run(cmd, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], file=sys.stderr)
+        print(f"error: train_gru.py on {csv_path} failed (exit {proc.returncode}); its output is above",
+              file=sys.stderr)
+        sys.exit(proc.returncode or 1)
+    return json.loads((out / "run" / "summary.json").read_text())
+
+
+def real(args):
+    import shlex
+    folder = Path(args.real)
+    paths = folder / "queries.csv", folder / "queries_blind.csv"
+    if not all(p.exists() for p in paths):
+        paths = make_data(folder, args.per_section)
+    extra = shlex.split(args.train_args)
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    results = {"conditioned": [], "blind": []}
+    with tempfile.TemporaryDirectory() as work:
+        for seed in args.seeds:
+            for name, path in zip(results, paths):  # alternating, so drift hits both alike
+                s = train_once(path, seed, extra, work)
+                results[name].append(s)
+                print(f"seed {seed} {name:<11} val ppl {s['value']:8.2f} (best {s['best_value']:.2f}, "
+                      f"unigram {s['unigram_ppl']:.2f}), {s['steps']} steps, {s['wall_s']:.0f} s",
+                      file=sys.stderr, flush=True)
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    def mean(name, key):
+        return statistics.mean(s[key] for s in results[name])
+
+    rows = []
+    for label, key, fmt in [("val perplexity, end of training", "value", "{:.1f}"),
+                            ("val perplexity, best evaluation", "best_value", "{:.1f}"),
+                            ("unigram baseline perplexity (no context, no category)", "unigram_ppl", "{:.1f}"),
+                            ("wall time (s)", "wall_s", "{:.0f}"),
+                            ("training samples/s", "samples_per_s", "{:.0f}")]:
+        c, b = mean("conditioned", key), mean("blind", key)
+        rows.append((label, fmt.format(c), fmt.format(b), benchlib.fmt_ratio(c, b)))
+    c0 = results["conditioned"][0]
+    rows += [("optimizer steps", str(c0["steps"]), str(results["blind"][0]["steps"]), ""),
+             ("parameters", f"{c0['params']:,}", f"{results['blind'][0]['params']:,}", "")]
+
+    import torch  # only now: the parent stays light while the trainers run
+    res = benchlib.runtime_info(torch.device(c0["device"]), c0["precision"])
+    benchlib.print_header("CADENCE GRU: category-conditioned vs category-blind on real text",
+                          sys.argv, res, busy, others)
+    n = sum(1 for _ in open(paths[0])) - 1
+    print(f"workload: {n} one-line Debian package descriptions (lower-cased) from {benchlib.APT_LISTS}, "
+          f"{len(benchlib.SECTIONS)} sections ({', '.join(benchlib.SECTIONS)}); conditioned: the section is "
+          f"the category; blind: one category for every row (same texts, same split and vocabulary); "
+          f"train_gru.py defaults" + (f" + `{args.train_args}`" if extra else ", no tuning flags")
+          + f"; seed(s) {', '.join(map(str, args.seeds))}, mean shown\n")
+    benchlib.print_table(("", "conditioned", "blind", "conditioned / blind"), rows)
+    print()
+    for name, runs in results.items():
+        per = ", ".join(f"{s['value']:.1f}" for s in runs)
+        print(f"{name} val perplexity per seed: {per}  ")
+    benchlib.print_footer(busy, others, wall)
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # parent: alternate presets in fresh workers, then the table
 
 def main():
@@ -134,6 +250,15 @@ def main():
     if args.worker:
         import common
         common.run_main(lambda: worker(args))  # a common.UserError: one line, exit 2
+    if args.make_data and args.real:
+        print("error: --make-data and --real: pick one (--real writes the data itself when it is missing)",
+              file=sys.stderr)
+        return 2
+    if args.make_data:
+        make_data(args.make_data, args.per_section)
+        return 0
+    if args.real:
+        return real(args)
     E = args.batch_size * args.grad_accum
     if E > args.dataset_size:
         parser.error(f"effective batch {E} (--batch-size x --grad-accum) is larger than "

@@ -52,7 +52,7 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     assert st["state"] == "finished" and st["step"] == s["steps"] and st["last_checkpoint"]
     a = read_json(out / "args.json")
     assert a["settings"]["batch_size"]["source"] == "auto"
-    assert a["settings"]["epochs"]["source"] == "default"
+    assert a["settings"]["epochs"] == {"value": 3, "source": "quick"}  # the default 8, shortened
     assert a["chosen"]["effective_batch"] == 64
     recs = metrics(out)
     losses = [r["loss"] for r in recs if "loss" in r]
@@ -117,6 +117,22 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp):
     assert st["state"] == "stopped" and "SIGTERM" in out
     ckpt = Path(st["last_checkpoint"])
     assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == st["step"]
+
+
+def test_measured_defaults_are_recorded_in_args_json(tmp):
+    """The defaults chosen on real text (README "GRU on real categorized text") reach args.json with
+    their source, so a run says which values it trained with; the seed's values are flags away."""
+    run("train_gru.py", "--dataset-size", "300", "--max-steps", "2", "--out", "d", cwd=tmp, check=0)
+    s = read_json(tmp / "d" / "args.json")["settings"]
+    assert s["lr"] == {"value": 3e-3, "source": "default"}
+    assert s["epochs"] == {"value": 8, "source": "default"}
+    assert s["dropout"] == {"value": 0.5, "source": "auto"}
+    assert s["warmup"] == {"value": 0, "source": "auto"}  # a tenth of 2 steps
+    run("train_gru.py", "--dataset-size", "300", "--max-steps", "2", "--lr", "1e-3", "--epochs", "3",
+        "--dropout", "0.3", "--warmup", "1", "--out", "s", cwd=tmp, check=0)
+    s = read_json(tmp / "s" / "args.json")["settings"]
+    assert [s[k] for k in ("lr", "epochs", "dropout", "warmup")] == [
+        {"value": v, "source": "flag"} for v in (1e-3, 3, 0.3, 1)]
 
 
 def test_max_steps_overrides_epochs(tmp):
@@ -264,6 +280,8 @@ def saved_run(tmp_path_factory):
     (["--precision", "fp16"], "fp16 needs CUDA"),
     (["--device", "cuda"], "--device cuda"),
     (["--val-frac", "0.9"], "--val-frac"),
+    (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+    (["--warmup", "-1"], "--warmup"),
     (["--config", "nope.json"], "--config nope.json"),
     (["--resume", "nope.pt"], "--resume nope.pt: file not found"),
     (["--preset", "original"], "is a --preset optimized run"),     # resuming run/ with another model

@@ -102,7 +102,7 @@ def test_config_writes_every_trainer(tmp_path):
         effective = mo.EFFECTIVE_BATCH[name]
         assert accum == max(1, math.ceil(effective / bs)), name
         assert s["precision"]["value"] in (("bf16", "fp16") if cuda else ("fp32",))
-        assert s["preset"]["value"]
+        assert s["model" if name == "classifier" else "preset"]["value"]  # the classifier calls it --model
         assert s["batch_size"]["value"] is not None
     assert set(cfg["trainers"]["gru"]) == {"batch_size", "grad_accum", "precision", "preset"}
     assert "seq_len" not in cfg["trainers"]["asr"]
