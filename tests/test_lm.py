@@ -2,6 +2,7 @@
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ def deterministic(recs):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """The README's quick run, cut to 120 steps (the full --quick, 300 steps, reaches 2.78 bits/byte)."""
+    """The README's quick run, cut to 120 steps (the full --quick, 300 steps, reaches 2.71 bits/byte)."""
     d = tmp_path_factory.mktemp("quick")
     p = run("train_lm.py", "--quick", "--max-steps", "120", "--eval-every", "60", "--log-every", "20",
             "--out", "runs/q", cwd=d, check=0)
@@ -70,6 +71,39 @@ def test_sample_from_a_run_folder(quick_run):
     assert len(text) >= 80 and sum(c.isalpha() or c.isspace() for c in text) > 0.6 * len(text)
     p = run("train_lm.py", "sample", "--out", "nowhere", cwd=d, check=2)
     assert p.stderr.startswith("error: --out nowhere: no checkpoint there")
+
+
+# -- the learning-rate schedule -------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_schedule_choices_follow_their_formula(tmp, schedule):
+    """cosine (the default): warmup --warmup-steps (at most a tenth of the run), cosine to lr/10 at
+    the last step, beta2 0.99. onecycle: warmup a tenth of the run, cosine to zero. The lr logged at
+    step s is the one step s + 1 trains with; both are read back from metrics.jsonl."""
+    flags = ["--schedule", schedule] if schedule == "onecycle" else []
+    p = run("train_lm.py", *TINY, "--max-steps", "40", "--warmup-steps", "2", "--log-every", "1", "--lr", "1e-3",
+            *flags, "--out", "s", cwd=tmp, check=0)
+    lrs = {r["step"]: r["lr"] for r in metrics(tmp / "s") if "lr" in r}
+    warmup, floor = (2, 0.1) if schedule == "cosine" else (4, 0.0)
+    for s_, lr in lrs.items():
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (s_ - warmup) / (40 - warmup))))
+        assert lr == pytest.approx(1e-3 * min((s_ + 1) / warmup, floor + (1 - floor) * decay), abs=1e-12), s_
+    assert lrs[40] == pytest.approx(1e-3 * floor, abs=1e-12) and max(lrs.values()) == pytest.approx(1e-3, rel=1e-3)
+    assert f"AdamW betas (0.9, 0.99), weight decay 0.1; --schedule {schedule}: lr 0.001, warmup {warmup} steps" \
+        in p.stdout
+    settings = read_json(tmp / "s" / "args.json")["settings"]
+    assert settings["schedule"]["value"] == schedule and settings["beta2"]["value"] == 0.99
+
+
+def test_sft_keeps_onecycle_and_beta2_095(tmp):
+    """--task sft's thresholds were measured with the old schedule: its standard layer keeps it."""
+    (tmp / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_lm.builtin_pairs()[::30]))
+    p = run("train_lm.py", "--task", "sft", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160",
+            "--data", "few.jsonl", "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
+    settings = read_json(tmp / "m" / "args.json")["settings"]
+    assert settings["schedule"] == {"value": "onecycle", "source": "sft standard"}
+    assert settings["beta2"] == {"value": 0.95, "source": "sft standard"}
+    assert "AdamW betas (0.9, 0.95)" in p.stdout and "--schedule onecycle" in p.stdout
 
 
 # -- the eigenstate scan -------------------------------------------------------------------------
@@ -325,6 +359,9 @@ def saved_run(tmp_path_factory):
     (["--arch", "rnn"], "--arch"),
     (["--n-head", "3"], "--d-model 32 is not divisible by --n-head 3"),
     (["--seq-len", "0"], "--seq-len"),
+    (["--beta2", "1"], "--beta2 1.0: must be in (0, 1)"),
+    (["--schedule", "linear"], "--schedule"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
     (["--arch", "eigen"], "was trained with arch gpt (now eigen)"),  # resuming run/ with another model
     (["--precision", "fp16"], "fp16 needs CUDA"),
     (["--out", "afile/run"], "--out afile/run"),

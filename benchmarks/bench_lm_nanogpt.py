@@ -1,0 +1,219 @@
+"""bench_lm_nanogpt.py -- train_lm.py's defaults against a real nanoGPT checkout, side by side, at
+nanoGPT's CPU shape (4 layers, 4 heads, width 128, context 64, batch 12) for 2,000 steps.
+
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanogpt     # any checkout; nothing is copied here
+    python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt   # ~20 min on 2 busy cores, 1 thread
+    python benchmarks/bench_lm_nanogpt.py                          # our two schedules only
+    python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt --steps 40   # smoke run, ~1 min
+
+The text: Python's documentation topics (pydoc_data.topics, shipped with every Python; nobody here
+wrote it), which train_lm.py packs into data/pydoc on first use (this script does that too):
+bytes, <eot> (id 256) between the 79 topics, the last 10 % of the stream by position held out.
+nanoGPT's train.py reads the very same train.bin / val.bin (both are uint16 token streams), with
+a meta.pkl that says vocab_size 257; only the folder is new (written under --work).
+
+Three training runs, one process each, one after another (never side by side, so the wall times
+compare), every one with OMP_NUM_THREADS=--threads and no optimal_config.json in its folder:
+  ours      train_lm.py with only the shape, batch and step flags: its defaults (--schedule cosine)
+  onecycle  the same plus --schedule onecycle --beta2 0.95: train_lm.py's old default
+  nanoGPT   its train.py with config/train_shakespeare_char.py's recipe (lr 1e-3, warmup 100,
+            cosine to 1e-4, beta2 0.99, weight decay 0.1, clip 1.0) at the same shape, dropout 0,
+            fp32 on the CPU, no compile; it saves its checkpoint after exactly --steps steps
+Then this process scores each final model on the WHOLE validation stream, cut into the same
+non-overlapping windows (train_lm.val_windows), with the same summed cross-entropy: nats per
+byte (a byte is a token). nanoGPT's model class is imported from the checkout at run time.
+Wall time is each process's whole life (start-up, data, its own evals, saving); tokens/s is the
+tokens trained (steps x 12 x 64) over that wall time. CPU s is the CPU time the process used (user
++ system): on a shared machine the fairer speed figure, tokens/CPU-s.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import resource  # children's CPU time; Unix only
+except ImportError:
+    resource = None
+
+import benchlib
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common import pos_int  # noqa: E402  (the trainers' flag types)
+
+L, H, D, T, B = 4, 4, 128, 64, 12  # nanoGPT's CPU shape (its README's shakespeare_char laptop line)
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+parser.add_argument("--nanogpt", default=None, metavar="DIR",
+                    help="a nanoGPT checkout (holds train.py, model.py, configurator.py); without it the "
+                         "nanoGPT row is skipped")
+parser.add_argument("--steps", type=pos_int, default=2000, metavar="N", help="optimizer steps, every run")
+parser.add_argument("--threads", type=pos_int, default=1, metavar="N", help="OMP_NUM_THREADS of every run")
+parser.add_argument("--work", default=None, metavar="DIR",
+                    help="where the runs write (default: a new temporary folder, removed at the end)")
+parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every run trains")
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cpu_children():
+    """CPU seconds (user + system) of this process's finished children; None on Windows."""
+    if resource is None:
+        return None
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmd, cwd, env, log_path):
+    """Run cmd to the end with its output in log_path; returns (wall, cpu) seconds. The CPU time
+    is what the run itself used: on a machine shared with other work it varies far less than the
+    wall time, which also counts the time spent waiting for a core."""
+    t0, c0 = time.perf_counter(), cpu_children()
+    with open(log_path, "w") as fh:
+        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(open(log_path).read()[-3000:], file=sys.stderr)
+        fail(f"{' '.join(map(str, cmd[:3]))} ... exited {rc}; its log is above ({log_path})")
+    return time.perf_counter() - t0, (cpu_children() - c0 if c0 is not None else None)
+
+
+def val_nats(forward, windows, device):
+    """Summed next-byte cross-entropy over all windows / their tokens: nats per byte.
+    forward(x) maps (b, T) ids to (b, T, V) logits. The same for every model."""
+    import torch
+    import torch.nn.functional as F
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(windows), 64):
+            x = windows[i:i + 64].to(device)
+            logits = forward(x[:, :-1].contiguous())  # (b, T, V); nanoGPT's loss .view()s its input
+            total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+            n += x[:, 1:].numel()
+    return total / n
+
+
+def main():
+    args = parser.parse_args()
+    ng = Path(args.nanogpt).expanduser().resolve() if args.nanogpt else None
+    if ng and not all((ng / f).is_file() for f in ("train.py", "model.py", "configurator.py",
+                                                      "config/train_shakespeare_char.py")):
+        fail(f"--nanogpt {args.nanogpt}: not a nanoGPT checkout (needs train.py, model.py, configurator.py, "
+             "config/train_shakespeare_char.py); get one with `git clone https://github.com/karpathy/nanoGPT`")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_lm_nanogpt-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
+
+    # -- data: our packed corpus, and the same two files in the folder layout nanoGPT reads
+    import train_lm
+    os.chdir(REPO)  # the built-in corpus lives in <repo>/data/pydoc, packed on first use
+    data = train_lm.builtin_corpus(print).resolve()
+    meta = json.loads((data / "meta.json").read_text())
+    ngdata = work / "nanogpt_data"
+    ngdata.mkdir(exist_ok=True)
+    for name in ("train.bin", "val.bin"):
+        shutil.copyfile(data / name, ngdata / name)
+    with open(ngdata / "meta.pkl", "wb") as fh:  # nanoGPT reads only vocab_size from it
+        pickle.dump({"vocab_size": meta["vocab_size"]}, fh)
+
+    # -- the runs, one at a time
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    shape = ["--n-layer", str(L), "--n-head", str(H), "--d-model", str(D), "--seq-len", str(T),
+             "--batch-size", str(B), "--grad-accum", "1", "--max-steps", str(args.steps)]
+    # not training settings: no evaluation before the end, one checkpoint, quiet log
+    plumbing = ["--data", str(data), "--device", args.device, "--eval-every", "0", "--save-every",
+                str(args.steps), "--log-every", "100", "--no-resume"]
+    runs = {"ours": ("train_lm.py defaults", []),
+            "onecycle": ("train_lm.py --schedule onecycle --beta2 0.95 (old default)",
+                         ["--schedule", "onecycle", "--beta2", "0.95"])}
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    walls = {}
+    for key in ["ours", "nanogpt", "onecycle"]:
+        if key == "nanogpt":
+            if not ng:
+                continue
+            # nanoGPT's own config for the recipe, its CPU flags for the shape; configurator.py is read
+            # from the working folder, hence cwd=checkout (it writes only into --out_dir)
+            cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--dataset={ngdata}",
+                   f"--out_dir={work / 'nanogpt'}", f"--device={args.device}", "--compile=False",
+                   "--dtype=float32", "--eval_iters=20", f"--eval_interval={args.steps}",
+                   "--always_save_checkpoint=True", "--log_interval=100", f"--block_size={T}",
+                   f"--batch_size={B}", f"--n_layer={L}", f"--n_head={H}", f"--n_embd={D}",
+                   f"--max_iters={args.steps}", f"--lr_decay_iters={args.steps}", "--dropout=0.0",
+                   f"--warmup_iters={min(100, args.steps // 10)}"]  # as ours: a tenth of a short run at most
+            cwd = ng
+        else:
+            cmd = [sys.executable, str(REPO / "train_lm.py"), *shape, *runs[key][1], *plumbing,
+                   "--out", str(work / key)]
+            cwd = work  # no optimal_config.json there
+        print(f"running {key}: {' '.join(map(str, cmd[1:]))}", file=sys.stderr, flush=True)
+        walls[key] = timed(cmd, cwd, env, work / f"{key}.log")
+    wall_all, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    # -- score every final model on the whole validation stream, same windows
+    import torch
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    windows = train_lm.val_windows(data / "val.bin", meta["val_tokens"], T, meta["val_tokens"])
+    rows = []
+    for key in ["ours", "nanogpt", "onecycle"]:
+        if key not in walls:
+            continue
+        if key == "nanogpt":
+            ckpt = torch.load(work / "nanogpt" / "ckpt.pt", map_location=device, weights_only=True)
+            if ckpt["iter_num"] != args.steps:
+                fail(f"nanoGPT saved its checkpoint at iteration {ckpt['iter_num']}, not {args.steps}")
+            spec = importlib.util.spec_from_file_location("nanogpt_model", ng / "model.py")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)  # its GPT class, from the checkout, at run time
+            with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count; the table owns stdout
+                model = mod.GPT(mod.GPTConfig(**ckpt["model_args"])).to(device)
+            model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+            forward = lambda x, m=model: m(x, x)[0]  # noqa: E731  (targets given: logits at every position)
+            label, steps = f"nanoGPT ({ng.name}), shakespeare_char recipe", ckpt["iter_num"]
+        else:
+            path = work / key / "checkpoints" / f"ckpt_step{args.steps:08d}.pt"
+            state = torch.load(path, map_location=device, weights_only=True)
+            model = train_lm.LM(state["model_cfg"]).to(device)
+            model.load_state_dict(state["model"])
+            forward = model
+            label, steps = runs[key][0], state["step"]
+        model.eval()
+        nats = val_nats(forward, windows, device)
+        wall, cpu = walls[key]
+        rows.append([label, f"{nats:.4f}", f"{nats / math.log(2):.4f}", str(steps), f"{wall:.0f}",
+                     f"{steps * B * T / wall:,.0f}", f"{cpu:.0f}" if cpu else "-",
+                     f"{steps * B * T / cpu:,.0f}" if cpu else "-"])
+
+    res = dict(benchlib.runtime_info(device, "fp32"), threads=args.threads)
+    benchlib.print_header("train_lm.py vs nanoGPT at nanoGPT's CPU shape", sys.argv, res, busy, others)
+    print(f"workload: {L} layers, {H} heads, width {D}, context {T}, batch {B} x 1, {args.steps} steps; "
+          f"{data} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val bytes); validation: all "
+          f"{len(windows)} non-overlapping {T}-byte windows of val.bin  \n")
+    benchlib.print_table(["run", "val nats/byte", "bits/byte", "steps", "wall s", "tokens/s",
+                         "CPU s", "tokens/CPU-s"], rows)
+    if not ng:
+        print("\nnanoGPT row skipped: no --nanogpt DIR given  ")
+    print()
+    benchlib.print_footer(busy, others, wall_all)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
