@@ -8,6 +8,9 @@ batch size is fitted to the machine, and out-of-memory is recovered from, not fa
     python train_asr.py --quick --out runs/a                      # laptop CPU: built-in set, minutes
     python train_asr.py --transcribe a.wav b.wav --out runs/a     # print transcripts
     python train_asr.py --train-manifest train.jsonl --val-manifest val.jsonl --out runs/mine
+    python benchmarks/make_speech_data.py data/espeak             # real speech (espeak-ng), then:
+    python train_asr.py --preset minimal --train-manifest data/espeak/train.jsonl \\
+        --val-manifest data/espeak/val.jsonl --test-manifest data/espeak/test.jsonl --out runs/espeak
     python train_asr.py --train-manifest train.jsonl --batch_size 2 --gradient_accumulation_steps 4 \\
         --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4   # the seed's T4 line
 
@@ -53,6 +56,10 @@ MIN_SECONDS = 0.1  # shorter clips give the x4 subsampler no frame at all (it ne
 N_FFT, HOP, N_MELS = 400, 160, 80  # 25 ms window, 10 ms hop, 80 mel bins (seed)
 # name: (d_model, encoder layers, decoder layers). The seed's table, plus "tiny" for --quick.
 PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 6, 3), "tiny": (96, 2, 1)}
+# peak learning rate per preset when --lr is not given (seed: 5e-4 for all), and the minimal
+# preset's epochs when --epochs is not given (seed: 10); why: main(), and README "ASR on real speech"
+LR = {"minimal": 2e-3, "tiny": 2e-3}
+MINIMAL_EPOCHS = 15
 
 # -----------------------------------------------------------------------------
 # config
@@ -78,7 +85,9 @@ g.add_argument("--synthetic-dir", default="data", metavar="DIR",
 g.add_argument("--preset", choices=list(PRESETS), default=None,
                help="model size, parameters at a 200-character vocabulary: original d256 12+6 layers "
                     "(24.9M), optimized d192 8+4 (9.5M; the seed's 9.4M with --subsample 1), minimal "
-                    "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick)")
+                    "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick). "
+                    "minimal and tiny train at --lr 2e-3 and minimal for 15 --epochs unless given "
+                    "(seed: 5e-4, 10; README \"ASR on real speech\")")
 g.add_argument("--d_model", "--d-model", dest="d_model", type=common.pos_int, default=None,
                help="model width (overrides the preset; a multiple of --heads)")
 g.add_argument("--encoder_layers", "--encoder-layers", dest="encoder_layers", type=common.pos_int,
@@ -826,8 +835,17 @@ def main(argv=None):
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
     if args.preset is None:
         args.preset, sources["preset"] = ("tiny" if args.quick else "optimized"), "auto"
-    if args.lr is None:  # seed: 5e-4; the tiny model of --quick learns in a few hundred steps at 2e-3
-        args.lr, sources["lr"] = (2e-3 if args.preset == "tiny" else 5e-4), "auto"
+    if args.lr is None:
+        # seed: 5e-4. Issue 13 measured the minimal model on 1,425 espeak-ng utterances, 15 epochs,
+        # unseen voices: 14.4 % CER at 5e-4, 1.8 % at 2e-3. On make_speech_data.py's harder set
+        # 2e-3 gives 20.3 %, still falling at the end (README "ASR on real speech"). The tiny model
+        # of --quick learns in a few hundred steps at 2e-3 too. The larger presets keep the seed's
+        # 5e-4 (not re-measured).
+        args.lr, sources["lr"] = LR.get(args.preset, 5e-4), "auto"
+    if args.preset == "minimal" and not args.quick and sources["epochs"] == "default":
+        # the 10 of every trainer stops the minimal model with its cosine schedule half-way down
+        # its learning curve on a small set; 15 is what the README's table measures
+        args.epochs, sources["epochs"] = MINIMAL_EPOCHS, "auto"
     shape = model_shape(args)
     if shape[0] % args.heads:
         raise UserError(f"--d_model {shape[0]} is not a multiple of --heads {args.heads}")

@@ -12,11 +12,34 @@ trainer's own model, loss and step (common.train_step). Prints a markdown table 
 Each configuration runs in a fresh subprocess (this script re-invoked with --worker), so peak
 memory is that configuration's alone. The input is random features of the right shape: the cost
 of a step does not depend on what the audio says.
+
+Accuracy on real speech (--accuracy DIR, a set written by make_speech_data.py): train_asr.py's
+minimal preset with its defaults against the practitioner's baseline, a 2-layer BiGRU-CTC
+(2.1M parameters) on the same log-mel features, for equal CPU time:
+
+    python benchmarks/make_speech_data.py data/espeak                # once, ~1 min
+    python benchmarks/bench_asr.py --accuracy data/espeak            # ~15 + 15 min on 2 idle cores
+    python benchmarks/bench_asr.py --accuracy data/espeak --ours-flags "--lr 5e-4 --epochs 10"  # the seed's
+
+Ours is the real script in a subprocess (`train_asr.py --preset minimal` + the three manifests +
+--out, nothing else). Then the BiGRU trains in a fresh process for the same CPU time (its start-up
+and data reading included), with the same --threads, and reports the test CER of its best epoch
+by validation CER. The budget is CPU time, not wall time, so other jobs on the machine do not
+tilt the comparison; at one thread it is the wall time on an idle core. Test = voices never
+heard in training. --ours-run RUN reads a finished run folder of that command instead of
+training ours (then --budget-s, or else its summary's wall time, sets the BiGRU's budget), and
+--bigru-out FILE a BiGRU worker's saved output that ran at least that long (every epoch that
+improved its val CER recorded its test CER, so a long run answers for any shorter budget).
 """
 
 import argparse
 import json
+import math
+import os
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +69,23 @@ parser.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps 
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto = cuda when available; CUDA runs bf16 (fp16 + GradScaler where unsupported)")
 parser.add_argument("--worker", default=None, help="internal: PRESET,BATCH,SUBSAMPLE measured in this process")
+parser.add_argument("--accuracy", default=None, metavar="DIR",
+                    help="instead of the step table: train_asr.py's minimal preset vs a BiGRU-CTC on the set "
+                         "in DIR (train/val/test.jsonl, e.g. from make_speech_data.py), equal CPU time")
+parser.add_argument("--ours-flags", default="", metavar="FLAGS",
+                    help="--accuracy: extra train_asr.py flags, e.g. \"--lr 5e-4 --epochs 10\" (the seed's values)")
+parser.add_argument("--threads", type=pos_int, default=1,
+                    help="--accuracy: torch threads of each of the two trainings that run side by side")
+parser.add_argument("--out", default="runs/bench-asr-accuracy", metavar="DIR",
+                    help="--accuracy: folder for both runs (replaced)")
+parser.add_argument("--ours-run", default=None, metavar="RUN",
+                    help="--accuracy: a finished train_asr.py run folder of that command, instead of training ours")
+parser.add_argument("--bigru-out", default=None, metavar="FILE",
+                    help="--accuracy: a saved BiGRU worker output (bigru.out) that ran at least the budget, "
+                         "instead of training it: its best epoch by val CER within the budget")
+parser.add_argument("--budget-s", type=pos_float, default=None, metavar="S",
+                    help="--accuracy: the BiGRU's CPU seconds (default: the CPU time ours used)")
+parser.add_argument("--bigru-worker", default=None, help="internal: train the BiGRU on this set for --budget-s")
 
 
 # -----------------------------------------------------------------------------
@@ -102,10 +142,214 @@ def worker(args):
 
 
 # -----------------------------------------------------------------------------
+# the practitioner's baseline: 2-layer BiGRU-CTC on train_asr.py's features, greedy decoding
+
+def bigru_model(vocab, hidden=256, stack=4):
+    """Frames stacked 4 at a time (40 ms, as ours after its x4 subsampling; a quarter of the GRU
+    steps) -> 2 bidirectional GRU layers of 256 per direction -> characters + blank.
+    2.1M parameters at a 32-symbol vocabulary."""
+    import torch.nn as nn
+
+    class BiGRUCTC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = stack
+            self.gru = nn.GRU(stack * 80, hidden, num_layers=2, bidirectional=True, batch_first=True, dropout=0.1)
+            self.head = nn.Linear(2 * hidden, vocab)
+
+        def forward(self, feats, lengths):  # feats (B, T, 80)
+            import torch
+            B, T, C = feats.shape
+            T4 = T // self.stack
+            x = feats[:, :T4 * self.stack].reshape(B, T4, self.stack * C)  # (B, T/4, 320)
+            lengths = (lengths // self.stack).clamp(min=1)
+            # packed: the backward direction starts at each utterance's last real frame, not in padding
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            h, _ = self.gru(packed)
+            h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=T4)
+            return self.head(h).log_softmax(-1), lengths  # (B, T/4, V)
+    return BiGRUCTC()
+
+
+def bigru_worker(args):
+    """Train the BiGRU on args.bigru_worker's manifests until this process has used args.budget_s
+    CPU seconds (imports included), then print one JSON line: parameters, epochs, per-epoch val CER, test CER of
+    the best epoch."""
+    import copy
+    import torch
+    import torch.nn.functional as F
+    import train_asr as A
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    d = Path(args.bigru_worker)
+    train, val, test = (A.read_manifest(d / f"{s}.jsonl", s)[0] for s in ("train", "val", "test"))
+    itos = A.build_vocab(train)
+    stoi = {c: i for i, c in enumerate(itos)}
+    torch.manual_seed(0)
+    model = bigru_model(len(itos))
+    params = sum(p.numel() for p in model.parameters())
+    # what a practitioner reaches for: Adam at 1e-3, halve on a validation plateau, clip 5,
+    # batch 16, the same SpecAugment as ours
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    aug = torch.Generator().manual_seed(1)
+
+    def cer(items):
+        model.eval()
+        refs, hyps = [], []
+        with torch.inference_mode():
+            for k in range(0, len(items), 16):
+                idxs = list(range(k, min(k + 16, len(items))))
+                b = A.make_batch(items, idxs, stoi)
+                lp, L = model(b["feats"], b["feat_len"])
+                hyps += [A.to_text(h, itos) for h in A.ctc_greedy(lp, L)]
+                refs += [items[i]["text"] for i in idxs]
+        model.train()
+        return A.error_rates(refs, hyps)[0]
+
+    def time_up():
+        return time.process_time() >= args.budget_s  # this process's CPU time since it started
+
+    history, best, epoch, steps = [], (math.inf, None), 0, 0
+    while not time_up():
+        for idxs in A.bucket_batches(train, 16, 0, epoch):
+            if time_up():
+                break
+            b = A.make_batch(train, idxs, stoi, aug)
+            lp, L = model(b["feats"], b["feat_len"])
+            loss = F.ctc_loss(lp.transpose(0, 1), b["chars"], L, b["tgt_len"], blank=A.BLANK,
+                              reduction="sum", zero_infinity=True) / b["tgt_len"].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            steps += 1
+        else:  # a whole epoch: validate, remember the best
+            epoch += 1
+            v = cer(val)
+            sched.step(v)
+            history.append({"epoch": epoch, "val_cer": round(v, 3), "cpu_s": round(time.process_time(), 1)})
+            print(f"bigru epoch {epoch}: val CER {v:.2f}% at {time.process_time():.0f} CPU s, "
+                  f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            if v < best[0]:
+                best = (v, copy.deepcopy(model.state_dict()))
+                # the test CER a smaller budget would have reported (selected by val, not test)
+                history[-1]["test_cer"] = round(cer(test), 3)
+    if best[1] is not None:  # no completed epoch: the model as it stands
+        model.load_state_dict(best[1])
+    print(json.dumps({"params": params, "epochs": epoch, "steps": steps, "history": history,
+                      "val_cer": round(best[0], 3) if best[1] is not None else None,
+                      "test_cer": round(cer(test), 3), "cpu_s": round(time.process_time(), 1),
+                      "wall_s": round(time.time() - t0, 1)}))
+    return 0
+
+
+def accuracy(args):
+    """--accuracy: ours (the real train_asr.py), then the BiGRU for the same CPU time, then the table."""
+    d = Path(args.accuracy).resolve()
+    manifests = [d / f"{s}.jsonl" for s in ("train", "val", "test")]
+    if not all(m.is_file() for m in manifests):
+        print(f"error: --accuracy {d}: train.jsonl, val.jsonl and test.jsonl needed; make them with "
+              f"python benchmarks/make_speech_data.py {d}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))  # torch reads it at start-up
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    if args.ours_run:
+        run = Path(args.ours_run)
+        if not (run / "summary.json").is_file():
+            print(f"error: --ours-run {run}: no summary.json; let that run finish first", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        ours_wall = json.loads((run / "summary.json").read_text())["wall_s"]
+        ours_cpu = None
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: a leftover would be resumed
+        out.mkdir(parents=True)
+        run = out / "ours"
+        cmd = [sys.executable, str(REPO / "train_asr.py"), "--preset", "minimal",
+               "--train-manifest", str(manifests[0]), "--val-manifest", str(manifests[1]),
+               "--test-manifest", str(manifests[2]), *shlex.split(args.ours_flags), "--out", str(run)]
+        print(f"training ours (log: {out / 'ours.log'}) ...", file=sys.stderr, flush=True)
+        with open(out / "ours.log", "w") as log:
+            t0, c0 = time.time(), os.times()
+            # in the (fresh) output folder, so no optimal_config.json changes its defaults
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out).returncode
+            ours_wall, c1 = time.time() - t0, os.times()
+        # the finished child's CPU time (0 on Windows, which does not report it: then the wall time)
+        ours_cpu = (c1.children_user + c1.children_system - c0.children_user - c0.children_system) or None
+        if rc != 0:
+            print(f"error: train_asr.py failed (exit {rc}); see {out / 'ours.log'}", file=sys.stderr)
+            return 1
+    budget = args.budget_s or ours_cpu or ours_wall
+    if args.bigru_out:
+        # every epoch that improved val CER recorded its test CER, so a longer BiGRU run answers
+        # for any smaller budget: the last improving epoch that ended within it
+        g = json.loads([l for l in Path(args.bigru_out).read_text().splitlines() if l.startswith("{")][-1])
+        done = [h for h in g["history"] if h["cpu_s"] <= budget]
+        if g["cpu_s"] < budget or not done:
+            print(f"error: --bigru-out {args.bigru_out}: it ran {g['cpu_s']:.0f} CPU s, the budget is "
+                  f"{budget:.0f}", file=sys.stderr)
+            return 2
+        g.update(epochs=done[-1]["epoch"], test_cer=[h for h in done if "test_cer" in h][-1]["test_cer"],
+                 cpu_s=budget, wall_s=None, history=done)
+    else:
+        print(f"training the BiGRU for {budget:.0f} CPU seconds ...", file=sys.stderr, flush=True)
+        gru = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--bigru-worker", str(d),
+                              "--budget-s", str(budget), "--threads", str(args.threads)],
+                             stdout=subprocess.PIPE, text=True, env=env)
+        (out / "bigru.out").write_text(gru.stdout)  # its JSON line, kept beside ours' run folder
+        lines = [l for l in gru.stdout.splitlines() if l.startswith("{")]
+        if gru.returncode != 0 or not lines:
+            print(f"error: the BiGRU worker failed (exit {gru.returncode}); its output is above", file=sys.stderr)
+            return 1
+        g = json.loads(lines[-1])
+    s = json.loads((run / "summary.json").read_text())
+    a = json.loads((run / "args.json").read_text())["settings"]
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    shown = " ".join(["train_asr.py --preset minimal"] + [f"--{k}-manifest {Path(args.accuracy) / k}.jsonl"
+                                                            for k in ("train", "val", "test")]
+                     + ([args.ours_flags] if args.ours_flags else []))
+    header = ["model", "parameters", "epochs", "CPU (s)", "wall (s)", "test CER, beam (%)",
+              "test CER, greedy CTC (%)"]
+    rows = [[f"train_asr.py minimal (lr {a['lr']['value']:g})", f"{s['params'] / 1e6:.2f}M", str(s["epochs"]),
+             f"{ours_cpu:.0f}" if ours_cpu else "-", f"{ours_wall:.0f}",
+             f"{s['test_cer']:.2f}", f"{s['test_cer_greedy_ctc']:.2f}"],
+            ["BiGRU-CTC 2x256", f"{g['params'] / 1e6:.2f}M", str(g["epochs"]), f"{g['cpu_s']:.0f}",
+             f"{g['wall_s']:.0f}" if g["wall_s"] else "-", "-", f"{g['test_cer']:.2f}"]]
+    import torch  # only now: print_header imports it anyway, and both trainings are done
+    res = {"torch": torch.__version__, "threads": args.threads, "device": "cpu", "device_name": "cpu",
+           "precision": "fp32"}
+    benchlib.print_header("ASR on real speech: train_asr.py minimal vs a BiGRU-CTC, equal CPU time",
+                          sys.argv, res, busy, others)
+    n = {k: sum(1 for _ in open(m)) for k, m in zip(("train", "val", "test"), manifests)}
+    print(f"workload: {args.accuracy}: {n['train']} train / {n['val']} val / {n['test']} test utterances (test: voices "
+          f"never heard in training); one training after the other, {args.threads} thread(s) each; ours: "
+          f"`{shown}`, {s['steps']} steps, beam {a['beam']['value']}; BiGRU: "
+          f"AdamW 1e-3, plateau halving, batch 16, the same SpecAugment, stopped at {budget:.0f} CPU s"
+          f"{' (ours used that)' if budget == ours_cpu else ''}, best of its "
+          f"epochs by val CER" + (f"; ours read from {args.ours_run}" if args.ours_run else "")
+          + (f"; BiGRU read from {args.bigru_out}" if args.bigru_out else "") + "\n")
+    benchlib.print_table(header, rows)
+    print()
+    print("BiGRU val CER by epoch (CPU s): "
+          + ", ".join(f"{h['val_cer']:.1f}% ({h['cpu_s']:.0f})" for h in g["history"]) + "  ")
+    benchlib.print_footer(busy, others, wall)
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # parent: every configuration in a fresh worker, then the table
 
 def main():
     args = parser.parse_args()
+    if args.bigru_worker:
+        import common
+        common.run_main(lambda: bigru_worker(args))
+    if args.accuracy:
+        return accuracy(args)
     if args.worker:
         import common
         common.run_main(lambda: worker(args))

@@ -3,10 +3,12 @@ the real script end to end in subprocesses on CPU with a small built-in speech s
 import itertools
 import json
 import math
+import re
 import signal
 import sys
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,7 +330,8 @@ def test_oom_advice_lists_next_commands_in_order():
 def trained(tmp_path_factory):
     """A small built-in-set run, once, for the tests that need a trained model."""
     d = tmp_path_factory.mktemp("asr")
-    p = run("train_asr.py", *SMALL, "--epochs", "10", "--out", "runs/a", cwd=d, check=0)
+    # 900 s, not run's 300: ~1 min on 2 idle cores, but it must not fail on a shared machine
+    p = run("train_asr.py", *SMALL, "--epochs", "10", "--out", "runs/a", cwd=d, check=0, timeout=900)
     return d, d / "runs" / "a", p
 
 
@@ -448,6 +451,60 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     assert "model: tiny d 96" in p.stdout
     p = run("train_asr.py", "--dataset-size", "40", "--max-steps", "1", "--out", "d", cwd=tmp, check=0)
     assert "model: minimal d 128" in p.stdout and "preset=minimal" in p.stdout
+    # the minimal preset's measured defaults (README "ASR on real speech"), recorded in args.json
+    a = read_json(tmp / "d" / "args.json")["settings"]
+    assert (a["lr"]["value"], a["lr"]["source"]) == (2e-3, "auto")
+    assert (a["epochs"]["value"], a["epochs"]["source"]) == (15, "auto")
+
+
+def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
+    run("train_asr.py", "--preset", "minimal", "--lr", "5e-4", "--epochs", "10", "--dataset-size", "40",
+        "--max-steps", "1", "--beam", "1", "--out", "s", cwd=tmp, check=0)
+    a = read_json(tmp / "s" / "args.json")["settings"]
+    assert (a["lr"]["value"], a["lr"]["source"], a["epochs"]["value"]) == (5e-4, "flag", 10)
+    run("train_asr.py", "--preset", "optimized", "--dataset-size", "40", "--max-steps", "1", "--beam", "1",
+        "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1", "--out", "o", cwd=tmp, check=0)
+    a = read_json(tmp / "o" / "args.json")["settings"]
+    assert (a["lr"]["value"], a["epochs"]["value"]) == (5e-4, 10)  # the larger presets keep the seed's
+
+
+# -----------------------------------------------------------------------------
+# benchmarks/make_speech_data.py and the BiGRU baseline of bench_asr.py --accuracy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_asr  # noqa: E402
+import make_speech_data  # noqa: E402
+
+
+def test_speech_set_text_and_voices():
+    pool = make_speech_data.clauses()
+    assert len(pool) >= sum(make_speech_data.SPLITS.values())
+    assert all(re.fullmatch(r"[a-z][a-z' ]+[a-z]", c) and 4 <= len(c.split()) <= 8 for c in pool)
+    train = make_speech_data.TRAIN_VOICES
+    for accent, variant in make_speech_data.TEST_VOICES:  # unseen voice = unseen accent and variant
+        assert accent not in {a for a, _ in train} and variant not in {v for _, v in train}
+
+
+def test_bigru_baseline_size_and_padding():
+    torch.manual_seed(0)
+    m = bench_asr.bigru_model(32).eval()
+    assert 2.0e6 < sum(p.numel() for p in m.parameters()) < 2.2e6  # "2.1M" in the README
+    x = torch.randn(1, 203, 80)
+    alone, L = m(x, torch.tensor([203]))
+    padded, L2 = m(torch.cat([x, torch.zeros(1, 100, 80)], 1), torch.tensor([203]))
+    assert alone.shape == (1, 50, 32) and int(L) == int(L2) == 50
+    assert torch.allclose(alone[0], padded[0, :50], atol=1e-5)  # packed: padding never reaches the GRU
+
+
+def test_accuracy_benchmark_runs_end_to_end(tmp):
+    paths = asr.synthetic_set(tmp / "data", 40, 0, log=lambda *a: None)  # the same three manifests
+    p = run("benchmarks/bench_asr.py", "--accuracy", paths["train"].parent, "--out", tmp / "b",
+            "--ours-flags", "--max-steps 2 --beam 1", cwd=tmp, check=0)
+    assert "| train_asr.py minimal (lr 0.002)" in p.stdout and "| BiGRU-CTC 2x256" in p.stdout
+    s = read_json(tmp / "b" / "ours" / "summary.json")
+    assert s["steps"] == 2 and s["test_cer"] is not None
+    p = run("benchmarks/bench_asr.py", "--accuracy", tmp / "nothing", cwd=tmp, check=2)
+    assert p.stderr.startswith("error: --accuracy") and "make_speech_data.py" in p.stderr
 
 
 @pytest.mark.parametrize("flags", [["--subsample", "1"], ["--schedule", "plateau", "--eval-every", "1"],

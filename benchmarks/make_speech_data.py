@@ -1,0 +1,129 @@
+"""make_speech_data.py -- a small real speech set for train_asr.py: 1,425 spoken clauses, test on unseen voices.
+
+    python benchmarks/make_speech_data.py data/espeak        # ~2 min on 2 cores; then:
+    python train_asr.py --preset minimal --train-manifest data/espeak/train.jsonl \\
+        --val-manifest data/espeak/val.jsonl --test-manifest data/espeak/test.jsonl --out runs/espeak
+
+The text is real English nobody here wrote: clauses of the Python reference manual that ships
+with every Python (`pydoc_data.topics`, the text behind `help("if")`), split at punctuation,
+kept when they are 4-8 words of plain letters (1.5-3.5 s spoken), lower-cased. The speech is
+espeak-ng's formant synthesizer: a voice is an accent (en-us, en-gb-scotland, ...) plus a
+speaker variant (m1, f3, ...; pitch and timbre), and every utterance gets its own speed
+(130-190 words/min) and base pitch (30-70). sox resamples espeak's 22,050 Hz output to 16 kHz
+16-bit mono WAV.
+
+Splits (every clause is used once, so no test sentence was heard in training either):
+    train.jsonl  1,200 clauses, 8 training voices
+    val.jsonl      100 clauses, the same 8 voices
+    test.jsonl     125 clauses, 3 voices whose accent and variant are both absent from training
+
+The manifests are JSONL in train_asr.py's format (audio_filepath relative to the manifest,
+text, duration, speaker). The set is deterministic: the same Python (whose manual is the text),
+espeak-ng and --seed give byte-identical WAVs; the script prints a digest of the manifests to
+compare. Needs espeak-ng and sox (`apt-get install -y espeak-ng sox`); without them it says so.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+
+# (accent, variant). The test voices share neither an accent nor a variant with training ones:
+# the model has to generalise to a new speaker, not recognise a known one.
+TRAIN_VOICES = [("en-us", "m1"), ("en-us", "f1"), ("en-gb", "m3"), ("en-gb", "f3"),
+                ("en-gb-scotland", "m5"), ("en-029", "f4"), ("en-gb-x-gbclan", "m7"), ("en-us", "m6")]
+TEST_VOICES = [("en-gb-x-rp", "m2"), ("en-us-nyc", "f2"), ("en-gb-x-gbcwmd", "m4")]
+SPLITS = {"train": 1200, "val": 100, "test": 125}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+parser.add_argument("out", help="folder for wav/ and the three manifests (created)")
+parser.add_argument("--seed", type=int, default=0, help="which clauses go where, and each utterance's speed/pitch")
+parser.add_argument("--jobs", type=int, default=2, help="espeak-ng processes at once")
+
+
+def clauses():
+    """Every distinct 4-8 word, letters-only clause of the Python reference manual, sorted."""
+    import pydoc_data.topics  # stdlib: the manual's text for help()
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    out = set()
+    for piece in re.split(r"[.!?;:,()\n\"]+", text):
+        piece = " ".join(piece.split())
+        # letters, spaces and apostrophes only: digits and symbols would be read out in ways
+        # the transcript cannot spell ("2" -> "two", "==" -> "equals equals")
+        if re.fullmatch(r"[A-Za-z][A-Za-z' ]+[a-z]", piece) and 4 <= len(piece.split()) <= 8 and len(piece) <= 50:
+            out.add(piece.lower())
+    return sorted(out)
+
+
+def speak(job):
+    """(path, text, voice, speed, pitch) -> seconds; espeak-ng's WAV on stdout, resampled by sox.
+    sox -D: no dither, so the output is the same bytes every time."""
+    path, text, voice, speed, pitch = job
+    wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                         check=True, stdout=subprocess.PIPE).stdout
+    subprocess.run(["sox", "-D", "-t", "wav", "-", "-r", "16000", "-b", "16", "-c", "1", str(path)],
+                   input=wav, check=True, stderr=subprocess.DEVNULL)
+    with wave.open(str(path), "rb") as w:
+        return w.getnframes() / w.getframerate()
+
+
+def main():
+    args = parser.parse_args()
+    missing = [t for t in ("espeak-ng", "sox") if shutil.which(t) is None]
+    if missing:
+        print(f"error: {' and '.join(missing)} not found; install with `apt-get install -y espeak-ng sox`",
+              file=sys.stderr)
+        return 2
+    pool = clauses()
+    need = sum(SPLITS.values())
+    if len(pool) < need:
+        print(f"error: this Python's manual gives {len(pool)} clauses, {need} needed", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    pool = [pool[i] for i in rng.permutation(len(pool))[:need]]
+    out = Path(args.out)
+    (out / "wav").mkdir(parents=True, exist_ok=True)
+
+    jobs, rows, k = [], {s: [] for s in SPLITS}, 0
+    for split, n in SPLITS.items():
+        voices = TEST_VOICES if split == "test" else TRAIN_VOICES
+        for i in range(n):
+            accent, variant = voices[i % len(voices)]
+            speed, pitch = int(rng.integers(130, 191)), int(rng.integers(30, 71))
+            name = f"wav/{split}_{i:04d}.wav"
+            jobs.append((out / name, pool[k], f"{accent}+{variant}", speed, pitch))
+            rows[split].append({"audio_filepath": name, "text": pool[k], "speaker": f"{accent}+{variant}",
+                                "speed": speed, "pitch": pitch})
+            k += 1
+    print(f"speaking {len(jobs)} clauses with {len(TRAIN_VOICES)} training + {len(TEST_VOICES)} test voices "
+          f"into {out} ...", file=sys.stderr, flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:  # the work is in the subprocesses
+        seconds = list(ex.map(speak, jobs))
+    it = iter(seconds)
+    digest = hashlib.sha256()
+    for split, rs in rows.items():
+        for r in rs:
+            r["duration"] = round(next(it), 3)
+        text = "".join(json.dumps(r) + "\n" for r in rs)
+        digest.update(text.encode())
+        tmp = out / f"{split}.jsonl.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{split}.jsonl")  # manifests last: a killed run leaves none
+        hours = sum(r["duration"] for r in rs) / 3600
+        print(f"{split}: {len(rs)} utterances, {hours * 60:.1f} min, {len({r['speaker'] for r in rs})} voices")
+    print(f"manifest digest {digest.hexdigest()[:16]} (Python {sys.version.split()[0]}, seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
