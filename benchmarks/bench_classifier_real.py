@@ -82,10 +82,10 @@ def run_ours(name, data, flags, seed, tmp):
     if proc.returncode:
         sys.exit(f"error: {name} failed (exit {proc.returncode})")
     s = json.loads((out / "summary.json").read_text())
-    args = json.loads((out / "args.json").read_text())
+    lr = json.loads((out / "args.json").read_text())["settings"]["lr"]["value"]
     print(f"[{name}] test accuracy {s['value']:.3f} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return {"acc": s["value"], "wall": time.perf_counter() - t0, "train_s": s["wall_s"],
-            "how": f"{s['epochs']} epochs, lr {args['args']['lr']:g}"}
+            "how": f"{s['epochs']} epochs, lr {lr:g}"}
 
 
 # -----------------------------------------------------------------------------

@@ -226,3 +226,18 @@ def test_early_stopping_counts_improvements_made_between_epoch_ends(tmp):
     p = run("train_classifier.py", "--pretrained", "d", "--train-size", "200", "--epochs", "2", "--patience", "1",
             "--eval-every", "2", "--max-len", "24", "--out", "e", cwd=tmp, check=0)
     assert read_json(tmp / "e" / "summary.json")["epochs"] == 2, p.stdout[-2000:]
+
+
+def test_real_data_benchmark_baselines_learn_on_the_builtin_items(tmp):
+    # bench_classifier_real.py's baselines, on CSVs in the --make-data layout (the Debian rows
+    # need the apt index, so the built-in receipts stand in); each must be far above chance (1/8)
+    import csv
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_classifier_real as bench
+    train, val, test = tcl.generate_items(300, seed=1)
+    for name, rows in (("train.csv", train), ("test.csv", val + test)):
+        with open(tmp / name, "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    results, n_train, n_val, n_test = bench.baselines(tmp, 1337)
+    assert (n_train + n_val, n_test) == (len(train), len(val) + len(test))
+    assert len(results) == 3 and all(r["acc"] >= 0.8 for r in results.values()), results
