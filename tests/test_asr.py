@@ -455,6 +455,7 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     a = read_json(tmp / "d" / "args.json")["settings"]
     assert (a["lr"]["value"], a["lr"]["source"]) == (2e-3, "auto")
     assert (a["epochs"]["value"], a["epochs"]["source"]) == (15, "auto")
+    assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.5, "auto")
 
 
 def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
@@ -465,7 +466,7 @@ def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
     run("train_asr.py", "--preset", "optimized", "--dataset-size", "40", "--max-steps", "1", "--beam", "1",
         "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1", "--out", "o", cwd=tmp, check=0)
     a = read_json(tmp / "o" / "args.json")["settings"]
-    assert (a["lr"]["value"], a["epochs"]["value"]) == (5e-4, 10)  # the larger presets keep the seed's
+    assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"]) == (5e-4, 10, 0.3)  # the seed's
 
 
 # -----------------------------------------------------------------------------
