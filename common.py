@@ -560,6 +560,24 @@ def probe_step(model, loss_fn, batch, device, amp_dtype):
     return 2 * max(0, rss1 - rss0) + 3 * state
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item i = the batch of optimizer step i, fn(step=i, **kw), for a DataLoader with --workers
+    processes that build batches ahead of the loop. A module function plus plain data, so it
+    pickles for the spawn start method (Windows, macOS, and Python 3.14's forkserver default): a
+    lambda or a local function would not. Used by train_lm.py, train_sft.py, train_classifier.py."""
+
+    def __init__(self, fn, **kw):
+        self.fn, self.kw = fn, kw
+
+    def __getitem__(self, i):
+        return self.fn(step=i, **self.kw)
+
+
+def quiet_worker(_):
+    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # -----------------------------------------------------------------------------
 # memory
 

@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import sys
 import time
@@ -380,23 +379,6 @@ def val_windows(path, n_tokens, seq_len, max_tokens):
     x = np.stack([mm[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int64)
     del mm
     return torch.from_numpy(x)
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item i = the batch of optimizer step i, fn(step=i, **kw), for a DataLoader with --workers
-    processes that build batches ahead of the loop. A module function plus plain data, so it
-    pickles for the spawn start method (Windows, macOS)."""
-
-    def __init__(self, fn, **kw):
-        self.fn, self.kw = fn, kw
-
-    def __getitem__(self, i):
-        return self.fn(step=i, **self.kw)
-
-
-def quiet_worker(_):
-    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
@@ -1758,13 +1740,13 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
 
     # -- batches: step i's batch depends on (seed, i) only; --workers processes build them ahead
     if sft:
-        batches = StepBatches(sft_batch, examples=examples, seed=args.seed, global_batch=G, rank=rank,
+        batches = common.StepBatches(sft_batch, examples=examples, seed=args.seed, global_batch=G, rank=rank,
                               per_rank=E, seq_len=args.seq_len)
     else:
-        batches = StepBatches(get_batch, path=train_bin, n_tokens=meta["train_tokens"], seq_len=args.seq_len,
+        batches = common.StepBatches(get_batch, path=train_bin, n_tokens=meta["train_tokens"], seq_len=args.seq_len,
                               seed=args.seed, global_batch=G, rank=rank, per_rank=E)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, max(step, total_steps)),
-                                         num_workers=args.workers, worker_init_fn=quiet_worker,
+                                         num_workers=args.workers, worker_init_fn=common.quiet_worker,
                                          pin_memory=args.pin_memory and device.type == "cuda")
 
     # -- the loop
