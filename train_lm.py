@@ -23,23 +23,15 @@ written here from its math: a diagonal complex linear recurrence of the S4D/LRU 
 """
 
 import argparse
-import csv
-import hashlib
-import http.client
+import dataclasses
 import importlib
 import json
 import math
 import os
-import re
 import shutil
-import sqlite3
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -76,87 +68,55 @@ QUICK_SEQ_LEN, QUICK_STEPS, QUICK_LR = 64, 300, 2e-3
 # -----------------------------------------------------------------------------
 # config
 
+def add_model_flags(p):
+    """The model's shape and its optimizer: train_sft.py adds the same flags to its own parser."""
+    g = p.add_argument_group("model and optimizer")
+    g.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="model shape: tiny (CPU demo), small (GPT-2 small's shape), small_32k (the seed's "
+                        "eigen model at 32K context)")
+    g.add_argument("--arch", choices=["gpt", "eigen"], default=None,
+                   help="gpt: pre-LN causal transformer; eigen: linear-time eigenstate recurrence "
+                        "(default: the preset's)")
+    g.add_argument("--n-layer", type=common.pos_int, default=None, metavar="N", help="blocks (default: the preset's)")
+    g.add_argument("--n-head", type=common.pos_int, default=None, metavar="N",
+                   help="attention heads, gpt only (default: the preset's)")
+    g.add_argument("--d-model", type=common.pos_int, default=None, metavar="D", help="width (default: the preset's)")
+    g.add_argument("--seq-len", type=common.pos_int, default=None, metavar="T",
+                   help=f"context length in tokens (default: the preset's; {QUICK_SEQ_LEN} with --quick)")
+    g.add_argument("--num-eigenstates", type=common.pos_int, default=None, metavar="K",
+                   help="complex eigenstates per cell, eigen only (default: the preset's)")
+    g.add_argument("--chunk-size", type=common.pos_int, default=None, metavar="C",
+                   help="eigen: tokens per chunk of the chunk-parallel scan (default: the preset's)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on 2-D weights only")
+    g.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine",
+                   help="learning rate over the run. cosine: linear warmup over --warmup-steps, then cosine from "
+                        "--lr down to lr/10 at the last step (nanoGPT's recipe; it beat onecycle at nanoGPT's CPU "
+                        "shape, README). onecycle: warmup over a tenth of the steps, then cosine down to zero "
+                        "(the old default; train_sft.py keeps it)")
+    g.add_argument("--warmup-steps", type=common.nonneg_int, default=100, metavar="N",
+                   help="cosine: steps of linear warmup, at most a tenth of the run (so a short run still decays)")
+    g.add_argument("--beta2", type=float, default=0.99,
+                   help="AdamW beta2. 0.99 averages squared gradients over ~100 steps: steadier steps for small, "
+                        "noisy batches (nanoGPT's shakespeare_char); 0.95 is the GPT-2-sized-batch value "
+                        "(train_sft.py keeps it)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs to <out>/tb (needs `pip install tensorboard`)")
+
+
 parser = common.make_parser(__doc__, trainer="lm", epochs=1, lr=None, effective_batch=32,
                             save_every=100, eval_every=100, log_every=10)
 g = parser.add_argument_group("language model")
 g.add_argument("--data", default=None, metavar="DIR",
                help=f"a folder made by `train_lm.py prepare` (default: the built-in corpus, packed "
                     f"into {DEFAULT_DATA} on first use)")
-g.add_argument("--preset", choices=list(PRESETS), default="tiny",
-               help="model shape: tiny (CPU demo), small (GPT-2 small's shape), small_32k (the seed's "
-                    "eigen model at 32K context)")
-g.add_argument("--arch", choices=["gpt", "eigen"], default=None,
-               help="gpt: pre-LN causal transformer; eigen: linear-time eigenstate recurrence "
-                    "(default: the preset's)")
-g.add_argument("--n-layer", type=common.pos_int, default=None, metavar="N", help="blocks (default: the preset's)")
-g.add_argument("--n-head", type=common.pos_int, default=None, metavar="N",
-               help="attention heads, gpt only (default: the preset's)")
-g.add_argument("--d-model", type=common.pos_int, default=None, metavar="D", help="width (default: the preset's)")
-g.add_argument("--seq-len", type=common.pos_int, default=None, metavar="T",
-               help=f"context length in tokens (default: the preset's; {QUICK_SEQ_LEN} with --quick)")
-g.add_argument("--num-eigenstates", type=common.pos_int, default=None, metavar="K",
-               help="complex eigenstates per cell, eigen only (default: the preset's)")
-g.add_argument("--chunk-size", type=common.pos_int, default=None, metavar="C",
-               help="eigen: tokens per chunk of the chunk-parallel scan (default: the preset's)")
 g.add_argument("--eval-tokens", type=common.pos_int, default=65536, metavar="N",
                help="validation tokens scored at each evaluation (fixed windows from the start of val.bin)")
-g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on 2-D weights only")
-g.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine",
-               help="learning rate over the run. cosine: linear warmup over --warmup-steps, then cosine from "
-                    "--lr down to lr/10 at the last step (nanoGPT's recipe; it beat onecycle at nanoGPT's CPU "
-                    "shape, README). onecycle: warmup over a tenth of the steps, then cosine down to zero "
-                    "(the old default; --task sft keeps it)")
-g.add_argument("--warmup-steps", type=common.nonneg_int, default=100, metavar="N",
-               help="cosine: steps of linear warmup, at most a tenth of the run (so a short run still decays)")
-g.add_argument("--beta2", type=float, default=0.99,
-               help="AdamW beta2. 0.99 averages squared gradients over ~100 steps: steadier steps for small, "
-                    "noisy batches (nanoGPT's shakespeare_char); 0.95 is the GPT-2-sized-batch value "
-                    "(--task sft keeps it)")
-g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow)")
-g.add_argument("--tensorboard", action="store_true",
-               help="also write TensorBoard logs to <out>/tb (needs `pip install tensorboard`)")
-g = parser.add_argument_group("fine-tuning data")
-g.add_argument("--download-data", action="append", default=None, metavar="URL",
-               help="instruction pairs to fine-tune on: an http(s) URL of a .jsonl ({\"input\", \"output\"} "
-                    "per line) or .csv (description,command,explanation) file, or a local file or folder "
-                    "of them; repeat for more sources. Downloads resume where they stopped")
-g.add_argument("--sha256", action="append", default=None, metavar="HEX",
-               help="expected SHA-256 of each --download-data file, in the same order (fewer than the "
-                    "URLs: the rest are not checked)")
-g.add_argument("--max-download-mb", type=common.pos_float, default=200.0, metavar="MB",
-               help="refuse a downloaded file larger than this (MB = 2**20 bytes)")
-g.add_argument("--download-dir", default=str(Path("data") / "downloads"), metavar="DIR",
-               help="where downloaded files are kept (a finished file is reused, a partial one resumed)")
-
-g = parser.add_argument_group("instruction fine-tuning (--task sft): English request -> shell command")
-g.add_argument("--task", choices=["lm", "sft"], default="lm",
-               help="lm: next-byte pretraining on text; sft: supervised fine-tuning on {input, output} "
-                    "pairs, loss on the answer only")
-g.add_argument("--init-from", default=None, metavar="RUN",
-               help="sft: start from the weights of a train_lm.py run folder (its best.pt, else newest "
-                    "checkpoint); the model's shape comes from there")
-g.add_argument("--mac", action="store_true",
-               help="sft: the seed's Apple-laptop mode (batch 1 x 32, lr 3e-5, 256 tokens, fp32; table at "
-                    "start). Wins over --cpu-only and --resource-efficient")
-g.add_argument("--cpu-only", action="store_true",
-               help="sft: the seed's CPU mode (batch 1 x 64, lr 1e-5, 128 tokens, fp32, CPU). Wins over "
-                    "--resource-efficient")
-g.add_argument("--continuous-learning", action="store_true",
-               help="sft: after training, watch --feedback-db and fine-tune on new well-rated interactions "
-                    "(rounds kept only if the test split is not worse) until stopped")
-g.add_argument("--feedback-db", default=None, metavar="PATH",
-               help="SQLite store of ask/rate interactions (table user_interactions)")
-g.add_argument("--retrain-threshold", type=common.pos_int, default=100, metavar="N",
-               help="continuous learning: start a round when N new well-rated rows exist")
-g.add_argument("--replay", type=float, default=0.5, metavar="FRAC",
-               help="continuous learning: share of each round's batches drawn from the original "
-                    "training pairs (so new rows do not make the model forget)")
-g.add_argument("--round-epochs", type=common.pos_int, default=3, metavar="N",
-               help="continuous learning: passes over the new rows per round")
-g.add_argument("--poll-every", type=common.pos_float, default=30.0, metavar="S",
-               help="continuous learning: seconds between looks at --feedback-db")
-g.add_argument("--max-rounds", type=common.nonneg_int, default=0, metavar="N",
-               help="continuous learning: stop after N rounds (0 = run until stopped)")
+add_model_flags(parser)
+# instruction fine-tuning moved to train_sft.py: its spellings here get one line naming the new command
+MOVED_TO_SFT = ("--task", "--init-from", "--mac", "--cpu-only", "--continuous-learning",
+                "--feedback-db", "--download-data", "--sha256", "--max-download-mb", "--download-dir",
+                "--retrain-threshold", "--replay", "--round-epochs", "--poll-every", "--max-rounds")
 
 
 def prepare_parser():
@@ -379,241 +339,6 @@ def val_windows(path, n_tokens, seq_len, max_tokens):
     x = np.stack([mm[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int64)
     del mm
     return torch.from_numpy(x)
-
-
-# -----------------------------------------------------------------------------
-# fine-tuning data: English request -> shell command pairs (--task sft)
-
-# The seed's (Overseer) 8 special tokens, after the byte ids and <eot>: an answer is
-# "<command>ls -lS</command> Lists files ...", so the command is found without parsing prose.
-SFT_SPECIALS = ["<system>", "</system>", "<command>", "</command>", "<file>", "</file>", "<output>", "</output>"]
-SFT_IDS = {s: VOCAB + i for i, s in enumerate(SFT_SPECIALS)}
-SFT_VOCAB = VOCAB + len(SFT_SPECIALS)
-CMD_OPEN, CMD_CLOSE = SFT_IDS["<command>"], SFT_IDS["</command>"]
-SPECIAL_RE = re.compile("(" + "|".join(map(re.escape, SFT_SPECIALS)) + ")")
-DEFAULT_PAIRS = Path("data") / "shell_commands.jsonl"
-
-# The built-in data: each line is (request phrasings, command, explanation); {slots} are filled
-# from SLOTS, so one line gives many pairs. The commands cover the seed's list (ls cd grep find
-# top ps kill chmod chown tar zip git npm pip docker) and the everyday file tools.
-SLOTS = {
-    "file": ["notes.txt", "report.pdf", "main.py", "data.csv", "config.yaml", "app.log", "README.md",
-             "index.html", "backup.sql", "photo.jpg", "deploy.sh", "server.js", "todo.md", "train.py"],
-    "dir": ["src", "logs", "docs", "build", "tmp", "projects", "downloads", "images", "tests", "backup",
-            "music", "data"],
-    "pattern": ["error", "TODO", "warning", "import", "failed", "localhost", "password", "main"],
-    "ext": ["py", "txt", "log", "csv", "md", "json", "jpg", "sh"],
-    "user": ["alice", "bob", "deploy", "www-data", "root"],
-    "pid": ["1234", "4321", "987", "2048", "31337", "555"],
-    "proc": ["python", "nginx", "node", "java", "postgres", "redis", "firefox"],
-    "pkg": ["numpy", "requests", "flask", "torch", "pandas", "pytest", "django", "scipy"],
-    "npmpkg": ["express", "react", "lodash", "axios", "typescript"],
-    "branch": ["main", "dev", "feature-login", "fix-typo", "release", "hotfix"],
-    "image": ["nginx", "redis", "postgres", "ubuntu", "python", "alpine"],
-    "n": ["3", "5", "10", "20", "50"],
-    "mode": ["755", "644", "600", "700"],
-    "msg": ["fix bug", "add tests", "update docs", "initial commit", "refactor"],
-}
-TEMPLATES = [
-    (["list files", "show the files here", "what files are in this folder"], "ls", "Lists the files in the current folder."),
-    (["list all files including hidden ones", "show hidden files"], "ls -a", "-a includes names that start with a dot."),
-    (["list files by size", "show files sorted by size", "which files are biggest"], "ls -lS", "-l long format, -S sorted by size, largest first."),
-    (["list files by date", "show the newest files first"], "ls -lt", "-t sorts by modification time, newest first."),
-    (["list files in {dir}", "show what is in {dir}"], "ls {dir}", "Lists the files in {dir}."),
-    (["list files in {dir} with details", "long listing of {dir}"], "ls -l {dir}", "-l shows permissions, owner, size and date."),
-    (["go to {dir}", "change directory to {dir}", "open the folder {dir}"], "cd {dir}", "Changes the current folder to {dir}."),
-    (["go up one folder", "go to the parent directory"], "cd ..", ".. is the parent folder."),
-    (["go to my home folder", "go home"], "cd ~", "~ is your home folder."),
-    (["search for {pattern} in {file}", "find lines with {pattern} in {file}"], "grep \"{pattern}\" {file}", "Prints the lines of {file} that contain {pattern}."),
-    (["search for {pattern} in all files under {dir}", "find {pattern} recursively in {dir}"], "grep -r \"{pattern}\" {dir}", "-r searches every file under {dir}."),
-    (["count lines with {pattern} in {file}", "how many lines of {file} contain {pattern}"], "grep -c \"{pattern}\" {file}", "-c prints the number of matching lines."),
-    (["search for {pattern} in {file} ignoring case"], "grep -i \"{pattern}\" {file}", "-i ignores upper and lower case."),
-    (["find all .{ext} files", "find every {ext} file here"], "find . -name \"*.{ext}\"", "Searches this folder and below for names ending in .{ext}."),
-    (["find .{ext} files in {dir}", "find all {ext} files under {dir}"], "find {dir} -name \"*.{ext}\"", "Searches {dir} and below for names ending in .{ext}."),
-    (["find files bigger than 100MB", "find large files"], "find . -size +100M", "-size +100M matches files over 100 MB."),
-    (["find files changed in the last {n} days", "find files modified in the past {n} days"], "find . -mtime -{n}", "-mtime -{n} matches files modified less than {n} days ago."),
-    (["find empty files in {dir}"], "find {dir} -type f -empty", "-empty matches files of size zero."),
-    (["show running processes", "list all processes"], "ps aux", "a: all users, u: with owner and CPU/memory, x: including daemons."),
-    (["find the {proc} process", "is {proc} running"], "ps aux | grep {proc}", "Lists processes and keeps the lines that mention {proc}."),
-    (["show cpu usage", "which processes use the most cpu"], "top", "top shows processes by CPU use, refreshed live; q quits."),
-    (["kill process {pid}", "stop process {pid}"], "kill {pid}", "Sends SIGTERM to process {pid}."),
-    (["force kill process {pid}", "kill -9 process {pid}"], "kill -9 {pid}", "SIGKILL cannot be ignored by the process."),
-    (["stop all {proc} processes", "kill every {proc} process"], "pkill {proc}", "pkill signals every process named {proc}."),
-    (["make {file} executable", "allow running {file}"], "chmod +x {file}", "+x adds execute permission."),
-    (["set the permissions of {file} to {mode}", "chmod {file} to {mode}"], "chmod {mode} {file}", "Octal permissions {mode} for owner, group and others."),
-    (["change the owner of {file} to {user}", "give {file} to {user}"], "chown {user} {file}", "Makes {user} the owner of {file}."),
-    (["give {user} ownership of {dir} recursively", "make {user} own everything in {dir}"], "chown -R {user} {dir}", "-R changes {dir} and everything in it."),
-    (["compress {dir} into a tar.gz archive", "make a tarball of {dir}"], "tar -czf {dir}.tar.gz {dir}", "c: create, z: gzip, f: archive file name."),
-    (["extract {dir}.tar.gz", "unpack the archive {dir}.tar.gz"], "tar -xzf {dir}.tar.gz", "x: extract, z: gunzip, f: from this file."),
-    (["list the contents of {dir}.tar.gz", "what is inside {dir}.tar.gz"], "tar -tzf {dir}.tar.gz", "t lists the archive without extracting."),
-    (["zip the folder {dir}", "make a zip file of {dir}"], "zip -r {dir}.zip {dir}", "-r adds the folder and everything in it."),
-    (["unzip {dir}.zip", "extract {dir}.zip"], "unzip {dir}.zip", "Extracts the zip archive into the current folder."),
-    (["show git status", "what changed in the repo"], "git status", "Shows changed, staged and untracked files."),
-    (["commit with message {msg}", "git commit saying {msg}"], "git commit -m \"{msg}\"", "Records the staged changes with the message."),
-    (["push to {branch}", "push my commits to {branch}"], "git push origin {branch}", "Uploads your commits to the {branch} branch on origin."),
-    (["push my changes", "upload my commits"], "git push", "Uploads your commits to the remote branch."),
-    (["pull the latest changes", "update the repo"], "git pull", "Fetches and merges the remote branch."),
-    (["create a branch called {branch}", "start a new branch {branch}"], "git checkout -b {branch}", "-b creates the branch and switches to it."),
-    (["switch to branch {branch}", "checkout {branch}"], "git checkout {branch}", "Switches the working tree to {branch}."),
-    (["show the last {n} commits", "git log of the last {n} commits"], "git log -n {n} --oneline", "One line per commit, newest first."),
-    (["stage {file}", "add {file} to the next commit"], "git add {file}", "Stages {file} for the next commit."),
-    (["install {pkg}", "pip install {pkg}"], "pip install {pkg}", "Installs the Python package {pkg}."),
-    (["uninstall {pkg}", "remove the python package {pkg}"], "pip uninstall {pkg}", "Removes the Python package {pkg}."),
-    (["upgrade {pkg}", "update {pkg} to the latest version"], "pip install --upgrade {pkg}", "--upgrade installs the newest version."),
-    (["list installed python packages", "which python packages are installed"], "pip list", "Lists installed packages with versions."),
-    (["save installed packages to requirements.txt", "freeze my python packages"], "pip freeze > requirements.txt", "Writes name==version lines to requirements.txt."),
-    (["install {npmpkg} with npm", "add the npm package {npmpkg}"], "npm install {npmpkg}", "Installs {npmpkg} into node_modules."),
-    (["list running containers", "show docker containers"], "docker ps", "Lists running containers."),
-    (["list all containers", "show stopped containers too"], "docker ps -a", "-a includes stopped containers."),
-    (["run a {image} container", "start {image} in docker"], "docker run -d {image}", "-d runs the container in the background."),
-    (["pull the {image} image", "download the {image} docker image"], "docker pull {image}", "Downloads the image from the registry."),
-    (["list docker images", "show my docker images"], "docker images", "Lists the images stored locally."),
-    (["show disk usage of this folder", "how big is this folder"], "du -sh .", "-s one total, -h human-readable sizes."),
-    (["show disk usage of {dir}", "how big is {dir}"], "du -sh {dir}", "-s one total, -h human-readable sizes."),
-    (["show free disk space", "how much disk space is left"], "df -h", "Free and used space per disk, human-readable."),
-    (["show memory usage", "how much ram is free"], "free -h", "Used and free RAM and swap, human-readable."),
-    (["copy {file} to {dir}", "make a copy of {file} in {dir}"], "cp {file} {dir}/", "Copies {file} into {dir}."),
-    (["move {file} to {dir}", "put {file} into {dir}"], "mv {file} {dir}/", "Moves {file} into {dir}."),
-    (["delete {file}", "remove the file {file}"], "rm {file}", "Deletes {file}; there is no undo."),
-    (["delete the folder {dir} and everything in it"], "rm -r {dir}", "-r removes the folder and its contents; there is no undo."),
-    (["create a folder called {dir}", "make a new directory {dir}"], "mkdir {dir}", "Creates the folder {dir}."),
-    (["show the contents of {file}", "print {file}"], "cat {file}", "Prints the whole file."),
-    (["show the first {n} lines of {file}"], "head -n {n} {file}", "Prints the first {n} lines."),
-    (["show the last {n} lines of {file}"], "tail -n {n} {file}", "Prints the last {n} lines."),
-    (["follow {file} as it grows", "watch the log {file}"], "tail -f {file}", "-f keeps printing new lines; Ctrl-C stops."),
-    (["count the lines in {file}", "how many lines does {file} have"], "wc -l {file}", "-l counts lines."),
-]
-PREFIXES = ["", "please ", "how do I ", "I want to ", "can you "]
-# the typo pairs of the seed ("git pus" -> "git push"), made systematic: a misspelt command word
-TYPOS = {"git": ["gti", "igt"], "push": ["pus", "psuh"], "pull": ["pul", "pulll"], "status": ["staus", "stauts"],
-         "grep": ["grpe", "gerp"], "ls": ["sl"], "cd": ["dc"], "docker": ["dokcer", "docekr"], "pip": ["ipp"],
-         "install": ["instal", "isntall"], "mkdir": ["mkdri", "mkidr"], "chmod": ["chmdo", "chomd"],
-         "kill": ["kil"], "find": ["fnid"], "python": ["pyhton", "pytohn"], "commit": ["comit", "commti"]}
-
-
-def format_answer(command, explanation=""):
-    return f"<command>{command}</command>" + (f" {explanation}" if explanation else "")
-
-
-def builtin_pairs(per_template=100):
-    """The built-in English -> command pairs, in a fixed order (the same file on every machine).
-
-    Balanced: every template gives up to per_template pairs (slot combinations picked by a fixed
-    permutation, phrasings and polite prefixes rotated), so "list files by size" is not drowned
-    by the hundreds of file x folder combinations of "copy {file} to {dir}" (measured: with all
-    combinations, 4264 pairs, the tiny model got the rare templates wrong).
-    """
-    pairs, seen = [], set()
-
-    def add(inp, cmd, expl):
-        if inp not in seen:
-            seen.add(inp)
-            pairs.append({"input": inp, "output": format_answer(cmd, expl)})
-
-    for t, (phrasings, cmd, expl) in enumerate(TEMPLATES):
-        names = list(dict.fromkeys(re.findall(r"{(\w+)}", " ".join(phrasings) + cmd)))
-        combos = [{}]
-        for name in names:  # every combination of the slots this template uses
-            combos = [dict(c, **{name: v}) for c in combos for v in SLOTS[name]]
-        order = np.random.default_rng(t).permutation(len(combos))
-        for k in range(per_template):
-            c = combos[order[k % len(combos)]]
-            prefix = PREFIXES[(k // len(phrasings)) % len(PREFIXES)]
-            add(prefix + phrasings[k % len(phrasings)].format(**c), cmd.format(**c), expl.format(**c))
-    for cmd in sorted({p["output"].split("</command>")[0][len("<command>"):] for p in pairs}):
-        words = cmd.split()
-        for k, w in enumerate(words[:2]):
-            if w in TYPOS:  # one misspelling per command, rotating through the word's typos
-                typo = TYPOS[w][len(cmd) % len(TYPOS[w])]
-                add(" ".join(words[:k] + [typo] + words[k + 1:]), cmd, f"Corrected the typo: {typo} -> {w}.")
-                break
-    return pairs
-
-
-def encode_sft(text):
-    """Bytes, with the special-token strings as single ids (only in answers: a user who types
-    "<command>" in a request gets the bytes, see render)."""
-    ids = []
-    for part in SPECIAL_RE.split(text):
-        ids.extend([SFT_IDS[part]] if part in SFT_IDS else encode(part))
-    return ids
-
-
-def decode_sft(ids):
-    """Ids back to text, specials as their strings; stops at <eot>."""
-    out, buf = [], bytearray()
-    for i in ids:
-        if i < 256:
-            buf.append(int(i))
-            continue
-        out.append(buf.decode("utf-8", errors="replace"))
-        buf = bytearray()
-        if i == EOT:
-            break
-        out.append(SFT_SPECIALS[i - VOCAB])
-    out.append(buf.decode("utf-8", errors="replace"))
-    return "".join(out)
-
-
-def prompt_ids(request):
-    return encode(f"User: {request}\nAssistant: ")
-
-
-def render(pair):
-    """(ids, n_prompt): "User: {input}\\nAssistant: {output}<eot>" as token ids; the loss is on
-    the ids after the first n_prompt (the answer and its <eot>), the prompt only conditions."""
-    p = prompt_ids(pair["input"])
-    return p + encode_sft(pair["output"]) + [EOT], len(p)
-
-
-def command_of(text):
-    """The command in an answer: between <command> and </command>, else its first line."""
-    m = re.search(r"<command>(.*?)(</command>|$)", text, re.S)
-    return " ".join((m.group(1) if m else text.split("\n")[0]).split())
-
-
-def split_of(pair):
-    """0 = test, 1 = val, else train: by a hash of the request, so the split is the same in
-    every run and for every --seed, and a request never lands in two splits."""
-    return int(hashlib.sha256(pair["input"].strip().lower().encode()).hexdigest(), 16) % 10
-
-
-def sft_batch(step, examples, seed, global_batch, rank, per_rank, seq_len):
-    """This rank's examples of step `step`, padded to the longest (not to seq_len: the built-in
-    pairs are ~130 tokens, so a 2048 context costs nothing until an example needs it).
-
-    A fresh permutation per epoch from (seed, epoch): every example once per epoch, the same on
-    resume and on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the
-    target is an answer token, and n (B,) real tokens per example (for tokens/s).
-    """
-    per_epoch = max(1, len(examples) // global_batch)
-    epoch, pos = divmod(step, per_epoch)
-    order = np.random.default_rng((seed, epoch)).permutation(len(examples))
-    idx = order[pos * global_batch:(pos + 1) * global_batch][rank * per_rank:(rank + 1) * per_rank]
-    return collate([examples[i] for i in idx], seq_len)
-
-
-def collate(batch, seq_len):
-    cut = [(ids[:seq_len + 1], n_prompt) for ids, n_prompt in batch]  # an over-long example is cut at the end
-    L = max(len(ids) for ids, _ in cut) - 1
-    x = torch.full((len(cut), L + 1), EOT, dtype=torch.long)
-    w = torch.zeros(len(cut), L)
-    for i, (ids, n_prompt) in enumerate(cut):
-        x[i, :len(ids)] = torch.tensor(ids)
-        w[i, n_prompt - 1:len(ids) - 1] = 1.0  # target j is token j+1: the answer starts at n_prompt
-    return {"x": x, "w": w, "n": torch.tensor([len(ids) for ids, _ in cut])}
-
-
-def sft_loss_fn(model, mb, device):
-    """Cross-entropy summed over the answer tokens only (prompt and padding weigh 0), and their
-    count: train_step divides by the answer tokens of the whole accumulated batch."""
-    w = mb["w"].to(device, non_blocking=True)
-    L = int(w.nonzero()[:, 1].max()) + 1 if w.any() else 1  # this micro-batch's longest answer end
-    x = mb["x"][:, :L + 1].to(device, non_blocking=True)
-    w = w[:, :L]
-    logits = model(x[:, :-1])  # (B, L, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-    return (loss * w.flatten()).sum(), w.sum()
 
 
 # -----------------------------------------------------------------------------
@@ -870,64 +595,6 @@ def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
     return ids[0, len(prompt_ids or [EOT]):].tolist()
 
 
-@torch.inference_mode()
-def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
-    """Greedy continuations of many prompts at once (the eval's and ask's decoder).
-
-    Prompts are right-padded into one buffer and each row keeps its own length: with causal
-    attention the padding after a row's last token cannot change that token's logits, so one
-    forward over (rows, longest) serves every row. A row ends at `stop`, <eot>, or the context.
-    """
-    model.eval()
-    T = model.cfg["seq_len"]
-    outs = []
-    for a in range(0, len(prompts), rows):
-        chunk = [p[-T:] for p in prompts[a:a + rows]]
-        lens = torch.tensor([len(p) for p in chunk])
-        buf = torch.full((len(chunk), min(T, int(lens.max()) + max_new)), EOT, dtype=torch.long)
-        for i, p in enumerate(chunk):
-            buf[i, :len(p)] = torch.tensor(p)
-        done = lens >= buf.shape[1]
-        for _ in range(max_new):
-            live = (~done).nonzero()[:, 0]
-            if len(live) == 0:
-                break
-            hi = int(lens[live].max())
-            logits = model(buf[live, :hi].to(device))  # (live, hi, V)
-            nxt = logits[torch.arange(len(live)), (lens[live] - 1).to(device)].argmax(-1).cpu()
-            buf[live, lens[live]] = nxt
-            lens[live] += 1
-            done[live] = (nxt == stop) | (nxt == EOT) | (lens[live] >= buf.shape[1])
-        outs += [buf[i, len(p):int(lens[i])].tolist() for i, p in enumerate(chunk)]
-    model.train()
-    return outs
-
-
-@torch.inference_mode()
-def evaluate_sft(model, examples, device, amp_dtype, bs, seq_len):
-    """Validation loss in nats per answer token (prompts masked, as in training)."""
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), bs):
-        with common.autocast(device, amp_dtype):
-            loss, k = sft_loss_fn(model, collate(examples[i:i + bs], seq_len), device)
-        total, n = total + loss.item(), n + int(k)
-    model.train()
-    return total / max(1, n)
-
-
-def command_accuracy(model, pairs, device, max_new=64):
-    """(exact, substring, answers) on pairs: exact = the generated command (between <command>
-    and </command>) equals the expected one, whitespace-normalised; substring = the expected
-    command appears in the generated text (the seed's "command accuracy")."""
-    answers = [decode_sft(ids) for ids in greedy_batch(model, [prompt_ids(p["input"]) for p in pairs],
-                                                        max_new, device, stop=CMD_CLOSE)]
-    want = [command_of(p["output"]) for p in pairs]
-    exact = sum(command_of(a) == w for a, w in zip(answers, want)) / max(1, len(pairs))
-    sub = sum(w in " ".join(a.split()) for a, w in zip(answers, want)) / max(1, len(pairs))
-    return exact, sub, answers
-
-
 def run_sample(argv):
     args = sample_parser().parse_args(argv)
     out = Path(args.out)
@@ -950,323 +617,6 @@ def run_sample(argv):
     return 0
 
 
-def ask_parser():
-    p = common.Parser(prog="train_lm.py ask", allow_abbrev=False, formatter_class=common.HelpFormat,
-                      description="turn plain-English requests into shell commands with a --task sft run "
-                                  "(its best checkpoint, else its newest)")
-    p.add_argument("request", nargs="+", help="what you want to do, e.g. \"list files by size\" (several: one answer each)")
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder of train_lm.py --task sft")
-    p.add_argument("--feedback-db", default=None, metavar="PATH",
-                   help="also log each request and answer in this SQLite store, to rate and learn from")
-    p.add_argument("--max-new-tokens", type=common.pos_int, default=160, metavar="N", help="answer length limit")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
-    return p
-
-
-def run_ask(argv):
-    args = ask_parser().parse_args(argv)
-    state, path = find_run_checkpoint(args.out, "--out")
-    if state.get("task") != "sft":
-        raise UserError(f"--out {args.out}: {path} is a language model (--task lm); ask needs a fine-tuned run: "
-                        f"python train_lm.py --task sft --quick --out {args.out}-sft")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = LM(state["model_cfg"]).to(device)
-    model.load_state_dict(state["model"])
-    answers = greedy_batch(model, [prompt_ids(r) for r in args.request], args.max_new_tokens, device)
-    for request, ids in zip(args.request, answers):
-        text = decode_sft(ids)
-        explanation = text.split("</command>", 1)[1].strip() if "</command>" in text else ""
-        print(f"> {request}\n$ {command_of(text)}" + (f"\n  {explanation}" if explanation else ""))
-        if args.feedback_db:
-            i = log_interaction(args.feedback_db, request, text,
-                                context={"run": str(Path(args.out).resolve()), "step": state["step"]})
-            print(f"  logged as interaction {i}; rate it: python train_lm.py rate --feedback-db {args.feedback_db} "
-                  f"{i} good   (or bad)")
-    return 0
-
-
-# -----------------------------------------------------------------------------
-# data download (--download-data) and pair files
-
-DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of hanging the run
-MAX_REASONS = 5  # bad-row reasons kept per source; the count covers the rest
-PAIR_EXTS = (".jsonl", ".csv")
-CSV_COLUMNS = ("description", "command", "explanation")  # explanation may be empty or absent
-
-
-def download_name(url):
-    """`<8 hex of the URL's SHA-256>-<sanitised basename>`: two URLs ending in the same file name
-    (every mirror's data.jsonl) never share a file. The extension survives: read_pairs needs it."""
-    base = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "download"
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{base[-100:]}"
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=DOWNLOAD_TIMEOUT_S):
-    """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
-    path is returned as it is. Called by fetch_pairs, once per --download-data.
-
-    The bytes go to <name>.part and are renamed to <name> only when complete (and matching
-    `sha256` when given), so a file under its final name is always whole. An interrupted
-    transfer keeps the .part and the next call resumes it with a Range request.
-    """
-    from tqdm import tqdm
-
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        # one letter is a Windows drive (C:\data), not a scheme
-        if len(scheme) > 1:
-            raise UserError(f"--download-data {url}: only http(s) URLs or local paths")
-        if not Path(url).exists():
-            raise UserError(f"--download-data {url}: no such file or folder (and not an http(s) URL)")
-        return Path(url)
-
-    dest_dir = Path(dest_dir)
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--download-dir {dest_dir}: cannot create it ({e.strerror or e})")
-    final = dest_dir / download_name(url)
-    part = final.with_name(final.name + ".part")
-    limit_msg = f"larger than --max-download-mb {max_bytes / 2 ** 20:g}; raise the limit if the file is right"
-
-    def check_sum(path):
-        got = file_sha256(path)
-        return sha256 is None or got == sha256.lower(), got
-
-    if final.exists():
-        ok, got = check_sum(final)
-        if ok:
-            log(f"--download-data {url}: using {final} (downloaded before)")
-            return final
-        log(f"--download-data {url}: {final} does not match --sha256 (got {got}); downloading again")
-        final.unlink()
-
-    def finish():
-        ok, got = check_sum(part)
-        if not ok:
-            part.unlink()  # nothing half-right is left to be resumed or reused
-            raise UserError(f"--download-data {url}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; "
-                            "the file was deleted (check the URL and --sha256)")
-        with open(part, "rb+") as f:  # on disk before the rename makes it look finished
-            os.fsync(f.fileno())
-        os.replace(part, final)
-        log(f"--download-data {url}: saved {final} ({final.stat().st_size:,} bytes, sha256 {got[:16]}...)")
-        return final
-
-    for _ in range(2):  # a second pass only after a resume the server could not honour (416)
-        offset = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={"User-Agent": "lean-train"})
-        if offset:
-            req.add_header("Range", f"bytes={offset}-")
-        try:
-            resp = urllib.request.urlopen(req, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset:
-                # nothing past our offset: the .part may already be whole. Trust it only if it can
-                # be checked: the checksum, else the size the server states ("bytes */SIZE")
-                size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
-                if sha256 is not None or (size.isdigit() and int(size) == offset):
-                    log(f"--download-data {url}: {part} is already complete")
-                    return finish()
-                log(f"--download-data {url}: the server refused to resume at byte {offset:,}; starting over")
-                part.unlink()
-                continue
-            raise UserError(f"--download-data {url}: HTTP {e.code} {e.reason}")
-        except urllib.error.URLError as e:
-            raise UserError(f"--download-data {url}: cannot connect ({e.reason})")
-        except (OSError, http.client.HTTPException) as e:  # dropped before any header arrived
-            raise UserError(f"--download-data {url}: download interrupted after {offset:,} bytes "
-                            f"({type(e).__name__}: {e}); re-run the same command to resume")
-        with resp:
-            if offset and resp.status != 206:
-                log(f"--download-data {url}: the server ignored the resume request; starting over")
-                offset = 0  # a 200 is the whole file: append it to the .part and it is corrupt
-            length = resp.headers.get("Content-Length")
-            total = offset + int(length) if length and length.isdigit() else None
-            if total is not None and total > max_bytes:
-                part.unlink(missing_ok=True)
-                raise UserError(f"--download-data {url}: {total:,} bytes, {limit_msg}")
-            done = offset
-            bar = tqdm(total=total, initial=offset, desc=final.name[:30], unit="B", unit_scale=True,
-                       unit_divisor=1024, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-            try:
-                with open(part, "ab" if offset else "wb") as f:
-                    while True:
-                        # read1: what has arrived, up to 64 KiB; read() would wait to fill its buffer
-                        # and lose those bytes to a timeout instead of keeping them in the .part
-                        block = resp.read1(1 << 16)
-                        if not block:
-                            break
-                        if done + len(block) > max_bytes:
-                            f.close()
-                            part.unlink()
-                            raise UserError(f"--download-data {url}: more than {max_bytes:,} bytes, {limit_msg}")
-                        f.write(block)
-                        done += len(block)
-                        bar.update(len(block))
-                    f.flush()
-            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                raise UserError(f"--download-data {url}: download interrupted after {done:,} bytes "
-                                f"({type(e).__name__}: {e}); re-run the same command to resume")
-            finally:
-                bar.close()
-        if total is not None and done < total:  # the server closed early without an error
-            raise UserError(f"--download-data {url}: download interrupted after {done:,} of {total:,} bytes; "
-                            "re-run the same command to resume")
-        return finish()
-    raise UserError(f"--download-data {url}: the server refused to resume twice; delete {part} and retry")
-
-
-def read_pairs(path, flag):
-    """Instruction pairs from one .jsonl/.csv file, or from every such file in a folder (sorted).
-
-    Returns (records, bad, reasons): records are {"input", "output"} dicts, `bad` counts the rows
-    skipped, `reasons` holds the first few ("line 7: no 'output'"). A bad row is never fatal (one
-    typo should not sink a 10,000-row file); a file that cannot be read at all is a UserError naming
-    `flag`. Called by fetch_pairs.
-    """
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in PAIR_EXTS)
-        if not files:
-            raise UserError(f"{flag} {p}: no .jsonl or .csv files in this folder")
-        records, bad, reasons = [], 0, []
-        for f in files:
-            r, b, why = read_pairs(f, flag)
-            records += r
-            bad += b
-            reasons += [f"{f.name} {w}" for w in why][:MAX_REASONS - len(reasons)]
-        return records, bad, reasons
-    ext = p.suffix.lower()
-    if ext not in PAIR_EXTS:
-        raise UserError(f"{flag} {p}: unknown file type '{ext}'; use .jsonl (one {{\"input\", \"output\"}} "
-                        f"object a line) or .csv ({','.join(CSV_COLUMNS)})")
-    records, bad, reasons = [], 0, []
-
-    def skip(line, why):
-        nonlocal bad
-        bad += 1
-        if len(reasons) < MAX_REASONS:
-            reasons.append(f"line {line}: {why}")
-
-    try:
-        # utf-8-sig: Excel and Notepad put a BOM at the start
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            if ext == ".jsonl":
-                for i, line in enumerate(f, start=1):
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        skip(i, f"not JSON ({e.msg})")
-                        continue
-                    if not isinstance(obj, dict):
-                        skip(i, f"not a JSON object ({type(obj).__name__})")
-                        continue
-                    why = None
-                    for key in ("input", "output"):
-                        if key not in obj:
-                            why = f"no '{key}'"
-                        elif not isinstance(obj[key], str):
-                            why = f"'{key}' is not a string ({type(obj[key]).__name__})"
-                        elif not obj[key].strip():
-                            why = f"empty '{key}'"
-                        if why:
-                            break
-                    if why:
-                        skip(i, why)
-                    else:
-                        records.append({"input": obj["input"].strip(), "output": obj["output"].strip()})
-            else:
-                reader = csv.reader(f)
-                header = [c.strip().lower() for c in next(reader, [])]
-                missing = [c for c in CSV_COLUMNS[:2] if c not in header]
-                if missing:
-                    raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header must name "
-                                    f"{','.join(CSV_COLUMNS)} (found: {','.join(header) or 'nothing'})")
-                for row in reader:
-                    i = reader.line_num  # the row's last physical line (quoted fields can span lines)
-                    if row == [] or row == [""] or (len(row) == 1 and not row[0].strip()):
-                        continue  # a blank line
-                    if len(row) > len(header) or any(c in CSV_COLUMNS[:2] for c in header[len(row):]):
-                        skip(i, f"{len(row)} fields, expected {len(header)} (quote texts with commas)")
-                        continue
-                    r = dict(zip(header, (c.strip() for c in row)))
-                    why = next((f"empty '{c}'" for c in CSV_COLUMNS[:2] if not r[c]), None)
-                    if why:
-                        skip(i, why)
-                    else:
-                        records.append({"input": r["description"],
-                                        "output": format_answer(r["command"], r.get("explanation", ""))})
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {p}: not UTF-8 text; save it as UTF-8")
-    except csv.Error as e:
-        raise UserError(f"{flag} {p}: malformed CSV ({e})")
-    except OSError as e:
-        raise UserError(f"{flag} {p}: cannot read it ({e.strerror or e})")
-    return records, bad, reasons
-
-
-def check_download_args(args):
-    """The --download-data/--sha256 flags, checked before any network. Called first by fetch_pairs."""
-    urls, sums = args.download_data or [], args.sha256 or []
-    if len(sums) > len(urls):
-        raise UserError(f"--sha256 given {len(sums)} times for {len(urls)} --download-data; each --sha256 "
-                        "belongs to the --download-data in the same position")
-    for s in sums:
-        if len(s) != 64 or any(c not in "0123456789abcdefABCDEF" for c in s):
-            raise UserError(f"--sha256 {s}: not a SHA-256 (64 hex digits)")
-    for url in urls:  # the file type decides the reader: know it before spending the bandwidth
-        if urllib.parse.urlsplit(url).scheme.lower() in ("http", "https") and \
-                Path(download_name(url)).suffix.lower() not in PAIR_EXTS:
-            raise UserError(f"--download-data {url}: the URL must end in .jsonl or .csv (the file type "
-                            "decides how it is read)")
-
-
-def fetch_pairs(args, log=print):
-    """Every --download-data source downloaded (or taken from disk) and read: a list of
-    (source, records, bad, reasons), one line logged each. Called by the trainer before it builds
-    the model, so a bad URL or file fails in seconds."""
-    check_download_args(args)
-    urls, sums = args.download_data or [], args.sha256 or []
-    # torchrun: local rank 0 downloads on each machine; the other ranks wait for its finished file
-    # and then reuse it (were rank 0 to fail, torchrun stops them)
-    wait = int(os.environ.get("LOCAL_RANK", "0")) > 0
-    out = []
-    for i, url in enumerate(urls):
-        sha = sums[i] if i < len(sums) else None
-        if wait and urllib.parse.urlsplit(url).scheme.lower() in ("http", "https"):
-            final = Path(args.download_dir) / download_name(url)
-            while not final.exists() or final.with_name(final.name + ".part").exists():
-                time.sleep(0.5)
-        path = download(url, args.download_dir, sha256=sha, max_bytes=int(args.max_download_mb * 2 ** 20), log=log)
-        if sha is not None and path == Path(url):  # a local path: download() had nothing to check
-            if not path.is_file():
-                raise UserError(f"--sha256 {sha}: --download-data {url} is a folder; a checksum needs one file")
-            if file_sha256(path) != sha.lower():
-                raise UserError(f"--download-data {url}: SHA-256 mismatch: expected {sha.lower()}, "
-                                f"got {file_sha256(path)}")
-        records, bad, reasons = read_pairs(path, "--download-data" if path == Path(url) else
-                                           f"--download-data {url} ->")
-        first = f" (first: {'; '.join(reasons)})" if reasons else ""
-        if not records:
-            raise UserError(f"--download-data {url}: no usable input/output pairs, {bad} bad rows{first}")
-        log(f"--download-data {url}: {len(records):,} pairs, {bad} bad rows skipped{first}")
-        out.append((url, records, bad, reasons))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1321,83 +671,6 @@ def device_peak(device, amp_dtype, out, log):
     return flops, f"measured {flops / 1e9:.0f} GFLOP/s matmul peak ({key})"
 
 
-# -----------------------------------------------------------------------------
-
-# The seed's fine-tuning settings (Overseer, training/configs/training_config.py): its standard
-# column, and the three small-machine modes. The seed set its mode flag after the config object
-# was built, so the overrides never took effect; here apply_modes runs before anything is built,
-# and a test checks that each value reaches the running loop (args.json "loop").
-# schedule and beta2 stay what the sft thresholds (tests/test_lm_sft.py) were measured with
-SFT_STANDARD = dict(batch_size=16, grad_accum=4, lr=1e-4, seq_len=2048, workers=4, pin_memory=True,
-                    save_every=500, eval_every=100, log_every=10, ram_threshold=85.0, gpu_threshold=90.0,
-                    swap_threshold=50.0, mem_check_every=30.0, schedule="onecycle", beta2=0.95)
-# --quick: the laptop demo (a tiny model from scratch learns at 2e-3, not at the seed's 1e-4)
-SFT_QUICK = dict(batch_size=16, grad_accum=2, lr=4e-3, seq_len=256, workers=0, save_every=100, eval_every=100,
-                 max_steps=600)
-MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order); one mode applies
-    "mac": dict(batch_size=1, grad_accum=32, lr=3e-5, seq_len=256, precision="fp32", workers=0,
-                ram_threshold=60.0, gpu_threshold=70.0, swap_threshold=25.0, mem_check_every=10.0,
-                save_every=100, eval_every=25),
-    "cpu_only": dict(batch_size=1, grad_accum=64, lr=1e-5, seq_len=128, precision="fp32", device="cpu",
-                     ram_threshold=50.0, gpu_threshold=0.0, swap_threshold=20.0, mem_check_every=5.0,
-                     save_every=50, eval_every=10),
-    "resource_efficient": dict(batch_size=4, grad_accum=16, lr=5e-5, seq_len=1024, workers=1, pin_memory=False,
-                               grad_checkpointing=True, precision="fp16", save_every=200, eval_every=50,
-                               log_every=25, ram_threshold=70.0, gpu_threshold=75.0, swap_threshold=30.0,
-                               mem_check_every=15.0),
-}
-
-
-def apply_modes(args, sources, log):
-    """Settings layers after optimal_config.json, before anything is built (common.resolve_settings
-    calls this). --task lm: the generic --resource-efficient of every trainer. --task sft: the
-    seed's standard column, then --quick, then one mode; flags typed by the user always win."""
-    if args.task == "lm":
-        for flag in ("init_from", "mac", "cpu_only", "continuous_learning", "feedback_db", "download_data"):
-            if getattr(args, flag, None):
-                raise UserError(f"--{flag.replace('_', '-')}: fine-tuning only; add --task sft")
-        if args.resource_efficient:
-            common.apply_resource_efficient(args, sources, log)
-        return
-
-    def layer(values, name, over_config=()):
-        for key, value in values.items():
-            if sources.get(key) in ("default", "sft standard") or (
-                    sources.get(key) == "optimal_config.json" and key in over_config):
-                setattr(args, key, value)
-                sources[key] = name
-
-    # optimal_config.json's lm batch and seq_len are sized for pretraining windows, not for pairs
-    layer(SFT_STANDARD, "sft standard", over_config=("batch_size", "grad_accum", "seq_len"))
-    if args.quick:
-        layer(SFT_QUICK, "quick", over_config=("batch_size", "grad_accum", "seq_len", "workers"))
-    mode = "mac" if args.mac else "cpu_only" if args.cpu_only else "resource_efficient" if args.resource_efficient \
-        else None
-    if not mode:
-        return
-    given = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    rows = []
-    for key, value in MODES[mode].items():
-        before = getattr(args, key)
-        note = ""
-        if sources.get(key) == "flag":
-            value, note = before, "kept: given as a flag"
-        elif key == "precision" and value == "fp16" and not (cuda and mode != "mac"):
-            value, note = before, "fp16 is for the GPU; the CPU stays fp32"
-        else:
-            setattr(args, key, value)
-            sources[key] = mode.replace("_", "-")
-        rows.append((key.replace("_", "-"), before, value, note))
-    eff = args.batch_size * args.grad_accum if "auto" not in (args.batch_size, args.grad_accum) else "auto"
-    log(f"--{mode.replace('_', '-')}: the seed's settings, applied before anything is built"
-        + (f" ({' > '.join(given)}: the first wins)" if len(given) > 1 else ""))
-    log(f"  {'setting':<18} {'before':>9} -> {'after':<9}")
-    for key, before, after, note in rows:
-        log(f"  {key:<18} {str(before):>9} -> {str(after):<9} {note}")
-    log(f"  {'effective batch':<18} {'':>9}    {eff}")
-
-
 def resolve_shape(args, sources, log):
     """Preset values under the flags; --quick shortens the context. Logged, recorded in args.json."""
     preset = PRESETS[args.preset]
@@ -1424,103 +697,10 @@ def resolve_shape(args, sources, log):
         raise UserError(f"--seq-len {args.seq_len}: need at least 2 tokens")
 
 
-def sft_pairs(args, log):
-    """The pairs of --task sft, split by split_of: (train, val, test) lists of {input, output}.
-
-    --data (a .jsonl/.csv file or a folder of them), else the built-in generator; pairs from
-    --download-data are added. A request seen twice keeps its first answer.
-    """
-    if args.data:
-        records, bad, reasons = read_pairs(Path(args.data).expanduser(), "--data")
-        log(f"--data {args.data}: {len(records)} pairs" + (f", {bad} bad rows skipped (first: {reasons[0]})"
-                                                            if bad else ""))
-    else:
-        records = builtin_pairs()
-        if not DEFAULT_PAIRS.exists():  # a file to read and copy; never overwritten
-            DEFAULT_PAIRS.parent.mkdir(parents=True, exist_ok=True)
-            tmp = DEFAULT_PAIRS.with_name(DEFAULT_PAIRS.name + f".tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, DEFAULT_PAIRS)
-        log(f"built-in data: {len(records)} English request -> shell command pairs (a copy to read or extend: "
-            f"{DEFAULT_PAIRS}, use it with --data)")
-    if args.download_data:
-        for source, recs, bad, reasons in fetch_pairs(args, log):
-            records += recs
-    seen, pairs = set(), []
-    for r in records:
-        if r["input"] not in seen:
-            seen.add(r["input"])
-            pairs.append(r)
-    test, val, train = [], [], []
-    for p in pairs:
-        (test, val, train)[min(split_of(p), 2)].append(p)  # 10 % test, 10 % val, 80 % train
-    if not (train and val and test):
-        raise UserError(f"{'--data ' + str(args.data) if args.data else 'the data'}: {len(pairs)} distinct pairs "
-                        f"give {len(train)} train / {len(val)} val / {len(test)} test; each split needs at least "
-                        "one (about 30 pairs or more)")
-    return train, val, test
 
 
-def find_run_checkpoint(run, flag):
-    """A run folder's best.pt, else its newest checkpoint (a train_lm.py one), for ask and --init-from."""
-    run = Path(run)
-    best = run / "checkpoints" / "best.pt"
-    state, path = common.find_checkpoint(run, argparse.Namespace(resume=str(best) if best.is_file() else None,
-                                                                 no_resume=False), lambda m: None)
-    if state is None:
-        raise UserError(f"{flag} {run}: no checkpoint there; train first: python train_lm.py --quick --out {run}")
-    if "model_cfg" not in state:
-        raise UserError(f"{flag} {run}: {path} is not a train_lm.py checkpoint")
-    return state, path
-
-
-def init_shape(args, sources, log):
-    """--init-from: the model's shape comes from that run's checkpoint; returns its state."""
-    if not args.init_from:
-        return None
-    state, path = find_run_checkpoint(args.init_from, "--init-from")
-    for key in ("arch", "n_layer", "n_head", "d_model", "num_eigenstates", "chunk_size"):
-        if sources.get(key) == "flag" and getattr(args, key) != state["model_cfg"][key]:
-            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: the shape comes from --init-from "
-                            f"({key} {state['model_cfg'][key]}); drop the flag")
-        setattr(args, key, state["model_cfg"][key])
-        sources[key] = "init-from"
-    log(f"--init-from {path} (step {state['step']}, {state.get('task', 'lm')}): its weights and shape")
-    return state
-
-
-def load_init(model, init, log):
-    """Copy --init-from weights into the fine-tuning model. The token table grows from the
-    pretrained vocabulary (257 ids) by the 8 specials, and the position table may grow to the
-    new --seq-len: the new rows keep their N(0, 0.02) init and are learned in fine-tuning."""
-    own = model.state_dict()
-    grown = []
-    for k, v in init["model"].items():
-        if own[k].shape != v.shape:
-            n = min(v.shape[0], own[k].shape[0])
-            own[k][:n] = v[:n]
-            grown.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
-        else:
-            own[k].copy_(v)
-    model.load_state_dict(own)
-    if grown:
-        log("--init-from: " + "; ".join(dict.fromkeys(grown)))
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["prepare"]:
-        return run_prepare(argv[1:])
-    if argv[:1] == ["sample"]:
-        return run_sample(argv[1:])
-    if argv[:1] == ["ask"]:
-        return run_ask(argv[1:])
-    if argv[:1] == ["rate"]:
-        return run_rate(argv[1:])
-    notes = []
-    args, sources = common.resolve_settings(parser, argv, log=notes.append, modes=apply_modes)
-    init = init_shape(args, sources, notes.append) if args.task == "sft" else None
-    resolve_shape(args, sources, notes.append)
+def check_flags(args):
+    """Flag values argparse cannot check alone (train_sft.py calls it too)."""
     if args.tensorboard:
         try:
             importlib.import_module("torch.utils.tensorboard")  # lazily: most runs never need it
@@ -1531,136 +711,127 @@ def main(argv=None):
         raise UserError(f"--weight-decay {args.weight_decay}: must be in [0, 1)")
     if not 0 < args.beta2 < 1:
         raise UserError(f"--beta2 {args.beta2}: must be in (0, 1), e.g. 0.99")
-    if not 0 <= args.replay < 1:
-        raise UserError(f"--replay {args.replay}: must be in [0, 1) (the share of replayed pairs per batch)")
-    if args.continuous_learning and not args.feedback_db:
-        raise UserError("--continuous-learning: needs --feedback-db PATH (the SQLite store ask/rate write)")
 
-    # -- DDP: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+def check_resume(state, resumed_from, cfg, world, task):
+    """A checkpoint resumes only the run it came from: same task, shape and process count."""
+    if not state:
+        return
+    if "model_cfg" not in state or "world_size" not in state:
+        raise UserError(f"{resumed_from} is not a train_lm.py checkpoint; use a new --out or --no-resume")
+    if state.get("task", "lm") != task:
+        was = "train_sft.py" if state.get("task") == "sft" else "train_lm.py"
+        raise UserError(f"{resumed_from} is a {was} run; use a new --out or --no-resume")
+    if state["model_cfg"] != cfg:
+        diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
+                         if state["model_cfg"].get(k) != v)
+        raise UserError(f"{resumed_from} was trained with {diff}; use the same flags, a new --out or --no-resume")
+    if state["world_size"] != world:
+        raise UserError(f"{resumed_from} was trained on {state['world_size']} process(es), this is {world}; "
+                        f"resume with the same --nproc_per_node, or use a new --out")
+
+
+@dataclasses.dataclass
+class Run:
+    """What main() set up for train(): the run folder's handles, the device, the resume state
+    and this process's place under torchrun (train_sft.py uses the same)."""
+    out: Path
+    log: object  # log(message): the console and <out>/train.log
+    status: dict
+    stop: object  # common.stop_requested(stop, out) says why to stop, if anyone asked
+    device: torch.device
+    amp_dtype: object  # torch.bfloat16 / torch.float16 / None
+    scaler: object
+    prec_why: str
+    state: dict = None
+    resumed_from: Path = None
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def start(args, sources, notes, trainer, metric, check):
+    """Open the run folder (common.open_run), check the resume state with check(state, path),
+    start the log and status (rank 0 only) and the process group under torchrun: a Run.
+    Shared with train_sft.py."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and args.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # before setup_device: "cuda" then means this rank's GPU
-    if world > 1 and args.continuous_learning:
-        raise UserError("--continuous-learning: runs as one process (no torchrun)")
-    is_main = rank == 0
-
-    # -- data (validated before the run folder is touched)
-    if args.task == "lm":
-        data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
-        meta = load_meta(data_dir, args.seq_len)
-        data = {"dir": data_dir, "meta": meta}
-        vocab = meta["vocab_size"]
-    else:
-        data = dict(zip(("train", "val", "test"), sft_pairs(args, notes.append)))
-        vocab = SFT_VOCAB
-    if args.continuous_learning:
-        open_feedback_db(args.feedback_db, create=True).close()  # a bad path or file fails now, not after training
-
-    out, device, state, resumed_from, more_notes = common.open_run(args, sources)
-    notes += more_notes
-    cfg = model_config(args, vocab)
-    if state:
-        if "model_cfg" not in state or "world_size" not in state:
-            raise UserError(f"{resumed_from} is not a train_lm.py checkpoint; use a new --out or --no-resume")
-        if state.get("task", "lm") != args.task:
-            raise UserError(f"{resumed_from} is a --task {state.get('task', 'lm')} run; use a new --out or --no-resume")
-        if state["model_cfg"] != cfg:
-            diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
-                             if state["model_cfg"].get(k) != v)
-            raise UserError(f"{resumed_from} was trained with {diff}; use the same flags, a new --out or --no-resume")
-        if state["world_size"] != world:
-            raise UserError(f"{resumed_from} was trained on {state['world_size']} process(es), this is {world}; "
-                            f"resume with the same --nproc_per_node, or use a new --out")
-
-    metric = "val_bpb" if args.task == "lm" else "val_loss"
-    if is_main:
-        log, status, stop = common.start_run(out, args, "lm", metric, notes)
+    out, (device, amp_dtype, scaler, prec_why), state, resumed_from, more_notes = common.open_run(args, sources)
+    check(state, resumed_from, world)
+    if rank == 0:
+        log, status, stop = common.start_run(out, args, trainer, metric, notes + more_notes)
     else:  # only rank 0 writes; the others still stop cleanly on SIGTERM from torchrun
         log, status, stop = (lambda msg: None), {"started": time.time()}, common.install_stop_handlers()
     if world > 1:
-        dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Run(out, log, status, stop, device, amp_dtype, scaler, prec_why, state, resumed_from, rank, world,
+               local_rank)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:
+        return run_prepare(argv[1:])
+    if argv[:1] == ["sample"]:
+        return run_sample(argv[1:])
+    moved = argv[:1] if argv[:1] in (["ask"], ["rate"]) else [a for a in argv if a.split("=")[0] in MOVED_TO_SFT]
+    if moved:
+        rest = [a for i, a in enumerate(argv) if a not in ("--task", "--task=sft")
+                and not (a == "sft" and argv[i - 1] == "--task" and i)]
+        raise UserError(f"{moved[0]}: instruction fine-tuning moved to train_sft.py (train_lm.py pretrains only); "
+                        f"run: python train_sft.py {' '.join(rest)}")
+    notes = []
+    args, sources = common.resolve_settings(parser, argv, log=notes.append)
+    resolve_shape(args, sources, notes.append)
+    check_flags(args)
+    # -- data, validated before the run folder is touched
+    data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
+    meta = load_meta(data_dir, args.seq_len)
+    cfg = model_config(args, meta["vocab_size"])
+    run = start(args, sources, notes, "lm", "val_bpb", lambda state, path, world: check_resume(
+        state, path, cfg, world, task="lm"))
     try:
-        with common.recording_failures(out, status) if is_main else nullcontext():
-            return train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, data,
-                         rank, world, local_rank, init)
+        with common.recording_failures(run.out, run.status) if run.rank == 0 else nullcontext():
+            return train(args, sources, run, cfg, data_dir, meta)
     finally:
-        if world > 1:
+        if run.world > 1:
             dist.destroy_process_group()
 
 
-def train(args, sources, out, log, status, stop, device, state, resumed_from, cfg, data, rank, world, local_rank,
-          init):
-    device, amp_dtype, scaler, prec_why = device
-    is_main = rank == 0
-    sft = args.task == "sft"
-    if sft:
-        examples = [render(p) for p in data["train"]]  # (ids, n_prompt)
-        val_examples = [render(p) for p in data["val"]]
-        mean_len = sum(len(ids) - 1 for ids, _ in examples) / len(examples)
-        cut = sum(len(ids) > args.seq_len + 1 for ids, _ in examples)
-        log(f"data: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test pairs, "
-            f"{mean_len:.0f} tokens on average" + (f"; {cut} longer than --seq-len {args.seq_len} are cut" if cut else "")
-            + f"; bytes + {len(SFT_SPECIALS)} special tokens, vocab {SFT_VOCAB}; loss on the answer only")
-        task_loss = sft_loss_fn
-    else:
-        meta, data_dir = data["meta"], data["dir"]
-        train_bin, val_bin = data_dir / "train.bin", data_dir / "val.bin"
-        log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
-            f"{meta['val_tokens']:,} val tokens; byte tokenizer, vocab {meta['vocab_size']}")
-        task_loss = loss_fn
-
-    # -- model
+def log_presets(cfg, log):
+    """One line per preset at this run's other settings: what a bigger model would cost."""
     for name in PRESETS:
         c = dict(cfg, **{k: PRESETS[name][k] for k in cfg if k in PRESETS[name]})
         log(f"preset {name:<9} {c['arch']:<5} {c['n_layer']:>2} layers, d {c['d_model']:>4}, "
             + (f"{c['n_head']} heads" if c["arch"] == "gpt" else f"{c['num_eigenstates']} eigenstates x 2 cells, "
                f"chunk {c['chunk_size']}") + f", context {c['seq_len']}: {count_on_meta(c):,} parameters")
-    model = LM(cfg).to(device)
-    if init and not state:
-        load_init(model, init, log)
-    model.grad_checkpointing = args.grad_checkpointing
-    n_params, _ = common.count_params(model)
-    log(f"model: --preset {args.preset} --arch {cfg['arch']}: {cfg['n_layer']} layers, d {cfg['d_model']}, "
-        + (f"{cfg['n_head']} heads" if cfg["arch"] == "gpt" else
-           f"{cfg['num_eigenstates']} eigenstates x 2 cells, chunk {cfg['chunk_size']}")
-        + f", context {cfg['seq_len']}; {n_params:,} parameters"
-        + ("; gradient checkpointing" if args.grad_checkpointing else ""))
 
-    # -- batch size: effective batch per rank fixed, micro-batch fitted to the machine
-    longest = min(args.seq_len, max(len(ids) for ids, _ in examples) - 1) if sft else args.seq_len
 
-    def probe(bs):  # the longest batch the run will see
-        return common.probe_step(model, lambda m, b: task_loss(m, b, device),
-                                 {"x": torch.zeros(bs, longest + 1, dtype=torch.long),
-                                  "w": torch.ones(bs, longest)}, device, amp_dtype)
-    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
-    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum  # windows (pairs) per rank per step
-    G = E * world  # the global batch
-    tokens_per_step = G * (mean_len if sft else args.seq_len)  # sft: on average (padding not counted)
-    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} accumulation"
-        + (f" x {world} processes" if world > 1 else "")
-        + (f" = {G} pairs ({tokens_per_step:,.0f} tokens on average) per step" if sft else
-           f" = {G} windows of {args.seq_len} tokens = {tokens_per_step:,} tokens per step") + f" ({bs_why})")
-    if sft and len(examples) < G:
-        raise UserError(f"--batch-size x --grad-accum = {G} pairs per step, but the data has {len(examples)} "
-                        "training pairs; lower --grad-accum or add data")
+def describe(args, cfg, n_params):
+    return (f"model: --preset {args.preset} --arch {cfg['arch']}: {cfg['n_layer']} layers, d {cfg['d_model']}, "
+            + (f"{cfg['n_head']} heads" if cfg["arch"] == "gpt" else
+               f"{cfg['num_eigenstates']} eigenstates x 2 cells, chunk {cfg['chunk_size']}")
+            + f", context {cfg['seq_len']}; {n_params:,} parameters"
+            + ("; gradient checkpointing" if args.grad_checkpointing else ""))
 
-    # -- optimizer: AdamW, weight decay on 2-D weights only (not on norms, biases, eigenvalues)
+
+def make_optimizer(model, args, total_steps, device):
+    """AdamW with weight decay on 2-D weights only (not on norms, biases, eigenvalues), and the
+    --schedule: (optimizer, scheduler, a line for the log). Shared with train_sft.py.
+
+    The lr is a function of the step alone, so a resume rebuilds it from the args and the saved
+    step. Linear warmup, then a cosine from --lr down to floor x --lr at the last step.
+    cosine (nanoGPT's train.py + config/train_shakespeare_char.py): fixed warmup, floor lr/10;
+    the decay's tail still trains at lr/10 instead of idling near zero.
+    onecycle (the old default, kept bit for bit): warmup a tenth of the run, floor zero.
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
-    steps_per_epoch = max(1, (len(examples) if sft else meta["train_tokens"] // args.seq_len) // G)
-    total_steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * steps_per_epoch)
-    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
-    # The lr is a function of the step alone, so a resume rebuilds it from the args and the saved
-    # step. Linear warmup, then a cosine from --lr down to floor x --lr at the last step.
-    # cosine (nanoGPT's train.py + config/train_shakespeare_char.py): fixed warmup, floor lr/10;
-    # the decay's tail still trains at lr/10 instead of idling near zero.
-    # onecycle (the old default, kept bit for bit): warmup a tenth of the run, floor zero.
     if args.schedule == "cosine":
         warmup, floor = max(1, min(args.warmup_steps, total_steps // 10)), 0.1
     else:
@@ -1670,81 +841,115 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
         return min((s + 1) / warmup, floor + (1 - floor) * decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    log(f"optimizer: AdamW betas (0.9, {args.beta2}), weight decay {args.weight_decay}; --schedule {args.schedule}: "
-        f"lr {args.lr:g}, warmup {warmup} steps, cosine to {floor * args.lr:g} at step {total_steps}")
+    return optimizer, scheduler, (f"optimizer: AdamW betas (0.9, {args.beta2}), weight decay {args.weight_decay}; "
+                                  f"--schedule {args.schedule}: lr {args.lr:g}, warmup {warmup} steps, cosine to "
+                                  f"{floor * args.lr:g} at step {total_steps}")
 
+
+def wrap(model, args, run):
+    """The model that trains: compiled with --compile, DDP-wrapped under torchrun; and the
+    no_sync context for accumulation (all-reduce once per step, on the last micro-batch)."""
+    train_model = torch.compile(model) if args.compile else model
+    if run.world == 1:
+        return train_model, None
+    train_model = torch.nn.parallel.DistributedDataParallel(
+        train_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+    return train_model, train_model.no_sync
+
+
+def tensorboard(args, out):
+    """A SummaryWriter into <out>/tb with --tensorboard, else None (imported only then)."""
+    if not args.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(out / "tb"))
+
+
+def all_ranks(value, op, run):
+    """A number agreed by every rank (itself on one process)."""
+    if run.world == 1:
+        return value
+    t = torch.tensor([float(value)], device=run.device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def train(args, sources, run, cfg, data_dir, meta):
+    out, log, status, device, amp_dtype, state = run.out, run.log, run.status, run.device, run.amp_dtype, run.state
+    is_main, world = run.rank == 0, run.world
+    train_bin, val_bin = data_dir / "train.bin", data_dir / "val.bin"
+    log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
+        f"{meta['val_tokens']:,} val tokens; byte tokenizer, vocab {meta['vocab_size']}")
+
+    # -- model
+    log_presets(cfg, log)
+    model = LM(cfg).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    n_params, _ = common.count_params(model)
+    log(describe(args, cfg, n_params))
+
+    # -- batch size: effective batch per rank fixed, micro-batch fitted to the machine by a probe
+    def probe(bs):
+        return common.probe_step(model, lambda m, b: loss_fn(m, b, device),
+                                 {"x": torch.zeros(bs, args.seq_len + 1, dtype=torch.long)}, device, amp_dtype)
+    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
+    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    E = micro_bs * accum  # windows per rank per step
+    G = E * world  # the global batch
+    tokens_per_step = G * args.seq_len
+    log(f"device {device.type}, precision {args.precision} ({run.prec_why}); batch {micro_bs} x {accum} accumulation"
+        + (f" x {world} processes" if world > 1 else "")
+        + f" = {G} windows of {args.seq_len} tokens = {tokens_per_step:,} tokens per step ({bs_why})")
+
+    # -- optimizer and schedule
+    steps_per_epoch = max(1, meta["train_tokens"] // args.seq_len // G)
+    total_steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * steps_per_epoch)
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
+    optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
+    log(line)
     step, best = 0, float("inf")
-    save_every, eval_every, log_every = args.save_every, args.eval_every, args.log_every
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
-                                                                              scheduler, scaler)
+                                                                              scheduler, run.scaler)
     if state:
         step, best = state["step"], state["best"]
-        log(f"resumed from {resumed_from} (step {step})")
+        log(f"resumed from {run.resumed_from} (step {step})")
     if is_main:
         common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
         common.write_args(out, args, sources, {
             "micro_batch": micro_bs, "grad_accum": accum, "world_size": world, "effective_batch": E,
             "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
-            "device": device.type, "why": {"batch": bs_why, "precision": prec_why}})
+            "device": device.type, "why": {"batch": bs_why, "precision": run.prec_why}})
 
-    # -- compile and DDP wrap the model that trains; `model` stays the plain module we save
-    train_model = torch.compile(model) if args.compile else model
-    no_sync = None
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[local_rank] if device.type == "cuda" else None)
-        no_sync = train_model.no_sync  # all-reduce once per step, on the last micro-batch
+    train_model, no_sync = wrap(model, args, run)  # `model` stays the plain module we save
     peak, peak_why = device_peak(device, amp_dtype, out, log) if is_main else (1.0, "")
-    # sft: attention counted at the average pair length, not the context the model could take
-    fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))) if sft else cfg)
+    fpt = flops_per_token(cfg)
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
-    tb = None
-    if args.tensorboard and is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(out / "tb"))
-    if not sft:
-        windows = val_windows(val_bin, meta["val_tokens"], args.seq_len, args.eval_tokens)
+    tb = tensorboard(args, out) if is_main else None
+    windows = val_windows(val_bin, meta["val_tokens"], args.seq_len, args.eval_tokens)
 
     def save(best_now=False):
         ckpt = common.training_state(
-            model, optimizer, scheduler, scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
-            world_size=world, model_cfg=cfg, args=dict(vars(args)), task=args.task,
+            model, optimizer, scheduler, run.scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
+            world_size=world, model_cfg=cfg, args=dict(vars(args)), task="lm",
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen)
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
 
-    def run_eval():
+    def run_eval():  # rank 0; True when this is the best validation so far
         nonlocal best
-        if sft:
-            value = val_loss = evaluate_sft(model, val_examples, device, amp_dtype, micro_bs, args.seq_len)
-            common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6)})
-            log(f"step {step}: val loss {val_loss:.4f} nats per answer token ({len(val_examples)} pairs)")
-        else:
-            val_loss, value = evaluate(model, windows, device, amp_dtype, micro_bs)
-            common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(value, 5)})
-            log(f"step {step}: val loss {val_loss:.4f} nats/token, {value:.4f} bits/byte ({len(windows)} windows)")
-        is_best = value < best
-        best = min(best, value)
-        common.update_status(out, status, metric=round(value, 5))
+        val_loss, bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
+        common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(bpb, 5)})
+        log(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte ({len(windows)} windows)")
+        is_best, best = bpb < best, min(best, bpb)
+        common.update_status(out, status, metric=round(bpb, 5))
         if tb:
-            tb.add_scalar("val/" + ("loss" if sft else "bpb"), value, step)
+            tb.add_scalar("val/bpb", bpb, step)
         return is_best
 
-    def all_ranks(value, op):  # a number agreed by every rank (no-op on one process)
-        if world == 1:
-            return value
-        t = torch.tensor([float(value)], device=device)
-        dist.all_reduce(t, op=op)
-        return t.item()
-
-    # -- batches: step i's batch depends on (seed, i) only; --workers processes build them ahead
-    if sft:
-        batches = common.StepBatches(sft_batch, examples=examples, seed=args.seed, global_batch=G, rank=rank,
-                              per_rank=E, seq_len=args.seq_len)
-    else:
-        batches = common.StepBatches(get_batch, path=train_bin, n_tokens=meta["train_tokens"], seq_len=args.seq_len,
-                              seed=args.seed, global_batch=G, rank=rank, per_rank=E)
+    # -- batches: step i's windows depend on (seed, i) only; --workers processes build them ahead
+    batches = common.StepBatches(get_batch, path=train_bin, n_tokens=meta["train_tokens"], seq_len=args.seq_len,
+                                 seed=args.seed, global_batch=G, rank=run.rank, per_rank=E)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, max(step, total_steps)),
                                          num_workers=args.workers, worker_init_fn=common.quiet_worker,
                                          pin_memory=args.pin_memory and device.type == "cuda")
@@ -1753,66 +958,44 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
     watch = common.memory_watch(args)
     if is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
-        # what the loop below really runs with, read back from its objects (the mode tables are tested on this)
-        common.write_args(out, args, sources, dict(json.loads((out / "args.json").read_text())["chosen"], loop={
-            "micro_batch": micro_bs, "grad_accum": accum, "lr": optimizer.param_groups[0]["initial_lr"],
-            "seq_len": model.cfg["seq_len"], "workers": loader.num_workers, "pin_memory": loader.pin_memory,
-            "grad_checkpointing": model.grad_checkpointing, "precision": args.precision, "device": device.type,
-            "save_every": save_every, "eval_every": eval_every, "log_every": log_every,
-            "ram_threshold": watch["ram"], "gpu_threshold": watch["gpu"], "swap_threshold": watch["swap"],
-            "mem_check_every": watch["every"]}))
     t_start, samples_seen, start_step = time.time(), 0, step
-    t_log, step_log, tokens_log = time.time(), step, 0
+    t_log, step_log = time.time(), step
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     batch_iter = iter(loader)
     while step < total_steps:
         batch = next(batch_iter)
-        tokens_log += int(batch["n"].sum()) * world if sft else tokens_per_step
-        loss, _, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
-                                              lambda m, b: task_loss(m, b, device), micro_bs, args.clip,
+        loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
+                                              lambda m, b: loss_fn(m, b, device), micro_bs, args.clip,
                                               device, amp_dtype, log, no_sync=no_sync)
-        accum = math.ceil(E / micro_bs)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
         common.check_memory(watch, device, log)
         if is_main:
             bar.update(1)
-        if step % log_every == 0 or step == total_steps:
-            loss = all_ranks(loss, dist.ReduceOp.SUM) / world if world > 1 else loss
+        if step % args.log_every == 0 or step == total_steps:
+            loss = all_ranks(loss, dist.ReduceOp.SUM, run) / world if world > 1 else loss
             dt = time.time() - t_log
-            ms = 1000 * dt / (step - step_log)
-            tps = tokens_log / dt
+            ms, tps = 1000 * dt / (step - step_log), tokens_per_step * (step - step_log) / dt
             mfu = fpt * tps / (peak * world)
-            peak_mb = common.peak_memory_mb(device)
-            t_log, step_log, tokens_log = time.time(), step, 0
-            lr = scheduler.get_last_lr()[0]
+            t_log, step_log = time.time(), step
             if is_main:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
-                log(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f} ms/step | {tps:,.0f} tokens/s "
-                    f"| MFU {100 * mfu:.1f}% | peak {peak_mb:,.0f} MB")
-                common.append_metrics(out, {"step": step, "loss": round(loss, 6), "lr": lr, "ms_per_step": round(ms, 1),
-                                            "tokens_per_s": round(tps), "mfu": round(mfu, 4), "peak_mem_mb": peak_mb})
-                eta = (total_steps - step) * (time.time() - t_start) / (step - start_step)
-                common.update_status(out, status, step=step, epoch=step // steps_per_epoch + 1, loss=round(loss, 5),
-                                     samples_per_s=round(G * (step - start_step) / (time.time() - t_start), 1),
-                                     tokens_per_s=round(tps), mfu=round(mfu, 4), eta_s=round(eta),
-                                     **common.memory_snapshot(device))
-                if tb:
-                    tb.add_scalar("train/loss", loss, step)
-                    tb.add_scalar("train/tokens_per_s", tps, step)
+                log_interval(out, log, status, bar, tb, step=step, loss=loss, lr=scheduler.get_last_lr()[0], ms=ms, tps=tps,
+                             mfu=mfu, device=device, epoch=step // steps_per_epoch + 1,
+                             samples_per_s=G * (step - start_step) / (time.time() - t_start),
+                             eta=(total_steps - step) * (time.time() - t_start) / (step - start_step))
         is_best = False
-        if eval_every and step % eval_every == 0 or step == total_steps:
+        if args.eval_every and step % args.eval_every == 0 or step == total_steps:
             is_best = run_eval() if is_main else False
             # every rank must know whether a checkpoint (and its barrier) follows
-            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX)) if world > 1 else is_best
-        saved = step % save_every == 0 or is_best or step == total_steps
+            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX, run)) if world > 1 else is_best
+        saved = step % args.save_every == 0 or is_best or step == total_steps
         if saved and is_main:
             save(is_best)
         if saved and world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
-        why = common.stop_requested(stop, out)
-        if all_ranks(bool(why), dist.ReduceOp.MAX) if world > 1 else why:  # every rank stops at the same step
+        why = common.stop_requested(run.stop, out)
+        if all_ranks(bool(why), dist.ReduceOp.MAX, run) if world > 1 else why:  # every rank stops at the same step
             if not saved and is_main:
                 save()
             log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
@@ -1825,458 +1008,56 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, cf
         bar.close()
     if world > 1:
         dist.barrier()
-    if not is_main:
-        return 0
+    if is_main:
+        report(args, run, model, windows, micro_bs, cfg, best=best, step=step, start_step=start_step,
+               wall=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
+               samples=samples_before + samples_seen, fpt=fpt, peak=peak, n_params=n_params, global_batch=G)
+    if tb:
+        tb.close()
+    return 0
 
-    # -- report
+
+def log_interval(out, log, status, bar, tb, *, step, loss, lr, ms, tps, mfu, device, epoch, samples_per_s, eta):
+    """The log line, its metrics.jsonl record, status.json and TensorBoard, every --log-every
+    steps. Shared with train_sft.py."""
+    peak_mb = common.peak_memory_mb(device)
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+    log(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f} ms/step | {tps:,.0f} tokens/s "
+        f"| MFU {100 * mfu:.1f}% | peak {peak_mb:,.0f} MB")
+    common.append_metrics(out, {"step": step, "loss": round(loss, 6), "lr": lr, "ms_per_step": round(ms, 1),
+                                "tokens_per_s": round(tps), "mfu": round(mfu, 4), "peak_mem_mb": peak_mb})
+    common.update_status(out, status, step=step, epoch=epoch, loss=round(loss, 5), samples_per_s=round(samples_per_s, 1),
+                         tokens_per_s=round(tps), mfu=round(mfu, 4), eta_s=round(eta), **common.memory_snapshot(device))
+    if tb:
+        tb.add_scalar("train/loss", loss, step)
+        tb.add_scalar("train/tokens_per_s", tps, step)
+
+
+def report(args, run, model, windows, micro_bs, cfg, *, best, step, start_step, wall, train_s, samples, fpt, peak,
+           n_params, global_batch):
+    """The end of a run: the final validation, summary.json, the plot and a sample."""
+    out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
-    elif sft:
-        report_sft(args, out, log, status, model, device, amp_dtype, micro_bs, data, val_examples, best, step,
-                   wall_before + time.time() - status["started"], train_before + time.time() - t_start,
-                   samples_before + samples_seen, mean_len, fpt, peak, n_params, cfg, G)
-    else:
-        val_loss, val_bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
-        wall = wall_before + time.time() - status["started"]
-        train_s = train_before + time.time() - t_start
-        samples = samples_before + samples_seen
-        tps = samples * args.seq_len / max(1e-9, train_s)
-        common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
-                             val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
-                             samples_per_s=round(samples / max(1e-9, train_s), 2),
-                             mfu=round(fpt * tps / (peak * world), 4),
-                             peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
-                             wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
-                             world_size=world, device=device.type, precision=args.precision, global_batch=G,
-                             tokens_trained=samples * args.seq_len)
-        plot = common.plot_progress(out, "val_bpb")
-        log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
-            f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
-            f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
-        text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
-        log("sample: " + repr("The " + text))
-        common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
-    if tb:
-        tb.close()
-    if args.continuous_learning:
-        def save_round(new_step):  # a kept round: a new checkpoint, and best.pt (what ask serves)
-            nonlocal step
-            step = new_step
-            save(best_now=True)
-        return feedback_rounds(args, out, log, status, stop, model, device, amp_dtype, scaler, micro_bs, E,
-                               examples, data["test"], step, save_round)
-    return 0
-
-
-def report_sft(args, out, log, status, model, device, amp_dtype, micro_bs, data, val_examples, best, step, wall,
-               train_s, samples, mean_len, fpt, peak, n_params, cfg, G):
-    """The end of an sft run: val loss, command accuracy on the test split, summary.json."""
-    val_loss = evaluate_sft(model, val_examples, device, amp_dtype, micro_bs, args.seq_len)
-    exact, sub, answers = command_accuracy(model, data["test"], device)
-    tps = samples * mean_len / max(1e-9, train_s)
-    common.write_summary(out, trainer="lm", task="sft", metric="val_loss", value=round(val_loss, 6),
-                         best_value=round(best, 6), command_exact=round(exact, 4), command_substring=round(sub, 4),
-                         test_pairs=len(data["test"]), steps=step, tokens_per_s=round(tps, 1),
-                         samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
+        return
+    val_loss, val_bpb = evaluate(model, windows, device, run.amp_dtype, micro_bs)
+    tps = samples * args.seq_len / max(1e-9, train_s)
+    common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
+                         val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
+                         samples_per_s=round(samples / max(1e-9, train_s), 2),
+                         mfu=round(fpt * tps / (peak * run.world), 4),
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
-                         wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
-                         precision=args.precision, global_batch=G, pairs_trained=samples)
-    plot = common.plot_progress(out, "val_loss")
-    log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
-        f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "
+                         wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
+                         world_size=run.world, device=device.type, precision=args.precision,
+                         global_batch=global_batch, tokens_trained=samples * args.seq_len)
+    plot = common.plot_progress(out, "val_bpb")
+    log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
+        f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
         f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
-    for p, a in list(zip(data["test"], answers))[:5]:
-        log(f"  {p['input']!r} -> {command_of(a)!r}" + ("" if command_of(a) == command_of(p["output"]) else
-                                                     f" (expected {command_of(p['output'])!r})"))
-    log(f"ask it: python train_lm.py ask --out {out} \"list files by size\"")
-    common.update_status(out, status, state="finished", step=step, metric=round(val_loss, 6), eta_s=0,
-                         command_exact=round(exact, 4))
-
-
-def as_answer(response):
-    """A logged response as a training answer: the model's own form, or a bare command wrapped."""
-    return response if "<command>" in response else format_answer(response.strip())
-
-
-def feedback_rounds(args, out, log, status, stop, model, device, amp_dtype, scaler, micro_bs, E, examples,
-                    test_pairs, step, save_round):
-    """--continuous-learning: watch --feedback-db; at --retrain-threshold new well-rated rows,
-    fine-tune on them with --replay of the original pairs, keep the result only if the test
-    split's exact command accuracy is not worse, record the rows as used, and watch again.
-
-    Each round starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has
-    ended at zero, and a small step keeps the round from undoing what the model knew.
-    """
-    db, run_key, warned = args.feedback_db, str(Path(out).resolve()), set()
-    round_no = max(used_rows(db, run=run_key).values(), default=0)
-    exact, sub, _ = command_accuracy(model, test_pairs, device)
-    log(f"continuous learning: watching {db} every {args.poll_every:g}s; a round starts at "
-        f"{args.retrain_threshold} new rows rated feedback >= 1 and success = 1; test exact {exact:.1%} now")
-    common.update_status(out, status, state="watching", round=round_no, command_exact=round(exact, 4))
-    rounds_here = 0
-    while True:
-        why = common.stop_requested(stop, out)
-        if why:
-            log(f"continuous learning stopped by {why} after round {round_no}; re-run the same command to go on")
-            common.update_status(out, status, state="stopped")
-            return 0
-        rows = new_training_rows(db, warned, log)
-        if len(rows) < args.retrain_threshold:
-            t_next = time.time() + args.poll_every
-            while time.time() < t_next and not common.stop_requested(stop, out):
-                time.sleep(min(0.2, args.poll_every))
-            continue
-
-        round_no, rounds_here = round_no + 1, rounds_here + 1
-        new = [render({"input": r["input"], "output": as_answer(r["output"])}) for r in rows]
-        n_new = max(1, round(E * (1 - args.replay)))  # per step; the rest of the batch is replay
-        n_steps = math.ceil(args.round_epochs * len(new) / n_new)
-        log(f"round {round_no}: {len(rows)} new rows (ids {rows[0]['id']}..{rows[-1]['id']}), {n_steps} steps of "
-            f"{n_new} new + {E - n_new} replayed pairs")
-        common.update_status(out, status, state="retraining", round=round_no)
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}  # to roll back a worse round
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr / 10, betas=(0.9, args.beta2),
-                                      weight_decay=args.weight_decay)
-        rng = np.random.default_rng((args.seed, 1_000_000 + round_no))
-        order = np.concatenate([rng.permutation(len(new)) for _ in range(args.round_epochs + 1)])
-        model.train()
-        stopped = None
-        for i in range(n_steps):
-            batch = [new[j] for j in order[i * n_new:(i + 1) * n_new]]
-            batch += [examples[j] for j in rng.integers(0, len(examples), E - n_new)]
-            loss, _, micro_bs = common.train_step(model, optimizer, scaler, collate(batch, args.seq_len),
-                                                  lambda m, b: sft_loss_fn(m, b, device), micro_bs, args.clip,
-                                                  device, amp_dtype, log)
-            stopped = common.stop_requested(stop, out)
-            if stopped:
-                break
-        if stopped:  # a half round is thrown away; its rows stay new for the next run
-            model.load_state_dict(before)
-            log(f"round {round_no} interrupted by {stopped}: discarded, its rows stay unused")
-            common.update_status(out, status, state="stopped")
-            return 0
-        after, after_sub, _ = command_accuracy(model, test_pairs, device)
-        kept = after >= exact
-        if kept:
-            step += n_steps
-            save_round(step)
-        else:
-            model.load_state_dict(before)
-        mark_used(db, [r["id"] for r in rows], round_no, run_key, kept)
-        rec = {"round": round_no, "step": step, "rows": len(rows), "first_id": rows[0]["id"], "last_id": rows[-1]["id"],
-               "round_steps": n_steps, "loss": round(loss, 6), "test_exact_before": round(exact, 4),
-               "test_exact_after": round(after, 4), "test_substring_after": round(after_sub, 4), "kept": kept}
-        common.append_metrics(out, rec)
-        log(f"round {round_no}: test exact {exact:.1%} -> {after:.1%}: "
-            + (f"kept (checkpoint step {step})" if kept else "worse, rolled back"))
-        exact = after if kept else exact
-        common.update_status(out, status, state="watching", step=step, round=round_no, last_round=rec,
-                             command_exact=round(exact, 4))
-        if args.max_rounds and rounds_here >= args.max_rounds:
-            log(f"--max-rounds {args.max_rounds}: done")
-            common.update_status(out, status, state="finished")
-            return 0
-
-
-# -----------------------------------------------------------------------------
-# feedback store (SQLite) for --continuous-learning
-#
-# `ask --feedback-db PATH` logs each request and answer, `rate` records whether the answer was good,
-# and the --continuous-learning watcher polls for rated rows it has not trained on yet. Three
-# processes share one file, so every function opens its own short-lived connection and holds
-# a transaction only for one statement or one small batch.
-
-# the seed's table, column for column, so a database the seed wrote opens unchanged
-FEEDBACK_SCHEMA = """
-CREATE TABLE IF NOT EXISTS user_interactions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    timestamp TEXT,
-    user_input TEXT,
-    ai_response TEXT,
-    user_feedback INTEGER,
-    context TEXT,      -- JSON
-    success INTEGER    -- bool
-);
-"""
-# ours: one row per interaction a retraining round consumed, so no row is trained on twice
-TRAINING_USE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS training_use (
-    interaction_id INTEGER PRIMARY KEY,
-    round INTEGER,
-    run TEXT,
-    kept INTEGER,
-    used_at TEXT
-);
-"""
-SEED_COLUMNS = ("id", "timestamp", "user_input", "ai_response", "user_feedback", "context", "success")
-SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
-
-
-def _utc_now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def open_feedback_db(path, create=True):
-    """Open (and with create=True make) the feedback database; every problem is a UserError naming
-    --feedback-db. Called by the functions below (one connection per call) and by the watcher at start.
-
-    create=False is for readers (`rate`, the trainer): a missing file is then the user's mistake,
-    not a reason to leave an empty database behind.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--feedback-db {path}: is a folder; give a file name such as {path / 'feedback.db'}")
-    if not path.exists():
-        if not create:
-            raise UserError(f"--feedback-db {path}: no such database; `ask --feedback-db {path}` creates it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-    elif path.stat().st_size:
-        # check the header ourselves: sqlite3 only notices at the first query, and switching the
-        # journal mode of a file that is not a database must never be tried
-        with open(path, "rb") as f:
-            if f.read(16) != SQLITE_MAGIC:
-                raise UserError(f"--feedback-db {path}: not a SQLite database; give another file name")
-    try:
-        # timeout = busy timeout: a writer waits up to 10 s for another writer's short transaction
-        # instead of failing with "database is locked"; isolation_level=None: we say BEGIN ourselves
-        con = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
-    except sqlite3.Error as e:
-        raise UserError(f"--feedback-db {path}: cannot open ({e})") from None
-    try:
-        # WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can write while
-        # the trainer reads. The mode is stored in the file; switching needs a moment's exclusive
-        # lock, so only do it once.
-        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            con.execute("PRAGMA journal_mode=WAL")
-        # in WAL mode NORMAL survives a crash of any process; only a power cut can lose the last commits
-        con.execute("PRAGMA synchronous=NORMAL")
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "user_interactions" not in tables:
-            if not create:
-                raise UserError(f"--feedback-db {path}: has no user_interactions table; is it the right file?")
-            con.executescript(FEEDBACK_SCHEMA)
-        cols = {r[1] for r in con.execute("PRAGMA table_info(user_interactions)")}
-        missing = [c for c in SEED_COLUMNS if c not in cols]
-        if missing:
-            raise UserError(f"--feedback-db {path}: its user_interactions table lacks column(s) "
-                            f"{', '.join(missing)}; it was not written by `ask` or the seed")
-        if "training_use" not in tables:
-            # also added to a seed database opened read-side: the trainer has to record what it used
-            con.executescript(TRAINING_USE_SCHEMA)
-    except UserError:
-        con.close()
-        raise
-    except sqlite3.Error as e:
-        con.close()
-        raise UserError(f"--feedback-db {path}: {e}") from None
-    return con
-
-
-def _feedback_call(db_path, create, fn):
-    """Run fn(con) on a fresh connection, close it, and turn SQLite errors into one-line UserErrors."""
-    con = open_feedback_db(db_path, create=create)
-    try:
-        return fn(con)
-    except sqlite3.Error as e:
-        raise UserError(f"--feedback-db {db_path}: {e}") from None
-    finally:
-        con.close()
-
-
-def log_interaction(db_path, user_input, ai_response, context=None, success=None, feedback=None):
-    """Append one request/answer pair; returns its id. Called by `ask --feedback-db` after each answer.
-
-    context is any JSON-serialisable value (stored as JSON text); success None = not known yet.
-    """
-    row = (_utc_now(), user_input, ai_response, feedback,
-           None if context is None else json.dumps(context), None if success is None else int(bool(success)))
-
-    def insert(con):
-        cur = con.execute("INSERT INTO user_interactions (timestamp, user_input, ai_response, user_feedback, "
-                          "context, success) VALUES (?, ?, ?, ?, ?, ?)", row)
-        return cur.lastrowid
-    return _feedback_call(db_path, True, insert)
-
-
-def rate_interaction(db_path, interaction_id, feedback, success=None):
-    """Set an interaction's user_feedback (any int: -1 bad, 0 neutral, 1 good, more = better) and, unless
-    success is None, its success (1/0). Called by `rate`. An unknown id is a UserError."""
-    if isinstance(feedback, bool) or not isinstance(feedback, int):
-        raise UserError(f"feedback {feedback!r}: must be an integer (-1 bad, 0 neutral, 1 good)")
-
-    def update(con):
-        # COALESCE: success None leaves the stored value as it was
-        cur = con.execute("UPDATE user_interactions SET user_feedback = ?, success = COALESCE(?, success) "
-                          "WHERE id = ?", (feedback, None if success is None else int(bool(success)), interaction_id))
-        if cur.rowcount == 0:
-            raise UserError(f"--feedback-db {db_path}: no interaction {interaction_id}; "
-                            f"`train_lm.py rate --feedback-db {db_path} --list` shows the ids")
-    _feedback_call(db_path, False, update)
-
-
-def _bad_row_reason(user_input, ai_response, feedback, context):
-    """Why a rated row cannot be trained on, or None. The seed's table has no constraints, so anything
-    another tool (or a hand edit) put there reaches this point."""
-    for name, v in (("user_input", user_input), ("ai_response", ai_response)):
-        if v is None:
-            return f"{name} is NULL"
-        if not isinstance(v, str):
-            return f"{name} is a {type(v).__name__}, not text"
-        if not v.strip():
-            return f"empty {name}"
-    # SQLite compares text as greater than any number, so user_feedback 'great' passes `>= 1`
-    if isinstance(feedback, bool) or not isinstance(feedback, int):
-        return f"user_feedback {feedback!r} is not an integer"
-    if context is not None:
-        if not isinstance(context, str):
-            return f"context is a {type(context).__name__}, not JSON text"
-        try:
-            json.loads(context)
-        except ValueError:
-            return "context is not valid JSON"
-    return None
-
-
-def new_training_rows(db_path, warned, log):
-    """Rated-good rows not yet trained on, oldest first: [{"id", "input", "output", "context"}] with
-    context parsed from JSON (or None). Called by the --continuous-learning watcher on every poll.
-
-    A row needs user_feedback >= 1 and success = 1 and no training_use entry. A row that fails
-    validation is skipped, never used, and logged once per id: `warned` is a set the caller keeps
-    between polls. One SELECT = one short read transaction; in WAL mode it never blocks `ask`/`rate`.
-    """
-    def select(con):
-        return con.execute(
-            "SELECT u.id, u.user_input, u.ai_response, u.user_feedback, u.context FROM user_interactions u "
-            "LEFT JOIN training_use t ON t.interaction_id = u.id "
-            "WHERE t.interaction_id IS NULL AND u.user_feedback >= 1 AND u.success = 1 ORDER BY u.id").fetchall()
-    rows = []
-    for id_, user_input, ai_response, feedback, context in _feedback_call(db_path, False, select):
-        reason = _bad_row_reason(user_input, ai_response, feedback, context)
-        if reason:
-            if id_ not in warned:
-                warned.add(id_)
-                log(f"feedback-db: interaction {id_} skipped: {reason}")
-            continue
-        rows.append({"id": id_, "input": user_input, "output": ai_response,
-                     "context": None if context is None else json.loads(context)})
-    return rows
-
-
-def mark_used(db_path, ids, round_no, run, kept):
-    """Record that retraining round `round_no` of run folder `run` consumed these interaction ids, and
-    whether its model was kept. Called by the watcher after every round, whatever its outcome, so a
-    row that made a round worse is not fed in again."""
-    now = _utc_now()
-    batch = [(int(i), int(round_no), str(run), int(bool(kept)), now) for i in ids]
-
-    def insert(con):
-        con.execute("BEGIN IMMEDIATE")  # take the write lock up front: the busy timeout then covers it
-        try:
-            # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
-            con.executemany("INSERT OR IGNORE INTO training_use (interaction_id, round, run, kept, used_at) "
-                            "VALUES (?, ?, ?, ?, ?)", batch)
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-    _feedback_call(db_path, False, insert)
-
-
-def used_rows(db_path, run=None):
-    """{interaction id: training round} for every row a round consumed (only run `run`'s, if given).
-    Called by `rate --list` and the tests."""
-    def select(con):
-        if run is None:
-            return con.execute("SELECT interaction_id, round FROM training_use").fetchall()
-        return con.execute("SELECT interaction_id, round FROM training_use WHERE run = ?", (str(run),)).fetchall()
-    return dict(_feedback_call(db_path, False, select))
-
-
-def rating_arg(s):
-    """`rate`'s RATING: good, bad or an integer score."""
-    if s in ("good", "bad"):
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be good, bad or an integer score, got {s!r}") from None
-
-
-def rate_parser():
-    p = common.Parser(prog="train_lm.py rate", allow_abbrev=False, formatter_class=common.HelpFormat,
-                      usage="train_lm.py rate --feedback-db PATH ID {good,bad,SCORE} [--success | --failed]\n"
-                            "       train_lm.py rate --feedback-db PATH --list [N]",
-                      description="rate an answer that `ask --feedback-db` logged; --continuous-learning "
-                                  "trains on answers with feedback >= 1 that succeeded")
-    p.add_argument("--feedback-db", required=True, metavar="PATH", help="the database `ask --feedback-db` writes")
-    p.add_argument("id", nargs="?", type=common.pos_int, metavar="ID", help="interaction id (see --list)")
-    p.add_argument("rating", nargs="?", type=rating_arg, metavar="{good,bad,SCORE}",
-                   help="good = feedback 1 + success 1; bad = feedback -1 + success 0; an integer sets "
-                        "the feedback only")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--success", dest="success", action="store_const", const=True, default=None,
-                   help="the command worked (overrides what good/bad imply)")
-    g.add_argument("--failed", dest="success", action="store_const", const=False,
-                   help="the command failed (overrides what good/bad imply)")
-    p.add_argument("--list", nargs="?", type=common.pos_int, const=20, default=None, metavar="N",
-                   help="show the last N interactions (default N 20) instead of rating one")
-    return p
-
-
-def _short(text, n):
-    text = "NULL" if text is None else str(text).replace("\n", "\\n")
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
-def run_rate(argv):
-    """`python train_lm.py rate ...`: record a rating, or list recent interactions. Called by main()."""
-    p = rate_parser()
-    args = p.parse_args(argv)
-    db = args.feedback_db
-    if args.list is not None:
-        if args.id is not None or args.success is not None:
-            p.error("--list takes no ID, RATING, --success or --failed")
-        con = open_feedback_db(db, create=False)
-        try:
-            rows = con.execute("SELECT id, timestamp, user_feedback, success, user_input, ai_response "
-                               "FROM user_interactions ORDER BY id DESC LIMIT ?", (args.list,)).fetchall()
-        finally:
-            con.close()
-        if not rows:
-            print(f"--feedback-db {db}: no interactions yet")
-            return 0
-        used = used_rows(db)
-        print(f"{'id':>6}  {'time (UTC)':<25} {'feedback':>8} {'success':>7}  {'training':<9} input -> response")
-        for id_, ts, fb, ok, q, a in reversed(rows):
-            train = f"round {used[id_]}" if id_ in used else "new"
-            print(f"{id_:>6}  {_short(ts, 25):<25} {_short('-' if fb is None else fb, 8):>8} "
-                  f"{'-' if ok is None else ok:>7}  {train:<9} {_short(q, 40)} -> {_short(a, 60)}")
-        return 0
-    if args.id is None or args.rating is None:
-        p.error("give ID and RATING (good, bad or an integer), or --list")
-    feedback, success = {"good": (1, True), "bad": (-1, False)}.get(args.rating, (args.rating, None))
-    if args.success is not None:
-        success = args.success
-    rate_interaction(db, args.id, feedback, success)
-    con = open_feedback_db(db, create=False)
-    try:
-        fb, ok = con.execute("SELECT user_feedback, success FROM user_interactions WHERE id = ?",
-                             (args.id,)).fetchone()
-    finally:
-        con.close()
-    used = used_rows(db)
-    if args.id in used:
-        note = f"already trained on in round {used[args.id]}; the new rating does not undo that"
-    elif fb < 1:
-        note = "not trained on (that needs feedback 1 or more)"
-    elif ok != 1:
-        note = "not trained on until it is marked a success (add --success if the command worked)"
-    else:
-        note = "the next --continuous-learning round will train on it"
-    print(f"interaction {args.id}: feedback {fb}, success {'unset' if ok is None else ok} -- {note}")
-    return 0
+    text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
+    log("sample: " + repr("The " + text))
+    common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ printing one JSON line), so one run's peak memory never includes another's:
     AdamW (betas 0.9/0.95, wd 0.1 on 2-D weights), clip 1.0, warmup + cosine, fp32 on CPU.
  2. GPT vs eigen at T = 1K..32K, batch 1, the tiny width: time per training step and peak memory.
  3. MFU of every run in 1 and 2 against the fp32 matmul peak measured here (CPU) or the datasheet.
- 4. --task sft, the seed's standard column vs --resource-efficient on the same model (the tiny
-    preset, built-in pairs, 64 pairs per step either way): train_lm.py itself in a subprocess;
+ 4. train_sft.py, the seed's standard column vs --resource-efficient on the same model (the tiny
+    preset, built-in pairs, 64 pairs per step either way): train_sft.py itself in a subprocess;
     peak RSS (CPU) or max allocated (GPU) from its summary.json, tokens/s from its log records;
     a middle column runs the standard settings with only the mode's allocator setting; and the
     tensors' own peak for one micro-batch of each, counted in this process (tensor_peak_mb).
@@ -252,7 +252,7 @@ def main():
     if args.sft_only:
         sft = sft_modes(args)
         wall, others = benchlib.cpu_watch_end(t_start, kids0)
-        benchlib.print_header("train_lm.py --task sft: standard vs --resource-efficient", sys.argv,
+        benchlib.print_header("train_sft.py: standard vs --resource-efficient", sys.argv,
                               {"torch": sft["standard"][0]["torch"], "threads": sft["standard"][0]["threads"],
                                "device": sft["standard"][0]["device"], "precision": "auto"}, busy, others)
         print_sft(args, sft)
@@ -358,7 +358,7 @@ SFT_RUNS = {  # table 4's columns: (train_lm.py flags, environment)
 
 
 def sft_modes(args):
-    """Table 4's runs: train_lm.py --task sft in each SFT_RUNS column, alternating, --repeats
+    """Table 4's runs: train_sft.py in each SFT_RUNS column, alternating, --repeats
     each; every run a fresh process in a fresh folder (its own peak)."""
     import os
     import subprocess
@@ -369,7 +369,7 @@ def sft_modes(args):
         for i in range(args.repeats):
             for mode, (flags, env) in SFT_RUNS.items():
                 out = Path(tmp) / f"{mode.replace(' ', '')}-{i}"
-                cmd = [sys.executable, str(REPO / "train_lm.py"), "--task", "sft", "--max-steps", str(args.sft_steps),
+                cmd = [sys.executable, str(REPO / "train_sft.py"), "--max-steps", str(args.sft_steps),
                        "--log-every", "2", "--device", args.device, "--out", str(out), *flags]
                 p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,  # cwd: no optimal_config.json
                                    env={**os.environ, **env})
@@ -444,7 +444,7 @@ def print_sft(args, res):
     ts, th, tr = (statistics.median(r["tokens_per_s"] for r in x) for x in (st, hp, re_))
     ms, mh, mr = (max(r["peak_mb"] for r in x) for x in (st, hp, re_))
     a, b = st[0]["loop"], re_[0]["loop"]
-    print(f"**--task sft, tiny preset, built-in pairs, {args.sft_steps} steps of 64 pairs; standard (the seed's) vs "
+    print(f"**train_sft.py, tiny preset, built-in pairs, {args.sft_steps} steps of 64 pairs; standard (the seed's) vs "
           f"--resource-efficient** ({args.repeats} repeat(s), alternating; median speed, max memory)\n")
     rows = [("micro-batch x accumulation", f"{a['micro_batch']} x {a['grad_accum']}", "same",
              f"{b['micro_batch']} x {b['grad_accum']}", ""),

@@ -36,7 +36,7 @@ RUNS = {
     "asr": ["train_asr.py", "--quick"],
     "lm_gpt": ["train_lm.py", "--quick"],
     "lm_eigen": ["train_lm.py", "--quick", "--arch", "eigen"],
-    "sft": ["train_lm.py", "--task", "sft", "--quick", "--data", "few.jsonl"],
+    "sft": ["train_sft.py", "--quick", "--data", "few.jsonl"],
 }
 
 
@@ -44,8 +44,8 @@ def fixtures(flags, d):
     """The files a run's flags name: few.jsonl, tiny/."""
     sys.path[:0] = [str(REPO), str(HERE / "data")]
     if "few.jsonl" in flags:
-        import train_lm
-        (d / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_lm.builtin_pairs()[::30]))
+        import train_sft
+        (d / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_sft.builtin_pairs()[::30]))
     if "tiny" in flags:
         import tiny_checkpoints
         tiny_checkpoints.write_checkpoint(d / "tiny", "distilbert", "safetensors")

@@ -95,17 +95,6 @@ def test_schedule_choices_follow_their_formula(tmp, schedule):
     assert settings["schedule"]["value"] == schedule and settings["beta2"]["value"] == 0.99
 
 
-def test_sft_keeps_onecycle_and_beta2_095(tmp):
-    """--task sft's thresholds were measured with the old schedule: its standard layer keeps it."""
-    (tmp / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_lm.builtin_pairs()[::30]))
-    p = run("train_lm.py", "--task", "sft", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160",
-            "--data", "few.jsonl", "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
-    settings = read_json(tmp / "m" / "args.json")["settings"]
-    assert settings["schedule"] == {"value": "onecycle", "source": "sft standard"}
-    assert settings["beta2"] == {"value": 0.95, "source": "sft standard"}
-    assert "AdamW betas (0.9, 0.95)" in p.stdout and "--schedule onecycle" in p.stdout
-
-
 # -- the eigenstate scan -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T,chunk", [(50, 1), (50, 7), (50, 16), (50, 50), (50, 64), (64, 16), (64, 64)])

@@ -1,4 +1,4 @@
-"""train_lm.py --task sft: fine-tuning on request -> command pairs, the seed's modes, ask, and
+"""train_sft.py: fine-tuning on request -> command pairs, the seed's modes, ask, and
 continuous learning from the SQLite feedback store. The real script in subprocesses, on CPU."""
 import functools
 import http.server
@@ -14,7 +14,7 @@ import torch
 
 from conftest import call, metrics, popen, read_json, run
 
-import train_lm
+import train_sft
 
 # a model that steps in a few ms: for runs that check plumbing, not learning
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160"]
@@ -23,13 +23,13 @@ TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160"
 def few_pairs(d):
     """Every 30th built-in pair (124, ~12 per split) in d/few.jsonl: for runs that check plumbing,
     where evaluating the full 370-pair test split would be most of the time."""
-    (d / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_lm.builtin_pairs()[::30]))
+    (d / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_sft.builtin_pairs()[::30]))
     return ["--data", "few.jsonl"]
 
 
 # the quick run on 8 of the 67 built-in templates, batch 8 for 400 steps: ~35 s on 2 cores (the
 # full quick run, 600 steps of 32 pairs on all of them, takes ~3 min: README)
-QUICK = ["--task", "sft", "--quick", "--data", "pairs.jsonl", "--batch-size", "8", "--grad-accum", "1",
+QUICK = ["--quick", "--data", "pairs.jsonl", "--batch-size", "8", "--grad-accum", "1",
          "--max-steps", "400", "--eval-every", "200"]
 KEEP = ("kill ", "pip install ", "cd ", "git status", "ls -lS", "rm ", "docker pull ", "mkdir ")
 
@@ -37,10 +37,10 @@ KEEP = ("kill ", "pip install ", "cd ", "git status", "ls -lS", "rm ", "docker p
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
-    pairs = [p for p in train_lm.builtin_pairs() if "typo" not in p["output"]
-             and train_lm.command_of(p["output"]).startswith(KEEP)]
+    pairs = [p for p in train_sft.builtin_pairs() if "typo" not in p["output"]
+             and train_sft.command_of(p["output"]).startswith(KEEP)]
     (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    p = run("train_lm.py", *QUICK, "--out", "runs/cmd", cwd=d, check=0, timeout=600)
+    p = run("train_sft.py", *QUICK, "--out", "runs/cmd", cwd=d, check=0, timeout=600)
     return d, d / "runs" / "cmd", p
 
 
@@ -54,7 +54,7 @@ def test_quick_sft_learns_commands(sft_run):
     assert len(vals) == 2 and vals[-1] < 0.5 and vals[0] < 1.5, vals  # nats per answer token
     assert "loss on the answer only" in p.stdout and "test command accuracy" in p.stdout
     # ask: a command for a request, and a clear error for a run that is not fine-tuned
-    a = run("train_lm.py", "ask", "--out", "runs/cmd", "list files by size", "show git status", cwd=d, check=0)
+    a = run("train_sft.py", "ask", "--out", "runs/cmd", "list files by size", "show git status", cwd=d, check=0)
     lines = [l for l in a.stdout.splitlines() if l.startswith("$ ")]
     assert len(lines) == 2 and lines[0].startswith("$ ls"), a.stdout  # the second: whatever it learned
 
@@ -62,12 +62,12 @@ def test_quick_sft_learns_commands(sft_run):
 def test_prompt_tokens_carry_no_loss():
     torch.manual_seed(0)
     pair = {"input": "list files by size", "output": "<command>ls -lS</command> largest first."}
-    ids, n_prompt = train_lm.render(pair)
-    assert ids[n_prompt] == train_lm.CMD_OPEN and ids[-1] == train_lm.EOT
-    assert train_lm.decode_sft(ids[n_prompt:]) == pair["output"]
-    other = train_lm.render({"input": "x", "output": "<command>pwd</command>"})
-    batch = train_lm.collate([(ids, n_prompt), other], 200)
-    model = train_lm.LM(dict(arch="gpt", vocab_size=train_lm.SFT_VOCAB, n_layer=1, n_head=2, d_model=32,
+    ids, n_prompt = train_sft.render(pair)
+    assert ids[n_prompt] == train_sft.CMD_OPEN and ids[-1] == train_sft.EOT
+    assert train_sft.decode_sft(ids[n_prompt:]) == pair["output"]
+    other = train_sft.render({"input": "x", "output": "<command>pwd</command>"})
+    batch = train_sft.collate([(ids, n_prompt), other], 200)
+    model = train_sft.LM(dict(arch="gpt", vocab_size=train_sft.SFT_VOCAB, n_layer=1, n_head=2, d_model=32,
                              seq_len=200, num_eigenstates=4, chunk_size=8))
     logits = {}
 
@@ -75,7 +75,7 @@ def test_prompt_tokens_carry_no_loss():
         out.retain_grad()
         logits["t"] = out
     model.head.register_forward_hook(keep)
-    loss, n = train_lm.sft_loss_fn(model, batch, torch.device("cpu"))
+    loss, n = train_sft.sft_loss_fn(model, batch, torch.device("cpu"))
     assert n == (len(ids) - n_prompt) + (len(other[0]) - other[1])  # answer tokens and <eot>, both rows
     loss.backward()
     g = logits["t"].grad.abs().sum(-1)  # (B, L): which positions the loss reads
@@ -88,9 +88,9 @@ def test_prompt_tokens_carry_no_loss():
                                          (["--cpu-only", "--resource-efficient"], "cpu_only"),
                                          (["--resource-efficient", "--cpu-only", "--mac"], "mac")])
 def test_mode_values_reach_the_loop(tmp, flags, mode):
-    p = run("train_lm.py", "--task", "sft", *flags, *TINY[:6], *few_pairs(tmp), "--max-steps", "1", "--out", "m",
+    p = run("train_sft.py", *flags, *TINY[:6], *few_pairs(tmp), "--max-steps", "1", "--out", "m",
             cwd=tmp, check=0)
-    want = dict(train_lm.MODES[mode])
+    want = dict(train_sft.MODES[mode])
     loop = read_json(tmp / "m" / "args.json")["chosen"]["loop"]
     if want.get("precision") == "fp16":  # fp16 is for the GPU; this machine runs fp32
         want["precision"] = "fp32"
@@ -108,17 +108,31 @@ def test_mode_values_reach_the_loop(tmp, flags, mode):
         assert "the first wins" in p.stdout
 
 
-def test_flags_beat_the_mode_and_lm_refuses_sft_flags(tmp):
-    p = run("train_lm.py", "--task", "sft", "--resource-efficient", "--lr", "1e-3", *TINY[:6], *few_pairs(tmp),
+def test_flags_beat_the_mode_and_train_lm_names_the_new_command(tmp):
+    p = run("train_sft.py", "--resource-efficient", "--lr", "1e-3", *TINY[:6], *few_pairs(tmp),
             "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
     loop = read_json(tmp / "m" / "args.json")["chosen"]["loop"]
     assert loop["lr"] == 1e-3 and loop["micro_batch"] == 4 and "kept: given as a flag" in p.stdout
-    for bad in (["--mac"], ["--init-from", "m"], ["--continuous-learning"]):
+    # the old spellings on train_lm.py: one line naming the new command, exit 2
+    for bad in (["--mac"], ["--init-from", "m"], ["--continuous-learning"], ["--task", "sft", "--quick"],
+                ["ask", "list files"], ["rate", "--list"]):
         p = call("train_lm.py", *bad, "--out", "x", cwd=tmp)
-        assert p.returncode == 2 and "add --task sft" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = call("train_lm.py", "--task", "sft", "--continuous-learning", "--out", "x", cwd=tmp)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "moved to train_sft.py (train_lm.py pretrains only); run: python train_sft.py " in p.stderr
+    assert "run: python train_sft.py --quick --out x" in call("train_lm.py", "--task", "sft", "--quick", "--out", "x",
+                                                              cwd=tmp).stderr
+    p = call("train_sft.py", "--continuous-learning", "--out", "x", cwd=tmp)
     assert p.returncode == 2 and "needs --feedback-db" in p.stderr
     assert not (tmp / "x").exists()
+
+
+def test_sft_keeps_onecycle_and_beta2_095(tmp):
+    """The sft thresholds were measured with the old schedule: its standard layer keeps it."""
+    p = run("train_sft.py", *TINY, *few_pairs(tmp), "--max-steps", "1", "--out", "m", cwd=tmp, check=0)
+    settings = read_json(tmp / "m" / "args.json")["settings"]
+    assert settings["schedule"] == {"value": "onecycle", "source": "sft standard"}
+    assert settings["beta2"] == {"value": 0.95, "source": "sft standard"}
+    assert "AdamW betas (0.9, 0.95)" in p.stdout and "--schedule onecycle" in p.stdout
 
 
 def test_download_data_trains_on_the_served_pairs(tmp):
@@ -133,7 +147,7 @@ def test_download_data_trains_on_the_served_pairs(tmp):
     url = f"http://127.0.0.1:{srv.server_address[1]}/cmds.csv"
     try:
         (tmp / "mine.jsonl").write_text(json.dumps({"input": "where am i", "output": "<command>pwd</command>"}) + "\n")
-        p = run("train_lm.py", "--task", "sft", *TINY, "--data", "mine.jsonl", "--download-data", url,
+        p = run("train_sft.py", *TINY, "--data", "mine.jsonl", "--download-data", url,
                 "--batch-size", "8", "--grad-accum", "1", "--max-steps", "2", "--out", "dl", cwd=tmp, check=0)
     finally:
         srv.shutdown()
@@ -143,17 +157,17 @@ def test_download_data_trains_on_the_served_pairs(tmp):
         not list((tmp / "data" / "downloads").glob("*.part"))
     pairs = [{"input": f"show line {i} of notes.txt"} for i in range(1, 81)] + [{"input": "where am i"}]
     s = read_json(tmp / "dl" / "summary.json")
-    assert s["test_pairs"] == sum(train_lm.split_of(q) == 0 for q in pairs) > 0
+    assert s["test_pairs"] == sum(train_sft.split_of(q) == 0 for q in pairs) > 0
 
 
 def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
-    flags = ["--task", "sft", "--quick", *TINY, *few_pairs(tmp), "--batch-size", "4", "--grad-accum", "2", "--log-every", "3",
+    flags = ["--quick", *TINY, *few_pairs(tmp), "--batch-size", "4", "--grad-accum", "2", "--log-every", "3",
              "--eval-every", "3"]
-    run("train_lm.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "one", cwd=tmp, check=0)
+    run("train_sft.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "one", cwd=tmp, check=0)
     # the run as if it had been killed after step 3: only that checkpoint, re-run the same command
     (tmp / "two" / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp / "one" / "checkpoints" / "ckpt_step00000003.pt", tmp / "two" / "checkpoints")
-    p = run("train_lm.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "two", cwd=tmp, check=0)
+    p = run("train_sft.py", *flags, "--max-steps", "6", "--save-every", "3", "--out", "two", cwd=tmp, check=0)
     assert "resumed from" in p.stdout and "(step 3)" in p.stdout
     keep = ("step", "loss", "val_loss")
     one, two = [[{k: r[k] for k in keep if k in r} for r in metrics(tmp / o) if r["step"] > 3] for o in ("one", "two")]
@@ -164,16 +178,16 @@ def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
     # --init-from an lm run: shape from there, vocabulary grown by the 8 specials, position table grown
     run("train_lm.py", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
         "--grad-accum", "1", "--eval-tokens", "256", "--max-steps", "2", "--out", "lm", cwd=tmp, check=0)
-    p = run("train_lm.py", "--task", "sft", "--quick", "--init-from", "lm", *few_pairs(tmp), "--seq-len", "160",
+    p = run("train_sft.py", "--quick", "--init-from", "lm", *few_pairs(tmp), "--seq-len", "160",
             "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--out", "ft", cwd=tmp, check=0)
     assert "wte.weight (257, 32) -> (265, 32)" in p.stdout and "wpe.weight (32, 32) -> (160, 32)" in p.stdout
     lm = torch.load(tmp / "lm" / "checkpoints" / "best.pt", weights_only=True)["model"]
     ft = torch.load(sorted((tmp / "ft" / "checkpoints").glob("ckpt_*.pt"))[0], weights_only=True)
     assert ft["task"] == "sft" and ft["model_cfg"]["d_model"] == 32
-    p = call("train_lm.py", "--task", "sft", "--init-from", "lm", "--d-model", "64", "--out", "ft2", cwd=tmp)
+    p = call("train_sft.py", "--init-from", "lm", "--d-model", "64", "--out", "ft2", cwd=tmp)
     assert p.returncode == 2 and "the shape comes from --init-from" in p.stderr
     assert lm["wte.weight"].shape == (257, 32)
-    p = call("train_lm.py", "ask", "--out", "lm", "list files", cwd=tmp)
+    p = call("train_sft.py", "ask", "--out", "lm", "list files", cwd=tmp)
     assert p.returncode == 2 and "ask needs a fine-tuned run" in p.stderr
 
 
@@ -182,16 +196,16 @@ def test_continuous_learning_rounds(sft_run, tmp):
     db = tmp / "fb.db"
 
     def add(n, start):  # rows as ask would log them, rated good
-        ids = [train_lm.log_interaction(db, f"please list files number {start + i}",
+        ids = [train_sft.log_interaction(db, f"please list files number {start + i}",
                                         "<command>ls</command> Lists the files.") for i in range(n)]
         for i in ids:
-            train_lm.rate_interaction(db, i, 1, success=1)
+            train_sft.rate_interaction(db, i, 1, success=1)
         return ids
 
     first = add(4, 0)
-    bad = train_lm.log_interaction(db, "   ", "<command>ls</command>")  # empty request: skipped, warned
-    train_lm.rate_interaction(db, bad, 1, success=1)
-    p = popen("train_lm.py", *QUICK, "--out", str(out), "--continuous-learning", "--feedback-db", str(db), "--retrain-threshold", "4",
+    bad = train_sft.log_interaction(db, "   ", "<command>ls</command>")  # empty request: skipped, warned
+    train_sft.rate_interaction(db, bad, 1, success=1)
+    p = popen("train_sft.py", *QUICK, "--out", str(out), "--continuous-learning", "--feedback-db", str(db), "--retrain-threshold", "4",
               "--poll-every", "0.2", "--max-rounds", "2", "--round-epochs", "1", cwd=d)
     try:
         deadline = time.time() + 240
@@ -204,7 +218,7 @@ def test_continuous_learning_rounds(sft_run, tmp):
     assert p.returncode == 0, stdout[-3000:]
     rounds = [r for r in metrics(out) if "round" in r]
     assert [r["round"] for r in rounds] == [1, 2], stdout[-2000:]
-    used = train_lm.used_rows(db)
+    used = train_sft.used_rows(db)
     assert sorted(i for i, r in used.items() if r == 1) == first  # round 1: exactly the first rows
     assert sorted(i for i, r in used.items() if r == 2) == second  # round 2: only the new ones
     assert bad not in used and stdout.count(f"interaction {bad} skipped") == 1

@@ -1,4 +1,4 @@
-"""train_lm.py --download-data: download (resume, size limit, checksum, errors) against a local
+"""train_sft.py --download-data: download (resume, size limit, checksum, errors) against a local
 HTTP server in a thread, and the .jsonl/.csv pair readers. In-process: no trainer runs here."""
 import hashlib
 import http.server
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import common
-import train_lm
+import train_sft
 from common import UserError
 
 DATA = bytes(range(256)) * 400  # 102,400 bytes: several 64 KiB reads
@@ -81,20 +81,20 @@ def leftovers(d):
 def test_full_download_then_reuse(server, tmp_path, capsys):
     url = server.url + "/d/data.jsonl"
     logs = []
-    p = train_lm.download(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append)
+    p = train_sft.download(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append)
     assert p.read_bytes() == DATA and p.name.endswith("-data.jsonl")
     assert leftovers(tmp_path / "dl") == [p.name]  # no .part
     assert "100%" in capsys.readouterr().err  # the tqdm bar ran to the end
     assert server.requests == [("/d/data.jsonl", None)]
     # a second call reuses the finished file without touching the network
-    assert train_lm.download(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append) == p
+    assert train_sft.download(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append) == p
     assert len(server.requests) == 1 and "downloaded before" in logs[-1]
 
 
 def test_same_basename_from_two_urls_does_not_collide(server, tmp_path):
     server.files["/e/data.jsonl"] = b"other"
-    a = train_lm.download(server.url + "/d/data.jsonl", tmp_path, log=lambda m: None)
-    b = train_lm.download(server.url + "/e/data.jsonl", tmp_path, log=lambda m: None)
+    a = train_sft.download(server.url + "/d/data.jsonl", tmp_path, log=lambda m: None)
+    b = train_sft.download(server.url + "/e/data.jsonl", tmp_path, log=lambda m: None)
     assert a != b and a.read_bytes() == DATA and b.read_bytes() == b"other"
 
 
@@ -102,10 +102,10 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     url, d, k = server.url + "/d/data.jsonl", tmp_path / "dl", 70_000
     server.cut_after = k
     with pytest.raises(UserError, match=f"interrupted after {k:,} of {len(DATA):,} bytes; re-run the same command to resume"):
-        train_lm.download(url, d, sha256=DATA_SHA, log=lambda m: None)
+        train_sft.download(url, d, sha256=DATA_SHA, log=lambda m: None)
     (part,) = d.iterdir()
     assert part.name.endswith(".part") and part.stat().st_size == k
-    p = train_lm.download(url, d, sha256=DATA_SHA, log=lambda m: None)
+    p = train_sft.download(url, d, sha256=DATA_SHA, log=lambda m: None)
     assert server.requests[-1] == ("/d/data.jsonl", f"bytes={k}-")
     assert p.read_bytes() == DATA and hashlib.sha256(p.read_bytes()).hexdigest() == DATA_SHA
     assert leftovers(d) == [p.name]
@@ -115,8 +115,8 @@ def test_stalled_server_times_out_and_resumes(server, tmp_path):
     url, d = server.url + "/d/data.jsonl", tmp_path / "dl"
     server.cut_after, server.stall = 10_000, True
     with pytest.raises(UserError, match="interrupted after 10,000 bytes .*timed out.*; re-run the same command"):
-        train_lm.download(url, d, log=lambda m: None, timeout=0.3)
-    assert train_lm.download(url, d, log=lambda m: None).read_bytes() == DATA
+        train_sft.download(url, d, log=lambda m: None, timeout=0.3)
+    assert train_sft.download(url, d, log=lambda m: None).read_bytes() == DATA
     assert server.requests[-1][1] == "bytes=10000-"
 
 
@@ -125,8 +125,8 @@ def test_complete_part_and_416_is_verified(server, tmp_path):
     d = tmp_path / "dl"
     d.mkdir()
     url = server.url + "/d/data.jsonl"
-    (d / (train_lm.download_name(url) + ".part")).write_bytes(DATA)
-    p = train_lm.download(url, d, log=lambda m: None)
+    (d / (train_sft.download_name(url) + ".part")).write_bytes(DATA)
+    p = train_sft.download(url, d, log=lambda m: None)
     assert server.requests == [("/d/data.jsonl", f"bytes={len(DATA)}-")]
     assert p.read_bytes() == DATA and leftovers(d) == [p.name]
 
@@ -135,9 +135,9 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     url, d = server.url + "/d/data.jsonl", tmp_path / "dl"
     server.cut_after, server.ignore_range = 30_000, True
     with pytest.raises(UserError, match="resume"):
-        train_lm.download(url, d, log=lambda m: None)
+        train_sft.download(url, d, log=lambda m: None)
     logs = []
-    p = train_lm.download(url, d, sha256=DATA_SHA, log=logs.append)
+    p = train_sft.download(url, d, sha256=DATA_SHA, log=logs.append)
     assert server.requests[-1][1] == "bytes=30000-"  # asked, and got a 200 with the whole file
     assert p.read_bytes() == DATA  # not the first 30,000 bytes twice
     assert any("ignored the resume request" in m for m in logs)
@@ -146,30 +146,30 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     d = tmp_path / "dl"
     with pytest.raises(UserError, match=f"expected {'ab' * 32}, got {DATA_SHA}"):
-        train_lm.download(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
+        train_sft.download(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
     assert leftovers(d) == []
 
 
 def test_http_and_connection_errors(server, tmp_path):
     with pytest.raises(UserError, match=r"/nope\.jsonl: HTTP 404"):
-        train_lm.download(server.url + "/nope.jsonl", tmp_path, log=lambda m: None)
+        train_sft.download(server.url + "/nope.jsonl", tmp_path, log=lambda m: None)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now: connection refused
     with pytest.raises(UserError, match="cannot connect"):
-        train_lm.download(f"http://127.0.0.1:{port}/a.jsonl", tmp_path, log=lambda m: None)
+        train_sft.download(f"http://127.0.0.1:{port}/a.jsonl", tmp_path, log=lambda m: None)
 
 
 def test_schemes_and_local_paths(tmp_path):
     for url in ("ftp://example.com/a.csv", "file:///etc/passwd"):
         with pytest.raises(UserError, match="only http\\(s\\) URLs or local paths"):
-            train_lm.download(url, tmp_path)
+            train_sft.download(url, tmp_path)
     with pytest.raises(UserError, match="no such file or folder"):
-        train_lm.download(str(tmp_path / "missing.csv"), tmp_path)
+        train_sft.download(str(tmp_path / "missing.csv"), tmp_path)
     f = tmp_path / "a.csv"
     f.write_text("x")
-    assert train_lm.download(str(f), tmp_path / "dl") == f and train_lm.download(str(tmp_path), tmp_path / "dl") == tmp_path
+    assert train_sft.download(str(f), tmp_path / "dl") == f and train_sft.download(str(tmp_path), tmp_path / "dl") == tmp_path
     assert not (tmp_path / "dl").exists()  # a local path is used where it is, never copied
 
 
@@ -178,9 +178,9 @@ def test_size_limit(server, tmp_path, no_length):
     server.no_length = no_length  # without Content-Length the limit is enforced while streaming
     d = tmp_path / "dl"
     with pytest.raises(UserError, match="--max-download-mb"):
-        train_lm.download(server.url + "/d/data.jsonl", d, max_bytes=len(DATA) - 1, log=lambda m: None)
+        train_sft.download(server.url + "/d/data.jsonl", d, max_bytes=len(DATA) - 1, log=lambda m: None)
     assert leftovers(d) == []
-    p = train_lm.download(server.url + "/d/data.jsonl", d, max_bytes=len(DATA), log=lambda m: None)
+    p = train_sft.download(server.url + "/d/data.jsonl", d, max_bytes=len(DATA), log=lambda m: None)
     assert p.read_bytes() == DATA
 
 
@@ -199,7 +199,7 @@ CSV = ('\ufeffDescription,Command,Explanation\n'
 def test_read_pairs_csv(tmp_path):
     f = tmp_path / "cmds.csv"
     f.write_text(CSV, encoding="utf-8")
-    records, bad, reasons = train_lm.read_pairs(f, "--download-data")
+    records, bad, reasons = train_sft.read_pairs(f, "--download-data")
     assert records == [
         {"input": "list files", "output": "<command>ls -la</command> shows all, even hidden"},
         {"input": "count lines", "output": "<command>wc -l file</command>"},
@@ -208,10 +208,10 @@ def test_read_pairs_csv(tmp_path):
                                     "line 6: 4 fields, expected 3 (quote texts with commas)"]
     # the explanation column may be absent altogether
     f.write_text("description,command\nsay hi,echo hi\n")
-    assert train_lm.read_pairs(f, "--download-data")[0] == [{"input": "say hi", "output": "<command>echo hi</command>"}]
+    assert train_sft.read_pairs(f, "--download-data")[0] == [{"input": "say hi", "output": "<command>echo hi</command>"}]
     f.write_text("question,answer\na,b\n")
     with pytest.raises(UserError, match=r"--download-data .*cmds\.csv: missing column\(s\) description, command"):
-        train_lm.read_pairs(f, "--download-data")
+        train_sft.read_pairs(f, "--download-data")
 
 
 JSONL = ('{"input": "a", "output": "b", "source": "ignored"}\n'
@@ -227,7 +227,7 @@ JSONL = ('{"input": "a", "output": "b", "source": "ignored"}\n'
 def test_read_pairs_jsonl_and_folder(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text(JSONL)
-    records, bad, reasons = train_lm.read_pairs(f, "--download-data")
+    records, bad, reasons = train_sft.read_pairs(f, "--download-data")
     assert records == [{"input": "a", "output": "b"}, {"input": "g", "output": "h"}]
     assert bad == 5
     assert reasons[0].startswith("line 3: not JSON") and reasons[1:] == [
@@ -235,9 +235,9 @@ def test_read_pairs_jsonl_and_folder(tmp_path):
         "line 7: empty 'input'"]
     (tmp_path / "cmds.csv").write_text(CSV)
     (tmp_path / "notes.txt").write_text("not data")  # other files in a folder are not read
-    records, bad, reasons = train_lm.read_pairs(tmp_path, "--download-data")
+    records, bad, reasons = train_sft.read_pairs(tmp_path, "--download-data")
     assert len(records) == 3 + 2 and records[0]["input"] == "list files"  # sorted: cmds.csv first
-    assert bad == 2 + 5 and len(reasons) == train_lm.MAX_REASONS and reasons[0] == "cmds.csv line 5: empty 'command'"
+    assert bad == 2 + 5 and len(reasons) == train_sft.MAX_REASONS and reasons[0] == "cmds.csv line 5: empty 'command'"
 
 
 def test_read_pairs_unreadable_files(tmp_path):
@@ -246,18 +246,18 @@ def test_read_pairs_unreadable_files(tmp_path):
                             ("c.csv", b"", "missing column")]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError, match=f"--download-data .*{name}: {msg}"):
-            train_lm.read_pairs(tmp_path / name, "--download-data")
+            train_sft.read_pairs(tmp_path / name, "--download-data")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no .jsonl or .csv files"):
-        train_lm.read_pairs(empty, "--download-data")
+        train_sft.read_pairs(empty, "--download-data")
 
 
 # -----------------------------------------------------------------------------
 # the flags and fetch_pairs
 
 def parse(*argv):
-    return train_lm.parser.parse_args(list(argv))
+    return train_sft.parser.parse_args(list(argv))
 
 
 def test_more_sha256_than_urls_is_a_one_line_exit_2(capsys):
@@ -265,14 +265,14 @@ def test_more_sha256_than_urls_is_a_one_line_exit_2(capsys):
     # driven in-process: common.run_main is what every trainer's __main__ uses
     args = parse("--download-data", "https://example.com/a.jsonl", "--sha256", "a" * 64, "--sha256", "b" * 64)
     with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: train_lm.check_download_args(args))
+        common.run_main(lambda: train_sft.check_download_args(args))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: --sha256 given 2 times for 1 --download-data")
     for argv, msg in [(["--download-data", "https://example.com/a.jsonl", "--sha256", "xyz"], "not a SHA-256"),
                       (["--download-data", "https://example.com/data?fmt=csv"], "must end in .jsonl or .csv")]:
         with pytest.raises(UserError, match=msg):
-            train_lm.check_download_args(parse(*argv))
+            train_sft.check_download_args(parse(*argv))
 
 
 def test_fetch_pairs_mixes_urls_and_local_paths(server, tmp_path):
@@ -281,7 +281,7 @@ def test_fetch_pairs_mixes_urls_and_local_paths(server, tmp_path):
     args = parse("--download-data", server.url + "/p.jsonl", "--download-data", str(tmp_path / "cmds.csv"),
                  "--sha256", hashlib.sha256(JSONL.encode()).hexdigest(), "--download-dir", str(tmp_path / "dl"))
     logs = []
-    got = train_lm.fetch_pairs(args, log=logs.append)
+    got = train_sft.fetch_pairs(args, log=logs.append)
     assert [(src, len(r), bad) for src, r, bad, _ in got] == [(server.url + "/p.jsonl", 2, 5),
                                                               (str(tmp_path / "cmds.csv"), 3, 2)]
     assert logs[-1] == (f"--download-data {tmp_path / 'cmds.csv'}: 3 pairs, 2 bad rows skipped (first: "
@@ -289,11 +289,11 @@ def test_fetch_pairs_mixes_urls_and_local_paths(server, tmp_path):
     # a local file is checked against its --sha256 too
     args = parse("--download-data", str(tmp_path / "cmds.csv"), "--sha256", "0" * 64)
     with pytest.raises(UserError, match="SHA-256 mismatch"):
-        train_lm.fetch_pairs(args, log=logs.append)
+        train_sft.fetch_pairs(args, log=logs.append)
     # a source with no usable pair at all is an error, not an empty fine-tune
     (tmp_path / "bad.jsonl").write_text("nope\n")
     with pytest.raises(UserError, match="no usable input/output pairs, 1 bad rows"):
-        train_lm.fetch_pairs(parse("--download-data", str(tmp_path / "bad.jsonl")), log=logs.append)
+        train_sft.fetch_pairs(parse("--download-data", str(tmp_path / "bad.jsonl")), log=logs.append)
 
 
 def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monkeypatch):
@@ -301,11 +301,11 @@ def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monk
     args = parse("--download-data", server.url + "/p.jsonl", "--download-dir", str(tmp_path / "dl"))
     monkeypatch.setenv("LOCAL_RANK", "1")
     got = []
-    rank1 = threading.Thread(target=lambda: got.extend(train_lm.fetch_pairs(args, log=lambda m: None)), daemon=True)
+    rank1 = threading.Thread(target=lambda: got.extend(train_sft.fetch_pairs(args, log=lambda m: None)), daemon=True)
     rank1.start()
     rank1.join(1.5)
     assert rank1.is_alive() and server.requests == []  # waiting, not downloading
-    train_lm.download(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
+    train_sft.download(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
     rank1.join(5)
     assert not rank1.is_alive() and len(got[0][1]) == 2
     assert len(server.requests) == 1  # one transfer for both ranks
