@@ -1,4 +1,4 @@
-"""common.py -- the pieces every lean-train trainer shares, and the background-run manager.
+"""common.py -- the pieces every lean-train trainer shares.
 
 Plain functions with explicit arguments: no Trainer class, no callbacks, no hidden globals.
 A trainer keeps its own outer loop (epochs, eval, log and save cadence) and calls in here for
@@ -11,20 +11,18 @@ what is easy to get wrong:
     memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory, keep_heap_small
     checkpoints ...... training_state, save_checkpoint (atomic + rotation), find_checkpoint (resume,
                        fallback), restore_training_state
-    run folder ....... start_run, recording_failures, update_status, append_metrics, write_summary,
-                       plot_progress, progress_bar
+    run folder ....... open_run, start_run, recording_failures, update_status, append_metrics,
+                       write_summary, plot_progress, progress_bar
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
-Run as a script it manages background runs (the launchers run.sh / start_training.bat call it):
-
-    python common.py start gru --quick      # detached; prints run folder and PID
-    python common.py status                 # table of runs under runs/
-    python common.py monitor [RUN]          # refresh every 5 s until the run ends
-    python common.py stop [RUN]             # graceful: the trainer saves, then exits
+Each function says who uses it; "every trainer" means train_gru.py, train_classifier.py,
+train_asr.py, train_lm.py and train_sft.py. Starting, watching and stopping background runs is
+memory_optimizer.py's (start|status|monitor|stop), which the launchers run.sh and
+start_training.bat call.
 """
-
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import gc
@@ -32,31 +30,31 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
-from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
 REPO = Path(__file__).resolve().parent
 TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
-            "asr": "train_asr.py", "lm": "train_lm.py"}
+            "asr": "train_asr.py", "lm": "train_lm.py", "sft": "train_sft.py"}
 CKPT_GLOB = "ckpt_step*.pt"
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad flag, bad file). Printed as one line, exit code 2."""
+    """A mistake the user can fix (bad flag, bad file). Printed as one line, exit code 2.
+    Used by every trainer and memory_optimizer.py."""
 
 
 def run_main(main):
-    """Called by every trainer's `if __name__ == "__main__"`: user mistakes exit 2 with one line."""
+    """User mistakes (UserError) exit 2 with one line.
+    Used by every trainer's `if __name__ == "__main__"` and memory_optimizer.py."""
     try:
         sys.exit(main())
     except UserError as e:
@@ -69,7 +67,9 @@ def run_main(main):
 
 class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the docstring's layout and show every flag's default in --help (unless the help
-    text already speaks of its default, or there is none worth showing)."""
+    text already speaks of its default, or there is none worth showing).
+    Used by make_parser; train_lm.py and train_sft.py (their subcommand parsers),
+    memory_optimizer.py."""
 
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.default in (None, False):
@@ -78,6 +78,9 @@ class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors.
+    Used by make_parser; train_lm.py and train_sft.py (their subcommand parsers),
+    memory_optimizer.py."""
     def error(self, message):  # one line, exit 2 (argparse would also print the whole usage)
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -87,6 +90,7 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
     """Every trainer's parser starts here, so the same flag means the same thing everywhere.
 
     Trainer-specific defaults come in as arguments; trainers add their own flags afterwards.
+    Used by every trainer.
     """
     p = Parser(description=description, allow_abbrev=False,
                 formatter_class=HelpFormat)
@@ -154,6 +158,8 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
 
 
 def pos_int(s):
+    """argparse type: an integer >= 1.
+    Used by make_parser; every trainer and memory_optimizer.py (flag types)."""
     v = int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
@@ -161,6 +167,8 @@ def pos_int(s):
 
 
 def nonneg_int(s):
+    """argparse type: an integer >= 0.
+    Used by make_parser; train_gru.py, train_asr.py, train_lm.py, train_sft.py."""
     v = int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
@@ -168,6 +176,9 @@ def nonneg_int(s):
 
 
 def pos_float(s):
+    """argparse type: a finite number > 0.
+    Used by make_parser; train_classifier.py, train_asr.py, train_lm.py, train_sft.py,
+    memory_optimizer.py."""
     v = float(s)
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
@@ -175,6 +186,7 @@ def pos_float(s):
 
 
 def percent(s):
+    """argparse type: a percentage in (0, 100]. Used by make_parser (the memory thresholds)."""
     v = float(s)
     if not 0 < v <= 100:
         raise argparse.ArgumentTypeError(f"must be a percentage in (0, 100], got {s}")
@@ -182,27 +194,72 @@ def percent(s):
 
 
 def batch_size_arg(s):
+    """argparse type: 'auto' or a positive integer.
+    Used by make_parser (--batch-size, --grad-accum)."""
     return "auto" if str(s) == "auto" else pos_int(s)
 
 
+class _Typed(argparse.Namespace):
+    """A namespace that ignores argparse.SUPPRESS: parsed into with every default suppressed, it
+    ends up holding only what the command line itself set.
+    Used by flag_reader's readers: explicit_flags and config_value."""
+
+    def __setattr__(self, name, value):
+        if value is not argparse.SUPPRESS:
+            super().__setattr__(name, value)
+
+
+def flag_reader(parser):
+    """A copy of `parser` that reads only what a command line sets: every default is
+    argparse.SUPPRESS, and a bad value raises argparse.ArgumentError instead of exiting.
+    Used by explicit_flags and resolve_settings.
+    """
+    reader = copy.deepcopy(parser)  # set_defaults changes the parser it is called on
+    reader.set_defaults(**dict.fromkeys(vars(parser.parse_known_args([])[0]), argparse.SUPPRESS))
+    reader.exit_on_error = False
+    return reader
+
+
 def explicit_flags(parser, argv):
-    """The dests the user typed on the command line (so config/presets never override them)."""
-    given = set()
-    for action in parser._actions:
-        for opt in action.option_strings:
-            if any(a == opt or a.startswith(opt + "=") for a in argv):
-                given.add(action.dest)
-    return given
+    """The dests the user typed on the command line (so config/presets never override them);
+    an alias (--batch_size) counts as its dest.
+    Used by resolve_settings."""
+    return set(vars(flag_reader(parser).parse_known_args(argv, namespace=_Typed())[0]))
+
+
+def config_value(reader, key, value):
+    """An optimal_config.json value, converted and checked as if typed: a key is the dest of the
+    flag --key-with-dashes. A setting without such a flag (workers, pin_memory, a flag that takes
+    no value) is returned as it is. Raises ValueError for a value the flag refuses.
+    reader = flag_reader(parser).
+    Used by resolve_settings."""
+    flag = "--" + key.replace("_", "-")
+    try:
+        typed, rest = reader.parse_known_args([flag, str(value)], namespace=_Typed())
+    except argparse.ArgumentError as e:
+        if (e.argument_name or "").split("/")[0] == flag:  # the error names the action's flags, main one first
+            # the type's own words (argparse keeps its exception as the context), as for a typed flag
+            choices = re.fullmatch(r"invalid choice: .* \(choose from (.*)\)", e.message)
+            raise ValueError("not one of " + choices[1].replace("'", "") if choices else
+                             str(e.__context__ or e.message))
+        return value  # --key-with-dashes is another dest's alias (train_classifier.py's old --model)
+    if key not in vars(typed) or rest:
+        return value
+    got = vars(typed)[key]
+    # a flag without a type (a path) gives back str(value): keep the value as the config wrote it
+    return value if got in (str(value), [str(value)]) else got
 
 
 def resolve_settings(parser, argv, log=print, modes=None):
     """Parse argv, then layer optimal_config.json and --resource-efficient under the flags.
 
     modes(args, sources, log), when given, replaces the generic --resource-efficient layer
-    (train_lm.py: the seed's exact fine-tuning table and its sibling modes).
+    (train_sft.py: the seed's exact fine-tuning table and its sibling modes).
 
     Returns (args, sources): sources[name] is "default", "optimal_config.json", "flag",
-    "resource-efficient" or (filled in later) "auto"/"checkpoint". Called by every trainer.
+    "resource-efficient" or (filled in later) "auto"/"checkpoint". Only public argparse: a copy
+    of the parser with every default suppressed tells what was typed (flag_reader).
+    Used by every trainer.
     """
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
@@ -216,21 +273,14 @@ def resolve_settings(parser, argv, log=print, modes=None):
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({e!r}); "
                             "regenerate it with `python memory_optimizer.py config`")
-        applied = []
-        actions = {}
-        for a in parser._actions:  # the first action of a dest is its main flag (not an alias)
-            actions.setdefault(a.dest, a)
+        applied, reader = [], flag_reader(parser)
         for key, entry in section.items():
             if key in sources and sources[key] == "default":
                 value = entry if not isinstance(entry, dict) else \
                     entry.get("quick_value", entry["value"]) if args.quick else entry["value"]
-                action = actions.get(key)
                 try:  # the same checks as a typed flag
-                    if action is not None and action.type is not None:
-                        value = action.type(str(value))
-                    if action is not None and action.choices and value not in action.choices:
-                        raise ValueError(f"not one of {', '.join(map(str, action.choices))}")
-                except (ValueError, argparse.ArgumentTypeError) as e:
+                    value = config_value(reader, key, value)
+                except ValueError as e:
                     raise UserError(f"--config {cfg_path}: {args.trainer}.{key} = {value!r} is invalid "
                                     f"({e}); regenerate it with `python memory_optimizer.py config`")
                 setattr(args, key, value)
@@ -254,7 +304,8 @@ def resolve_settings(parser, argv, log=print, modes=None):
 
 def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
     """--resource-efficient evaluates twice as often: with evaluation at epoch end only
-    (--eval-every 0), that means every half epoch. Called by trainers once steps/epoch is known."""
+    (--eval-every 0), that means every half epoch.
+    Used by every trainer, once steps/epoch is known."""
     if args.resource_efficient and args.eval_every == 0 and sources.get("eval_every") != "flag":
         args.eval_every, sources["eval_every"] = max(1, steps_per_epoch // 2), "resource-efficient"
         log(f"--resource-efficient: evaluating every {args.eval_every} steps (half an epoch)")
@@ -262,7 +313,8 @@ def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
 
 def apply_resource_efficient(args, sources, log=print):
     """The --resource-efficient preset, applied before anything is built; flags typed by the
-    user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
+    user win. The batch halving happens in choose_batch_size (it needs the chosen batch).
+    Used by resolve_settings (when a trainer passes no modes)."""
     wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("swap_threshold", 30.0), ("mem_check_every", 15.0),
               ("workers", 1), ("pin_memory", False),
               ("save_every", max(1, args.save_every // 2)),
@@ -289,7 +341,8 @@ def apply_resource_efficient(args, sources, log=print):
 def read_csv(path, flag, columns):
     """Rows of a UTF-8 CSV (Excel's BOM allowed) as tuples of the named columns, stripped;
     rows with an empty field are skipped. Every problem is a UserError naming the flag and
-    file. Called by the trainers that read CSV data."""
+    file.
+    Used by train_gru.py, train_classifier.py; benchmarks/bench_classifier_real.py."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{flag} {p}: file not found")
@@ -328,6 +381,7 @@ def setup_device(args, sources=None):
     auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU (CPU autocast
     to bf16 only when asked: it is slower than fp32 on most laptop CPUs). A precision that
     came from optimal_config.json (not typed) and does not fit the device falls back to auto.
+    Used by open_run; benchmarks/bench_{gru,classifier,asr,lm}.py.
     """
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu "
@@ -375,6 +429,8 @@ def setup_device(args, sources=None):
 
 
 def autocast(device, amp_dtype):
+    """torch.amp.autocast for amp_dtype; a no-op for fp32 (amp_dtype None).
+    Used by train_step, probe_step; every trainer (evaluation)."""
     return torch.amp.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
@@ -382,12 +438,15 @@ def autocast(device, amp_dtype):
 # the step: autocast + exact gradient accumulation + unscale + clip + step, with OOM retry
 
 def split_batch(batch, micro_bs):
-    """Slice a dict of tensors (dim 0 = samples) into micro-batches of micro_bs samples."""
+    """Slice a dict of tensors (dim 0 = samples) into micro-batches of micro_bs samples.
+    Used by train_step."""
     n = len(next(iter(batch.values())))
     return [{k: v[i:i + micro_bs] for k, v in batch.items()} for i in range(0, n, micro_bs)]
 
 
 def is_oom(e):
+    """True for CUDA out-of-memory and MemoryError, the errors a smaller batch can fix.
+    Used by train_step, probe_batch_size; train_asr.py."""
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(e, RuntimeError) and "out of memory" in str(e))
 
@@ -404,10 +463,11 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
     On CUDA OOM / MemoryError: free, halve the micro-batch, redo the step (same effective batch).
     no_sync: for DDP, the wrapped model's no_sync; every micro-batch but the last runs inside
     it, so gradients are all-reduced once per step, not once per micro-batch (train_lm.py).
-    Returns (mean loss, items, micro_bs actually used). Called by every trainer's loop.
+    Returns (mean loss, items, micro_bs actually used).
+    Used by every trainer.
     """
     while True:
-        oom = False
+        oom = unscaled = False
         try:
             micro = split_batch(batch, micro_bs)
             total_loss, total_n, estimate = 0.0, 0, None
@@ -423,6 +483,7 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
                 total_loss += loss_sum.item()
                 total_n += n
                 del loss_sum  # else the graph of the last micro-batch lives through the optimizer step
+            unscaled = True
             scaler.unscale_(optimizer)  # clip must see true gradients, not fp16-scaled ones
             correction = estimate / max(1, total_n)
             if correction != 1.0:
@@ -442,8 +503,11 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
         if oom:
             optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed try
             free_memory(device)
-            if scaler.is_enabled():  # forget a half-done unscale_, as scaler.update() would
-                scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+            if unscaled:
+                # forget the failed try's unscale_/step, else the retry's unscale_ raises "already
+                # been called": update(new_scale) clears that per-optimizer record, as every update()
+                # does, while keeping the scale and its growth count (no inf check consumed)
+                scaler.update(new_scale=scaler.get_scale())
             micro_bs = max(1, micro_bs // 2)
             log(f"out of memory: micro-batch halved to {micro_bs} (more accumulation, "
                 "same effective batch); redoing the step")
@@ -455,8 +519,8 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device,
 def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
     """Starting micro-batch before the probe. CPU: the seeds' RAM table; CUDA: free GPU memory.
 
-    Called by choose_batch_size and memory_optimizer.py config (so both give the same numbers).
     Returns (batch size, reason).
+    Used by choose_batch_size and memory_optimizer.py config (so both give the same numbers).
     """
     if device == "cuda":
         gb = free_gpu_gb if free_gpu_gb is not None else torch.cuda.mem_get_info()[0] / 2**30
@@ -478,6 +542,7 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
     probe(bs) runs one real forward+backward at batch bs and raises MemoryError/CUDA OOM or
     returns the peak bytes it needed. `resumed` = (micro, accum) from a checkpoint: reused as
     is, so a resumed run does the same arithmetic as the run it continues.
+    Used by every trainer.
     """
     E = args.effective_batch
     if resumed:
@@ -512,7 +577,8 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
 
 
 def probe_batch_size(probe, start, device, args, log=print):
-    """Halve `start` until one forward+backward fits under the memory thresholds."""
+    """Halve `start` until one forward+backward fits under the memory thresholds.
+    Used by choose_batch_size."""
     bs = start
     while True:
         try:
@@ -541,6 +607,7 @@ def probe_step(model, loss_fn, batch, device, amp_dtype):
     On CPU, torch has no allocator statistics, so we read the process RSS with the activations
     alive (after forward) and count backward as needing about as much again. Gradients and the
     optimizer's state are added from the parameter count (AdamW: two moments per weight).
+    Used by every trainer, in the probe it passes to choose_batch_size.
     """
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -564,7 +631,8 @@ class StepBatches(torch.utils.data.Dataset):
     """Item i = the batch of optimizer step i, fn(step=i, **kw), for a DataLoader with --workers
     processes that build batches ahead of the loop. A module function plus plain data, so it
     pickles for the spawn start method (Windows, macOS, and Python 3.14's forkserver default): a
-    lambda or a local function would not. Used by train_lm.py, train_sft.py, train_classifier.py."""
+    lambda or a local function would not.
+    Used by train_lm.py, train_sft.py."""
 
     def __init__(self, fn, **kw):
         self.fn, self.kw = fn, kw
@@ -574,7 +642,8 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def quiet_worker(_):
-    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them)."""
+    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them).
+    Used by train_classifier.py, train_lm.py, train_sft.py (worker_init_fn of their DataLoader)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -582,6 +651,8 @@ def quiet_worker(_):
 # memory
 
 def free_gpu_gb(device):
+    """Free memory on a CUDA device in GB (None on CPU).
+    Used by choose_batch_size; train_gru.py, train_asr.py."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
@@ -589,7 +660,8 @@ def free_gpu_gb(device):
 
 
 def memory_snapshot(device):
-    """RAM and GPU memory now (process RSS, system %, GPU allocated and % of the card)."""
+    """RAM and GPU memory now (process RSS, system %, GPU allocated and % of the card).
+    Used by check_memory; every trainer."""
     vm = psutil.virtual_memory()
     snap = {"ram_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "ram_pct": vm.percent,
             "gpu_mb": None, "gpu_pct": None}
@@ -602,11 +674,12 @@ def memory_snapshot(device):
 
 
 def peak_memory_mb(device):
-    """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS."""
+    """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS.
+    Used by every trainer."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     try:  # Linux: VmHWM is this process's own high-water mark; ru_maxrss would carry over the
-        # peak of the parent it was forked from (e.g. pytest, or `common.py start`)
+        # peak of the parent it was forked from (e.g. pytest, or `memory_optimizer.py start`)
         with open("/proc/self/status") as f:
             return round(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024, 1)
     except (OSError, StopIteration):
@@ -626,7 +699,8 @@ def keep_heap_small(threshold=1 << 20):
     the freed gaps rarely fit the next request: the process's RSS keeps growing. Measured on
     `train_lm.py --task sft`: this setting alone took peak RSS from 1,338 to 485 MB at 0.70x the
     speed (README, table 4).
-    Also what MALLOC_MMAP_THRESHOLD_=1048576 in the environment does. Returns True if set."""
+    Also what MALLOC_MMAP_THRESHOLD_=1048576 in the environment does. Returns True if set.
+    Used by resolve_settings (--resource-efficient); benchmarks/bench_lm.py."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -637,15 +711,17 @@ def keep_heap_small(threshold=1 << 20):
 
 
 def free_memory(device):
-    """gc (Python cycles holding tensors) + the CUDA caching allocator's unused blocks."""
+    """gc (Python cycles holding tensors) + the CUDA caching allocator's unused blocks.
+    Used by train_step, probe_batch_size, check_memory; memory_optimizer.py optimize."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def check_memory(watch, device, log=print):
-    """Called every step; every `watch['every']` seconds compares RAM/GPU use to the thresholds
-    and frees caches when over. watch = {'every', 'ram', 'gpu', 'last'} (mutated)."""
+    """Every `watch['every']` seconds compares RAM/GPU use to the thresholds
+    and frees caches when over. watch = {'every', 'ram', 'gpu', 'last'} (mutated).
+    Used by every trainer, every step."""
     now = time.monotonic()
     if now - watch["last"] < watch["every"]:
         return
@@ -669,13 +745,15 @@ def check_memory(watch, device, log=print):
 # RNG, checkpoints and resume
 
 def seed_everything(seed):
+    """Seed Python, numpy and torch (every CUDA device too). Used by open_run."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def rng_state():
-    """All RNG states as weights_only-loadable data (numpy's array becomes a tensor)."""
+    """All RNG states as weights_only-loadable data (numpy's array becomes a tensor).
+    Used by training_state."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)),
                                                      pos, has_gauss, gauss),
@@ -686,6 +764,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """The inverse of rng_state. Used by restore_training_state."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -696,14 +775,16 @@ def set_rng_state(state):
 
 def training_state(model, optimizer, scheduler, scaler, **plain):
     """What a checkpoint holds: the state_dicts, every RNG state, and the trainer's plain data
-    (step, position in the epoch, best metric, ...). Passed to save_checkpoint by the trainers."""
+    (step, position in the epoch, best metric, ...).
+    Used by every trainer (its result goes to save_checkpoint)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **plain}
 
 
 def restore_training_state(state, model, optimizer, scheduler, scaler):
     """The inverse of training_state, for a resume: after it, the run continues as if never stopped.
-    Returns (wall_s, train_s, samples) of the run's earlier segments, zeros without a state."""
+    Returns (wall_s, train_s, samples) of the run's earlier segments, zeros without a state.
+    Used by every trainer."""
     if not state:
         return 0.0, 0.0, 0
     model.load_state_dict(state["model"])
@@ -715,6 +796,8 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
 
 
 def _atomic_torch_save(obj, path):
+    """torch.save to a temp file, fsync, os.replace: never half a checkpoint.
+    Used by save_checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -724,13 +807,16 @@ def _atomic_torch_save(obj, path):
 
 
 def _ckpt_step(path):
+    """The step N of ckpt_stepN.pt, for numeric sorting.
+    Used by save_checkpoint, find_checkpoint."""
     return int(path.stem.split("step")[1])
 
 
 def save_checkpoint(out, step, state, keep, protect=None, best=False):
     """Write <out>/checkpoints/ckpt_step{N:08d}.pt atomically, keep the newest `keep`, never
     delete `protect` (the file this run resumed from); best=True also copies it to best.pt.
-    `state` is a dict of state_dicts and plain data -- never a module or a function."""
+    `state` is a dict of state_dicts and plain data -- never a module or a function.
+    Used by every trainer."""
     d = Path(out) / "checkpoints"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"ckpt_step{step:08d}.pt"
@@ -748,14 +834,16 @@ def save_checkpoint(out, step, state, keep, protect=None, best=False):
 
 def load_checkpoint(path):
     """Load a checkpoint without running code from it: weights_only=True refuses pickled
-    callables/classes, so a tampered file raises instead of executing."""
+    callables/classes, so a tampered file raises instead of executing.
+    Used by find_checkpoint; train_gru.py, train_classifier.py, train_asr.py (best.pt)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def find_checkpoint(out, args, log=print):
     """The checkpoint to resume from: --resume PATH, else the newest loadable one in <out>.
     A truncated or corrupt newest file gives a warning and the previous one is used.
-    Returns (state, path) or (None, None)."""
+    Returns (state, path) or (None, None).
+    Used by open_run; every trainer."""
     if args.resume:
         p = Path(args.resume)
         if not p.is_file():
@@ -780,10 +868,11 @@ def find_checkpoint(out, args, log=print):
 # run folder: args.json, status.json, metrics.jsonl, train.log, summary.json, plots
 
 def open_run(args, sources):
-    """Called by every trainer once its flags and data are checked, before anything is written:
+    """Once a trainer's flags and data are checked, before anything is written:
     the run folder (default runs/<trainer>-<time>, checked writable), the seed, the device and
     precision (setup_device), and the checkpoint to resume. Returns (out, (device, amp_dtype,
-    scaler, why), state, resumed_from, notes): notes are lines for the log, once start_run opens it."""
+    scaler, why), state, resumed_from, notes): notes are lines for the log, once start_run opens it.
+    Used by every trainer."""
     out = Path(args.out) if args.out else default_out(args.trainer)
     args.out = str(out)
     check_out_writable(out)
@@ -795,11 +884,13 @@ def open_run(args, sources):
 
 
 def default_out(trainer):
+    """runs/<trainer>-<timestamp>. Used by open_run."""
     return Path("runs") / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def check_out_writable(out):
-    """Fail early (exit 2) if --out cannot be a run folder, before anything is written."""
+    """Fail early (exit 2) if --out cannot be a run folder, before anything is written.
+    Used by open_run; train_lm.py (prepare, the built-in corpus), memory_optimizer.py start."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; pick another --out")
@@ -812,13 +903,14 @@ def check_out_writable(out):
 
 def prepare_run_dir(out, no_resume):
     """Create the run folder. With --no-resume, an earlier run's checkpoints and metrics are
-    moved to *.old-<time> rather than deleted or overwritten."""
+    moved to *.old-<time> rather than deleted or overwritten.
+    Used by start_run."""
     out = Path(out)
     if (out / "status.json").exists():
         st = json.loads((out / "status.json").read_text() or "{}")
         if st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and process_is_trainer(st):
             raise UserError(f"--out {out} is being trained by pid {st['pid']} right now; wait for it, "
-                            f"stop it (python common.py stop {out}) or pick another --out")
+                            f"stop it (python memory_optimizer.py stop {out}) or pick another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -835,6 +927,9 @@ def prepare_run_dir(out, no_resume):
 
 
 def write_json_atomic(path, obj):
+    """Write JSON via a temp file and os.replace, so readers never see half a file.
+    Used by write_args, update_status, write_summary; train_lm.py's device_peak (so train_sft.py
+    too), memory_optimizer.py."""
     path = Path(path)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     # no fsync: status.json is rewritten every log interval; os.replace alone keeps it whole
@@ -843,7 +938,8 @@ def write_json_atomic(path, obj):
 
 
 def write_args(out, args, sources, chosen):
-    """args.json: every resolved setting, where it came from, and what auto-tuning chose."""
+    """args.json: every resolved setting, where it came from, and what auto-tuning chose.
+    Used by every trainer."""
     settings = {k: {"value": v, "source": sources.get(k, "default")} for k, v in sorted(vars(args).items())}
     write_json_atomic(Path(out) / "args.json", {"settings": settings, "chosen": chosen,
                                                  "argv": sys.argv, "python": sys.executable})
@@ -851,15 +947,17 @@ def write_args(out, args, sources, chosen):
 
 def update_status(out, status, **changes):
     """Merge `changes` into the status dict and write status.json atomically (readers never
-    see half a file). Called by trainers at every log interval and state change."""
+    see half a file).
+    Used by every trainer, at every log interval and state change."""
     status.update(changes, updated=time.time())
     write_json_atomic(Path(out) / "status.json", status)
 
 
 def start_run(out, args, trainer, metric_name, notes=()):
-    """Called by every trainer once all its checks have passed (nothing is written before):
+    """Once all the trainer's checks have passed (nothing is written before):
     claim the run folder, open train.log (and log `notes`), write the first status.json,
-    install the stop handlers. Returns (log, status, stop)."""
+    install the stop handlers. Returns (log, status, stop).
+    Used by every trainer."""
     moved = prepare_run_dir(out, args.no_resume)
     log = make_logger(out)
     for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:
@@ -872,7 +970,8 @@ def start_run(out, args, trainer, metric_name, notes=()):
 @contextlib.contextmanager
 def recording_failures(out, status):
     """Around a trainer's training: if it raises, status.json says so (`failed` with the error,
-    or `stopped` after a second Ctrl-C) before the exception goes on."""
+    or `stopped` after a second Ctrl-C) before the exception goes on.
+    Used by every trainer."""
     try:
         yield
     except KeyboardInterrupt:
@@ -884,27 +983,31 @@ def recording_failures(out, status):
 
 
 def memory_watch(args):
-    """The state check_memory keeps between calls, from the memory flags."""
+    """The state check_memory keeps between calls, from the memory flags.
+    Used by every trainer."""
     return {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
             "swap": args.swap_threshold,
             "last": time.monotonic()}
 
 
 def progress_bar(total, initial):
-    """The training bar: redraws often on a terminal, every 30 s into a log file."""
+    """The training bar: redraws often on a terminal, every 30 s into a log file.
+    Used by every trainer."""
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 mininterval=1 if sys.stderr.isatty() else 30)
 
 
 def append_metrics(out, record):
+    """One JSON record per line to <out>/metrics.jsonl. Used by every trainer."""
     with open(Path(out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def truncate_metrics(out, step):
     """On resume from step N, drop records a killed run wrote after its checkpoint at N:
-    they will be written again, identically, by the resumed run."""
+    they will be written again, identically, by the resumed run.
+    Used by every trainer."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return
@@ -913,6 +1016,8 @@ def truncate_metrics(out, step):
 
 
 def read_metrics(out):
+    """The records of <out>/metrics.jsonl ([] without one).
+    Used by plot_progress; train_classifier.py."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -920,7 +1025,8 @@ def read_metrics(out):
 
 
 def make_logger(out):
-    """log(msg): print above the tqdm bar and append to <out>/train.log with a timestamp."""
+    """log(msg): print above the tqdm bar and append to <out>/train.log with a timestamp.
+    Used by start_run."""
     path = Path(out) / "train.log"
 
     def log(msg):
@@ -932,12 +1038,14 @@ def make_logger(out):
 
 
 def write_summary(out, **fields):
+    """<out>/summary.json: the run's final numbers. Used by every trainer."""
     write_json_atomic(Path(out) / "summary.json", fields)
 
 
 def plot_progress(out, metric):
     """plots/training_progress.png (train loss and the main validation metric vs step), when
-    matplotlib is installed. Returns the path or None."""
+    matplotlib is installed. Returns the path or None.
+    Used by train_gru.py, train_asr.py, train_lm.py, train_sft.py."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -963,6 +1071,7 @@ def plot_progress(out, metric):
 
 
 def count_params(model):
+    """(all parameters, trainable parameters). Used by every trainer."""
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -972,7 +1081,8 @@ def count_params(model):
 
 def install_stop_handlers():
     """SIGTERM/SIGINT (and CTRL_BREAK on Windows) ask the loop to stop after the current step.
-    A second Ctrl-C stops at once. Returns the flag dict the loop polls via stop_requested."""
+    A second Ctrl-C stops at once. Returns the flag dict the loop polls via stop_requested.
+    Used by start_run; train_lm.py's start (so train_sft.py too), for its DDP ranks."""
     flag = {"stop": None}
 
     def handler(signum, frame):
@@ -988,19 +1098,20 @@ def install_stop_handlers():
 
 
 def stop_requested(flag, out):
-    """True after a signal, or when `common.py stop` left a STOP file (works where signals
-    can't reach a detached process, e.g. Windows)."""
+    """True after a signal, or when `memory_optimizer.py stop` left a STOP file (works where signals
+    can't reach a detached process, e.g. Windows).
+    Used by every trainer, every step."""
     if not flag["stop"] and (Path(out) / "STOP").exists():
         flag["stop"] = "STOP file"
     return flag["stop"]
 
 
 # -----------------------------------------------------------------------------
-# background runs: start / status / monitor / stop (the launchers call these)
+# run folders as the background-run manager (memory_optimizer.py) sees them
 
 def list_runs(root="runs"):
     """[(run folder, status dict)] for every run under root, newest first.
-    Called by `status`/`monitor`/`stop` here and by memory_optimizer.py monitor."""
+    Used by train_gru.py, train_asr.py, memory_optimizer.py (status, monitor, stop)."""
     runs = []
     for p in Path(root).glob("*/status.json"):
         try:
@@ -1012,7 +1123,8 @@ def list_runs(root="runs"):
 
 def process_is_trainer(status):
     """True if status['pid'] is alive and really is this run's trainer: it runs the trainer's
-    script and was created when status.json says (a recycled PID has another create time)."""
+    script and was created when status.json says (a recycled PID has another create time).
+    Used by prepare_run_dir; memory_optimizer.py (status, monitor, stop)."""
     pid = status.get("pid")
     if not pid:
         return False
@@ -1028,191 +1140,8 @@ def process_is_trainer(status):
 
 
 def new_status(trainer, out, metric_name):
-    """The status dict a trainer starts with (pid + its create time identify the process)."""
+    """The status dict a trainer starts with (pid + its create time identify the process).
+    Used by start_run."""
     return {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
             "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
             "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
-
-
-def shown_state(status):
-    state = status.get("state", "?")
-    if state in ("starting", "running") and not process_is_trainer(status):
-        return "dead"  # killed or crashed without saying so; re-run the same command to resume
-    return state
-
-
-def _fmt_eta(s):
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def status_table(runs):
-    head = f"{'run':<32} {'trainer':<10} {'state':<9} {'step':>13} {'loss':>8} {'metric':>18} {'ETA':>8} {'pid':>7}"
-    lines = [head, "-" * len(head)]
-    for run, st in runs:
-        metric = f"{st.get('metric_name', '')}={st['metric']:.4g}" if st.get("metric") is not None else "-"
-        loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "-"
-        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st):<9} "
-                     f"{st.get('step', 0):>6}/{st.get('total_steps') or '?':<6} {loss:>8} {metric:>18} "
-                     f"{_fmt_eta(st.get('eta_s') if st.get('state') == 'running' else None):>8} "
-                     f"{st.get('pid', '-'):>7}")
-    return "\n".join(lines)
-
-
-def _pick_run(root, run, running_only=False):
-    if run:
-        p = Path(run)
-        if not (p / "status.json").exists():
-            p = Path(root) / run
-        if not (p / "status.json").exists():
-            raise UserError(f"{run}: no status.json there; `python common.py status` lists the runs")
-        return p, json.loads((p / "status.json").read_text())
-    runs = list_runs(root)
-    if running_only:
-        runs = [r for r in runs if shown_state(r[1]) in ("starting", "running")]
-    if not runs:
-        raise UserError(f"no {'running ' if running_only else ''}run under {root}/")
-    return runs[0]
-
-
-def start_background(trainer, flags, root="runs"):
-    """Start a trainer detached from this terminal; output goes to <out>/console.log."""
-    if trainer not in TRAINERS:
-        raise UserError(f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
-    script = REPO / TRAINERS[trainer]
-    if not script.exists():
-        raise UserError(f"{script.name} is not in this checkout yet")
-    out = None
-    for i, a in enumerate(flags):
-        if a == "--out" and i + 1 < len(flags):
-            out = Path(flags[i + 1])
-        elif a.startswith("--out="):
-            out = Path(a.split("=", 1)[1])
-    if out is None:
-        out = Path(root) / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        flags = [*flags, "--out", str(out)]
-    check_out_writable(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "status.json").exists():
-        old = json.loads((out / "status.json").read_text())
-        if shown_state(old) in ("starting", "running"):
-            raise UserError(f"{out} is already being trained by pid {old['pid']}; "
-                            f"`python common.py stop {out}` first")
-    console = open(out / "console.log", "ab")
-    kw = {}
-    if os.name == "nt":  # no console to close, its own process group for CTRL_BREAK
-        kw["creationflags"] = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-    else:
-        kw["start_new_session"] = True  # survives closing the terminal (no SIGHUP)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
-                            env=env, **kw)
-    # wait until the trainer has validated its flags and data and claimed the run folder, so a
-    # user mistake is reported here (exit 2), not hidden in console.log
-    t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 120:
-        try:
-            if json.loads((out / "status.json").read_text()).get("pid") == proc.pid:
-                break
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.2)
-    if proc.poll() is not None:
-        tail = (out / "console.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        print(tail[0], file=sys.stderr)
-        print(f"the {trainer} trainer exited with code {proc.returncode}; full output in {out / 'console.log'}",
-              file=sys.stderr)
-        sys.exit(proc.returncode or 1)
-    print(f"started {trainer} in the background: run folder {out}, pid {proc.pid}")
-    print(f"  watch it:  ./run.sh monitor {out}      stop it:  ./run.sh stop {out}")
-    return out, proc.pid
-
-
-def stop_run(run, root="runs", timeout=60.0):
-    """Ask a run to stop: STOP file + SIGTERM (CTRL_BREAK on Windows), after checking that the
-    PID really is that trainer. Waits until the trainer has saved and exited."""
-    out, st = _pick_run(root, run, running_only=run is None)
-    if st.get("state") not in ("starting", "running"):
-        print(f"{out}: not running (state {st.get('state')})")
-        return 0
-    if not process_is_trainer(st):
-        raise UserError(f"{out}: pid {st.get('pid')} is not this run's trainer (it died); "
-                        "nothing to stop -- re-run the same command to resume")
-    (out / "STOP").write_text("stop requested\n")
-    try:
-        os.kill(st["pid"], signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
-    except OSError:
-        pass  # the STOP file alone is enough
-    print(f"stop requested for {out} (pid {st['pid']}); waiting for it to save...")
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if not psutil.Process(st["pid"]).is_running() or \
-                    psutil.Process(st["pid"]).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.5)
-    st = json.loads((out / "status.json").read_text())
-    if st.get("state") in ("starting", "running"):
-        print(f"{out}: still running after {timeout:.0f}s (a step can be long); the STOP file stays, "
-              "check again with `python common.py status`", file=sys.stderr)
-        return 1
-    print(f"{out}: {st.get('state')} at step {st.get('step')}; checkpoint {st.get('last_checkpoint')}")
-    return 0
-
-
-def monitor_run(run, root="runs", interval=5.0, once=False):
-    """Reprint one run's status every `interval` s until it ends (or Ctrl-C)."""
-    out, _ = _pick_run(root, run)
-    try:
-        while True:
-            st = json.loads((out / "status.json").read_text())
-            state = shown_state(st)
-            print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} step {st.get('step')}/"
-                  f"{st.get('total_steps')} epoch {st.get('epoch')} loss {st.get('loss')} "
-                  f"{st.get('metric_name', '')} {st.get('metric')} {st.get('samples_per_s')} samples/s "
-                  f"ETA {_fmt_eta(st.get('eta_s'))} RAM {st.get('ram_mb')} MB"
-                  + (f" GPU {st['gpu_mb']} MB" if st.get("gpu_mb") is not None else ""),
-                  flush=True)
-            if once or state not in ("starting", "running"):
-                return 0
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return 0
-
-
-def cli(argv=None):
-    p = Parser(prog="common.py", description="start, watch and stop background training runs")
-    p.add_argument("--runs", default="runs", help="folder holding the run folders")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="start a trainer detached: start gru [trainer flags]",
-                       formatter_class=HelpFormat, description="start TRAINER [its flags, e.g. --quick --out runs/q]")
-    s.add_argument("trainer", help=", ".join(TRAINERS) + "; every flag after it goes to the trainer")
-    sub.add_parser("status", help="table of runs from their status.json")
-    s = sub.add_parser("monitor", help="refresh a run's status every 5 s until it ends", formatter_class=HelpFormat)
-    s.add_argument("run", nargs="?", help="run folder (default: newest)")
-    s.add_argument("--interval", type=pos_float, default=5.0, help="seconds between refreshes")
-    s = sub.add_parser("stop", help="stop a run gracefully (it saves a checkpoint first)", formatter_class=HelpFormat)
-    s.add_argument("run", nargs="?", help="run folder (default: newest running)")
-    s.add_argument("--timeout", type=pos_float, default=120.0, help="seconds to wait for the trainer to save and exit")
-    args, rest = p.parse_known_args(argv)
-    if args.cmd != "start" and rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.cmd == "start":
-        start_background(args.trainer, rest, args.runs)
-    elif args.cmd == "status":
-        runs = list_runs(args.runs)
-        print(status_table(runs) if runs else f"no runs under {args.runs}/")
-    elif args.cmd == "monitor":
-        return monitor_run(args.run, args.runs, args.interval)
-    elif args.cmd == "stop":
-        return stop_run(args.run, args.runs, args.timeout)
-    return 0
-
-
-if __name__ == "__main__":
-    run_main(cli)

@@ -1,6 +1,8 @@
-"""memory_optimizer.py -- what this machine can train, what holds its memory, and a live view.
+"""memory_optimizer.py -- what this machine can train, what holds its memory, a live view, and
+the background-run manager the launchers (run.sh, start_training.bat) call.
 
-It recommends; it never kills a process and never changes a trainer's settings behind your back.
+It recommends; it never kills a process and never changes a trainer's settings behind your back
+(`stop` only asks the run you name, or the newest running one, to save and exit).
 The trainers read optimal_config.json (written by `config`) only for the flags you did not type,
 and print which settings they took from it.
 
@@ -10,6 +12,12 @@ and print which settings they took from it.
     python memory_optimizer.py config --quick --out quick_config.json   # batch sizes for --quick runs
     python memory_optimizer.py optimize --top 8         # free this process's caches, list big processes
     python memory_optimizer.py monitor --duration 600 --interval 5 --csv memory.csv
+
+    python memory_optimizer.py start gru --quick        # a trainer, detached; prints run folder and PID
+    python memory_optimizer.py status                   # table of runs under runs/
+    python memory_optimizer.py monitor RUN              # one run's status every 5 s until it ends
+    python memory_optimizer.py monitor --latest         # the same for the newest run
+    python memory_optimizer.py stop [RUN]               # graceful: the trainer saves, then exits
 """
 
 import csv
@@ -19,19 +27,25 @@ import math
 import os
 import platform
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
-from common import (TRAINERS, HelpFormat, UserError, Parser, pos_float, pos_int, free_memory, list_runs,
-                    run_main, shown_state, table_batch_size, write_json_atomic)
+from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, free_memory, list_runs,
+                    pos_float, pos_int, process_is_trainer, run_main, table_batch_size, write_json_atomic)
+
+REPO = Path(__file__).resolve().parent
 
 # Each trainer's default effective batch (samples per optimizer step). These must match the
 # effective_batch each train_*.py passes to common.make_parser, so that batch_size x grad_accum
-# here gives the same optimizer step the trainer would take on its own.
-EFFECTIVE_BATCH = {"gru": 64, "classifier": 16, "asr": 16, "lm": 32}
+# here gives the same optimizer step the trainer would take on its own. sft is train_sft.py,
+# split from train_lm.py's --task sft, which read the lm section: its section is the lm one.
+EFFECTIVE_BATCH = {"gru": 64, "classifier": 16, "asr": 16, "lm": 32, "sft": 32}
 
 # The trainers' default --ram-threshold: above it they start freeing caches on every check,
 # so it is also where `optimize` starts telling you to close something.
@@ -208,6 +222,7 @@ def recommend(profile, quick):
         "lm": (_entry("small", "GPU: the small model; the tiny one would leave the GPU mostly idle")
                if cuda else _entry("tiny", "CPU: the tiny model is the one sized for CPU training")),
     }
+    presets["sft"] = presets["lm"]
     if not cuda:
         lm_len = dict(_entry(256, "CPU: attention cost grows with the square of the sequence length"),
                       quick_value=64)  # what train_lm.py --quick uses on its own
@@ -233,7 +248,7 @@ def recommend(profile, quick):
         if name == "classifier":
             t["seq_len"] = _entry(64, "64 tokens keep activation memory small on any machine; "
                                       "raise it for long texts")
-        if name == "lm":
+        if name in ("lm", "sft"):
             t["seq_len"] = lm_len
         t["model" if name == "classifier" else "preset"] = presets[name]  # the classifier's flag is --model
         out[name] = t
@@ -336,7 +351,7 @@ def cmd_optimize(args):
         script = next((s for s in TRAINERS.values() if s in cmd), None)
         if script:
             advice.append(f"pid {pid} is a lean-train trainer ({script}, {rss_mb:.0f} MB): stop it "
-                          "gracefully with `python common.py stop`, which saves a checkpoint first")
+                          "gracefully with `python memory_optimizer.py stop`, which saves a checkpoint first")
         elif vm.percent >= RAM_WARN_PCT and pid != me.pid and rss_mb >= BIG_PROCESS_MB:
             advice.append(f"close {name} (pid {pid}) if you do not need it: frees about {rss_mb:.0f} MB")
     if gpu_free_mb is not None and gpu_free_mb < 1024:
@@ -387,6 +402,13 @@ def monitor_sample(runs_dir, cuda):
 
 
 def cmd_monitor(args):
+    if args.run or args.latest:
+        if args.duration is not None or args.csv:
+            raise UserError("--duration/--csv are for the machine monitor; with RUN or --latest the "
+                            "monitor follows one run until it ends")
+        return monitor_run(args.run, args.runs, args.interval or 5.0)
+    args.duration = 60.0 if args.duration is None else args.duration
+    args.interval = args.interval or 2.0
     f = writer = None
     if args.csv:
         path = Path(args.csv)
@@ -431,6 +453,179 @@ def cmd_monitor(args):
 
 
 # -----------------------------------------------------------------------------
+# background runs: start / status / monitor RUN / stop (run.sh and start_training.bat call these)
+
+def shown_state(status):
+    """A run's state for display: "dead" when status.json says it is running but its trainer is gone."""
+    state = status.get("state", "?")
+    if state in ("starting", "running") and not process_is_trainer(status):
+        return "dead"  # killed or crashed without saying so; re-run the same command to resume
+    return state
+
+
+def fmt_eta(s):
+    """Seconds as H:MM:SS, "-" for unknown."""
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def status_table(runs):
+    """The `status` table: one line per run (list_runs output)."""
+    head = f"{'run':<32} {'trainer':<10} {'state':<9} {'step':>13} {'loss':>8} {'metric':>18} {'ETA':>8} {'pid':>7}"
+    lines = [head, "-" * len(head)]
+    for run, st in runs:
+        metric = f"{st.get('metric_name', '')}={st['metric']:.4g}" if st.get("metric") is not None else "-"
+        loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "-"
+        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st):<9} "
+                     f"{st.get('step', 0):>6}/{st.get('total_steps') or '?':<6} {loss:>8} {metric:>18} "
+                     f"{fmt_eta(st.get('eta_s') if st.get('state') == 'running' else None):>8} "
+                     f"{st.get('pid', '-'):>7}")
+    return "\n".join(lines)
+
+
+def pick_run(root, run, running_only=False):
+    """(folder, status) of RUN (a folder, or a name under root), else the newest (running) run."""
+    if run:
+        p = Path(run)
+        if not (p / "status.json").exists():
+            p = Path(root) / run
+        if not (p / "status.json").exists():
+            raise UserError(f"{run}: no status.json there; `python memory_optimizer.py status` lists the runs")
+        return p, json.loads((p / "status.json").read_text())
+    runs = list_runs(root)
+    if running_only:
+        runs = [r for r in runs if shown_state(r[1]) in ("starting", "running")]
+    if not runs:
+        raise UserError(f"no {'running ' if running_only else ''}run under {root}/")
+    return runs[0]
+
+
+def start_background(trainer, flags, root="runs"):
+    """Start a trainer detached from this terminal; output goes to <out>/console.log."""
+    if trainer not in TRAINERS:
+        raise UserError(f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
+    script = REPO / TRAINERS[trainer]
+    if not script.exists():
+        raise UserError(f"{script.name} is not in this checkout yet")
+    out = None
+    for i, a in enumerate(flags):
+        if a == "--out" and i + 1 < len(flags):
+            out = Path(flags[i + 1])
+        elif a.startswith("--out="):
+            out = Path(a.split("=", 1)[1])
+    if out is None:
+        out = Path(root) / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        flags = [*flags, "--out", str(out)]
+    check_out_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "status.json").exists():
+        old = json.loads((out / "status.json").read_text())
+        if shown_state(old) in ("starting", "running"):
+            raise UserError(f"{out} is already being trained by pid {old['pid']}; "
+                            f"`python memory_optimizer.py stop {out}` first")
+    console = open(out / "console.log", "ab")
+    kw = {}
+    if os.name == "nt":  # no console to close, its own process group for CTRL_BREAK
+        kw["creationflags"] = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+    else:
+        kw["start_new_session"] = True  # survives closing the terminal (no SIGHUP)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
+                            env=env, **kw)
+    # wait until the trainer has validated its flags and data and claimed the run folder, so a
+    # user mistake is reported here (exit 2), not hidden in console.log
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < 120:
+        try:
+            if json.loads((out / "status.json").read_text()).get("pid") == proc.pid:
+                break
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        tail = (out / "console.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        print(tail[0], file=sys.stderr)
+        print(f"the {trainer} trainer exited with code {proc.returncode}; full output in {out / 'console.log'}",
+              file=sys.stderr)
+        sys.exit(proc.returncode or 1)
+    print(f"started {trainer} in the background: run folder {out}, pid {proc.pid}")
+    print(f"  watch it:  ./run.sh monitor {out}      stop it:  ./run.sh stop {out}")
+    return out, proc.pid
+
+
+def stop_run(run, root="runs", timeout=60.0):
+    """Ask a run to stop: STOP file + SIGTERM (CTRL_BREAK on Windows), after checking that the
+    PID really is that trainer. Waits until the trainer has saved and exited."""
+    out, st = pick_run(root, run, running_only=run is None)
+    if st.get("state") not in ("starting", "running"):
+        print(f"{out}: not running (state {st.get('state')})")
+        return 0
+    if not process_is_trainer(st):
+        raise UserError(f"{out}: pid {st.get('pid')} is not this run's trainer (it died); "
+                        "nothing to stop -- re-run the same command to resume")
+    (out / "STOP").write_text("stop requested\n")
+    try:
+        os.kill(st["pid"], signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
+    except OSError:
+        pass  # the STOP file alone is enough
+    print(f"stop requested for {out} (pid {st['pid']}); waiting for it to save...")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if not psutil.Process(st["pid"]).is_running() or \
+                    psutil.Process(st["pid"]).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.5)
+    st = json.loads((out / "status.json").read_text())
+    if st.get("state") in ("starting", "running"):
+        print(f"{out}: still running after {timeout:.0f}s (a step can be long); the STOP file stays, "
+              "check again with `python memory_optimizer.py status`", file=sys.stderr)
+        return 1
+    print(f"{out}: {st.get('state')} at step {st.get('step')}; checkpoint {st.get('last_checkpoint')}")
+    return 0
+
+
+def monitor_run(run, root="runs", interval=5.0, once=False):
+    """Reprint one run's status every `interval` s until it ends (or Ctrl-C)."""
+    out, _ = pick_run(root, run)
+    try:
+        while True:
+            st = json.loads((out / "status.json").read_text())
+            state = shown_state(st)
+            print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} step {st.get('step')}/"
+                  f"{st.get('total_steps')} epoch {st.get('epoch')} loss {st.get('loss')} "
+                  f"{st.get('metric_name', '')} {st.get('metric')} {st.get('samples_per_s')} samples/s "
+                  f"ETA {fmt_eta(st.get('eta_s'))} RAM {st.get('ram_mb')} MB"
+                  + (f" GPU {st['gpu_mb']} MB" if st.get("gpu_mb") is not None else ""),
+                  flush=True)
+            if once or state not in ("starting", "running"):
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_start(args, flags):
+    start_background(args.trainer, flags, args.runs)
+    return 0
+
+
+def cmd_status(args):
+    runs = list_runs(args.runs)
+    print(status_table(runs) if runs else f"no runs under {args.runs}/")
+    return 0
+
+
+def cmd_stop(args):
+    return stop_run(args.run, args.runs, args.timeout)
+
+
+# -----------------------------------------------------------------------------
 
 def seconds(s):
     """argparse type: a positive number of seconds (its name appears in argparse's message)."""
@@ -439,7 +634,8 @@ def seconds(s):
 
 def main(argv=None):
     p = Parser(prog="memory_optimizer.py", description=__doc__, formatter_class=HelpFormat)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{profile,config,optimize,monitor}")
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           metavar="{profile,config,optimize,monitor,start,status,stop}")
 
     s = sub.add_parser("profile", formatter_class=HelpFormat, help="CPU, RAM, GPU, disk and versions of this machine")
     s.add_argument("--json", action="store_true", help="print the profile as a JSON dict instead of a table")
@@ -455,18 +651,42 @@ def main(argv=None):
     s.add_argument("--top", type=pos_int, default=8, metavar="N",
                    help="list the N processes using the most RAM")
 
-    s = sub.add_parser("monitor", formatter_class=HelpFormat, help="print RAM, CPU, GPU and running trainings every few seconds")
-    s.add_argument("--duration", type=seconds, default=60.0, metavar="S",
-                   help="stop after S seconds (Ctrl-C stops earlier)")
-    s.add_argument("--interval", type=seconds, default=2.0, metavar="S", help="seconds between rows")
+    s = sub.add_parser("monitor", formatter_class=HelpFormat,
+                       help="print RAM, CPU, GPU and running trainings every few seconds; with RUN or "
+                            "--latest, one run's status until it ends")
+    s.add_argument("run", nargs="?", metavar="RUN", help="follow this run folder (or name under --runs) instead")
+    s.add_argument("--latest", action="store_true",
+                   help="follow the newest run when no RUN is given (what `./run.sh monitor` does)")
+    s.add_argument("--duration", type=seconds, default=None, metavar="S",
+                   help="machine monitor: stop after S seconds (default 60; Ctrl-C stops earlier)")
+    s.add_argument("--interval", type=seconds, default=None, metavar="S",
+                   help="seconds between rows (default 2; following a run, 5)")
     s.add_argument("--csv", default=None, metavar="PATH",
-                   help="also append every row to this CSV file (header written once)")
-    s.add_argument("--runs", default="runs", metavar="DIR",
-                   help="folder holding the run folders, as in `python common.py status`")
+                   help="machine monitor: also append every row to this CSV file (header written once)")
+    s.add_argument("--runs", default="runs", metavar="DIR", help="folder holding the run folders")
 
-    args = p.parse_args(argv)
+    s = sub.add_parser("start", formatter_class=HelpFormat, allow_abbrev=False,
+                       help="start a trainer detached: start gru [trainer flags]",
+                       description="start TRAINER [its flags, e.g. --quick --out runs/q]")
+    s.add_argument("trainer", help=", ".join(TRAINERS) + "; every flag after it goes to the trainer")
+    s.add_argument("--runs", default="runs", metavar="DIR",
+                   help="folder for the run folder when the trainer flags give no --out")
+    s = sub.add_parser("status", formatter_class=HelpFormat, help="table of runs from their status.json")
+    s.add_argument("--runs", default="runs", metavar="DIR", help="folder holding the run folders")
+    s = sub.add_parser("stop", formatter_class=HelpFormat, help="stop a run gracefully (it saves a checkpoint first)")
+    s.add_argument("run", nargs="?", metavar="RUN", help="run folder or name under --runs (default: newest running)")
+    s.add_argument("--timeout", type=pos_float, default=120.0, metavar="S",
+                   help="seconds to wait for the trainer to save and exit")
+    s.add_argument("--runs", default="runs", metavar="DIR", help="folder holding the run folders")
+
+    # `start` hands every flag it does not know to the trainer; the other commands take none
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "start":
+        return cmd_start(args, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"profile": cmd_profile, "config": cmd_config, "optimize": cmd_optimize,
-            "monitor": cmd_monitor}[args.cmd](args)
+            "monitor": cmd_monitor, "status": cmd_status, "stop": cmd_stop}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 # Thin launcher: set up .venv once, then hand over to the Python scripts.
 #   ./run.sh demo                  set up, profile the machine, quick GRU run, print suggestions
 #   ./run.sh test                  set up, run the test suite
-#   ./run.sh start gru [flags]     train in the background (survives closing the terminal)
+#   ./run.sh start gru [flags]     train in the background (survives closing the terminal; also
+#                                  classifier, asr, lm, sft)
 #   ./run.sh status | monitor [RUN] | stop [RUN]
 #   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
-#   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags]; also lm --task sft)
+#   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags]; also
+#                                  classifier, asr, lm, sft)
 #   ./run.sh asr-memory-optimized --train-manifest M.jsonl   the seed's T4 recipe for train_asr.py
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,9 +42,12 @@ case "$cmd" in
   test)
     setup dev
     "$PY" -m pytest -q tests "$@" ;;
-  start|status|monitor|stop)
+  start|status|stop)
     setup run
-    "$PY" common.py "$cmd" "$@" ;;
+    "$PY" memory_optimizer.py "$cmd" "$@" ;;
+  monitor)  # one run until it ends: RUN, else the newest
+    setup run
+    "$PY" memory_optimizer.py monitor --latest "$@" ;;
   profile|config|optimize)
     setup run
     "$PY" memory_optimizer.py "$cmd" "$@" ;;
@@ -53,10 +58,10 @@ case "$cmd" in
     setup run
     "$PY" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision \
       --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 "$@" ;;
-  gru|classifier|asr|lm)
+  gru|classifier|asr|lm|sft)
     setup run
     "$PY" "train_$cmd.py" "$@" ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;
 esac

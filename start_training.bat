@@ -2,7 +2,7 @@
 rem Windows launcher: the same commands as run.sh, as a menu. All logic is in Python.
 rem   start_training.bat            menu
 rem   start_training.bat status     (or: demo, test, start, monitor, stop, profile, config, optimize,
-rem                                  watch, gru, classifier, asr, lm, asr-memory-optimized --
+rem                                  watch, gru, classifier, asr, lm, sft, asr-memory-optimized --
 rem                                  the same words as ./run.sh)
 setlocal
 cd /d "%~dp0"
@@ -27,20 +27,20 @@ echo   7  Profile this machine and write optimal_config.json
 echo   8  Receipt classifier, quick run (train_classifier.py --quick)
 echo   9  Speech recognizer, quick run (train_asr.py --quick)
 echo  10  Language model, quick run (train_lm.py --quick)
-echo  11  Shell-command assistant, quick fine-tune (train_lm.py --task sft --quick)
+echo  11  Shell-command assistant, quick fine-tune (train_sft.py --quick)
 echo   0  Exit
 set /p choice="Choose: "
-if "%choice%"=="1" "%PY%" common.py start gru --quick
-if "%choice%"=="2" "%PY%" common.py start gru --dataset-size 10000 --epochs 5
-if "%choice%"=="3" "%PY%" common.py start gru --dataset-size 20000 --epochs 8
-if "%choice%"=="4" "%PY%" common.py status
-if "%choice%"=="5" "%PY%" common.py monitor
-if "%choice%"=="6" "%PY%" common.py stop
+if "%choice%"=="1" "%PY%" memory_optimizer.py start gru --quick
+if "%choice%"=="2" "%PY%" memory_optimizer.py start gru --dataset-size 10000 --epochs 5
+if "%choice%"=="3" "%PY%" memory_optimizer.py start gru --dataset-size 20000 --epochs 8
+if "%choice%"=="4" "%PY%" memory_optimizer.py status
+if "%choice%"=="5" "%PY%" memory_optimizer.py monitor --latest
+if "%choice%"=="6" "%PY%" memory_optimizer.py stop
 if "%choice%"=="7" ("%PY%" memory_optimizer.py profile & "%PY%" memory_optimizer.py config)
-if "%choice%"=="8" "%PY%" common.py start classifier --quick
-if "%choice%"=="9" "%PY%" common.py start asr --quick
-if "%choice%"=="10" "%PY%" common.py start lm --quick
-if "%choice%"=="11" "%PY%" common.py start lm --task sft --quick
+if "%choice%"=="8" "%PY%" memory_optimizer.py start classifier --quick
+if "%choice%"=="9" "%PY%" memory_optimizer.py start asr --quick
+if "%choice%"=="10" "%PY%" memory_optimizer.py start lm --quick
+if "%choice%"=="11" "%PY%" memory_optimizer.py start sft --quick
 if "%choice%"=="0" exit /b 0
 goto menu
 
@@ -60,8 +60,13 @@ if "%cmd%"=="test" (
   "%PY%" -m pytest -q tests
   exit /b %errorlevel%
 )
-for %%c in (start status monitor stop) do if "%cmd%"=="%%c" (
-  "%PY%" common.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
+for %%c in (start status stop) do if "%cmd%"=="%%c" (
+  "%PY%" memory_optimizer.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
+  exit /b %errorlevel%
+)
+if "%cmd%"=="monitor" (
+  rem one run until it ends: RUN, else the newest
+  "%PY%" memory_optimizer.py monitor --latest %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
 for %%c in (profile config optimize) do if "%cmd%"=="%%c" (
@@ -77,9 +82,9 @@ if "%cmd%"=="asr-memory-optimized" (
   "%PY%" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-for %%c in (gru classifier asr lm) do if "%cmd%"=="%%c" (
+for %%c in (gru classifier asr lm sft) do if "%cmd%"=="%%c" (
   "%PY%" train_%cmd%.py %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, watch, gru, classifier, asr, lm or asr-memory-optimized
+echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, watch, gru, classifier, asr, lm, sft or asr-memory-optimized
 exit /b 2

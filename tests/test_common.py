@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +310,65 @@ def test_quick_runs_take_the_quick_column_of_the_config(tmp, monkeypatch):
     (tmp / "optimal_config.json").write_text(json.dumps(cfg))
     assert common.resolve_settings(train_gru.parser, [], lambda m: None)[0].batch_size == 8
     assert common.resolve_settings(train_gru.parser, ["--quick"], lambda m: None)[0].batch_size == 16
+
+
+def test_typed_flags_are_found_by_public_argparse_and_aliases_map_to_their_dest():
+    argv = ["--batch_size", "4", "--gradient_accumulation_steps=2", "--mixed_precision", "--seed", "1337",
+            "--quick"]
+    assert common.explicit_flags(train_gru.parser, argv) == {"batch_size", "grad_accum", "precision", "seed",
+                                                             "quick"}
+    assert common.explicit_flags(train_gru.parser, []) == set()
+    # the reader is a copy: the trainer's own parser keeps its defaults
+    assert train_gru.parser.parse_args([]).batch_size == "auto"
+
+
+def test_a_flag_typed_at_its_default_value_still_beats_the_config(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    cfg = {"trainers": {"gru": {"batch_size": {"value": 6, "reason": "t"}, "seed": {"value": 5, "reason": "t"},
+                                "workers": {"value": 2, "reason": "no flag: set as is"}}}}
+    (tmp / "optimal_config.json").write_text(json.dumps(cfg))
+    args, src = common.resolve_settings(train_gru.parser, ["--batch-size", "auto", "--seed=1337"], lambda m: None)
+    assert (args.batch_size, src["batch_size"]) == ("auto", "flag")
+    assert (args.seed, src["seed"]) == (1337, "flag")
+    assert (args.workers, src["workers"]) == (2, "optimal_config.json")
+
+
+def test_invalid_config_values_keep_the_type_and_choice_messages(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    for bad, detail in (({"precision": {"value": "fp8"}}, "(not one of auto, fp32, bf16, fp16)"),
+                        ({"batch_size": {"value": 0}}, "(must be a positive integer, got 0)"),
+                        ({"seed": {"value": "x"}}, "(invalid literal for int() with base 10: 'x')")):
+        (tmp / "optimal_config.json").write_text(json.dumps({"trainers": {"gru": bad}}))
+        with pytest.raises(UserError) as e:
+            common.resolve_settings(train_gru.parser, [], lambda m: None)
+        key = next(iter(bad))
+        assert str(e.value) == (f"--config optimal_config.json: gru.{key} = {bad[key]['value']!r} is invalid "
+                                f"{detail}; regenerate it with `python memory_optimizer.py config`")
+
+
+def test_oom_in_the_first_forward_with_an_enabled_grad_scaler_retries_cleanly():
+    """Before any scaler.scale() the scaler has no scale tensor and nothing to forget."""
+    calls = []
+
+    def oom_first(model, mb):
+        calls.append(len(mb["x"]))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return loss_fn(model, mb)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    common.train_step(model, opt, scaler, ragged_batch(), oom_first, 12, clip=1.0, device=DEV, amp_dtype=None,
+                      log=lambda m: None)
+    assert calls[:2] == [12, 6] and scaler.get_scale() == 1024.0
+
+
+PRIVATE = re.compile(r"\._actions\b|\._option_string_actions\b|\._defaults\b|_per_optimizer_states|"
+                     r"\b_refresh_per_optimizer_state\b|\btorch(\.\w+)*\._[a-zA-Z]\w*|\bscaler\._[a-zA-Z]\w*")
+
+
+def test_no_private_argparse_or_torch_attribute_is_used():
+    files = sorted(common.REPO.glob("*.py")) + sorted(common.REPO.glob("tests/*.py"))
+    hits = [f"{f.name}:{i}: {line.strip()}" for f in files if f.name != "test_common.py"
+            for i, line in enumerate(f.read_text().splitlines(), 1) if PRIVATE.search(line)]
+    assert not hits, "\n".join(hits)

@@ -1,13 +1,16 @@
 """Tests for memory_optimizer.py: the real script in subprocesses on CPU (profile, config,
-optimize, monitor, bad input), plus unit tests of recommend() on made-up machines and of the
-running-runs summary. About 15 s, most of it torch's import in each subprocess.
+optimize, monitor, the background-run manager start/status/monitor RUN/stop, bad input), plus
+unit tests of recommend() on made-up machines and of the running-runs summary. About 40 s, most
+of it torch's import in each subprocess and one short background GRU run.
 
     python -m pytest -q tests/test_memory_optimizer.py
 """
 
 import csv
+import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -44,7 +47,7 @@ def check_entries(trainers):
         for key, entry in settings.items():
             extra = {"quick_value"} if key in ("batch_size", "grad_accum") or (name, key) == ("asr", "preset") \
                 else set()
-            if (name, key) == ("lm", "seq_len") and "quick_value" in entry:
+            if (name, key) in (("lm", "seq_len"), ("sft", "seq_len")) and "quick_value" in entry:
                 extra = {"quick_value"}
             assert set(entry) == {"value", "reason"} | extra, (name, key, entry)
             assert isinstance(entry["reason"], str) and len(entry["reason"]) > 10, (name, key)
@@ -107,6 +110,7 @@ def test_config_writes_every_trainer(tmp_path):
     assert set(cfg["trainers"]["gru"]) == {"batch_size", "grad_accum", "precision", "preset"}
     assert "seq_len" not in cfg["trainers"]["asr"]
     assert cfg["trainers"]["classifier"]["seq_len"]["value"] == 64
+    assert cfg["trainers"]["sft"] == cfg["trainers"]["lm"]  # train_lm.py --task sft read the lm section
     # the printed table has one row per (trainer, setting)
     n_rows = sum(len(s) for s in cfg["trainers"].values())
     assert sum(1 for line in r.stdout.splitlines() if line.split()[:1] and line.split()[0] in TRAINERS) == n_rows
@@ -308,3 +312,89 @@ def test_monitor_bad_input(tmp_path):
     with pytest.raises(SystemExit) as e:
         mo.main(["monitor", "--interval", "-1"])
     assert e.value.code == 2
+
+
+def test_monitor_of_one_run_refuses_machine_flags(tmp_path):
+    with pytest.raises(UserError, match="--duration/--csv"):
+        mo.main(["monitor", "runs/x", "--csv", str(tmp_path / "m.csv")])
+    with pytest.raises(UserError, match="--duration/--csv"):
+        mo.main(["monitor", "--latest", "--duration", "5"])
+
+
+# -----------------------------------------------------------------------------
+# background runs: start / status / monitor RUN / stop (what run.sh and start_training.bat call)
+
+SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
+
+
+def wait_for(pred, timeout=120, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def tree_digest(d, skip=None):
+    h = hashlib.sha256()
+    for f in sorted(Path(d).rglob("*")):
+        if f.is_file() and f.name != skip:
+            h.update(str(f).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_background_start_status_monitor_stop(tmp_path):
+    tmp = tmp_path
+    r = run(tmp, "start", "gru", *SMALL, "--epochs", "100", "--out", "runs/bg", timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "runs/bg" in r.stdout and "pid" in r.stdout
+    out = tmp / "runs" / "bg"
+    wait_for(lambda: read_json(out / "status.json").get("state") == "running" and
+             read_json(out / "status.json").get("step", 0) >= 5, what="running")
+    s = run(tmp, "status")
+    assert s.returncode == 0 and "bg" in s.stdout and "running" in s.stdout, s.stderr
+    # a second trainer in the same run folder is refused while the first one is alive
+    t = subprocess.run([sys.executable, str(REPO / "train_gru.py"), *SMALL, "--out", "runs/bg"], cwd=tmp,
+                       capture_output=True, text=True, timeout=120)
+    assert t.returncode == 2 and "is being trained by pid" in t.stderr, t.stderr
+    st = run(tmp, "stop", "runs/bg", timeout=180)
+    assert st.returncode == 0 and "stopped" in st.stdout, st.stderr
+    final = read_json(out / "status.json")
+    assert final["state"] == "stopped" and Path(final["last_checkpoint"]).exists()
+    for args in (["monitor", "runs/bg"], ["monitor", "--latest"]):  # return at once: the run has ended
+        m = run(tmp, *args, timeout=30)
+        assert m.returncode == 0 and "bg: stopped" in m.stdout, m.stderr
+    # a run whose pid is alive but is not its trainer (a recycled pid) must not be signalled
+    fake = tmp / "runs" / "fake"
+    fake.mkdir()
+    (fake / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "trainer": "gru",
+                                                  "out": str(fake), "started": time.time()}))
+    r = run(tmp, "stop", "runs/fake")
+    assert r.returncode == 2 and "is not this run's trainer" in r.stderr
+    # a bad flag is reported by `start` itself (exit 2), and the stopped run's files are untouched
+    before = tree_digest(out, skip="console.log")
+    r = run(tmp, "start", "gru", "--batch-size", "0", "--out", "runs/bg", timeout=120)
+    assert r.returncode == 2 and "--batch-size" in r.stderr and "exited with code 2" in r.stderr
+    assert tree_digest(out, skip="console.log") == before
+    s = run(tmp, "status")
+    assert "dead" in s.stdout  # shown honestly, not as running
+
+
+def test_run_manager_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="unknown trainer 'gpt'; choose from gru, classifier, asr, lm, sft"):
+        mo.main(["start", "gpt", "--quick"])
+    with pytest.raises(UserError, match="no running run under runs/"):
+        mo.main(["stop"])
+    with pytest.raises(UserError, match="no status.json there; `python memory_optimizer.py status`"):
+        mo.main(["monitor", "runs/nope"])
+    assert mo.main(["status"]) == 0 and "no runs under runs/" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # only `start` passes unknown flags on (to the trainer)
+        mo.main(["status", "--quick"])
+    assert e.value.code == 2
+    assert TRAINERS["sft"] == "train_sft.py"
