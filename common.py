@@ -25,6 +25,8 @@ import contextlib
 import copy
 import csv
 import datetime
+import hashlib
+import http.client
 import gc
 import json
 import math
@@ -35,6 +37,9 @@ import shutil
 import signal
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +144,18 @@ def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50
                    help="evaluate every N optimizer steps (0 = at epoch end only)")
     g.add_argument("--log-every", type=pos_int, default=log_every, metavar="N",
                    help="log line + metrics.jsonl record every N optimizer steps")
+    g = p.add_argument_group("data files and downloads (the same on every trainer)")
+    g.add_argument("--bad-rows", choices=["skip", "fail"], default="skip",
+                   help="a data row that is malformed or lacks a column: skip it (counted, the first few "
+                        "named with their line numbers) or stop at it")
+    g.add_argument("--sha256", action="append", default=None, metavar="HEX",
+                   help="expected SHA-256 of each data source, in the order of the data flags (repeat it; "
+                        "sources after the last one are not checked)")
+    g.add_argument("--max-download-mb", type=pos_float, default=200.0, metavar="MB",
+                   help="refuse a downloaded file larger than this (MB = 2**20 bytes)")
+    g.add_argument("--download-dir", default=str(Path("data") / "downloads"), metavar="DIR",
+                   help="where data given as an http(s) URL is kept (a finished file is reused, a partial "
+                        "one resumed)")
     g = p.add_argument_group("memory (the same on every trainer)")
     g.add_argument("--resource-efficient", action="store_true",
                    help="small-machine preset: lower memory thresholds, smaller micro-batch with more "
@@ -333,6 +350,292 @@ def apply_resource_efficient(args, sources, log=print):
     log("--resource-efficient changes:")
     for key, before, after, note in rows:
         log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}")
+
+
+# -----------------------------------------------------------------------------
+# data ingress: one fetch for URLs, one reader for record files
+
+FETCH_TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of hanging the run
+
+
+def is_url(s):
+    return urllib.parse.urlsplit(str(s)).scheme.lower() in ("http", "https")
+
+
+class RedirectRefused(Exception):
+    """A redirect to a scheme other than http(s) (file:, ftp:): never followed."""
+
+
+class HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp: too; a data URL may only lead to http(s)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not is_url(newurl):
+            raise RedirectRefused(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download_name(url):
+    """`<8 hex of the URL's SHA-256>-<sanitised basename>`: two URLs ending in the same file name
+    (every mirror's data.jsonl) never share a file. The extension survives: the reader needs it."""
+    base = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "download"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{base[-100:]}"
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file, read 1 MB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(url, dest_dir, flag="--data", sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S):
+    """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
+    path is returned as it is. Used by fetch_data (every trainer's data flags) and tests.
+
+    The bytes go to <name>.part and are renamed to <name> only when complete (and matching
+    `sha256` when given), so a file under its final name is always whole. An interrupted
+    transfer keeps the .part and the next call resumes it with a Range request.
+    """
+    from tqdm import tqdm
+
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        # one letter is a Windows drive (C:\data), not a scheme
+        if len(scheme) > 1:
+            raise UserError(f"{flag} {url}: only http(s) URLs or local paths")
+        if not Path(url).exists():
+            raise UserError(f"{flag} {url}: no such file or folder (and not an http(s) URL)")
+        return Path(url)
+
+    dest_dir = Path(dest_dir)
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        # torchrun: local rank 0 downloads on each machine; the other ranks wait for its finished
+        # file and then reuse it (were rank 0 to fail, torchrun stops them)
+        while not (dest_dir / download_name(url)).exists() or \
+                (dest_dir / (download_name(url) + ".part")).exists():
+            time.sleep(0.5)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--download-dir {dest_dir}: cannot create it ({e.strerror or e})")
+    final = dest_dir / download_name(url)
+    part = final.with_name(final.name + ".part")
+    limit_msg = f"larger than --max-download-mb {max_bytes / 2 ** 20:g}; raise the limit if the file is right"
+
+    def check_sum(path):
+        got = file_sha256(path)
+        return sha256 is None or got == sha256.lower(), got
+
+    if final.exists():
+        ok, got = check_sum(final)
+        if ok:
+            log(f"{flag} {url}: using {final} (downloaded before)")
+            return final
+        log(f"{flag} {url}: {final} does not match --sha256 (got {got}); downloading again")
+        final.unlink()
+
+    def finish():
+        ok, got = check_sum(part)
+        if not ok:
+            part.unlink()  # nothing half-right is left to be resumed or reused
+            raise UserError(f"{flag} {url}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; "
+                            "the file was deleted (check the URL and --sha256)")
+        with open(part, "rb+") as f:  # on disk before the rename makes it look finished
+            os.fsync(f.fileno())
+        os.replace(part, final)
+        log(f"{flag} {url}: saved {final} ({final.stat().st_size:,} bytes, sha256 {got[:16]}...)")
+        return final
+
+    for _ in range(2):  # a second pass only after a resume the server could not honour (416)
+        offset = part.stat().st_size if part.exists() else 0
+        req = urllib.request.Request(url, headers={"User-Agent": "lean-train"})
+        if offset:
+            req.add_header("Range", f"bytes={offset}-")
+        try:
+            resp = urllib.request.build_opener(HttpRedirectsOnly).open(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and offset:
+                # nothing past our offset: the .part may already be whole. Trust it only if it can
+                # be checked: the checksum, else the size the server states ("bytes */SIZE")
+                size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+                if sha256 is not None or (size.isdigit() and int(size) == offset):
+                    log(f"{flag} {url}: {part} is already complete")
+                    return finish()
+                log(f"{flag} {url}: the server refused to resume at byte {offset:,}; starting over")
+                part.unlink()
+                continue
+            raise UserError(f"{flag} {url}: HTTP {e.code} {e.reason}")
+        except RedirectRefused as e:
+            raise UserError(f"{flag} {url}: redirected to {e}; only http(s) redirects are followed")
+        except urllib.error.URLError as e:
+            raise UserError(f"{flag} {url}: cannot connect ({e.reason})")
+        except (OSError, http.client.HTTPException) as e:  # dropped before any header arrived
+            raise UserError(f"{flag} {url}: download interrupted after {offset:,} bytes "
+                            f"({type(e).__name__}: {e}); re-run the same command to resume")
+        with resp:
+            if offset and resp.status != 206:
+                log(f"{flag} {url}: the server ignored the resume request; starting over")
+                offset = 0  # a 200 is the whole file: append it to the .part and it is corrupt
+            length = resp.headers.get("Content-Length")
+            total = offset + int(length) if length and length.isdigit() else None
+            if total is not None and total > max_bytes:
+                part.unlink(missing_ok=True)
+                raise UserError(f"{flag} {url}: {total:,} bytes, {limit_msg}")
+            done = offset
+            bar = tqdm(total=total, initial=offset, desc=final.name[:30], unit="B", unit_scale=True,
+                       unit_divisor=1024, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+            try:
+                with open(part, "ab" if offset else "wb") as f:
+                    while True:
+                        # read1: what has arrived, up to 64 KiB; read() would wait to fill its buffer
+                        # and lose those bytes to a timeout instead of keeping them in the .part
+                        block = resp.read1(1 << 16)
+                        if not block:
+                            break
+                        if done + len(block) > max_bytes:
+                            f.close()
+                            part.unlink()
+                            raise UserError(f"{flag} {url}: more than {max_bytes:,} bytes, {limit_msg}")
+                        f.write(block)
+                        done += len(block)
+                        bar.update(len(block))
+                    f.flush()
+            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
+                raise UserError(f"{flag} {url}: download interrupted after {done:,} bytes "
+                                f"({type(e).__name__}: {e}); re-run the same command to resume")
+            finally:
+                bar.close()
+        if total is not None and done < total:  # the server closed early without an error
+            raise UserError(f"{flag} {url}: download interrupted after {done:,} of {total:,} bytes; "
+                            "re-run the same command to resume")
+        return finish()
+    raise UserError(f"{flag} {url}: the server refused to resume twice; delete {part} and retry")
+
+
+def fetch_data(args, flags, log=print, exts=None):
+    """The trainer's data flags (dests in `flags`, in order; a list value such as --download-data
+    counts each entry) with every http(s) URL fetched into --download-dir and replaced by the
+    local file's path. Each --sha256 belongs to the data source in the same position, local
+    files included; sources after the last --sha256 are not checked. With `exts`, a URL must end
+    in one of them: the file type decides the reader, so that is known before any download.
+    Used by every trainer, before it reads data."""
+    sources = [(dest, i, v) for dest in flags
+               for i, v in enumerate(getattr(args, dest) if isinstance(getattr(args, dest), list)
+                                     else [getattr(args, dest)]) if v]
+    sums = args.sha256 or []
+    names = " / ".join("--" + d.replace("_", "-") for d in flags)
+    if len(sums) > len(sources):
+        raise UserError(f"--sha256 given {len(sums)} times for {len(sources)} data sources ({names}); each --sha256 "
+                        "belongs to the data source in the same position")
+    for s in sums:
+        if len(s) != 64 or any(c not in "0123456789abcdefABCDEF" for c in s):
+            raise UserError(f"--sha256 {s}: not a SHA-256 (64 hex digits)")
+    for dest, _, v in sources:
+        if exts and is_url(v) and Path(download_name(v)).suffix.lower() not in exts:
+            raise UserError(f"--{dest.replace('_', '-')} {v}: the URL must end in {' or '.join(exts)} (the file "
+                            "type decides how it is read)")
+    for k, (dest, i, v) in enumerate(sources):
+        flag, sha = "--" + dest.replace("_", "-"), sums[k] if k < len(sums) else None
+        path = fetch(v, args.download_dir, flag, sha, int(args.max_download_mb * 2 ** 20), log)
+        if sha is not None and not is_url(v):  # a local path: fetch had nothing to check
+            if not path.is_file():
+                raise UserError(f"--sha256 {sha}: {flag} {v} is a folder; a checksum needs one file")
+            if file_sha256(path) != sha.lower():
+                raise UserError(f"{flag} {v}: SHA-256 mismatch: expected {sha.lower()}, got {file_sha256(path)}")
+        if isinstance(getattr(args, dest), list):
+            getattr(args, dest)[i] = str(path)
+        else:
+            setattr(args, dest, str(path))
+
+
+MAX_REASONS = 5  # bad-row reasons kept per file; the count covers the rest
+RECORD_EXTS = (".csv", ".tsv", ".jsonl")
+
+
+def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"):
+    """The records of one CSV, TSV or JSONL file (by extension; UTF-8, Excel's BOM allowed).
+    Used by train_gru.py, train_classifier.py, train_asr.py and train_sft.py.
+
+    Returns (records, bad, reasons): records are dicts of `columns` (non-empty strings, stripped)
+    and of whichever `optional` columns the row has; `aliases` maps other header names to a
+    column (a manifest's "path" for "audio_filepath"). A row that is not a JSON object, has the
+    wrong number of fields, or lacks a column or leaves it empty is bad. With bad_rows "fail"
+    (the --bad-rows flag) the first one stops the run with its line number; with "skip" it is
+    dropped and counted, and `reasons` keeps the first few ("line 7: empty 'text'"). A file
+    that cannot be read at all is a UserError naming the flag.
+    """
+    p, aliases = Path(path), aliases or {}
+    ext = p.suffix.lower()
+    if ext not in RECORD_EXTS:
+        raise UserError(f"{flag} {p}: unknown file type '{ext or p.name}'; use .csv, .tsv or .jsonl "
+                        f"(columns {','.join(columns)})")
+    if not p.is_file():
+        raise UserError(f"{flag} {p}: {'a folder, not a file' if p.is_dir() else 'file not found'}")
+    records, reasons, bad = [], [], 0
+
+    def bad_row(line, why):
+        nonlocal bad
+        if bad_rows == "fail":
+            raise UserError(f"{flag} {p}: line {line}: {why} (--bad-rows skip drops such rows)")
+        bad += 1
+        if len(reasons) < MAX_REASONS:
+            reasons.append(f"line {line}: {why}")
+
+    def take(line, row):
+        row = {aliases.get(k, k): v for k, v in row.items()}
+        for c in columns:
+            if c not in row or row[c] is None:
+                return bad_row(line, f"no '{c}'")
+            if not isinstance(row[c], str):
+                return bad_row(line, f"'{c}' is not text ({type(row[c]).__name__})")
+            if not row[c].strip():
+                return bad_row(line, f"empty '{c}'")
+        records.append({c: row[c].strip() if isinstance(row[c], str) else row[c]
+                        for c in (*columns, *optional) if c in row})
+
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            if ext == ".jsonl":
+                for i, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        bad_row(i, f"not JSON ({e.msg})")
+                        continue
+                    if isinstance(obj, dict):
+                        take(i, obj)
+                    else:
+                        bad_row(i, f"not a JSON object ({type(obj).__name__})")
+            else:
+                reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",")
+                header = [c.strip().lower() for c in next(reader, [])]
+                found = {aliases.get(c, c) for c in header}
+                missing = [c for c in columns if c not in found]
+                if missing:
+                    raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header line must "
+                                    f"name {','.join(columns)} (found: {','.join(header) or 'an empty file'})")
+                for row in reader:
+                    if len(row) <= 1 and not "".join(row).strip():
+                        continue  # a blank line (",," is a row of empty fields: bad)
+                    # a short row may leave out trailing optional columns (an empty explanation)
+                    if len(row) > len(header) or any(aliases.get(c, c) in columns for c in header[len(row):]):
+                        bad_row(reader.line_num, f"{len(row)} fields, expected {len(header)} (quote texts that "
+                                                 "contain the delimiter)")
+                    else:
+                        take(reader.line_num, dict(zip(header, row)))
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {p}: not UTF-8 text; save it as UTF-8")
+    except csv.Error as e:
+        raise UserError(f"{flag} {p}: malformed {ext[1:].upper()} ({e})")
+    except OSError as e:
+        raise UserError(f"{flag} {p}: cannot read it ({e.strerror or e})")
+    return records, bad, reasons
 
 
 # -----------------------------------------------------------------------------

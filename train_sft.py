@@ -20,9 +20,7 @@ on first use as a file to read and extend. Re-running the same command resumes.
 """
 
 import argparse
-import csv
 import hashlib
-import http.client
 import json
 import math
 import os
@@ -30,9 +28,6 @@ import re
 import sqlite3
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -295,14 +290,8 @@ g.add_argument("--data", default=None, metavar="PATH",
                     f"pairs, copied to {DEFAULT_PAIRS})")
 g.add_argument("--download-data", action="append", default=None, metavar="URL",
                help="more pairs: an http(s) URL of a .jsonl or .csv file, or a local file or folder "
-                    "of them; repeat for more sources. Downloads resume where they stopped")
-g.add_argument("--sha256", action="append", default=None, metavar="HEX",
-               help="expected SHA-256 of each --download-data file, in the same order (fewer than the "
-                    "URLs: the rest are not checked)")
-g.add_argument("--max-download-mb", type=common.pos_float, default=200.0, metavar="MB",
-               help="refuse a downloaded file larger than this (MB = 2**20 bytes)")
-g.add_argument("--download-dir", default=str(Path("data") / "downloads"), metavar="DIR",
-               help="where downloaded files are kept (a finished file is reused, a partial one resumed)")
+                    "of them; repeat for more sources. Downloads resume where they stopped (--data may "
+                    "be a URL too; --sha256, --max-download-mb and --download-dir apply to both)")
 add_model_flags(parser)
 g = parser.add_argument_group("the seed's modes and continuous learning")
 g.add_argument("--init-from", default=None, metavar="RUN",
@@ -333,153 +322,19 @@ g.add_argument("--max-rounds", type=common.nonneg_int, default=0, metavar="N",
 
 
 # -----------------------------------------------------------------------------
-# data download (--download-data) and pair files
+# pair files (--data, --download-data; URLs come through common.fetch_data)
 
-DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of hanging the run
-MAX_REASONS = 5  # bad-row reasons kept per source; the count covers the rest
 PAIR_EXTS = (".jsonl", ".csv")
 CSV_COLUMNS = ("description", "command", "explanation")  # explanation may be empty or absent
 
 
-def download_name(url):
-    """`<8 hex of the URL's SHA-256>-<sanitised basename>`: two URLs ending in the same file name
-    (every mirror's data.jsonl) never share a file. The extension survives: read_pairs needs it."""
-    base = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "download"
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{base[-100:]}"
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url, dest_dir, sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=DOWNLOAD_TIMEOUT_S):
-    """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
-    path is returned as it is. Called by fetch_pairs, once per --download-data.
-
-    The bytes go to <name>.part and are renamed to <name> only when complete (and matching
-    `sha256` when given), so a file under its final name is always whole. An interrupted
-    transfer keeps the .part and the next call resumes it with a Range request.
-    """
-    from tqdm import tqdm
-
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        # one letter is a Windows drive (C:\data), not a scheme
-        if len(scheme) > 1:
-            raise UserError(f"--download-data {url}: only http(s) URLs or local paths")
-        if not Path(url).exists():
-            raise UserError(f"--download-data {url}: no such file or folder (and not an http(s) URL)")
-        return Path(url)
-
-    dest_dir = Path(dest_dir)
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--download-dir {dest_dir}: cannot create it ({e.strerror or e})")
-    final = dest_dir / download_name(url)
-    part = final.with_name(final.name + ".part")
-    limit_msg = f"larger than --max-download-mb {max_bytes / 2 ** 20:g}; raise the limit if the file is right"
-
-    def check_sum(path):
-        got = file_sha256(path)
-        return sha256 is None or got == sha256.lower(), got
-
-    if final.exists():
-        ok, got = check_sum(final)
-        if ok:
-            log(f"--download-data {url}: using {final} (downloaded before)")
-            return final
-        log(f"--download-data {url}: {final} does not match --sha256 (got {got}); downloading again")
-        final.unlink()
-
-    def finish():
-        ok, got = check_sum(part)
-        if not ok:
-            part.unlink()  # nothing half-right is left to be resumed or reused
-            raise UserError(f"--download-data {url}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; "
-                            "the file was deleted (check the URL and --sha256)")
-        with open(part, "rb+") as f:  # on disk before the rename makes it look finished
-            os.fsync(f.fileno())
-        os.replace(part, final)
-        log(f"--download-data {url}: saved {final} ({final.stat().st_size:,} bytes, sha256 {got[:16]}...)")
-        return final
-
-    for _ in range(2):  # a second pass only after a resume the server could not honour (416)
-        offset = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={"User-Agent": "lean-train"})
-        if offset:
-            req.add_header("Range", f"bytes={offset}-")
-        try:
-            resp = urllib.request.urlopen(req, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset:
-                # nothing past our offset: the .part may already be whole. Trust it only if it can
-                # be checked: the checksum, else the size the server states ("bytes */SIZE")
-                size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
-                if sha256 is not None or (size.isdigit() and int(size) == offset):
-                    log(f"--download-data {url}: {part} is already complete")
-                    return finish()
-                log(f"--download-data {url}: the server refused to resume at byte {offset:,}; starting over")
-                part.unlink()
-                continue
-            raise UserError(f"--download-data {url}: HTTP {e.code} {e.reason}")
-        except urllib.error.URLError as e:
-            raise UserError(f"--download-data {url}: cannot connect ({e.reason})")
-        except (OSError, http.client.HTTPException) as e:  # dropped before any header arrived
-            raise UserError(f"--download-data {url}: download interrupted after {offset:,} bytes "
-                            f"({type(e).__name__}: {e}); re-run the same command to resume")
-        with resp:
-            if offset and resp.status != 206:
-                log(f"--download-data {url}: the server ignored the resume request; starting over")
-                offset = 0  # a 200 is the whole file: append it to the .part and it is corrupt
-            length = resp.headers.get("Content-Length")
-            total = offset + int(length) if length and length.isdigit() else None
-            if total is not None and total > max_bytes:
-                part.unlink(missing_ok=True)
-                raise UserError(f"--download-data {url}: {total:,} bytes, {limit_msg}")
-            done = offset
-            bar = tqdm(total=total, initial=offset, desc=final.name[:30], unit="B", unit_scale=True,
-                       unit_divisor=1024, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-            try:
-                with open(part, "ab" if offset else "wb") as f:
-                    while True:
-                        # read1: what has arrived, up to 64 KiB; read() would wait to fill its buffer
-                        # and lose those bytes to a timeout instead of keeping them in the .part
-                        block = resp.read1(1 << 16)
-                        if not block:
-                            break
-                        if done + len(block) > max_bytes:
-                            f.close()
-                            part.unlink()
-                            raise UserError(f"--download-data {url}: more than {max_bytes:,} bytes, {limit_msg}")
-                        f.write(block)
-                        done += len(block)
-                        bar.update(len(block))
-                    f.flush()
-            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                raise UserError(f"--download-data {url}: download interrupted after {done:,} bytes "
-                                f"({type(e).__name__}: {e}); re-run the same command to resume")
-            finally:
-                bar.close()
-        if total is not None and done < total:  # the server closed early without an error
-            raise UserError(f"--download-data {url}: download interrupted after {done:,} of {total:,} bytes; "
-                            "re-run the same command to resume")
-        return finish()
-    raise UserError(f"--download-data {url}: the server refused to resume twice; delete {part} and retry")
-
-
-def read_pairs(path, flag):
-    """Instruction pairs from one .jsonl/.csv file, or from every such file in a folder (sorted).
+def read_pairs(path, flag, bad_rows="skip"):
+    """Instruction pairs from one .jsonl ({"input", "output"}) or .csv (description, command,
+    explanation) file, or from every such file in a folder (sorted), through common.read_records.
 
     Returns (records, bad, reasons): records are {"input", "output"} dicts, `bad` counts the rows
-    skipped, `reasons` holds the first few ("line 7: no 'output'"). A bad row is never fatal (one
-    typo should not sink a 10,000-row file); a file that cannot be read at all is a UserError naming
-    `flag`. Called by fetch_pairs.
+    skipped, `reasons` holds the first few ("line 7: no 'output'"); --bad-rows fail stops at the
+    first bad row instead. Called by sft_pairs.
     """
     p = Path(path)
     if p.is_dir():
@@ -488,140 +343,32 @@ def read_pairs(path, flag):
             raise UserError(f"{flag} {p}: no .jsonl or .csv files in this folder")
         records, bad, reasons = [], 0, []
         for f in files:
-            r, b, why = read_pairs(f, flag)
+            r, b, why = read_pairs(f, flag, bad_rows)
             records += r
             bad += b
-            reasons += [f"{f.name} {w}" for w in why][:MAX_REASONS - len(reasons)]
+            reasons += [f"{f.name} {w}" for w in why][:common.MAX_REASONS - len(reasons)]
         return records, bad, reasons
     ext = p.suffix.lower()
     if ext not in PAIR_EXTS:
         raise UserError(f"{flag} {p}: unknown file type '{ext}'; use .jsonl (one {{\"input\", \"output\"}} "
                         f"object a line) or .csv ({','.join(CSV_COLUMNS)})")
-    records, bad, reasons = [], 0, []
-
-    def skip(line, why):
-        nonlocal bad
-        bad += 1
-        if len(reasons) < MAX_REASONS:
-            reasons.append(f"line {line}: {why}")
-
-    try:
-        # utf-8-sig: Excel and Notepad put a BOM at the start
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            if ext == ".jsonl":
-                for i, line in enumerate(f, start=1):
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        skip(i, f"not JSON ({e.msg})")
-                        continue
-                    if not isinstance(obj, dict):
-                        skip(i, f"not a JSON object ({type(obj).__name__})")
-                        continue
-                    why = None
-                    for key in ("input", "output"):
-                        if key not in obj:
-                            why = f"no '{key}'"
-                        elif not isinstance(obj[key], str):
-                            why = f"'{key}' is not a string ({type(obj[key]).__name__})"
-                        elif not obj[key].strip():
-                            why = f"empty '{key}'"
-                        if why:
-                            break
-                    if why:
-                        skip(i, why)
-                    else:
-                        records.append({"input": obj["input"].strip(), "output": obj["output"].strip()})
-            else:
-                reader = csv.reader(f)
-                header = [c.strip().lower() for c in next(reader, [])]
-                missing = [c for c in CSV_COLUMNS[:2] if c not in header]
-                if missing:
-                    raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header must name "
-                                    f"{','.join(CSV_COLUMNS)} (found: {','.join(header) or 'nothing'})")
-                for row in reader:
-                    i = reader.line_num  # the row's last physical line (quoted fields can span lines)
-                    if row == [] or row == [""] or (len(row) == 1 and not row[0].strip()):
-                        continue  # a blank line
-                    if len(row) > len(header) or any(c in CSV_COLUMNS[:2] for c in header[len(row):]):
-                        skip(i, f"{len(row)} fields, expected {len(header)} (quote texts with commas)")
-                        continue
-                    r = dict(zip(header, (c.strip() for c in row)))
-                    why = next((f"empty '{c}'" for c in CSV_COLUMNS[:2] if not r[c]), None)
-                    if why:
-                        skip(i, why)
-                    else:
-                        records.append({"input": r["description"],
-                                        "output": format_answer(r["command"], r.get("explanation", ""))})
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {p}: not UTF-8 text; save it as UTF-8")
-    except csv.Error as e:
-        raise UserError(f"{flag} {p}: malformed CSV ({e})")
-    except OSError as e:
-        raise UserError(f"{flag} {p}: cannot read it ({e.strerror or e})")
-    return records, bad, reasons
-
-
-def check_download_args(args):
-    """The --download-data/--sha256 flags, checked before any network. Called first by fetch_pairs."""
-    urls, sums = args.download_data or [], args.sha256 or []
-    if len(sums) > len(urls):
-        raise UserError(f"--sha256 given {len(sums)} times for {len(urls)} --download-data; each --sha256 "
-                        "belongs to the --download-data in the same position")
-    for s in sums:
-        if len(s) != 64 or any(c not in "0123456789abcdefABCDEF" for c in s):
-            raise UserError(f"--sha256 {s}: not a SHA-256 (64 hex digits)")
-    for url in urls:  # the file type decides the reader: know it before spending the bandwidth
-        if urllib.parse.urlsplit(url).scheme.lower() in ("http", "https") and \
-                Path(download_name(url)).suffix.lower() not in PAIR_EXTS:
-            raise UserError(f"--download-data {url}: the URL must end in .jsonl or .csv (the file type "
-                            "decides how it is read)")
-
-
-def fetch_pairs(args, log=print):
-    """Every --download-data source downloaded (or taken from disk) and read: a list of
-    (source, records, bad, reasons), one line logged each. Called by the trainer before it builds
-    the model, so a bad URL or file fails in seconds."""
-    check_download_args(args)
-    urls, sums = args.download_data or [], args.sha256 or []
-    # torchrun: local rank 0 downloads on each machine; the other ranks wait for its finished file
-    # and then reuse it (were rank 0 to fail, torchrun stops them)
-    wait = int(os.environ.get("LOCAL_RANK", "0")) > 0
-    out = []
-    for i, url in enumerate(urls):
-        sha = sums[i] if i < len(sums) else None
-        if wait and urllib.parse.urlsplit(url).scheme.lower() in ("http", "https"):
-            final = Path(args.download_dir) / download_name(url)
-            while not final.exists() or final.with_name(final.name + ".part").exists():
-                time.sleep(0.5)
-        path = download(url, args.download_dir, sha256=sha, max_bytes=int(args.max_download_mb * 2 ** 20), log=log)
-        if sha is not None and path == Path(url):  # a local path: download() had nothing to check
-            if not path.is_file():
-                raise UserError(f"--sha256 {sha}: --download-data {url} is a folder; a checksum needs one file")
-            if file_sha256(path) != sha.lower():
-                raise UserError(f"--download-data {url}: SHA-256 mismatch: expected {sha.lower()}, "
-                                f"got {file_sha256(path)}")
-        records, bad, reasons = read_pairs(path, "--download-data" if path == Path(url) else
-                                           f"--download-data {url} ->")
-        first = f" (first: {'; '.join(reasons)})" if reasons else ""
-        if not records:
-            raise UserError(f"--download-data {url}: no usable input/output pairs, {bad} bad rows{first}")
-        log(f"--download-data {url}: {len(records):,} pairs, {bad} bad rows skipped{first}")
-        out.append((url, records, bad, reasons))
-    return out
+    if ext == ".jsonl":
+        return common.read_records(p, flag, ("input", "output"), bad_rows=bad_rows)
+    rows, bad, reasons = common.read_records(p, flag, CSV_COLUMNS[:2], optional=CSV_COLUMNS[2:], bad_rows=bad_rows)
+    return [{"input": r["description"], "output": format_answer(r["command"], r.get("explanation", ""))}
+            for r in rows], bad, reasons
 
 
 def sft_pairs(args, log):
     """The pairs to fine-tune on, split by split_of: (train, val, test) lists of {input, output}.
 
-    --data (a .jsonl/.csv file or a folder of them), else the built-in generator; pairs from
-    --download-data are added. A request seen twice keeps its first answer.
+    --data (a .jsonl/.csv file or a folder of them, or an http(s) URL of one), else the built-in
+    generator; pairs from --download-data are added. A request seen twice keeps its first answer.
     """
+    given = {"data": args.data, "download_data": list(args.download_data or [])}  # as typed, for the log
+    common.fetch_data(args, ("data", "download_data"), log, exts=PAIR_EXTS)
     if args.data:
-        records, bad, reasons = read_pairs(Path(args.data).expanduser(), "--data")
+        records, bad, reasons = read_pairs(Path(args.data).expanduser(), "--data", args.bad_rows)
         log(f"--data {args.data}: {len(records)} pairs" + (f", {bad} bad rows skipped (first: {reasons[0]})"
                                                             if bad else ""))
     else:
@@ -633,9 +380,14 @@ def sft_pairs(args, log):
             os.replace(tmp, DEFAULT_PAIRS)
         log(f"built-in data: {len(records)} English request -> shell command pairs (a copy to read or extend: "
             f"{DEFAULT_PAIRS}, use it with --data)")
-    if args.download_data:
-        for source, recs, bad, reasons in fetch_pairs(args, log):
-            records += recs
+    for url, path in zip(given["download_data"], args.download_data or []):
+        recs, bad, reasons = read_pairs(path, "--download-data" if path == url else f"--download-data {url} ->",
+                                        args.bad_rows)
+        first = f" (first: {'; '.join(reasons)})" if reasons else ""
+        if not recs:
+            raise UserError(f"--download-data {url}: no usable input/output pairs, {bad} bad rows{first}")
+        log(f"--download-data {url}: {len(recs):,} pairs, {bad} bad rows skipped{first}")
+        records += recs
     seen, pairs = set(), []
     for r in records:
         if r["input"] not in seen:

@@ -1,9 +1,11 @@
-"""train_sft.py --download-data: download (resume, size limit, checksum, errors) against a local
-HTTP server in a thread, and the .jsonl/.csv pair readers. In-process: no trainer runs here."""
+"""common.fetch / fetch_data (every trainer's data flags take an http(s) URL: resume, size limit,
+checksum, redirects, errors) against a local HTTP server in a thread, and common.read_records
+through train_sft.py's .jsonl/.csv pair reader. In-process: no trainer runs here."""
 import hashlib
 import http.server
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         srv = self.server
         srv.requests.append((self.path, self.headers.get("Range")))
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = srv.files.get(self.path)
         if body is None:
             self.send_error(404, "Not Found")
@@ -62,7 +70,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests = {"/d/data.jsonl": DATA}, []
+    srv.files, srv.requests, srv.redirects = {"/d/data.jsonl": DATA}, [], {}
     srv.cut_after, srv.ignore_range, srv.no_length, srv.stall = None, False, False, False
     srv.release = threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -81,20 +89,20 @@ def leftovers(d):
 def test_full_download_then_reuse(server, tmp_path, capsys):
     url = server.url + "/d/data.jsonl"
     logs = []
-    p = train_sft.download(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append)
+    p = common.fetch(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append)
     assert p.read_bytes() == DATA and p.name.endswith("-data.jsonl")
     assert leftovers(tmp_path / "dl") == [p.name]  # no .part
     assert "100%" in capsys.readouterr().err  # the tqdm bar ran to the end
     assert server.requests == [("/d/data.jsonl", None)]
     # a second call reuses the finished file without touching the network
-    assert train_sft.download(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append) == p
+    assert common.fetch(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append) == p
     assert len(server.requests) == 1 and "downloaded before" in logs[-1]
 
 
 def test_same_basename_from_two_urls_does_not_collide(server, tmp_path):
     server.files["/e/data.jsonl"] = b"other"
-    a = train_sft.download(server.url + "/d/data.jsonl", tmp_path, log=lambda m: None)
-    b = train_sft.download(server.url + "/e/data.jsonl", tmp_path, log=lambda m: None)
+    a = common.fetch(server.url + "/d/data.jsonl", tmp_path, log=lambda m: None)
+    b = common.fetch(server.url + "/e/data.jsonl", tmp_path, log=lambda m: None)
     assert a != b and a.read_bytes() == DATA and b.read_bytes() == b"other"
 
 
@@ -102,10 +110,10 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     url, d, k = server.url + "/d/data.jsonl", tmp_path / "dl", 70_000
     server.cut_after = k
     with pytest.raises(UserError, match=f"interrupted after {k:,} of {len(DATA):,} bytes; re-run the same command to resume"):
-        train_sft.download(url, d, sha256=DATA_SHA, log=lambda m: None)
+        common.fetch(url, d, sha256=DATA_SHA, log=lambda m: None)
     (part,) = d.iterdir()
     assert part.name.endswith(".part") and part.stat().st_size == k
-    p = train_sft.download(url, d, sha256=DATA_SHA, log=lambda m: None)
+    p = common.fetch(url, d, sha256=DATA_SHA, log=lambda m: None)
     assert server.requests[-1] == ("/d/data.jsonl", f"bytes={k}-")
     assert p.read_bytes() == DATA and hashlib.sha256(p.read_bytes()).hexdigest() == DATA_SHA
     assert leftovers(d) == [p.name]
@@ -115,8 +123,8 @@ def test_stalled_server_times_out_and_resumes(server, tmp_path):
     url, d = server.url + "/d/data.jsonl", tmp_path / "dl"
     server.cut_after, server.stall = 10_000, True
     with pytest.raises(UserError, match="interrupted after 10,000 bytes .*timed out.*; re-run the same command"):
-        train_sft.download(url, d, log=lambda m: None, timeout=0.3)
-    assert train_sft.download(url, d, log=lambda m: None).read_bytes() == DATA
+        common.fetch(url, d, log=lambda m: None, timeout=0.3)
+    assert common.fetch(url, d, log=lambda m: None).read_bytes() == DATA
     assert server.requests[-1][1] == "bytes=10000-"
 
 
@@ -125,8 +133,8 @@ def test_complete_part_and_416_is_verified(server, tmp_path):
     d = tmp_path / "dl"
     d.mkdir()
     url = server.url + "/d/data.jsonl"
-    (d / (train_sft.download_name(url) + ".part")).write_bytes(DATA)
-    p = train_sft.download(url, d, log=lambda m: None)
+    (d / (common.download_name(url) + ".part")).write_bytes(DATA)
+    p = common.fetch(url, d, log=lambda m: None)
     assert server.requests == [("/d/data.jsonl", f"bytes={len(DATA)}-")]
     assert p.read_bytes() == DATA and leftovers(d) == [p.name]
 
@@ -135,9 +143,9 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     url, d = server.url + "/d/data.jsonl", tmp_path / "dl"
     server.cut_after, server.ignore_range = 30_000, True
     with pytest.raises(UserError, match="resume"):
-        train_sft.download(url, d, log=lambda m: None)
+        common.fetch(url, d, log=lambda m: None)
     logs = []
-    p = train_sft.download(url, d, sha256=DATA_SHA, log=logs.append)
+    p = common.fetch(url, d, sha256=DATA_SHA, log=logs.append)
     assert server.requests[-1][1] == "bytes=30000-"  # asked, and got a 200 with the whole file
     assert p.read_bytes() == DATA  # not the first 30,000 bytes twice
     assert any("ignored the resume request" in m for m in logs)
@@ -146,30 +154,30 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     d = tmp_path / "dl"
     with pytest.raises(UserError, match=f"expected {'ab' * 32}, got {DATA_SHA}"):
-        train_sft.download(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
+        common.fetch(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
     assert leftovers(d) == []
 
 
 def test_http_and_connection_errors(server, tmp_path):
     with pytest.raises(UserError, match=r"/nope\.jsonl: HTTP 404"):
-        train_sft.download(server.url + "/nope.jsonl", tmp_path, log=lambda m: None)
+        common.fetch(server.url + "/nope.jsonl", tmp_path, log=lambda m: None)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now: connection refused
     with pytest.raises(UserError, match="cannot connect"):
-        train_sft.download(f"http://127.0.0.1:{port}/a.jsonl", tmp_path, log=lambda m: None)
+        common.fetch(f"http://127.0.0.1:{port}/a.jsonl", tmp_path, log=lambda m: None)
 
 
 def test_schemes_and_local_paths(tmp_path):
     for url in ("ftp://example.com/a.csv", "file:///etc/passwd"):
         with pytest.raises(UserError, match="only http\\(s\\) URLs or local paths"):
-            train_sft.download(url, tmp_path)
+            common.fetch(url, tmp_path)
     with pytest.raises(UserError, match="no such file or folder"):
-        train_sft.download(str(tmp_path / "missing.csv"), tmp_path)
+        common.fetch(str(tmp_path / "missing.csv"), tmp_path)
     f = tmp_path / "a.csv"
     f.write_text("x")
-    assert train_sft.download(str(f), tmp_path / "dl") == f and train_sft.download(str(tmp_path), tmp_path / "dl") == tmp_path
+    assert common.fetch(str(f), tmp_path / "dl") == f and common.fetch(str(tmp_path), tmp_path / "dl") == tmp_path
     assert not (tmp_path / "dl").exists()  # a local path is used where it is, never copied
 
 
@@ -178,9 +186,9 @@ def test_size_limit(server, tmp_path, no_length):
     server.no_length = no_length  # without Content-Length the limit is enforced while streaming
     d = tmp_path / "dl"
     with pytest.raises(UserError, match="--max-download-mb"):
-        train_sft.download(server.url + "/d/data.jsonl", d, max_bytes=len(DATA) - 1, log=lambda m: None)
+        common.fetch(server.url + "/d/data.jsonl", d, max_bytes=len(DATA) - 1, log=lambda m: None)
     assert leftovers(d) == []
-    p = train_sft.download(server.url + "/d/data.jsonl", d, max_bytes=len(DATA), log=lambda m: None)
+    p = common.fetch(server.url + "/d/data.jsonl", d, max_bytes=len(DATA), log=lambda m: None)
     assert p.read_bytes() == DATA
 
 
@@ -205,7 +213,7 @@ def test_read_pairs_csv(tmp_path):
         {"input": "count lines", "output": "<command>wc -l file</command>"},
         {"input": "find text, case-insensitive", "output": "<command>grep -i foo</command>"}]
     assert bad == 2 and reasons == ["line 5: empty 'command'",
-                                    "line 6: 4 fields, expected 3 (quote texts with commas)"]
+                                    "line 6: 4 fields, expected 3 (quote texts that contain the delimiter)"]
     # the explanation column may be absent altogether
     f.write_text("description,command\nsay hi,echo hi\n")
     assert train_sft.read_pairs(f, "--download-data")[0] == [{"input": "say hi", "output": "<command>echo hi</command>"}]
@@ -231,13 +239,13 @@ def test_read_pairs_jsonl_and_folder(tmp_path):
     assert records == [{"input": "a", "output": "b"}, {"input": "g", "output": "h"}]
     assert bad == 5
     assert reasons[0].startswith("line 3: not JSON") and reasons[1:] == [
-        "line 4: not a JSON object (list)", "line 5: no 'output'", "line 6: 'output' is not a string (int)",
+        "line 4: not a JSON object (list)", "line 5: no 'output'", "line 6: 'output' is not text (int)",
         "line 7: empty 'input'"]
     (tmp_path / "cmds.csv").write_text(CSV)
     (tmp_path / "notes.txt").write_text("not data")  # other files in a folder are not read
     records, bad, reasons = train_sft.read_pairs(tmp_path, "--download-data")
     assert len(records) == 3 + 2 and records[0]["input"] == "list files"  # sorted: cmds.csv first
-    assert bad == 2 + 5 and len(reasons) == train_sft.MAX_REASONS and reasons[0] == "cmds.csv line 5: empty 'command'"
+    assert bad == 2 + 5 and len(reasons) == common.MAX_REASONS and reasons[0] == "cmds.csv line 5: empty 'command'"
 
 
 def test_read_pairs_unreadable_files(tmp_path):
@@ -260,52 +268,56 @@ def parse(*argv):
     return train_sft.parser.parse_args(list(argv))
 
 
-def test_more_sha256_than_urls_is_a_one_line_exit_2(capsys):
-    # main() does not call fetch_pairs yet (the SFT task wires it in), so the CLI's exit path is
-    # driven in-process: common.run_main is what every trainer's __main__ uses
+def test_more_sha256_than_sources_is_a_one_line_exit_2(capsys):
     args = parse("--download-data", "https://example.com/a.jsonl", "--sha256", "a" * 64, "--sha256", "b" * 64)
     with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: train_sft.check_download_args(args))
+        common.run_main(lambda: common.fetch_data(args, ("data", "download_data")))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("error: --sha256 given 2 times for 1 --download-data")
+    assert err.startswith("error: --sha256 given 2 times for 1 data sources (--data / --download-data)")
     for argv, msg in [(["--download-data", "https://example.com/a.jsonl", "--sha256", "xyz"], "not a SHA-256"),
                       (["--download-data", "https://example.com/data?fmt=csv"], "must end in .jsonl or .csv")]:
         with pytest.raises(UserError, match=msg):
-            train_sft.check_download_args(parse(*argv))
+            common.fetch_data(parse(*argv), ("data", "download_data"), exts=train_sft.PAIR_EXTS)
 
 
-def test_fetch_pairs_mixes_urls_and_local_paths(server, tmp_path):
+def test_fetch_data_mixes_urls_and_local_paths(server, tmp_path):
     server.files["/p.jsonl"] = JSONL.encode()
     (tmp_path / "cmds.csv").write_text(CSV)
     args = parse("--download-data", server.url + "/p.jsonl", "--download-data", str(tmp_path / "cmds.csv"),
                  "--sha256", hashlib.sha256(JSONL.encode()).hexdigest(), "--download-dir", str(tmp_path / "dl"))
-    logs = []
-    got = train_sft.fetch_pairs(args, log=logs.append)
-    assert [(src, len(r), bad) for src, r, bad, _ in got] == [(server.url + "/p.jsonl", 2, 5),
-                                                              (str(tmp_path / "cmds.csv"), 3, 2)]
-    assert logs[-1] == (f"--download-data {tmp_path / 'cmds.csv'}: 3 pairs, 2 bad rows skipped (first: "
-                        "line 5: empty 'command'; line 6: 4 fields, expected 3 (quote texts with commas))")
+    common.fetch_data(args, ("data", "download_data"), log=lambda m: None)
+    assert args.download_data == [str(tmp_path / "dl" / common.download_name(server.url + "/p.jsonl")),
+                                  str(tmp_path / "cmds.csv")]
     # a local file is checked against its --sha256 too
     args = parse("--download-data", str(tmp_path / "cmds.csv"), "--sha256", "0" * 64)
     with pytest.raises(UserError, match="SHA-256 mismatch"):
-        train_sft.fetch_pairs(args, log=logs.append)
+        common.fetch_data(args, ("data", "download_data"))
     # a source with no usable pair at all is an error, not an empty fine-tune
     (tmp_path / "bad.jsonl").write_text("nope\n")
     with pytest.raises(UserError, match="no usable input/output pairs, 1 bad rows"):
-        train_sft.fetch_pairs(parse("--download-data", str(tmp_path / "bad.jsonl")), log=logs.append)
+        train_sft.sft_pairs(parse("--download-data", str(tmp_path / "bad.jsonl")), log=lambda m: None)
+
+
+def test_redirects_only_to_http(server, tmp_path):
+    """urllib alone would follow a redirect to ftp:; a data URL may only lead to http(s)."""
+    server.redirects = {"/r.jsonl": server.url + "/d/data.jsonl", "/bad.jsonl": "ftp://example.com/x.jsonl"}
+    assert common.fetch(server.url + "/r.jsonl", tmp_path, log=lambda m: None).read_bytes() == DATA
+    with pytest.raises(UserError, match="redirected to ftp://example.com/x.jsonl; only http"):
+        common.fetch(server.url + "/bad.jsonl", tmp_path, flag="--test-data", log=lambda m: None)
 
 
 def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monkeypatch):
     server.files["/p.jsonl"] = JSONL.encode()
     args = parse("--download-data", server.url + "/p.jsonl", "--download-dir", str(tmp_path / "dl"))
     monkeypatch.setenv("LOCAL_RANK", "1")
-    got = []
-    rank1 = threading.Thread(target=lambda: got.extend(train_sft.fetch_pairs(args, log=lambda m: None)), daemon=True)
+    rank1 = threading.Thread(target=lambda: common.fetch_data(args, ("data", "download_data"), log=lambda m: None),
+                             daemon=True)
     rank1.start()
     rank1.join(1.5)
     assert rank1.is_alive() and server.requests == []  # waiting, not downloading
-    train_sft.download(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    common.fetch(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
     rank1.join(5)
-    assert not rank1.is_alive() and len(got[0][1]) == 2
+    assert not rank1.is_alive() and Path(args.download_data[0]).read_bytes() == JSONL.encode()
     assert len(server.requests) == 1  # one transfer for both ranks
