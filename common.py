@@ -540,6 +540,8 @@ def fetch_data(args, flags, log=print, exts=None):
                             "type decides how it is read)")
     for k, (dest, i, v) in enumerate(sources):
         flag, sha = "--" + dest.replace("_", "-"), sums[k] if k < len(sums) else None
+        if sha is None and not is_url(v):
+            continue  # a local path without a checksum: the trainer's own reader checks it
         path = fetch(v, args.download_dir, flag, sha, int(args.max_download_mb * 2 ** 20), log)
         if sha is not None and not is_url(v):  # a local path: fetch had nothing to check
             if not path.is_file():
@@ -1140,6 +1142,33 @@ def load_checkpoint(path):
     callables/classes, so a tampered file raises instead of executing.
     Used by find_checkpoint; train_gru.py, train_classifier.py, train_asr.py (best.pt)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_run_model(run, flag, trainer, key, resume=None):
+    """The model a run folder serves: --resume PATH, else its best.pt, else its newest loadable
+    checkpoint. Returns (state, path); no checkpoint, or one made by another trainer (it lacks
+    `key`, the entry this trainer's model is built from), is a UserError naming `flag`.
+    Used by every path that serves a model: train_gru.py --suggest, train_classifier.py
+    --predict, train_asr.py --transcribe, train_lm.py sample, train_sft.py ask and --init-from."""
+    run = Path(run)
+    best = run / "checkpoints" / "best.pt"
+    if resume is None and best.is_file():
+        try:
+            state, path = load_checkpoint(best), best
+        except Exception as e:  # a damaged best.pt: say so, and serve the newest step checkpoint
+            print(f"warning: {best} is unreadable ({type(e).__name__}); using the newest checkpoint",
+                  file=sys.stderr)
+            state, path = find_checkpoint(run, argparse.Namespace(resume=None, no_resume=False),
+                                          lambda m: print(m, file=sys.stderr))
+    else:
+        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False),
+                                      lambda m: print(m, file=sys.stderr))
+    if state is None:
+        raise UserError(f"{flag} {run}: no checkpoint there; train first: python {TRAINERS[trainer]} --quick "
+                        f"--out {run}")
+    if not isinstance(state, dict) or key not in state:
+        raise UserError(f"{flag} {run}: {path} is not a {TRAINERS[trainer]} checkpoint")
+    return state, path
 
 
 def find_checkpoint(out, args, log=print):

@@ -22,7 +22,6 @@ in the MIT-labelled paper/ten.tex of github.com/genovotechnologies/temporal-eige
 written here from its math: a diagonal complex linear recurrence of the S4D/LRU family.
 """
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -107,16 +106,16 @@ def add_model_flags(p):
 parser = common.make_parser(__doc__, trainer="lm", epochs=1, lr=None, effective_batch=32,
                             save_every=100, eval_every=100, log_every=10)
 g = parser.add_argument_group("language model")
-g.add_argument("--data", default=None, metavar="DIR",
-               help=f"a folder made by `train_lm.py prepare` (default: the built-in corpus, packed "
-                    f"into {DEFAULT_DATA} on first use)")
+g.add_argument("--data", default=None, metavar="DIR|URL",
+               help=f"a folder made by `train_lm.py prepare`, or the http(s) URL of a UTF-8 text file "
+                    f"(fetched and packed once) (default: the built-in corpus, packed into {DEFAULT_DATA} on "
+                    f"first use)")
 g.add_argument("--eval-tokens", type=common.pos_int, default=65536, metavar="N",
                help="validation tokens scored at each evaluation (fixed windows from the start of val.bin)")
 add_model_flags(parser)
 # instruction fine-tuning moved to train_sft.py: its spellings here get one line naming the new command
-MOVED_TO_SFT = ("--task", "--init-from", "--mac", "--cpu-only", "--continuous-learning",
-                "--feedback-db", "--download-data", "--sha256", "--max-download-mb", "--download-dir",
-                "--retrain-threshold", "--replay", "--round-epochs", "--poll-every", "--max-rounds")
+MOVED_TO_SFT = ("--task", "--init-from", "--mac", "--cpu-only", "--continuous-learning", "--feedback-db",
+                "--download-data", "--retrain-threshold", "--replay", "--round-epochs", "--poll-every", "--max-rounds")
 
 
 def prepare_parser():
@@ -597,15 +596,7 @@ def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
 
 def run_sample(argv):
     args = sample_parser().parse_args(argv)
-    out = Path(args.out)
-    best = out / "checkpoints" / "best.pt"
-    if args.resume is None and best.is_file():
-        args.resume = str(best)
-    state, path = common.find_checkpoint(out, argparse.Namespace(resume=args.resume, no_resume=False), print)
-    if state is None:
-        raise UserError(f"--out {out}: no checkpoint there; train first: python train_lm.py --quick --out {out}")
-    if "model_cfg" not in state:
-        raise UserError(f"{path} is not a train_lm.py checkpoint")
+    state, path = common.load_run_model(args.out, "--out", "lm", "model_cfg", resume=args.resume)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -615,8 +606,6 @@ def run_sample(argv):
     ids = generate(model, encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, device, args.seed)
     print(args.prompt + decode(ids))
     return 0
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -695,8 +684,6 @@ def resolve_shape(args, sources, log):
         raise UserError(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
     if args.seq_len < 2:
         raise UserError(f"--seq-len {args.seq_len}: need at least 2 tokens")
-
-
 
 
 def check_flags(args):
@@ -787,7 +774,15 @@ def main(argv=None):
     resolve_shape(args, sources, notes.append)
     check_flags(args)
     # -- data, validated before the run folder is touched
-    data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
+    url = args.data if args.data and common.is_url(args.data) else None
+    common.fetch_data(args, ("data",), notes.append)
+    if url:  # a text file on the web: fetched into --download-dir, then packed once beside it
+        data_dir = Path(args.data + ".packed")
+        if not (data_dir / "meta.json").exists():
+            write_corpus(data_dir, [Path(args.data)], 0.1, [url])
+            notes.append(f"--data {url}: packed into {data_dir}")
+    else:
+        data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
     meta = load_meta(data_dir, args.seq_len)
     cfg = model_config(args, meta["vocab_size"])
     run = start(args, sources, notes, "lm", "val_bpb", lambda state, path, world: check_resume(

@@ -403,24 +403,11 @@ def sft_pairs(args, log):
     return train, val, test
 
 
-def find_run_checkpoint(run, flag):
-    """A run folder's best.pt, else its newest checkpoint (a train_lm.py one), for ask and --init-from."""
-    run = Path(run)
-    best = run / "checkpoints" / "best.pt"
-    state, path = common.find_checkpoint(run, argparse.Namespace(resume=str(best) if best.is_file() else None,
-                                                                 no_resume=False), lambda m: None)
-    if state is None:
-        raise UserError(f"{flag} {run}: no checkpoint there; train first: python train_lm.py --quick --out {run}")
-    if "model_cfg" not in state:
-        raise UserError(f"{flag} {run}: {path} is not a train_lm.py checkpoint")
-    return state, path
-
-
 def init_shape(args, sources, log):
     """--init-from: the model's shape comes from that run's checkpoint; returns its state."""
     if not args.init_from:
         return None
-    state, path = find_run_checkpoint(args.init_from, "--init-from")
+    state, path = common.load_run_model(args.init_from, "--init-from", "lm", "model_cfg")
     for key in ("arch", "n_layer", "n_head", "d_model", "num_eigenstates", "chunk_size"):
         if sources.get(key) == "flag" and getattr(args, key) != state["model_cfg"][key]:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: the shape comes from --init-from "
@@ -1229,7 +1216,7 @@ def ask_parser():
 
 def run_ask(argv):
     args = ask_parser().parse_args(argv)
-    state, path = find_run_checkpoint(args.out, "--out")
+    state, path = common.load_run_model(args.out, "--out", "sft", "model_cfg")
     if state.get("task") != "sft":
         raise UserError(f"--out {args.out}: {path} is a language model (train_lm.py); ask needs a fine-tuned run: "
                         f"python train_sft.py --quick --out {args.out}-sft")
