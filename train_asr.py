@@ -11,8 +11,9 @@ batch size is fitted to the machine, and out-of-memory is recovered from, not fa
     python benchmarks/make_speech_data.py data/espeak             # real speech (espeak-ng), then:
     python train_asr.py --preset minimal --train-manifest data/espeak/train.jsonl \\
         --val-manifest data/espeak/val.jsonl --test-manifest data/espeak/test.jsonl --out runs/espeak
-    python train_asr.py --train-manifest train.jsonl --batch_size 2 --gradient_accumulation_steps 4 \\
-        --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4   # the seed's T4 line
+    python train_asr.py --train-manifest train.jsonl --batch-size 2 --grad-accum 4 --precision auto \\
+        --d-model 192 --encoder-layers 8 --decoder-layers 4   # the seed's T4 line (its spellings
+        # --batch_size, --gradient_accumulation_steps, --mixed_precision, --d_model, ... work too)
 
 A manifest is JSONL ({"audio_filepath": ..., "text": ..., "duration": ...} per line) or CSV/TSV
 with a header naming path,text; paths are relative to the manifest. Audio: PCM WAV, any rate
@@ -90,12 +91,13 @@ g.add_argument("--preset", choices=list(PRESETS), default=None,
                     "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick). "
                     "minimal and tiny train at --lr 2e-3 and minimal for 15 --epochs unless given "
                     "(seed: 5e-4, 10; README \"ASR on real speech\")")
-g.add_argument("--d_model", "--d-model", dest="d_model", type=common.pos_int, default=None,
-               help="model width (overrides the preset; a multiple of --heads)")
-g.add_argument("--encoder_layers", "--encoder-layers", dest="encoder_layers", type=common.pos_int,
-               default=None, help="Conformer blocks (overrides the preset)")
-g.add_argument("--decoder_layers", "--decoder-layers", dest="decoder_layers", type=common.pos_int,
-               default=None, help="Transformer decoder layers (overrides the preset)")
+g.add_argument("--d-model", "--d_model", dest="d_model", type=common.pos_int, default=None,
+               help="model width (overrides the preset; a multiple of --heads; --d_model: the seed's spelling)")
+g.add_argument("--encoder-layers", "--encoder_layers", dest="encoder_layers", type=common.pos_int,
+               default=None, help="Conformer blocks (overrides the preset; --encoder_layers: the seed's spelling)")
+g.add_argument("--decoder-layers", "--decoder_layers", dest="decoder_layers", type=common.pos_int,
+               default=None, help="Transformer decoder layers (overrides the preset; --decoder_layers: the "
+                                  "seed's spelling)")
 g.add_argument("--heads", type=common.pos_int, default=4, help="attention heads (seed: 4)")
 g.add_argument("--dropout", type=float, default=0.1, help="dropout in encoder and decoder")
 g.add_argument("--subsample", type=int, choices=[4, 1], default=4,
@@ -855,7 +857,7 @@ def main(argv=None):
         args.ctc_weight, sources["ctc_weight"] = CTC_WEIGHT.get(args.preset, 0.3), "auto"
     shape = model_shape(args)
     if shape[0] % args.heads:
-        raise UserError(f"--d_model {shape[0]} is not a multiple of --heads {args.heads}")
+        raise UserError(f"--d-model {shape[0]} is not a multiple of --heads {args.heads}")
     if (args.val_manifest or args.test_manifest) and not args.train_manifest:
         raise UserError("--val-manifest/--test-manifest need --train-manifest too")
     if args.train_manifest and args.dataset_size:
@@ -916,8 +918,9 @@ def main(argv=None):
     log, status, stop = common.start_run(out, args, "asr", "val_cer", notes)
     with common.recording_failures(out, status):
         try:
-            return train(args, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
-                         train_items, val_items, test_items, itos, data_desc, dropped)
+            return train(args, sources, out=out, log=log, status=status, stop=stop, dev=device, state=state,
+                         resumed_from=resumed_from, shape=shape, model_args=model_args, items=(train_items,
+                         val_items, test_items), itos=itos, data_desc=data_desc, dropped=dropped)
         except Exception as e:
             # common.train_step halves the micro-batch on OOM; what reaches here did not fit even
             # at batch 1 (in the batch probe, a step, validation or the test decoding)
@@ -930,11 +933,12 @@ def main(argv=None):
                             f"try the {len(advice)} commands above, in order") from None
 
 
-def train(args, sources, out, log, status, stop, device, state, resumed_from, shape, model_args,
-          train_items, val_items, test_items, itos, data_desc, dropped):
-    device, amp_dtype, scaler, prec_why = device
-    stoi = {c: i for i, c in enumerate(itos)}
-    (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
+# -----------------------------------------------------------------------------
+# training: setup helpers, then train() with the loop
+
+def log_data(log, args, *, data_desc, items, itos, dropped):
+    """One line on the data (and what was dropped); a warning for utterances CTC cannot align."""
+    train_items, val_items, test_items = items
     hours = sum(it["duration"] for it in train_items) / 3600
     log(f"data: {data_desc}; {len(train_items)} train ({hours:.2f} h) / {len(val_items)} val / "
         f"{len(test_items)} test utterances; {len(itos)} symbols"
@@ -944,9 +948,9 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, sh
         log(f"warning: {too_fast} training utterances have more characters than encoder frames; CTC "
             "cannot align them (they add 0 CTC loss)" + ("; try --subsample 1" if args.subsample > 1 else ""))
 
-    # -- model
-    model = build_model(shape, len(itos), model_args).to(device)
-    model.grad_checkpointing = args.grad_checkpointing
+
+def log_model(log, model, args, shape):
+    """The model line: shape and parameters by part. Returns the parameter count."""
     n_params, _ = common.count_params(model)
     enc = sum(p.numel() for p in [*model.encoder.parameters(),
                                   *(model.front or model.input).parameters()])
@@ -954,9 +958,13 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, sh
     log(f"model: {args.preset} d {shape[0]}, {shape[1]} encoder + {shape[2]} decoder layers, "
         f"subsample x{args.subsample}: {n_params:,} parameters (encoder {enc / 1e6:.2f}M, CTC {ctc / 1e6:.2f}M, "
         f"decoder {(n_params - enc - ctc) / 1e6:.2f}M)")
+    return n_params
 
-    # -- batch size: effective batch fixed, micro-batch fitted to the machine on the longest
-    # utterances (the worst case the run will see)
+
+def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log):
+    """The effective batch stays fixed; the micro-batch is fitted to the machine on the longest
+    utterances (the worst case the run will see). Returns (micro_bs, accum, why, effective batch)."""
+    device, amp_dtype, _, prec_why = dev
     longest = sorted(range(len(train_items)), key=lambda i: -train_items[i]["duration"])
 
     def probe(bs):
@@ -976,15 +984,20 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, sh
         f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free; allocator {os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
            if device.type == "cuda" else ""))
+    return micro_bs, accum, bs_why, E
 
-    # -- optimizer and schedule: AdamW (seed: lr 5e-4, wd 1e-6), warmup, then cosine or plateau
+
+def build_optimizer(model, args, sources, *, n_train, E, device, log):
+    """AdamW (seed: lr 5e-4, wd 1e-6), warmup, then cosine or plateau. Returns (optimizer,
+    scheduler, plateau, steps_per_epoch, total_steps): plateau is the ReduceLROnPlateau state
+    (factor 0.5, patience 3) that train()'s evaluation updates and the checkpoint carries."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-6,
                                   fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(train_items) / E)
+    steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     warmup = min(500, total_steps // 10)
-    plateau = {"scale": 1.0, "best": math.inf, "bad": 0}  # ReduceLROnPlateau(factor 0.5, patience 3)
+    plateau = {"scale": 1.0, "best": math.inf, "bad": 0}
 
     def lr_factor(s):
         ramp = min(1.0, (s + 1) / max(1, warmup))
@@ -992,6 +1005,24 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, sh
             return ramp * plateau["scale"]
         return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return optimizer, scheduler, plateau, steps_per_epoch, total_steps
+
+
+def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, shape, model_args, items, itos,
+          data_desc, dropped):
+    device, amp_dtype, scaler, prec_why = dev
+    train_items, val_items, test_items = items
+    stoi = {c: i for i, c in enumerate(itos)}
+    (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
+    log_data(log, args, data_desc=data_desc, items=items, itos=itos, dropped=dropped)
+    model = build_model(shape, len(itos), model_args).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    n_params = log_model(log, model, args, shape)
+
+    micro_bs, accum, bs_why, E = fit_batch(model, args, sources, train_items=train_items, stoi=stoi, state=state,
+                                           dev=dev, log=log)
+    optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
+        model, args, sources, n_train=len(train_items), E=E, device=device, log=log)
 
     step, epoch, pos, best = 0, 0, 0, math.inf
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -1103,31 +1134,38 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, sh
                 break
     bar.close()
 
-    # -- report: greedy CTC on val, beam search (attention + CTC prefix score) on test with the
-    # best checkpoint
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
         return 0
-    wall = wall_before + time.time() - status["started"]
     train_s = train_before + time.time() - t_start
+    report(model, args, out=out, log=log, status=status, items=items, stoi=stoi, itos=itos, device=device,
+           amp_dtype=amp_dtype, batch=micro_bs, run=dict(
+               steps=step, epochs=epoch, samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
+               params=n_params, wall_s=wall_before + time.time() - status["started"], shape=list(shape),
+               effective_batch=E))
+    return 0
+
+
+def report(model, args, *, out, log, status, items, stoi, itos, device, amp_dtype, batch, run):
+    """After the loop, with the best checkpoint: greedy CTC on val, beam search (attention + CTC
+    prefix score) on test; summary.json. `run`: the loop's fields of the summary."""
+    _, val_items, test_items = items
     best_path = out / "checkpoints" / "best.pt"
     if best_path.exists():
         model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    val_loss, val_cer, val_wer, _ = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype,
-                                             micro_bs)
+    val_loss, val_cer, val_wer, _ = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, batch)
     summary = dict(trainer="asr", metric="val_cer", value=round(val_cer, 3), val_cer=round(val_cer, 3),
                    val_wer=round(val_wer, 3), val_loss=round(val_loss, 5), test_cer=None, test_wer=None,
-                   steps=step, epochs=epoch,
-                   samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
-                   peak_mem_mb=common.peak_memory_mb(device), params=n_params, wall_s=round(wall, 1),
-                   preset=args.preset, shape=list(shape), subsample=args.subsample, device=device.type,
-                   precision=args.precision, effective_batch=E)
+                   steps=run["steps"], epochs=run["epochs"], samples_per_s=run["samples_per_s"],
+                   peak_mem_mb=common.peak_memory_mb(device), params=run["params"], wall_s=round(run["wall_s"], 1),
+                   preset=args.preset, shape=run["shape"], subsample=args.subsample, device=device.type,
+                   precision=args.precision, effective_batch=run["effective_batch"])
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, stoi, itos, args, device)
         _, greedy_cer, greedy_wer, _ = evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype,
-                                                micro_bs)
+                                                batch)
         summary.update(test_cer=round(test_cer, 3), test_wer=round(test_wer, 3),
                        test_cer_greedy_ctc=round(greedy_cer, 3), test_wer_greedy_ctc=round(greedy_wer, 3))
         log(f"test ({len(test_items)} utterances, beam {args.beam}, CTC weight {args.decode_ctc_weight}, "
@@ -1137,10 +1175,9 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, sh
             log(f"  {ref!r} -> {hyp!r}")
     common.write_summary(out, **summary)
     plot = common.plot_progress(out, "val_cer")
-    log(f"done: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (best checkpoint, greedy CTC); {step} steps in "
-        f"{wall:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
-    common.update_status(out, status, state="finished", step=step, metric=round(val_cer, 3), eta_s=0)
-    return 0
+    log(f"done: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (best checkpoint, greedy CTC); {run['steps']} steps in "
+        f"{run['wall_s']:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+    common.update_status(out, status, state="finished", step=run["steps"], metric=round(val_cer, 3), eta_s=0)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ peft. Every step is in this file.
 
 Without --pretrained the default model is fasttext: the mean of the embeddings of an item's
 words, word bigrams and character n-grams, then a linear layer. On a few thousand real rows it
-beats a transformer trained from scratch (`--model small`, or the DistilBERT/BERT shapes) by
+beats a transformer trained from scratch (`--preset small`, or the DistilBERT/BERT shapes) by
 ~14 points and ties the best linear baseline (docs/real-data.md). With --pretrained DIR (a local Hugging Face
 folder: config.json, vocab.txt, model.safetensors or pytorch_model.bin) the encoder is frozen
 and only LoRA adapters and the head train, as in the seed (DistilBERT, r 16, alpha 32 on q and
 v: 891,656 trainable parameters), on the mean over tokens, at lr 1e-3 for 4 epochs (measured).
 Re-running the same command resumes from the newest checkpoint in --out."""
 
+import functools
 import json
 import math
 import os
@@ -55,10 +56,15 @@ g.add_argument("--train-size", type=common.pos_int, default=840, metavar="N",
                help="built-in training items, about (stratified rounding); plus 15%% each for validation and test")
 g.add_argument("--max-len", type=common.pos_int, default=64,
                help="tokens per item, [CLS]/[SEP] included (fasttext: words per item)")
-g.add_argument("--model", choices=["fasttext", "small", "distilbert", "bert"], default="fasttext",
-               help="model when training from scratch (ignored with --pretrained): fasttext = mean of word, "
-                    "bigram and character n-gram embeddings + a linear layer (won on small real data: "
-                    "docs/real-data.md); small/distilbert/bert = transformer encoder shapes")
+g.add_argument("--preset", "--model", dest="preset", choices=["fasttext", "small", "distilbert", "bert"],
+               default="fasttext",
+               help="model size when training from scratch (ignored with --pretrained): fasttext = mean of "
+                    "word, bigram and character n-gram embeddings + a linear layer (won on small real data: "
+                    "docs/real-data.md); small/distilbert/bert = transformer encoder shapes. --model is "
+                    "the old spelling")
+# optimal_config.json files written before --model became --preset name the key "model";
+# resolve_settings maps config keys to dests, so this flagless dest catches it (main() folds it in)
+parser.set_defaults(model=None)
 g.add_argument("--pooling", choices=["cls", "mean"], default=None,
                help="what the head reads: [CLS], or the mean over tokens (default: mean with --pretrained, "
                     "cls from scratch; measured: docs/real-data.md)")
@@ -288,7 +294,7 @@ class Encoder(nn.Module):
     """Embeddings (word + position [+ token type]) -> LayerNorm -> N post-LN blocks -> head on
     [CLS]: pre_classifier Linear(d, d) -> ReLU -> Dropout(0.2) -> classifier Linear(d, labels)."""
 
-    def __init__(self, vocab_size, n_labels, n_layers, dim, n_heads, hidden_dim, max_pos, type_vocab,
+    def __init__(self, vocab_size, n_labels, *, n_layers, dim, n_heads, hidden_dim, max_pos, type_vocab,
                  eps=1e-12, dropout=0.1, pooling="cls"):
         super().__init__()
         self.embeddings = nn.Module()
@@ -773,9 +779,22 @@ def run_predict(args):
 
 # -----------------------------------------------------------------------------
 
+def legacy_model_key(args, sources):
+    """An optimal_config.json "model" key (the flag's old name) sets --preset, unless a flag or a
+    "preset" key already did; args.json then records preset alone."""
+    value, source = vars(args).pop("model"), sources.pop("model")
+    if value is None or sources["preset"] != "default":
+        return
+    if value not in PRESETS:
+        raise UserError(f"--config {args.config}: classifier.model = {value!r} is invalid (not one of "
+                        f"{', '.join(PRESETS)}); regenerate it with `python memory_optimizer.py config`")
+    args.preset, sources["preset"] = value, source
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, sources = common.resolve_settings(parser, argv)
+    legacy_model_key(args, sources)
     if args.predict is not None or args.predict_file is not None:
         return run_predict(args)
     targets = list(dict.fromkeys(t.strip() for t in args.lora_targets.split(",") if t.strip()))
@@ -791,9 +810,9 @@ def main(argv=None):
         raise UserError("--merge folds LoRA adapters; this run has none (use it with --pretrained or --lora)")
     if (args.val_data or args.test_data) and not args.data:
         raise UserError("--val-data/--test-data need --data (the training CSV)")
-    fasttext = args.model == "fasttext" and not args.pretrained
+    fasttext = args.preset == "fasttext" and not args.pretrained
     if fasttext and args.lora:
-        raise UserError("--lora wraps transformer layers; fasttext has none (add --model small)")
+        raise UserError("--lora wraps transformer layers; fasttext has none (add --preset small)")
     if args.max_len < 3:
         raise UserError(f"--max-len {args.max_len}: needs room for [CLS], one token and [SEP]; use 3 or more")
     if sources["epochs"] == "default":
@@ -864,10 +883,10 @@ def main(argv=None):
     else:
         itos = state["extra"]["itos"] if state else build_vocab([t for t, _ in train_rows], args.vocab_size)
         tok = Tokenizer(itos)
-        shape = dict(PRESETS[args.model], max_pos=max(PRESETS[args.model]["max_pos"], args.max_len),
+        shape = dict(PRESETS[args.preset], max_pos=max(PRESETS[args.preset]["max_pos"], args.max_len),
                      vocab_size=len(itos), pooling=args.pooling)
         model = Encoder(n_labels=len(labels), **shape)
-        model_desc = f"{args.model} from scratch, vocabulary {len(itos)} built from the training data"
+        model_desc = f"{args.preset} from scratch, vocabulary {len(itos)} built from the training data"
     if args.max_len > shape.get("max_pos", args.max_len):  # fasttext has no positions
         raise UserError(f"--max-len {args.max_len}: the model has only {shape['max_pos']} positions")
     use_lora = (args.pretrained and not args.full_finetune) or args.lora
@@ -889,55 +908,73 @@ def main(argv=None):
 
     log, status, stop = common.start_run(out, args, "classifier", "val_acc", notes)
     with common.recording_failures(out, status):
-        return train(args, sources, out, log, status, stop, dev, state, resumed_from, model, tok, shape,
-                     model_desc, use_lora and targets, labels, train_rows, val_rows, test_rows, desc)
+        return train(args, sources, out=out, log=log, status=status, stop=stop, dev=dev, state=state,
+                     resumed_from=resumed_from, model=model, tok=tok, shape=shape, model_desc=model_desc,
+                     lora_targets=use_lora and targets, labels=labels, rows=(train_rows, val_rows, test_rows),
+                     data_desc=desc)
 
 
-def train(args, sources, out, log, status, stop, dev, state, resumed_from, model, tok, shape, model_desc,
-          lora_targets, labels, train_rows, val_rows, test_rows, data_desc):
-    device, amp_dtype, scaler, prec_why = dev
+# -----------------------------------------------------------------------------
+# training: setup helpers, then train() with the loop
+
+def encode_splits(tok, rows, labels, max_len):
+    """Pre-tokenize every split once (seed: tokenization out of the training loop):
+    {"train"|"val"|"test": {"ids": (N, T), "mask": (N, T), "y": (N,)}}."""
     lab = {l: i for i, l in enumerate(labels)}
-    # pre-tokenize every split once (seed: tokenization out of the training loop)
     splits = {}
-    for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows)):
-        ids, mask = tok.encode([t for t, _ in rows], args.max_len)
-        splits[name] = {"ids": ids, "mask": mask, "y": torch.tensor([lab[l] for _, l in rows])}
-    n_train = len(train_rows)
-    model.to(device)
-    if args.grad_checkpointing:
-        model.grad_checkpointing = True
-    n_params, n_trainable = common.count_params(model)
+    for name, split_rows in zip(("train", "val", "test"), rows):
+        ids, mask = tok.encode([t for t, _ in split_rows], max_len)
+        splits[name] = {"ids": ids, "mask": mask, "y": torch.tensor([lab[l] for _, l in split_rows])}
+    return splits
 
-    def loss_fn(m, mb):
-        logits = m(mb["ids"].to(device, non_blocking=True), mb["mask"].to(device, non_blocking=True))
-        return F.cross_entropy(logits.float(), mb["y"].to(device), reduction="sum"), len(mb["y"])
 
-    def probe(bs):  # worst case: bs full-length rows
-        worst = {k: v[:1].expand(bs, *v.shape[1:]).clone() for k, v in splits["train"].items()}
-        worst["mask"][:] = True
-        return common.probe_step(model, loss_fn, worst, device, amp_dtype)
-    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
-    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum
-    cores = os.cpu_count() or 1
+def loss_fn(model, mb, device):
+    """Summed cross-entropy over the micro-batch and its row count (common.train_step divides by
+    the rows of the whole accumulated batch)."""
+    logits = model(mb["ids"].to(device, non_blocking=True), mb["mask"].to(device, non_blocking=True))
+    return F.cross_entropy(logits.float(), mb["y"].to(device), reduction="sum"), len(mb["y"])
+
+
+def rows_batch(idx, data):
+    """The loader's collate_fn, bound with functools.partial(rows_batch, data=split): rows idx of a
+    pre-tokenized split, padding trimmed. A module function, so it pickles for loader workers
+    under the spawn start method (Windows, macOS); a lambda in train() did not."""
+    return trim({k: v[idx] for k, v in data.items()})
+
+
+def loader_settings(args, sources, device):
+    """The loader's workers and pin_memory, where neither optimal_config.json nor
+    --resource-efficient set them."""
     if sources["workers"] == "default":  # seed: min(2, cores // 2) on CPU; more on CUDA
-        args.workers, sources["workers"] = (min(4, cores) if device.type == "cuda" else min(2, max(1, cores // 2))), "auto"
+        cores = os.cpu_count() or 1
+        args.workers = min(4, cores) if device.type == "cuda" else min(2, max(1, cores // 2))
+        sources["workers"] = "auto"
     if sources["pin_memory"] == "default":
         args.pin_memory, sources["pin_memory"] = device.type == "cuda", "auto"  # pinning helps GPU copies only
+
+
+def log_setup(log, args, *, device, prec_why, micro_bs, accum, bs_why, data_desc, splits, labels, model_desc,
+              n_params, n_trainable, lora_targets):
+    """The machine box, then one line each for the data, the model and what trains."""
     ram = __import__("psutil").virtual_memory()
-    box = [f"CPU cores: {cores}", f"RAM: {ram.total / 2**30:.1f} GB ({ram.available / 2**30:.1f} GB free)",
+    box = [f"CPU cores: {os.cpu_count() or 1}",
+           f"RAM: {ram.total / 2**30:.1f} GB ({ram.available / 2**30:.1f} GB free)",
            f"CUDA available: {torch.cuda.is_available()}", f"device {device.type}, precision {args.precision} ({prec_why})",
-           f"batch {micro_bs} x {accum} accumulation = {E} ({bs_why})",
+           f"batch {micro_bs} x {accum} accumulation = {micro_bs * accum} ({bs_why})",
            f"data loader: {args.workers} workers, pin_memory {args.pin_memory}"]
     width = max(map(len, box)) + 2
     log("+" + "-" * width + "+\n" + "\n".join(f"| {b:<{width - 2}} |" for b in box) + "\n+" + "-" * width + "+")
-    log(f"data: {data_desc}; {n_train} train / {len(val_rows)} val / {len(test_rows)} test; {len(labels)} labels")
+    n = {name: len(s["y"]) for name, s in splits.items()}
+    log(f"data: {data_desc}; {n['train']} train / {n['val']} val / {n['test']} test; {len(labels)} labels")
     log(f"model: {model_desc}")
     log(f"trainable parameters: {n_trainable:,} of {n_params:,} ({100 * n_trainable / n_params:.2f}%)"
         + (f"; LoRA r {args.lora_r}, alpha {args.lora_alpha:g} on {','.join(lora_targets)}" if lora_targets else
            "; every weight trains"))
 
-    # -- optimizer and schedule: AdamW, linear warmup min(50, steps/epoch // 2), linear decay (seed)
+
+def build_optimizer(model, args, sources, *, n_train, E, log):
+    """AdamW on the trainable weights; linear warmup min(50, steps/epoch // 2), then linear decay
+    (seed). Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
@@ -947,6 +984,32 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     if sources["log_every"] == "default":
         args.log_every = max(10, steps_per_epoch // 5)
+    return optimizer, scheduler, steps_per_epoch, total_steps
+
+
+def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, model, tok, shape, model_desc,
+          lora_targets, labels, rows, data_desc):
+    device, amp_dtype, scaler, prec_why = dev
+    splits = encode_splits(tok, rows, labels, args.max_len)
+    n_train = len(rows[0])
+    model.to(device)
+    if args.grad_checkpointing:
+        model.grad_checkpointing = True
+    n_params, n_trainable = common.count_params(model)
+
+    def probe(bs):  # worst case: bs full-length rows
+        worst = {k: v[:1].expand(bs, *v.shape[1:]).clone() for k, v in splits["train"].items()}
+        worst["mask"][:] = True
+        return common.probe_step(model, lambda m, mb: loss_fn(m, mb, device), worst, device, amp_dtype)
+    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
+    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    E = micro_bs * accum
+    loader_settings(args, sources, device)
+    log_setup(log, args, device=device, prec_why=prec_why, micro_bs=micro_bs, accum=accum, bs_why=bs_why,
+              data_desc=data_desc, splits=splits, labels=labels, model_desc=model_desc, n_params=n_params,
+              n_trainable=n_trainable, lora_targets=lora_targets)
+    optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
+                                                                         E=E, log=log)
 
     step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = 0, 0, 0, -1.0, 0, [0.0, 0], -1.0
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -984,14 +1047,14 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         loader = torch.utils.data.DataLoader(
             range(n_train), batch_sampler=[perm[i * E:(i + 1) * E].tolist() for i in range(pos, steps_per_epoch)],
-            collate_fn=lambda idx: trim({k: v[idx] for k, v in splits["train"].items()}),
+            collate_fn=functools.partial(rows_batch, data=splits["train"]), worker_init_fn=common.quiet_worker,
             num_workers=args.workers, pin_memory=args.pin_memory,
             # its own generator: a loader seeds its workers from the global RNG otherwise, which
             # would shift the dropout stream of a run resumed mid-epoch
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         for batch in loader:
-            loss, n, micro_bs = common.train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, args.clip,
-                                                  device, amp_dtype, log)
+            loss, n, micro_bs = common.train_step(model, optimizer, scaler, batch, lambda m, mb: loss_fn(m, mb, device),
+                                                  micro_bs, args.clip, device, amp_dtype, log)
             accum = math.ceil(E / micro_bs)
             scheduler.step()
             step, pos, seen = step + 1, pos + 1, seen + n
@@ -1050,8 +1113,18 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0, metric_name="test_acc")
         return 0
+    test_and_export(model, args, out=out, log=log, status=status, splits=splits, rows=rows, labels=labels,
+                    extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, run=dict(
+                        best_val_accuracy=round(best, 4), steps=step, epochs=epoch, samples_per_s=round(
+                            (samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1)),
+                    params=(n_params, n_trainable), wall_before=wall_before)
+    return 0
 
-    # -- report on the test split with the best checkpoint (seed: load the best by accuracy)
+
+def test_and_export(model, args, *, out, log, status, splits, rows, labels, extra, lora_targets, device, amp_dtype,
+                    run, params, wall_before):
+    """After the loop: the test split with the best checkpoint (seed: the best by accuracy),
+    summary.json, the exports and the charts. `run`: the loop's summary fields."""
     best_path = out / "checkpoints" / "best.pt"
     if best_path.exists():
         model.load_state_dict(common.load_checkpoint(best_path)["model"])
@@ -1061,9 +1134,8 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     history = [r for r in common.read_metrics(out) if "train_loss" in r]
     summary = dict(trainer="classifier", metric="test_accuracy", value=round(test["accuracy"], 4),
                    macro_f1=round(test["macro_f1"], 4), weighted_f1=round(test["weighted_f1"], 4),
-                   mean_confidence=round(test["mean_confidence"], 4), best_val_accuracy=round(best, 4), steps=step,
-                   epochs=epoch, samples_per_s=round((samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1),
-                   peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_trainable,
+                   mean_confidence=round(test["mean_confidence"], 4), **run,
+                   peak_mem_mb=common.peak_memory_mb(device), params=params[0], trainable_params=params[1],
                    wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
                    confusion_matrix=test["confusion_matrix"])
     common.write_summary(out, **summary)
@@ -1076,19 +1148,18 @@ def train(args, sources, out, log, status, stop, dev, state, resumed_from, model
     export = merge_lora(model) if (args.merge and lora_targets) else model
     torch.save({"model": export.state_dict(), "extra": dict(extra, lora=None if args.merge else extra["lora"])},
                out / "model.pt")
-    viz = charts(out, labels, [l for _, l in train_rows], history, test)
+    viz = charts(out, labels, [l for _, l in rows[0]], history, test)
 
     log(f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, mean confidence "
-        f"{test['mean_confidence']:.3f} ({len(test_rows)} items)")
+        f"{test['mean_confidence']:.3f} ({len(rows[2])} items)")
     log(f"{'label':<16}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}")
     for l, c in test["per_class"].items():
         log(f"{l:<16}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>8.3f}{c['support']:>6}")
     log(f"done in {wall:.0f}s: summary {out / 'summary.json'}; "
         + (f"charts {viz}" if viz else "charts skipped (pip install matplotlib)")
         + (f"; adapter {out / 'adapter.pt'} ({(out / 'adapter.pt').stat().st_size / 2**20:.1f} MB)" if lora_targets else ""))
-    common.update_status(out, status, state="finished", step=step, metric=round(test["accuracy"], 4), eta_s=0,
-                         metric_name="test_acc")
-    return 0
+    common.update_status(out, status, state="finished", step=run["steps"], metric=round(test["accuracy"], 4),
+                         eta_s=0, metric_name="test_acc")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,10 @@ g.add_argument("--suggest", default=None, metavar="PREFIX",
 g.add_argument("--category", default=None, help="category for --suggest")
 g.add_argument("--beam", type=common.pos_int, default=5,
                help="--suggest: number of suggestions, each from its own beam of this width")
-g.add_argument("--max-len", type=common.pos_int, default=12, help="--suggest: most words to generate")
+g.add_argument("--max-words", "--max-len", dest="max_words", type=common.pos_int, default=12,
+               help="--suggest (and the suggestions logged after training): most words to generate. "
+                    "--max-len is its deprecated old name (in train_classifier.py --max-len means tokens "
+                    "per input item)")
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +396,7 @@ def unigram_ppl(train, val, vocab):
 # suggestions: category-constrained diverse beam search (CADENCE's dynamic beam search)
 
 @torch.inference_mode()
-def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
+def suggest(model, prefix, category, stoi, itos, cats, *, beam, max_words, device):
     """Completions of `prefix` in `category`. Diversity as in CADENCE: the first word generated
     is branched exhaustively (the `beam` most likely distinct first words), then each branch
     runs its own beam of width `beam`; no two suggestions share their first new word.
@@ -434,7 +437,7 @@ def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
     results = []
     for group in groups:  # one independent beam per branch: the diversity constraint
         live, done = ([], [group]) if group[1][-1] == EOS else ([group], [])
-        for _ in range(max_len - 1):
+        for _ in range(max_words - 1):
             if not live:
                 break
             lp = next_logp([s for _, s in live])
@@ -447,7 +450,7 @@ def suggest(model, prefix, category, stoi, itos, cats, beam, max_len, device):
             live = []
             for score, seq in cand[:beam]:
                 (done if seq[-1] == EOS else live).append((score, seq))
-        done += live  # unfinished at max_len still count
+        done += live  # unfinished at max_words still count
         # length-normalised score: otherwise the shortest completion always wins
         score, seq = max(done, key=lambda d: d[0] / (len(d[1]) - len(start)))
         results.append((score / (len(seq) - len(start)),
@@ -461,7 +464,12 @@ def run_suggest(args):
         (r for r, st in common.list_runs("runs") if st.get("trainer") == "gru"), None)
     if out is None:
         raise UserError("--suggest: no run folder given and none found under runs/; pass --out RUN")
-    state, path = common.find_checkpoint(out, args, print)
+    # the model the summary's best_value measured: best.pt, else the newest checkpoint (or --resume PATH)
+    best = out / "checkpoints" / "best.pt"
+    if args.resume is None and best.is_file():
+        state, path = common.load_checkpoint(best), best
+    else:
+        state, path = common.find_checkpoint(out, args, print)
     if state is None:
         raise UserError(f"--suggest: no checkpoint in {out}/checkpoints; train first: "
                         f"python train_gru.py --quick --out {out}")
@@ -472,7 +480,7 @@ def run_suggest(args):
     category = norm_category(args.category) if args.category else cats[0]
     print(f"model {path} (step {state['step']}); category {category}; prefix {args.suggest!r}")
     found = suggest(model, args.suggest, category, {w: i for i, w in enumerate(itos)}, itos, cats,
-                    args.beam, args.max_len, torch.device("cpu"))
+                    beam=args.beam, max_words=args.max_words, device=torch.device("cpu"))
     for score, text in found:
         print(f"  {text:<50} {score:7.3f}")
     if not found:
@@ -485,6 +493,9 @@ def run_suggest(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, sources = common.resolve_settings(parser, argv)
+    if any(a == "--max-len" or a.startswith("--max-len=") for a in argv):
+        print("note: --max-len is the old name of --max-words (words to generate); it still works",
+              file=sys.stderr)
     if args.suggest is not None:
         return run_suggest(args)
     if not 0 < args.val_frac < 0.5:
@@ -534,13 +545,32 @@ def main(argv=None):
 
     log, status, stop = common.start_run(out, args, "gru", "val_ppl", notes)
     with common.recording_failures(out, status):
-        return train(args, sources, out, log, status, stop, device, state, resumed_from,
-                     train_pairs, val_pairs, itos, cats, data_desc)
+        return train(args, sources, out=out, log=log, status=status, stop=stop, dev=device, state=state,
+                     resumed_from=resumed_from, train_pairs=train_pairs, val_pairs=val_pairs, itos=itos, cats=cats,
+                     data_desc=data_desc)
 
 
-def train(args, sources, out, log, status, stop, device, state, resumed_from, train_pairs, val_pairs,
-          itos, cats, data_desc):
-    device, amp_dtype, scaler, prec_why = device
+# -----------------------------------------------------------------------------
+# training: setup helpers, then train() with the loop
+
+def build_optimizer(model, args, sources, *, n_train, E, log):
+    """AdamW (seed: lr 1e-3, wd 0.01), linear warm-up, then cosine decay.
+    Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(n_train / E)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
+    if args.warmup is None:  # the seed's rule: warm-up 0 measured no better on real text (358 vs 354)
+        args.warmup, sources["warmup"] = min(100, total_steps // 10), "auto"
+    warmup = args.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+    return optimizer, scheduler, steps_per_epoch, total_steps
+
+
+def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, train_pairs, val_pairs, itos, cats,
+          data_desc):
+    device, amp_dtype, scaler, prec_why = dev
     stoi = {w: i for i, w in enumerate(itos)}
     cat_index = {c: i for i, c in enumerate(cats)}
     train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
@@ -571,17 +601,8 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
         f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
-
-    # -- optimizer and schedule: AdamW (seed: lr 1e-3, wd 0.01), warmup then cosine decay
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(n_train / E)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
-    if args.warmup is None:  # the seed's rule: warm-up 0 measured no better on real text (358 vs 354)
-        args.warmup, sources["warmup"] = min(100, total_steps // 10), "auto"
-    warmup = args.warmup
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+    optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
+                                                                         E=E, log=log)
 
     step, epoch, pos, best = 0, 0, 0, float("inf")
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -689,7 +710,7 @@ def train(args, sources, out, log, status, stop, device, state, resumed_from, tr
         + (f"; plot {plot}" if plot else ""))
     for prefix, cat in [("red run", "fashion"), ("samsung ", "electronics"), ("steel", "home_kitchen")]:
         if cat in cats:
-            sugg = suggest(model, prefix, cat, stoi, itos, cats, 3, args.max_len, device)
+            sugg = suggest(model, prefix, cat, stoi, itos, cats, beam=3, max_words=args.max_words, device=device)
             log(f"suggest {prefix!r} [{cat}]: " + " | ".join(t for _, t in sugg))
     common.update_status(out, status, state="finished", step=step, metric=round(val_ppl, 4), eta_s=0)
     return 0

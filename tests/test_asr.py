@@ -430,7 +430,7 @@ def bad_manifest(tmp, kind):
     (["--train-manifest", "absent.jsonl"], "absent.jsonl: file not found"),
     (["--val-manifest", "x.jsonl"], "need --train-manifest"),
     (["--ctc-weight", "1.5"], "--ctc-weight 1.5"),
-    (["--d_model", "90"], "not a multiple of --heads"),
+    (["--d-model", "90"], "--d-model 90 is not a multiple of --heads 4"),
     (["--subsample", "2"], "invalid choice"),
     (["--transcribe", "nothere.wav", "--out", "r"], "nothere.wav: audio file not found"),
 ])
@@ -458,15 +458,24 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.5, "auto")
 
 
+def test_dashed_spellings_are_the_primary_flags():
+    help_text = " ".join(asr.parser.format_help().split())
+    for dashed, seed in (("--d-model", "--d_model"), ("--encoder-layers", "--encoder_layers"),
+                         ("--decoder-layers", "--decoder_layers")):
+        assert f"{dashed} {seed.upper()[2:]}, {seed} {seed.upper()[2:]}" in help_text, dashed
+
+
 def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
     run("train_asr.py", "--preset", "minimal", "--lr", "5e-4", "--epochs", "10", "--dataset-size", "40",
         "--max-steps", "1", "--beam", "1", "--out", "s", cwd=tmp, check=0)
     a = read_json(tmp / "s" / "args.json")["settings"]
     assert (a["lr"]["value"], a["lr"]["source"], a["epochs"]["value"]) == (5e-4, "flag", 10)
     run("train_asr.py", "--preset", "optimized", "--dataset-size", "40", "--max-steps", "1", "--beam", "1",
-        "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1", "--out", "o", cwd=tmp, check=0)
+        "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1",  # the seed's spellings: aliases
+        "--out", "o", cwd=tmp, check=0)
     a = read_json(tmp / "o" / "args.json")["settings"]
     assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"]) == (5e-4, 10, 0.3)  # the seed's
+    assert [a[k]["value"] for k in ("d_model", "encoder_layers", "decoder_layers")] == [32, 1, 1]
 
 
 # -----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
 def test_the_measured_defaults_are_recorded_in_args_json(quick_run, tmp):
     d, out, _ = quick_run
     settings = read_json(out / "args.json")["settings"]
-    assert settings["model"] == {"value": "fasttext", "source": "default"}
+    assert settings["preset"] == {"value": "fasttext", "source": "default"} and "model" not in settings
     assert settings["lr"] == {"value": tcl.FASTTEXT_LR, "source": "auto"}
     assert settings["epochs"] == {"value": tcl.FASTTEXT_EPOCHS // 2, "source": "auto"}  # --quick: half
     assert settings["vocab_size"] == {"value": 200_000, "source": "auto"}
@@ -150,7 +150,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp):
     import signal
     from conftest import metrics, popen
     from test_gru import step_reached, wait_for
-    flags = ["--model", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1"]
+    flags = ["--preset", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1"]
     run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
     proc = popen("train_classifier.py", *flags, "--out", "k", cwd=tmp)
     wait_for(lambda: step_reached(tmp / "k" / "status.json", 23), what="step 23")  # mid second epoch
@@ -193,16 +193,31 @@ def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
 
 
 def test_resume_with_other_model_flags_is_refused_and_the_run_kept(tmp):
-    run("train_classifier.py", "--model", "small", "--train-size", "120", "--max-steps", "2", "--out", "r",
+    run("train_classifier.py", "--preset", "small", "--train-size", "120", "--max-steps", "2", "--out", "r",
         cwd=tmp, check=0)
     before = read_json(tmp / "r" / "status.json")
-    for flags, what in ((["--model", "bert"], "model shape"), (["--model", "small", "--max-len", "32"], "--max-len"),
-                        (["--model", "small", "--lora", "--lora-r", "8"], "LoRA settings"),
-                        (["--model", "small", "--pooling", "mean"], "model shape")):
+    for flags, what in ((["--model", "bert"], "model shape"),  # --model: the old spelling of --preset
+                        (["--preset", "small", "--max-len", "32"], "--max-len"),
+                        (["--preset", "small", "--lora", "--lora-r", "8"], "LoRA settings"),
+                        (["--preset", "small", "--pooling", "mean"], "model shape")):
         p = run("train_classifier.py", "--train-size", "120", "--max-steps", "4", *flags, "--out", "r",
                 cwd=tmp, check=2)
         assert f"was trained with other {what}" in p.stderr
     assert read_json(tmp / "r" / "status.json") == before
+
+
+def test_preset_is_the_model_size_and_model_its_old_spelling(tmp):
+    """--preset means model size in every trainer; --model (the flag) and "model" (the key older
+    optimal_config.json files wrote) still set it, and args.json records preset alone."""
+    assert tcl.parser.parse_args(["--model", "bert"]).preset == "bert"
+    (tmp / "optimal_config.json").write_text('{"trainers": {"classifier": {"model": {"value": "small"}}}}')
+    p = run("train_classifier.py", "--train-size", "120", "--max-steps", "1", "--out", "c", cwd=tmp, check=0)
+    settings = read_json(tmp / "c" / "args.json")["settings"]
+    assert settings["preset"] == {"value": "small", "source": "optimal_config.json"} and "model" not in settings
+    assert "model: small from scratch" in p.stdout
+    (tmp / "optimal_config.json").write_text('{"trainers": {"classifier": {"model": "huge"}}}')
+    p = call("train_classifier.py", "--train-size", "120", "--max-steps", "1", "--out", "d", cwd=tmp)
+    assert p.returncode == 2 and "classifier.model = 'huge' is invalid" in p.stderr, p.stderr
 
 
 def test_pretrained_checkpoints_that_do_not_fit_are_user_errors(tmp):

@@ -1,7 +1,5 @@
 """train_gru.py end to end: the real script in subprocesses, on CPU, with small built-in data."""
 import hashlib
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -193,6 +191,27 @@ def test_suggest_is_diverse_and_category_constrained(quick_run, tmp):
     assert p.stderr.startswith("error: --category cars: unknown")
 
 
+def test_suggest_serves_best_pt_not_the_newest_checkpoint(tmp):
+    run("train_gru.py", *SMALL, "--max-steps", "10", "--save-every", "5", "--out", "b", cwd=tmp, check=0)
+    ckpts = tmp / "b" / "checkpoints"
+    # make best.pt and the newest checkpoint differ: as if validation got worse after step 5
+    (ckpts / "best.pt").write_bytes((ckpts / "ckpt_step00000005.pt").read_bytes())
+    served = lambda: run("train_gru.py", "--suggest", "red", "--category", "fashion", "--max-words", "3",
+                         "--out", "b", cwd=tmp, check=0).stdout.splitlines()[0]
+    assert served().startswith(f"model {Path('b') / 'checkpoints' / 'best.pt'} (step 5)")
+    (ckpts / "best.pt").unlink()  # no best.pt: the newest checkpoint
+    assert served().startswith(f"model {Path('b') / 'checkpoints' / 'ckpt_step00000010.pt'} (step 10)")
+
+
+def test_max_words_is_the_flag_and_max_len_its_deprecated_alias(tmp):
+    run("train_gru.py", *SMALL, "--max-steps", "2", "--max-words", "4", "--out", "w", cwd=tmp, check=0)
+    assert read_json(tmp / "w" / "args.json")["settings"]["max_words"] == {"value": 4, "source": "flag"}
+    new, old = (run("train_gru.py", "--suggest", "red", "--category", "fashion", flag, "1", "--out", "w", cwd=tmp,
+                    check=0) for flag in ("--max-words", "--max-len"))
+    assert "--max-len is the old name of --max-words" in old.stderr and not new.stderr
+    assert old.stdout == new.stdout
+
+
 def test_config_file_is_read_back_and_flags_override_it(tmp):
     run("memory_optimizer.py", "config", cwd=tmp, check=0)
     cfg = read_json(tmp / "optimal_config.json")["trainers"]["gru"]
@@ -314,36 +333,5 @@ def test_resume_from_a_checkpoint_carrying_a_callable_is_refused(saved_run):
     assert "not a loadable checkpoint" in p.stderr and not (d / "PWNED").exists()
 
 
-# -- background runs: start / status / monitor / stop --------------------------------------------
-
-def test_background_start_status_monitor_stop(tmp):
-    p = run("common.py", "start", "gru", *SMALL, "--epochs", "100", "--out", "runs/bg", cwd=tmp, check=0)
-    assert "runs/bg" in p.stdout and "pid" in p.stdout
-    out = tmp / "runs" / "bg"
-    wait_for(lambda: read_json(out / "status.json").get("state") == "running" and
-             read_json(out / "status.json").get("step", 0) >= 5, what="running")
-    s = run("common.py", "status", cwd=tmp, check=0)
-    assert "bg" in s.stdout and "running" in s.stdout
-    # a second trainer in the same run folder is refused while the first one is alive
-    p = run("train_gru.py", *SMALL, "--out", "runs/bg", cwd=tmp, check=2)
-    assert "is being trained by pid" in p.stderr
-    st = run("common.py", "stop", "runs/bg", cwd=tmp, check=0)
-    assert "stopped" in st.stdout
-    final = read_json(out / "status.json")
-    assert final["state"] == "stopped" and Path(final["last_checkpoint"]).exists()
-    m = run("common.py", "monitor", "runs/bg", cwd=tmp, check=0, timeout=30)
-    assert "stopped" in m.stdout  # returns at once: the run has ended
-    # a run whose pid is alive but is not its trainer (a recycled pid) must not be signalled
-    fake = tmp / "runs" / "fake"
-    fake.mkdir()
-    (fake / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "trainer": "gru",
-                                                  "out": str(fake), "started": time.time()}))
-    p = run("common.py", "stop", "runs/fake", cwd=tmp, check=2)
-    assert "is not this run's trainer" in p.stderr
-    # a bad flag is reported by `start` itself (exit 2), and the stopped run's files are untouched
-    before = tree_digest(out, skip="console.log")
-    p = run("common.py", "start", "gru", "--batch-size", "0", "--out", "runs/bg", cwd=tmp, check=2)
-    assert "--batch-size" in p.stderr and "exited with code 2" in p.stderr
-    assert tree_digest(out, skip="console.log") == before
-    s = run("common.py", "status", cwd=tmp, check=0)
-    assert "dead" in s.stdout  # shown honestly, not as running
+# -- background runs (start / status / monitor / stop of a gru run) moved with the run manager to
+# memory_optimizer.py: tests/test_memory_optimizer.py::test_background_start_status_monitor_stop
