@@ -246,11 +246,11 @@ def recommend(profile, quick):
             t["workers"] = workers
             t["pin_memory"] = pin
         if name == "classifier":
-            t["seq_len"] = _entry(64, "64 tokens keep activation memory small on any machine; "
+            t["max_len"] = _entry(64, "64 tokens keep activation memory small on any machine; "
                                       "raise it for long texts")
         if name in ("lm", "sft"):
             t["seq_len"] = lm_len
-        t["model" if name == "classifier" else "preset"] = presets[name]  # the classifier's flag is --model
+        t["preset"] = presets[name]  # every trainer's model-size flag is --preset
         out[name] = t
     return out
 

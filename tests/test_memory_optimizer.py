@@ -105,11 +105,11 @@ def test_config_writes_every_trainer(tmp_path):
         effective = mo.EFFECTIVE_BATCH[name]
         assert accum == max(1, math.ceil(effective / bs)), name
         assert s["precision"]["value"] in (("bf16", "fp16") if cuda else ("fp32",))
-        assert s["model" if name == "classifier" else "preset"]["value"]  # the classifier calls it --model
+        assert s["preset"]["value"]  # every trainer calls its model-size flag --preset
         assert s["batch_size"]["value"] is not None
     assert set(cfg["trainers"]["gru"]) == {"batch_size", "grad_accum", "precision", "preset"}
     assert "seq_len" not in cfg["trainers"]["asr"]
-    assert cfg["trainers"]["classifier"]["seq_len"]["value"] == 64
+    assert cfg["trainers"]["classifier"]["max_len"]["value"] == 64
     assert cfg["trainers"]["sft"] == cfg["trainers"]["lm"]  # train_lm.py --task sft read the lm section
     # the printed table has one row per (trainer, setting)
     n_rows = sum(len(s) for s in cfg["trainers"].values())
@@ -178,7 +178,7 @@ def test_recommend_cpu_ram_bands(ram, standard, quick, monkeypatch):
             assert rec[name]["grad_accum"]["value"] == max(1, math.ceil(effective / bs))
             assert rec[name]["precision"]["value"] == "fp32"
         assert rec["gru"]["grad_accum"]["value"] * bs == 64
-        assert rec["classifier"]["model"]["value"] == "fasttext"  # measured best on small data, any RAM
+        assert rec["classifier"]["preset"]["value"] == "fasttext"  # measured best on small data, any RAM
         assert rec["classifier"]["workers"]["value"] == 2  # min(2, 8 // 2)
         assert rec["classifier"]["pin_memory"]["value"] is False
         assert rec["asr"]["preset"]["value"] == "minimal"
@@ -204,7 +204,7 @@ def test_recommend_cuda_and_small_cpu():
     assert big["lm"]["precision"]["value"] == "bf16"
     assert big["lm"]["seq_len"]["value"] == 2048
     assert big["asr"]["preset"]["value"] == "optimized"
-    assert big["classifier"]["model"]["value"] == "fasttext"  # a GPU too: the data, not the machine, decides
+    assert big["classifier"]["preset"]["value"] == "fasttext"  # a GPU too: the data, not the machine, decides
     assert big["asr"]["workers"]["value"] == 4
 
     laptop = mo.recommend(fake_profile(8, cores=1), quick=False)
