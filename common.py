@@ -392,7 +392,8 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def fetch(url, dest_dir, flag="--data", sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S):
+def fetch(url, dest_dir, flag="--data", sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S,
+          show_bar=True):
     """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
     path is returned as it is. Used by fetch_data (every trainer's data flags) and tests.
 
@@ -486,7 +487,7 @@ def fetch(url, dest_dir, flag="--data", sha256=None, max_bytes=200 * 2 ** 20, lo
                 part.unlink(missing_ok=True)
                 raise UserError(f"{flag} {url}: {total:,} bytes, {limit_msg}")
             done = offset
-            bar = tqdm(total=total, initial=offset, desc=final.name[:30], unit="B", unit_scale=True,
+            bar = tqdm(total=total, initial=offset, desc=final.name[:30], unit="B", unit_scale=True, disable=not show_bar,
                        unit_divisor=1024, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
             try:
                 with open(part, "ab" if offset else "wb") as f:
@@ -555,7 +556,7 @@ def fetch_data(args, flags, log=print, exts=None):
 
 
 MAX_REASONS = 5  # bad-row reasons kept per file; the count covers the rest
-RECORD_EXTS = (".csv", ".tsv", ".jsonl")
+RECORD_EXTS = (".csv", ".tsv", ".jsonl", ".json")  # .json: JSON lines too (NeMo names its manifests so)
 
 
 def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"):
@@ -601,7 +602,7 @@ def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"
 
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
-            if ext == ".jsonl":
+            if ext in (".jsonl", ".json"):
                 for i, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
@@ -617,11 +618,14 @@ def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"
             else:
                 reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",")
                 header = [c.strip().lower() for c in next(reader, [])]
+                if not header:
+                    raise UserError(f"{flag} {p}: the file is empty; it needs a header line '{','.join(columns)}' "
+                                    "and rows")
                 found = {aliases.get(c, c) for c in header}
                 missing = [c for c in columns if c not in found]
                 if missing:
                     raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header line must "
-                                    f"name {','.join(columns)} (found: {','.join(header) or 'an empty file'})")
+                                    f"name {','.join(columns)} (found: {','.join(header)})")
                 for row in reader:
                     if len(row) <= 1 and not "".join(row).strip():
                         continue  # a blank line (",," is a row of empty fields: bad)
@@ -638,43 +642,6 @@ def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"
     except OSError as e:
         raise UserError(f"{flag} {p}: cannot read it ({e.strerror or e})")
     return records, bad, reasons
-
-
-# -----------------------------------------------------------------------------
-# data files
-
-def read_csv(path, flag, columns):
-    """Rows of a UTF-8 CSV (Excel's BOM allowed) as tuples of the named columns, stripped;
-    rows with an empty field are skipped. Every problem is a UserError naming the flag and
-    file.
-    Used by train_gru.py, train_classifier.py; benchmarks/bench_classifier_real.py."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {p}: file not found")
-    want = ",".join(columns)
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            if not cols:
-                raise UserError(f"{flag} {p}: the file is empty; it needs a header line '{want}' and rows")
-            missing = [c for c in columns if c not in cols]
-            if missing:
-                raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header must name "
-                                f"{want} (found: {', '.join(cols)})")
-            reader.fieldnames = cols
-            rows = []
-            for i, r in enumerate(reader, start=2):
-                if None in r or any(r[c] is None for c in columns):
-                    raise UserError(f"{flag} {p}: line {i} has the wrong number of fields; quote texts with commas")
-                row = tuple(r[c].strip() for c in columns)
-                if all(row):
-                    rows.append(row)
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {p}: not UTF-8 text; save the CSV as UTF-8")
-    except csv.Error as e:
-        raise UserError(f"{flag} {p}: malformed CSV ({e})")
-    return rows
 
 
 # -----------------------------------------------------------------------------

@@ -632,7 +632,7 @@ def seconds(s):
     return pos_float(s)
 
 
-def main(argv=None):
+def build_parser():
     p = Parser(prog="memory_optimizer.py", description=__doc__, formatter_class=HelpFormat)
     sub = p.add_subparsers(dest="cmd", required=True,
                            metavar="{profile,config,optimize,monitor,start,status,stop}")
@@ -678,7 +678,11 @@ def main(argv=None):
     s.add_argument("--timeout", type=pos_float, default=120.0, metavar="S",
                    help="seconds to wait for the trainer to save and exit")
     s.add_argument("--runs", default="runs", metavar="DIR", help="folder holding the run folders")
+    return p
 
+
+def main(argv=None):
+    p = build_parser()
     # `start` hands every flag it does not know to the trainer; the other commands take none
     args, rest = p.parse_known_args(argv)
     if args.cmd == "start":

@@ -28,7 +28,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import csv  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -37,6 +36,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import unicodedata  # noqa: E402
+import urllib.parse  # noqa: E402
 import wave  # noqa: E402
 from fractions import Fraction  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -63,6 +63,7 @@ LR = {"minimal": 2e-3, "tiny": 2e-3}
 MINIMAL_EPOCHS = 15
 # the minimal preset's CTC weight in the loss when --ctc-weight is not given (seed: 0.3 for all)
 CTC_WEIGHT = {"minimal": 0.5}
+MANIFESTS = ("train_manifest", "val_manifest", "test_manifest")  # --sha256 pairs with them in this order
 
 # -----------------------------------------------------------------------------
 # config
@@ -268,57 +269,52 @@ def norm_text(s):
     return " ".join(unicodedata.normalize("NFC", str(s)).split())
 
 
-def read_manifest(path, flag):
-    """JSONL ({"audio_filepath", "text", "duration"?}) or CSV/TSV (header path,text or
-    audio_filepath,text) -> (list of {"path", "text", "duration"}, rows skipped for an empty
-    text); paths relative to the manifest. Every WAV header is read here, so a missing or corrupt
-    file stops the run before it starts; the duration is the header's (a manifest's may be stale)."""
+def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
+    """JSONL ({"audio_filepath", "text", "duration"?}; NeMo's .json lines too) or CSV/TSV (header
+    path,text or audio_filepath,text), read by common.read_records -> (list of {"path", "text",
+    "duration"}, rows skipped). Audio paths are relative to the manifest; for a manifest fetched
+    from a URL, fetch_audio(path) fetches each one from beside it. Every WAV header is read here,
+    so a missing or corrupt file stops the run before it starts; the duration is the header's (a
+    manifest's may be stale)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {p}: file not found")
-    rows = []
-    try:
-        if p.suffix.lower() in (".jsonl", ".json"):
-            for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    rows.append((r["audio_filepath"], r["text"], i))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{flag} {p}: line {i} is not an object with audio_filepath and text "
-                                    f"({e!r})")
-        else:
-            delim = "\t" if p.suffix.lower() == ".tsv" else ","
-            with open(p, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f, delimiter=delim)
-                cols = [(c or "").strip().lower() for c in reader.fieldnames or []]
-                key = "path" if "path" in cols else "audio_filepath"
-                if key not in cols or "text" not in cols:
-                    raise UserError(f"{flag} {p}: the header must name path,text (found: {', '.join(cols)}); "
-                                    "or use a .jsonl manifest")
-                reader.fieldnames = cols
-                for i, r in enumerate(reader, start=2):
-                    if r.get(key) is None or r.get("text") is None or r.get(None):
-                        raise UserError(f"{flag} {p}: line {i} has the wrong number of fields; quote a "
-                                        'text that contains the delimiter ("hello, world")')
-                    rows.append((r[key].strip(), r["text"], i))
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {p}: not UTF-8 text; save the manifest as UTF-8")
-    items, empty = [], 0
-    for audio, text, line in rows:
-        text = norm_text(text)
-        if not text or not str(audio).strip():
-            empty += 1
+    rows, bad, reasons = common.read_records(p, flag, ("audio_filepath", "text"), aliases={"path": "audio_filepath"},
+                                             bad_rows=bad_rows)
+    items = []
+    for r in rows:
+        text = norm_text(r["text"])
+        if not text:  # only symbols the vocabulary drops ("!!!")
+            bad += 1
+            reasons.append("a text with no letter or digit")
             continue
-        wav = (p.parent / audio) if not Path(audio).is_absolute() else Path(audio)
+        audio = r["audio_filepath"]
+        wav = fetch_audio(audio) if fetch_audio else (p.parent / audio) if not Path(audio).is_absolute() else Path(audio)
         if not wav.is_file():
-            raise UserError(f"{flag} {p}: line {line}: audio file {wav} not found (paths are relative "
-                            "to the manifest's folder)")
+            raise UserError(f"{flag} {p}: audio file {wav} not found (paths are relative to the manifest's folder)")
         items.append({"path": str(wav), "text": text, "duration": wav_duration(wav)})
+    first = f" (first: {'; '.join(reasons[:common.MAX_REASONS])})" if reasons else ""
     if not items:
-        raise UserError(f"{flag} {p}: no utterances (every row needs an audio path and a text)")
-    return items, empty
+        raise UserError(f"{flag} {p}: no utterances (every row needs an audio path and a text){first}")
+    if bad:
+        log(f"{flag} {p}: {bad} bad rows skipped{first}")
+    return items, bad
+
+
+def read_manifests(args):
+    """The three manifests (an http(s) URL too: it and its audio are fetched into --download-dir)
+    as lists of items, and how many rows were skipped."""
+    urls = {d: getattr(args, d) for d in MANIFESTS if common.is_url(getattr(args, d) or "")}
+    common.fetch_data(args, MANIFESTS, print, exts=(".jsonl", ".json", ".csv", ".tsv"))
+
+    def read(dest):
+        flag, base = f"--{dest.replace('_', '-')}", urls.get(dest)
+        if not getattr(args, dest):
+            return [], 0
+
+        def fetch_audio(a):  # relative to the manifest's URL
+            return common.fetch(urllib.parse.urljoin(base, a), args.download_dir, flag, log=lambda m: None,
+                                max_bytes=int(args.max_download_mb * 2 ** 20), show_bar=False)
+        return read_manifest(getattr(args, dest), flag, args.bad_rows, fetch_audio if base else None)
+    return [read(d) for d in MANIFESTS]
 
 
 def build_vocab(items):
@@ -794,11 +790,9 @@ def asr_extra(state, path):
 
 
 def load_run(out, args):
-    """The model of a finished or running run folder, for --transcribe."""
-    state, path = common.find_checkpoint(out, args, print)
-    if state is None:
-        raise UserError(f"--transcribe: no checkpoint in {out}/checkpoints; train first: "
-                        f"python train_asr.py --quick --out {out}")
+    """The model of a finished or running run folder (best.pt, else the newest checkpoint), for
+    --transcribe."""
+    state, path = common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
     extra = asr_extra(state, path)
     model = build_model(extra["shape"], len(extra["itos"]), extra["model_args"])
     model.load_state_dict(state["model"])
@@ -810,9 +804,6 @@ def run_transcribe(args):
         (r for r, st in common.list_runs("runs") if st.get("trainer") == "asr"), None)
     if out is None:
         raise UserError("--transcribe: no run folder given and none found under runs/; pass --out RUN")
-    best = out / "checkpoints" / "best.pt"
-    if args.resume is None and best.exists():
-        args.resume = str(best)
     audio = [read_wav(p) for p in args.transcribe]  # every file checked before the model loads
     for p, x in zip(args.transcribe, audio):
         if len(x) < MIN_SECONDS * SR:
@@ -867,11 +858,9 @@ def main(argv=None):
 
     # -- data (validated before the run folder is touched)
     if args.train_manifest:
-        train_items, empty = read_manifest(args.train_manifest, "--train-manifest")
-        if args.val_manifest:
-            val_items, e = read_manifest(args.val_manifest, "--val-manifest")
-            empty += e
-        else:
+        (train_items, empty), (val_items, e), (test_items, e2) = read_manifests(args)
+        empty += e + e2
+        if not args.val_manifest:
             if not 0 < args.val_frac < 0.5:
                 raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
             random.Random(args.seed).shuffle(train_items)
@@ -880,8 +869,6 @@ def main(argv=None):
                 raise UserError(f"--train-manifest {args.train_manifest}: too few utterances to hold out "
                                 "validation; add data or pass --val-manifest")
             val_items, train_items = train_items[:n_val], train_items[n_val:]
-        test_items, e = read_manifest(args.test_manifest, "--test-manifest") if args.test_manifest else ([], 0)
-        empty += e
         data_desc = args.train_manifest
     else:
         n = args.dataset_size or (800 if args.quick else 3000)
@@ -893,7 +880,7 @@ def main(argv=None):
         empty = 0
         data_desc = f"built-in synthetic speech ({paths['train'].parent})"
     short, long = f"under {MIN_SECONDS:g} s", f"over --max-duration {args.max_duration:g} s"
-    dropped = {"empty text": empty, short: 0, long: 0}
+    dropped = {"bad rows": empty, short: 0, long: 0}
     for items in (train_items, val_items, test_items):
         dropped[short] += sum(it["duration"] < MIN_SECONDS for it in items)
         dropped[long] += sum(it["duration"] > args.max_duration for it in items)

@@ -613,11 +613,14 @@ def stratified_split(items, seed, train_frac):
     return splits
 
 
-def read_csv(path, flag):
-    rows = common.read_csv(path, flag, ("text", "label"))
+def read_data(path, flag, bad_rows, log):
+    """(text, label) rows of a CSV/TSV/JSONL file with columns text,label (common.read_records)."""
+    rows, bad, reasons = common.read_records(path, flag, ("text", "label"), bad_rows=bad_rows)
+    if bad:
+        log(f"{flag} {path}: {bad} bad rows skipped (first: {'; '.join(reasons)})")
     if not rows:
         raise UserError(f"{flag} {path}: no rows with both text and label")
-    return rows
+    return [(r["text"], r["label"]) for r in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -731,13 +734,7 @@ def charts(out, labels, train_labels, history, test):
 def load_run(out, args):
     """Model + tokenizer + labels from a run folder's best.pt (the model the summary reports),
     else its newest checkpoint, or --resume PATH."""
-    best = out / "checkpoints" / "best.pt"
-    if args.resume is None and best.is_file():
-        state, path = common.load_checkpoint(best), best
-    else:
-        state, path = common.find_checkpoint(out, args, print)
-    if state is None:
-        raise UserError(f"no checkpoint in {out}/checkpoints; train first: python train_classifier.py --quick --out {out}")
+    state, path = common.load_run_model(out, "--out", "classifier", "extra", resume=args.resume)
     x = state.get("extra", {})
     if "labels" not in x:
         raise UserError(f"{path} is not a train_classifier.py checkpoint")
@@ -830,10 +827,11 @@ def main(argv=None):
         args.vocab_size, sources["vocab_size"] = (200_000 if fasttext else 8000), "auto"
 
     # -- data (validated before the run folder is touched)
+    common.fetch_data(args, ("data", "val_data", "test_data"), print, exts=common.RECORD_EXTS)
     if args.data:
-        train_rows = read_csv(args.data, "--data")
-        val_rows = read_csv(args.val_data, "--val-data") if args.val_data else None
-        test_rows = read_csv(args.test_data, "--test-data") if args.test_data else None
+        train_rows = read_data(args.data, "--data", args.bad_rows, print)
+        val_rows = read_data(args.val_data, "--val-data", args.bad_rows, print) if args.val_data else None
+        test_rows = read_data(args.test_data, "--test-data", args.bad_rows, print) if args.test_data else None
         desc = f"{args.data}"
         if val_rows is None and test_rows is None:
             train_rows, val_rows, test_rows = stratified_split(train_rows, args.seed, 0.7)

@@ -221,12 +221,16 @@ def norm_category(c):
     return " ".join(c.lower().split())
 
 
-def read_csv(path):
-    """(query, category) pairs from a CSV with columns text,category; bad input -> UserError."""
-    rows = [(" ".join(t.lower().split()), norm_category(c)) for t, c in common.read_csv(path, "--data", ("text", "category"))]
-    if len(rows) < 10:
-        raise UserError(f"--data {path}: only {len(rows)} usable rows; need at least 10 (text and category both non-empty)")
-    return rows
+def read_data(path, bad_rows, log):
+    """(query, category) pairs from a CSV/TSV/JSONL file with columns text,category (common.read_records)."""
+    rows, bad, reasons = common.read_records(path, "--data", ("text", "category"), bad_rows=bad_rows)
+    if bad:
+        log(f"--data {path}: {bad} bad rows skipped (first: {'; '.join(reasons)})")
+    pairs = [(" ".join(r["text"].lower().split()), norm_category(r["category"])) for r in rows]
+    if len(pairs) < 10:
+        raise UserError(f"--data {path}: only {len(pairs)} usable rows; need at least 10 (text and category both "
+                        "non-empty)")
+    return pairs
 
 
 # -----------------------------------------------------------------------------
@@ -465,14 +469,7 @@ def run_suggest(args):
     if out is None:
         raise UserError("--suggest: no run folder given and none found under runs/; pass --out RUN")
     # the model the summary's best_value measured: best.pt, else the newest checkpoint (or --resume PATH)
-    best = out / "checkpoints" / "best.pt"
-    if args.resume is None and best.is_file():
-        state, path = common.load_checkpoint(best), best
-    else:
-        state, path = common.find_checkpoint(out, args, print)
-    if state is None:
-        raise UserError(f"--suggest: no checkpoint in {out}/checkpoints; train first: "
-                        f"python train_gru.py --quick --out {out}")
+    state, path = common.load_run_model(out, "--out", "gru", "extra", resume=args.resume)
     extra = state["extra"]
     itos, cats = extra["itos"], extra["cats"]
     model = build_model(extra["preset"], len(itos), len(cats))
@@ -511,8 +508,9 @@ def main(argv=None):
         args.epochs, sources["epochs"] = QUICK_EPOCHS, "quick"
 
     # -- data (validated before the run folder is touched)
+    common.fetch_data(args, ("data",), print, exts=common.RECORD_EXTS)
     if args.data:
-        pairs = read_csv(args.data)
+        pairs = read_data(args.data, args.bad_rows, print)
         data_desc = f"{args.data} ({len(pairs)} queries)"
     else:
         n = args.dataset_size or (5000 if args.quick else 10000)

@@ -25,7 +25,6 @@ Both are written here in plain torch. The table (markdown) goes to stdout, progr
 import argparse
 import csv
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -95,8 +94,8 @@ def baselines(data, seed):
     import torch
     import common
     import train_classifier as tc
-    train = [tuple(r) for r in common.read_csv(data / "train.csv", "--data", ("text", "label"))]
-    test = [tuple(r) for r in common.read_csv(data / "test.csv", "--test-data", ("text", "label"))]
+    train = [(r["text"], r["label"]) for r in common.read_records(data / "train.csv", "--data", ("text", "label"))[0]]
+    test = [(r["text"], r["label"]) for r in common.read_records(data / "test.csv", "--test-data", ("text", "label"))[0]]
     train, a, b = tc.stratified_split(train, seed, 0.85)  # what train_classifier.py does with --test-data alone
     val = a + b
     labels = sorted({l for _, l in train})

@@ -423,10 +423,10 @@ def bad_manifest(tmp, kind):
 @pytest.mark.parametrize("flags,expect", [
     (["--train-manifest", "corrupt wav"], "a.wav: not a readable PCM WAV"),
     (["--train-manifest", "corrupt wav with duration"], "a.wav: not a readable PCM WAV"),
-    (["--train-manifest", "extra csv field"], "line 2 has the wrong number of fields; quote"),
+    (["--train-manifest", "extra csv field"], "no utterances (every row needs an audio path and a text) (first: line 2: 3 fields, expected 2"),
     (["--transcribe", "short.wav", "--out", "r"], "too short to transcribe"),
     (["--train-manifest", "missing wav"], "nope.wav not found"),
-    (["--train-manifest", "bad json"], "line 1 is not an object"),
+    (["--train-manifest", "bad json"], "(first: line 1: not JSON"),
     (["--train-manifest", "absent.jsonl"], "absent.jsonl: file not found"),
     (["--val-manifest", "x.jsonl"], "need --train-manifest"),
     (["--ctc-weight", "1.5"], "--ctc-weight 1.5"),
@@ -541,7 +541,8 @@ def test_short_clips_are_dropped_and_counted_and_a_foreign_checkpoint_is_refused
     (tmp / "m.jsonl").write_text("\n".join(rows) + "\n")
     p = run("train_asr.py", "--train-manifest", "m.jsonl", "--val-frac", "0.2", "--preset", "tiny",
             "--max-steps", "1", "--out", "s", cwd=tmp, check=0)
-    assert "dropped: 1 empty text, 2 under 0.1 s" in p.stdout
+    assert "dropped: 1 bad rows, 2 under 0.1 s" in p.stdout
+    assert "--train-manifest m.jsonl: 1 bad rows skipped (first: line 15: empty 'text')" in p.stdout
     torch.save({"model": {}, "step": 1}, tmp / "other.pt")
     p = run("train_asr.py", "--transcribe", "u3.wav", "--out", "s", "--resume", "other.pt", cwd=tmp, check=2)
     assert "other.pt is not a train_asr.py checkpoint" in p.stderr

@@ -63,3 +63,46 @@ def test_sft_data_url(www, tmp_path):
             "--data", url, "--sha256", hashlib.sha256(body).hexdigest(), "--max-steps", "1", "--out", "s", cwd=tmp_path)
     served(p, "--data", url)
     assert read_json(tmp_path / "s" / "summary.json")["test_pairs"] == sum(train_sft.split_of(q) == 0 for q in pairs)
+
+
+def test_gru_data_url(www, tmp_path):
+    import train_gru
+    root, base = www
+    rows = train_gru.generate_queries(300, seed=0)
+    (root / "queries.csv").write_text("text,category\n" + "".join(f"{t},{c}\n" for t, c in rows) + "only text,\n")
+    url = base + "/queries.csv"
+    p = run("train_gru.py", "--quick", "--data", url, "--batch-size", "8", "--max-steps", "2", "--out", "g",
+            cwd=tmp_path)
+    served(p, "--data", url)
+    assert "1 bad rows skipped (first: line 302: empty 'category')" in p.stdout
+    p = run("train_gru.py", "--quick", "--data", url, "--bad-rows", "fail", "--out", "g2", cwd=tmp_path, check=2)
+    assert "line 302: empty 'category' (--bad-rows skip drops such rows)" in p.stderr
+
+
+def test_classifier_data_urls(www, tmp_path):
+    import train_classifier
+    root, base = www
+    train, val, test = train_classifier.generate_items(200, 0)
+    for name, rows in (("train", train), ("test", test)):
+        (root / f"{name}.csv").write_text("text,label\n" + "".join(f'"{t}",{l}\n' for t, l in rows))
+    p = run("train_classifier.py", "--quick", "--data", base + "/train.csv", "--test-data", base + "/test.csv",
+            "--max-steps", "2", "--out", "c", cwd=tmp_path)
+    served(p, "--data", base + "/train.csv")
+    served(p, "--test-data", base + "/test.csv")
+    assert sum(map(sum, read_json(tmp_path / "c" / "summary.json")["confusion_matrix"])) == len(test)
+
+
+def test_asr_manifest_url_fetches_its_audio(www, tmp_path):
+    from test_asr import tone, write_pcm
+    root, base = www
+    (root / "wav").mkdir()
+    rows = []
+    for i in range(12):
+        write_pcm(root / "wav" / f"u{i}.wav", tone(300 + 40 * i, 16000, seconds=0.6), 16000, 2)
+        rows.append(json.dumps({"audio_filepath": f"wav/u{i}.wav", "text": "ab" if i % 2 else "ba"}))
+    (root / "m.jsonl").write_text("\n".join(rows) + "\n")
+    url = base + "/m.jsonl"
+    p = run("train_asr.py", "--train-manifest", url, "--val-frac", "0.2", "--preset", "tiny", "--max-steps", "1",
+            "--beam", "1", "--out", "a", cwd=tmp_path)
+    served(p, "--train-manifest", url)
+    assert len(list((tmp_path / "data" / "downloads").glob("*-u*.wav"))) == 12

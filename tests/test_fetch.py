@@ -251,7 +251,7 @@ def test_read_pairs_jsonl_and_folder(tmp_path):
 def test_read_pairs_unreadable_files(tmp_path):
     for name, data, msg in [("a.txt", b"x", "unknown file type '.txt'"),
                             ("b.jsonl", b'{"input": "\xff"}', "not UTF-8"),
-                            ("c.csv", b"", "missing column")]:
+                            ("c.csv", b"", "the file is empty")]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError, match=f"--download-data .*{name}: {msg}"):
             train_sft.read_pairs(tmp_path / name, "--download-data")

@@ -289,7 +289,7 @@ def saved_run(tmp_path_factory):
     (["--data", "missing.csv"], "--data missing.csv: file not found"),
     (["--data", "empty.csv"], "empty"),
     (["--data", "nocol.csv"], "missing column(s) text, category"),
-    (["--data", "ragged.csv"], "line 22 has the wrong number of fields"),
+    (["--data", "ragged.csv", "--bad-rows", "fail"], "line 22: 4 fields, expected 2 (quote texts that contain the delimiter) (--bad-rows skip drops such rows)"),
     (["--data", "few.csv"], "only 1 usable rows"),
     (["--batch-size", "0"], "--batch-size"),
     (["--grad-accum", "-2"], "--grad-accum"),
