@@ -90,7 +90,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def make_parser(description, trainer, epochs, lr, effective_batch, save_every=50, eval_every=0,
+def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every=50, eval_every=0,
                 log_every=10, keep=3):
     """Every trainer's parser starts here, so the same flag means the same thing everywhere.
 
@@ -359,15 +359,16 @@ FETCH_TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of 
 
 
 def is_url(s):
+    """Used by fetch_data, train_lm.py and train_asr.py (which treat a URL's file differently)."""
     return urllib.parse.urlsplit(str(s)).scheme.lower() in ("http", "https")
 
 
 class RedirectRefused(Exception):
-    """A redirect to a scheme other than http(s) (file:, ftp:): never followed."""
+    """A redirect to a scheme other than http(s) (file:, ftp:): never followed. Used by fetch."""
 
 
 class HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp: too; a data URL may only lead to http(s)."""
+    """urllib follows redirects to ftp: too; a data URL may only lead to http(s). Used by fetch."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not is_url(newurl):
@@ -377,14 +378,15 @@ class HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
 
 def download_name(url):
     """`<8 hex of the URL's SHA-256>-<sanitised basename>`: two URLs ending in the same file name
-    (every mirror's data.jsonl) never share a file. The extension survives: the reader needs it."""
+    (every mirror's data.jsonl) never share a file. The extension survives: the reader needs it.
+    Used by fetch and fetch_data."""
     base = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
     base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "download"
     return f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{base[-100:]}"
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file, read 1 MB at a time."""
+    """Hex SHA-256 of a file, read 1 MB at a time. Used by fetch and fetch_data."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -392,7 +394,7 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def fetch(url, dest_dir, flag="--data", sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S,
+def fetch(url, dest_dir, flag="--data", *, sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S,
           show_bar=True):
     """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
     path is returned as it is. Used by fetch_data (every trainer's data flags) and tests.
@@ -543,7 +545,7 @@ def fetch_data(args, flags, log=print, exts=None):
         flag, sha = "--" + dest.replace("_", "-"), sums[k] if k < len(sums) else None
         if sha is None and not is_url(v):
             continue  # a local path without a checksum: the trainer's own reader checks it
-        path = fetch(v, args.download_dir, flag, sha, int(args.max_download_mb * 2 ** 20), log)
+        path = fetch(v, args.download_dir, flag, sha256=sha, max_bytes=int(args.max_download_mb * 2 ** 20), log=log)
         if sha is not None and not is_url(v):  # a local path: fetch had nothing to check
             if not path.is_file():
                 raise UserError(f"--sha256 {sha}: {flag} {v} is a folder; a checksum needs one file")
@@ -723,7 +725,7 @@ def is_oom(e):
         isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip, device, amp_dtype, log=print,
+def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, device, amp_dtype, log=print,
                no_sync=None):
     """One optimizer step over `batch` (the whole effective batch), in micro-batches.
 

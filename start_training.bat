@@ -57,7 +57,8 @@ if "%cmd%"=="demo" (
 )
 if "%cmd%"=="test" (
   "%PY%" -m pip install -q -r requirements-dev.txt
-  "%PY%" -m pytest -q tests
+  if not defined OMP_NUM_THREADS set OMP_NUM_THREADS=1
+  "%PY%" -m pytest -q -n auto tests
   exit /b %errorlevel%
 )
 for %%c in (start status stop) do if "%cmd%"=="%%c" (

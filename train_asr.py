@@ -1078,7 +1078,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
                                                   lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
-                                                  args.clip, device, amp_dtype, log)
+                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log)
             del batch  # the padded features of this step are not needed in the next one
             accum = math.ceil(E / micro_bs)
             scheduler.step()

@@ -1052,7 +1052,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         for batch in loader:
             loss, n, micro_bs = common.train_step(model, optimizer, scaler, batch, lambda m, mb: loss_fn(m, mb, device),
-                                                  micro_bs, args.clip, device, amp_dtype, log)
+                                                  micro_bs, clip=args.clip, device=device, amp_dtype=amp_dtype, log=log)
             accum = math.ceil(E / micro_bs)
             scheduler.step()
             step, pos, seen = step + 1, pos + 1, seen + n

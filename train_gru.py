@@ -651,7 +651,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
             batch = make_batch(train_data, perm[pos * E:(pos + 1) * E])
             loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
                                                   lambda m, b: loss_fn(m, b, device), micro_bs,
-                                                  args.clip, device, amp_dtype, log)
+                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log)
             accum = math.ceil(E / micro_bs)
             scheduler.step()
             step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(batch["cat"])

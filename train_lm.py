@@ -961,8 +961,8 @@ def train(args, sources, run, cfg, data_dir, meta):
     while step < total_steps:
         batch = next(batch_iter)
         loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
-                                              lambda m, b: loss_fn(m, b, device), micro_bs, args.clip,
-                                              device, amp_dtype, log, no_sync=no_sync)
+                                              lambda m, b: loss_fn(m, b, device), micro_bs, clip=args.clip,
+                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
         common.check_memory(watch, device, log)

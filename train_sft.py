@@ -700,8 +700,8 @@ def train(args, sources, run, cfg, data, init):
         batch = next(batch_iter)
         tokens_log += int(batch["n"].sum()) * world
         loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
-                                              lambda m, b: sft_loss_fn(m, b, device), micro_bs, args.clip,
-                                              device, amp_dtype, log, no_sync=no_sync)
+                                              lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
+                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
         accum = math.ceil(E / micro_bs)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
@@ -865,8 +865,8 @@ def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step
             batch = [new[j] for j in order[i * n_new:(i + 1) * n_new]]
             batch += [examples[j] for j in rng.integers(0, len(examples), E - n_new)]
             loss, _, micro_bs = common.train_step(model, optimizer, run.scaler, collate(batch, args.seq_len),
-                                                  lambda m, b: sft_loss_fn(m, b, device), micro_bs, args.clip,
-                                                  device, amp_dtype, log)
+                                                  lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
+                                                  device=device, amp_dtype=amp_dtype, log=log)
             stopped = common.stop_requested(stop, out)
             if stopped:
                 break

@@ -125,8 +125,8 @@ def worker(args):
         sync()
         t0 = time.perf_counter()
         loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
-                                              lambda m, b: train_asr.loss_fn(m, b, 0.3), micro_bs, 5.0,
-                                              device, amp_dtype, log=lambda msg: print(msg, file=sys.stderr))
+                                              lambda m, b: train_asr.loss_fn(m, b, 0.3), micro_bs, clip=5.0,
+                                              device=device, amp_dtype=amp_dtype, log=lambda msg: print(msg, file=sys.stderr))
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)

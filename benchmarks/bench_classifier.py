@@ -160,8 +160,8 @@ def worker(args):
             batch = tc.trim({k: v[idx] for k, v in splits["train"].items()})  # ids, mask (B, T); y (B,)
             sync()
             t0 = time.perf_counter()
-            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, 1.0,
-                                                  device, amp_dtype, log=lambda msg: print(msg, file=sys.stderr))
+            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, clip=1.0,
+                                                  device=device, amp_dtype=amp_dtype, log=lambda msg: print(msg, file=sys.stderr))
             scheduler.step()
             sync()
             if step >= args.warmup:

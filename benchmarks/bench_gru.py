@@ -131,7 +131,7 @@ def worker(args):
         t0 = time.perf_counter()
         loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
                                               lambda m, b: train_gru.loss_fn(m, b, device), micro_bs,
-                                              1.0, device, amp_dtype,
+                                              clip=1.0, device=device, amp_dtype=amp_dtype,
                                               log=lambda msg: print(msg, file=sys.stderr))
         sync()
         if i >= args.warmup:

@@ -198,7 +198,7 @@ def worker(args):
             loss = loss.item()  # every step: a device sync on CUDA
         else:  # what train_lm.py runs
             loss, _, _ = common.train_step(model, opt, scaler, batch, lambda m, b: train_lm.loss_fn(m, b, device),
-                                           B, 1.0, device, amp_dtype, log)
+                                           B, clip=1.0, device=device, amp_dtype=amp_dtype, log=log)
         sched.step()
         sync()
         if step >= args.warmup:

@@ -246,7 +246,7 @@ def test_accumulation_over_padded_micro_batches_equals_one_batch(micro):
         before = [p.detach().clone() for p in m.parameters()]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         asr.common.train_step(m, opt, scaler, padded_batch([120, 97, 60, 33]),
-                              lambda mod, mb: asr.loss_fn(mod, mb, 0.3), bs, 0, torch.device("cpu"), None)
+                              lambda mod, mb: asr.loss_fn(mod, mb, 0.3), bs, clip=0, device=torch.device("cpu"), amp_dtype=None)
         grads[bs] = [b0 - p.detach() for b0, p in zip(before, m.parameters())]  # SGD lr 1: the gradient
     for a, b in zip(grads[4], grads[micro]):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

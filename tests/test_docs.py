@@ -4,6 +4,7 @@ script's argument parser (its subcommand's, for prepare/sample/ask/rate), so a r
 removed flag fails here. In-process, nothing is trained; the spelling lines that quote an old
 command on purpose ("formerly ...", "it used to be ...") are prose, not code blocks."""
 import argparse
+import copy
 import importlib
 import re
 import shlex
@@ -76,6 +77,7 @@ def test_documented_command_parses(where, script, argv, capsys):
     p, rest = parser_for(script, argv)
     if {"-h", "--help"} & set(rest):
         return
+    p = copy.deepcopy(p)  # the trainers' module-level parser is shared with the in-process tests
     p.exit_on_error = False
     try:
         args, unknown = p.parse_known_args(rest)
