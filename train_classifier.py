@@ -17,7 +17,6 @@ and only LoRA adapters and the head train, as in the seed (DistilBERT, r 16, alp
 v: 891,656 trainable parameters), on the mean over tokens, at lr 1e-3 for 4 epochs (measured).
 Re-running the same command resumes from the newest checkpoint in --out."""
 
-import functools
 import json
 import math
 import os
@@ -933,10 +932,11 @@ def loss_fn(model, mb, device):
     return F.cross_entropy(logits.float(), mb["y"].to(device), reduction="sum"), len(mb["y"])
 
 
-def rows_batch(idx, data):
-    """The loader's collate_fn, bound with functools.partial(rows_batch, data=split): rows idx of a
+def rows_batch(step, perm, size, data):
+    """Batch `step` of an epoch, for common.StepBatches: rows perm[step*size:(step+1)*size] of a
     pre-tokenized split, padding trimmed. A module function, so it pickles for loader workers
     under the spawn start method (Windows, macOS); a lambda in train() did not."""
+    idx = perm[step * size:(step + 1) * size].tolist()
     return trim({k: v[idx] for k, v in data.items()})
 
 
@@ -1043,9 +1043,9 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     stopped_early = bad_epochs >= args.patience  # a resumed run that had already stopped early
     while step < total_steps and (args.max_steps or epoch < args.epochs) and not stopped_early:
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        batches = common.StepBatches(rows_batch, perm=perm, size=E, data=splits["train"])  # item i: batch i of the epoch
         loader = torch.utils.data.DataLoader(
-            range(n_train), batch_sampler=[perm[i * E:(i + 1) * E].tolist() for i in range(pos, steps_per_epoch)],
-            collate_fn=functools.partial(rows_batch, data=splits["train"]), worker_init_fn=common.quiet_worker,
+            batches, batch_size=None, sampler=range(pos, steps_per_epoch), worker_init_fn=common.quiet_worker,
             num_workers=args.workers, pin_memory=args.pin_memory,
             # its own generator: a loader seeds its workers from the global RNG otherwise, which
             # would shift the dropout stream of a run resumed mid-epoch

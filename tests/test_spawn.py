@@ -4,7 +4,7 @@ Windows and macOS start DataLoader workers with spawn (and Python 3.14's Linux d
 forkserver, pickles the same way): the worker gets the dataset, collate_fn and worker_init_fn
 by pickle, so a lambda or a function local to train() kills the run as soon as the first worker
 starts ("Can't pickle local object 'train.<locals>.<lambda>'", train_classifier.py until its
-collate_fn became functools.partial(rows_batch, ...)). Linux CI forks and never sees it.
+loader became common.StepBatches(rows_batch, ...)). Linux CI forks and never sees it.
 
 No product knob forces spawn: a child interpreter sets the start method, then runs the script
 as __main__ with runpy. runpy sets sys.modules["__main__"].__file__ to the script, so spawn's
