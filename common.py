@@ -1070,7 +1070,8 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
 
 
 def _atomic_torch_save(obj, path):
-    """torch.save to a temp file, fsync, os.replace: never half a checkpoint.
+    """torch.save to a temp file, fsync, os.replace: never half a checkpoint. Then its SHA-256
+    beside it (<name>.sha256, also atomic), which load_checkpoint checks before trusting it.
     Used by save_checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -1078,6 +1079,18 @@ def _atomic_torch_save(obj, path):
         f.flush()
         os.fsync(f.fileno())  # a crash after os.replace must not leave an empty file behind
     os.replace(tmp, path)
+    write_checksum(path)
+
+
+def write_checksum(path):
+    """<path>.sha256 := the file's SHA-256, written atomically. A kill between a checkpoint's
+    rename and this one leaves a whole file with an old or no checksum: an old one fails the
+    check (that file is passed over), no checksum is trusted (files from before checksums).
+    Used by _atomic_torch_save, save_checkpoint (best.pt)."""
+    side = path.with_name(path.name + ".sha256")
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(file_sha256(path) + "\n")
+    os.replace(tmp, side)
 
 
 def _ckpt_step(path):
@@ -1099,17 +1112,30 @@ def save_checkpoint(out, step, state, keep, protect=None, best=False):
         tmp = d / "best.pt.tmp"
         shutil.copyfile(path, tmp)
         os.replace(tmp, d / "best.pt")
+        write_checksum(d / "best.pt")
     ckpts = sorted(d.glob(CKPT_GLOB), key=_ckpt_step)
     for old in ckpts[:-keep]:
         if protect is None or old.resolve() != Path(protect).resolve():
             old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
 
 
+class ChecksumMismatch(Exception):
+    """A checkpoint whose bytes are not the ones saved (<name>.sha256 disagrees)."""
+
+
 def load_checkpoint(path):
-    """Load a checkpoint without running code from it: weights_only=True refuses pickled
+    """Load a checkpoint without running code from it and without trusting bytes it has not
+    verified: the file's SHA-256 must match <name>.sha256 when there is one (a flipped byte
+    inside a tensor passes the zip format's own checks), and weights_only=True refuses pickled
     callables/classes, so a tampered file raises instead of executing.
-    Used by find_checkpoint; train_gru.py, train_classifier.py, train_asr.py (best.pt)."""
+    Used by find_checkpoint, load_run_model; train_classifier.py (best.pt)."""
+    side = Path(path).with_name(Path(path).name + ".sha256")
+    if side.is_file():
+        want, got = side.read_text().strip(), file_sha256(path)
+        if got != want:
+            raise ChecksumMismatch(f"SHA-256 {got[:16]}... is not the {want[:16]}... saved in {side.name}")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -1161,7 +1187,8 @@ def find_checkpoint(out, args, log=print):
         try:
             return load_checkpoint(p), p
         except Exception as e:
-            log(f"warning: {p} is unreadable ({type(e).__name__}); trying the previous checkpoint")
+            why = str(e) if isinstance(e, ChecksumMismatch) else type(e).__name__
+            log(f"warning: {p} is unreadable ({why}); trying the previous checkpoint")
     return None, None
 
 
@@ -1208,7 +1235,12 @@ def prepare_run_dir(out, no_resume):
     Used by start_run."""
     out = Path(out)
     if (out / "status.json").exists():
-        st = json.loads((out / "status.json").read_text() or "{}")
+        try:
+            st = json.loads((out / "status.json").read_text() or "{}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            st = {}  # unreadable: it proves no live trainer, and start_run writes a new one
+        if not isinstance(st, dict):
+            st = {}
         if st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and process_is_trainer(st):
             raise UserError(f"--out {out} is being trained by pid {st['pid']} right now; wait for it, "
                             f"stop it (python memory_optimizer.py stop {out}) or pick another --out")
@@ -1224,6 +1256,9 @@ def prepare_run_dir(out, no_resume):
                 (out / name).rename(out / f"{name}.old-{stamp}")
                 moved.append(f"{name}.old-{stamp}")
     (out / "STOP").unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+    # what a killed save left half-written: it only holds disk space (no live trainer writes here)
+    for tmp in [*out.glob("*.tmp"), *(out / "checkpoints").glob("*.tmp")]:
+        tmp.unlink(missing_ok=True)
     return moved
 
 
@@ -1307,13 +1342,23 @@ def append_metrics(out, record):
 
 def truncate_metrics(out, step):
     """On resume from step N, drop records a killed run wrote after its checkpoint at N:
-    they will be written again, identically, by the resumed run.
+    they will be written again, identically, by the resumed run. A line a kill cut in half
+    is dropped too. The rewrite is atomic: a kill during it keeps the old file.
     Used by every trainer."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # half-written by a killed run (always the last line)
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 
 def read_metrics(out):

@@ -192,9 +192,11 @@ def test_rotation_keeps_last_k_plus_best_and_never_the_resumed_one(tmp):
         p = common.save_checkpoint(tmp, step, {"step": step}, keep=3, protect=protect, best=(step == 2))
         if step == 1:
             protect = p
-    names = sorted(f.name for f in (tmp / "checkpoints").iterdir())
+    names = sorted(f.name for f in (tmp / "checkpoints").glob("*.pt"))
     assert names == ["best.pt", "ckpt_step00000001.pt", "ckpt_step00000005.pt",
                      "ckpt_step00000006.pt", "ckpt_step00000007.pt"]
+    # every kept file has its checksum beside it, and a rotated-out one takes its checksum along
+    assert sorted(f.name for f in (tmp / "checkpoints").glob("*.sha256")) == [n + ".sha256" for n in names]
     assert common.load_checkpoint(tmp / "checkpoints" / "best.pt")["step"] == 2
     assert not list((tmp / "checkpoints").glob("*.tmp"))
 
@@ -209,6 +211,30 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp):
     state, path = common.find_checkpoint(tmp, args, logs.append)
     assert state["step"] == 10 and path.name == "ckpt_step00000010.pt"
     assert any("unreadable" in m for m in logs)
+
+
+def test_a_flipped_byte_inside_a_tensor_is_caught_and_the_previous_checkpoint_used(tmp):
+    """The zip format's checks pass such a file (torch.load reads it, with one wrong weight): only
+    the SHA-256 saved beside it catches it (issue 15: a GRU resumed on wrong weights)."""
+    for step in (10, 20):
+        common.save_checkpoint(tmp, step, {"step": step, "w": torch.zeros(100_000)}, keep=3, best=step == 20)
+    newest = tmp / "checkpoints" / "ckpt_step00000020.pt"
+    data = bytearray(newest.read_bytes())
+    at = data.find(bytes(4000))  # inside the zeros of the tensor's storage
+    data[at + 2000] ^= 0x40
+    newest.write_bytes(bytes(data))
+    assert torch.load(newest, weights_only=True)["w"].abs().sum() > 0  # loads, silently wrong
+    logs = []
+    state, path = common.find_checkpoint(tmp, argparse.Namespace(resume=None, no_resume=False), logs.append)
+    assert state["step"] == 10 and path.name == "ckpt_step00000010.pt"
+    assert any("ckpt_step00000020.pt is unreadable (SHA-256" in m for m in logs), logs
+    with pytest.raises(UserError, match="not a loadable checkpoint .*ChecksumMismatch"):
+        common.find_checkpoint(tmp, argparse.Namespace(resume=str(newest), no_resume=False), logs.append)
+    # best.pt damaged the same way: the served model is the newest step checkpoint that verifies
+    best = tmp / "checkpoints" / "best.pt"
+    best.write_bytes(bytes(data))
+    state, path = common.load_run_model(tmp, "--out", "gru", "w")
+    assert state["step"] == 10 and torch.count_nonzero(state["w"]) == 0
 
 
 class Evil:
@@ -294,6 +320,31 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp):
         common.append_metrics(tmp, {"step": s, "loss": 1.0 / s})
     common.truncate_metrics(tmp, 4)
     assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4]
+
+
+def test_leftover_temp_files_are_removed_and_a_corrupt_status_json_is_no_traceback(tmp):
+    """A kill during a save leaves *.tmp files that hold disk space for good; a status.json cut
+    in half must not stop the restart with a JSONDecodeError."""
+    (tmp / "checkpoints").mkdir()
+    leftovers = [tmp / "checkpoints" / "ckpt_step00000040.pt.tmp", tmp / "checkpoints" / "best.pt.tmp",
+                 tmp / "status.json.4242.tmp", tmp / "metrics.jsonl.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"partial")
+    (tmp / "status.json").write_text('{"state": "runn')
+    (tmp / "checkpoints" / "keep.pt").write_bytes(b"x")
+    common.prepare_run_dir(tmp, no_resume=False)
+    assert not any(f.exists() for f in leftovers) and (tmp / "checkpoints" / "keep.pt").exists()
+
+
+def test_truncate_metrics_survives_a_half_written_last_line(tmp):
+    """A kill in the middle of append_metrics leaves half a JSON line: the restart used to crash."""
+    for s in range(1, 6):
+        common.append_metrics(tmp, {"step": s, "loss": 1.0 / s})
+    with open(tmp / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    common.truncate_metrics(tmp, 5)
+    assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4, 5]
+    assert not list(tmp.glob("*.tmp"))
 
 
 def test_an_invalid_config_value_is_a_user_error(tmp, monkeypatch):

@@ -59,7 +59,7 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     assert "device cpu, precision fp32" in p.stdout
     assert "suggest 'red run' [fashion]: red running" in p.stdout
     names = {f.name for f in (out / "checkpoints").iterdir()}
-    assert "best.pt" in names and len([n for n in names if n.startswith("ckpt_step")]) <= 3
+    assert "best.pt" in names and len([n for n in names if n.startswith("ckpt_step") and n.endswith(".pt")]) <= 3
     pytest.importorskip("matplotlib")
     assert (out / "plots" / "training_progress.png").stat().st_size > 1000
 
@@ -150,7 +150,8 @@ def test_rotation_keeps_k_plus_best(tmp):
     run("train_gru.py", *SMALL, "--max-steps", "30", "--save-every", "3", "--keep", "2", "--out", "k",
         cwd=tmp, check=0)
     names = sorted(f.name for f in (tmp / "k" / "checkpoints").iterdir())
-    assert names == ["best.pt", "ckpt_step00000027.pt", "ckpt_step00000030.pt"]
+    assert names == [n + ext for n in ("best.pt", "ckpt_step00000027.pt", "ckpt_step00000030.pt")
+                     for ext in ("", ".sha256")]
 
 
 def test_resource_efficient_halves_batch_and_cadence(tmp):
