@@ -1178,8 +1178,10 @@ def find_checkpoint(out, args, log=print):
         try:
             return load_checkpoint(p), p
         except Exception as e:
-            raise UserError(f"--resume {p}: not a loadable checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})")
+            # torch's own message advises weights_only=False, i.e. running the file's code: not here
+            first = str(e).splitlines()[0][:200] if str(e).strip() else ""
+            why = "it holds pickled code, which is never run" if "weights_only" in str(e) else first
+            raise UserError(f"--resume {p}: not a loadable checkpoint ({type(e).__name__}: {why})")
     if args.no_resume:
         return None, None
     d = Path(out) / "checkpoints"
@@ -1201,6 +1203,8 @@ def open_run(args, sources):
     precision (setup_device), and the checkpoint to resume. Returns (out, (device, amp_dtype,
     scaler, why), state, resumed_from, notes): notes are lines for the log, once start_run opens it.
     Used by every trainer."""
+    if args.resume and args.no_resume:
+        raise UserError(f"--resume {args.resume} --no-resume: pick one (resume from that file, or start over)")
     out = Path(args.out) if args.out else default_out(args.trainer)
     args.out = str(out)
     check_out_writable(out)

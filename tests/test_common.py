@@ -248,9 +248,10 @@ def test_checkpoint_with_pickled_callable_is_refused(tmp, monkeypatch):
     torch.save({"step": 9, "payload": Evil()}, tmp / "checkpoints" / "ckpt_step00000009.pt")
     state, path = common.find_checkpoint(tmp, argparse.Namespace(resume=None, no_resume=False), lambda m: None)
     assert state["step"] == 5  # the evil newest one was skipped, not executed
-    with pytest.raises(UserError, match="not a loadable checkpoint"):
+    with pytest.raises(UserError, match="not a loadable checkpoint") as e:
         common.find_checkpoint(tmp, argparse.Namespace(resume=str(tmp / "checkpoints" / "ckpt_step00000009.pt"),
                                                        no_resume=False), lambda m: None)
+    assert "pickled code, which is never run" in str(e.value) and "weights_only=False" not in str(e.value)
     assert not (tmp / "PWNED").exists()
 
 
@@ -320,6 +321,13 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp):
         common.append_metrics(tmp, {"step": s, "loss": 1.0 / s})
     common.truncate_metrics(tmp, 4)
     assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4]
+
+
+def test_resume_and_no_resume_together_are_refused(tmp):
+    args = argparse.Namespace(resume="x.pt", no_resume=True, out=str(tmp / "r"), trainer="gru")
+    with pytest.raises(UserError, match="--resume x.pt --no-resume: pick one"):
+        common.open_run(args, {})
+    assert not (tmp / "r").exists()
 
 
 def test_leftover_temp_files_are_removed_and_a_corrupt_status_json_is_no_traceback(tmp):
