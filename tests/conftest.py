@@ -1,8 +1,10 @@
 """Shared helpers: tests run the real scripts in subprocesses, on CPU, with tiny data."""
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,25 @@ def popen(script, *args, cwd):
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(pred, timeout=120, what="condition"):
+    """Poll pred() every 50 ms until it holds; an AssertionError after `timeout` seconds."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def tree_digest(d, skip=None):
+    """One hash of every file (path and bytes) under d, but `skip`: "nothing saved was touched"."""
+    h = hashlib.sha256()
+    for f in sorted(Path(d).rglob("*")):
+        if f.is_file() and f.name != skip:
+            h.update(str(f).encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def read_json(path):

@@ -149,7 +149,8 @@ def test_pretrained_tiny_distilbert_trains_lora_and_exports(tmp):
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp):
     import signal
     from conftest import metrics, popen
-    from test_gru import step_reached, wait_for
+    from conftest import wait_for
+    from test_gru import step_reached
     flags = ["--preset", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1"]
     run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
     proc = popen("train_classifier.py", *flags, "--out", "k", cwd=tmp)

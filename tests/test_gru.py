@@ -1,15 +1,13 @@
 """train_gru.py end to end: the real script in subprocesses, on CPU, with small built-in data."""
-import hashlib
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import call, metrics, popen, read_json, run
+from conftest import call, metrics, popen, read_json, run, tree_digest, wait_for
 
 # tests run in an empty tmp dir, so no optimal_config.json is picked up unless a test writes one
 SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
@@ -19,14 +17,6 @@ def weights(run_dir):
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("ckpt_step*.pt"))
     return torch.load(ckpts[-1], weights_only=True)["model"]
 
-
-def wait_for(pred, timeout=120, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -261,13 +251,6 @@ def test_original_preset_trains_a_step(tmp):
 
 
 # -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
-
-def tree_digest(d, skip=None):
-    h = hashlib.sha256()
-    for f in sorted(Path(d).rglob("*")):
-        if f.is_file() and f.name != skip:
-            h.update(str(f).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 BAD_CSV = {

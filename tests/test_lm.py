@@ -1,5 +1,4 @@
 """train_lm.py: the real script in subprocesses on CPU, plus the eigenstate scan checked in-process."""
-import hashlib
 import importlib.util
 import json
 import math
@@ -8,14 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, call, metrics, popen, read_json, run
+from conftest import REPO, call, metrics, popen, read_json, run, tree_digest, wait_for
 
 import train_lm
 
@@ -220,14 +218,6 @@ def test_ram_stays_flat_with_corpus_size(tmp):
 
 # -- resume, DDP -----------------------------------------------------------------------------------
 
-def wait_for(pred, timeout=120, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def step_reached(status_path, n):
     try:
@@ -311,13 +301,6 @@ def test_resource_efficient_and_config_file(tmp):
 
 
 # -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
-
-def tree_digest(d):
-    h = hashlib.sha256()
-    for f in sorted(Path(d).rglob("*")):
-        if f.is_file():
-            h.update(str(f).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ of it torch's import in each subprocess and one short background GRU run.
 """
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 import memory_optimizer as mo  # noqa: E402
 from common import TRAINERS, UserError, table_batch_size  # noqa: E402
+from conftest import tree_digest, wait_for  # noqa: E402
 
 PROFILE_KEYS = {"cpu_model", "cpu_cores_physical", "cpu_cores_logical", "ram_total_gb",
                 "ram_available_gb", "cuda_available", "gpu_name", "gpu_count", "gpu_total_gb",
@@ -327,21 +327,6 @@ def test_monitor_of_one_run_refuses_machine_flags(tmp_path):
 SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
 
 
-def wait_for(pred, timeout=120, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def tree_digest(d, skip=None):
-    h = hashlib.sha256()
-    for f in sorted(Path(d).rglob("*")):
-        if f.is_file() and f.name != skip:
-            h.update(str(f).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 def read_json(path):
