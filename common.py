@@ -25,6 +25,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import errno
 import hashlib
 import http.client
 import gc
@@ -1072,14 +1073,47 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
 def _atomic_torch_save(obj, path):
     """torch.save to a temp file, fsync, os.replace: never half a checkpoint. Then its SHA-256
     beside it (<name>.sha256, also atomic), which load_checkpoint checks before trusting it.
+    A full disk is a UserError that says how much space the save needs; the partial file is
+    deleted (it would only hold the space a retry needs) and earlier checkpoints stay intact.
     Used by save_checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # a crash after os.replace must not leave an empty file behind
-    os.replace(tmp, path)
-    write_checksum(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # a crash after os.replace must not leave an empty file behind
+        os.replace(tmp, path)
+        write_checksum(path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if not disk_full(e):
+            raise
+        need, free = tensor_bytes(obj) / 2**20, shutil.disk_usage(path.parent).free / 2**20
+        raise UserError(f"--out {path.parent.parent}: the disk is full: {path.name} needs about {need:,.0f} MB in "
+                        f"{path.parent} ({free:,.0f} MB free); free some space and re-run the same command to "
+                        "resume from the last checkpoint") from None
+
+
+def disk_full(e):
+    """True when e, or what it was raised from, is "no space left" (torch.save reports it as a
+    RuntimeError whose context is the OSError). Used by _atomic_torch_save."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def tensor_bytes(obj):
+    """Bytes of every tensor in a nest of dicts/lists/tuples: about a checkpoint's size.
+    Used by _atomic_torch_save."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def write_checksum(path):
@@ -1318,7 +1352,11 @@ def recording_failures(out, status):
         update_status(out, status, state="stopped")
         raise
     except Exception as e:
-        update_status(out, status, state="failed", error=f"{type(e).__name__}: {e}")
+        try:
+            update_status(out, status, state="failed", error=str(e) if isinstance(e, UserError) else
+                          f"{type(e).__name__}: {e}")
+        except OSError:  # a full disk may refuse status.json too: the error itself still reaches the user
+            pass
         raise
 
 

@@ -431,3 +431,30 @@ def test_no_private_argparse_or_torch_attribute_is_used():
     hits = [f"{f.name}:{i}: {line.strip()}" for f in files if f.name != "test_common.py"
             for i, line in enumerate(f.read_text().splitlines(), 1) if PRIVATE.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_earlier_checkpoints(tmp, monkeypatch):
+    """ENOSPC in the middle of torch.save (which reports it as a RuntimeError from the OSError):
+    a UserError saying how much space is needed, the partial file deleted, earlier files intact."""
+    import errno
+    import io
+    common.save_checkpoint(tmp, 10, {"step": 10, "w": torch.zeros(1000)}, keep=3)
+
+    class Full(io.FileIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(common, "open", lambda p, mode: Full(p, mode), raising=False)
+    with pytest.raises(UserError, match=r"the disk is full: ckpt_step00000020.pt needs about 4 MB in .* MB free\); "
+                                        "free some space and re-run the same command"):
+        common.save_checkpoint(tmp, 20, {"step": 20, "w": torch.zeros(1_000_000)}, keep=3)
+    monkeypatch.undo()
+    names = sorted(f.name for f in (tmp / "checkpoints").iterdir())
+    assert names == ["ckpt_step00000010.pt", "ckpt_step00000010.pt.sha256"]  # no .tmp left holding the space
+    assert common.load_checkpoint(tmp / "checkpoints" / "ckpt_step00000010.pt")["step"] == 10
+    # through a trainer: status.json says failed, with the reason, and the exit is one error: line
+    status = {"started": 0.0}
+    with pytest.raises(UserError):
+        with common.recording_failures(tmp, status):
+            raise UserError("--out x: the disk is full: ...")
+    assert json.loads((tmp / "status.json").read_text())["state"] == "failed"
+    assert json.loads((tmp / "status.json").read_text())["error"] == "--out x: the disk is full: ..."
