@@ -66,6 +66,9 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `... status | head`: the reader left; nothing to report
+        sys.stderr.close()
+        sys.exit(0)
 
 
 # -----------------------------------------------------------------------------
@@ -175,10 +178,19 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
     return p
 
 
+def whole(s, what):
+    """int(s), or argparse's one-line "must be ..." (not "invalid pos_int value").
+    Used by pos_int, nonneg_int."""
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+
+
 def pos_int(s):
     """argparse type: an integer >= 1.
     Used by make_parser; every trainer and memory_optimizer.py (flag types)."""
-    v = int(s)
+    v = whole(s, "a positive integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
@@ -187,7 +199,7 @@ def pos_int(s):
 def nonneg_int(s):
     """argparse type: an integer >= 0.
     Used by make_parser; train_gru.py, train_asr.py, train_lm.py, train_sft.py."""
-    v = int(s)
+    v = whole(s, "an integer, 0 or more")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
     return v
@@ -197,7 +209,10 @@ def pos_float(s):
     """argparse type: a finite number > 0.
     Used by make_parser; train_classifier.py, train_asr.py, train_lm.py, train_sft.py,
     memory_optimizer.py."""
-    v = float(s)
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {s!r}") from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
     return v
@@ -972,8 +987,8 @@ def keep_heap_small(threshold=1 << 20):
     moment it is freed. By default glibc raises that threshold after each large free (up to
     32 MB), so activations then come from the heap, and with micro-batches of varying length
     the freed gaps rarely fit the next request: the process's RSS keeps growing. Measured on
-    `train_lm.py --task sft`: this setting alone took peak RSS from 1,338 to 485 MB at 0.70x the
-    speed (README, table 4).
+    `train_sft.py`: this setting alone took peak RSS from 1,338 to 485 MB at 0.70x the
+    speed (docs/sft.md, table 4).
     Also what MALLOC_MMAP_THRESHOLD_=1048576 in the environment does. Returns True if set.
     Used by resolve_settings (--resource-efficient); benchmarks/bench_lm.py."""
     if not sys.platform.startswith("linux"):
@@ -1533,3 +1548,13 @@ def new_status(trainer, out, metric_name):
     return {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
             "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
             "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
+
+
+def moved_cli():
+    """`python common.py start ...`, the run manager's old home: one line naming the new command."""
+    raise UserError("common.py is the trainers' shared library; the run manager moved: python memory_optimizer.py "
+                    + (" ".join(sys.argv[1:]) or "status"))
+
+
+if __name__ == "__main__":
+    run_main(moved_cli)

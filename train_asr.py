@@ -58,7 +58,7 @@ N_FFT, HOP, N_MELS = 400, 160, 80  # 25 ms window, 10 ms hop, 80 mel bins (seed)
 # name: (d_model, encoder layers, decoder layers). The seed's table, plus "tiny" for --quick.
 PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 6, 3), "tiny": (96, 2, 1)}
 # peak learning rate per preset when --lr is not given (seed: 5e-4 for all), and the minimal
-# preset's epochs when --epochs is not given (seed: 10); why: main(), and README "ASR on real speech"
+# preset's epochs when --epochs is not given (seed: 10); why: main(), and docs/real-data.md "ASR on real speech"
 LR = {"minimal": 2e-3, "tiny": 2e-3}
 MINIMAL_EPOCHS = 15
 # the minimal preset's CTC weight in the loss when --ctc-weight is not given (seed: 0.3 for all)
@@ -91,7 +91,7 @@ g.add_argument("--preset", choices=list(PRESETS), default=None,
                     "(24.9M), optimized d192 8+4 (9.5M; the seed's 9.4M with --subsample 1), minimal "
                     "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick). "
                     "minimal and tiny train at --lr 2e-3 and minimal for 15 --epochs unless given "
-                    "(seed: 5e-4, 10; README \"ASR on real speech\")")
+                    "(seed: 5e-4, 10; docs/real-data.md \"ASR on real speech\")")
 g.add_argument("--d-model", "--d_model", dest="d_model", type=common.pos_int, default=None,
                help="model width (overrides the preset; a multiple of --heads; --d_model: the seed's spelling)")
 g.add_argument("--encoder-layers", "--encoder_layers", dest="encoder_layers", type=common.pos_int,
@@ -834,13 +834,13 @@ def main(argv=None):
     if args.lr is None:
         # seed: 5e-4. Issue 13 measured the minimal model on 1,425 espeak-ng utterances, 15 epochs,
         # unseen voices: 14.4 % CER at 5e-4, 1.8 % at 2e-3. On make_speech_data.py's harder set
-        # 2e-3 gives 20.3 %, still falling at the end (README "ASR on real speech"). The tiny model
+        # 2e-3 gives 20.3 %, still falling at the end (docs/real-data.md "ASR on real speech"). The tiny model
         # of --quick learns in a few hundred steps at 2e-3 too. The larger presets keep the seed's
         # 5e-4 (not re-measured).
         args.lr, sources["lr"] = LR.get(args.preset, 5e-4), "auto"
     if args.preset == "minimal" and not args.quick and sources["epochs"] == "default":
         # the 10 of every trainer stops the minimal model with its cosine schedule half-way down
-        # its learning curve on a small set; 15 is what the README's table measures
+        # its learning curve on a small set; 15 is what docs/real-data.md's table measures
         args.epochs, sources["epochs"] = MINIMAL_EPOCHS, "auto"
     if args.ctc_weight is None:
         # seed: 0.3. On make_speech_data.py's set (minimal, lr 2e-3, 15 epochs, one run each):

@@ -37,7 +37,7 @@ MAX_WORDS = 30  # seed: queries longer than this are cut
 # -----------------------------------------------------------------------------
 # config
 
-# Defaults measured on real categorized text (README "GRU on real categorized text": 3,200 Debian
+# Defaults measured on real categorized text (docs/real-data.md "GRU on real categorized text": 3,200 Debian
 # package descriptions, 8 sections as categories, `benchmarks/bench_gru.py --real`): the seed's
 # lr 1e-3, 3 epochs, dropout 0.3 end at val perplexity 605 (blind 655); these at 357 (blind 438).
 # lr 1e-3 is still falling after 10 epochs (435); lr 1e-2 overfits from epoch 2 (381 -> 946);

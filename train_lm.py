@@ -90,7 +90,7 @@ def add_model_flags(p):
     g.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine",
                    help="learning rate over the run. cosine: linear warmup over --warmup-steps, then cosine from "
                         "--lr down to lr/10 at the last step (nanoGPT's recipe; it beat onecycle at nanoGPT's CPU "
-                        "shape, README). onecycle: warmup over a tenth of the steps, then cosine down to zero "
+                        "shape, docs/real-data.md). onecycle: warmup over a tenth of the steps, then cosine down to zero "
                         "(the old default; train_sft.py keeps it)")
     g.add_argument("--warmup-steps", type=common.nonneg_int, default=100, metavar="N",
                    help="cosine: steps of linear warmup, at most a tenth of the run (so a short run still decays)")
@@ -763,13 +763,18 @@ def main(argv=None):
         return run_prepare(argv[1:])
     if argv[:1] == ["sample"]:
         return run_sample(argv[1:])
+    notes = []
+    for i, a in enumerate(argv):  # --task lm: what train_lm.py always does now
+        if a == "--task=lm" or a == "--task" and argv[i + 1:i + 2] == ["lm"]:
+            argv = argv[:i] + argv[i + (1 if "=" in a else 2):]
+            notes.append("--task lm: train_lm.py only pretrains now, the flag is not needed")
+            break
     moved = argv[:1] if argv[:1] in (["ask"], ["rate"]) else [a for a in argv if a.split("=")[0] in MOVED_TO_SFT]
     if moved:
         rest = [a for i, a in enumerate(argv) if a not in ("--task", "--task=sft")
                 and not (a == "sft" and argv[i - 1] == "--task" and i)]
         raise UserError(f"{moved[0]}: instruction fine-tuning moved to train_sft.py (train_lm.py pretrains only); "
                         f"run: python train_sft.py {' '.join(rest)}")
-    notes = []
     args, sources = common.resolve_settings(parser, argv, log=notes.append)
     resolve_shape(args, sources, notes.append)
     check_flags(args)

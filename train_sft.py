@@ -503,7 +503,7 @@ def command_accuracy(model, pairs, device, max_new=64):
 # column, and the three small-machine modes. The seed set its mode flag after the config object
 # was built, so the overrides never took effect; here apply_modes runs before anything is built,
 # and a test checks that each value reaches the running loop (args.json "loop").
-# schedule and beta2 stay what the sft thresholds (tests/test_lm_sft.py) were measured with
+# schedule and beta2 stay what the sft thresholds (tests/test_sft.py) were measured with
 SFT_STANDARD = dict(batch_size=16, grad_accum=4, lr=1e-4, seq_len=2048, workers=4, pin_memory=True,
                     save_every=500, eval_every=100, log_every=10, ram_threshold=85.0, gpu_threshold=90.0,
                     swap_threshold=50.0, mem_check_every=30.0, schedule="onecycle", beta2=0.95)
@@ -792,7 +792,10 @@ def report(args, run, model, data, val_examples, micro_bs, cfg, *, best, step, s
         common.update_status(out, status, state="finished", eta_s=0)
         return
     val_loss = evaluate_sft(model, val_examples, device, run.amp_dtype, micro_bs, args.seq_len)
+    log(f"scoring the {len(data['test'])} test pairs: greedy decoding of every answer (about a minute on a CPU)")
+    t0 = time.time()
     exact, sub, answers = command_accuracy(model, data["test"], device)
+    log(f"test decoding took {time.time() - t0:.0f}s")
     tps = samples * mean_len / max(1e-9, train_s)
     common.write_summary(out, trainer="sft", task="sft", metric="val_loss", value=round(val_loss, 6),
                          best_value=round(best, 6), command_exact=round(exact, 4), command_substring=round(sub, 4),

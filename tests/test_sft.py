@@ -121,6 +121,11 @@ def test_flags_beat_the_mode_and_train_lm_names_the_new_command(tmp):
         assert "moved to train_sft.py (train_lm.py pretrains only); run: python train_sft.py " in p.stderr
     assert "run: python train_sft.py --quick --out x" in call("train_lm.py", "--task", "sft", "--quick", "--out", "x",
                                                               cwd=tmp).stderr
+    # --task lm is what train_lm.py does anyway: dropped, and the rest parses (here: a bad --max-steps)
+    for task in (["--task", "lm"], ["--task=lm"]):
+        p = call("train_lm.py", *task, "--max-steps", "abc", "--out", "x", cwd=tmp)
+        assert p.returncode == 2 and "--max-steps: must be a positive integer, got 'abc'" in p.stderr, p.stderr
+        assert "train_sft" not in p.stderr
     p = call("train_sft.py", "--continuous-learning", "--out", "x", cwd=tmp)
     assert p.returncode == 2 and "needs --feedback-db" in p.stderr
     assert not (tmp / "x").exists()

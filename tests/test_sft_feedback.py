@@ -1,6 +1,5 @@
 """train_sft.py's feedback store (SQLite) and `rate` subcommand, in-process: the CLI goes through
 common.run_main exactly as the script does (a subprocess per call would cost 2 s of torch import)."""
-import inspect
 import multiprocessing
 import sqlite3
 
@@ -229,8 +228,6 @@ def test_rate_cli_missing_or_foreign_file(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no -wal / -shm beside it
 
 
-@pytest.mark.skipif('"rate"' not in inspect.getsource(train_sft.main),
-                    reason="main() does not dispatch `rate` yet (wired by the --task sft change)")
 def test_rate_through_the_real_script(tmp_path):
     db = tmp_path / "fb.db"
     i = train_sft.log_interaction(db, "list files", "ls")
