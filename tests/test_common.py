@@ -396,7 +396,7 @@ def test_invalid_config_values_keep_the_type_and_choice_messages(tmp, monkeypatc
     monkeypatch.chdir(tmp)
     for bad, detail in (({"precision": {"value": "fp8"}}, "(not one of auto, fp32, bf16, fp16)"),
                         ({"batch_size": {"value": 0}}, "(must be a positive integer, got 0)"),
-                        ({"seed": {"value": "x"}}, "(invalid literal for int() with base 10: 'x')")):
+                        ({"seed": {"value": "x"}}, "(must be an integer, 0 or more, got 'x')")):
         (tmp / "optimal_config.json").write_text(json.dumps({"trainers": {"gru": bad}}))
         with pytest.raises(UserError) as e:
             common.resolve_settings(train_gru.parser, [], lambda m: None)

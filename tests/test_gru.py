@@ -187,6 +187,7 @@ def test_suggest_serves_best_pt_not_the_newest_checkpoint(tmp):
     ckpts = tmp / "b" / "checkpoints"
     # make best.pt and the newest checkpoint differ: as if validation got worse after step 5
     (ckpts / "best.pt").write_bytes((ckpts / "ckpt_step00000005.pt").read_bytes())
+    (ckpts / "best.pt.sha256").write_bytes((ckpts / "ckpt_step00000005.pt.sha256").read_bytes())  # its checksum too
     served = lambda: run("train_gru.py", "--suggest", "red", "--category", "fashion", "--max-words", "3",
                          "--out", "b", cwd=tmp, check=0).stdout.splitlines()[0]
     assert served().startswith(f"model {Path('b') / 'checkpoints' / 'best.pt'} (step 5)")
