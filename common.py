@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -803,6 +804,23 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
                 "same effective batch); redoing the step")
 
 
+def evaluate_halving(evaluate, bs, device, log=print):
+    """evaluate(bs), with its batch halved after an out-of-memory error until it fits (down to 1):
+    a validation pass needs no gradients, but a long batch's activations can still not fit.
+    Every trainer's evaluation sums over items, so the batch size changes no figure (up to float
+    rounding). Returns (evaluate's result, the bs that fitted): keep it for the next evaluation.
+    Used by every trainer."""
+    while True:
+        try:
+            return evaluate(bs), bs
+        except Exception as e:
+            if not is_oom(e) or bs == 1:
+                raise
+        free_memory(device)  # outside `except`: there the traceback still pins the failed batch
+        bs = max(1, bs // 2)
+        log(f"out of memory in evaluation: its batch halved to {bs}; evaluating again")
+
+
 # -----------------------------------------------------------------------------
 # batch size
 
@@ -1085,22 +1103,32 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
     return state.get("wall_s", 0.0), state.get("train_s", 0.0), state.get("samples", 0)
 
 
-def _atomic_torch_save(obj, path):
+def _atomic_torch_save(obj, path, also=None):
     """torch.save to a temp file, fsync, os.replace: never half a checkpoint. Then its SHA-256
     beside it (<name>.sha256, also atomic), which load_checkpoint checks before trusting it.
+    also: a second path that gets a copy (best.pt) before `path` itself appears. A kill before
+    `path` exists leaves the run to resume from the checkpoint before, so the replayed steps
+    write both again: best.pt is never left older than the step that made it.
     A full disk is a UserError that says how much space the save needs; the partial file is
     deleted (it would only hold the space a retry needs) and earlier checkpoints stay intact.
     Used by save_checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
+    extra = also.with_name(also.name + ".tmp") if also else None
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # a crash after os.replace must not leave an empty file behind
+        if also:
+            shutil.copyfile(tmp, extra)
+            os.replace(extra, also)
+            write_checksum(also)
         os.replace(tmp, path)
         write_checksum(path)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
+        for t in (tmp, extra):
+            if t:
+                t.unlink(missing_ok=True)
         if not disk_full(e):
             raise
         need, free = tensor_bytes(obj) / 2**20, shutil.disk_usage(path.parent).free / 2**20
@@ -1135,7 +1163,7 @@ def write_checksum(path):
     """<path>.sha256 := the file's SHA-256, written atomically. A kill between a checkpoint's
     rename and this one leaves a whole file with an old or no checksum: an old one fails the
     check (that file is passed over), no checksum is trusted (files from before checksums).
-    Used by _atomic_torch_save, save_checkpoint (best.pt)."""
+    Used by _atomic_torch_save."""
     side = path.with_name(path.name + ".sha256")
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(file_sha256(path) + "\n")
@@ -1148,22 +1176,23 @@ def _ckpt_step(path):
     return int(path.stem.split("step")[1])
 
 
-def save_checkpoint(out, step, state, keep, protect=None, best=False):
+def save_checkpoint(out, step, state, keep, protect=None, best=False, log=print):
     """Write <out>/checkpoints/ckpt_step{N:08d}.pt atomically, keep the newest `keep`, never
-    delete `protect` (the file this run resumed from); best=True also copies it to best.pt.
+    delete `protect` (the file this run resumed from); best=True also writes best.pt, first.
     `state` is a dict of state_dicts and plain data -- never a module or a function.
+    Warns when the disk has less room than the last checkpoint took, while it still fits.
     Used by every trainer."""
     d = Path(out) / "checkpoints"
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"ckpt_step{step:08d}.pt"
-    _atomic_torch_save(state, path)
-    if best:
-        tmp = d / "best.pt.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, d / "best.pt")
-        write_checksum(d / "best.pt")
     ckpts = sorted(d.glob(CKPT_GLOB), key=_ckpt_step)
-    for old in ckpts[:-keep]:
+    if ckpts:
+        need, free = ckpts[-1].stat().st_size * (2 if best else 1), shutil.disk_usage(d).free
+        if free < 3 * need:
+            log(f"warning: {free / 2**20:,.0f} MB free in {d}, and a checkpoint takes {need / 2**20:,.0f} MB; "
+                "free some space (or lower --keep) before the disk fills")
+    path = d / f"ckpt_step{step:08d}.pt"
+    _atomic_torch_save(state, path, also=d / "best.pt" if best else None)
+    for old in sorted(d.glob(CKPT_GLOB), key=_ckpt_step)[:-keep]:
         if protect is None or old.resolve() != Path(protect).resolve():
             old.unlink()
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
@@ -1202,17 +1231,39 @@ def load_run_model(run, flag, trainer, key, resume=None):
         except Exception as e:  # a damaged best.pt: say so, and serve the newest step checkpoint
             print(f"warning: {best} is unreadable ({type(e).__name__}); using the newest checkpoint",
                   file=sys.stderr)
-            state, path = find_checkpoint(run, argparse.Namespace(resume=None, no_resume=False),
+            state, path = find_checkpoint(run, argparse.Namespace(resume=None, no_resume=False, trainer=None),
                                           lambda m: print(m, file=sys.stderr))
     else:
-        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False),
+        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False, trainer=None),
                                       lambda m: print(m, file=sys.stderr))
     if state is None:
         raise UserError(f"{flag} {run}: no checkpoint there; train first: python {TRAINERS[trainer]} --quick "
                         f"--out {run}")
     if not isinstance(state, dict) or key not in state:
         raise UserError(f"{flag} {run}: {path} is not a {TRAINERS[trainer]} checkpoint")
+    check_trainer(saved_by(state), trainer, f"{flag} {run}: {path}")
     return state, path
+
+
+def saved_by(state):
+    """The trainer name a checkpoint's args record (None for a file without one).
+    Used by load_run_model, find_checkpoint."""
+    args = state.get("args") if isinstance(state, dict) else None
+    return args.get("trainer") if isinstance(args, dict) else None
+
+
+def check_trainer(found, trainer, where):
+    """UserError when `found` (the trainer that wrote a run folder or checkpoint) is another
+    trainer's: its model would not fit this one's (a KeyError deep inside, before). The LM and
+    SFT share one model, so each reads the other's checkpoints.
+    trainer=None checks nothing (load_run_model checks, naming its own flag).
+    Used by load_run_model, find_checkpoint, prepare_run_dir."""
+    if trainer is None or found in (None, trainer) or {found, trainer} <= {"lm", "sft"}:
+        return
+    if found not in TRAINERS:
+        raise UserError(f"{where}: written by an unknown trainer {found!r}; pick another")
+    raise UserError(f"{where}: made by {TRAINERS[found]}, not {TRAINERS[trainer]}; pick a "
+                    f"{TRAINERS[trainer]} run (or another --out for a new one)")
 
 
 def find_checkpoint(out, args, log=print):
@@ -1225,21 +1276,26 @@ def find_checkpoint(out, args, log=print):
         if not p.is_file():
             raise UserError(f"--resume {p}: file not found")
         try:
-            return load_checkpoint(p), p
+            state = load_checkpoint(p)
         except Exception as e:
             # torch's own message advises weights_only=False, i.e. running the file's code: not here
             first = str(e).splitlines()[0][:200] if str(e).strip() else ""
             why = "it holds pickled code, which is never run" if "weights_only" in str(e) else first
             raise UserError(f"--resume {p}: not a loadable checkpoint ({type(e).__name__}: {why})")
+        check_trainer(saved_by(state), getattr(args, "trainer", None), f"--resume {p}")
+        return state, p
     if args.no_resume:
         return None, None
     d = Path(out) / "checkpoints"
     for p in sorted(d.glob(CKPT_GLOB), key=_ckpt_step, reverse=True):
         try:
-            return load_checkpoint(p), p
+            state = load_checkpoint(p)
         except Exception as e:
             why = str(e) if isinstance(e, ChecksumMismatch) else type(e).__name__
             log(f"warning: {p} is unreadable ({why}); trying the previous checkpoint")
+            continue
+        check_trainer(saved_by(state), getattr(args, "trainer", None), f"--out {out}: {p}")
+        return state, p
     return None, None
 
 
@@ -1257,6 +1313,7 @@ def open_run(args, sources):
     out = Path(args.out) if args.out else default_out(args.trainer)
     args.out = str(out)
     check_out_writable(out)
+    check_trainer(read_status(out).get("trainer"), args.trainer, f"--out {out}")
     seed_everything(args.seed)
     device = setup_device(args, sources)
     notes = []
@@ -1280,6 +1337,17 @@ def check_out_writable(out):
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: {parent} is not a writable folder; pick another --out")
+    # checkpoints/ too, by writing a file there: else a read-only folder shows only at the first
+    # save, after the training it was meant to keep (os.access says yes to root; a write is the test)
+    for d in (out, out / "checkpoints"):
+        if d.is_dir():
+            try:
+                tempfile.TemporaryFile(dir=d).close()
+            except OSError as e:
+                raise UserError(f"--out {out}: cannot write in {d} ({e.strerror}); make it writable "
+                                "(chmod u+w) or pick another --out")
+        elif d.exists():
+            raise UserError(f"--out {out}: {d} is not a folder; move it away or pick another --out")
 
 
 def prepare_run_dir(out, no_resume):
@@ -1288,12 +1356,7 @@ def prepare_run_dir(out, no_resume):
     Used by start_run."""
     out = Path(out)
     if (out / "status.json").exists():
-        try:
-            st = json.loads((out / "status.json").read_text() or "{}")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            st = {}  # unreadable: it proves no live trainer, and start_run writes a new one
-        if not isinstance(st, dict):
-            st = {}
+        st = read_status(out)
         if st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and process_is_trainer(st):
             raise UserError(f"--out {out} is being trained by pid {st['pid']} right now; wait for it, "
                             f"stop it (python memory_optimizer.py stop {out}) or pick another --out")
@@ -1313,6 +1376,17 @@ def prepare_run_dir(out, no_resume):
     for tmp in [*out.glob("*.tmp"), *(out / "checkpoints").glob("*.tmp")]:
         tmp.unlink(missing_ok=True)
     return moved
+
+
+def read_status(out):
+    """<out>/status.json as a dict; {} when there is none or it is unreadable (an unreadable one
+    proves no live trainer, and start_run writes a new one).
+    Used by open_run, prepare_run_dir, list_runs; memory_optimizer.py."""
+    try:
+        st = json.loads((Path(out) / "status.json").read_text() or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return st if isinstance(st, dict) else {}
 
 
 def write_json_atomic(path, obj):
