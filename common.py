@@ -411,6 +411,14 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def looks_like_html(path):
+    """True when a file starts like an HTML page (what a server sends for a missing file or a
+    login wall). Used by fetch."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html"))
+
+
 def fetch(url, dest_dir, flag="--data", *, sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S,
           show_bar=True):
     """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
@@ -450,6 +458,11 @@ def fetch(url, dest_dir, flag="--data", *, sha256=None, max_bytes=200 * 2 ** 20,
         got = file_sha256(path)
         return sha256 is None or got == sha256.lower(), got
 
+    wants_html = final.suffix.lower() in (".html", ".htm")
+    if final.exists() and not wants_html and looks_like_html(final):
+        log(f"{flag} {url}: {final} is an HTML page, not data (an error or login page saved earlier); "
+            "downloading again")
+        final.unlink()
     if final.exists():
         ok, got = check_sum(final)
         if ok:
@@ -500,6 +513,12 @@ def fetch(url, dest_dir, flag="--data", *, sha256=None, max_bytes=200 * 2 ** 20,
             if offset and resp.status != 206:
                 log(f"{flag} {url}: the server ignored the resume request; starting over")
                 offset = 0  # a 200 is the whole file: append it to the .part and it is corrupt
+            if not wants_html and resp.headers.get_content_type() == "text/html":
+                # a login, error or "file moved" page with status 200: saved, it would be reused
+                # as data on every re-run
+                part.unlink(missing_ok=True)
+                raise UserError(f"{flag} {url}: the server sent an HTML page, not a data file; check the "
+                                "URL in a browser (it may need a login, or a direct download link)")
             length = resp.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
             if total is not None and total > max_bytes:

@@ -466,3 +466,87 @@ def test_the_old_run_manager_spelling_names_the_new_one(tmp):
     assert p.returncode == 2 and p.stderr.strip() == ("error: common.py is the trainers' shared library; the run "
                                                       "manager moved: python memory_optimizer.py start gru --quick")
     assert not (tmp / "runs").exists()
+
+
+def test_a_kill_while_best_pt_is_written_leaves_no_step_checkpoint_so_the_replay_rewrites_it(tmp, monkeypatch):
+    """best.pt is written before the step checkpoint that made it: killed in between, the run
+    resumes from the checkpoint before and replays the step, so best.pt is never left stale (it
+    was: a kill during the copy kept the old best.pt for good)."""
+    common.save_checkpoint(tmp, 1, {"step": 1}, keep=3, best=True)
+
+    def killed(*a):
+        raise SystemExit("kill -9")  # where the process would die
+    monkeypatch.setattr(common.shutil, "copyfile", killed)
+    with pytest.raises(SystemExit):
+        common.save_checkpoint(tmp, 2, {"step": 2}, keep=3, best=True)
+    monkeypatch.undo()
+    assert not (tmp / "checkpoints" / "ckpt_step00000002.pt").exists()
+    state, _ = common.find_checkpoint(tmp, argparse.Namespace(resume=None, no_resume=False, trainer="gru"))
+    assert state["step"] == 1  # the resume replays step 2 ...
+    common.prepare_run_dir(tmp, no_resume=False)  # (which removes the kill's .tmp files)
+    common.save_checkpoint(tmp, 2, {"step": 2}, keep=3, best=True)  # ... and writes both again
+    assert common.load_checkpoint(tmp / "checkpoints" / "best.pt")["step"] == 2
+    assert not list((tmp / "checkpoints").glob("*.tmp"))
+
+
+def test_a_low_disk_is_warned_about_before_it_fills(tmp, monkeypatch):
+    common.save_checkpoint(tmp, 1, {"w": torch.zeros(10_000)}, keep=3)
+    size = (tmp / "checkpoints" / "ckpt_step00000001.pt").stat().st_size
+    logs = []
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: argparse.Namespace(free=2 * size))
+    common.save_checkpoint(tmp, 2, {"w": torch.zeros(10_000)}, keep=3, log=logs.append)
+    assert len(logs) == 1 and "MB free in" in logs[0] and "lower --keep" in logs[0]
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: argparse.Namespace(free=100 * size))
+    common.save_checkpoint(tmp, 3, {"w": torch.zeros(10_000)}, keep=3, log=logs.append)
+    assert len(logs) == 1
+
+
+def test_another_trainers_checkpoint_or_run_folder_is_one_error_line(tmp):
+    common.save_checkpoint(tmp / "lm", 5, {"step": 5, "args": {"trainer": "lm"}}, keep=3)
+    (tmp / "lm" / "status.json").write_text(json.dumps({"trainer": "lm", "state": "done"}))
+    ckpt = tmp / "lm" / "checkpoints" / "ckpt_step00000005.pt"
+    gru = argparse.Namespace(resume=None, no_resume=False, out=str(tmp / "lm"), trainer="gru", seed=0,
+                             device="cpu", precision="fp32")
+    with pytest.raises(UserError, match=r"--out .*lm: made by train_lm.py, not train_gru.py; pick a train_gru.py run"):
+        common.open_run(gru, {})
+    with pytest.raises(UserError, match=r"--resume .*ckpt_step00000005.pt: made by train_lm.py, not train_gru.py"):
+        common.find_checkpoint(tmp / "new", argparse.Namespace(resume=str(ckpt), no_resume=False, trainer="gru"))
+    with pytest.raises(UserError, match=r"--suggest .*made by train_lm.py"):
+        common.load_run_model(tmp / "lm", "--suggest", "gru", "step")
+    # the LM and SFT share a model: each reads the other's runs
+    assert common.load_run_model(tmp / "lm", "--init-from", "sft", "step")[0]["step"] == 5
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_found_before_training(tmp, monkeypatch):
+    (tmp / "r" / "checkpoints").mkdir(parents=True)
+    real = common.tempfile.TemporaryFile
+
+    def read_only(dir=None):
+        if Path(dir).name == "checkpoints":
+            raise PermissionError(13, "Permission denied")
+        return real(dir=dir)
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(UserError, match=r"cannot write in .*checkpoints \(Permission denied\); make it writable"):
+        common.check_out_writable(tmp / "r")
+    monkeypatch.undo()
+    (tmp / "f").mkdir()
+    (tmp / "f" / "checkpoints").write_text("not a folder")
+    with pytest.raises(UserError, match=r"checkpoints is not a folder"):
+        common.check_out_writable(tmp / "f")
+
+
+def test_validation_oom_halves_the_evaluation_batch_until_it_fits():
+    seen, logs = [], []
+
+    def evaluate(bs):
+        seen.append(bs)
+        if bs > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return sum(range(20)) / 20  # a sum over items: the same at any batch size
+    assert common.evaluate_halving(evaluate, 32, DEV, logs.append) == (9.5, 4)
+    assert seen == [32, 16, 8, 4] and logs[-1] == "out of memory in evaluation: its batch halved to 4; evaluating again"
+
+    def broken(bs):
+        raise ValueError("not memory")
+    with pytest.raises(ValueError):
+        common.evaluate_halving(broken, 32, DEV)

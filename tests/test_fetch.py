@@ -50,6 +50,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             status = 206
         self.send_response(status)
+        if self.path in srv.types:
+            self.send_header("Content-Type", srv.types[self.path])
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         if not srv.no_length:
@@ -70,7 +72,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests, srv.redirects = {"/d/data.jsonl": DATA}, [], {}
+    srv.files, srv.requests, srv.redirects, srv.types = {"/d/data.jsonl": DATA}, [], {}, {}
     srv.cut_after, srv.ignore_range, srv.no_length, srv.stall = None, False, False, False
     srv.release = threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -321,3 +323,23 @@ def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monk
     rank1.join(5)
     assert not rank1.is_alive() and Path(args.download_data[0]).read_bytes() == JSONL.encode()
     assert len(server.requests) == 1  # one transfer for both ranks
+
+
+def test_an_html_page_is_not_data(server, tmp_path):
+    # a login or error page sent with status 200 is refused, and nothing is kept to be reused
+    server.files["/d/gone.csv"] = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
+    server.types["/d/gone.csv"] = "text/html; charset=utf-8"
+    with pytest.raises(UserError, match="HTML page, not a data file"):
+        common.fetch(server.url + "/d/gone.csv", tmp_path / "dl")
+    assert leftovers(tmp_path / "dl") == []
+    # one saved by an older version is not reused either: it is fetched again
+    server.files["/d/gone.csv"], server.types = b"text,label\nmilk,food\n", {}
+    name = common.download_name(server.url + "/d/gone.csv")
+    (tmp_path / "dl" / name).write_bytes(b"  <html><body>Not found</body></html>")
+    logs = []
+    p = common.fetch(server.url + "/d/gone.csv", tmp_path / "dl", log=logs.append)
+    assert p.read_bytes() == b"text,label\nmilk,food\n" and "is an HTML page" in logs[0]
+    # a URL that names an .html file gets its HTML
+    server.files["/d/page.html"] = b"<html>words</html>"
+    server.types["/d/page.html"] = "text/html"
+    assert common.fetch(server.url + "/d/page.html", tmp_path / "dl").read_bytes() == b"<html>words</html>"
