@@ -688,8 +688,8 @@ def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"
 def setup_device(args, sources=None):
     """Pick device and autocast dtype. Returns (device, amp_dtype or None, scaler, reason).
 
-    auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU (CPU autocast
-    to bf16 only when asked: it is slower than fp32 on most laptop CPUs). A precision that
+    auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU for now, until
+    measure_precision has timed the model's step (bf16 wins only on some CPUs and shapes). A precision that
     came from optimal_config.json (not typed) and does not fit the device falls back to auto.
     Used by open_run; benchmarks/bench_{gru,classifier,asr,lm}.py.
     """
@@ -705,7 +705,7 @@ def setup_device(args, sources=None):
         if prec == "fp16":
             raise UserError("--precision fp16 needs CUDA (no fp16 GradScaler on CPU); use bf16 or fp32")
         if prec == "auto":
-            prec, why = "fp32", "CPU: fp32 (autocast brings no speed-up on most CPUs)"
+            prec, why = "fp32", "CPU: fp32 until measure_precision times bf16"
         else:
             why = f"CPU: {prec} from {(sources or {}).get('precision', 'flag')}"
     else:
@@ -736,6 +736,55 @@ def setup_device(args, sources=None):
     scaler = torch.amp.GradScaler(dev.type, enabled=(prec == "fp16"))
     args.precision = prec
     return dev, amp_dtype, scaler, why
+
+
+def cpu_has_bf16():
+    """True when /proc/cpuinfo lists bf16 matrix or vector units (AMX or AVX-512 BF16); False
+    where it cannot tell (no /proc: macOS, Windows), which keeps such machines on fp32.
+    Used by measure_precision; memory_optimizer.py (profile)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+
+def measure_precision(args, sources, device, model, step, log=print, resumed=None, margin=1.15):
+    """--precision auto on a CPU, by measurement: bf16 autocast when the CPU has bf16 units and
+    this model's own training step, timed at the run's micro-batch, is faster in bf16 by
+    `margin`; else fp32. Matmul-bound shapes gain up to 2x; small ones lose (casts cost more than
+    they save), so a rule of thumb cannot decide it. step(amp_dtype) runs one forward+backward
+    (the batch probe's). The model's buffers and the RNG are restored: the timing changes nothing
+    the run computes. resumed: the checkpoint's precision, reused as it is.
+    Returns (amp_dtype, why; None when nothing was decided here) and sets args.precision.
+    Used by every trainer, after choose_batch_size."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if device.type != "cpu" or sources.get("precision") != "auto":
+        return dtypes[args.precision], None  # typed, from a config, or CUDA's rule: nothing to measure
+    if resumed:
+        args.precision = resumed
+        sources["precision"] = "checkpoint"
+        return dtypes[resumed], f"CPU: {resumed} from the checkpoint being resumed"
+    if not cpu_has_bf16():
+        return None, "CPU: fp32 (no bf16 units listed in /proc/cpuinfo)"
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    best = {None: math.inf, torch.bfloat16: math.inf}
+    with torch.random.fork_rng(devices=[]):
+        for dt in best:
+            step(dt)  # warm-up: the first call allocates and picks its kernels
+        for _ in range(3):  # alternating, best of 3: this machine's other load hits both alike
+            for dt in best:
+                t0 = time.perf_counter()
+                step(dt)
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])  # e.g. BatchNorm statistics the timed steps moved
+    fp32_ms, bf16_ms = 1e3 * best[None], 1e3 * best[torch.bfloat16]
+    args.precision = "bf16" if fp32_ms >= margin * bf16_ms else "fp32"
+    why = (f"CPU: {args.precision} by measurement: this model's step {fp32_ms:.1f} ms in fp32, "
+           f"{bf16_ms:.1f} ms in bf16 (bf16 needs {margin:.2f}x to win)")
+    return (torch.bfloat16 if args.precision == "bf16" else None), why
 
 
 def autocast(device, amp_dtype):
@@ -1606,32 +1655,50 @@ def stop_requested(flag, out):
 # run folders as the background-run manager (memory_optimizer.py) sees them
 
 def list_runs(root="runs"):
-    """[(run folder, status dict)] for every run under root, newest first.
+    """[(run folder, status dict)] for every run under root and every folder listed in
+    root/started.txt (where `memory_optimizer.py start` records runs it launched with an --out
+    elsewhere), newest first; each folder once, a gone one skipped, an unreadable status.json {}.
     Used by train_gru.py, train_asr.py, memory_optimizer.py (status, monitor, stop)."""
-    runs = []
-    for p in Path(root).glob("*/status.json"):
-        try:
-            runs.append((p.parent, json.loads(p.read_text())))
-        except (OSError, json.JSONDecodeError):
+    root = Path(root)
+    try:
+        started = [Path(line) for line in (root / "started.txt").read_text(errors="replace").splitlines() if line]
+    except OSError:
+        started = []
+    runs, seen = [], set()
+    for d in [p.parent for p in root.glob("*/status.json")] + started:
+        if d.resolve() in seen or not (d / "status.json").is_file():
             continue
-    return sorted(runs, key=lambda r: r[1].get("started") or 0, reverse=True)
+        seen.add(d.resolve())
+        runs.append((d, read_status(d)))
+    newest = lambda r: r[1].get("started") if isinstance(r[1].get("started"), (int, float)) else 0  # noqa: E731
+    return sorted(runs, key=newest, reverse=True)
 
 
 def process_is_trainer(status):
-    """True if status['pid'] is alive and really is this run's trainer: it runs the trainer's
-    script and was created when status.json says (a recycled PID has another create time).
+    """True if status['pid'] is alive and really is the trainer of the run status['out']: a python
+    process created when status['pid_created'] says (within 1 s; a recycled PID has another
+    create time), with the trainer's script as one of its arguments (`python -u train_gru.py ...`,
+    also torchrun's rank-0 worker) and, when its arguments give --out, that folder (against its
+    cwd) is status['out']. Without pid_created or out nothing is proved: False (a pager showing
+    train_gru.py is no trainer). memory_optimizer.py stop signals only such a pid.
     Used by prepare_run_dir; memory_optimizer.py (status, monitor, stop)."""
-    pid = status.get("pid")
-    if not pid:
+    pid, created, out = status.get("pid"), status.get("pid_created"), status.get("out")
+    script = TRAINERS.get(status.get("trainer"))
+    if not (isinstance(pid, int) and isinstance(created, (int, float)) and isinstance(out, str) and script):
         return False
     try:
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        if proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - created) > 1:
             return False
-        if status.get("pid_created") is not None and abs(proc.create_time() - status["pid_created"]) > 1:
+        argv = proc.cmdline()
+        if not argv or "python" not in (proc.name() + " " + Path(argv[0]).name).lower() \
+                or not any(Path(a).name == script for a in argv[1:]):
             return False
-        return TRAINERS.get(status.get("trainer"), "?") in " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        outs = [a[len("--out="):] if a != "--out" else b for a, b in zip(argv, argv[1:] + [""])
+                if a == "--out" or a.startswith("--out=")]
+        # the last --out is the one argparse keeps
+        return all((Path(proc.cwd()) / o).resolve() == Path(out).resolve() for o in outs[-1:])
+    except (psutil.Error, ValueError, OverflowError):
         return False
 
 

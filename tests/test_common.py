@@ -550,3 +550,36 @@ def test_validation_oom_halves_the_evaluation_batch_until_it_fits():
         raise ValueError("not memory")
     with pytest.raises(ValueError):
         common.evaluate_halving(broken, 32, DEV)
+
+
+@pytest.mark.parametrize("bf16_ms,want", [(10, "bf16"), (25, "fp32")])
+def test_auto_precision_on_cpu_is_measured_on_the_models_own_step(monkeypatch, bf16_ms, want):
+    """bf16 only where the CPU has bf16 units and the timed step is clearly faster; the timed
+    steps leave the model's buffers (BatchNorm statistics) and the RNG as they were."""
+    import time
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    before = {k: v.clone() for k, v in model.named_buffers()}
+
+    def step(dt):
+        model(torch.randn(8, 4) + 5).sum().backward()  # moves the running mean
+        time.sleep((bf16_ms if dt is torch.bfloat16 else 20) / 1e3)
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    args = argparse.Namespace(precision="fp32")
+    torch.manual_seed(0)
+    dtype, why = common.measure_precision(args, {"precision": "auto"}, DEV, model, step, margin=1.15)
+    assert args.precision == want and dtype == (torch.bfloat16 if want == "bf16" else None)
+    assert re.search(r"this model's step 2\d\.\d ms in fp32, \d+\.\d ms in bf16", why)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    drawn = torch.randn(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.randn(3))  # the RNG did not move
+    # typed precisions, resumes and CPUs without bf16 units measure nothing
+    calls = []
+    assert common.measure_precision(argparse.Namespace(precision="fp32"), {"precision": "flag"}, DEV, model,
+                                    calls.append) == (None, None)
+    assert common.measure_precision(argparse.Namespace(precision="fp32"), {"precision": "auto"}, DEV, model,
+                                    calls.append, resumed="bf16")[0] is torch.bfloat16
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    assert common.measure_precision(argparse.Namespace(precision="fp32"), {"precision": "auto"}, DEV, model,
+                                    calls.append)[0] is None
+    assert calls == []
