@@ -1425,7 +1425,10 @@ def prepare_run_dir(out, no_resume):
     out = Path(out)
     if (out / "status.json").exists():
         st = read_status(out)
-        if st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and process_is_trainer(st):
+        # a copy of a live run folder names the original as its "out": that trainer is not training this one
+        same = isinstance(st.get("out"), str) and Path(st["out"]).resolve() == out.resolve()
+        if same and st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and \
+                process_is_trainer(st):
             raise UserError(f"--out {out} is being trained by pid {st['pid']} right now; wait for it, "
                             f"stop it (python memory_optimizer.py stop {out}) or pick another --out")
     try:
@@ -1661,17 +1664,17 @@ def list_runs(root="runs"):
     Used by train_gru.py, train_asr.py, memory_optimizer.py (status, monitor, stop)."""
     root = Path(root)
     try:
-        started = [Path(line) for line in (root / "started.txt").read_text(errors="replace").splitlines() if line]
+        started = (root / "started.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError:
         started = []
     runs, seen = [], set()
-    for d in [p.parent for p in root.glob("*/status.json")] + started:
-        if d.resolve() in seen or not (d / "status.json").is_file():
+    for d in [p.parent for p in root.glob("*/status.json")] + [Path(line) for line in started if line]:
+        if not (d / "status.json").is_file() or d.resolve() in seen:
             continue
         seen.add(d.resolve())
         runs.append((d, read_status(d)))
-    newest = lambda r: r[1].get("started") if isinstance(r[1].get("started"), (int, float)) else 0  # noqa: E731
-    return sorted(runs, key=newest, reverse=True)
+    return sorted(runs, key=lambda r: r[1]["started"] if isinstance(r[1].get("started"), (int, float)) else 0,
+                  reverse=True)
 
 
 def process_is_trainer(status):

@@ -14,7 +14,7 @@ and print which settings they took from it.
     python memory_optimizer.py monitor --duration 600 --interval 5 --csv memory.csv
 
     python memory_optimizer.py start gru --quick        # a trainer, detached; prints run folder and PID
-    python memory_optimizer.py status                   # table of runs under runs/
+    python memory_optimizer.py status                   # table of runs under runs/ (and started elsewhere)
     python memory_optimizer.py monitor RUN              # one run's status every 5 s until it ends
     python memory_optimizer.py monitor --latest         # the same for the newest run
     python memory_optimizer.py stop [RUN]               # graceful: the trainer saves, then exits
@@ -37,7 +37,8 @@ import psutil
 import torch
 
 from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, free_memory, list_runs,
-                    pos_float, pos_int, process_is_trainer, run_main, table_batch_size, write_json_atomic)
+                    pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size,
+                    write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 
@@ -376,7 +377,7 @@ def running_summary(runs):
     running, '-' when there are none. Called by monitor for every row."""
     parts = []
     for run_dir, st in runs:
-        if shown_state(st) != "running":
+        if shown_state(st, run_dir) != "running":
             continue
         loss = st.get("loss")
         loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
@@ -455,9 +456,21 @@ def cmd_monitor(args):
 # -----------------------------------------------------------------------------
 # background runs: start / status / monitor RUN / stop (run.sh and start_training.bat call these)
 
-def shown_state(status):
-    """A run's state for display: "dead" when status.json says it is running but its trainer is gone."""
+def copy_of(out, status):
+    """The run folder status.json belongs to when it is not `out` (a copied run folder), else None."""
+    theirs = status.get("out")
+    return theirs if isinstance(theirs, str) and Path(theirs).resolve() != Path(out).resolve() else None
+
+
+def shown_state(status, out):
+    """Run folder `out`'s state for display: "dead" when status.json says it is running but its
+    trainer is gone, "copy" when it says running but belongs to another folder (a copy names the
+    original's pid, which must not be taken for this folder's), "corrupt" when unreadable."""
+    if not status:
+        return "corrupt"
     state = status.get("state", "?")
+    if state in ("starting", "running") and copy_of(out, status):
+        return "copy"
     if state in ("starting", "running") and not process_is_trainer(status):
         return "dead"  # killed or crashed without saying so; re-run the same command to resume
     return state
@@ -478,7 +491,7 @@ def status_table(runs):
     for run, st in runs:
         metric = f"{st.get('metric_name', '')}={st['metric']:.4g}" if st.get("metric") is not None else "-"
         loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "-"
-        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st):<9} "
+        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st, run):<9} "
                      f"{st.get('step', 0):>6}/{st.get('total_steps') or '?':<6} {loss:>8} {metric:>18} "
                      f"{fmt_eta(st.get('eta_s') if st.get('state') == 'running' else None):>8} "
                      f"{st.get('pid', '-'):>7}")
@@ -486,24 +499,34 @@ def status_table(runs):
 
 
 def pick_run(root, run, running_only=False):
-    """(folder, status) of RUN (a folder, or a name under root), else the newest (running) run."""
+    """(folder, status) of RUN (a folder, or a name under root), else the newest (running) run
+    (common.list_runs: under root or recorded in root/started.txt). Called by stop and monitor."""
     if run:
         p = Path(run)
         if not (p / "status.json").exists():
             p = Path(root) / run
         if not (p / "status.json").exists():
             raise UserError(f"{run}: no status.json there; `python memory_optimizer.py status` lists the runs")
-        return p, json.loads((p / "status.json").read_text())
-    runs = list_runs(root)
+        st = read_status(p)
+        if not st:
+            raise UserError(f"{p / 'status.json'}: unreadable (not a UTF-8 JSON object); no trainer can be "
+                            f"found from it -- re-run the trainer with --out {p} to write a new one")
+        if shown_state(st, p) == "copy":
+            raise UserError(f"{p} is a copy of the run folder {st['out']} (its status.json is that run's); "
+                            f"nothing runs here -- use {st['out']} itself")
+        return p, st
+    runs = [r for r in list_runs(root) if shown_state(r[1], r[0]) not in ("corrupt", "copy")]
     if running_only:
-        runs = [r for r in runs if shown_state(r[1]) in ("starting", "running")]
+        runs = [r for r in runs if shown_state(r[1], r[0]) in ("starting", "running")]
     if not runs:
         raise UserError(f"no {'running ' if running_only else ''}run under {root}/")
     return runs[0]
 
 
 def start_background(trainer, flags, root="runs"):
-    """Start a trainer detached from this terminal; output goes to <out>/console.log."""
+    """Start a trainer detached from this terminal; output goes to <out>/console.log. A run
+    folder outside root is recorded in root/started.txt, where common.list_runs finds it.
+    Called by `start`."""
     if trainer not in TRAINERS:
         raise UserError(f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
     script = REPO / TRAINERS[trainer]
@@ -519,53 +542,84 @@ def start_background(trainer, flags, root="runs"):
         out = Path(root) / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         flags = [*flags, "--out", str(out)]
     check_out_writable(out)
+    old = read_status(out)
+    if shown_state(old, out) in ("starting", "running"):
+        raise UserError(f"{out} is already being trained by pid {old['pid']}; "
+                        f"`python memory_optimizer.py stop {out}` first")
+    # what this start makes, so that a trainer refusing its flags leaves no trace (deepest first)
+    created = [d for d in (out, *out.parents) if not d.exists()]
+    console_path = out / "console.log"
+    new_console = not console_path.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "status.json").exists():
-        old = json.loads((out / "status.json").read_text())
-        if shown_state(old) in ("starting", "running"):
-            raise UserError(f"{out} is already being trained by pid {old['pid']}; "
-                            f"`python memory_optimizer.py stop {out}` first")
-    console = open(out / "console.log", "ab")
     kw = {}
     if os.name == "nt":  # no console to close, its own process group for CTRL_BREAK
         kw["creationflags"] = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
     else:
         kw["start_new_session"] = True  # survives closing the terminal (no SIGHUP)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
-                            env=env, **kw)
+    with open(console_path, "ab") as console:  # the trainer keeps its own handle
+        begin = console.tell()
+        proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
+                                env=env, **kw)
     # wait until the trainer has validated its flags and data and claimed the run folder, so a
     # user mistake is reported here (exit 2), not hidden in console.log
     t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 120:
-        try:
-            if json.loads((out / "status.json").read_text()).get("pid") == proc.pid:
-                break
-        except (OSError, json.JSONDecodeError):
-            pass
+    while True:
+        exited = proc.poll() is not None  # before reading the claim: an exit then means unclaimed
+        claimed = read_status(out).get("pid") == proc.pid
+        if claimed or exited or time.monotonic() - t0 > 120:
+            break
         time.sleep(0.2)
-    if proc.poll() is not None:
-        tail = (out / "console.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        print(tail[0], file=sys.stderr)
-        print(f"the {trainer} trainer exited with code {proc.returncode}; full output in {out / 'console.log'}",
-              file=sys.stderr)
-        sys.exit(proc.returncode or 1)
+    if exited and (proc.returncode or not claimed):
+        lines = console_path.read_bytes()[begin:].decode(errors="replace").strip().splitlines()
+        print("\n".join(lines[-20:] if proc.returncode else lines) or "(no output)", file=sys.stderr)
+        where = f"; full output in {console_path}"
+        if not claimed:  # it stopped before touching the folder: remove what start made, no more
+            if new_console:
+                console_path.unlink(missing_ok=True)
+                where = ""
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break  # not empty: it holds something this start did not make
+        print(f"the {trainer} trainer exited with code {proc.returncode}{where}", file=sys.stderr)
+        sys.exit(proc.returncode)
+    register_run(out, Path(root))
     print(f"started {trainer} in the background: run folder {out}, pid {proc.pid}")
     print(f"  watch it:  ./run.sh monitor {out}      stop it:  ./run.sh stop {out}")
     return out, proc.pid
 
 
+def register_run(out, root):
+    """Append out to root/started.txt (once), so that status/monitor/stop --runs root list a run
+    whose --out is elsewhere (common.list_runs reads it). Called by start_background."""
+    if out.resolve().parent == root.resolve():
+        return  # found under root anyway
+    reg = root / "started.txt"
+    try:
+        known = reg.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if reg.exists() else []
+        if str(out.resolve()) not in known:
+            root.mkdir(parents=True, exist_ok=True)
+            with open(reg, "a", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(f"{out.resolve()}\n")
+    except OSError as e:
+        print(f"warning: {reg}: cannot record the run there ({e.strerror}); name {out} to status/monitor/stop",
+              file=sys.stderr)
+
+
 def stop_run(run, root="runs", timeout=60.0):
     """Ask a run to stop: STOP file + SIGTERM (CTRL_BREAK on Windows), after checking that the
-    PID really is that trainer. Waits until the trainer has saved and exited."""
+    PID really is that trainer (common.process_is_trainer: pid, create time, script, --out; never
+    for a copied run folder, see pick_run). Waits until the trainer has saved and exited."""
     out, st = pick_run(root, run, running_only=run is None)
     if st.get("state") not in ("starting", "running"):
         print(f"{out}: not running (state {st.get('state')})")
         return 0
     if not process_is_trainer(st):
-        raise UserError(f"{out}: pid {st.get('pid')} is not this run's trainer (it died); "
-                        "nothing to stop -- re-run the same command to resume")
+        raise UserError(f"{out}: pid {st.get('pid')} is not this run's trainer (it died, or status.json "
+                        "cannot prove the pid is it); nothing signalled -- re-run the same command to resume")
     (out / "STOP").write_text("stop requested\n")
     try:
         os.kill(st["pid"], signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
@@ -581,7 +635,7 @@ def stop_run(run, root="runs", timeout=60.0):
         except psutil.NoSuchProcess:
             break
         time.sleep(0.5)
-    st = json.loads((out / "status.json").read_text())
+    st = read_status(out)
     if st.get("state") in ("starting", "running"):
         print(f"{out}: still running after {timeout:.0f}s (a step can be long); the STOP file stays, "
               "check again with `python memory_optimizer.py status`", file=sys.stderr)
@@ -595,8 +649,8 @@ def monitor_run(run, root="runs", interval=5.0, once=False):
     out, _ = pick_run(root, run)
     try:
         while True:
-            st = json.loads((out / "status.json").read_text())
-            state = shown_state(st)
+            st = read_status(out)
+            state = shown_state(st, out)
             print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} step {st.get('step')}/"
                   f"{st.get('total_steps')} epoch {st.get('epoch')} loss {st.get('loss')} "
                   f"{st.get('metric_name', '')} {st.get('metric')} {st.get('samples_per_s')} samples/s "

@@ -4,7 +4,7 @@
 #   ./run.sh test                  set up, run the test suite
 #   ./run.sh start gru [flags]     train in the background (survives closing the terminal; also
 #                                  classifier, asr, lm, sft)
-#   ./run.sh status | monitor [RUN] | stop [RUN]
+#   ./run.sh status | monitor [RUN] | stop [RUN]   (--runs DIR after the command: another runs folder)
 #   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
 #   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags]; also
 #                                  classifier, asr, lm, sft)

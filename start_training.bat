@@ -4,6 +4,7 @@ rem   start_training.bat            menu
 rem   start_training.bat status     (or: demo, test, start, monitor, stop, profile, config, optimize,
 rem                                  watch, gru, classifier, asr, lm, sft, asr-memory-optimized --
 rem                                  the same words as ./run.sh)
+rem   start_training.bat status --runs DIR   (status, monitor, stop: another runs folder)
 setlocal
 cd /d "%~dp0"
 set PY=.venv\Scripts\python.exe

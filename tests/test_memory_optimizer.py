@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 import memory_optimizer as mo  # noqa: E402
 from common import TRAINERS, UserError, table_batch_size  # noqa: E402
-from conftest import tree_digest, wait_for  # noqa: E402
+from conftest import call, tree_digest, wait_for  # noqa: E402
 
 PROFILE_KEYS = {"cpu_model", "cpu_cores_physical", "cpu_cores_logical", "ram_total_gb",
                 "ram_available_gb", "cuda_available", "gpu_name", "gpu_count", "gpu_total_gb",
@@ -255,12 +256,13 @@ def write_status(runs, name, **status):
 
 def test_monitor_csv_and_running_runs(tmp_path):
     runs = tmp_path / "runs"
-    # a stand-in trainer: a live process whose command line names the script and the run folder,
-    # which is what common.process_is_trainer checks
+    # a stand-in trainer: a live python process whose command line names the script, with its
+    # create time in status.json, which is what common.process_is_trainer checks
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train_gru.py",
                               str(runs / "live")])
     try:
-        write_status(runs, "live", state="running", pid=child.pid, step=7, total_steps=100, loss=1.2345)
+        write_status(runs, "live", state="running", pid=child.pid, step=7, total_steps=100, loss=1.2345,
+                     pid_created=psutil.Process(child.pid).create_time())
         write_status(runs, "done", state="finished", pid=child.pid, step=100, total_steps=100, loss=0.5)
         # alive but not a trainer (this test process): shown as dead, not as running
         write_status(runs, "ghost", state="running", pid=psutil.Process().pid, step=3, loss=9.0)
@@ -383,3 +385,157 @@ def test_run_manager_bad_input(tmp_path, monkeypatch, capsys):
         mo.main(["status", "--quick"])
     assert e.value.code == 2
     assert TRAINERS["sft"] == "train_sft.py"
+
+
+# -----------------------------------------------------------------------------
+# which process stop may signal, runs started elsewhere, a refused start, a corrupt status.json
+
+# a trainer as status/stop see it, without torch: a python process running a train_gru.py that
+# writes status.json like common.new_status and saves ("stopped") on SIGTERM
+FAKE_TRAINER = """
+import json, os, signal, sys, time
+from pathlib import Path
+import psutil
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+st = {"state": "running", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
+      "trainer": "gru", "out": str(out.resolve()), "started": time.time(), "step": 1}
+def write(**changes):
+    st.update(changes)
+    (out / "status.tmp").write_text(json.dumps(st))
+    os.replace(out / "status.tmp", out / "status.json")
+def stop(*_):
+    write(state="stopped")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+write()
+time.sleep(60)
+write(state="finished")
+"""
+
+
+def start_fake_trainer(tmp, out):
+    script = tmp / "fake" / "train_gru.py"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(FAKE_TRAINER)
+    child = subprocess.Popen([sys.executable, "-u", str(script), "--out", out], cwd=tmp)
+    wait_for(lambda: common.read_status(tmp / out).get("pid") == child.pid, what="the fake trainer's status.json")
+    return child
+
+
+def status_rows(stdout):
+    """{run name: shown state} from the `status` table."""
+    return {line.split()[0]: line.split()[2] for line in stdout.splitlines()[2:]}
+
+
+def test_stop_on_a_copied_run_folder_leaves_the_original_running(tmp_path):
+    child = start_fake_trainer(tmp_path, "runs/live")
+    try:
+        # the copy's status.json names the original's pid and folder: it is not that run
+        shutil.copytree(tmp_path / "runs" / "live", tmp_path / "runs" / "copy")
+        s = call("memory_optimizer.py", "status", cwd=tmp_path)
+        assert status_rows(s.stdout) == {"live": "running", "copy": "copy"}, s.stdout
+        for cmd in ("stop", "monitor"):
+            r = call("memory_optimizer.py", cmd, "runs/copy", cwd=tmp_path)
+            assert r.returncode == 2 and "runs/copy is a copy of the run folder" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+        assert child.poll() is None and not (tmp_path / "runs" / "live" / "STOP").exists()
+        r = call("memory_optimizer.py", "stop", cwd=tmp_path)  # the newest running run: the original
+        assert r.returncode == 0 and "runs/live: stopped" in r.stdout, r.stdout + r.stderr
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_stop_signals_only_the_runs_trainer(tmp_path):
+    """A pid is the run's trainer only if it is a python process created when status.json says
+    (pid_created), with the trainer script in its argv and, when it has --out, the run's folder."""
+    runs = tmp_path / "runs"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "train_gru.py"]
+    lookalike = subprocess.Popen([*sleeper, "--out", "runs/x"], cwd=tmp_path)
+    (tmp_path / "fake").mkdir()
+    elsewhere = subprocess.Popen([*sleeper, "--out=runs/x"], cwd=tmp_path / "fake")
+    # a builtin waiting on its stdin: bash forks no child that killing it would leave behind
+    pager = subprocess.Popen(["bash", "-c", "read -t 60", "train_gru.py"], stdin=subprocess.PIPE) \
+        if shutil.which("bash") else None
+    try:
+        # status.json without pid_created (as a hand-made or pre-create-time one): nothing is signalled
+        write_status(runs, "x", state="running", pid=lookalike.pid)
+        r = call("memory_optimizer.py", "stop", "runs/x", cwd=tmp_path)
+        assert r.returncode == 2 and "is not this run's trainer" in r.stderr, r.stderr
+        assert lookalike.poll() is None and not (runs / "x" / "STOP").exists()
+
+        created = psutil.Process(lookalike.pid).create_time()
+        st = {"state": "running", "pid": lookalike.pid, "pid_created": created, "trainer": "gru",
+              "out": str(runs / "x")}
+        assert common.process_is_trainer(st)
+        assert not common.process_is_trainer({**st, "pid_created": None})
+        assert not common.process_is_trainer({**st, "pid_created": created + 5})  # a recycled pid
+        assert not common.process_is_trainer({**st, "out": str(runs / "y")})  # it trains another folder
+        assert not common.process_is_trainer({**st, "trainer": "lm"})
+        assert not common.process_is_trainer({k: v for k, v in st.items() if k != "out"})
+        # --out=X is resolved against the process's cwd, not ours
+        st2 = {**st, "pid": elsewhere.pid, "pid_created": psutil.Process(elsewhere.pid).create_time()}
+        assert not common.process_is_trainer(st2)
+        assert common.process_is_trainer({**st2, "out": str(tmp_path / "fake" / "runs" / "x")})
+        if pager:  # right pid, create time and an argv naming train_gru.py, but not python
+            wait_for(lambda: "train_gru.py" in psutil.Process(pager.pid).cmdline(), what="bash's argv")
+            assert not common.process_is_trainer(
+                {**st, "pid": pager.pid, "pid_created": psutil.Process(pager.pid).create_time()})
+    finally:
+        for p in (lookalike, elsewhere, pager):
+            if p:
+                p.kill()
+                p.wait()
+
+
+def test_run_started_elsewhere_is_listed_and_stopped(tmp_path):
+    """start records a run folder outside --runs in <runs>/started.txt; status/stop --runs find it."""
+    r = run(tmp_path, "start", "gru", *SMALL, "--epochs", "100", "--out", "elsewhere/x", "--runs", "R",
+            timeout=180)
+    assert r.returncode == 0, r.stderr
+    out = (tmp_path / "elsewhere" / "x").resolve()
+    try:
+        assert (tmp_path / "R" / "started.txt").read_text().splitlines() == [str(out)]
+        wait_for(lambda: common.read_status(out).get("state") == "running", what="running")
+        s = call("memory_optimizer.py", "status", "--runs", "R", cwd=tmp_path)
+        assert s.returncode == 0 and status_rows(s.stdout) == {"x": "running"}, s.stdout
+        st = call("memory_optimizer.py", "stop", "--runs", "R", cwd=tmp_path)  # no RUN: the newest running one
+        assert st.returncode == 0 and f"{out}: stopped" in st.stdout, st.stdout + st.stderr
+    finally:  # a failed assertion must not leave a 100-epoch trainer behind
+        if common.process_is_trainer(common.read_status(out)):
+            psutil.Process(common.read_status(out)["pid"]).kill()
+    assert common.read_status(out)["state"] == "stopped"
+    shutil.rmtree(out)  # a registered folder that is gone is skipped
+    assert "no runs under R/" in call("memory_optimizer.py", "status", "--runs", "R", cwd=tmp_path).stdout
+
+
+def test_start_with_a_mistake_leaves_no_folder(tmp_path):
+    r = run(tmp_path, "start", "gru", "--epochs", "-1", timeout=120)
+    assert r.returncode == 2 and "--epochs" in r.stderr and "exited with code 2" in r.stderr, r.stderr
+    assert "console.log" not in r.stderr  # it was removed with the folder
+    assert list(tmp_path.iterdir()) == []  # neither runs/ nor runs/gru-<time> nor a console.log
+    # what was there before stays: runs/ and its file; only runs/new/x, made by start, goes
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "keep.txt").write_text("mine")
+    r = run(tmp_path, "start", "gru", "--epochs", "-1", "--out", "runs/new/x", timeout=120)
+    assert r.returncode == 2 and "--epochs" in r.stderr, r.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["keep.txt"]
+
+
+def test_corrupt_status_json_is_no_traceback(tmp_path):
+    runs = tmp_path / "runs"
+    for name, data in (("text", b"{not json"), ("bytes", b"\xff\xfe{}"), ("list", b"[1, 2]")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "status.json").write_bytes(data)
+    s = call("memory_optimizer.py", "status", cwd=tmp_path)
+    assert s.returncode == 0 and status_rows(s.stdout) == dict.fromkeys(("text", "bytes", "list"), "corrupt"), \
+        s.stdout + s.stderr
+    m = call("memory_optimizer.py", "monitor", "--duration", "0.05", "--interval", "0.05", cwd=tmp_path)
+    assert m.returncode == 0, m.stderr
+    for args, want in ((["stop"], "no running run under runs/"), (["monitor", "--latest"], "no run under runs/"),
+                       (["stop", "runs/bytes"], "runs/bytes/status.json: unreadable"),
+                       (["monitor", "runs/list"], "runs/list/status.json: unreadable")):
+        r = call("memory_optimizer.py", *args, cwd=tmp_path)
+        assert r.returncode == 2 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
