@@ -787,6 +787,31 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
     return (torch.bfloat16 if args.precision == "bf16" else None), why
 
 
+def matmul_peak(device, dtype, seconds=2.0):
+    """Best FLOP/s of square matmuls on this device (sizes 256..1024 on a CPU, 2048 and 4096 on
+    a GPU), repeated over about `seconds`: the denominator of MFU. A one-second reading of one
+    size swings 3x between runs on a busy machine (other load, clock boost); the best of many
+    repeats at a few sizes is what the hardware can do, and it is stable.
+    Used by memory_optimizer.py (profile, config: optimal_config.json keeps it); train_lm.py's
+    device_peak (so train_sft.py too) when no config has it."""
+    sizes = (2048, 4096) if device.type == "cuda" else (256, 512, 1024)
+    mats = {n: (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+            for n in sizes}
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        for n, (a, b) in mats.items():
+            reps = max(1, int(2e9 // (2 * n ** 3)))  # about 2 GFLOP per timing: long enough to time
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
 def autocast(device, amp_dtype):
     """torch.amp.autocast for amp_dtype; a no-op for fp32 (amp_dtype None).
     Used by train_step, probe_step; every trainer (evaluation)."""

@@ -36,8 +36,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, free_memory, list_runs,
-                    pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size,
+from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, cpu_has_bf16, free_memory, list_runs,
+                    matmul_peak, pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size,
                     write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
@@ -100,6 +100,13 @@ def machine_profile():
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    # MFU's denominator, measured once here (the best of many repeats at a few sizes) so every
+    # run's MFU is against the same, stable figure; trainers measure it only without a config
+    dev = torch.device("cuda", 0) if prof["cuda_available"] else torch.device("cpu")
+    prof["cpu_bf16_units"] = cpu_has_bf16()
+    prof["matmul_peak"] = {"device": dev.type, "threads": torch.get_num_threads(),
+                           "fp32_gflops": round(matmul_peak(dev, torch.float32) / 1e9, 1),
+                           "bf16_gflops": round(matmul_peak(dev, torch.bfloat16) / 1e9, 1)}
     if prof["cuda_available"]:
         dev = torch.device("cuda", 0)  # the device a trainer's --device cuda uses
         props = torch.cuda.get_device_properties(dev)
@@ -131,6 +138,8 @@ PROFILE_ROWS = [  # (key, label, unit)
     ("gpu_free_gb", "GPU memory free", "GB"),
     ("gpu_capability", "GPU compute capability", ""),
     ("bf16_supported", "bf16 (native)", ""),
+    ("cpu_bf16_units", "CPU bf16 units (AMX/AVX-512)", ""),
+    ("matmul_peak", "matmul peak (MFU's denominator)", ""),
     ("tf32_supported", "TF32 (capability >= 8)", ""),
     ("disk_free_gb", "disk free here", "GB"),
     ("os", "OS", ""),
@@ -146,6 +155,9 @@ def _fmt(value, unit=""):
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.1f} {unit}".strip()
+    if isinstance(value, dict) and "fp32_gflops" in value:
+        return (f"fp32 {value['fp32_gflops']:,.0f}, bf16 {value['bf16_gflops']:,.0f} GFLOP/s "
+                f"({value['device']}, {value['threads']} threads)")
     return f"{value} {unit}".strip()
 
 

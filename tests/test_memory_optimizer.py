@@ -31,7 +31,7 @@ from conftest import call, tree_digest, wait_for  # noqa: E402
 PROFILE_KEYS = {"cpu_model", "cpu_cores_physical", "cpu_cores_logical", "ram_total_gb",
                 "ram_available_gb", "cuda_available", "gpu_name", "gpu_count", "gpu_total_gb",
                 "gpu_free_gb", "gpu_capability", "bf16_supported", "tf32_supported", "disk_free_gb",
-                "os", "python", "torch"}
+                "os", "python", "torch", "cpu_bf16_units", "matmul_peak"}
 
 
 def run(cwd, *args, timeout=60):
@@ -81,6 +81,10 @@ def test_profile_json(tmp_path):
     assert prof["torch"] == torch.__version__
     if not prof["cuda_available"]:
         assert prof["gpu_name"] is None and prof["bf16_supported"] is False
+    # MFU's denominator: measured here once, per precision, with the thread count it holds for
+    peak = prof["matmul_peak"]
+    assert peak["device"] == ("cuda" if prof["cuda_available"] else "cpu") and peak["threads"] >= 1
+    assert peak["fp32_gflops"] > 1 and peak["bf16_gflops"] > 0.1
 
 
 # -----------------------------------------------------------------------------
