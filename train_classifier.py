@@ -439,6 +439,19 @@ def hf_to_ours(name):
     return name
 
 
+def read_json_file(path, fix):
+    """The JSON object in `path`; invalid JSON, or JSON that is not an object, is a UserError
+    ending in `fix`. Used by load_pretrained for config.json and tokenizer_config.json."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--pretrained {path.parent}: {path.name} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"--pretrained {path.parent}: {path.name} holds a JSON {type(obj).__name__}, not an "
+                        f"object; {fix}")
+    return obj
+
+
 def load_pretrained(folder, n_labels):
     """(Encoder with the checkpoint's weights, Tokenizer, description). Missing and unexpected
     keys are reported; a shape mismatch is a UserError naming the tensor."""
@@ -448,7 +461,7 @@ def load_pretrained(folder, n_labels):
     if not (d / "vocab.txt").is_file():
         raise UserError(f"--pretrained {d}: no vocab.txt there (a WordPiece vocabulary is needed)")
     try:
-        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json_file(d / "config.json", "download it again (it gives the model's shapes)")
         kind = cfg.get("model_type", "bert")
         if kind == "distilbert":
             shape = dict(n_layers=cfg["n_layers"], dim=cfg["dim"], n_heads=cfg["n_heads"],
@@ -466,8 +479,11 @@ def load_pretrained(folder, n_labels):
     act = cfg.get("hidden_act", cfg.get("activation", "gelu"))
     if act != "gelu":
         raise UserError(f"--pretrained {d}: activation {act!r}; only BERT's exact gelu is implemented")
-    # one entry per "\n"-terminated line (str.splitlines would also split on \x1c, \u2028, ...)
-    itos = (d / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n").split("\n")
+    try:  # one entry per "\n"-terminated line (str.splitlines would also split on \x1c, \u2028, ...)
+        itos = (d / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--pretrained {d}: vocab.txt is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                        f"{e.start}); download it again, or save it as UTF-8")
     itos = [w.rstrip("\r") for w in itos]
     missing_specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in itos]
     if missing_specials or len(itos) > vocab_size:
@@ -475,7 +491,8 @@ def load_pretrained(folder, n_labels):
                         else f"has {len(itos)} entries, more than config.json's vocab_size {vocab_size}"))
     lower = True
     if (d / "tokenizer_config.json").is_file():
-        lower = json.loads((d / "tokenizer_config.json").read_text()).get("do_lower_case", True)
+        lower = read_json_file(d / "tokenizer_config.json", "download it again, or delete it (only its "
+                               "do_lower_case is read; the default is true)").get("do_lower_case", True)
     path = next((d / f for f in ("model.safetensors", "pytorch_model.bin") if (d / f).is_file()), None)
     if path is None:
         raise UserError(f"--pretrained {d}: neither model.safetensors nor pytorch_model.bin is there")
@@ -485,6 +502,10 @@ def load_pretrained(folder, n_labels):
     except Exception as e:  # a Git LFS pointer, a truncated download, a pickled callable
         raise UserError(f"--pretrained {path}: not a readable weights file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:150] if str(e) else ''}); download it again")
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UserError(f"--pretrained {path}: holds a {type(weights).__name__}" + (" with non-tensor values" if
+                        isinstance(weights, dict) else "") + ", not a state dict (tensor name -> tensor); "
+                        "download the weights again, or save model.state_dict() there")
     shape["vocab_size"] = vocab_size
     model = Encoder(n_labels=n_labels, **shape)
     ours = model.state_dict()
@@ -633,17 +654,19 @@ def trim(batch):
 
 
 def classify(model, ids, mask, device, amp_dtype, bs=128):
-    """Softmax probabilities (N, labels) for pre-tokenized rows."""
+    """Softmax probabilities (N, labels) for pre-tokenized rows, `bs` rows at a time."""
     was_training = model.training
     model.eval()
     out = []
-    with torch.inference_mode():
-        for i in range(0, len(ids), bs):
-            b = trim({"ids": ids[i:i + bs], "mask": mask[i:i + bs]})
-            with common.autocast(device, amp_dtype):
-                logits = model(b["ids"].to(device), b["mask"].to(device))
-            out.append(logits.float().softmax(-1).cpu())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(ids), bs):
+                b = trim({"ids": ids[i:i + bs], "mask": mask[i:i + bs]})
+                with common.autocast(device, amp_dtype):
+                    logits = model(b["ids"].to(device), b["mask"].to(device))
+                out.append(logits.float().softmax(-1).cpu())
+    finally:  # also after an out-of-memory error: the retry (evaluate_halving) must not train without dropout
+        model.train(was_training)
     return torch.cat(out)
 
 
@@ -1031,13 +1054,14 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             # totals over every segment of a run that was stopped and resumed
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + seen, args=dict(vars(args)), extra=extra)
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now, log=log)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
 
     # -- the loop: one evaluation per epoch (and every --eval-every steps), early stopping
     watch = common.memory_watch(args)
     common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, seen, start_step, val_acc = time.time(), 0, step, None
+    eval_bs = 128  # rows per evaluation batch; halved for good after an out-of-memory error
     bar = common.progress_bar(total_steps, step)
     model.train()
     stopped_early = bad_epochs >= args.patience  # a resumed run that had already stopped early
@@ -1073,7 +1097,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             is_best = False
             if (args.eval_every and step % args.eval_every == 0) or end_of_epoch or step == total_steps:
                 v = splits["val"]
-                probs = classify(model, v["ids"], v["mask"], device, amp_dtype)
+                probs, eval_bs = common.evaluate_halving(
+                    lambda bs: classify(model, v["ids"], v["mask"], device, amp_dtype, bs), eval_bs, device, log)
                 val_acc = (probs.argmax(-1) == v["y"]).double().mean().item()
                 val_loss = F.nll_loss(probs.clamp(min=1e-12).log(), v["y"]).item()
                 is_best = val_acc > best
@@ -1109,25 +1134,85 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
 
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
+        # a kill while the exports were written (or a deleted one) left them missing or older
+        # than the weights they come from: write them again, from the same weights
+        source = load_best(model, out, log) or Path(resumed_from)
+        names = [n for n in export_names(lora_targets) if not (out / n).is_file()
+                 or (out / n).stat().st_mtime < source.stat().st_mtime]
+        if names:
+            write_exports(model, args, out=out, extra=extra, lora_targets=lora_targets, names=names)
+            log(f"rebuilt {', '.join(names)} from {source} (missing, or older than it)")
         common.update_status(out, status, state="finished", eta_s=0, metric_name="test_acc")
         return 0
     test_and_export(model, args, out=out, log=log, status=status, splits=splits, rows=rows, labels=labels,
-                    extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, run=dict(
+                    extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, eval_bs=eval_bs,
+                    run=dict(
                         best_val_accuracy=round(best, 4), steps=step, epochs=epoch, samples_per_s=round(
                             (samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1)),
                     params=(n_params, n_trainable), wall_before=wall_before)
     return 0
 
 
-def test_and_export(model, args, *, out, log, status, splits, rows, labels, extra, lora_targets, device, amp_dtype,
-                    run, params, wall_before):
-    """After the loop: the test split with the best checkpoint (seed: the best by accuracy),
-    summary.json, the exports and the charts. `run`: the loop's summary fields."""
+def load_best(model, out, log):
+    """Load best.pt into `model` (the model the summary reports; seed: the best by validation
+    accuracy) and return its path; None when it is missing or unreadable: `model` keeps the
+    weights it has (the last step's). Used by train() for a finished run, test_and_export."""
     best_path = out / "checkpoints" / "best.pt"
-    if best_path.exists():
+    try:
         model.load_state_dict(common.load_checkpoint(best_path)["model"])
+        return best_path
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        log(f"warning: {best_path} is unreadable ({type(e).__name__}); using the last step's weights")
+        return None
+
+
+def export_names(lora_targets):
+    """The files write_exports writes. Used by train() for a finished run."""
+    return (["adapter.pt"] if lora_targets else []) + ["model.pt"]
+
+
+def write_exports(model, args, *, out, extra, lora_targets, names=None):
+    """<out>/adapter.pt (LoRA runs: the adapter + head alone, small) and <out>/model.pt (every
+    weight; LoRA folded in with --merge, which changes `model` in place), each to a temp file,
+    then os.replace: a kill leaves the old file or the new one. names: only those.
+    Used by test_and_export; train() rebuilds what a kill lost."""
+    exports = {}
+    if lora_targets:
+        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+        exports["adapter.pt"] = {"adapter": {k: v for k, v in model.state_dict().items() if k in trainable},
+                                 "extra": extra}
+    export = merge_lora(model) if (args.merge and lora_targets) else model
+    exports["model.pt"] = {"model": export.state_dict(),
+                           "extra": dict(extra, lora=None if args.merge else extra["lora"])}
+    for name, obj in exports.items():
+        if names is not None and name not in names:
+            continue
+        tmp = out / (name + ".tmp")  # a kill leaves only this behind; prepare_run_dir deletes it
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())  # else a crash after os.replace can leave an empty file
+            os.replace(tmp, out / name)
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)
+            if not common.disk_full(e):
+                raise
+            raise UserError(f"--out {out}: the disk is full writing {name}; free some space and re-run the same "
+                            "command (it writes the exports again)") from None
+
+
+def test_and_export(model, args, *, out, log, status, splits, rows, labels, extra, lora_targets, device, amp_dtype,
+                    eval_bs, run, params, wall_before):
+    """After the loop: the test split with the best checkpoint, the exports, then summary.json
+    (so a run with a summary has its exports), and the charts. `run`: the loop's summary fields."""
+    load_best(model, out, log)
     t = splits["test"]
-    test = report(classify(model, t["ids"], t["mask"], device, amp_dtype), t["y"], labels)
+    probs, _ = common.evaluate_halving(lambda bs: classify(model, t["ids"], t["mask"], device, amp_dtype, bs),
+                                       eval_bs, device, log)
+    test = report(probs, t["y"], labels)
     wall = wall_before + time.time() - status["started"]
     history = [r for r in common.read_metrics(out) if "train_loss" in r]
     summary = dict(trainer="classifier", metric="test_accuracy", value=round(test["accuracy"], 4),
@@ -1136,16 +1221,8 @@ def test_and_export(model, args, *, out, log, status, splits, rows, labels, extr
                    peak_mem_mb=common.peak_memory_mb(device), params=params[0], trainable_params=params[1],
                    wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
                    confusion_matrix=test["confusion_matrix"])
+    write_exports(model, args, out=out, extra=extra, lora_targets=lora_targets)
     common.write_summary(out, **summary)
-
-    # -- exports: the adapter + head alone (small), and the full model (LoRA folded in with --merge)
-    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-    if lora_targets:
-        torch.save({"adapter": {k: v for k, v in model.state_dict().items() if k in trainable}, "extra": extra},
-                   out / "adapter.pt")
-    export = merge_lora(model) if (args.merge and lora_targets) else model
-    torch.save({"model": export.state_dict(), "extra": dict(extra, lora=None if args.merge else extra["lora"])},
-               out / "model.pt")
     viz = charts(out, labels, [l for _, l in rows[0]], history, test)
 
     log(f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, mean confidence "

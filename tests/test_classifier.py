@@ -257,3 +257,103 @@ def test_real_data_benchmark_baselines_learn_on_the_builtin_items(tmp):
     results, n_train, n_val, n_test = bench.baselines(tmp, 1337)
     assert (n_train + n_val, n_test) == (len(train), len(val) + len(test))
     assert len(results) == 3 and all(r["acc"] >= 0.8 for r in results.values()), results
+
+
+def test_a_finished_run_rebuilds_exports_a_kill_lost(tmp):
+    # a kill while the exports were written: re-running the same command writes them again from best.pt
+    import os
+    tc.write_checkpoint(tmp / "tiny", "distilbert", "safetensors")
+    flags = ["--pretrained", "tiny", "--max-steps", "2", "--max-len", "24", "--train-size", "120", "--out", "r"]
+    run("train_classifier.py", *flags, cwd=tmp, check=0)
+    out = tmp / "r"
+    assert (out / "model.pt").stat().st_mtime_ns <= (out / "summary.json").stat().st_mtime_ns  # exports first
+    (out / "adapter.pt").unlink()
+    os.utime(out / "model.pt", (0, 0))  # older than best.pt: an export from an earlier run
+    summary = (out / "summary.json").read_bytes()
+    p = run("train_classifier.py", *flags, cwd=tmp, check=0)
+    assert "already finished" in p.stdout and "rebuilt adapter.pt, model.pt from" in p.stdout, p.stdout[-2000:]
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    model = torch.load(out / "model.pt", weights_only=True)["model"]
+    adapter = torch.load(out / "adapter.pt", weights_only=True)["adapter"]
+    assert model.keys() == best.keys() and all(torch.equal(model[k], best[k]) for k in best)
+    assert adapter and all(torch.equal(adapter[k], best[k]) for k in adapter)
+    assert (out / "summary.json").read_bytes() == summary
+    p = run("train_classifier.py", *flags, cwd=tmp, check=0)  # nothing missing: nothing rebuilt
+    assert "rebuilt" not in p.stdout
+
+
+@pytest.mark.parametrize("trainer", ["gru", "lm"])
+def test_another_trainers_run_or_checkpoint_is_one_error_line(tmp, trainer):
+    from conftest import tree_digest
+    tiny = {"gru": ["train_gru.py", "--quick", "--dataset-size", "300", "--batch-size", "8"],
+            "lm": ["train_lm.py", "--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+                   "--batch-size", "4", "--eval-tokens", "512"]}[trainer]
+    run(*tiny, "--max-steps", "2", "--out", "other", cwd=tmp, check=0)
+    ckpt = "other/checkpoints/ckpt_step00000002.pt"
+    before = tree_digest(tmp / "other")
+    for flags in (["--out", "other"], ["--out", "new", "--resume", ckpt], ["--predict", "uber", "--out", "other"],
+                  ["--predict", "uber", "--out", "other", "--resume", ckpt]):
+        p = call("train_classifier.py", "--quick", *flags, cwd=tmp)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (flags, p.stderr)
+        assert "train_classifier.py" in lines[0], lines[0]
+    assert tree_digest(tmp / "other") == before and not (tmp / "new").exists()
+
+
+def test_predict_passes_over_an_unloadable_best_pt_and_fails_with_nothing_loadable(quick_run, tmp):
+    import shutil
+    _, out, _ = quick_run
+    shutil.copytree(out, tmp / "c")
+    ckpts = tmp / "c" / "checkpoints"
+    (ckpts / "best.pt").write_bytes((ckpts / "best.pt").read_bytes()[:1000])  # a truncated copy
+    p = run("train_classifier.py", "--predict", "UBER *TRIP 12.50", "--out", "c", cwd=tmp, check=0)
+    newest = sorted(ckpts.glob("ckpt_step*.pt"))[-1]
+    assert "warning:" in p.stderr and "best.pt is unreadable" in p.stderr, p.stderr
+    assert p.stdout.splitlines()[0] == f"model {Path('c') / 'checkpoints' / newest.name}"
+    assert p.stdout.splitlines()[1].split()[0] == "Transportation"
+    for f in ckpts.glob("ckpt_step*.pt"):
+        f.write_bytes(f.read_bytes()[:1000])
+    p = run("train_classifier.py", "--predict", "UBER *TRIP 12.50", "--out", "c", cwd=tmp, check=2)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and p.stderr.strip().splitlines()[-1] == errors[0] and "--out c" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr and not p.stdout
+
+
+# runs train_classifier.main with a model whose evaluation batches of more than 8 rows run out of memory
+OOM_WRAPPER = """import sys
+import torch
+sys.path.insert(0, {repo!r})
+import common
+import train_classifier as tcl
+
+forward = tcl.Encoder.forward
+
+
+def small_forward(self, ids, mask):
+    if not self.training and len(ids) > 8:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+    return forward(self, ids, mask)
+
+
+tcl.Encoder.forward = small_forward
+common.run_main(lambda: tcl.main(sys.argv[1:]))
+"""
+
+
+def test_validation_out_of_memory_halves_its_batch_and_changes_no_number(tmp):
+    import subprocess
+    from conftest import REPO, metrics
+    (tmp / "oom.py").write_text(OOM_WRAPPER.format(repo=str(REPO)))
+    flags = ["--preset", "small", "--train-size", "120", "--max-steps", "6", "--eval-every", "2", "--log-every", "1"]
+    run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
+    p = subprocess.run([sys.executable, "oom.py", *flags, "--out", "oom"], cwd=tmp, capture_output=True, text=True,
+                       timeout=300, env=dict(__import__("os").environ, CUDA_VISIBLE_DEVICES=""))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    halvings = [l for l in p.stdout.splitlines() if l.startswith("out of memory in evaluation")]
+    # 128 -> 64 -> 32 -> 16 -> 8 once; the later evaluations (steps 4 and 6, the test split) start at 8
+    assert len(halvings) == 4 and halvings[-1].endswith("halved to 8; evaluating again"), p.stdout[-3000:]
+    ref, got = metrics(tmp / "ref"), metrics(tmp / "oom")
+    assert [r.get("loss") for r in got] == [r.get("loss") for r in ref]  # dropout still on after the retries
+    assert [r.get("val_acc") for r in got] == [r.get("val_acc") for r in ref]
+    assert all(abs(a.get("val_loss", 0) - b.get("val_loss", 0)) <= 1e-4 for a, b in zip(got, ref))
+    assert read_json(tmp / "oom" / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]

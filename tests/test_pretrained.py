@@ -135,6 +135,37 @@ def test_incomplete_folder_is_a_user_error(tmp_path, remove):
         tcl.load_pretrained(d, 3)
 
 
+# files that are there but broken: one error line naming the file and the fix, never a traceback
+BROKEN = {  # name: (file, what to write into it, the file named in the error, words of the fix)
+    "vocab-latin1": ("vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\ncaf\xe9\n".encode("latin-1"), "vocab.txt", "UTF-8"),
+    "tokenizer-config-not-json": ("tokenizer_config.json", b'{"do_lower_case": tru', "tokenizer_config.json",
+                                  "delete it"),
+    "tokenizer-config-a-list": ("tokenizer_config.json", b"[true]", "tokenizer_config.json", "delete it"),
+    "config-a-list": ("config.json", b"[]", "config.json", "download it again"),
+    "bin-a-list": ("pytorch_model.bin", [torch.zeros(2)], "pytorch_model.bin", "state_dict"),
+    "bin-nested": ("pytorch_model.bin", {"model": {"w": torch.zeros(2)}}, "pytorch_model.bin", "state_dict"),
+    "safetensors-header-a-list": ("model.safetensors", len(b"[]").to_bytes(8, "little") + b"[]",
+                                  "model.safetensors", "download it again"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_file_in_the_folder_is_one_error_line(tmp_path, case):
+    from conftest import call
+    name, content, named, fix = BROKEN[case]
+    d = tmp_path / "ckpt"
+    tc.write_checkpoint(d, "bert", "bin" if name.endswith(".bin") else "safetensors")
+    if isinstance(content, bytes):
+        (d / name).write_bytes(content)
+    else:
+        torch.save(content, d / name)
+    p = call("train_classifier.py", "--pretrained", d, "--max-steps", "1", "--out", tmp_path / "run", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --pretrained"), p.stderr
+    assert named in lines[0] and fix in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 # -----------------------------------------------------------------------------
 # WordPiece: our Tokenizer(itos).tokens(s) against transformers' BertTokenizer.tokenize(s)
 
