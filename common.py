@@ -1330,11 +1330,16 @@ def load_run_model(run, flag, trainer, key, resume=None):
         state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False, trainer=None),
                                       lambda m: print(m, file=sys.stderr))
     if state is None:
+        n = len(list((run / "checkpoints").glob("*.pt")))
+        if n:
+            raise UserError(f"{flag} {run}: none of its {n} checkpoint file(s) is loadable (see the warnings); "
+                            f"re-run the training command to make a new one, or pick another run")
         raise UserError(f"{flag} {run}: no checkpoint there; train first: python {TRAINERS[trainer]} --quick "
                         f"--out {run}")
+    where = f"--resume {path}" if resume else f"{flag} {run}: {path}"
     if not isinstance(state, dict) or key not in state:
-        raise UserError(f"{flag} {run}: {path} is not a {TRAINERS[trainer]} checkpoint")
-    check_trainer(saved_by(state), trainer, f"{flag} {run}: {path}")
+        raise UserError(f"{where} is not a {TRAINERS[trainer]} checkpoint")
+    check_trainer(saved_by(state), trainer, where)
     return state, path
 
 

@@ -513,8 +513,13 @@ def test_another_trainers_checkpoint_or_run_folder_is_one_error_line(tmp):
         common.find_checkpoint(tmp / "new", argparse.Namespace(resume=str(ckpt), no_resume=False, trainer="gru"))
     with pytest.raises(UserError, match=r"--suggest .*made by train_lm.py"):
         common.load_run_model(tmp / "lm", "--suggest", "gru", "step")
+    with pytest.raises(UserError, match=r"^--resume .*ckpt_step00000005.pt: made by train_lm.py"):
+        common.load_run_model(tmp / "new", "--suggest", "gru", "step", resume=str(ckpt))
     # the LM and SFT share a model: each reads the other's runs
     assert common.load_run_model(tmp / "lm", "--init-from", "sft", "step")[0]["step"] == 5
+    ckpt.write_bytes(b"damaged")
+    with pytest.raises(UserError, match=r"none of its 1 checkpoint file\(s\) is loadable"):
+        common.load_run_model(tmp / "lm", "--init-from", "sft", "step")
 
 
 def test_a_checkpoints_folder_that_cannot_be_written_is_found_before_training(tmp, monkeypatch):
