@@ -535,6 +535,15 @@ def pick_run(root, run, running_only=False):
     return runs[0]
 
 
+def own_pids(pid):
+    """pid and its descendants: on Windows a venv's python.exe is a launcher that runs the real
+    interpreter as its child, so the trainer's pid in status.json is not the one Popen returned."""
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return {pid}
+
+
 def start_background(trainer, flags, root="runs"):
     """Start a trainer detached from this terminal; output goes to <out>/console.log. A run
     folder outside root is recorded in root/started.txt, where common.list_runs finds it.
@@ -579,7 +588,7 @@ def start_background(trainer, flags, root="runs"):
     t0 = time.monotonic()
     while True:
         exited = proc.poll() is not None  # before reading the claim: an exit then means unclaimed
-        claimed = read_status(out).get("pid") == proc.pid
+        claimed = read_status(out).get("pid") in own_pids(proc.pid)
         if claimed or exited or time.monotonic() - t0 > 120:
             break
         time.sleep(0.2)
@@ -599,9 +608,10 @@ def start_background(trainer, flags, root="runs"):
         print(f"the {trainer} trainer exited with code {proc.returncode}{where}", file=sys.stderr)
         sys.exit(proc.returncode)
     register_run(out, Path(root))
-    print(f"started {trainer} in the background: run folder {out}, pid {proc.pid}")
+    pid = read_status(out).get("pid", proc.pid)  # the trainer's own (see own_pids)
+    print(f"started {trainer} in the background: run folder {out}, pid {pid}")
     print(f"  watch it:  ./run.sh monitor {out}      stop it:  ./run.sh stop {out}")
-    return out, proc.pid
+    return out, pid
 
 
 def register_run(out, root):

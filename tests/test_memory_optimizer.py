@@ -543,3 +543,21 @@ def test_corrupt_status_json_is_no_traceback(tmp_path):
                        (["monitor", "runs/list"], "runs/list/status.json: unreadable")):
         r = call("memory_optimizer.py", *args, cwd=tmp_path)
         assert r.returncode == 2 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_a_trainer_started_through_a_launcher_process_counts_as_claimed():
+    """On Windows a venv's python.exe runs the real interpreter as its child: the pid in the
+    trainer's status.json is then a child of the one `start` launched."""
+    import memory_optimizer
+    from conftest import wait_for
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run("
+                                 "[sys.executable, '-c', 'import time; time.sleep(30)'])"])
+    try:
+        wait_for(lambda: psutil.Process(launcher.pid).children(), timeout=20)
+        child = psutil.Process(launcher.pid).children()[0].pid
+        assert memory_optimizer.own_pids(launcher.pid) == {launcher.pid, child}
+    finally:
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            p.kill()
+        launcher.kill()
+        launcher.wait()
