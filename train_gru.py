@@ -530,6 +530,9 @@ def main(argv=None):
     # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
     # folder is written to
     out, device, state, resumed_from, notes = common.open_run(args, sources)
+    if state is not None and not (isinstance(state, dict) and "extra" in state):
+        # a file without a trainer's record (open_run refuses one that names another trainer)
+        raise UserError(f"{resumed_from} is not a train_gru.py checkpoint; use a new --out or --no-resume")
     # vocabulary from the training split (or the checkpoint, so ids never shift on resume)
     itos = state["extra"]["itos"] if state else build_vocab(train_pairs, args.vocab_size)
     if state:
@@ -622,13 +625,21 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
             # totals over every segment of a run that was stopped and resumed
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen, extra={"itos": itos, "cats": cats, "preset": args.preset})
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now, log=log)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
         return path
 
+    eval_bs = 256  # halved for good if a validation batch runs out of memory
+
+    def validate():
+        nonlocal eval_bs
+        result, eval_bs = common.evaluate_halving(lambda bs: evaluate(model, val_data, device, amp_dtype, bs),
+                                                  eval_bs, device, log)
+        return result
+
     def run_eval():
         nonlocal best
-        val_loss, val_ppl = evaluate(model, val_data, device, amp_dtype)
+        val_loss, val_ppl = validate()
         is_best = val_ppl < best
         best = min(best, val_ppl)
         common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
@@ -692,7 +703,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
         return 0
-    val_loss, val_ppl = evaluate(model, val_data, device, amp_dtype)
+    val_loss, val_ppl = validate()
     wall = wall_before + time.time() - status["started"]
     summary = dict(trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
                    unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch,

@@ -291,7 +291,7 @@ def load_meta(data_dir, seq_len):
         meta = json.loads((d / "meta.json").read_text())
         for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens"):
             meta[k]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"--data {d}: no readable meta.json ({type(e).__name__}); is it a folder made by "
                         "`train_lm.py prepare`?")
     for k in ("vocab_size", "train_tokens", "val_tokens"):
@@ -702,9 +702,9 @@ def check_flags(args):
 
 def check_resume(state, resumed_from, cfg, world, task):
     """A checkpoint resumes only the run it came from: same task, shape and process count."""
-    if not state:
+    if state is None:
         return
-    if "model_cfg" not in state or "world_size" not in state:
+    if not isinstance(state, dict) or "model_cfg" not in state or "world_size" not in state:
         raise UserError(f"{resumed_from} is not a train_lm.py checkpoint; use a new --out or --no-resume")
     if state.get("task", "lm") != task:
         was = "train_sft.py" if state.get("task") == "sft" else "train_lm.py"
@@ -933,12 +933,20 @@ def train(args, sources, run, cfg, data_dir, meta):
             world_size=world, model_cfg=cfg, args=dict(vars(args)), task="lm",
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen)
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now, log=log)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
+
+    eval_bs = micro_bs  # halved for good if a validation batch runs out of memory
+
+    def validate():  # (val loss in nats/token, bits/byte); never a bigger batch than training's
+        nonlocal eval_bs
+        result, eval_bs = common.evaluate_halving(lambda bs: evaluate(model, windows, device, amp_dtype, bs),
+                                                  min(eval_bs, micro_bs), device, log)
+        return result
 
     def run_eval():  # rank 0; True when this is the best validation so far
         nonlocal best
-        val_loss, bpb = evaluate(model, windows, device, amp_dtype, micro_bs)
+        val_loss, bpb = validate()
         common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(bpb, 5)})
         log(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte ({len(windows)} windows)")
         is_best, best = bpb < best, min(best, bpb)
@@ -1009,7 +1017,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     if world > 1:
         dist.barrier()
     if is_main:
-        report(args, run, model, windows, micro_bs, cfg, best=best, step=step, start_step=start_step,
+        report(args, run, model, validate, cfg, best=best, step=step, start_step=start_step,
                wall=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
                samples=samples_before + samples_seen, fpt=fpt, peak=peak, n_params=n_params, global_batch=G)
     if tb:
@@ -1033,15 +1041,16 @@ def log_interval(out, log, status, bar, tb, *, step, loss, lr, ms, tps, mfu, dev
         tb.add_scalar("train/tokens_per_s", tps, step)
 
 
-def report(args, run, model, windows, micro_bs, cfg, *, best, step, start_step, wall, train_s, samples, fpt, peak,
+def report(args, run, model, validate, cfg, *, best, step, start_step, wall, train_s, samples, fpt, peak,
            n_params, global_batch):
-    """The end of a run: the final validation, summary.json, the plot and a sample."""
+    """The end of a run: the final validation (validate() -> (nats/token, bits/byte)), summary.json,
+    the plot and a sample."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
         return
-    val_loss, val_bpb = evaluate(model, windows, device, run.amp_dtype, micro_bs)
+    val_loss, val_bpb = validate()
     tps = samples * args.seq_len / max(1e-9, train_s)
     common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
                          val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),

@@ -1,4 +1,5 @@
 """train_gru.py end to end: the real script in subprocesses, on CPU, with small built-in data."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import call, metrics, popen, read_json, run, tree_digest, wait_for
+from conftest import REPO, call, metrics, popen, read_json, run, tree_digest, wait_for
 
 # tests run in an empty tmp dir, so no optimal_config.json is picked up unless a test writes one
 SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
@@ -316,6 +317,81 @@ def test_resume_from_a_checkpoint_carrying_a_callable_is_refused(saved_run):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=d)
     p = run("train_gru.py", "--quick", "--resume", "evil.pt", "--out", "run2", cwd=d, check=2)
     assert "not a loadable checkpoint" in p.stderr and not (d / "PWNED").exists()
+
+
+LM_TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--seq-len", "16", "--batch-size", "2",
+           "--eval-tokens", "64", "--max-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def other_runs(saved_run):
+    """Beside saved_run's run/: an LM run folder, its checkpoints alone (no status.json), and two
+    loadable checkpoints no trainer wrote (no args["trainer"] to refuse them by)."""
+    d = saved_run
+    run("train_lm.py", *LM_TINY, "--out", "lmrun", cwd=d, check=0)
+    shutil.copytree(d / "lmrun" / "checkpoints", d / "lmckpts" / "checkpoints")
+    torch.save({"model": {}, "step": 3}, d / "foreign.pt")
+    torch.save(torch.zeros(3), d / "tensor.pt")
+    return d
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--out", "lmrun"], "--out lmrun: made by train_lm.py, not train_gru.py"),
+    (["--out", "lmckpts"], "ckpt_step00000001.pt: made by train_lm.py, not train_gru.py"),
+    (["--resume", "lmrun/checkpoints/best.pt"], "--resume lmrun/checkpoints/best.pt: made by train_lm.py"),
+    (["--resume", "foreign.pt"], "foreign.pt is not a train_gru.py checkpoint"),
+    (["--resume", "tensor.pt"], "tensor.pt is not a train_gru.py checkpoint"),
+    (["--suggest", "red", "--out", "lmrun"], "--out lmrun: lmrun/checkpoints/best.pt is not a train_gru.py checkpoint"),
+    (["--suggest", "red", "--out", "run", "--resume", "lmrun/checkpoints/best.pt"], "is not a train_gru.py checkpoint"),
+    (["--suggest", "red", "--out", "run", "--resume", "foreign.pt"], "foreign.pt is not a train_gru.py checkpoint"),
+])
+def test_another_trainers_run_or_checkpoint_is_one_error_line(other_runs, flags, expect):
+    d = other_runs
+    before = {name: tree_digest(d / name) for name in ("run", "lmrun", "lmckpts")}
+    out = [] if "--out" in flags else ["--out", "new"]
+    p = call("train_gru.py", *SMALL, *flags, *out, cwd=d)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
+    assert {name: tree_digest(d / name) for name in before} == before and not (d / "new").exists()
+
+
+def patched(tmp, patch):
+    """A script that runs train_gru.py after `patch` (Python source) replaced part of it."""
+    path = tmp / "patched.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport shutil, torch\nimport common, train_gru\n"
+                    f"{patch}\ncommon.run_main(train_gru.main)\n")
+    return path
+
+
+# a validation batch above 16 rows "runs out of memory" (training's 8-row micro-batches do not)
+OOM_IN_EVAL = """
+def loss_fn(model, mb, device, real=train_gru.loss_fn):
+    if not model.training and len(mb["x"]) > 16:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real(model, mb, device)
+train_gru.loss_fn = loss_fn
+"""
+
+
+def test_out_of_memory_in_validation_halves_its_batch_and_changes_no_figure(tmp):
+    flags = [*SMALL, "--max-steps", "6", "--eval-every", "3"]
+    run("train_gru.py", *flags, "--out", "ref", cwd=tmp, check=0)
+    p = run(patched(tmp, OOM_IN_EVAL), *flags, "--out", "oom", cwd=tmp, check=0)
+    # 256 -> 128 -> 64 -> 32 -> 16 once; the later evaluations start at 16
+    assert p.stdout.count("out of memory in evaluation: its batch halved to") == 4, p.stdout
+    assert "its batch halved to 16; evaluating again" in (tmp / "oom" / "train.log").read_text()
+    assert read_json(tmp / "oom" / "status.json")["state"] == "finished"
+    ref, got = ([r["val_loss"] for r in metrics(tmp / name) if "val_loss" in r] for name in ("ref", "oom"))
+    assert len(ref) == 2 and got == pytest.approx(ref, rel=1e-6)
+    assert read_json(tmp / "oom" / "summary.json")["value"] == pytest.approx(
+        read_json(tmp / "ref" / "summary.json")["value"], rel=1e-6)
+
+
+def test_low_disk_warning_goes_to_the_run_log(tmp):
+    low = "real = shutil.disk_usage\nshutil.disk_usage = lambda p: real(p)._replace(free=1)  # yet writes succeed"
+    run(patched(tmp, low), *SMALL, "--max-steps", "4", "--save-every", "2", "--out", "r", cwd=tmp, check=0)
+    assert "warning: 0 MB free in" in (tmp / "r" / "train.log").read_text()
 
 
 # -- background runs (start / status / monitor / stop of a gru run) moved with the run manager to

@@ -313,6 +313,13 @@ def saved_run(tmp_path_factory):
     (d / "short").mkdir()
     train_lm.write_corpus(d / "short" / "c", [lambda: b"tiny text " * 20], 0.1, ["x"])
     torch.save({"model": {}, "step": 3}, d / "foreign.pt")  # loadable, but not one of ours
+    torch.save(torch.zeros(3), d / "tensor.pt")  # loadable, and not even a dict
+    (d / "latin1meta").mkdir()
+    (d / "latin1meta" / "meta.json").write_bytes('{"tokenizer": "bytes", "note": "café"}'.encode("latin-1"))
+    # another trainer's run folder, and its checkpoints alone (no status.json to name the trainer)
+    run("train_gru.py", "--quick", "--dataset-size", "300", "--batch-size", "8", "--max-steps", "1",
+        "--out", "grurun", cwd=d, check=0)
+    shutil.copytree(d / "grurun" / "checkpoints", d / "gruckpts" / "checkpoints")
     for name, change in (("wrongvocab", {"vocab_size": 100}), ("strcount", {"val_tokens": "150"})):
         shutil.copytree(d / "short" / "c", d / name)
         meta = json.loads((d / name / "meta.json").read_text())
@@ -339,13 +346,19 @@ def saved_run(tmp_path_factory):
     (["--out", "afile/run"], "--out afile/run"),
     (["--tensorboard"], "--tensorboard: the tensorboard package is not installed"),
     (["--resume", "foreign.pt", "--out", "run2"], "foreign.pt is not a train_lm.py checkpoint"),
+    (["--resume", "tensor.pt", "--out", "run2"], "tensor.pt is not a train_lm.py checkpoint"),
+    (["--data", "latin1meta"], "--data latin1meta: no readable meta.json (UnicodeDecodeError)"),
+    (["--out", "grurun"], "--out grurun: made by train_gru.py, not train_lm.py"),
+    (["--out", "gruckpts"], "ckpt_step00000001.pt: made by train_gru.py, not train_lm.py"),
+    (["--resume", "grurun/checkpoints/best.pt", "--out", "run2"],
+     "--resume grurun/checkpoints/best.pt: made by train_gru.py, not train_lm.py"),
 ])
 def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags, expect):
     d = saved_run
     if "--tensorboard" in flags and importlib.util.find_spec("tensorboard"):
         pytest.skip("tensorboard is installed here")
     (d / "afile").write_text("not a folder")
-    before = tree_digest(d / "run")
+    before = {name: tree_digest(d / name) for name in ("run", "grurun", "gruckpts")}
     typed = {f for f in flags if f.startswith("--")}
     base = [a for i, a in enumerate(TINY) if a not in typed and TINY[i - 1] not in typed]  # flags win
     out = [] if "--out" in flags else ["--out", "run"]
@@ -353,7 +366,18 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
-    assert tree_digest(d / "run") == before
+    assert {name: tree_digest(d / name) for name in before} == before and not (d / "run2").exists()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--out", "grurun"], "--out grurun: grurun/checkpoints/best.pt is not a train_lm.py checkpoint"),
+    (["--out", "run", "--resume", "grurun/checkpoints/best.pt"], "is not a train_lm.py checkpoint"),
+    (["--out", "run", "--resume", "tensor.pt"], "tensor.pt is not a train_lm.py checkpoint"),
+])
+def test_sample_from_another_trainers_checkpoint_exits_2(saved_run, args, expect):
+    p = call("train_lm.py", "sample", *args, cwd=saved_run)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
+    assert p.stderr.startswith("error:") and expect in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -382,3 +406,43 @@ def test_prepare_skips_empty_hidden_and_binary_files_and_names_them(tmp):
     assert meta["documents"] == 1 and meta["train_tokens"] + meta["val_tokens"] == 28 * 60
     assert "warning: validation holds only 168 tokens" in p.stdout
     assert not list(tmp.glob("d.tmp-*"))
+
+
+# -- faults the machine causes, simulated in a wrapper script -----------------------------------
+
+def patched(tmp, patch):
+    """A script that runs train_lm.py after `patch` (Python source) replaced part of it."""
+    path = tmp / "patched.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport shutil, torch\nimport common, train_lm\n"
+                    f"{patch}\ncommon.run_main(train_lm.main)\n")
+    return path
+
+
+# a validation batch above 2 windows "runs out of memory" (training's micro-batches of 4 do not)
+OOM_IN_EVAL = """
+def loss_fn(model, mb, device, real=train_lm.loss_fn):
+    if not model.training and len(mb["x"]) > 2:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real(model, mb, device)
+train_lm.loss_fn = loss_fn
+"""
+
+
+def test_out_of_memory_in_validation_halves_its_batch_and_changes_no_figure(tmp):
+    flags = [*TINY, "--max-steps", "4", "--eval-every", "2"]
+    run("train_lm.py", *flags, "--out", "ref", cwd=tmp, check=0)
+    p = run(patched(tmp, OOM_IN_EVAL), *flags, "--out", "oom", cwd=tmp, check=0)
+    # 4 -> 2 at the first evaluation; the later ones (step 4, the final report) start at 2
+    assert p.stdout.count("out of memory in evaluation: its batch halved to 2; evaluating again") == 1, p.stdout
+    assert "out of memory in evaluation" in (tmp / "oom" / "train.log").read_text()
+    assert read_json(tmp / "oom" / "status.json")["state"] == "finished"
+    ref, got = ([r["val_loss"] for r in metrics(tmp / name) if "val_loss" in r] for name in ("ref", "oom"))
+    assert len(ref) == 2 and got == pytest.approx(ref, rel=1e-6)
+    assert read_json(tmp / "oom" / "summary.json")["val_loss"] == pytest.approx(
+        read_json(tmp / "ref" / "summary.json")["val_loss"], rel=1e-6)
+
+
+def test_low_disk_warning_goes_to_the_run_log(tmp):
+    low = "real = shutil.disk_usage\nshutil.disk_usage = lambda p: real(p)._replace(free=1)  # yet writes succeed"
+    run(patched(tmp, low), *TINY, "--max-steps", "4", "--save-every", "2", "--out", "r", cwd=tmp, check=0)
+    assert "warning: 0 MB free in" in (tmp / "r" / "train.log").read_text()
