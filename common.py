@@ -1380,7 +1380,11 @@ def find_checkpoint(out, args, log=print):
             first = str(e).splitlines()[0][:200] if str(e).strip() else ""
             why = "it holds pickled code, which is never run" if "weights_only" in str(e) else first
             raise UserError(f"--resume {p}: not a loadable checkpoint ({type(e).__name__}: {why})")
-        check_trainer(saved_by(state), getattr(args, "trainer", None), f"--resume {p}")
+        trainer = getattr(args, "trainer", None)
+        if not isinstance(state, dict):  # e.g. a bare tensor saved with torch.save
+            raise UserError(f"--resume {p} is not a {TRAINERS.get(trainer, 'trainer')} checkpoint "
+                            f"(it holds a {type(state).__name__})")
+        check_trainer(saved_by(state), trainer, f"--resume {p}")
         return state, p
     if args.no_resume:
         return None, None
@@ -1391,6 +1395,9 @@ def find_checkpoint(out, args, log=print):
         except Exception as e:
             why = str(e) if isinstance(e, ChecksumMismatch) else type(e).__name__
             log(f"warning: {p} is unreadable ({why}); trying the previous checkpoint")
+            continue
+        if not isinstance(state, dict):
+            log(f"warning: {p} holds a {type(state).__name__}, not a checkpoint; trying the previous one")
             continue
         check_trainer(saved_by(state), getattr(args, "trainer", None), f"--out {out}: {p}")
         return state, p

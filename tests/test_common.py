@@ -588,3 +588,14 @@ def test_auto_precision_on_cpu_is_measured_on_the_models_own_step(monkeypatch, b
     assert common.measure_precision(argparse.Namespace(precision="fp32"), {"precision": "auto"}, DEV, model,
                                     calls.append)[0] is None
     assert calls == []
+
+
+def test_a_checkpoint_that_is_no_dict_is_refused_centrally(tmp):
+    torch.save(torch.zeros(3), tmp / "tensor.pt")
+    with pytest.raises(UserError, match=r"--resume .*tensor.pt is not a train_asr.py checkpoint \(it holds a Tensor\)"):
+        common.find_checkpoint(tmp, argparse.Namespace(resume=str(tmp / "tensor.pt"), no_resume=False, trainer="asr"))
+    common.save_checkpoint(tmp, 1, {"step": 1}, keep=3)
+    torch.save([1, 2], tmp / "checkpoints" / "ckpt_step00000002.pt")
+    logs = []
+    state, _ = common.find_checkpoint(tmp, argparse.Namespace(resume=None, no_resume=False, trainer="asr"), logs.append)
+    assert state == {"step": 1} and "holds a list, not a checkpoint" in logs[0]
