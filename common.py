@@ -755,7 +755,7 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
     `margin`; else fp32. Matmul-bound shapes gain up to 2x; small ones lose (casts cost more than
     they save), so a rule of thumb cannot decide it. step(amp_dtype) runs one forward+backward
     (the batch probe's). The model's buffers and the RNG are restored: the timing changes nothing
-    the run computes. resumed: the checkpoint's precision, reused as it is.
+    the run computes. resumed: the checkpoint's precision, reused as it is. --quick runs keep fp32.
     Returns (amp_dtype, why; None when nothing was decided here) and sets args.precision.
     Used by every trainer, after choose_batch_size."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -765,14 +765,19 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
         args.precision = resumed
         sources["precision"] = "checkpoint"
         return dtypes[resumed], f"CPU: {resumed} from the checkpoint being resumed"
+    if args.quick:  # a smoke run of a tiny model: nothing to gain, and its numbers stay the same everywhere
+        return None, "CPU: fp32 (--quick runs are not timed)"
     if not cpu_has_bf16():
         return None, "CPU: fp32 (no bf16 units listed in /proc/cpuinfo)"
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     best = {None: math.inf, torch.bfloat16: math.inf}
     with torch.random.fork_rng(devices=[]):
+        t0 = time.perf_counter()
         for dt in best:
             step(dt)  # warm-up: the first call allocates and picks its kernels
-        for _ in range(3):  # alternating, best of 3: this machine's other load hits both alike
+        # alternating, best of 3 or more (about a quarter second each for short steps): other load
+        # on the machine hits both alike, and the best is what each precision can do
+        for _ in range(min(20, max(3, int(0.5 / max(1e-3, time.perf_counter() - t0))))):
             for dt in best:
                 t0 = time.perf_counter()
                 step(dt)

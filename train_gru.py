@@ -598,6 +598,13 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
     E = micro_bs * accum
+    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
+    first = make_batch(train_data, torch.arange(min(micro_bs, n_train)))
+    amp_dtype, why = common.measure_precision(
+        args, sources, device, model, lambda dt: common.probe_step(model, lambda m, b: loss_fn(m, b, device), first,
+                                                                   device, dt),
+        log, state["args"]["precision"] if state else None)
+    prec_why = why or prec_why
     snap = common.memory_snapshot(device)
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
         f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"

@@ -569,7 +569,7 @@ def test_auto_precision_on_cpu_is_measured_on_the_models_own_step(monkeypatch, b
         model(torch.randn(8, 4) + 5).sum().backward()  # moves the running mean
         time.sleep((bf16_ms if dt is torch.bfloat16 else 20) / 1e3)
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
-    args = argparse.Namespace(precision="fp32")
+    args = argparse.Namespace(precision="fp32", quick=False)
     torch.manual_seed(0)
     dtype, why = common.measure_precision(args, {"precision": "auto"}, DEV, model, step, margin=1.15)
     assert args.precision == want and dtype == (torch.bfloat16 if want == "bf16" else None)
@@ -584,9 +584,11 @@ def test_auto_precision_on_cpu_is_measured_on_the_models_own_step(monkeypatch, b
                                     calls.append) == (None, None)
     assert common.measure_precision(argparse.Namespace(precision="fp32"), {"precision": "auto"}, DEV, model,
                                     calls.append, resumed="bf16")[0] is torch.bfloat16
+    assert common.measure_precision(argparse.Namespace(precision="fp32", quick=True), {"precision": "auto"}, DEV,
+                                    model, calls.append)[0] is None
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
-    assert common.measure_precision(argparse.Namespace(precision="fp32"), {"precision": "auto"}, DEV, model,
-                                    calls.append)[0] is None
+    assert common.measure_precision(argparse.Namespace(precision="fp32", quick=False), {"precision": "auto"}, DEV,
+                                    model, calls.append)[0] is None
     assert calls == []
 
 
