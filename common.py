@@ -786,6 +786,11 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
         for k, v in model.named_buffers():
             v.copy_(buffers[k])  # e.g. BatchNorm statistics the timed steps moved
     fp32_ms, bf16_ms = 1e3 * best[None], 1e3 * best[torch.bfloat16]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under torchrun every rank times its own step; all take rank 0's figures, so all agree
+        figures = [(fp32_ms, bf16_ms)]
+        torch.distributed.broadcast_object_list(figures, src=0)
+        fp32_ms, bf16_ms = figures[0]
     args.precision = "bf16" if fp32_ms >= margin * bf16_ms else "fp32"
     why = (f"CPU: {args.precision} by measurement: this model's step {fp32_ms:.1f} ms in fp32, "
            f"{bf16_ms:.1f} ms in bf16 (bf16 needs {margin:.2f}x to win)")

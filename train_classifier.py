@@ -1025,6 +1025,13 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
     E = micro_bs * accum
+    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
+    first = {k: v[:micro_bs] for k, v in splits["train"].items()}
+    amp_dtype, why = common.measure_precision(
+        args, sources, device, model, lambda dt: common.probe_step(model, lambda m, mb: loss_fn(m, mb, device),
+                                                                   first, device, dt),
+        log, state["args"]["precision"] if state else None)
+    prec_why = why or prec_why
     loader_settings(args, sources, device)
     log_setup(log, args, device=device, prec_why=prec_why, micro_bs=micro_bs, accum=accum, bs_why=bs_why,
               data_desc=data_desc, splits=splits, labels=labels, model_desc=model_desc, n_params=n_params,

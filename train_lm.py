@@ -895,6 +895,12 @@ def train(args, sources, run, cfg, data_dir, meta):
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
     E = micro_bs * accum  # windows per rank per step
+    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
+    amp_dtype, why = common.measure_precision(
+        args, sources, device, model, lambda dt: common.probe_step(
+            model, lambda m, b: loss_fn(m, b, device), {"x": torch.zeros(micro_bs, args.seq_len + 1, dtype=torch.long)},
+            device, dt), log, state["args"]["precision"] if state else None)
+    run.amp_dtype, run.prec_why = amp_dtype, why or run.prec_why
     G = E * world  # the global batch
     tokens_per_step = G * args.seq_len
     log(f"device {device.type}, precision {args.precision} ({run.prec_why}); batch {micro_bs} x {accum} accumulation"
