@@ -619,26 +619,13 @@ GPU_PEAK_TFLOPS = {"H100 PCIe": (756, 378, 51), "H100": (989, 494, 67), "H200": 
                    "V100": (125, 15.7, 15.7), "RTX 4090": (165, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6)}
 
 
-def measure_matmul_peak(device, dtype, seconds=1.0):
-    """Best FLOP/s of a square matmul on this device, over about `seconds`."""
-    n = 2048 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
-
-
-def device_peak(device, amp_dtype, out, log):
-    """(FLOP/s, where it came from): the datasheet for known GPUs, else measured once and cached
-    in <out>/peak_flops.json (keyed by machine, so a resumed run reuses it)."""
+def device_peak(device, amp_dtype, config, out):
+    """(FLOP/s, where it came from), MFU's denominator: the datasheet for known GPUs; else the
+    matmul peak `memory_optimizer.py config` measured into optimal_config.json (best of many
+    repeats at three sizes) when it was measured on this machine at this thread count; else
+    measured here for 3 s and cached in <out>/peak_flops.json (a resumed run reuses it).
+    Used by train (and train_sft.py's)."""
+    dtype = "bf16" if amp_dtype is not None else "fp32"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
@@ -646,18 +633,42 @@ def device_peak(device, amp_dtype, out, log):
                 tflops = half if amp_dtype is not None else tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
                 return tflops * 1e12, f"{name} datasheet, {tflops:g} TFLOP/s"
     from memory_optimizer import cpu_model
-    key = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}, " \
-          f"{torch.get_num_threads()} threads, {amp_dtype or torch.float32}"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    threads = torch.get_num_threads()
+    try:
+        prof = json.loads(Path(config).read_text())["machine"]
+        peak = prof["matmul_peak"]
+        if (prof["gpu_name"] if device.type == "cuda" else prof["cpu_model"]) == machine and \
+                peak["device"] == device.type and peak["threads"] == threads:
+            return peak[f"{dtype}_gflops"] * 1e9, (f"{dtype} matmul peak {peak[f'{dtype}_gflops']:,.0f} GFLOP/s "
+                                                  f"from {config} ({threads} threads)")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no config, or one from before it held the peak: measure
+    key = f"{device.type} {machine}, {threads} threads, {dtype}"
     cache = Path(out) / "peak_flops.json"
     try:
         cached = json.loads(cache.read_text())
         if cached["key"] == key:
             return cached["flops"], f"measured {cached['flops'] / 1e9:.0f} GFLOP/s matmul peak ({key}; cached)"
-    except (OSError, json.JSONDecodeError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    flops = measure_matmul_peak(device, amp_dtype or torch.float32)
+    flops = common.matmul_peak(device, amp_dtype or torch.float32, seconds=3.0)
     common.write_json_atomic(cache, {"key": key, "flops": flops})
-    return flops, f"measured {flops / 1e9:.0f} GFLOP/s matmul peak ({key})"
+    return flops, (f"measured {flops / 1e9:.0f} GFLOP/s matmul peak ({key}; `python memory_optimizer.py config` "
+                   "measures it once, for every run)")
+
+
+def checked_peak(peak, fpt, tps, world, device, amp_dtype, log):
+    """The peak again, when MFU would read over 100 %: the peak was read low (a busy machine while
+    it was measured). Re-measured now, and never below what this run just did, so MFU <= 100 %.
+    Used by train (and train_sft.py's), at every log interval."""
+    if fpt * tps / (peak * world) <= 1:
+        return peak
+    new = max(peak, common.matmul_peak(device, amp_dtype or torch.float32, seconds=3.0), fpt * tps / world)
+    log(f"warning: MFU would read {100 * fpt * tps / (peak * world):.0f} %, so the matmul peak was measured "
+        f"again: {new / 1e9:,.0f} GFLOP/s (was {peak / 1e9:,.0f}; `python memory_optimizer.py config` on an idle "
+        "machine measures it best)")
+    return new
 
 
 def resolve_shape(args, sources, log):
@@ -927,7 +938,7 @@ def train(args, sources, run, cfg, data_dir, meta):
             "device": device.type, "why": {"batch": bs_why, "precision": run.prec_why}})
 
     train_model, no_sync = wrap(model, args, run)  # `model` stays the plain module we save
-    peak, peak_why = device_peak(device, amp_dtype, out, log) if is_main else (1.0, "")
+    peak, peak_why = device_peak(device, amp_dtype, args.config, out) if is_main else (1.0, "")
     fpt = flops_per_token(cfg)
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
     tb = tensorboard(args, out) if is_main else None
@@ -991,6 +1002,7 @@ def train(args, sources, run, cfg, data_dir, meta):
             loss = all_ranks(loss, dist.ReduceOp.SUM, run) / world if world > 1 else loss
             dt = time.time() - t_log
             ms, tps = 1000 * dt / (step - step_log), tokens_per_step * (step - step_log) / dt
+            peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
             mfu = fpt * tps / (peak * world)
             t_log, step_log = time.time(), step
             if is_main:

@@ -145,11 +145,11 @@ def worker(args):
     info = benchlib.runtime_info(device, choice.precision)
     if args.worker == "peak":
         import tempfile
-        if device.type == "cpu":  # as train_lm.py measures it, but best of 3 s instead of 1
-            flops = train_lm.measure_matmul_peak(device, torch.float32, seconds=3.0)
-            why = f"measured fp32 matmul peak, {flops / 1e9:.0f} GFLOP/s (1024 x 1024, best of 3 s)"
+        if device.type == "cpu":  # as memory_optimizer.py profile measures it (train_lm.py reads that)
+            flops = common.matmul_peak(device, torch.float32, seconds=3.0)
+            why = f"measured fp32 matmul peak, {flops / 1e9:.0f} GFLOP/s (256..1024 square, best of 3 s)"
         else:
-            flops, why = train_lm.device_peak(device, amp_dtype, tempfile.mkdtemp(), print)
+            flops, why = train_lm.device_peak(device, amp_dtype, "optimal_config.json", tempfile.mkdtemp())
         print(json.dumps(dict(info, peak_flops=flops, why=why)))
         return 0
 

@@ -446,3 +446,30 @@ def test_low_disk_warning_goes_to_the_run_log(tmp):
     low = "real = shutil.disk_usage\nshutil.disk_usage = lambda p: real(p)._replace(free=1)  # yet writes succeed"
     run(patched(tmp, low), *TINY, "--max-steps", "4", "--save-every", "2", "--out", "r", cwd=tmp, check=0)
     assert "warning: 0 MB free in" in (tmp / "r" / "train.log").read_text()
+
+
+def test_mfu_peak_comes_from_the_config_and_mfu_never_reads_over_100_percent(tmp_path, monkeypatch):
+    """The peak memory_optimizer.py config measured (on this machine, at this thread count) is
+    the one every run uses; a peak read low is measured again, and never left under what the
+    run just did."""
+    import train_lm
+    from memory_optimizer import cpu_model
+    cpu = torch.device("cpu")
+    cfg = tmp_path / "optimal_config.json"
+    machine = {"cpu_model": cpu_model(), "gpu_name": None,
+               "matmul_peak": {"device": "cpu", "threads": torch.get_num_threads(), "fp32_gflops": 123.0,
+                               "bf16_gflops": 456.0}}
+    cfg.write_text(json.dumps({"machine": machine}))
+    assert train_lm.device_peak(cpu, None, cfg, tmp_path)[0] == 123e9
+    flops, why = train_lm.device_peak(cpu, torch.bfloat16, cfg, tmp_path)
+    assert flops == 456e9 and "bf16 matmul peak 456 GFLOP/s from" in why
+    machine["matmul_peak"]["threads"] += 1  # measured at another thread count: measured here instead
+    cfg.write_text(json.dumps({"machine": machine}))
+    monkeypatch.setattr(train_lm.common, "matmul_peak", lambda device, dtype, seconds: 50e9)
+    flops, why = train_lm.device_peak(cpu, None, cfg, tmp_path)
+    assert flops == 50e9 and (tmp_path / "peak_flops.json").exists() and "memory_optimizer.py config" in why
+    logs = []
+    assert train_lm.checked_peak(100e9, 1e6, 5e4, 1, cpu, None, logs.append) == 100e9 and not logs  # MFU 50 %
+    new = train_lm.checked_peak(10e9, 1e6, 5e4, 1, cpu, None, logs.append)  # MFU would be 500 %
+    assert new == 50e9 and 1e6 * 5e4 / new <= 1 and "MFU would read 500 %" in logs[0]
+    assert train_lm.checked_peak(10e9, 1e6, 8e4, 1, cpu, None, logs.append) == 80e9  # never under what was done
