@@ -28,6 +28,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import csv  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -125,14 +126,35 @@ g.add_argument("--transcribe", nargs="+", default=None, metavar="WAV",
 # -----------------------------------------------------------------------------
 # audio: WAV in, 16 kHz mono float out
 
+class TruncatedWav(UserError):
+    """A WAV whose data chunk holds fewer bytes than its header says (a copy or download cut
+    short). read_manifest makes it a bad row (--bad-rows); elsewhere it is a UserError."""
+
+
+def missing_bytes(head, size):
+    """How many bytes of the data chunk a file of `size` bytes lacks, by the chunk headers in
+    `head` (its first bytes); 0 when it is whole or has no data chunk there."""
+    i = 12  # after "RIFF", the RIFF size, "WAVE"
+    while i + 8 <= len(head):
+        n = int.from_bytes(head[i + 4:i + 8], "little")
+        if head[i:i + 4] == b"data":
+            # 0xFFFFFFFF: a streaming writer (ffmpeg to a pipe) that never knew the size: to the end
+            return 0 if n == 0xFFFFFFFF else max(0, i + 8 + n - size)
+        i += 8 + n + (n & 1)  # chunks are padded to an even length
+    return 0
+
+
 def open_wav(path, header_only=False):
     """-> (channels, bytes per sample, rate, frames, raw sample bytes or None), by the stdlib
     `wave`. Files in WAVE_FORMAT_EXTENSIBLE with PCM data (how sox and ffmpeg write most 24/32-bit
     and multichannel WAVs; `wave` reads them only from Python 3.12) get their format tag rewritten
-    to plain PCM in memory. header_only reads the first 64 KiB: enough for the header."""
+    to plain PCM in memory. header_only reads the first 64 KiB: enough for the header.
+    A file shorter than its header says is a TruncatedWav: `wave` would quietly return the
+    samples that are there, and a clip cut mid-word would train against its whole transcript."""
     try:
         with open(path, "rb") as f:
             data = f.read(65536 if header_only else -1)
+            size = os.fstat(f.fileno()).st_size
         i = data.find(b"fmt ", 12)
         # fmt chunk: tag at +8; in the extensible form the SubFormat GUID, whose first two
         # bytes are the real format code (1 = PCM), starts at +32
@@ -140,6 +162,11 @@ def open_wav(path, header_only=False):
             data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
         with wave.open(io.BytesIO(data), "rb") as w:
             info = (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes())
+            if missing := missing_bytes(data, size):
+                per_s = info[0] * info[1] * info[2]  # bytes per second of audio
+                raise TruncatedWav(f"{path}: truncated: {missing:,} bytes of samples missing "
+                                   f"({missing / max(1, per_s):.2f} s of its {info[3] / max(1, info[2]):.2f} s); "
+                                   "copy or convert it again")
             return (*info, None if header_only else w.readframes(info[3]))
     except FileNotFoundError:
         raise UserError(f"{path}: audio file not found")
@@ -153,7 +180,6 @@ def read_wav(path):
     channels, width, rate, _, raw = open_wav(path)
     if rate <= 0:
         raise UserError(f"{path}: the header says {rate} samples per second")
-    raw = raw[:len(raw) // (width * channels) * width * channels]  # a truncated file: whole frames only
     if width == 1:  # 8-bit WAV is unsigned, centred on 128
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
@@ -207,7 +233,8 @@ def write_wav(path, x, rate=SR):
 
 
 def wav_duration(path):
-    """Seconds, from the header only (cheap enough to check every file before training)."""
+    """Seconds, from the header only (cheap enough to check every file before training); a
+    TruncatedWav if the file is shorter than that."""
     channels, width, rate, frames, _ = open_wav(path, header_only=True)
     if rate <= 0 or width not in (1, 2, 3, 4):
         raise UserError(f"{path}: unsupported WAV header ({rate} Hz, {8 * width}-bit); use 16-bit PCM")
@@ -275,12 +302,13 @@ def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
     "duration"}, rows skipped). Audio paths are relative to the manifest; for a manifest fetched
     from a URL, fetch_audio(path) fetches each one from beside it. Every WAV header is read here,
     so a missing or corrupt file stops the run before it starts; the duration is the header's (a
-    manifest's may be stale)."""
+    manifest's may be stale). A truncated WAV is a bad row: skipped with a warning, or with
+    bad_rows "fail" an error naming its line."""
     p = Path(path)
     rows, bad, reasons = common.read_records(p, flag, ("audio_filepath", "text"), aliases={"path": "audio_filepath"},
                                              bad_rows=bad_rows)
     items = []
-    for r in rows:
+    for k, r in enumerate(rows):
         text = norm_text(r["text"])
         if not text:  # only symbols the vocabulary drops ("!!!")
             bad += 1
@@ -290,13 +318,31 @@ def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
         wav = fetch_audio(audio) if fetch_audio else (p.parent / audio) if not Path(audio).is_absolute() else Path(audio)
         if not wav.is_file():
             raise UserError(f"{flag} {p}: audio file {wav} not found (paths are relative to the manifest's folder)")
-        items.append({"path": str(wav), "text": text, "duration": wav_duration(wav)})
+        try:
+            items.append({"path": str(wav), "text": text, "duration": wav_duration(wav)})
+        except TruncatedWav as e:
+            if bad_rows == "fail":
+                line = row_lines(p)[k]
+                raise UserError(f"{flag} {p}: line {line}: {e} (--bad-rows skip drops such rows)") from None
+            log(f"warning: {flag} {p}: {e}; skipped")
+            bad += 1
     first = f" (first: {'; '.join(reasons[:common.MAX_REASONS])})" if reasons else ""
     if not items:
         raise UserError(f"{flag} {p}: no utterances (every row needs an audio path and a text){first}")
     if bad:
         log(f"{flag} {p}: {bad} bad rows skipped{first}")
     return items, bad
+
+
+def row_lines(path):
+    """The line of each data row of a manifest, in order: which line common.read_records read
+    each record from when no row was bad (it keeps no line numbers)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        if Path(path).suffix.lower() in (".jsonl", ".json"):
+            return [i for i, line in enumerate(f, start=1) if line.strip()]
+        reader = csv.reader(f, delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ",")
+        next(reader, None)  # the header
+        return [reader.line_num for row in reader if len(row) > 1 or "".join(row).strip()]
 
 
 def read_manifests(args):
@@ -950,7 +996,8 @@ def log_model(log, model, args, shape):
 
 def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log):
     """The effective batch stays fixed; the micro-batch is fitted to the machine on the longest
-    utterances (the worst case the run will see). Returns (micro_bs, accum, why, effective batch)."""
+    utterances (the worst case the run will see), then the CPU precision by timing (common.measure_precision).
+    Returns (micro_bs, accum, why, effective batch, amp_dtype, precision's why)."""
     device, amp_dtype, _, prec_why = dev
     longest = sorted(range(len(train_items)), key=lambda i: -train_items[i]["duration"])
 
@@ -966,12 +1013,19 @@ def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log):
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
     # after an OOM halving micro_bs * accum can overshoot an odd effective batch: keep the run's own
     E = state["effective"] if state else micro_bs * accum
+    # precision: on a CPU, bf16 only where this model's own step is measured faster in it
+    first = make_batch(train_items, list(range(min(micro_bs, len(train_items)))), stoi)
+    amp_dtype, why = common.measure_precision(
+        args, sources, device, model, lambda dt: common.probe_step(
+            model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()}, args.ctc_weight), first,
+            device, dt), log, state["args"]["precision"] if state else None)
+    prec_why = why or prec_why
     snap = common.memory_snapshot(device)
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
         f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free; allocator {os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
            if device.type == "cuda" else ""))
-    return micro_bs, accum, bs_why, E
+    return micro_bs, accum, bs_why, E, amp_dtype, prec_why
 
 
 def build_optimizer(model, args, sources, *, n_train, E, device, log):
@@ -1006,12 +1060,12 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
     model.grad_checkpointing = args.grad_checkpointing
     n_params = log_model(log, model, args, shape)
 
-    micro_bs, accum, bs_why, E = fit_batch(model, args, sources, train_items=train_items, stoi=stoi, state=state,
-                                           dev=dev, log=log)
+    micro_bs, accum, bs_why, E, amp_dtype, prec_why = fit_batch(model, args, sources, train_items=train_items,
+                                                                stoi=stoi, state=state, dev=dev, log=log)
     optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
         model, args, sources, n_train=len(train_items), E=E, device=device, log=log)
 
-    step, epoch, pos, best = 0, 0, 0, math.inf
+    step, epoch, pos, best, eval_bs = 0, 0, 0, math.inf, micro_bs
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
                                                                               scheduler, scaler)
     if state:
@@ -1037,14 +1091,17 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
             samples=samples_before + samples_seen,
             extra={"itos": itos, "shape": list(shape), "model_args": model_args, "plateau": dict(plateau),
                    "aug_rng": aug_gen.get_state(), "preset": args.preset})
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now, log=log)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
         return path
 
     def run_eval():
-        nonlocal best
-        val_loss, cer, wer, pairs = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype,
-                                             micro_bs)
+        nonlocal best, eval_bs
+        # a batch that fitted in training can fail here (another process took the memory, or the
+        # cache is fragmented): halve it, keep the size that fitted for the next evaluation
+        (val_loss, cer, wer, pairs), eval_bs = common.evaluate_halving(
+            lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs),
+            min(eval_bs, micro_bs), device, log)
         is_best = val_loss < best  # best by validation loss, as the seed
         best = min(best, val_loss)
         if args.schedule == "plateau":
@@ -1127,7 +1184,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
         return 0
     train_s = train_before + time.time() - t_start
     report(model, args, out=out, log=log, status=status, items=items, stoi=stoi, itos=itos, device=device,
-           amp_dtype=amp_dtype, batch=micro_bs, run=dict(
+           amp_dtype=amp_dtype, batch=min(eval_bs, micro_bs), run=dict(
                steps=step, epochs=epoch, samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
                params=n_params, wall_s=wall_before + time.time() - status["started"], shape=list(shape),
                effective_batch=E))
@@ -1136,12 +1193,14 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
 
 def report(model, args, *, out, log, status, items, stoi, itos, device, amp_dtype, batch, run):
     """After the loop, with the best checkpoint: greedy CTC on val, beam search (attention + CTC
-    prefix score) on test; summary.json. `run`: the loop's fields of the summary."""
+    prefix score) on test; summary.json. `batch`: the evaluation batch that fitted; `run`: the
+    loop's fields of the summary."""
     _, val_items, test_items = items
     best_path = out / "checkpoints" / "best.pt"
     if best_path.exists():
         model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    val_loss, val_cer, val_wer, _ = evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, batch)
+    (val_loss, val_cer, val_wer, _), batch = common.evaluate_halving(
+        lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs), batch, device, log)
     summary = dict(trainer="asr", metric="val_cer", value=round(val_cer, 3), val_cer=round(val_cer, 3),
                    val_wer=round(val_wer, 3), val_loss=round(val_loss, 5), test_cer=None, test_wer=None,
                    steps=run["steps"], epochs=run["epochs"], samples_per_s=run["samples_per_s"],
@@ -1151,8 +1210,9 @@ def report(model, args, *, out, log, status, items, stoi, itos, device, amp_dtyp
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, stoi, itos, args, device)
-        _, greedy_cer, greedy_wer, _ = evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype,
-                                                batch)
+        (_, greedy_cer, greedy_wer, _), _ = common.evaluate_halving(
+            lambda bs: evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs), batch,
+            device, log)
         summary.update(test_cer=round(test_cer, 3), test_wer=round(test_wer, 3),
                        test_cer_greedy_ctc=round(greedy_cer, 3), test_wer_greedy_ctc=round(greedy_wer, 3))
         log(f"test ({len(test_items)} utterances, beam {args.beam}, CTC weight {args.decode_ctc_weight}, "

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
-from train_lm import (EOT, LM, VOCAB, add_model_flags, all_ranks, check_flags, check_resume, describe, device_peak,
-                      encode, flops_per_token, log_interval, log_presets, make_optimizer, model_config, resolve_shape,
+from train_lm import (EOT, LM, VOCAB, add_model_flags, all_ranks, check_flags, check_resume, checked_peak, describe,
+                      device_peak, encode, flops_per_token, log_interval, log_presets, make_optimizer, model_config, resolve_shape,
                       start, tensorboard, wrap)
 
 # -----------------------------------------------------------------------------
@@ -625,6 +625,13 @@ def train(args, sources, run, cfg, data, init):
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
     E = micro_bs * accum  # pairs per rank per step
+    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
+    amp_dtype, why = common.measure_precision(
+        args, sources, device, model, lambda dt: common.probe_step(
+            model, lambda m, b: sft_loss_fn(m, b, device), {"x": torch.zeros(micro_bs, longest + 1, dtype=torch.long),
+                                                            "w": torch.ones(micro_bs, longest)}, device, dt),
+        log, state["args"]["precision"] if state else None)
+    run.amp_dtype, run.prec_why = amp_dtype, why or run.prec_why
     G = E * world  # the global batch
     tokens_per_step = G * mean_len  # on average (padding not counted)
     log(f"device {device.type}, precision {args.precision} ({run.prec_why}); batch {micro_bs} x {accum} accumulation"
@@ -640,7 +647,7 @@ def train(args, sources, run, cfg, data, init):
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
-    step, best = 0, float("inf")
+    step, best, eval_bs = 0, float("inf"), micro_bs
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
                                                                               scheduler, run.scaler)
     if state:
@@ -654,7 +661,7 @@ def train(args, sources, run, cfg, data, init):
             "device": device.type, "why": {"batch": bs_why, "precision": run.prec_why}})
 
     train_model, no_sync = wrap(model, args, run)  # `model` stays the plain module we save
-    peak, peak_why = device_peak(device, amp_dtype, out, log) if is_main else (1.0, "")
+    peak, peak_why = device_peak(device, amp_dtype, args.config, out) if is_main else (1.0, "")
     fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))))  # attention at the average pair length
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
     tb = tensorboard(args, out) if is_main else None
@@ -665,12 +672,16 @@ def train(args, sources, run, cfg, data, init):
             world_size=world, model_cfg=cfg, args=dict(vars(args)), task="sft",
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen)
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now)
+        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now, log=log)
         common.update_status(out, status, last_checkpoint=str(path.resolve()))
 
     def run_eval():  # rank 0; True when this is the best validation so far
-        nonlocal best
-        val_loss = evaluate_sft(model, val_examples, device, amp_dtype, micro_bs, args.seq_len)
+        nonlocal best, eval_bs
+        # a batch that fitted in training can still not fit here (another process took the memory):
+        # halve it, keep the size that fitted for the next evaluation
+        val_loss, eval_bs = common.evaluate_halving(
+            lambda bs: evaluate_sft(model, val_examples, device, amp_dtype, bs, args.seq_len), min(eval_bs, micro_bs),
+            device, log)
         common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6)})
         log(f"step {step}: val loss {val_loss:.4f} nats per answer token ({len(val_examples)} pairs)")
         is_best, best = val_loss < best, min(best, val_loss)
@@ -712,6 +723,7 @@ def train(args, sources, run, cfg, data, init):
             loss = all_ranks(loss, dist.ReduceOp.SUM, run) / world if world > 1 else loss
             dt = time.time() - t_log
             ms, tps = 1000 * dt / (step - step_log), tokens_log / dt
+            peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
             mfu = fpt * tps / (peak * world)
             t_log, step_log, tokens_log = time.time(), step, 0
             if is_main:
@@ -744,8 +756,9 @@ def train(args, sources, run, cfg, data, init):
         dist.barrier()
     if not is_main:
         return 0
-    report(args, run, model, data, val_examples, micro_bs, cfg, best=best, step=step, start_step=start_step,
-           wall=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
+    report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
+           start_step=start_step, wall=wall_before + time.time() - status["started"],
+           train_s=train_before + time.time() - t_start,
            samples=samples_before + samples_seen, mean_len=mean_len, fpt=fpt, peak=peak, n_params=n_params,
            global_batch=G)
     if tb:
@@ -783,15 +796,17 @@ def record_loop(args, sources, out, model, optimizer, loader, watch, *, micro_bs
         "swap_threshold": watch["swap"], "mem_check_every": watch["every"]}))
 
 
-def report(args, run, model, data, val_examples, micro_bs, cfg, *, best, step, start_step, wall, train_s, samples,
+def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, start_step, wall, train_s, samples,
            mean_len, fpt, peak, n_params, global_batch):
-    """The end of a run: val loss, command accuracy on the test split, summary.json."""
+    """The end of a run: val loss (at eval_bs, the evaluation batch that fitted), command accuracy on
+    the test split, summary.json."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
         return
-    val_loss = evaluate_sft(model, val_examples, device, run.amp_dtype, micro_bs, args.seq_len)
+    val_loss, _ = common.evaluate_halving(
+        lambda bs: evaluate_sft(model, val_examples, device, run.amp_dtype, bs, args.seq_len), eval_bs, device, log)
     log(f"scoring the {len(data['test'])} test pairs: greedy decoding of every answer (about a minute on a CPU)")
     t0 = time.time()
     exact, sub, answers = command_accuracy(model, data["test"], device)
@@ -932,6 +947,7 @@ CREATE TABLE IF NOT EXISTS training_use (
 );
 """
 SEED_COLUMNS = ("id", "timestamp", "user_input", "ai_response", "user_feedback", "context", "success")
+BUSY_S = 10.0  # how long one feedback-db call waits for another process's lock before it fails
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
 
 
@@ -960,32 +976,32 @@ def open_feedback_db(path, create=True):
             if f.read(16) != SQLITE_MAGIC:
                 raise UserError(f"--feedback-db {path}: not a SQLite database; give another file name")
     try:
-        # timeout = busy timeout: a writer waits up to 10 s for another writer's short transaction
-        # instead of failing with "database is locked"; isolation_level=None: we say BEGIN ourselves
-        con = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
+        # timeout = the busy timeout, set by connect before any statement runs: a statement that meets
+        # another connection's lock waits up to BUSY_S instead of failing with "database is locked";
+        # isolation_level=None: we say BEGIN ourselves
+        con = sqlite3.connect(str(path), timeout=BUSY_S, isolation_level=None)
     except sqlite3.Error as e:
         raise UserError(f"--feedback-db {path}: cannot open ({e})") from None
     try:
-        # WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can write while
-        # the trainer reads. The mode is stored in the file; switching needs a moment's exclusive
-        # lock, so only do it once.
-        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            con.execute("PRAGMA journal_mode=WAL")
+        set_wal(con)
         # in WAL mode NORMAL survives a crash of any process; only a power cut can lose the last commits
         con.execute("PRAGMA synchronous=NORMAL")
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "user_interactions" not in tables:
-            if not create:
-                raise UserError(f"--feedback-db {path}: has no user_interactions table; is it the right file?")
-            con.executescript(FEEDBACK_SCHEMA)
-        cols = {r[1] for r in con.execute("PRAGMA table_info(user_interactions)")}
-        missing = [c for c in SEED_COLUMNS if c not in cols]
-        if missing:
-            raise UserError(f"--feedback-db {path}: its user_interactions table lacks column(s) "
-                            f"{', '.join(missing)}; it was not written by `ask` or the seed")
-        if "training_use" not in tables:
-            # also added to a seed database opened read-side: the trainer has to record what it used
-            con.executescript(TRAINING_USE_SCHEMA)
+        if "user_interactions" in tables:
+            cols = {r[1] for r in con.execute("PRAGMA table_info(user_interactions)")}
+            missing = [c for c in SEED_COLUMNS if c not in cols]
+            if missing:
+                raise UserError(f"--feedback-db {path}: its user_interactions table lacks column(s) "
+                                f"{', '.join(missing)}; it was not written by `ask` or the seed")
+        elif tables and not create:
+            # another program's database (one with no table at all is one `ask` is creating right now)
+            raise UserError(f"--feedback-db {path}: has no user_interactions table; is it the right file?")
+        if not {"user_interactions", "training_use"} <= tables:
+            # every opener, readers too, so one that races the creator finds the tables, not an error;
+            # IF NOT EXISTS inside one write transaction: two creators at once make them once.
+            # training_use is also added to a seed database opened read-side: the trainer records
+            # what it used there
+            con.executescript(f"BEGIN IMMEDIATE; {FEEDBACK_SCHEMA} {TRAINING_USE_SCHEMA} COMMIT;")
     except UserError:
         con.close()
         raise
@@ -993,6 +1009,40 @@ def open_feedback_db(path, create=True):
         con.close()
         raise UserError(f"--feedback-db {path}: {e}") from None
     return con
+
+
+def set_wal(con):
+    """Switch to WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can
+    write while the trainer reads. The mode is stored in the file, so it is switched once, by
+    whichever opener comes first. Called by open_feedback_db.
+
+    The switch needs a moment's exclusive lock, and SQLite answers "database is locked" to it at
+    once, busy timeout or not, while another connection opens the same fresh file: retry for up
+    to BUSY_S."""
+    deadline = time.monotonic() + BUSY_S
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
+def _write(con, fn):
+    """fn(con) inside BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, where the busy
+    timeout covers it, and the row is committed before the connection closes, or rolled back.
+    Used by every function below that writes."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(con)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return result
 
 
 def _feedback_call(db_path, create, fn):
@@ -1018,7 +1068,7 @@ def log_interaction(db_path, user_input, ai_response, context=None, success=None
         cur = con.execute("INSERT INTO user_interactions (timestamp, user_input, ai_response, user_feedback, "
                           "context, success) VALUES (?, ?, ?, ?, ?, ?)", row)
         return cur.lastrowid
-    return _feedback_call(db_path, True, insert)
+    return _feedback_call(db_path, True, lambda con: _write(con, insert))
 
 
 def rate_interaction(db_path, interaction_id, feedback, success=None):
@@ -1034,7 +1084,7 @@ def rate_interaction(db_path, interaction_id, feedback, success=None):
         if cur.rowcount == 0:
             raise UserError(f"--feedback-db {db_path}: no interaction {interaction_id}; "
                             f"`train_sft.py rate --feedback-db {db_path} --list` shows the ids")
-    _feedback_call(db_path, False, update)
+    _feedback_call(db_path, False, lambda con: _write(con, update))
 
 
 def _bad_row_reason(user_input, ai_response, feedback, context):
@@ -1094,16 +1144,10 @@ def mark_used(db_path, ids, round_no, run, kept):
     batch = [(int(i), int(round_no), str(run), int(bool(kept)), now) for i in ids]
 
     def insert(con):
-        con.execute("BEGIN IMMEDIATE")  # take the write lock up front: the busy timeout then covers it
-        try:
-            # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
-            con.executemany("INSERT OR IGNORE INTO training_use (interaction_id, round, run, kept, used_at) "
-                            "VALUES (?, ?, ?, ?, ?)", batch)
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-    _feedback_call(db_path, False, insert)
+        # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
+        con.executemany("INSERT OR IGNORE INTO training_use (interaction_id, round, run, kept, used_at) "
+                        "VALUES (?, ?, ?, ?, ?)", batch)
+    _feedback_call(db_path, False, lambda con: _write(con, insert))
 
 
 def used_rows(db_path, run=None):

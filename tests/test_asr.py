@@ -112,6 +112,58 @@ def test_corrupt_wav_is_a_user_error_naming_the_file(tmp, content):
         asr.read_wav(tmp / "bad.wav")
 
 
+def truncated_manifest(tmp, ext=".jsonl"):
+    """Four 0.5 s WAVs in a manifest (a blank line before the third row); the third lost the last
+    3,000 bytes of its samples, as a copy cut short does. Returns the manifest's path."""
+    rows = []
+    for i in range(4):
+        write_pcm(tmp / f"u{i}.wav", tone(300 + 100 * i, 16000), 16000, 2)
+        rows.append({"audio_filepath": f"u{i}.wav", "text": "ab"})
+    cut = (tmp / "u2.wav").read_bytes()
+    (tmp / "u2.wav").write_bytes(cut[:-3000])
+    if ext == ".csv":
+        lines = ["path,text"] + [f"{r['audio_filepath']},{r['text']}" for r in rows]
+    else:
+        lines = [json.dumps(r) for r in rows]
+    lines.insert(len(lines) - 2, "")
+    (tmp / f"m{ext}").write_text("\n".join(lines) + "\n")
+    return tmp / f"m{ext}"
+
+
+@pytest.mark.parametrize("ext,line", [(".jsonl", 4), (".csv", 5)])
+def test_truncated_wav_is_a_bad_row(tmp, ext, line):
+    # the audit: `wave` returns what is there, so a clip cut mid-data trained on its whole transcript
+    m = truncated_manifest(tmp, ext)
+    with pytest.raises(asr.TruncatedWav, match=r"u2.wav: truncated: 3,000 bytes of samples missing \(0.09 s of its 0.50"):
+        asr.read_wav(tmp / "u2.wav")
+    with pytest.raises(asr.TruncatedWav, match="u2.wav: truncated"):
+        asr.wav_duration(tmp / "u2.wav")  # the header-only check every manifest row gets
+    lines = []
+    items, bad = asr.read_manifest(m, "--train-manifest", "skip", log=lines.append)
+    assert [Path(it["path"]).name for it in items] == ["u0.wav", "u1.wav", "u3.wav"] and bad == 1
+    assert lines == [f"warning: --train-manifest {m}: {tmp / 'u2.wav'}: truncated: 3,000 bytes of samples missing "
+                     "(0.09 s of its 0.50 s); copy or convert it again; skipped",
+                     f"--train-manifest {m}: 1 bad rows skipped"]
+    p = call("train_asr.py", "--train-manifest", m.name, "--bad-rows", "fail", "--max-steps", "1", cwd=tmp)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: --train-manifest {m.name}: line {line}: u2.wav: truncated") and \
+        "(--bad-rows skip drops such rows)" in p.stderr, p.stderr
+    assert not (tmp / "runs").exists()
+
+
+def test_a_streamed_wav_whose_header_gives_no_size_is_not_truncated(tmp):
+    # ffmpeg writing to a pipe cannot seek back: its data chunk says 0xFFFFFFFF bytes
+    import wave
+    with wave.open(str(tmp / "s.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.zeros(800, np.int16).tobytes())
+    raw = bytearray((tmp / "s.wav").read_bytes())
+    i = raw.find(b"data")
+    raw[i + 4:i + 8] = (0xFFFFFFFF).to_bytes(4, "little")
+    (tmp / "s.wav").write_bytes(bytes(raw))
+    assert asr.missing_bytes(bytes(raw), len(raw)) == 0
+
+
 def test_float_wav_is_refused_with_how_to_convert(tmp):
     data = np.zeros(100, np.float32).tobytes()  # IEEE float (format 3), which `wave` does not read
     fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little") + \
@@ -442,6 +494,37 @@ def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     assert expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "Traceback" not in p.stderr and not (tmp / "runs").exists()
+
+
+def test_validation_oom_halves_its_batch_and_keeps_it(tmp, monkeypatch):
+    # the audit: an out-of-memory error in validation ended the run; now the batch halves (8 -> 4
+    # -> 2 here), the size that fitted is kept for the next evaluations, and no figure changes
+    real = asr.evaluate
+    flags = ["--quick", "--dataset-size", "32", "--batch-size", "8", "--max-steps", "2", "--beam", "1"]
+
+    def losses(out, fits):
+        seen = []
+
+        def evaluate(*a):
+            if a[-1] > fits:
+                seen.append("oom")
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            r = real(*a)
+            seen.append(r[0])  # the exact loss: metrics.jsonl rounds it
+            return r
+        monkeypatch.setattr(asr, "evaluate", evaluate)
+        p = call("train_asr.py", *flags, "--out", out, cwd=tmp)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+        return seen, p.stdout
+    ref, _ = losses("ref", 8)
+    got, stdout = losses("oom", 2)
+    assert got[:2] == ["oom", "oom"] and "oom" not in got[2:]  # halved twice, then kept
+    assert [line.split("] ")[-1] for line in stdout.splitlines() if "out of memory" in line] == [
+        "out of memory in evaluation: its batch halved to 4; evaluating again",
+        "out of memory in evaluation: its batch halved to 2; evaluating again"]
+    assert len(ref) == len(got[2:]) == 3  # the last step's evaluation, then val and test in the report
+    assert got[2:] == pytest.approx(ref, rel=1e-6)
+    assert read_json(tmp / "oom" / "summary.json")["steps"] == 2
 
 
 def test_demo_config_keeps_the_tiny_model_for_quick(tmp):

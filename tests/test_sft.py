@@ -196,6 +196,36 @@ def test_resume_reproduces_and_init_from_a_pretrained_run(tmp):
     assert p.returncode == 2 and "ask needs a fine-tuned run" in p.stderr
 
 
+def test_validation_oom_halves_its_batch_and_keeps_it(tmp, monkeypatch):
+    # the audit: an out-of-memory error in validation ended the run; now the batch halves (8 -> 4
+    # -> 2 here), the size that fitted is kept for the next evaluation, and the loss is the same
+    real = train_sft.evaluate_sft
+    flags = ["--quick", *TINY, *few_pairs(tmp), "--batch-size", "8", "--grad-accum", "1", "--max-steps", "2"]
+
+    def losses(out, fits):
+        seen = []
+
+        def evaluate_sft(model, examples, device, amp_dtype, bs, seq_len):
+            if bs > fits:
+                seen.append("oom")
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            seen.append(real(model, examples, device, amp_dtype, bs, seq_len))  # metrics.jsonl rounds it
+            return seen[-1]
+        monkeypatch.setattr(train_sft, "evaluate_sft", evaluate_sft)
+        p = call("train_sft.py", *flags, "--out", out, cwd=tmp)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+        return seen, p.stdout
+    ref, _ = losses("ref", 8)
+    got, stdout = losses("oom", 2)
+    assert got[:2] == ["oom", "oom"] and "oom" not in got[2:]  # halved twice, then kept
+    assert [line.split("] ")[-1] for line in stdout.splitlines() if "out of memory" in line] == [
+        "out of memory in evaluation: its batch halved to 4; evaluating again",
+        "out of memory in evaluation: its batch halved to 2; evaluating again"]
+    assert len(ref) == len(got[2:]) == 2  # the last step's evaluation, then the report's
+    assert got[2:] == pytest.approx(ref, rel=1e-6)
+    assert read_json(tmp / "oom" / "summary.json")["steps"] == 2
+
+
 def test_continuous_learning_rounds(sft_run, tmp):
     d, out, _ = sft_run
     db = tmp / "fb.db"
