@@ -23,6 +23,29 @@ printing one JSON line), so one run's peak memory never includes another's:
     tensors' own peak for one micro-batch of each, counted in this process (tensor_peak_mb).
 
     python benchmarks/bench_lm.py --sft-only  # table 4 alone, ~4 min
+
+With --nanogpt DIR (a checkout of github.com/karpathy/nanoGPT; nothing of it is copied here) it
+prints one other table instead: train_lm.py against nanoGPT's own train.py, unmodified.
+
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanogpt
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --nanogpt /tmp/nanogpt --steps-a 400 --steps-b 30 --repeats 2
+
+ 5. Both shapes (A, B above), every run a fresh process started from this script, in turn
+    (ours fp32, nanoGPT, ours default; again per --repeats), OMP_NUM_THREADS=--threads, same
+    steps, compile off, dropout 0. nanoGPT: config/train_shakespeare_char.py's recipe, fp32 on
+    the CPU, reading the same train.bin / val.bin (bench_lm_nanogpt.prepare_data). Ours:
+    train_lm.py at --precision fp32, and at its default (auto: bf16 where this CPU has bf16 units
+    and the model's own step is measured faster in it, common.measure_precision).
+    tokens/s leaves start-up out, for both alike, from each run's own per-step timings: ours'
+    metrics.jsonl (ms per step over each --log-every interval), nanoGPT's log (`iter N: ... time
+    Xms`, every iteration), grouped into the same intervals; the first interval (warm-up; for
+    nanoGPT also its step-0 evaluation) and nanoGPT's last iteration (its evaluation and save) are
+    dropped; the median interval's tokens/s, then the median over repeats.
+    peak RSS: the process's high-water mark (os.wait4's ru_maxrss), start-up and the end included.
+    val loss: each final checkpoint (first repeat) scored here on the whole of val.bin in
+    non-overlapping windows of the context, summed cross-entropy / tokens, fp32
+    (bench_lm_nanogpt.val_nats), the same for both. The measured table, and a profile of where
+    our fp32 step's time goes (mostly the same ATen kernels nanoGPT runs), are in docs/lm.md.
 """
 
 import argparse
@@ -62,6 +85,10 @@ parser.add_argument("--gpt-max-context", type=pos_int, default=16384, metavar="T
 parser.add_argument("--sft-steps", type=nonneg_int, default=20, metavar="N",
                     help="table 4: optimizer steps per sft run (0 = skip the table)")
 parser.add_argument("--sft-only", action="store_true", help="only table 4")
+parser.add_argument("--nanogpt", default=None, metavar="DIR",
+                    help="a nanoGPT checkout: print table 5 (train_lm.py vs nanoGPT's train.py, shapes A and B, "
+                         "--steps-a / --steps-b steps each run) instead of tables 1-4")
+parser.add_argument("--threads", type=pos_int, default=1, metavar="N", help="table 5: OMP_NUM_THREADS of every run")
 parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps, 1 repeat, contexts 1K and 4K")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
 parser.add_argument("--worker", choices=["ours", "naive", "long", "peak"], default=None,
@@ -249,6 +276,8 @@ def main():
         return r["gpu_peak_mb"] if r["gpu_peak_mb"] is not None else r["peak_rss_mb"] - r["rss_base_mb"]
 
     busy, t_start, kids0 = benchlib.cpu_watch_start()
+    if args.nanogpt:
+        return versus_nanogpt(args, busy, t_start, kids0)
     if args.sft_only:
         sft = sft_modes(args)
         wall, others = benchlib.cpu_watch_end(t_start, kids0)
@@ -345,6 +374,129 @@ def main():
     if args.sft_steps:
         print_sft(args, sft_modes(args))
     benchlib.print_footer(busy, others, wall)
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# table 5: train_lm.py vs nanoGPT's train.py
+
+def run_child(cmd, cwd, env, log_path):
+    """Run cmd to the end, its output into log_path; returns its peak RSS in MB (None where
+    os.wait4 is missing: Windows). Exits 2 with the log's tail if it fails."""
+    import os
+    import subprocess
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if hasattr(os, "wait4"):
+            _, status, usage = os.wait4(proc.pid, 0)
+            rc, rss = os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024  # KB on Linux
+        else:
+            rc, rss = proc.wait(), None
+    if rc != 0:
+        print(Path(log_path).read_text()[-3000:], file=sys.stderr)
+        sys.exit(f"error: {' '.join(map(str, cmd[:3]))} ... exited {rc}; its log is above ({log_path})")
+    return rss
+
+
+def interval_ms(per_step, every):
+    """Median ms per step over intervals of `every` steps, the first interval dropped.
+    per_step: [(steps, ms per step)], one entry per logged interval or iteration."""
+    chunks, cur = [], []
+    for n, ms in per_step:
+        cur += [ms] * n
+        if len(cur) >= every:
+            chunks.append(sum(cur) / len(cur))
+            cur = []
+    return statistics.median(chunks[1:] or chunks)
+
+
+def versus_nanogpt(args, busy, t_start, kids0):
+    """Table 5 (see the docstring): runs, scoring and the table."""
+    import os
+    import re
+    import shutil
+    import tempfile
+    import bench_lm_nanogpt as bn
+    import torch
+    import train_lm
+    ng = bn.checkout(args.nanogpt)
+    work = Path(tempfile.mkdtemp(prefix="bench_lm-nanogpt-"))
+    data, meta, ngdata = bn.prepare_data(work)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device.replace("auto", "cuda")
+    runs = {"ours fp32": ["--precision", "fp32"], "nanoGPT": None, "ours default": []}
+    res = {}
+    for shape, (L, H, d, T, B) in SHAPES.items():
+        steps = args.steps_a if shape == "A" else args.steps_b
+        every = max(1, steps // 20)
+        for rep in range(args.repeats):
+            for name, flags in runs.items():
+                out = work / f"{shape}-{name.replace(' ', '_')}-{rep}"
+                if flags is None:
+                    cmd = bn.nanogpt_cmd(ngdata, out, device, steps, (L, H, d, T, B), 1)
+                    cwd = ng
+                else:
+                    cmd = [sys.executable, str(REPO / "train_lm.py"), "--n-layer", str(L), "--n-head", str(H),
+                           "--d-model", str(d), "--seq-len", str(T), "--batch-size", str(B), "--grad-accum", "1",
+                           "--max-steps", str(steps), *flags, "--data", str(data), "--device", device,
+                           "--eval-every", "0", "--save-every", str(steps), "--log-every", str(every),
+                           "--no-resume", "--out", str(out)]
+                    cwd = work  # no optimal_config.json there
+                rss = run_child(cmd, cwd, env, out.with_suffix(".log"))
+                if flags is None:  # "iter N: loss X, time Yms": iteration 0 holds its first eval, N its last + save
+                    its = re.findall(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms", out.with_suffix(".log").read_text(),
+                                     re.M)
+                    per_step, precision = [(1, float(ms)) for i, ms in its if 0 < int(i) < steps], "fp32"
+                else:
+                    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+                    recs = [r for r in recs if "ms_per_step" in r]
+                    per_step = [(r["step"] - p, r["ms_per_step"]) for p, r in zip([0] + [r["step"] for r in recs], recs)]
+                    precision = json.loads((out / "args.json").read_text())["chosen"]["precision"]
+                ms = interval_ms(per_step, every)
+                r = dict(tokens_per_s=1000 * B * T / ms, rss=rss, precision=precision, out=out)
+                res.setdefault((shape, name), []).append(r)
+                print(f"{shape} {name:<12} {precision} {r['tokens_per_s']:8.0f} tokens/s, peak RSS {rss or 0:6.0f} MB",
+                      file=sys.stderr, flush=True)
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    # -- score the first repeat's final models, the same way
+    torch.set_num_threads(args.threads)
+    dev = torch.device(device)
+    rows = []
+    for shape, (L, H, d, T, B) in SHAPES.items():
+        steps = args.steps_a if shape == "A" else args.steps_b
+        windows = train_lm.val_windows(data / "val.bin", meta["val_tokens"], T, meta["val_tokens"])
+        nano = statistics.median(r["tokens_per_s"] for r in res[(shape, "nanoGPT")])
+        for name in runs:
+            rs = res[(shape, name)]
+            out = rs[0]["out"]
+            if name == "nanoGPT":
+                forward = bn.nanogpt_forward(ng, out, steps, dev)
+            else:
+                state = torch.load(out / "checkpoints" / f"ckpt_step{steps:08d}.pt", map_location=dev,
+                                   weights_only=True)
+                forward = train_lm.LM(state["model_cfg"]).to(dev)
+                forward.load_state_dict(state["model"])
+                forward.eval()
+            tps = statistics.median(r["tokens_per_s"] for r in rs)
+            rss = [r["rss"] for r in rs if r["rss"] is not None]
+            rows.append((f"{shape}: {L}x{d}, T {T}, B {B}", name.replace("ours", "train_lm.py"),
+                         "/".join(sorted({r["precision"] for r in rs})), f"{tps:,.0f}", benchlib.fmt_ratio(tps, nano),
+                         f"{max(rss):,.0f}" if rss else "-", f"{bn.val_nats(forward, windows, dev):.4f}"))
+            print(f"{shape} {name}: per repeat " + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rs)
+                  + " tokens/s", file=sys.stderr)
+    info = dict(torch=torch.__version__, threads=args.threads, device=device, precision="precision per run",
+                device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    benchlib.print_header("train_lm.py vs nanoGPT's train.py", sys.argv, info, busy, others)
+    print(f"workload: built-in corpus (pydoc_data.topics, bytes), the same train.bin / val.bin for both; "
+          f"{args.steps_a} (A) / {args.steps_b} (B) steps every run, {args.repeats} repeat(s), alternating; "
+          f"median tokens/s without start-up, max peak RSS; val loss: all of val.bin "
+          f"({meta['val_tokens']:,} tokens) after the same steps\n")
+    benchlib.print_table(("shape", "run", "precision", "tokens/s (median)", "ratio to nanoGPT", "peak RSS MB (max)",
+                          "val loss (nats/token)"), rows)
+    print()
+    benchlib.print_footer(busy, others, wall)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -107,21 +107,24 @@ def val_nats(forward, windows, device):
     return total / n
 
 
-def main():
-    args = parser.parse_args()
-    ng = Path(args.nanogpt).expanduser().resolve() if args.nanogpt else None
-    if ng and not all((ng / f).is_file() for f in ("train.py", "model.py", "configurator.py",
-                                                      "config/train_shakespeare_char.py")):
-        fail(f"--nanogpt {args.nanogpt}: not a nanoGPT checkout (needs train.py, model.py, configurator.py, "
+def checkout(path):
+    """The nanoGPT checkout at `path` (a Path), or exit 2 saying how to get one.
+    Used by main and bench_lm.py --nanogpt."""
+    ng = Path(path).expanduser().resolve()
+    if not all((ng / f).is_file() for f in ("train.py", "model.py", "configurator.py",
+                                            "config/train_shakespeare_char.py")):
+        fail(f"--nanogpt {path}: not a nanoGPT checkout (needs train.py, model.py, configurator.py, "
              "config/train_shakespeare_char.py); get one with `git clone https://github.com/karpathy/nanoGPT`")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_lm_nanogpt-"))
-    work.mkdir(parents=True, exist_ok=True)
-    work = work.resolve()
+    return ng
 
-    # -- data: our packed corpus, and the same two files in the folder layout nanoGPT reads
+
+def prepare_data(work):
+    """Our packed corpus (packed on first use) and a copy of its two token files in the folder
+    layout nanoGPT reads, under work: (our data dir, its meta.json, nanoGPT's data dir).
+    Used by main and bench_lm.py --nanogpt."""
     import train_lm
     os.chdir(REPO)  # the built-in corpus lives in <repo>/data/pydoc, packed on first use
-    data = train_lm.builtin_corpus(print).resolve()
+    data = train_lm.builtin_corpus(lambda msg: print(msg, file=sys.stderr)).resolve()
     meta = json.loads((data / "meta.json").read_text())
     ngdata = work / "nanogpt_data"
     ngdata.mkdir(exist_ok=True)
@@ -129,6 +132,48 @@ def main():
         shutil.copyfile(data / name, ngdata / name)
     with open(ngdata / "meta.pkl", "wb") as fh:  # nanoGPT reads only vocab_size from it
         pickle.dump({"vocab_size": meta["vocab_size"]}, fh)
+    return data, meta, ngdata
+
+
+def nanogpt_cmd(ngdata, out_dir, device, steps, shape, log_interval):
+    """nanoGPT's train.py, unmodified: config/train_shakespeare_char.py's recipe, our shape
+    (layers, heads, width, context, batch), dropout 0, fp32, no compile; it saves its checkpoint
+    after exactly `steps` steps. Run it with cwd = the checkout (configurator.py is read from
+    there; it writes only into out_dir). Used by main and bench_lm.py --nanogpt."""
+    L, H, D, T, B = shape
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--dataset={ngdata}",
+            f"--out_dir={out_dir}", f"--device={device}", "--compile=False", "--dtype=float32",
+            "--eval_iters=20", f"--eval_interval={steps}", "--always_save_checkpoint=True",
+            f"--log_interval={log_interval}", f"--block_size={T}", f"--batch_size={B}", f"--n_layer={L}",
+            f"--n_head={H}", f"--n_embd={D}", f"--max_iters={steps}", f"--lr_decay_iters={steps}",
+            "--dropout=0.0", f"--warmup_iters={min(100, steps // 10)}"]  # as ours: a tenth of a short run at most
+
+
+def nanogpt_forward(ng, out_dir, steps, device):
+    """nanoGPT's final model from out_dir/ckpt.pt, its GPT class imported from the checkout at
+    run time: forward(x) maps (b, T) ids to (b, T, V) logits. Used by main and bench_lm.py --nanogpt."""
+    import torch
+    ckpt = torch.load(out_dir / "ckpt.pt", map_location=device, weights_only=True)
+    if ckpt["iter_num"] != steps:
+        fail(f"nanoGPT saved its checkpoint at iteration {ckpt['iter_num']}, not {steps}")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", ng / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count; the table owns stdout
+        model = mod.GPT(mod.GPTConfig(**ckpt["model_args"])).to(device)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model.eval()
+    return lambda x: model(x, x)[0]  # targets given: logits at every position
+
+
+def main():
+    args = parser.parse_args()
+    ng = checkout(args.nanogpt) if args.nanogpt else None
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_lm_nanogpt-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
+    import train_lm
+    data, meta, ngdata = prepare_data(work)
 
     # -- the runs, one at a time
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -146,15 +191,7 @@ def main():
         if key == "nanogpt":
             if not ng:
                 continue
-            # nanoGPT's own config for the recipe, its CPU flags for the shape; configurator.py is read
-            # from the working folder, hence cwd=checkout (it writes only into --out_dir)
-            cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--dataset={ngdata}",
-                   f"--out_dir={work / 'nanogpt'}", f"--device={args.device}", "--compile=False",
-                   "--dtype=float32", "--eval_iters=20", f"--eval_interval={args.steps}",
-                   "--always_save_checkpoint=True", "--log_interval=100", f"--block_size={T}",
-                   f"--batch_size={B}", f"--n_layer={L}", f"--n_head={H}", f"--n_embd={D}",
-                   f"--max_iters={args.steps}", f"--lr_decay_iters={args.steps}", "--dropout=0.0",
-                   f"--warmup_iters={min(100, args.steps // 10)}"]  # as ours: a tenth of a short run at most
+            cmd = nanogpt_cmd(ngdata, work / "nanogpt", args.device, args.steps, (L, H, D, T, B), 100)
             cwd = ng
         else:
             cmd = [sys.executable, str(REPO / "train_lm.py"), *shape, *runs[key][1], *plumbing,
@@ -174,25 +211,16 @@ def main():
         if key not in walls:
             continue
         if key == "nanogpt":
-            ckpt = torch.load(work / "nanogpt" / "ckpt.pt", map_location=device, weights_only=True)
-            if ckpt["iter_num"] != args.steps:
-                fail(f"nanoGPT saved its checkpoint at iteration {ckpt['iter_num']}, not {args.steps}")
-            spec = importlib.util.spec_from_file_location("nanogpt_model", ng / "model.py")
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)  # its GPT class, from the checkout, at run time
-            with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count; the table owns stdout
-                model = mod.GPT(mod.GPTConfig(**ckpt["model_args"])).to(device)
-            model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-            forward = lambda x, m=model: m(x, x)[0]  # noqa: E731  (targets given: logits at every position)
-            label, steps = f"nanoGPT ({ng.name}), shakespeare_char recipe", ckpt["iter_num"]
+            forward = nanogpt_forward(ng, work / "nanogpt", args.steps, device)
+            label, steps = f"nanoGPT ({ng.name}), shakespeare_char recipe", args.steps
         else:
             path = work / key / "checkpoints" / f"ckpt_step{args.steps:08d}.pt"
             state = torch.load(path, map_location=device, weights_only=True)
             model = train_lm.LM(state["model_cfg"]).to(device)
             model.load_state_dict(state["model"])
+            model.eval()
             forward = model
             label, steps = runs[key][0], state["step"]
-        model.eval()
         nats = val_nats(forward, windows, device)
         wall, cpu = walls[key]
         rows.append([label, f"{nats:.4f}", f"{nats / math.log(2):.4f}", str(steps), f"{wall:.0f}",
