@@ -1338,7 +1338,7 @@ def load_run_model(run, flag, trainer, key, resume=None):
             state, path = find_checkpoint(run, argparse.Namespace(resume=None, no_resume=False, trainer=None),
                                           lambda m: print(m, file=sys.stderr))
     else:
-        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False, trainer=None),
+        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False, trainer=trainer if resume else None),
                                       lambda m: print(m, file=sys.stderr))
     if state is None:
         n = len(list((run / "checkpoints").glob("*.pt")))
