@@ -1702,6 +1702,92 @@ def stop_requested(flag, out):
 
 
 # -----------------------------------------------------------------------------
+# several processes: torchrun (DDP; gloo on CPU, NCCL on CUDA)
+#
+# Every trainer runs the same under `torchrun --nproc_per_node N train_X.py ...`: --batch-size is
+# the effective batch of each process, so the global batch is N times it. The global batch's items
+# stay a pure function of (seed, step) and rank r trains on its slice, so N processes follow the
+# 1-process run at the same global batch and a resume is exact. Rank 0 alone writes the run folder.
+
+def ddp_env(args):
+    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) without it. Under torchrun
+    on CUDA it also picks this rank's GPU, before setup_device, so "cuda" then means that GPU.
+    Used by every trainer's main, before open_run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and args.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def check_world_size(state, resumed_from, world):
+    """A checkpoint resumes only on as many processes as wrote it: the batches and the ranks'
+    slices of them depend on the process count. Used by every trainer after open_run."""
+    was = state.get("world_size", 1) if isinstance(state, dict) else 1
+    if state is not None and was != world:
+        raise UserError(f"{resumed_from} was trained on {was} process(es), this is {world}; "
+                        f"resume with the same --nproc_per_node, or use a new --out")
+
+
+def start_ranks(out, args, trainer, metric_name, notes, rank, world, device):
+    """start_run on rank 0; on the other ranks a silent log, a status dict nobody writes and the
+    stop handlers (they still stop cleanly on SIGTERM from torchrun). Then the process group,
+    its backend chosen by the device. Returns (log, status, stop). Used by every trainer."""
+    if rank == 0:
+        log, status, stop = start_run(out, args, trainer, metric_name, notes)
+    else:
+        log, status, stop = (lambda msg: None), {"started": time.time()}, install_stop_handlers()
+    if world > 1:
+        import torch.distributed as dist  # imported here: a 1-process run never needs it
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return log, status, stop
+
+
+def end_ranks(world):
+    """Leave the process group (under torchrun). Used by every trainer's main, in `finally`."""
+    if world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def ddp_wrap(model, device, world, local_rank):
+    """(the model that trains, the no_sync for common.train_step): DDP-wrapped under torchrun, so
+    gradients are averaged over ranks once per step (on the last micro-batch), else itself and None.
+    Save the unwrapped model. Used by every trainer."""
+    if world == 1:
+        return model, None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return ddp, ddp.no_sync
+
+
+def all_ranks(value, op, device, world):
+    """A number agreed by every rank: op is "sum", "min" or "max"; itself on one process.
+    Used by every trainer (the logged loss, the micro-batch after an OOM halving, stop, best)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([float(value)], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.item()
+
+
+def barrier(world):
+    """No rank runs ahead of rank 0 writing a checkpoint. Used by every trainer."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def rank_slice(items, rank, world):
+    """This rank's contiguous share of the global batch's items (a 1-D index tensor or a list):
+    as equal as they divide, the first ranks one more. Used by every trainer."""
+    n = len(items)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return items[lo:hi]
+
+
+# -----------------------------------------------------------------------------
 # run folders as the background-run manager (memory_optimizer.py) sees them
 
 def list_runs(root="runs"):

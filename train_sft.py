@@ -34,12 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
 from common import UserError
-from train_lm import (EOT, LM, VOCAB, add_model_flags, all_ranks, check_flags, check_resume, checked_peak, describe,
+from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, checked_peak, describe,
                       device_peak, encode, flops_per_token, log_interval, log_presets, make_optimizer, model_config, resolve_shape,
                       start, tensorboard, wrap)
 
@@ -597,8 +596,7 @@ def main(argv=None):
         with common.recording_failures(run.out, run.status) if run.rank == 0 else nullcontext():
             return train(args, sources, run, cfg, data, init)
     finally:
-        if run.world > 1:
-            dist.destroy_process_group()
+        common.end_ranks(run.world)
 
 
 def train(args, sources, run, cfg, data, init):
@@ -720,7 +718,7 @@ def train(args, sources, run, cfg, data, init):
         if is_main:
             bar.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            loss = all_ranks(loss, dist.ReduceOp.SUM, run) / world if world > 1 else loss
+            loss = common.all_ranks(loss, "sum", device, world) / world
             dt = time.time() - t_log
             ms, tps = 1000 * dt / (step - step_log), tokens_log / dt
             peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
@@ -734,14 +732,14 @@ def train(args, sources, run, cfg, data, init):
         is_best = False
         if args.eval_every and step % args.eval_every == 0 or step == total_steps:
             is_best = run_eval() if is_main else False
-            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX, run)) if world > 1 else is_best
+            is_best = bool(common.all_ranks(is_best, "max", device, world))
         saved = step % args.save_every == 0 or is_best or step == total_steps
         if saved and is_main:
             save(is_best)
-        if saved and world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        if saved:
+            common.barrier(world)  # no rank runs ahead of a checkpoint being written
         why = common.stop_requested(run.stop, out)
-        if all_ranks(bool(why), dist.ReduceOp.MAX, run) if world > 1 else why:  # every rank stops at the same step
+        if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
             if not saved and is_main:
                 save()
             log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
@@ -752,8 +750,7 @@ def train(args, sources, run, cfg, data, init):
     del batch_iter  # its worker processes end here
     if is_main:
         bar.close()
-    if world > 1:
-        dist.barrier()
+    common.barrier(world)
     if not is_main:
         return 0
     report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
