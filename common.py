@@ -846,7 +846,7 @@ def is_oom(e):
 
 
 def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, device, amp_dtype, log=print,
-               no_sync=None):
+               no_sync=None, norm=None):
     """One optimizer step over `batch` (the whole effective batch), in micro-batches.
 
     loss_fn(model, micro_batch) -> (loss_sum, n_items): the loss summed over the items it
@@ -856,7 +856,13 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
     by estimate / true_total (a padded micro-batch must not weigh like a full one).
     On CUDA OOM / MemoryError: free, halve the micro-batch, redo the step (same effective batch).
     no_sync: for DDP, the wrapped model's no_sync; every micro-batch but the last runs inside
-    it, so gradients are all-reduced once per step, not once per micro-batch (train_lm.py).
+    it, so gradients are all-reduced once per step, not once per micro-batch.
+    norm: what to divide this rank's loss sum by, instead of its own item count. DDP averages the
+    ranks' gradients, so with n_global items in the whole global batch, norm = n_global / world
+    makes that average the gradient of sum(loss)/n_global, as one process would take, even when
+    the ranks hold different numbers of tokens or frames (every rank counts n_global itself from
+    the global batch's indices, without communication). The loss is then divided by norm before
+    backward: a correction after DDP's all-reduce would differ from rank to rank.
     Returns (mean loss, items, micro_bs actually used).
     Used by every trainer.
     """
@@ -871,15 +877,15 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
                     with autocast(device, amp_dtype):
                         loss_sum, n = loss_fn(model, mb)
                     n = int(n)
-                    if estimate is None:
-                        estimate = max(1, n * len(micro))
+                    if estimate is None:  # with norm known up front, no correction is needed after
+                        estimate = norm or max(1, n * len(micro))
                     scaler.scale(loss_sum.float() / estimate).backward()
                 total_loss += loss_sum.item()
                 total_n += n
                 del loss_sum  # else the graph of the last micro-batch lives through the optimizer step
             unscaled = True
             scaler.unscale_(optimizer)  # clip must see true gradients, not fp16-scaled ones
-            correction = estimate / max(1, total_n)
+            correction = estimate / (norm or max(1, total_n))
             if correction != 1.0:
                 for p in model.parameters():
                     if p.grad is not None:
@@ -1779,9 +1785,20 @@ def barrier(world):
         dist.barrier()
 
 
+def seed_rank_step(seed, step, rank, world):
+    """Under torchrun, reseed this rank's torch RNG (dropout, augmentation) from (seed, step, rank)
+    before each step: the ranks must not draw the same masks, and a checkpoint holds one RNG state
+    (rank 0's), so a resumed rank could not go on with its own stream. One process: nothing (its
+    stream is in the checkpoint). With dropout, N processes follow one process in distribution,
+    not number for number. Used by train_gru.py, train_classifier.py, train_asr.py."""
+    if world > 1:
+        torch.manual_seed((seed * 1_000_003 + step) * world + rank)
+
+
 def rank_slice(items, rank, world):
-    """This rank's contiguous share of the global batch's items (a 1-D index tensor or a list):
-    as equal as they divide, the first ranks one more. Used by every trainer."""
+    """This rank's contiguous share of the global batch's items (a 1-D index tensor or a list),
+    as equal as they divide; empty when there are fewer items than ranks.
+    Used by train_gru.py, train_classifier.py, train_asr.py."""
     n = len(items)
     lo, hi = rank * n // world, (rank + 1) * n // world
     return items[lo:hi]
