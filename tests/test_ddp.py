@@ -1,11 +1,16 @@
 """Every trainer under torchrun (2 gloo ranks x 1 thread on CPU): the same losses as one process
 at the same global batch, a kill -9 of the whole group resumed bit for bit, another process
 count refused. train_lm.py's own DDP test is in test_lm.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import psutil
 import pytest
 import torch
 
-from conftest import metrics, read_json, run, torchrun, torchrun_popen, wait_for
+from conftest import REPO, metrics, read_json, run, torchrun, torchrun_popen, wait_for
 
 # (script, flags for both, flags for 1 process, flags for each of 2 ranks): the global batch is
 # the same. Dropout 0: each rank draws its own masks (common.seed_rank_step), so with dropout two
@@ -82,3 +87,28 @@ def test_kill_9_of_the_torchrun_group_then_resume_reproduces_the_run(tmp):
     ref, got = (torch.load(sorted((tmp / d / "checkpoints").glob("ckpt_step*.pt"))[-1], weights_only=True)["model"]
                 for d in ("ref", "killed"))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_start_nproc_2_is_one_run_in_status_and_stop_ends_every_rank(tmp):
+    """memory_optimizer.py start --nproc 2 (run.sh start, start_training.bat start): torchrun,
+    detached; status.json names the rank-0 worker; stop signals it and both ranks stop."""
+    mo = [sys.executable, str(REPO / "memory_optimizer.py")]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    r = subprocess.run([*mo, "start", "gru", "--nproc", "2", "--quick", "--dataset-size", "200", "--batch-size", "4",
+                        "--grad-accum", "1", "--epochs", "1000", "--device", "cpu", "--out", "runs/d"],
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp / "runs" / "d"
+    wait_for(lambda: step_reached(out / "status.json", 3), what="step 3")
+    st = read_json(out / "status.json")
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if "train_gru.py" in " ".join(p.info["cmdline"] or [])
+             and str(out.name) in " ".join(p.info["cmdline"] or []) and "-u" in (p.info["cmdline"] or [])]
+    assert st["pid"] in [p.pid for p in ranks] and len(ranks) == 2
+    s = subprocess.run([*mo, "status"], cwd=tmp, env=env, capture_output=True, text=True, timeout=60)
+    assert s.stdout.count("running") == 1, s.stdout
+    s = subprocess.run([*mo, "stop", "runs/d"], cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    assert s.returncode == 0, s.stdout + s.stderr
+    psutil.wait_procs(ranks, timeout=60)
+    assert not any(p.is_running() for p in ranks)
+    final = read_json(out / "status.json")
+    assert final["state"] == "stopped" and Path(final["last_checkpoint"]).exists()
