@@ -1778,6 +1778,16 @@ def all_ranks(value, op, device, world):
     return t.item()
 
 
+def agree_batch(micro_bs, accum, device, world):
+    """The same (micro-batch, accumulation) on every rank: each rank's probe may fit another
+    micro-batch (another GPU's free memory), so all take the smallest micro-batch and the largest
+    accumulation, and the global batch has one size. Used by train_gru.py, train_classifier.py,
+    train_asr.py, after choose_batch_size."""
+    if world == 1:
+        return micro_bs, accum
+    return int(all_ranks(micro_bs, "min", device, world)), int(all_ranks(accum, "max", device, world))
+
+
 def barrier(world):
     """No rank runs ahead of rank 0 writing a checkpoint. Used by every trainer."""
     if world > 1:

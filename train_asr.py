@@ -1028,6 +1028,7 @@ def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log, world
         return need
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    micro_bs, accum = common.agree_batch(micro_bs, accum, device, world)
     # after an OOM halving micro_bs * accum can overshoot an odd effective batch: keep the run's own
     E = state["effective"] if state else micro_bs * accum
     # precision: on a CPU, bf16 only where this model's own step is measured faster in it

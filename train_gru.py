@@ -614,6 +614,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
                                  make_batch(train_data, torch.full((bs,), longest)), device, amp_dtype)
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    micro_bs, accum = common.agree_batch(micro_bs, accum, device, world)
     E = micro_bs * accum  # queries per rank per step
     G = E * world  # the global batch
     if 0 < n_train % G < world:

@@ -247,11 +247,24 @@ def sft_batch(step, examples, seed, global_batch, rank, per_rank, seq_len):
     resume and on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the
     target is an answer token, and n (B,) real tokens per example (for tokens/s).
     """
-    per_epoch = max(1, len(examples) // global_batch)
-    epoch, pos = divmod(step, per_epoch)
-    order = np.random.default_rng((seed, epoch)).permutation(len(examples))
-    idx = order[pos * global_batch:(pos + 1) * global_batch][rank * per_rank:(rank + 1) * per_rank]
+    idx = global_examples(step, len(examples), seed, global_batch)[rank * per_rank:(rank + 1) * per_rank]
     return collate([examples[i] for i in idx], seq_len)
+
+
+def global_examples(step, n, seed, global_batch):
+    """The indices of step `step`'s whole global batch (every rank's examples)."""
+    per_epoch = max(1, n // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng((seed, epoch)).permutation(n)
+    return order[pos * global_batch:(pos + 1) * global_batch]
+
+
+def answer_tokens(step, examples, seed, global_batch, seq_len):
+    """The answer tokens (collate's w.sum()) of step `step`'s whole global batch, from the examples'
+    lengths alone: under torchrun each rank divides its loss by this / world (train_step's norm),
+    so DDP's average is the 1-process gradient though the ranks' answers differ in length."""
+    return sum(max(0, min(len(examples[i][0]), seq_len + 1) - examples[i][1])
+               for i in global_examples(step, len(examples), seed, global_batch))
 
 
 def collate(batch, seq_len):
@@ -708,9 +721,11 @@ def train(args, sources, run, cfg, data, init):
     while step < total_steps:
         batch = next(batch_iter)
         tokens_log += int(batch["n"].sum()) * world
-        loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
+        n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if world > 1 else None
+        loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
                                               lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
-                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
+                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
+                                              norm=n_global / world if world > 1 else None)
         accum = math.ceil(E / micro_bs)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
@@ -718,7 +733,8 @@ def train(args, sources, run, cfg, data, init):
         if is_main:
             bar.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            loss = common.all_ranks(loss, "sum", device, world) / world
+            if world > 1:  # the global batch's loss per answer token
+                loss = common.all_ranks(loss * n, "sum", device, world) / n_global
             dt = time.time() - t_log
             ms, tps = 1000 * dt / (step - step_log), tokens_log / dt
             peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
