@@ -1,6 +1,7 @@
 """Every trainer under torchrun (2 gloo ranks x 1 thread on CPU): the same losses as one process
 at the same global batch, a kill -9 of the whole group resumed bit for bit, another process
 count refused. train_lm.py's own DDP test is in test_lm.py."""
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, metrics, read_json, run, torchrun, torchrun_popen, wait_for
+from conftest import REPO, call, metrics, read_json, run, torchrun, torchrun_popen, wait_for
 
 # (script, flags for both, flags for 1 process, flags for each of 2 ranks): the global batch is
 # the same. Dropout 0: each rank draws its own masks (common.seed_rank_step), so with dropout two
@@ -28,10 +29,15 @@ RUNS = {
     "asr": ("train_asr.py", ["--quick", "--dataset-size", "64", "--max-steps", "6", "--dropout", "0",
                              "--no-spec-augment", "--log-every", "1", "--eval-every", "3"],
             ["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "2", "--grad-accum", "1"]),
+    # the ranks' answers differ in length: the global answer-token count keeps it exact (without
+    # it the losses moved by 4e-5)
+    "sft": ("train_sft.py", ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160", "--data",
+                             "few.jsonl", "--max-steps", "6", "--grad-accum", "2", "--log-every", "1",
+                             "--eval-every", "3"], ["--batch-size", "4"], ["--batch-size", "2"]),
 }
 
 
-def close(one, two, rel, skip=()):
+def close(one, two, rel, skip=()):  # the issue asks for 1e-4; the runs agree to 1e-5
     assert [sorted(r) for r in one] == [sorted(r) for r in two] and one
     for a, b in zip(one, two):
         for k in a:
@@ -42,6 +48,9 @@ def close(one, two, rel, skip=()):
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_two_processes_follow_one_process_and_refuse_another_count(tmp, name):
     script, both, one_flags, rank_flags = RUNS[name]
+    if name == "sft":
+        import train_sft
+        (tmp / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_sft.builtin_pairs()[::30]))
     run(script, *both, *one_flags, "--device", "cpu", "--out", "one", cwd=tmp, check=0)
     torchrun(script, *both, *rank_flags, "--device", "cpu", "--out", "two", cwd=tmp)
     one, two = metrics(tmp / "one"), metrics(tmp / "two")
@@ -50,13 +59,14 @@ def test_two_processes_follow_one_process_and_refuse_another_count(tmp, name):
     # padding: rank 0's share of the batch. ASR's validation: DDP keeps rank 0's BatchNorm running
     # statistics (it broadcasts rank 0's buffers), one process updates them with every micro-batch
     assert len(train(one)) >= 6
-    close(train(one), train(two), 1e-4, skip=("padding",))
+    close(train(one), train(two), 1e-5, skip=("padding", "ms_per_step", "tokens_per_s", "mfu", "peak_mem_mb"))
     close(val(one), val(two), 1e-3 if name == "asr" else 1e-4)
     s = read_json(tmp / "two" / "summary.json")
     assert s["world_size"] == 2 and s["global_batch"] == read_json(tmp / "one" / "summary.json")["global_batch"]
     assert read_json(tmp / "two" / "args.json")["chosen"]["world_size"] == 2
     # one process resuming a 2-process run: one line, exit 2, nothing written
-    p = run(script, *both, *rank_flags, "--device", "cpu", "--out", "two", cwd=tmp, check=2)
+    p = call(script, *both, *rank_flags, "--device", "cpu", "--out", "two", cwd=tmp)
+    assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "was trained on 2 process(es), this is 1" in p.stderr, p.stderr
 
 
