@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent
 TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
@@ -1744,7 +1745,6 @@ def start_ranks(out, args, trainer, metric_name, notes, rank, world, device):
     else:
         log, status, stop = (lambda msg: None), {"started": time.time()}, install_stop_handlers()
     if world > 1:
-        import torch.distributed as dist  # imported here: a 1-process run never needs it
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return log, status, stop
 
@@ -1752,7 +1752,6 @@ def start_ranks(out, args, trainer, metric_name, notes, rank, world, device):
 def end_ranks(world):
     """Leave the process group (under torchrun). Used by every trainer's main, in `finally`."""
     if world > 1:
-        import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1772,7 +1771,6 @@ def all_ranks(value, op, device, world):
     Used by every trainer (the logged loss, the micro-batch after an OOM halving, stop, best)."""
     if world == 1:
         return value
-    import torch.distributed as dist
     t = torch.tensor([float(value)], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return t.item()
@@ -1791,7 +1789,6 @@ def agree_batch(micro_bs, accum, device, world):
 def barrier(world):
     """No rank runs ahead of rank 0 writing a checkpoint. Used by every trainer."""
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
 
 
