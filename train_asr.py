@@ -1129,7 +1129,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
         # a batch that fitted in training can fail here (another process took the memory, or the
         # cache is fragmented): halve it, keep the size that fitted for the next evaluation
         (val_loss, cer, wer, pairs), eval_bs = common.evaluate_halving(
-            lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs, rank, world),
+            lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs,
+                                rank=rank, world=world),
             min(eval_bs, micro_bs), device, log)
         is_best = val_loss < best  # best by validation loss, as the seed
         best = min(best, val_loss)

@@ -665,7 +665,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
     def validate():
         nonlocal eval_bs
         result, eval_bs = common.evaluate_halving(
-            lambda bs: evaluate(model, val_data, device, amp_dtype, bs, rank, world), eval_bs, device, log)
+            lambda bs: evaluate(model, val_data, device, amp_dtype, bs, rank=rank, world=world), eval_bs, device, log)
         return result
 
     def run_eval():
