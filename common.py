@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent
 TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
@@ -847,7 +848,7 @@ def is_oom(e):
 
 
 def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, device, amp_dtype, log=print,
-               no_sync=None):
+               no_sync=None, norm=None):
     """One optimizer step over `batch` (the whole effective batch), in micro-batches.
 
     loss_fn(model, micro_batch) -> (loss_sum, n_items): the loss summed over the items it
@@ -857,7 +858,13 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
     by estimate / true_total (a padded micro-batch must not weigh like a full one).
     On CUDA OOM / MemoryError: free, halve the micro-batch, redo the step (same effective batch).
     no_sync: for DDP, the wrapped model's no_sync; every micro-batch but the last runs inside
-    it, so gradients are all-reduced once per step, not once per micro-batch (train_lm.py).
+    it, so gradients are all-reduced once per step, not once per micro-batch.
+    norm: what to divide this rank's loss sum by, instead of its own item count. DDP averages the
+    ranks' gradients, so with n_global items in the whole global batch, norm = n_global / world
+    makes that average the gradient of sum(loss)/n_global, as one process would take, even when
+    the ranks hold different numbers of tokens or frames (every rank counts n_global itself from
+    the global batch's indices, without communication). The loss is then divided by norm before
+    backward: a correction after DDP's all-reduce would differ from rank to rank.
     Returns (mean loss, items, micro_bs actually used).
     Used by every trainer.
     """
@@ -872,15 +879,15 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
                     with autocast(device, amp_dtype):
                         loss_sum, n = loss_fn(model, mb)
                     n = int(n)
-                    if estimate is None:
-                        estimate = max(1, n * len(micro))
+                    if estimate is None:  # with norm known up front, no correction is needed after
+                        estimate = norm or max(1, n * len(micro))
                     scaler.scale(loss_sum.float() / estimate).backward()
                 total_loss += loss_sum.item()
                 total_n += n
                 del loss_sum  # else the graph of the last micro-batch lives through the optimizer step
             unscaled = True
             scaler.unscale_(optimizer)  # clip must see true gradients, not fp16-scaled ones
-            correction = estimate / max(1, total_n)
+            correction = estimate / (norm or max(1, total_n))
             if correction != 1.0:
                 for p in model.parameters():
                     if p.grad is not None:
@@ -1700,6 +1707,109 @@ def stop_requested(flag, out):
     if not flag["stop"] and (Path(out) / "STOP").exists():
         flag["stop"] = "STOP file"
     return flag["stop"]
+
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun (DDP; gloo on CPU, NCCL on CUDA)
+#
+# Every trainer runs the same under `torchrun --nproc_per_node N train_X.py ...`: --batch-size is
+# the effective batch of each process, so the global batch is N times it. The global batch's items
+# stay a pure function of (seed, step) and rank r trains on its slice, so N processes follow the
+# 1-process run at the same global batch and a resume is exact. Rank 0 alone writes the run folder.
+
+def ddp_env(args):
+    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) without it. Under torchrun
+    on CUDA it also picks this rank's GPU, before setup_device, so "cuda" then means that GPU.
+    Used by every trainer's main, before open_run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and args.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def check_world_size(state, resumed_from, world):
+    """A checkpoint resumes only on as many processes as wrote it: the batches and the ranks'
+    slices of them depend on the process count. Used by every trainer after open_run."""
+    was = state.get("world_size", 1) if isinstance(state, dict) else 1
+    if state is not None and was != world:
+        raise UserError(f"{resumed_from} was trained on {was} process(es), this is {world}; "
+                        f"resume with the same --nproc_per_node, or use a new --out")
+
+
+def start_ranks(out, args, trainer, metric_name, notes, rank, world, device):
+    """start_run on rank 0; on the other ranks a silent log, a status dict nobody writes and the
+    stop handlers (they still stop cleanly on SIGTERM from torchrun). Then the process group,
+    its backend chosen by the device. Returns (log, status, stop). Used by every trainer."""
+    if rank == 0:
+        log, status, stop = start_run(out, args, trainer, metric_name, notes)
+    else:
+        log, status, stop = (lambda msg: None), {"started": time.time()}, install_stop_handlers()
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return log, status, stop
+
+
+def end_ranks(world):
+    """Leave the process group (under torchrun). Used by every trainer's main, in `finally`."""
+    if world > 1:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def ddp_wrap(model, device, world, local_rank):
+    """(the model that trains, the no_sync for common.train_step): DDP-wrapped under torchrun, so
+    gradients are averaged over ranks once per step (on the last micro-batch), else itself and None.
+    Save the unwrapped model. Used by every trainer."""
+    if world == 1:
+        return model, None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return ddp, ddp.no_sync
+
+
+def all_ranks(value, op, device, world):
+    """A number agreed by every rank: op is "sum", "min" or "max"; itself on one process.
+    Used by every trainer (the logged loss, the micro-batch after an OOM halving, stop, best)."""
+    if world == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.item()
+
+
+def agree_batch(micro_bs, accum, device, world):
+    """The same (micro-batch, accumulation) on every rank: each rank's probe may fit another
+    micro-batch (another GPU's free memory), so all take the smallest micro-batch and the largest
+    accumulation, and the global batch has one size. Used by train_gru.py, train_classifier.py,
+    train_asr.py, after choose_batch_size."""
+    if world == 1:
+        return micro_bs, accum
+    return int(all_ranks(micro_bs, "min", device, world)), int(all_ranks(accum, "max", device, world))
+
+
+def barrier(world):
+    """No rank runs ahead of rank 0 writing a checkpoint. Used by every trainer."""
+    if world > 1:
+        dist.barrier()
+
+
+def seed_rank_step(seed, step, rank, world):
+    """Under torchrun, reseed this rank's torch RNG (dropout, augmentation) from (seed, step, rank)
+    before each step: the ranks must not draw the same masks, and a checkpoint holds one RNG state
+    (rank 0's), so a resumed rank could not go on with its own stream. One process: nothing (its
+    stream is in the checkpoint). With dropout, N processes follow one process in distribution,
+    not number for number. Used by train_gru.py, train_classifier.py, train_asr.py."""
+    if world > 1:
+        torch.manual_seed((seed * 1_000_003 + step) * world + rank)
+
+
+def rank_slice(items, rank, world):
+    """This rank's contiguous share of the global batch's items (a 1-D index tensor or a list),
+    as equal as they divide; empty when there are fewer items than ranks.
+    Used by train_gru.py, train_classifier.py, train_asr.py."""
+    n = len(items)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return items[lo:hi]
 
 
 # -----------------------------------------------------------------------------

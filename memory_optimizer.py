@@ -544,9 +544,12 @@ def own_pids(pid):
         return {pid}
 
 
-def start_background(trainer, flags, root="runs"):
+def start_background(trainer, flags, root="runs", nproc=1):
     """Start a trainer detached from this terminal; output goes to <out>/console.log. A run
     folder outside root is recorded in root/started.txt, where common.list_runs finds it.
+    nproc > 1: under torchrun on this machine (`python -m torch.distributed.run --standalone
+    --nproc_per_node N`); status.json then names the rank-0 worker, a descendant of torchrun, and
+    `stop` signals it: the trainer's loop stops every rank at the same step.
     Called by `start`."""
     if trainer not in TRAINERS:
         raise UserError(f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
@@ -580,7 +583,9 @@ def start_background(trainer, flags, root="runs"):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(console_path, "ab") as console:  # the trainer keeps its own handle
         begin = console.tell()
-        proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=console,
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        proc = subprocess.Popen([*launch, str(script), *flags], stdout=console,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
                                 env=env, **kw)
     # wait until the trainer has validated its flags and data and claimed the run folder, so a
@@ -687,7 +692,7 @@ def monitor_run(run, root="runs", interval=5.0, once=False):
 
 
 def cmd_start(args, flags):
-    start_background(args.trainer, flags, args.runs)
+    start_background(args.trainer, flags, args.runs, args.nproc)
     return 0
 
 
@@ -747,6 +752,9 @@ def build_parser():
     s.add_argument("trainer", help=", ".join(TRAINERS) + "; every flag after it goes to the trainer")
     s.add_argument("--runs", default="runs", metavar="DIR",
                    help="folder for the run folder when the trainer flags give no --out")
+    s.add_argument("--nproc", type=pos_int, default=1, metavar="N",
+                   help="processes on this machine, e.g. one per GPU: N > 1 runs the trainer under torchrun "
+                        "(--batch-size is then per process); README 'Several GPUs or machines'")
     s = sub.add_parser("status", formatter_class=HelpFormat, help="table of runs from their status.json")
     s.add_argument("--runs", default="runs", metavar="DIR", help="folder holding the run folders")
     s = sub.add_parser("stop", formatter_class=HelpFormat, help="stop a run gracefully (it saves a checkpoint first)")

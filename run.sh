@@ -3,7 +3,7 @@
 #   ./run.sh demo                  set up, profile the machine, quick GRU run, print suggestions
 #   ./run.sh test                  set up, run the test suite
 #   ./run.sh start gru [flags]     train in the background (survives closing the terminal; also
-#                                  classifier, asr, lm, sft)
+#                                  classifier, asr, lm, sft; --nproc N: N processes under torchrun)
 #   ./run.sh status | monitor [RUN] | stop [RUN]   (--runs DIR after the command: another runs folder)
 #   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
 #   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags]; also

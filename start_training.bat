@@ -5,6 +5,7 @@ rem   start_training.bat status     (or: demo, test, start, monitor, stop, profi
 rem                                  watch, gru, classifier, asr, lm, sft, asr-memory-optimized --
 rem                                  the same words as ./run.sh)
 rem   start_training.bat status --runs DIR   (status, monitor, stop: another runs folder)
+rem   start_training.bat start gru --nproc 2 [flags]   (N processes under torchrun, as ./run.sh start)
 setlocal
 cd /d "%~dp0"
 set PY=.venv\Scripts\python.exe

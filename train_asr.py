@@ -589,6 +589,11 @@ class ASRModel(nn.Module):
         self.out = nn.Linear(d, vocab)
         self.drop = nn.Dropout(dropout)
 
+    def forward(self, b, ctc_weight):
+        """The module function forward(model, b, ctc_weight), called through the module, so that
+        under torchrun the DDP wrapper sees the step and all-reduces its gradients."""
+        return forward(self, b, ctc_weight)
+
     def encode(self, feats, lengths):
         """feats (B, T, 80), lengths (B,) -> enc (B, T', d), lengths (B,), pad mask (B, T')."""
         if self.front is not None:
@@ -661,7 +666,7 @@ def forward(model, b, ctc_weight):
 
 def loss_fn(model, b, ctc_weight):
     """Summed hybrid loss and the number of target tokens it covers (characters + <eos>)."""
-    return forward(model, b, ctc_weight)[:2]
+    return model(b, ctc_weight)[:2]
 
 
 # -----------------------------------------------------------------------------
@@ -769,11 +774,13 @@ def to_text(ids, itos):
 
 
 @torch.inference_mode()
-def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch):
-    """Validation loss per target token and greedy-CTC CER/WER over `items`."""
+def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch, rank=0, world=1):
+    """Validation loss per target token and greedy-CTC CER/WER over `items`, and this rank's
+    (reference, hypothesis) pairs. Under torchrun each rank decodes its share and the sums
+    (loss, tokens, edits, characters, words) are added up, so every rank gets the same figures."""
     model.eval()
     loss_sum, n_tok, refs, hyps = 0.0, 0, [], []
-    order = sorted(range(len(items)), key=lambda i: items[i]["duration"])
+    order = common.rank_slice(sorted(range(len(items)), key=lambda i: items[i]["duration"]), rank, world)
     for k in range(0, len(order), batch):
         idxs = order[k:k + batch]
         b = {key: v.to(device) for key, v in make_batch(items, idxs, stoi).items()}
@@ -783,7 +790,12 @@ def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch):
         refs += [items[i]["text"] for i in idxs]
         hyps += [to_text(h, itos) for h in ctc_greedy(log_probs, enc_len)]
     model.train()
-    return (loss_sum / max(1, n_tok), *error_rates(refs, hyps), list(zip(refs, hyps)))
+    if world == 1:
+        return (loss_sum / max(1, n_tok), *error_rates(refs, hyps), list(zip(refs, hyps)))
+    loss_sum, n_tok, ce, chars, we, words = (common.all_ranks(v, "sum", device, world) for v in (
+        loss_sum, n_tok, sum(edit_distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs),
+        sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)), sum(len(r.split()) for r in refs)))
+    return loss_sum / max(1, n_tok), 100 * ce / max(1, chars), 100 * we / max(1, words), list(zip(refs, hyps))
 
 
 def decode_set(model, items, stoi, itos, args, device):
@@ -938,7 +950,9 @@ def main(argv=None):
 
     # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
     # folder is written to
+    rank, world, local_rank = common.ddp_env(args)
     out, device, state, resumed_from, notes = common.open_run(args, sources)
+    common.check_world_size(state, resumed_from, world)
     model_args = {"heads": args.heads, "dropout": args.dropout, "subsample": args.subsample}
     if state:
         extra = asr_extra(state, resumed_from)
@@ -948,12 +962,13 @@ def main(argv=None):
     # the vocabulary comes from the training transcripts (or the checkpoint, so ids never shift)
     itos = state["extra"]["itos"] if state else build_vocab(train_items)
 
-    log, status, stop = common.start_run(out, args, "asr", "val_cer", notes)
-    with common.recording_failures(out, status):
+    log, status, stop = common.start_ranks(out, args, "asr", "val_cer", notes, rank, world, device[0])
+    with common.recording_failures(out, status) if rank == 0 else contextlib.nullcontext():
         try:
             return train(args, sources, out=out, log=log, status=status, stop=stop, dev=device, state=state,
                          resumed_from=resumed_from, shape=shape, model_args=model_args, items=(train_items,
-                         val_items, test_items), itos=itos, data_desc=data_desc, dropped=dropped)
+                         val_items, test_items), itos=itos, data_desc=data_desc, dropped=dropped, rank=rank,
+                         world=world, local_rank=local_rank)
         except Exception as e:
             # common.train_step halves the micro-batch on OOM; what reaches here did not fit even
             # at batch 1 (in the batch probe, a step, validation or the test decoding)
@@ -964,6 +979,8 @@ def main(argv=None):
                 log(f"  {i}. {line}")
             raise UserError(f"out of memory even at batch 1 (utterances up to {args.max_duration:g}s); "
                             f"try the {len(advice)} commands above, in order") from None
+        finally:
+            common.end_ranks(world)
 
 
 # -----------------------------------------------------------------------------
@@ -994,7 +1011,7 @@ def log_model(log, model, args, shape):
     return n_params
 
 
-def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log):
+def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log, world=1):
     """The effective batch stays fixed; the micro-batch is fitted to the machine on the longest
     utterances (the worst case the run will see), then the CPU precision by timing (common.measure_precision).
     Returns (micro_bs, accum, why, effective batch, amp_dtype, precision's why)."""
@@ -1011,6 +1028,7 @@ def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log):
         return need
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
+    micro_bs, accum = common.agree_batch(micro_bs, accum, device, world)
     # after an OOM halving micro_bs * accum can overshoot an odd effective batch: keep the run's own
     E = state["effective"] if state else micro_bs * accum
     # precision: on a CPU, bf16 only where this model's own step is measured faster in it
@@ -1021,8 +1039,8 @@ def fit_batch(model, args, sources, *, train_items, stoi, state, dev, log):
             device, dt), log, state["args"]["precision"] if state else None)
     prec_why = why or prec_why
     snap = common.memory_snapshot(device)
-    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
-        f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
+    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} accumulation"
+        + (f" x {world} processes" if world > 1 else "") + f" = {E * world} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free; allocator {os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
            if device.type == "cuda" else ""))
     return micro_bs, accum, bs_why, E, amp_dtype, prec_why
@@ -1050,20 +1068,28 @@ def build_optimizer(model, args, sources, *, n_train, E, device, log):
 
 
 def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, shape, model_args, items, itos,
-          data_desc, dropped):
+          data_desc, dropped, rank=0, world=1, local_rank=0):
     device, amp_dtype, scaler, prec_why = dev
+    is_main = rank == 0
     train_items, val_items, test_items = items
     stoi = {c: i for i, c in enumerate(itos)}
-    (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
+    if is_main:
+        (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
     log_data(log, args, data_desc=data_desc, items=items, itos=itos, dropped=dropped)
     model = build_model(shape, len(itos), model_args).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     n_params = log_model(log, model, args, shape)
 
     micro_bs, accum, bs_why, E, amp_dtype, prec_why = fit_batch(model, args, sources, train_items=train_items,
-                                                                stoi=stoi, state=state, dev=dev, log=log)
+                                                                stoi=stoi, state=state, dev=dev, log=log,
+                                                                world=world)
+    G = E * world  # the global batch
+    if 0 < len(train_items) % G < world:
+        raise UserError(f"--batch-size {E} x {world} processes: one batch of each epoch would hold "
+                        f"{len(train_items) % G} of {len(train_items)} utterances, too few for every process; "
+                        "use another --batch-size")
     optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
-        model, args, sources, n_train=len(train_items), E=E, device=device, log=log)
+        model, args, sources, n_train=len(train_items), E=G, device=device, log=log)
 
     step, epoch, pos, best, eval_bs = 0, 0, 0, math.inf, micro_bs
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -1072,13 +1098,16 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
         step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
         plateau.update(state["extra"]["plateau"])  # the optimizer's restored lr already carries it
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
-    common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
-    common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum,
-                                           "effective_batch": E, "precision": args.precision,
-                                           "device": device.type, "why": {"batch": bs_why,
-                                                                          "precision": prec_why}})
+    if is_main:
+        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
+        common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
+                                               "world_size": world, "global_batch": G, "precision": args.precision,
+                                               "device": device.type, "why": {"batch": bs_why,
+                                                                              "precision": prec_why}})
+    train_model, no_sync = common.ddp_wrap(model, device, world, local_rank)  # `model` stays the one we save
     # SpecAugment's masks come from their own generator, saved in the checkpoint, so dropout and
-    # masks do not shift each other's random streams
+    # masks do not shift each other's random streams (under torchrun it is reseeded every step
+    # from (seed, step, rank), as common.seed_rank_step does for dropout)
     aug_gen = torch.Generator().manual_seed(args.seed + 1)
     if state:
         aug_gen.set_state(state["extra"]["aug_rng"])
@@ -1086,7 +1115,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
     def save(best_now=False):
         ckpt = common.training_state(
             model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best,
-            micro_bs=micro_bs, accum=accum, effective=E, args=dict(vars(args)),
+            micro_bs=micro_bs, accum=accum, effective=E, world_size=world, args=dict(vars(args)),
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen,
             extra={"itos": itos, "shape": list(shape), "model_args": model_args, "plateau": dict(plateau),
@@ -1100,7 +1129,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
         # a batch that fitted in training can fail here (another process took the memory, or the
         # cache is fragmented): halve it, keep the size that fitted for the next evaluation
         (val_loss, cer, wer, pairs), eval_bs = common.evaluate_halving(
-            lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs),
+            lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs,
+                                rank=rank, world=world),
             min(eval_bs, micro_bs), device, log)
         is_best = val_loss < best  # best by validation loss, as the seed
         best = min(best, val_loss)
@@ -1112,31 +1142,42 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
                 if plateau["bad"] > 3:
                     plateau.update(scale=plateau["scale"] * 0.5, bad=0)
                     log(f"val loss has not improved for 4 evaluations: lr x0.5 (now x{plateau['scale']:g})")
-        common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
-                                    "val_cer": round(cer, 3), "val_wer": round(wer, 3)})
-        ref, hyp = pairs[0]
-        log(f"step {step}: val loss {val_loss:.4f}, CER {cer:.2f}%, WER {wer:.2f}% (greedy CTC); "
-            f"e.g. {ref!r} -> {hyp!r}")
-        common.update_status(out, status, metric=round(cer, 3))
+        if is_main:
+            common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
+                                        "val_cer": round(cer, 3), "val_wer": round(wer, 3)})
+            ref, hyp = pairs[0]
+            log(f"step {step}: val loss {val_loss:.4f}, CER {cer:.2f}%, WER {wer:.2f}% (greedy CTC); "
+                f"e.g. {ref!r} -> {hyp!r}")
+            common.update_status(out, status, metric=round(cer, 3))
         return cer, is_best
 
     # -- the loop
     watch = common.memory_watch(args)
-    common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+    if is_main:
+        common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_cer = time.time(), 0, step, None
     batches_seen = 0
-    bar = common.progress_bar(total_steps, step)
+    bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
-        batches = bucket_batches(train_items, E, args.seed, epoch)
+        batches = bucket_batches(train_items, G, args.seed, epoch)  # global batches; this rank trains on its slice
         while pos < steps_per_epoch and step < total_steps:
-            batch = make_batch(train_items, batches[pos], stoi, aug_gen if args.spec_augment else None)
+            if world > 1:
+                common.seed_rank_step(args.seed, step, rank, world)
+                aug_gen.manual_seed((args.seed * 1_000_003 + step) * world + rank + 1)
+            batch = make_batch(train_items, common.rank_slice(batches[pos], rank, world), stoi,
+                               aug_gen if args.spec_augment else None)
+            # target tokens (characters + <eos>) of the whole global batch, from the transcripts
+            # alone: DDP's average of the ranks' gradients is then the 1-process gradient
+            n_global = sum(len(encode(train_items[i]["text"], stoi)) + 1 for i in batches[pos])
             padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
+            loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
                                                   lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
-                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log)
+                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
+                                                  no_sync=no_sync, norm=n_global / world if world > 1 else None)
             del batch  # the padded features of this step are not needed in the next one
+            micro_bs = int(common.all_ranks(micro_bs, "min", device, world))  # an OOM halving holds for all
             accum = math.ceil(E / micro_bs)
             scheduler.step()
             step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(batches[pos])
@@ -1146,8 +1187,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
                 # them back now and then keeps a long run from dying of fragmentation (seed)
                 torch.cuda.empty_cache()
             common.check_memory(watch, device, log)
-            bar.update(1)
-            if step % args.log_every == 0 or step == total_steps:
+            if is_main:
+                bar.update(1)
+            if world > 1 and (step % args.log_every == 0 or step == total_steps):
+                loss = common.all_ranks(loss * n, "sum", device, world) / n_global
+            if is_main and (step % args.log_every == 0 or step == total_steps):
                 sps = samples_seen / max(1e-9, time.time() - t_start)
                 mem = common.memory_snapshot(device)
                 bar.set_postfix(loss=f"{loss:.3f}", cer=f"{val_cer:.1f}" if val_cer is not None else "-",
@@ -1165,17 +1209,23 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
             if end_of_epoch:
                 epoch, pos = epoch + 1, 0  # a checkpoint taken now says "start the next epoch"
             saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
-            if saved:
+            if saved and is_main:
                 save(is_best)
-            if why := common.stop_requested(stop, out):
-                if not saved:
+            if saved:
+                common.barrier(world)  # no rank runs ahead of a checkpoint being written
+            why = common.stop_requested(stop, out)
+            if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
+                if not saved and is_main:
                     save()
-                log(f"stopped by {why} at step {step}; re-run the same command to resume")
-                common.update_status(out, status, state="stopped", step=step)
-                bar.close()
+                log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
+                if is_main:
+                    common.update_status(out, status, state="stopped", step=step)
+                    bar.close()
                 return 0
             if end_of_epoch:
                 break
+    if not is_main:
+        return 0  # rank 0 alone decodes the test set and writes the summary
     bar.close()
 
     if step == start_step and (out / "summary.json").exists():
@@ -1187,7 +1237,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
            amp_dtype=amp_dtype, batch=min(eval_bs, micro_bs), run=dict(
                steps=step, epochs=epoch, samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
                params=n_params, wall_s=wall_before + time.time() - status["started"], shape=list(shape),
-               effective_batch=E))
+               effective_batch=E, world_size=world, global_batch=G))
     return 0
 
 
@@ -1206,7 +1256,8 @@ def report(model, args, *, out, log, status, items, stoi, itos, device, amp_dtyp
                    steps=run["steps"], epochs=run["epochs"], samples_per_s=run["samples_per_s"],
                    peak_mem_mb=common.peak_memory_mb(device), params=run["params"], wall_s=round(run["wall_s"], 1),
                    preset=args.preset, shape=run["shape"], subsample=args.subsample, device=device.type,
-                   precision=args.precision, effective_batch=run["effective_batch"])
+                   precision=args.precision, effective_batch=run["effective_batch"], world_size=run["world_size"],
+                   global_batch=run["global_batch"])
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, stoi, itos, args, device)

@@ -17,6 +17,7 @@ and only LoRA adapters and the head train, as in the seed (DistilBERT, r 16, alp
 v: 891,656 trainable parameters), on the mean over tokens, at lr 1e-3 for 4 epochs (measured).
 Re-running the same command resumes from the newest checkpoint in --out."""
 
+import contextlib
 import json
 import math
 import os
@@ -877,7 +878,9 @@ def main(argv=None):
                         f"(got {len(labels)} labels, {len(val_rows)} val, {len(test_rows)} test rows)")
 
     # -- model and tokenizer (user mistakes in --pretrained surface here, before any write)
+    rank, world, local_rank = common.ddp_env(args)
     out, dev, state, resumed_from, notes = common.open_run(args, sources)
+    common.check_world_size(state, resumed_from, world)
     if args.pretrained:
         model, tok, model_desc, missing, unexpected = load_pretrained(args.pretrained, len(labels))
         shape = dict(n_layers=len(model.transformer.layer), dim=model.pre_classifier.in_features,
@@ -926,12 +929,15 @@ def main(argv=None):
         args.lr, sources["lr"] = (5e-5 if args.pretrained and not use_lora else LORA_LR if args.pretrained else
                                   FASTTEXT_LR if fasttext else 1e-3), "auto"
 
-    log, status, stop = common.start_run(out, args, "classifier", "val_acc", notes)
-    with common.recording_failures(out, status):
-        return train(args, sources, out=out, log=log, status=status, stop=stop, dev=dev, state=state,
-                     resumed_from=resumed_from, model=model, tok=tok, shape=shape, model_desc=model_desc,
-                     lora_targets=use_lora and targets, labels=labels, rows=(train_rows, val_rows, test_rows),
-                     data_desc=desc)
+    log, status, stop = common.start_ranks(out, args, "classifier", "val_acc", notes, rank, world, dev[0])
+    try:
+        with common.recording_failures(out, status) if rank == 0 else contextlib.nullcontext():
+            return train(args, sources, out=out, log=log, status=status, stop=stop, dev=dev, state=state,
+                         resumed_from=resumed_from, model=model, tok=tok, shape=shape, model_desc=model_desc,
+                         lora_targets=use_lora and targets, labels=labels, rows=(train_rows, val_rows, test_rows),
+                         data_desc=desc, rank=rank, world=world, local_rank=local_rank)
+    finally:
+        common.end_ranks(world)
 
 
 # -----------------------------------------------------------------------------
@@ -955,11 +961,12 @@ def loss_fn(model, mb, device):
     return F.cross_entropy(logits.float(), mb["y"].to(device), reduction="sum"), len(mb["y"])
 
 
-def rows_batch(step, perm, size, data):
+def rows_batch(step, perm, size, data, rank=0, world=1):
     """Batch `step` of an epoch, for common.StepBatches: rows perm[step*size:(step+1)*size] of a
-    pre-tokenized split, padding trimmed. A module function, so it pickles for loader workers
-    under the spawn start method (Windows, macOS); a lambda in train() did not."""
-    idx = perm[step * size:(step + 1) * size].tolist()
+    pre-tokenized split (under torchrun this rank's slice of them), padding trimmed. A module
+    function, so it pickles for loader workers under the spawn start method (Windows, macOS); a
+    lambda in train() did not."""
+    idx = common.rank_slice(perm[step * size:(step + 1) * size], rank, world).tolist()
     return trim({k: v[idx] for k, v in data.items()})
 
 
@@ -974,14 +981,15 @@ def loader_settings(args, sources, device):
         args.pin_memory, sources["pin_memory"] = device.type == "cuda", "auto"  # pinning helps GPU copies only
 
 
-def log_setup(log, args, *, device, prec_why, micro_bs, accum, bs_why, data_desc, splits, labels, model_desc,
+def log_setup(log, args, *, device, prec_why, micro_bs, accum, world, bs_why, data_desc, splits, labels, model_desc,
               n_params, n_trainable, lora_targets):
     """The machine box, then one line each for the data, the model and what trains."""
     ram = __import__("psutil").virtual_memory()
     box = [f"CPU cores: {os.cpu_count() or 1}",
            f"RAM: {ram.total / 2**30:.1f} GB ({ram.available / 2**30:.1f} GB free)",
            f"CUDA available: {torch.cuda.is_available()}", f"device {device.type}, precision {args.precision} ({prec_why})",
-           f"batch {micro_bs} x {accum} accumulation = {micro_bs * accum} ({bs_why})",
+           f"batch {micro_bs} x {accum} accumulation" + (f" x {world} processes" if world > 1 else "")
+           + f" = {micro_bs * accum * world} ({bs_why})",
            f"data loader: {args.workers} workers, pin_memory {args.pin_memory}"]
     width = max(map(len, box)) + 2
     log("+" + "-" * width + "+\n" + "\n".join(f"| {b:<{width - 2}} |" for b in box) + "\n+" + "-" * width + "+")
@@ -1009,8 +1017,9 @@ def build_optimizer(model, args, sources, *, n_train, E, log):
 
 
 def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, model, tok, shape, model_desc,
-          lora_targets, labels, rows, data_desc):
+          lora_targets, labels, rows, data_desc, rank=0, world=1, local_rank=0):
     device, amp_dtype, scaler, prec_why = dev
+    is_main = rank == 0
     splits = encode_splits(tok, rows, labels, args.max_len)
     n_train = len(rows[0])
     model.to(device)
@@ -1024,7 +1033,12 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
         return common.probe_step(model, lambda m, mb: loss_fn(m, mb, device), worst, device, amp_dtype)
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum
+    micro_bs, accum = common.agree_batch(micro_bs, accum, device, world)
+    E = micro_bs * accum  # rows per rank per step
+    G = E * world  # the global batch
+    if 0 < n_train % G < world:
+        raise UserError(f"--batch-size {E} x {world} processes: the last batch of each epoch would hold "
+                        f"{n_train % G} of {n_train} rows, too few for every process; use another --batch-size")
     # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
     first = {k: v[:micro_bs] for k, v in splits["train"].items()}
     amp_dtype, why = common.measure_precision(
@@ -1033,11 +1047,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
         log, state["args"]["precision"] if state else None)
     prec_why = why or prec_why
     loader_settings(args, sources, device)
-    log_setup(log, args, device=device, prec_why=prec_why, micro_bs=micro_bs, accum=accum, bs_why=bs_why,
+    log_setup(log, args, device=device, prec_why=prec_why, micro_bs=micro_bs, accum=accum, world=world, bs_why=bs_why,
               data_desc=data_desc, splits=splits, labels=labels, model_desc=model_desc, n_params=n_params,
               n_trainable=n_trainable, lora_targets=lora_targets)
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
-                                                                         E=E, log=log)
+                                                                         E=G, log=log)
 
     step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = 0, 0, 0, -1.0, 0, [0.0, 0], -1.0
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -1046,10 +1060,13 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
         step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = (
             state[k] for k in ("step", "epoch", "pos", "best", "bad_epochs", "ep_loss", "best_at_epoch_start"))
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
-    common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
-    common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
-                                           "precision": args.precision, "device": device.type, "lora": bool(lora_targets),
-                                           "why": {"batch": bs_why, "precision": prec_why}})
+    if is_main:
+        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
+        common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
+                                               "world_size": world, "global_batch": G, "precision": args.precision,
+                                               "device": device.type, "lora": bool(lora_targets),
+                                               "why": {"batch": bs_why, "precision": prec_why}})
+    train_model, no_sync = common.ddp_wrap(model, device, world, local_rank)  # `model` stays the one we save
     extra = {"itos": tok.itos, "lower": tok.lower, "labels": labels, "shape": shape, "max_len": args.max_len,
              "lora": {"targets": lora_targets, "r": args.lora_r, "alpha": args.lora_alpha,
                       "dropout": args.lora_dropout} if lora_targets else None}
@@ -1057,7 +1074,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     def save(best_now=False):
         ckpt = common.training_state(
             model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best, bad_epochs=bad_epochs,
-            ep_loss=ep_loss, best_at_epoch_start=best_at_epoch_start, micro_bs=micro_bs, accum=accum,
+            ep_loss=ep_loss, best_at_epoch_start=best_at_epoch_start, micro_bs=micro_bs, accum=accum, world_size=world,
             # totals over every segment of a run that was stopped and resumed
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + seen, args=dict(vars(args)), extra=extra)
@@ -1066,15 +1083,17 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
 
     # -- the loop: one evaluation per epoch (and every --eval-every steps), early stopping
     watch = common.memory_watch(args)
-    common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+    if is_main:
+        common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, seen, start_step, val_acc = time.time(), 0, step, None
     eval_bs = 128  # rows per evaluation batch; halved for good after an out-of-memory error
-    bar = common.progress_bar(total_steps, step)
+    bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     stopped_early = bad_epochs >= args.patience  # a resumed run that had already stopped early
     while step < total_steps and (args.max_steps or epoch < args.epochs) and not stopped_early:
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        batches = common.StepBatches(rows_batch, perm=perm, size=E, data=splits["train"])  # item i: batch i of the epoch
+        batches = common.StepBatches(rows_batch, perm=perm, size=G, data=splits["train"], rank=rank,
+                                     world=world)  # item i: this rank's share of batch i of the epoch
         loader = torch.utils.data.DataLoader(
             batches, batch_size=None, sampler=range(pos, steps_per_epoch), worker_init_fn=common.quiet_worker,
             num_workers=args.workers, pin_memory=args.pin_memory,
@@ -1082,15 +1101,25 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             # would shift the dropout stream of a run resumed mid-epoch
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         for batch in loader:
-            loss, n, micro_bs = common.train_step(model, optimizer, scaler, batch, lambda m, mb: loss_fn(m, mb, device),
-                                                  micro_bs, clip=args.clip, device=device, amp_dtype=amp_dtype, log=log)
+            # rows of the whole global batch: DDP's average of the ranks' gradients is then the
+            # 1-process gradient, though the last batch of an epoch splits unevenly
+            n_global = min(G, n_train - pos * G)
+            common.seed_rank_step(args.seed, step, rank, world)
+            loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
+                                                  lambda m, mb: loss_fn(m, mb, device), micro_bs, clip=args.clip,
+                                                  device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
+                                                  norm=n_global / world if world > 1 else None)
+            if world > 1:  # the global batch's loss; an OOM halving holds for every rank
+                loss, n = common.all_ranks(loss * n, "sum", device, world) / n_global, n_global
+                micro_bs = int(common.all_ranks(micro_bs, "min", device, world))
             accum = math.ceil(E / micro_bs)
             scheduler.step()
             step, pos, seen = step + 1, pos + 1, seen + n
             ep_loss = [ep_loss[0] + loss * n, ep_loss[1] + n]
             common.check_memory(watch, device, log)
-            bar.update(1)
-            if step % args.log_every == 0 or step == total_steps:
+            if is_main:
+                bar.update(1)
+            if is_main and (step % args.log_every == 0 or step == total_steps):
                 sps = seen / max(1e-9, time.time() - t_start)
                 mem = common.memory_snapshot(device)
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{val_acc:.3f}" if val_acc is not None else "-",
@@ -1103,11 +1132,13 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             end_of_epoch = pos == steps_per_epoch
             is_best = False
             if (args.eval_every and step % args.eval_every == 0) or end_of_epoch or step == total_steps:
-                v = splits["val"]
+                v = {k: common.rank_slice(t, rank, world) for k, t in splits["val"].items()}  # this rank's share
                 probs, eval_bs = common.evaluate_halving(
                     lambda bs: classify(model, v["ids"], v["mask"], device, amp_dtype, bs), eval_bs, device, log)
-                val_acc = (probs.argmax(-1) == v["y"]).double().mean().item()
-                val_loss = F.nll_loss(probs.clamp(min=1e-12).log(), v["y"]).item()
+                n_val = len(splits["val"]["y"])
+                val_acc = common.all_ranks(int((probs.argmax(-1) == v["y"]).sum()), "sum", device, world) / n_val
+                val_loss = common.all_ranks(F.nll_loss(probs.clamp(min=1e-12).log(), v["y"], reduction="sum").item(),
+                                            "sum", device, world) / n_val
                 is_best = val_acc > best
                 best = max(best, val_acc)
                 rec = {"step": step, "epoch": epoch + 1, "val_acc": round(val_acc, 4), "val_loss": round(val_loss, 5)}
@@ -1116,27 +1147,34 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
                     # an epoch is good if any evaluation in it (not only the last) beat the best so far
                     bad_epochs = 0 if best > best_at_epoch_start else bad_epochs + 1
                     best_at_epoch_start = best
-                common.append_metrics(out, rec)
-                log(f"epoch {epoch + 1} step {step}: val accuracy {val_acc:.3f}, val loss {val_loss:.4f}"
-                    + (" (best)" if is_best else ""))
-                common.update_status(out, status, metric=round(val_acc, 4))
+                if is_main:
+                    common.append_metrics(out, rec)
+                    log(f"epoch {epoch + 1} step {step}: val accuracy {val_acc:.3f}, val loss {val_loss:.4f}"
+                        + (" (best)" if is_best else ""))
+                    common.update_status(out, status, metric=round(val_acc, 4))
             if end_of_epoch:
                 epoch, pos, ep_loss = epoch + 1, 0, [0.0, 0]
                 if bad_epochs >= args.patience:
                     log(f"early stopping: no better validation accuracy for {bad_epochs} epochs")
                     stopped_early = True
             saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
-            if saved:
+            if saved and is_main:
                 save(is_best)
-            if why := common.stop_requested(stop, out):
-                if not saved:
+            if saved:
+                common.barrier(world)  # no rank runs ahead of a checkpoint being written
+            why = common.stop_requested(stop, out)
+            if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
+                if not saved and is_main:
                     save()
-                log(f"stopped by {why} at step {step}; re-run the same command to resume")
-                common.update_status(out, status, state="stopped", step=step)
-                bar.close()
+                log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
+                if is_main:
+                    common.update_status(out, status, state="stopped", step=step)
+                    bar.close()
                 return 0
             if stopped_early or step >= total_steps:
                 break
+    if not is_main:
+        return 0  # rank 0 alone tests and exports
     bar.close()
 
     if step == start_step and (out / "summary.json").exists():
@@ -1154,7 +1192,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     test_and_export(model, args, out=out, log=log, status=status, splits=splits, rows=rows, labels=labels,
                     extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, eval_bs=eval_bs,
                     run=dict(
-                        best_val_accuracy=round(best, 4), steps=step, epochs=epoch, samples_per_s=round(
+                        best_val_accuracy=round(best, 4), steps=step, epochs=epoch, world_size=world, global_batch=G,
+                        samples_per_s=round(
                             (samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1)),
                     params=(n_params, n_trainable), wall_before=wall_before)
     return 0

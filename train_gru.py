@@ -16,6 +16,7 @@ the query's category at every step, so "red run" in fashion completes to shoes, 
 Re-running the same command resumes from the newest checkpoint in --out.
 """
 
+import contextlib
 import math
 import random
 import sys
@@ -373,17 +374,26 @@ def loss_fn(model, mb, device):
 
 
 @torch.inference_mode()
-def evaluate(model, data, device, amp_dtype, bs=256):
-    """Validation loss per token and perplexity."""
+def evaluate(model, data, device, amp_dtype, bs=256, rank=0, world=1):
+    """Validation loss per token and perplexity; under torchrun each rank sums its share of the
+    queries and the sums are added up (common.all_ranks), so every rank gets the same figures."""
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(data["cats"]), bs):
-        batch = make_batch(data, torch.arange(i, min(i + bs, len(data["cats"]))))
+    rows = common.rank_slice(torch.arange(len(data["cats"])), rank, world)
+    for i in range(0, len(rows), bs):
+        batch = make_batch(data, rows[i:i + bs])
         with common.autocast(device, amp_dtype):
             loss, k = loss_fn(model, batch, device)
         total, n = total + loss.item(), n + int(k)
     model.train()
+    total, n = common.all_ranks(total, "sum", device, world), common.all_ranks(n, "sum", device, world)
     return total / n, math.exp(total / n)
+
+
+def targets(data, idx):
+    """How many next-word targets the queries at idx hold (make_batch's y != PAD), counted from
+    the offsets alone: each rank knows its global batch's count without asking the others."""
+    return int((data["offsets"][idx + 1] - data["offsets"][idx] - 1).sum())
 
 
 def unigram_ppl(train, val, vocab):
@@ -529,6 +539,7 @@ def main(argv=None):
 
     # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
     # folder is written to
+    rank, world, local_rank = common.ddp_env(args)
     out, device, state, resumed_from, notes = common.open_run(args, sources)
     if state is not None and not (isinstance(state, dict) and "extra" in state):
         # a file without a trainer's record (open_run refuses one that names another trainer)
@@ -544,11 +555,16 @@ def main(argv=None):
         raise UserError(f"{resumed_from} was trained on other categories than this data; use a new --out "
                         "or --no-resume")
 
-    log, status, stop = common.start_run(out, args, "gru", "val_ppl", notes)
-    with common.recording_failures(out, status):
-        return train(args, sources, out=out, log=log, status=status, stop=stop, dev=device, state=state,
-                     resumed_from=resumed_from, train_pairs=train_pairs, val_pairs=val_pairs, itos=itos, cats=cats,
-                     data_desc=data_desc)
+    common.check_world_size(state, resumed_from, world)
+
+    log, status, stop = common.start_ranks(out, args, "gru", "val_ppl", notes, rank, world, device[0])
+    try:
+        with common.recording_failures(out, status) if rank == 0 else contextlib.nullcontext():
+            return train(args, sources, out=out, log=log, status=status, stop=stop, dev=device, state=state,
+                         resumed_from=resumed_from, train_pairs=train_pairs, val_pairs=val_pairs, itos=itos,
+                         cats=cats, data_desc=data_desc, rank=rank, world=world, local_rank=local_rank)
+    finally:
+        common.end_ranks(world)
 
 
 # -----------------------------------------------------------------------------
@@ -570,8 +586,9 @@ def build_optimizer(model, args, sources, *, n_train, E, log):
 
 
 def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, train_pairs, val_pairs, itos, cats,
-          data_desc):
+          data_desc, rank=0, world=1, local_rank=0):
     device, amp_dtype, scaler, prec_why = dev
+    is_main = rank == 0
     stoi = {w: i for i, w in enumerate(itos)}
     cat_index = {c: i for i, c in enumerate(cats)}
     train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
@@ -597,7 +614,12 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
                                  make_batch(train_data, torch.full((bs,), longest)), device, amp_dtype)
     resumed_bs = (state["micro_bs"], state["accum"]) if state else None
     micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum
+    micro_bs, accum = common.agree_batch(micro_bs, accum, device, world)
+    E = micro_bs * accum  # queries per rank per step
+    G = E * world  # the global batch
+    if 0 < n_train % G < world:
+        raise UserError(f"--batch-size {E} x {world} processes: the last batch of each epoch would hold "
+                        f"{n_train % G} of {n_train} queries, too few for every process; use another --batch-size")
     # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
     first = make_batch(train_data, torch.arange(min(micro_bs, n_train)))
     amp_dtype, why = common.measure_precision(
@@ -607,10 +629,10 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
     prec_why = why or prec_why
     snap = common.memory_snapshot(device)
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
-        f"accumulation = {E} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
+        f"accumulation" + (f" x {world} processes" if world > 1 else "") + f" = {G} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
-                                                                         E=E, log=log)
+                                                                         E=G, log=log)
 
     step, epoch, pos, best = 0, 0, 0, float("inf")
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -618,17 +640,19 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
     if state:
         step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
-    common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
-    common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum,
-                                           "effective_batch": E, "precision": args.precision,
-                                           "device": device.type, "why": {"batch": bs_why,
-                                                                          "precision": prec_why}})
+    if is_main:
+        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
+        common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
+                                               "world_size": world, "global_batch": G, "precision": args.precision,
+                                               "device": device.type, "why": {"batch": bs_why,
+                                                                              "precision": prec_why}})
+    train_model, no_sync = common.ddp_wrap(model, device, world, local_rank)  # `model` stays the one we save
     base_ppl = unigram_ppl(train_data, val_data, len(itos))
 
     def save(best_now=False):
         ckpt = common.training_state(
             model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best,
-            micro_bs=micro_bs, accum=accum, args=dict(vars(args)),
+            micro_bs=micro_bs, accum=accum, world_size=world, args=dict(vars(args)),
             # totals over every segment of a run that was stopped and resumed
             wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
             samples=samples_before + samples_seen, extra={"itos": itos, "cats": cats, "preset": args.preset})
@@ -640,8 +664,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
 
     def validate():
         nonlocal eval_bs
-        result, eval_bs = common.evaluate_halving(lambda bs: evaluate(model, val_data, device, amp_dtype, bs),
-                                                  eval_bs, device, log)
+        result, eval_bs = common.evaluate_halving(
+            lambda bs: evaluate(model, val_data, device, amp_dtype, bs, rank=rank, world=world), eval_bs, device, log)
         return result
 
     def run_eval():
@@ -649,33 +673,45 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
         val_loss, val_ppl = validate()
         is_best = val_ppl < best
         best = min(best, val_ppl)
-        common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
-                                    "val_ppl": round(val_ppl, 4)})
-        log(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
-            f"(unigram baseline {base_ppl:.2f})")
-        common.update_status(out, status, metric=round(val_ppl, 4))
+        if is_main:
+            common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
+                                        "val_ppl": round(val_ppl, 4)})
+            log(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
+                f"(unigram baseline {base_ppl:.2f})")
+            common.update_status(out, status, metric=round(val_ppl, 4))
         return val_ppl, is_best
 
     # -- the loop
     watch = common.memory_watch(args)
-    common.update_status(out, status, state="running", total_steps=total_steps, step=step)
+    if is_main:
+        common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
-    bar = common.progress_bar(total_steps, step)
+    bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
         # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         while pos < steps_per_epoch and step < total_steps:
-            batch = make_batch(train_data, perm[pos * E:(pos + 1) * E])
-            loss, _, micro_bs = common.train_step(model, optimizer, scaler, batch,
+            idx = perm[pos * G:(pos + 1) * G]  # the global batch; this rank trains on its slice
+            batch = make_batch(train_data, common.rank_slice(idx, rank, world))
+            common.seed_rank_step(args.seed, step, rank, world)
+            # targets over the whole global batch: DDP's average of the ranks' gradients is then the
+            # gradient of the 1-process loss, though the ranks' queries differ in length
+            n_global = targets(train_data, idx)
+            loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
                                                   lambda m, b: loss_fn(m, b, device), micro_bs,
-                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log)
+                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
+                                                  no_sync=no_sync, norm=n_global / world if world > 1 else None)
+            micro_bs = int(common.all_ranks(micro_bs, "min", device, world))  # an OOM halving holds for all
             accum = math.ceil(E / micro_bs)
             scheduler.step()
-            step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(batch["cat"])
+            step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(idx)
             common.check_memory(watch, device, log)
-            bar.update(1)
-            if step % args.log_every == 0 or step == total_steps:
+            if is_main:
+                bar.update(1)
+            if world > 1 and (step % args.log_every == 0 or step == total_steps):
+                loss = common.all_ranks(loss * n, "sum", device, world) / n_global
+            if is_main and (step % args.log_every == 0 or step == total_steps):
                 sps = samples_seen / max(1e-9, time.time() - t_start)
                 mem = common.memory_snapshot(device)
                 bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{val_ppl:.1f}" if val_ppl else "-",
@@ -692,25 +728,33 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
             if end_of_epoch:
                 epoch, pos = epoch + 1, 0  # a checkpoint taken now says "start the next epoch"
             saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
-            if saved:
+            if saved and is_main:
                 save(is_best)
-            if why := common.stop_requested(stop, out):
-                if not saved:
+            if saved:
+                common.barrier(world)  # no rank runs ahead of a checkpoint being written
+            why = common.stop_requested(stop, out)
+            if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
+                if not saved and is_main:
                     save()
-                log(f"stopped by {why} at step {step}; re-run the same command to resume")
-                common.update_status(out, status, state="stopped", step=step)
-                bar.close()
+                log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
+                if is_main:
+                    common.update_status(out, status, state="stopped", step=step)
+                    bar.close()
                 return 0
             if end_of_epoch:
                 break
-    bar.close()
+    if is_main:
+        bar.close()
 
-    # -- report
+    # -- report (every rank validates its share; rank 0 writes)
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
-        common.update_status(out, status, state="finished", eta_s=0)
+        if is_main:
+            common.update_status(out, status, state="finished", eta_s=0)
         return 0
     val_loss, val_ppl = validate()
+    if not is_main:
+        return 0
     wall = wall_before + time.time() - status["started"]
     summary = dict(trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
                    unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch,
@@ -718,7 +762,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
                                        max(1e-9, train_before + time.time() - t_start), 1),
                    peak_mem_mb=common.peak_memory_mb(device), params=n_params,
                    trainable_params=n_trainable, wall_s=round(wall, 1), preset=args.preset,
-                   device=device.type, precision=args.precision, effective_batch=E)
+                   device=device.type, precision=args.precision, effective_batch=E, world_size=world,
+                   global_batch=G)
     common.write_summary(out, **summary)
     plot = common.plot_progress(out, "val_ppl")
     log(f"done: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} "

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -724,9 +723,7 @@ def check_resume(state, resumed_from, cfg, world, task):
         diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
                          if state["model_cfg"].get(k) != v)
         raise UserError(f"{resumed_from} was trained with {diff}; use the same flags, a new --out or --no-resume")
-    if state["world_size"] != world:
-        raise UserError(f"{resumed_from} was trained on {state['world_size']} process(es), this is {world}; "
-                        f"resume with the same --nproc_per_node, or use a new --out")
+    common.check_world_size(state, resumed_from, world)
 
 
 @dataclasses.dataclass
@@ -749,21 +746,13 @@ class Run:
 
 
 def start(args, sources, notes, trainer, metric, check):
-    """Open the run folder (common.open_run), check the resume state with check(state, path),
+    """Open the run folder (common.open_run), check the resume state with check(state, path, world),
     start the log and status (rank 0 only) and the process group under torchrun: a Run.
     Shared with train_sft.py."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and args.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # before setup_device: "cuda" then means this rank's GPU
+    rank, world, local_rank = common.ddp_env(args)
     out, (device, amp_dtype, scaler, prec_why), state, resumed_from, more_notes = common.open_run(args, sources)
     check(state, resumed_from, world)
-    if rank == 0:
-        log, status, stop = common.start_run(out, args, trainer, metric, notes + more_notes)
-    else:  # only rank 0 writes; the others still stop cleanly on SIGTERM from torchrun
-        log, status, stop = (lambda msg: None), {"started": time.time()}, common.install_stop_handlers()
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log, status, stop = common.start_ranks(out, args, trainer, metric, notes + more_notes, rank, world, device)
     return Run(out, log, status, stop, device, amp_dtype, scaler, prec_why, state, resumed_from, rank, world,
                local_rank)
 
@@ -807,8 +796,7 @@ def main(argv=None):
         with common.recording_failures(run.out, run.status) if run.rank == 0 else nullcontext():
             return train(args, sources, run, cfg, data_dir, meta)
     finally:
-        if run.world > 1:
-            dist.destroy_process_group()
+        common.end_ranks(run.world)
 
 
 def log_presets(cfg, log):
@@ -870,14 +858,9 @@ def make_optimizer(model, args, total_steps, device):
 
 
 def wrap(model, args, run):
-    """The model that trains: compiled with --compile, DDP-wrapped under torchrun; and the
-    no_sync context for accumulation (all-reduce once per step, on the last micro-batch)."""
-    train_model = torch.compile(model) if args.compile else model
-    if run.world == 1:
-        return train_model, None
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        train_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
-    return train_model, train_model.no_sync
+    """The model that trains: compiled with --compile, DDP-wrapped under torchrun (common.ddp_wrap);
+    and the no_sync context for accumulation. Shared with train_sft.py."""
+    return common.ddp_wrap(torch.compile(model) if args.compile else model, run.device, run.world, run.local_rank)
 
 
 def tensorboard(args, out):
@@ -886,15 +869,6 @@ def tensorboard(args, out):
         return None
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(out / "tb"))
-
-
-def all_ranks(value, op, run):
-    """A number agreed by every rank (itself on one process)."""
-    if run.world == 1:
-        return value
-    t = torch.tensor([float(value)], device=run.device)
-    dist.all_reduce(t, op=op)
-    return t.item()
 
 
 def train(args, sources, run, cfg, data_dir, meta):
@@ -1011,7 +985,7 @@ def train(args, sources, run, cfg, data_dir, meta):
         if is_main:
             bar.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            loss = all_ranks(loss, dist.ReduceOp.SUM, run) / world if world > 1 else loss
+            loss = common.all_ranks(loss, "sum", device, world) / world
             dt = time.time() - t_log
             ms, tps = 1000 * dt / (step - step_log), tokens_per_step * (step - step_log) / dt
             peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
@@ -1026,14 +1000,14 @@ def train(args, sources, run, cfg, data_dir, meta):
         if args.eval_every and step % args.eval_every == 0 or step == total_steps:
             is_best = run_eval() if is_main else False
             # every rank must know whether a checkpoint (and its barrier) follows
-            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX, run)) if world > 1 else is_best
+            is_best = bool(common.all_ranks(is_best, "max", device, world))
         saved = step % args.save_every == 0 or is_best or step == total_steps
         if saved and is_main:
             save(is_best)
-        if saved and world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        if saved:
+            common.barrier(world)  # no rank runs ahead of a checkpoint being written
         why = common.stop_requested(run.stop, out)
-        if all_ranks(bool(why), dist.ReduceOp.MAX, run) if world > 1 else why:  # every rank stops at the same step
+        if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
             if not saved and is_main:
                 save()
             log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
@@ -1044,8 +1018,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     del batch_iter  # its worker processes end here
     if is_main:
         bar.close()
-    if world > 1:
-        dist.barrier()
+    common.barrier(world)
     if is_main:
         report(args, run, model, validate, cfg, best=best, step=step, start_step=start_step,
                wall=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,

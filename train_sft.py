@@ -34,12 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
 from common import UserError
-from train_lm import (EOT, LM, VOCAB, add_model_flags, all_ranks, check_flags, check_resume, checked_peak, describe,
+from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, checked_peak, describe,
                       device_peak, encode, flops_per_token, log_interval, log_presets, make_optimizer, model_config, resolve_shape,
                       start, tensorboard, wrap)
 
@@ -248,11 +247,24 @@ def sft_batch(step, examples, seed, global_batch, rank, per_rank, seq_len):
     resume and on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the
     target is an answer token, and n (B,) real tokens per example (for tokens/s).
     """
-    per_epoch = max(1, len(examples) // global_batch)
-    epoch, pos = divmod(step, per_epoch)
-    order = np.random.default_rng((seed, epoch)).permutation(len(examples))
-    idx = order[pos * global_batch:(pos + 1) * global_batch][rank * per_rank:(rank + 1) * per_rank]
+    idx = global_examples(step, len(examples), seed, global_batch)[rank * per_rank:(rank + 1) * per_rank]
     return collate([examples[i] for i in idx], seq_len)
+
+
+def global_examples(step, n, seed, global_batch):
+    """The indices of step `step`'s whole global batch (every rank's examples)."""
+    per_epoch = max(1, n // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng((seed, epoch)).permutation(n)
+    return order[pos * global_batch:(pos + 1) * global_batch]
+
+
+def answer_tokens(step, examples, seed, global_batch, seq_len):
+    """The answer tokens (collate's w.sum()) of step `step`'s whole global batch, from the examples'
+    lengths alone: under torchrun each rank divides its loss by this / world (train_step's norm),
+    so DDP's average is the 1-process gradient though the ranks' answers differ in length."""
+    return sum(max(0, min(len(examples[i][0]), seq_len + 1) - examples[i][1])
+               for i in global_examples(step, len(examples), seed, global_batch))
 
 
 def collate(batch, seq_len):
@@ -597,8 +609,7 @@ def main(argv=None):
         with common.recording_failures(run.out, run.status) if run.rank == 0 else nullcontext():
             return train(args, sources, run, cfg, data, init)
     finally:
-        if run.world > 1:
-            dist.destroy_process_group()
+        common.end_ranks(run.world)
 
 
 def train(args, sources, run, cfg, data, init):
@@ -710,9 +721,11 @@ def train(args, sources, run, cfg, data, init):
     while step < total_steps:
         batch = next(batch_iter)
         tokens_log += int(batch["n"].sum()) * world
-        loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
+        n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if world > 1 else None
+        loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
                                               lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
-                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
+                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
+                                              norm=n_global / world if world > 1 else None)
         accum = math.ceil(E / micro_bs)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
@@ -720,7 +733,8 @@ def train(args, sources, run, cfg, data, init):
         if is_main:
             bar.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            loss = all_ranks(loss, dist.ReduceOp.SUM, run) / world if world > 1 else loss
+            if world > 1:  # the global batch's loss per answer token
+                loss = common.all_ranks(loss * n, "sum", device, world) / n_global
             dt = time.time() - t_log
             ms, tps = 1000 * dt / (step - step_log), tokens_log / dt
             peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
@@ -734,14 +748,14 @@ def train(args, sources, run, cfg, data, init):
         is_best = False
         if args.eval_every and step % args.eval_every == 0 or step == total_steps:
             is_best = run_eval() if is_main else False
-            is_best = bool(all_ranks(is_best, dist.ReduceOp.MAX, run)) if world > 1 else is_best
+            is_best = bool(common.all_ranks(is_best, "max", device, world))
         saved = step % args.save_every == 0 or is_best or step == total_steps
         if saved and is_main:
             save(is_best)
-        if saved and world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        if saved:
+            common.barrier(world)  # no rank runs ahead of a checkpoint being written
         why = common.stop_requested(run.stop, out)
-        if all_ranks(bool(why), dist.ReduceOp.MAX, run) if world > 1 else why:  # every rank stops at the same step
+        if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
             if not saved and is_main:
                 save()
             log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
@@ -752,8 +766,7 @@ def train(args, sources, run, cfg, data, init):
     del batch_iter  # its worker processes end here
     if is_main:
         bar.close()
-    if world > 1:
-        dist.barrier()
+    common.barrier(world)
     if not is_main:
         return 0
     report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
@@ -818,7 +831,8 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
                          samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
-                         precision=args.precision, global_batch=global_batch, pairs_trained=samples)
+                         precision=args.precision, global_batch=global_batch, pairs_trained=samples,
+                         world_size=run.world)
     plot = common.plot_progress(out, "val_loss")
     log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
         f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "

@@ -82,3 +82,27 @@ def metrics(run_dir):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def torchrun_popen(script, *args, cwd, nproc=2):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N <script> args` on CPU, one
+    thread a rank, in its own session so that os.killpg ends torchrun and every rank together."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", str(REPO / script), *map(str, args)],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def torchrun(script, *args, cwd, nproc=2, check=0, timeout=240):
+    """torchrun_popen to the end: its output (stdout and stderr); on a hang the whole group is
+    killed, not left behind."""
+    import signal
+    proc = torchrun_popen(script, *args, cwd=cwd, nproc=nproc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert check is None or proc.returncode == check, out[-5000:]
+    return out

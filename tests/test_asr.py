@@ -505,11 +505,11 @@ def test_validation_oom_halves_its_batch_and_keeps_it(tmp, monkeypatch):
     def losses(out, fits):
         seen = []
 
-        def evaluate(*a):
+        def evaluate(*a, **kw):  # a[-1]: the batch (rank and world come as keywords)
             if a[-1] > fits:
                 seen.append("oom")
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            r = real(*a)
+            r = real(*a, **kw)
             seen.append(r[0])  # the exact loss: metrics.jsonl rounds it
             return r
         monkeypatch.setattr(asr, "evaluate", evaluate)

@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from conftest import REPO, call, metrics, popen, read_json, run, tree_digest, wait_for
 
 import train_lm
@@ -265,21 +265,9 @@ def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
     common = [*TINY[:8], "--grad-accum", "2", "--eval-tokens", "512", "--max-steps", "6", "--log-every", "2",
               "--eval-every", "3", "--device", "cpu"]
     run("train_lm.py", *common, "--batch-size", "8", "--out", "one", cwd=tmp, check=0)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 
     def torchrun(*flags):
-        # its own session: on a hang, the whole group (torchrun and both ranks) is killed, not left behind
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(REPO / "train_lm.py"), *common, "--batch-size", "4", *flags, "--out", "two"],
-                                cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        assert proc.returncode == 0, out[-5000:]
-        return out
+        return conftest.torchrun("train_lm.py", *common, "--batch-size", "4", *flags, "--out", "two", cwd=tmp)
     torchrun()
     one, two = deterministic(metrics(tmp / "one")), deterministic(metrics(tmp / "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 5
