@@ -158,7 +158,6 @@ def bigru_model(vocab, hidden=256, stack=4):
             self.head = nn.Linear(2 * hidden, vocab)
 
         def forward(self, feats, lengths):  # feats (B, T, 80)
-            import torch
             B, T, C = feats.shape
             T4 = T // self.stack
             x = feats[:, :T4 * self.stack].reshape(B, T4, self.stack * C)  # (B, T/4, 320)
