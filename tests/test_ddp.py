@@ -33,7 +33,7 @@ RUNS = {
     # it the losses moved by 4e-5)
     "sft": ("train_sft.py", ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160", "--data",
                              "few.jsonl", "--max-steps", "6", "--grad-accum", "2", "--log-every", "1",
-                             "--eval-every", "3"], ["--batch-size", "4"], ["--batch-size", "2"]),
+                             "--eval-every", "3", "--precision", "fp32"], ["--batch-size", "4"], ["--batch-size", "2"]),
 }
 
 

@@ -18,8 +18,10 @@ from conftest import REPO, call, metrics, popen, read_json, run, tree_digest, wa
 import train_lm
 
 # a small model that steps in ~20 ms: for the tests that need many runs, not learning
+# fp32 typed: an untyped precision is timed on the CPU (common.measure_precision), and two runs a
+# test compares must not differ by what a busy machine made of that timing
 TINY = ["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
-        "--grad-accum", "2", "--eval-tokens", "512"]
+        "--grad-accum", "2", "--eval-tokens", "512", "--precision", "fp32"]
 
 
 def deterministic(recs):
@@ -263,7 +265,7 @@ def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
     """Global batch 16 either way: 1 process x 8 x 2 accumulation, or 2 gloo ranks x 4 x 2 (no_sync on
     the first micro-batch). Each rank reads its slice of the same windows, so losses match."""
     common = [*TINY[:8], "--grad-accum", "2", "--eval-tokens", "512", "--max-steps", "6", "--log-every", "2",
-              "--eval-every", "3", "--device", "cpu"]
+              "--eval-every", "3", "--device", "cpu", "--precision", "fp32"]
     run("train_lm.py", *common, "--batch-size", "8", "--out", "one", cwd=tmp, check=0)
 
     def torchrun(*flags):

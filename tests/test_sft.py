@@ -17,7 +17,7 @@ from conftest import call, metrics, popen, read_json, run
 import train_sft
 
 # a model that steps in a few ms: for runs that check plumbing, not learning
-TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160"]
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160", "--precision", "fp32"]  # fp32: as test_lm's
 
 
 def few_pairs(d):
