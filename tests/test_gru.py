@@ -342,7 +342,7 @@ def other_runs(saved_run):
     (["--resume", "foreign.pt"], "foreign.pt is not a train_gru.py checkpoint"),
     (["--resume", "tensor.pt"], "tensor.pt is not a train_gru.py checkpoint"),
     (["--suggest", "red", "--out", "lmrun"], "--out lmrun: lmrun/checkpoints/best.pt is not a train_gru.py checkpoint"),
-    (["--suggest", "red", "--out", "run", "--resume", "lmrun/checkpoints/best.pt"], "is not a train_gru.py checkpoint"),
+    (["--suggest", "red", "--out", "run", "--resume", "lmrun/checkpoints/best.pt"], "--resume lmrun/checkpoints/best.pt: made by train_lm.py, not train_gru.py"),
     (["--suggest", "red", "--out", "run", "--resume", "foreign.pt"], "foreign.pt is not a train_gru.py checkpoint"),
 ])
 def test_another_trainers_run_or_checkpoint_is_one_error_line(other_runs, flags, expect):

@@ -373,7 +373,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
 
 @pytest.mark.parametrize("args,expect", [
     (["--out", "grurun"], "--out grurun: grurun/checkpoints/best.pt is not a train_lm.py checkpoint"),
-    (["--out", "run", "--resume", "grurun/checkpoints/best.pt"], "is not a train_lm.py checkpoint"),
+    (["--out", "run", "--resume", "grurun/checkpoints/best.pt"], "--resume grurun/checkpoints/best.pt: made by train_gru.py, not train_lm.py"),
     (["--out", "run", "--resume", "tensor.pt"], "tensor.pt is not a train_lm.py checkpoint (it holds a Tensor)"),
 ])
 def test_sample_from_another_trainers_checkpoint_exits_2(saved_run, args, expect):
