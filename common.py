@@ -177,6 +177,19 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                    help="seconds between memory checks")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward to save memory (where the model supports it)")
+    g.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw8bit keeps AdamW's two moments in 8 bits, per block of 2,048 values: about "
+                        "2 bytes of optimizer state per weight instead of 8 (tensors under 4,096 values stay fp32)")
+    g.add_argument("--gpu-memory", type=pos_float, default=None, metavar="GB",
+                   help="CUDA: cap this process at GB of GPU memory (a 24 GB card then behaves like a 4 GB one, "
+                        "or a laptop GPU keeps the rest for the desktop); the batch probe, the memory plan and "
+                        "out-of-memory recovery all work under the cap")
+    g.add_argument("--max-memory", type=pos_float, default=None, metavar="GB",
+                   help="CPU: the most RAM this process may reach; the batch probe halves the micro-batch "
+                        "until a step fits under it (accumulation keeps the effective batch)")
+    g.add_argument("--plan", action="store_true",
+                   help="print the memory plan (weights, gradients, optimizer state, activations) and stop "
+                        "before the first step; `memory_optimizer.py plan TRAINER ...` runs this in a temporary folder")
     return p
 
 
@@ -709,6 +722,8 @@ def setup_device(args, sources=None):
             prec, why = "fp32", "CPU: fp32 until measure_precision times bf16"
         else:
             why = f"CPU: {prec} from {(sources or {}).get('precision', 'flag')}"
+        if getattr(args, "gpu_memory", None):
+            why += "; --gpu-memory has no effect on a CPU (--max-memory caps RAM)"
     else:
         # native bf16 only (Ampere+): emulated bf16 on a T4/GTX 16xx is slower than fp16
         try:
@@ -726,6 +741,12 @@ def setup_device(args, sources=None):
             torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls via TF32 cores
             torch.backends.cudnn.allow_tf32 = True
             why += "; TF32 on (Ampere+)"
+        if getattr(args, "gpu_memory", None):
+            # the caching allocator raises its out-of-memory error at the cap, as a small card would:
+            # the probe, the plan and train_step's halving see exactly what they would see there
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory * 2**30 / total), dev)
+            why += f"; capped at {args.gpu_memory:g} of {total / 2**30:.0f} GB (--gpu-memory)"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     if sources is not None:
         if args.precision == "auto":
@@ -933,6 +954,267 @@ def evaluate_halving(evaluate, bs, device, log=print):
 
 
 # -----------------------------------------------------------------------------
+# optimizer: AdamW, or AdamW with 8-bit moments (--optim adamw8bit)
+
+def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fused=False):
+    """torch.optim.AdamW, or AdamW8bit for --optim adamw8bit; params may be parameter groups.
+    fused: AdamW's one-pass kernel (train_lm.py asks where it exists); AdamW8bit has none.
+    Used by every trainer."""
+    if args.optim == "adamw8bit":
+        return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def dynamic_codes(signed):
+    """The 255 values an 8-bit moment can take, on [-1, 1] (signed) or [0, 1], sorted.
+
+    A linear 8-bit grid would round every entry under 1/255 of its block's largest to zero, and
+    Adam's moments span many decades. So, as in Dettmers et al.'s 8-bit optimizers (arXiv
+    2110.02861), the codes are split by decade, 10^0 down to 10^-6, with evenly spaced fractions
+    inside each, and more of them in the larger decades: 64, 32, ..., 1 per sign, plus zero
+    (unsigned: twice as many per decade). Relative rounding error is about 1 % near the block's
+    largest value, and an entry a million times smaller still keeps its decade.
+    Used by AdamW8bit, quantize."""
+    mags = torch.cat([torch.linspace(0.1, 1.0, (1 if signed else 2) * 2 ** (6 - k) + 1, dtype=torch.float64)[1:]
+                      * 10.0 ** -k for k in range(7)])
+    codes = torch.cat([-mags, torch.zeros(1, dtype=torch.float64), mags]) if signed else \
+        torch.cat([torch.zeros(1, dtype=torch.float64), mags])
+    return codes.sort().values.float()
+
+
+def quantize(x, codes, block):
+    """Block-wise 8-bit quantization of a tensor: each block of `block` values is divided by its
+    largest magnitude (its absmax, kept in fp32), then rounded to the nearest of `codes`.
+    Returns (uint8 indices, padded to whole blocks; fp32 absmax per block).
+    Used by AdamW8bit; tests/test_optim.py (the round trip)."""
+    flat = x.detach().float().reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % block)).view(-1, block)  # (blocks, block)
+    absmax = flat.abs().amax(dim=1)
+    scaled = flat / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    # nearest code: the midpoints between neighbouring codes are the rounding boundaries
+    idx = torch.bucketize(scaled, (codes[1:] + codes[:-1]) / 2)
+    return idx.to(torch.uint8).view(-1), absmax
+
+
+def dequantize(idx, absmax, codes, like):
+    """The inverse of quantize, back to fp32 in the shape of `like`. Used by AdamW8bit."""
+    blocks = codes[idx.long()].view(absmax.numel(), -1) * absmax[:, None]
+    return blocks.view(-1)[:like.numel()].view_as(like)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction, as torch.optim.AdamW) whose two moments are
+    stored in 8 bits: 2 bytes per weight plus 8 per block of 2,048, against AdamW's 8 bytes per
+    weight. Each step dequantizes a tensor's moments to fp32, updates them and the weight exactly
+    as AdamW would, and quantizes them again; only the stored moments carry rounding.
+    The second moment is stored as its square root (the gradient's running RMS): that spans half
+    the decades, so small entries do not round to zero under a large neighbour, which would
+    divide their update by eps alone. Tensors under 4,096 values (biases, norms, small heads)
+    keep fp32 moments: their state is small and they are the most sensitive.
+    The state is plain tensors, saved and loaded with the checkpoint, and every operation is
+    deterministic: a resumed run takes the same steps.
+    Used through make_optimizer (--optim adamw8bit)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, block=2048, min_size=4096):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.block, self.min_size = block, min_size
+        self.codes = {True: dynamic_codes(signed=True), False: dynamic_codes(signed=False)}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # torch casts every state tensor to the weight's dtype: undo it
+            for k in ("m_idx", "r_idx"):
+                if k in st:
+                    st[k] = st[k].to(torch.uint8)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, st = p.grad.float(), self.state[p]
+                small = p.numel() < self.min_size
+                if not st:
+                    st["step"] = 0
+                    if small:
+                        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+                    else:
+                        n = math.ceil(p.numel() / self.block)
+                        for k in ("m", "r"):  # absmax 0: every entry dequantizes to 0
+                            st[f"{k}_idx"] = torch.zeros(n * self.block, dtype=torch.uint8, device=p.device)
+                            st[f"{k}_absmax"] = torch.zeros(n, device=p.device)
+                st["step"] += 1
+                codes_m, codes_r = self.codes[True].to(p.device), self.codes[False].to(p.device)
+                if small:
+                    m, v = st["exp_avg"], st["exp_avg_sq"]
+                else:
+                    m = dequantize(st["m_idx"], st["m_absmax"], codes_m, g)
+                    v = dequantize(st["r_idx"], st["r_absmax"], codes_r, g).square_()
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                t = st["step"]
+                denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-group["lr"] / (1 - b1 ** t))
+                if not small:
+                    st["m_idx"], st["m_absmax"] = quantize(m, codes_m, self.block)
+                    st["r_idx"], st["r_absmax"] = quantize(v.sqrt_(), codes_r, self.block)
+        return loss
+
+    def planned_state_bytes(self, p):
+        """The state p will hold once it has taken a step. Used by optimizer_state_bytes."""
+        if p.numel() < self.min_size:
+            return 2 * 4 * p.numel()
+        n = math.ceil(p.numel() / self.block)
+        return 2 * (n * self.block + 4 * n)
+
+
+def optimizer_state_bytes(optimizer, planned=False):
+    """Bytes of the optimizer's state tensors; planned=True: what they will be once every weight
+    has taken a step (before the first step, AdamW's lazily made state does not exist yet).
+    Used by memory_plan, TensorPeak; every trainer (summary.json's optimizer_state_mb)."""
+    if not planned:
+        return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if isinstance(optimizer, AdamW8bit):
+        return sum(optimizer.planned_state_bytes(p) for p in params)
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
+
+
+# -----------------------------------------------------------------------------
+# memory plan: what a step will hold, before the first one; and what it held
+
+def activation_bytes(model, loss_fn, batch, device, amp_dtype):
+    """Bytes that one forward at this micro-batch keeps for backward: every tensor autograd saves
+    (counted once per storage; the weights themselves excluded, bf16 copies of them included).
+    These live from the forward until backward frees them, the part of a step's memory that
+    grows with the batch. The graph is dropped without a backward: nothing is trained.
+    Used by memory_plan's callers: every trainer."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
+            loss_sum, _ = loss_fn(model, batch)
+    del loss_sum  # frees the graph and what it saved
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])  # e.g. BatchNorm statistics this forward moved
+    return sum(saved.values())
+
+
+def memory_plan(model, optimizer, activations, micro_bs, world=1, log=print):
+    """The memory a training step will need at its peak, from the model and the optimizer as
+    built and one forward's measured activations: weights (with buffers) + gradients (trainable
+    weights) + optimizer state (as it will be after the first step) + the activations of one
+    micro-batch (one is alive at a time: accumulation runs them one after another) and, under
+    DDP, its gradient buckets (a second copy of the gradients). Logs one line and returns the
+    parts and their total in MB, for summary.json's memory_plan_mb.
+    Used by every trainer, before the first step."""
+    params = list(model.parameters())
+    parts = {"weights": tensor_bytes(params) + tensor_bytes(list(model.buffers())),
+             "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+             "optimizer": optimizer_state_bytes(optimizer, planned=True),
+             "activations": activations}
+    if world > 1:
+        parts["ddp_buckets"] = parts["gradients"]
+    plan = {k: round(v / 2**20, 1) for k, v in parts.items()}
+    plan["total"] = round(sum(parts.values()) / 2**20, 1)
+    name = "AdamW 8-bit" if isinstance(optimizer, AdamW8bit) else "AdamW"
+    log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
+        f"{plan['optimizer']} + activations {plan['activations']} (measured: one forward at micro-batch {micro_bs})"
+        + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "") + f" = {plan['total']} MB")
+    return plan
+
+
+def plan_only(out, status, log=print):
+    """--plan: the plan is printed; stop before the first step, with nothing trained or saved.
+    Returns the exit code. Used by every trainer."""
+    update_status(out, status, state="planned")
+    log("--plan: stopping before training (run again without --plan to train)")
+    return 0
+
+
+def memory_figures(plan, peak, optimizer, args):
+    """summary.json's memory fields: the plan, the measured peak beside it, and the optimizer
+    state as it is at the end. Used by every trainer."""
+    return {"optim": args.optim, "memory_plan_mb": plan, "peak_tensor_mb": peak.mb,
+            "optimizer_state_mb": round(optimizer_state_bytes(optimizer) / 2**20, 2)}
+
+
+@contextlib.contextmanager
+def quiet_fd2():
+    """Silence file descriptor 2 for a moment: torch's profiler prints two lines from C++ at each
+    start and stop, which no Python setting turns off. Used by TensorPeak."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class TensorPeak:
+    """The peak bytes of live tensors during one training step, the figure the memory plan
+    predicts. CUDA: torch.cuda.max_memory_allocated. CPU: torch's profiler records every
+    allocation and free of the step (profile_memory); their running sum in time order, on top of
+    what was held when it began (weights, buffers, gradients, optimizer state), peaks where
+    max_memory_allocated would. The profiler slows that one step (about 2x); the others run as
+    they always do. Measure a step after the first: before it, AdamW has no state yet.
+        peak = TensorPeak(device, model, optimizer)
+        with peak.measure(step == start_step + 1): ...one train_step...
+        summary["peak_tensor_mb"] = peak.mb
+    Used by every trainer."""
+
+    def __init__(self, device, model, optimizer):
+        self.device, self.model, self.optimizer, self.mb = device, model, optimizer, None
+
+    @contextlib.contextmanager
+    def measure(self, on=True):
+        if not on:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            return
+        params = list(self.model.parameters())
+        held = (tensor_bytes(params) + tensor_bytes(list(self.model.buffers()))
+                + tensor_bytes([p.grad for p in params if p.grad is not None])
+                + optimizer_state_bytes(self.optimizer))
+        with quiet_fd2(), torch.autograd.profiler.profile(use_kineto=False, profile_memory=True) as prof:
+            yield
+        now = peak = 0
+        for e in sorted(prof.function_events, key=lambda e: e.time_range.start):
+            now += e.self_cpu_memory_usage  # + what the op allocated, - what it freed
+            peak = max(peak, now)
+        self.mb = round((held + peak) / 2**20, 1)
+
+
+# -----------------------------------------------------------------------------
 # batch size
 
 def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
@@ -969,7 +1251,7 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
         sources["batch_size"] = sources["grad_accum"] = "checkpoint"
         why = "from the checkpoint being resumed"
     elif args.batch_size == "auto":
-        start, why = table_batch_size(device.type, args.quick, free_gpu_gb=free_gpu_gb(device))
+        start, why = table_batch_size(device.type, args.quick, free_gpu_gb=free_gpu_gb(device, args.gpu_memory))
         start = min(start, E)  # a micro-batch never exceeds the effective batch
         micro = probe_batch_size(probe, start, device, args, log)
         accum = (args.grad_accum * start // micro if args.grad_accum != "auto"
@@ -1003,15 +1285,24 @@ def probe_batch_size(probe, start, device, args, log=print):
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 need = probe(bs)  # RNG forked: the probe must not change the run's random stream
+            over = "the memory threshold"
             if device.type == "cuda":
-                limit = torch.cuda.get_device_properties(device).total_memory * args.gpu_threshold / 100
+                total = torch.cuda.get_device_properties(device).total_memory
+                if args.gpu_memory:
+                    total, over = min(total, args.gpu_memory * 2**30), f"--gpu-memory {args.gpu_memory:g}"
+                limit = total * args.gpu_threshold / 100
             else:
                 vm = psutil.virtual_memory()
                 # what is already used by others + what this step needs must stay under the threshold
                 limit = vm.total * args.ram_threshold / 100 - (vm.total - vm.available)
+                if args.max_memory:  # this process as it is now + the step must stay under the cap
+                    cap = args.max_memory * 2**30 - psutil.Process().memory_info().rss
+                    if cap < limit:
+                        limit, over = cap, f"--max-memory {args.max_memory:g} (this process holds " \
+                                           f"{psutil.Process().memory_info().rss / 2**30:.2f} GB before it)"
             if need <= limit or bs == 1:
                 return bs
-            log(f"batch probe: {bs} needs {need / 2**20:.0f} MB, over the memory threshold; halving")
+            log(f"batch probe: {bs} needs {need / 2**20:.0f} MB, over {over}; halving")
         except Exception as e:
             if not is_oom(e) or bs == 1:
                 raise
@@ -1069,12 +1360,15 @@ def quiet_worker(_):
 # -----------------------------------------------------------------------------
 # memory
 
-def free_gpu_gb(device):
-    """Free memory on a CUDA device in GB (None on CPU).
+def free_gpu_gb(device, cap_gb=None):
+    """Free memory on a CUDA device in GB (None on CPU); under a --gpu-memory cap, what is left of
+    the cap at most.
     Used by choose_batch_size; train_gru.py, train_asr.py."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
+    if cap_gb:
+        free = min(free, cap_gb * 2**30 - torch.cuda.memory_reserved(device))
     return free / 2**30
 
 
@@ -1206,6 +1500,10 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
     Used by every trainer."""
     if not state:
         return 0.0, 0.0, 0
+    had, want = state.get("args", {}).get("optim", "adamw"), "adamw8bit" if isinstance(optimizer, AdamW8bit) else "adamw"
+    if had != want:
+        raise UserError(f"the checkpoint being resumed was trained with --optim {had}; resume with --optim {had}, "
+                        "or start over with --no-resume or a new --out")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1050,8 +1050,8 @@ def build_optimizer(model, args, sources, *, n_train, E, device, log):
     """AdamW (seed: lr 5e-4, wd 1e-6), warmup, then cosine or plateau. Returns (optimizer,
     scheduler, plateau, steps_per_epoch, total_steps): plateau is the ReduceLROnPlateau state
     (factor 0.5, patience 3) that train()'s evaluation updates and the checkpoint carries."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-6,
-                                  fused=device.type == "cuda")
+    optimizer = common.make_optimizer(model.parameters(), args, lr=args.lr, weight_decay=1e-6,
+                                      fused=device.type == "cuda")
     steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
@@ -1090,6 +1090,12 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
                         "use another --batch-size")
     optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
         model, args, sources, n_train=len(train_items), E=G, device=device, log=log)
+    first = make_batch(train_items, list(range(min(micro_bs, len(train_items)))), stoi)
+    plan = common.memory_plan(model, optimizer, common.activation_bytes(
+        model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()}, args.ctc_weight), first, device,
+        amp_dtype), micro_bs, world, log)
+    if args.plan:
+        return common.plan_only(out, status, log)
 
     step, epoch, pos, best, eval_bs = 0, 0, 0, math.inf, micro_bs
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -1157,6 +1163,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_cer = time.time(), 0, step, None
     batches_seen = 0
+    peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
@@ -1172,10 +1179,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
             n_global = sum(len(encode(train_items[i]["text"], stoi)) + 1 for i in batches[pos])
             padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
-                                                  lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
-                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
-                                                  no_sync=no_sync, norm=n_global / world if world > 1 else None)
+            with peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+                loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
+                                                      lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
+                                                      clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
+                                                      no_sync=no_sync, norm=n_global / world if world > 1 else None)
             del batch  # the padded features of this step are not needed in the next one
             micro_bs = int(common.all_ranks(micro_bs, "min", device, world))  # an OOM halving holds for all
             accum = math.ceil(E / micro_bs)
@@ -1237,7 +1245,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
            amp_dtype=amp_dtype, batch=min(eval_bs, micro_bs), run=dict(
                steps=step, epochs=epoch, samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
                params=n_params, wall_s=wall_before + time.time() - status["started"], shape=list(shape),
-               effective_batch=E, world_size=world, global_batch=G))
+               effective_batch=E, world_size=world, global_batch=G,
+               memory=common.memory_figures(plan, peak, optimizer, args)))
     return 0
 
 
@@ -1257,7 +1266,7 @@ def report(model, args, *, out, log, status, items, stoi, itos, device, amp_dtyp
                    peak_mem_mb=common.peak_memory_mb(device), params=run["params"], wall_s=round(run["wall_s"], 1),
                    preset=args.preset, shape=run["shape"], subsample=args.subsample, device=device.type,
                    precision=args.precision, effective_batch=run["effective_batch"], world_size=run["world_size"],
-                   global_batch=run["global_batch"])
+                   global_batch=run["global_batch"], **run["memory"])
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, stoi, itos, args, device)

@@ -1004,7 +1004,8 @@ def log_setup(log, args, *, device, prec_why, micro_bs, accum, world, bs_why, da
 def build_optimizer(model, args, sources, *, n_train, E, log):
     """AdamW on the trainable weights; linear warmup min(50, steps/epoch // 2), then linear decay
     (seed). Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    optimizer = common.make_optimizer([p for p in model.parameters() if p.requires_grad], args, lr=args.lr,
+                                      weight_decay=0.01)
     steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     warmup = max(1, min(50, steps_per_epoch // 2))
@@ -1052,6 +1053,10 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
               n_trainable=n_trainable, lora_targets=lora_targets)
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
                                                                          E=G, log=log)
+    plan = common.memory_plan(model, optimizer, common.activation_bytes(model, lambda m, mb: loss_fn(m, mb, device),
+                                                                        first, device, amp_dtype), micro_bs, world, log)
+    if args.plan:
+        return common.plan_only(out, status, log)
 
     step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = 0, 0, 0, -1.0, 0, [0.0, 0], -1.0
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -1086,6 +1091,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     if is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, seen, start_step, val_acc = time.time(), 0, step, None
+    peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
     eval_bs = 128  # rows per evaluation batch; halved for good after an out-of-memory error
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
@@ -1105,10 +1111,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             # 1-process gradient, though the last batch of an epoch splits unevenly
             n_global = min(G, n_train - pos * G)
             common.seed_rank_step(args.seed, step, rank, world)
-            loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
-                                                  lambda m, mb: loss_fn(m, mb, device), micro_bs, clip=args.clip,
-                                                  device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
-                                                  norm=n_global / world if world > 1 else None)
+            with peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+                loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
+                                                      lambda m, mb: loss_fn(m, mb, device), micro_bs, clip=args.clip,
+                                                      device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
+                                                      norm=n_global / world if world > 1 else None)
             if world > 1:  # the global batch's loss; an OOM halving holds for every rank
                 loss, n = common.all_ranks(loss * n, "sum", device, world) / n_global, n_global
                 micro_bs = int(common.all_ranks(micro_bs, "min", device, world))
@@ -1193,6 +1200,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
                     extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, eval_bs=eval_bs,
                     run=dict(
                         best_val_accuracy=round(best, 4), steps=step, epochs=epoch, world_size=world, global_batch=G,
+                        **common.memory_figures(plan, peak, optimizer, args),
                         samples_per_s=round(
                             (samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1)),
                     params=(n_params, n_trainable), wall_before=wall_before)

@@ -573,7 +573,7 @@ def main(argv=None):
 def build_optimizer(model, args, sources, *, n_train, E, log):
     """AdamW (seed: lr 1e-3, wd 0.01), linear warm-up, then cosine decay.
     Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = common.make_optimizer(model.parameters(), args, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
@@ -633,6 +633,10 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
                                                                          E=G, log=log)
+    plan = common.memory_plan(model, optimizer, common.activation_bytes(model, lambda m, b: loss_fn(m, b, device),
+                                                                        first, device, amp_dtype), micro_bs, world, log)
+    if args.plan:
+        return common.plan_only(out, status, log)
 
     step, epoch, pos, best = 0, 0, 0, float("inf")
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
@@ -686,6 +690,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
     if is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
+    peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
@@ -698,10 +703,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
             # targets over the whole global batch: DDP's average of the ranks' gradients is then the
             # gradient of the 1-process loss, though the ranks' queries differ in length
             n_global = targets(train_data, idx)
-            loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
-                                                  lambda m, b: loss_fn(m, b, device), micro_bs,
-                                                  clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
-                                                  no_sync=no_sync, norm=n_global / world if world > 1 else None)
+            with peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+                loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
+                                                      lambda m, b: loss_fn(m, b, device), micro_bs,
+                                                      clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
+                                                      no_sync=no_sync, norm=n_global / world if world > 1 else None)
             micro_bs = int(common.all_ranks(micro_bs, "min", device, world))  # an OOM halving holds for all
             accum = math.ceil(E / micro_bs)
             scheduler.step()
@@ -760,7 +766,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
                    unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch,
                    samples_per_s=round((samples_before + samples_seen) /
                                        max(1e-9, train_before + time.time() - t_start), 1),
-                   peak_mem_mb=common.peak_memory_mb(device), params=n_params,
+                   peak_mem_mb=common.peak_memory_mb(device), **common.memory_figures(plan, peak, optimizer, args),
+                   params=n_params,
                    trainable_params=n_trainable, wall_s=round(wall, 1), preset=args.preset,
                    device=device.type, precision=args.precision, effective_batch=E, world_size=world,
                    global_batch=G)

@@ -840,9 +840,9 @@ def make_optimizer(model, args, total_steps, device):
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, args.beta2), fused=fused_adamw(device))
+    optimizer = common.make_optimizer([{"params": decay, "weight_decay": args.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], args,
+                                      lr=args.lr, betas=(0.9, args.beta2), fused=fused_adamw(device))
     if args.schedule == "cosine":
         warmup, floor = max(1, min(args.warmup_steps, total_steps // 10)), 0.1
     else:
@@ -852,7 +852,7 @@ def make_optimizer(model, args, total_steps, device):
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
         return min((s + 1) / warmup, floor + (1 - floor) * decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    return optimizer, scheduler, (f"optimizer: AdamW betas (0.9, {args.beta2}), weight decay {args.weight_decay}; "
+    return optimizer, scheduler, (f"optimizer: {'AdamW 8-bit' if args.optim == 'adamw8bit' else 'AdamW'} betas (0.9, {args.beta2}), weight decay {args.weight_decay}; "
                                   f"--schedule {args.schedule}: lr {args.lr:g}, warmup {warmup} steps, cosine to "
                                   f"{floor * args.lr:g} at step {total_steps}")
 
@@ -910,6 +910,11 @@ def train(args, sources, run, cfg, data_dir, meta):
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
+    plan = common.memory_plan(model, optimizer, common.activation_bytes(
+        model, lambda m, b: loss_fn(m, b, device), {"x": torch.zeros(micro_bs, args.seq_len + 1, dtype=torch.long)},
+        device, amp_dtype), micro_bs, world, log)
+    if args.plan:
+        return common.plan_only(out, status, log)
     step, best = 0, float("inf")
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
                                                                               scheduler, run.scaler)
@@ -971,14 +976,16 @@ def train(args, sources, run, cfg, data_dir, meta):
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log = time.time(), step
+    tensor_peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     batch_iter = iter(loader)
     while step < total_steps:
         batch = next(batch_iter)
-        loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
-                                              lambda m, b: loss_fn(m, b, device), micro_bs, clip=args.clip,
-                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
+        with tensor_peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+            loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
+                                                  lambda m, b: loss_fn(m, b, device), micro_bs, clip=args.clip,
+                                                  device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
         common.check_memory(watch, device, log)
@@ -1022,7 +1029,8 @@ def train(args, sources, run, cfg, data_dir, meta):
     if is_main:
         report(args, run, model, validate, cfg, best=best, step=step, start_step=start_step,
                wall=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
-               samples=samples_before + samples_seen, fpt=fpt, peak=peak, n_params=n_params, global_batch=G)
+               samples=samples_before + samples_seen, fpt=fpt, peak=peak, n_params=n_params, global_batch=G,
+               memory=common.memory_figures(plan, tensor_peak, optimizer, args))
     if tb:
         tb.close()
     return 0
@@ -1045,7 +1053,7 @@ def log_interval(out, log, status, bar, tb, *, step, loss, lr, ms, tps, mfu, dev
 
 
 def report(args, run, model, validate, cfg, *, best, step, start_step, wall, train_s, samples, fpt, peak,
-           n_params, global_batch):
+           n_params, global_batch, memory):
     """The end of a run: the final validation (validate() -> (nats/token, bits/byte)), summary.json,
     the plot and a sample."""
     out, log, status, device = run.out, run.log, run.status, run.device
@@ -1062,7 +1070,7 @@ def report(args, run, model, validate, cfg, *, best, step, start_step, wall, tra
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
                          world_size=run.world, device=device.type, precision=args.precision,
-                         global_batch=global_batch, tokens_trained=samples * args.seq_len)
+                         global_batch=global_batch, tokens_trained=samples * args.seq_len, **memory)
     plot = common.plot_progress(out, "val_bpb")
     log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
         f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "

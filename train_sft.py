@@ -658,6 +658,11 @@ def train(args, sources, run, cfg, data, init):
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
+    plan = common.memory_plan(model, optimizer, common.activation_bytes(
+        model, lambda m, b: sft_loss_fn(m, b, device), sft_batch(0, examples, args.seed, micro_bs, 0, micro_bs,
+                                                                  args.seq_len), device, amp_dtype), micro_bs, world, log)
+    if args.plan:
+        return common.plan_only(out, status, log)
     step, best, eval_bs = 0, float("inf"), micro_bs
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
                                                                               scheduler, run.scaler)
@@ -715,6 +720,7 @@ def train(args, sources, run, cfg, data, init):
         record_loop(args, sources, out, model, optimizer, loader, watch, micro_bs=micro_bs, accum=accum)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log, tokens_log = time.time(), step, 0
+    tensor_peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     batch_iter = iter(loader)
@@ -722,10 +728,11 @@ def train(args, sources, run, cfg, data, init):
         batch = next(batch_iter)
         tokens_log += int(batch["n"].sum()) * world
         n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if world > 1 else None
-        loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
-                                              lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
-                                              device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
-                                              norm=n_global / world if world > 1 else None)
+        with tensor_peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+            loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
+                                                  lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
+                                                  device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
+                                                  norm=n_global / world if world > 1 else None)
         accum = math.ceil(E / micro_bs)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
@@ -773,7 +780,7 @@ def train(args, sources, run, cfg, data, init):
            start_step=start_step, wall=wall_before + time.time() - status["started"],
            train_s=train_before + time.time() - t_start,
            samples=samples_before + samples_seen, mean_len=mean_len, fpt=fpt, peak=peak, n_params=n_params,
-           global_batch=G)
+           global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args))
     if tb:
         tb.close()
     if args.continuous_learning:
@@ -810,7 +817,7 @@ def record_loop(args, sources, out, model, optimizer, loader, watch, *, micro_bs
 
 
 def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, start_step, wall, train_s, samples,
-           mean_len, fpt, peak, n_params, global_batch):
+           mean_len, fpt, peak, n_params, global_batch, memory):
     """The end of a run: val loss (at eval_bs, the evaluation batch that fitted), command accuracy on
     the test split, summary.json."""
     out, log, status, device = run.out, run.log, run.status, run.device
@@ -832,7 +839,7 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
                          precision=args.precision, global_batch=global_batch, pairs_trained=samples,
-                         world_size=run.world)
+                         world_size=run.world, **memory)
     plot = common.plot_progress(out, "val_loss")
     log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
         f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "
@@ -887,8 +894,8 @@ def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step
             f"{n_new} new + {E - n_new} replayed pairs")
         common.update_status(out, status, state="retraining", round=round_no)
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}  # to roll back a worse round
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr / 10, betas=(0.9, args.beta2),
-                                      weight_decay=args.weight_decay)
+        optimizer = common.make_optimizer(model.parameters(), args, lr=args.lr / 10, betas=(0.9, args.beta2),
+                                          weight_decay=args.weight_decay)
         rng = np.random.default_rng((args.seed, 1_000_000 + round_no))
         order = np.concatenate([rng.permutation(len(new)) for _ in range(args.round_epochs + 1)])
         model.train()
