@@ -1096,8 +1096,9 @@ def activation_bytes(model, loss_fn, batch, device, amp_dtype):
     These live from the forward until backward frees them, the part of a step's memory that
     grows with the batch. The graph is dropped without a backward: nothing is trained.
     Used by memory_plan's callers: every trainer."""
+    n = len(next(iter(batch.values())))
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
+    saved, oom = {}, False
 
     def pack(t):
         st = t.untyped_storage()
@@ -1106,13 +1107,22 @@ def activation_bytes(model, loss_fn, batch, device, amp_dtype):
         return t
 
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
-            loss_sum, _ = loss_fn(model, batch)
-    del loss_sum  # frees the graph and what it saved
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
+                loss_sum, _ = loss_fn(model, batch)
+        del loss_sum  # frees the graph and what it saved
+    except Exception as e:
+        if not is_oom(e) or n == 1:
+            raise
+        oom = True  # a --batch-size too big for the card: train_step will halve it; here, measure half
     with torch.no_grad():
         for k, v in model.named_buffers():
             v.copy_(buffers[k])  # e.g. BatchNorm statistics this forward moved
+    if oom:
+        free_memory(device)
+        half = {k: v.clone() for k, v in split_batch(batch, max(1, n // 2))[0].items()}  # a view would count all of it
+        return activation_bytes(model, loss_fn, half, device, amp_dtype) * n // len(next(iter(half.values())))
     return sum(saved.values())
 
 
@@ -1144,7 +1154,7 @@ def plan_only(out, status, log=print):
     """--plan: the plan is printed; stop before the first step, with nothing trained or saved.
     Returns the exit code. Used by every trainer."""
     update_status(out, status, state="planned")
-    log("--plan: stopping before training (run again without --plan to train)")
+    log("memory plan only (--plan): nothing trained or saved")
     return 0
 
 
@@ -1176,10 +1186,11 @@ def quiet_fd2():
 
 class TensorPeak:
     """The peak bytes of live tensors during one training step, the figure the memory plan
-    predicts. CUDA: torch.cuda.max_memory_allocated. CPU: torch's profiler records every
-    allocation and free of the step (profile_memory); their running sum in time order, on top of
-    what was held when it began (weights, buffers, gradients, optimizer state), peaks where
-    max_memory_allocated would. The profiler slows that one step (about 2x); the others run as
+    predicts: what was held when the step began (weights, buffers, gradients, optimizer state)
+    + the most the step allocated on top. CUDA: torch.cuda.max_memory_allocated less what was
+    allocated at the start (which also holds cuBLAS's workspace, not a tensor). CPU: torch's
+    profiler records every allocation and free of the step (profile_memory); their running sum
+    in time order peaks where max_memory_allocated would. The profiler slows that one step (about 2x); the others run as
     they always do. Measure a step after the first: before it, AdamW has no state yet.
         peak = TensorPeak(device, model, optimizer)
         with peak.measure(step == start_step + 1): ...one train_step...
@@ -1194,17 +1205,18 @@ class TensorPeak:
         if not on:
             yield
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            yield
-            torch.cuda.synchronize(self.device)
-            self.mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-            return
         params = list(self.model.parameters())
         held = (tensor_bytes(params) + tensor_bytes(list(self.model.buffers()))
                 + tensor_bytes([p.grad for p in params if p.grad is not None])
                 + optimizer_state_bytes(self.optimizer))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.mb = round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1)
+            return
         with quiet_fd2(), torch.autograd.profiler.profile(use_kineto=False, profile_memory=True) as prof:
             yield
         now = peak = 0

@@ -11,6 +11,7 @@ and print which settings they took from it.
     python memory_optimizer.py config                   # write optimal_config.json for all trainers
     python memory_optimizer.py config --quick --out quick_config.json   # batch sizes for --quick runs
     python memory_optimizer.py optimize --top 8         # free this process's caches, list big processes
+    python memory_optimizer.py plan asr --preset minimal   # a trainer's memory plan, without training
     python memory_optimizer.py monitor --duration 600 --interval 5 --csv memory.csv
 
     python memory_optimizer.py start gru --quick        # a trainer, detached; prints run folder and PID
@@ -30,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -696,6 +698,19 @@ def cmd_start(args, flags):
     return 0
 
 
+def cmd_plan(args, flags):
+    """The trainer's own memory plan (weights, gradients, optimizer state, activations measured by
+    one forward), for these flags, without training: it runs the trainer with --plan in a
+    temporary run folder, so no run folder of yours is touched."""
+    if args.trainer not in TRAINERS:
+        raise UserError(f"plan {args.trainer}: no such trainer; pick one of {', '.join(TRAINERS)}")
+    if any(f == "--out" or f.startswith("--out=") for f in flags):
+        print("plan: --out ignored (the plan runs in a temporary folder)")
+    with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
+        cmd = [sys.executable, str(REPO / TRAINERS[args.trainer]), *flags, "--plan", "--out", str(Path(tmp) / "run")]
+        return subprocess.run(cmd).returncode
+
+
 def cmd_status(args):
     runs = list_runs(args.runs)
     print(status_table(runs) if runs else f"no runs under {args.runs}/")
@@ -716,7 +731,7 @@ def seconds(s):
 def build_parser():
     p = Parser(prog="memory_optimizer.py", description=__doc__, formatter_class=HelpFormat)
     sub = p.add_subparsers(dest="cmd", required=True,
-                           metavar="{profile,config,optimize,monitor,start,status,stop}")
+                           metavar="{profile,config,optimize,plan,monitor,start,status,stop}")
 
     s = sub.add_parser("profile", formatter_class=HelpFormat, help="CPU, RAM, GPU, disk and versions of this machine")
     s.add_argument("--json", action="store_true", help="print the profile as a JSON dict instead of a table")
@@ -731,6 +746,12 @@ def build_parser():
                                         "processes, recommend what to close (never kills anything)")
     s.add_argument("--top", type=pos_int, default=8, metavar="N",
                    help="list the N processes using the most RAM")
+
+    s = sub.add_parser("plan", formatter_class=HelpFormat, allow_abbrev=False,
+                       help="a trainer's memory plan for its flags, without training: plan asr --preset minimal",
+                       description="plan TRAINER [its flags]: weights, gradients, optimizer state and the activations "
+                                   "of one measured forward, as the trainer prints before its first step")
+    s.add_argument("trainer", help=", ".join(TRAINERS) + "; every flag after it goes to the trainer")
 
     s = sub.add_parser("monitor", formatter_class=HelpFormat,
                        help="print RAM, CPU, GPU and running trainings every few seconds; with RUN or "
@@ -771,6 +792,8 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.cmd == "start":
         return cmd_start(args, rest)
+    if args.cmd == "plan":
+        return cmd_plan(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"profile": cmd_profile, "config": cmd_config, "optimize": cmd_optimize,

@@ -75,6 +75,14 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def assert_plan_near_peak(summary):
+    """The issue's bar for the memory plan: within 25 % of the measured peak of live tensors."""
+    plan, peak = summary["memory_plan_mb"], summary["peak_tensor_mb"]
+    assert set(plan) >= {"weights", "gradients", "optimizer", "activations", "total"}, plan
+    assert peak and abs(plan["total"] / peak - 1) <= 0.25, (plan, peak)
+    assert summary["optim"] == "adamw" and summary["optimizer_state_mb"] == pytest.approx(plan["optimizer"], abs=0.1)
+
+
 def metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l]
 

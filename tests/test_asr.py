@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import call, metrics, popen, read_json, run
+from conftest import assert_plan_near_peak, call, metrics, popen, read_json, run
 
 sys.argv = sys.argv[:1]  # train_asr builds its parser at import; keep pytest's flags away from it
 import train_asr as asr  # noqa: E402
@@ -393,6 +393,7 @@ def test_quick_run_learns_and_writes_the_run_folder(trained):
     # bars: character error well under the 100 % of an untrained model, on held-out speakers/noise
     assert s["val_cer"] < 20 and s["test_cer"] < 25, s
     assert s["trainer"] == "asr" and s["metric"] == "val_cer" and s["subsample"] == 4
+    assert_plan_near_peak(s)
     st = read_json(out / "status.json")
     assert st["state"] == "finished" and st["step"] == s["steps"]
     recs = metrics(out)

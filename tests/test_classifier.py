@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_classifier as tcl
-from conftest import call, read_json, run
+from conftest import assert_plan_near_peak, call, read_json, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 import tiny_checkpoints as tc  # noqa: E402
@@ -78,6 +78,7 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     d, out, p = quick_run
     s = read_json(out / "summary.json")
     assert s["metric"] == "test_accuracy" and s["value"] >= 0.90, s["value"]
+    assert_plan_near_peak(s)
     assert "model: fasttext from scratch" in p.stdout
     assert s["macro_f1"] >= 0.85 and 0 < s["mean_confidence"] <= 1
     assert sum(map(sum, s["confusion_matrix"])) == sum(c["support"] for c in s["per_class"].values())

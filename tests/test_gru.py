@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, call, metrics, popen, read_json, run, tree_digest, wait_for
+from conftest import REPO, assert_plan_near_peak, call, metrics, popen, read_json, run, tree_digest, wait_for
 
 # tests run in an empty tmp dir, so no optimal_config.json is picked up unless a test writes one
 SMALL = ["--quick", "--dataset-size", "1500", "--batch-size", "8"]
@@ -37,6 +37,7 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
                 "trainable_params", "wall_s"):
         assert key in s
     assert s["trainer"] == "gru" and s["metric"] == "val_ppl" and s["steps"] > 0
+    assert_plan_near_peak(s)
     st = read_json(out / "status.json")
     assert st["state"] == "finished" and st["step"] == s["steps"] and st["last_checkpoint"]
     a = read_json(out / "args.json")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import REPO, call, metrics, popen, read_json, run, tree_digest, wait_for
+from conftest import REPO, assert_plan_near_peak, call, metrics, popen, read_json, run, tree_digest, wait_for
 
 import train_lm
 
@@ -44,6 +44,7 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     s = read_json(out / "summary.json")
     # the bar: 8 bits/byte knows nothing; 120 steps on this corpus measured 3.32
     assert s["metric"] == "val_bpb" and s["value"] < 3.6, s
+    assert_plan_near_peak(s)
     for key in ("tokens_per_s", "mfu", "params", "peak_mem_mb", "wall_s", "steps", "global_batch"):
         assert key in s
     assert s["steps"] == 120 and s["arch"] == "gpt" and s["seq_len"] == 64 and s["global_batch"] == 32

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import call, metrics, popen, read_json, run
+from conftest import assert_plan_near_peak, call, metrics, popen, read_json, run
 
 import train_sft
 
@@ -47,6 +47,7 @@ def sft_run(tmp_path_factory):
 def test_quick_sft_learns_commands(sft_run):
     d, out, p = sft_run
     s = read_json(out / "summary.json")
+    assert_plan_near_peak(s)
     # measured: 14.6 % exact (7 of 48 test pairs), val loss 0.26; untrained: 0 % and ln(265) = 5.6
     assert s["task"] == "sft" and s["test_pairs"] == 48
     assert s["command_exact"] >= 0.08 and s["command_substring"] >= s["command_exact"], s
