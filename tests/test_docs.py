@@ -83,6 +83,6 @@ def test_documented_command_parses(where, script, argv, capsys):
         args, unknown = p.parse_known_args(rest)
     except (argparse.ArgumentError, SystemExit) as e:
         pytest.fail(f"{where}: python {script} {shlex.join(argv)}: {e} {capsys.readouterr().err}")
-    # memory_optimizer.py start passes the trainer's flags on; everything else must be known
-    if not (script == "memory_optimizer.py" and argv[:1] == ["start"]):
+    # memory_optimizer.py start and plan pass the trainer's flags on; everything else must be known
+    if not (script == "memory_optimizer.py" and argv[:1] in (["start"], ["plan"])):
         assert not unknown, f"{where}: python {script} {shlex.join(argv)}: unknown {unknown}"
