@@ -1141,7 +1141,7 @@ def activation_bytes(model, loss_fn, batch, device, amp_dtype):
     return sum(saved.values())
 
 
-def memory_plan(model, optimizer, activations, micro_bs, world=1, log=print):
+def memory_plan(model, optimizer, activations, micro_bs, world=1, log=print, worst="the longest items"):
     """The memory a training step will need at its peak, from the model and the optimizer as
     built and one forward's measured activations: weights (with buffers) + gradients (trainable
     weights) + optimizer state (as it will be after the first step) + the activations of one
@@ -1160,7 +1160,7 @@ def memory_plan(model, optimizer, activations, micro_bs, world=1, log=print):
     plan["total"] = round(sum(parts.values()) / 2**20, 1)
     name = "AdamW 8-bit" if isinstance(optimizer, AdamW8bit) else "AdamW"
     log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
-        f"{plan['optimizer']} + activations {plan['activations']} (measured: one forward at micro-batch {micro_bs})"
+        f"{plan['optimizer']} + activations {plan['activations']} (measured: one forward of {micro_bs} x {worst})"
         + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "") + f" = {plan['total']} MB")
     return plan
 
@@ -1206,20 +1206,24 @@ class TensorPeak:
     allocated at the start (which also holds cuBLAS's workspace, not a tensor). CPU: torch's
     profiler records every allocation and free of the step (profile_memory); their running sum
     in time order peaks where max_memory_allocated would. The profiler slows that one step (about 2x); the others run as
-    they always do. Measure a step after the first: before it, AdamW has no state yet.
+    they always do. A step is measured when its batch is the largest yet (size: its padded
+    elements), once the optimizer has its state (AdamW makes it in the first step): a handful of
+    steps in a whole run, as a new largest comes ever more rarely, and the largest of them is the
+    run's peak. `mb` is the most any of them held.
         peak = TensorPeak(device, model, optimizer)
-        with peak.measure(step == start_step + 1): ...one train_step...
+        with peak.measure(batch["x"].numel()): ...one train_step...
         summary["peak_tensor_mb"] = peak.mb
     Used by every trainer."""
 
     def __init__(self, device, model, optimizer):
-        self.device, self.model, self.optimizer, self.mb = device, model, optimizer, None
+        self.device, self.model, self.optimizer, self.mb, self.largest = device, model, optimizer, None, 0
 
     @contextlib.contextmanager
-    def measure(self, on=True):
-        if not on:
+    def measure(self, size):
+        if not self.optimizer.state or size <= self.largest:
             yield
             return
+        self.largest = size
         params = list(self.model.parameters())
         held = (tensor_bytes(params) + tensor_bytes(list(self.model.buffers()))
                 + tensor_bytes([p.grad for p in params if p.grad is not None])
@@ -1230,7 +1234,7 @@ class TensorPeak:
             start = torch.cuda.memory_allocated(self.device)
             yield
             torch.cuda.synchronize(self.device)
-            self.mb = round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1)
+            self.mb = max(self.mb or 0, round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1))
             return
         with quiet_fd2(), torch.autograd.profiler.profile(use_kineto=False, profile_memory=True) as prof:
             yield
@@ -1238,7 +1242,7 @@ class TensorPeak:
         for e in sorted(prof.function_events, key=lambda e: e.time_range.start):
             now += e.self_cpu_memory_usage  # + what the op allocated, - what it freed
             peak = max(peak, now)
-        self.mb = round((held + peak) / 2**20, 1)
+        self.mb = max(self.mb or 0, round((held + peak) / 2**20, 1))
 
 
 # -----------------------------------------------------------------------------

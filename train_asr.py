@@ -1090,10 +1090,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
                         "use another --batch-size")
     optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
         model, args, sources, n_train=len(train_items), E=G, device=device, log=log)
-    first = make_batch(train_items, list(range(min(micro_bs, len(train_items)))), stoi)
+    worst = make_batch(train_items, sorted(range(len(train_items)), key=lambda i: -train_items[i]["duration"])[:micro_bs],
+                       stoi)  # the longest utterances, as the probe
     plan = common.memory_plan(model, optimizer, common.activation_bytes(
-        model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()}, args.ctc_weight), first, device,
-        amp_dtype), micro_bs, world, log)
+        model, lambda m, mb: loss_fn(m, {k: v.to(device) for k, v in mb.items()}, args.ctc_weight), worst, device,
+        amp_dtype), micro_bs, world, log, worst="the longest utterances")
     if args.plan:
         return common.plan_only(out, status, log)
 
@@ -1179,7 +1180,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
             n_global = sum(len(encode(train_items[i]["text"], stoi)) + 1 for i in batches[pos])
             padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+            with peak.measure(batch["feats"].numel()):  # a step with the largest batch yet
                 loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
                                                       lambda m, b: loss_fn(m, b, args.ctc_weight), micro_bs,
                                                       clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,

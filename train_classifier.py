@@ -1053,8 +1053,11 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
               n_trainable=n_trainable, lora_targets=lora_targets)
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
                                                                          E=G, log=log)
+    longest = int(splits["train"]["mask"].sum(1).argmax())  # batches are trimmed to their longest row
+    worst = trim({k: v[longest:longest + 1].expand(micro_bs, *v.shape[1:]).clone() for k, v in splits["train"].items()})
     plan = common.memory_plan(model, optimizer, common.activation_bytes(model, lambda m, mb: loss_fn(m, mb, device),
-                                                                        first, device, amp_dtype), micro_bs, world, log)
+                                                                        worst, device, amp_dtype), micro_bs, world, log,
+                              worst="the longest training row")
     if args.plan:
         return common.plan_only(out, status, log)
 
@@ -1111,7 +1114,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
             # 1-process gradient, though the last batch of an epoch splits unevenly
             n_global = min(G, n_train - pos * G)
             common.seed_rank_step(args.seed, step, rank, world)
-            with peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+            with peak.measure(batch["ids"].numel()):  # a step with the largest batch yet
                 loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
                                                       lambda m, mb: loss_fn(m, mb, device), micro_bs, clip=args.clip,
                                                       device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,

@@ -633,8 +633,10 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
         + (f", GPU {common.free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
                                                                          E=G, log=log)
+    worst = make_batch(train_data, torch.full((micro_bs,), longest))  # what the probe tried, at the chosen size
     plan = common.memory_plan(model, optimizer, common.activation_bytes(model, lambda m, b: loss_fn(m, b, device),
-                                                                        first, device, amp_dtype), micro_bs, world, log)
+                                                                        worst, device, amp_dtype), micro_bs, world, log,
+                              worst="the longest query")
     if args.plan:
         return common.plan_only(out, status, log)
 
@@ -703,7 +705,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
             # targets over the whole global batch: DDP's average of the ranks' gradients is then the
             # gradient of the 1-process loss, though the ranks' queries differ in length
             n_global = targets(train_data, idx)
-            with peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+            with peak.measure(batch["x"].numel()):  # a step with the largest batch yet
                 loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
                                                       lambda m, b: loss_fn(m, b, device), micro_bs,
                                                       clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,

@@ -912,7 +912,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     log(line)
     plan = common.memory_plan(model, optimizer, common.activation_bytes(
         model, lambda m, b: loss_fn(m, b, device), {"x": torch.zeros(micro_bs, args.seq_len + 1, dtype=torch.long)},
-        device, amp_dtype), micro_bs, world, log)
+        device, amp_dtype), micro_bs, world, log, worst=f"{args.seq_len}-token windows")
     if args.plan:
         return common.plan_only(out, status, log)
     step, best = 0, float("inf")
@@ -982,7 +982,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     batch_iter = iter(loader)
     while step < total_steps:
         batch = next(batch_iter)
-        with tensor_peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+        with tensor_peak.measure(batch["x"].numel()):  # a step with the largest batch yet (all alike here)
             loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
                                                   lambda m, b: loss_fn(m, b, device), micro_bs, clip=args.clip,
                                                   device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)

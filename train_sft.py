@@ -659,8 +659,9 @@ def train(args, sources, run, cfg, data, init):
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
     plan = common.memory_plan(model, optimizer, common.activation_bytes(
-        model, lambda m, b: sft_loss_fn(m, b, device), sft_batch(0, examples, args.seed, micro_bs, 0, micro_bs,
-                                                                  args.seq_len), device, amp_dtype), micro_bs, world, log)
+        model, lambda m, b: sft_loss_fn(m, b, device), {"x": torch.zeros(micro_bs, longest + 1, dtype=torch.long),
+                                                         "w": torch.ones(micro_bs, longest)}, device, amp_dtype),
+        micro_bs, world, log, worst=f"the longest pair ({longest} tokens)")
     if args.plan:
         return common.plan_only(out, status, log)
     step, best, eval_bs = 0, float("inf"), micro_bs
@@ -728,7 +729,7 @@ def train(args, sources, run, cfg, data, init):
         batch = next(batch_iter)
         tokens_log += int(batch["n"].sum()) * world
         n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if world > 1 else None
-        with tensor_peak.measure(step == start_step + 1):  # the second step: AdamW's state exists by then
+        with tensor_peak.measure(batch["x"].numel()):  # a step with the largest batch yet
             loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
                                                   lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
                                                   device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,

@@ -52,7 +52,8 @@ TRAINERS = {
     "sft": ["train_sft.py", "--data", "few.jsonl"],  # 124 pairs: the final test decoding takes seconds
 }
 # fields that measure the machine, not the training: never equal twice
-TIMING = {"ms_per_step", "tokens_per_s", "samples_per_s", "mfu", "peak_mem_mb", "wall_s"}
+TIMING = {"ms_per_step", "tokens_per_s", "samples_per_s", "mfu", "peak_mem_mb", "wall_s",
+          "peak_tensor_mb"}  # measured on the steps this segment of the run saw: a resume sees others
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
 
 

@@ -116,19 +116,30 @@ def test_the_memory_plan_of_a_known_model():
     assert plan8["optimizer"] < 0.3 * plan["optimizer"]
 
 
-def test_tensor_peak_counts_what_a_step_allocates_on_top_of_what_it_holds():
+def test_tensor_peak_counts_what_the_largest_step_allocates_on_top_of_what_it_holds():
     model = torch.nn.Linear(500, 500)
-    peak = common.TensorPeak(CPU, model, torch.optim.AdamW(model.parameters()))
-    with peak.measure():
+    opt = torch.optim.AdamW(model.parameters())
+    peak = common.TensorPeak(CPU, model, opt)
+    with peak.measure(100):  # a fresh AdamW has no state yet: not measured
+        torch.ones(1_000_000)
+    assert peak.mb is None
+    model(torch.ones(1, 500)).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    held = 3 * 501 * 500 * 4 + 2 * 4  # weights, two moments, a step count per tensor
+    with peak.measure(100):
         a = torch.ones(1_000_000)  # 4 MB
         b = torch.ones(1_000_000)  # 8 MB live here
         del a, b
         c = torch.ones(500_000)
         del c
-    assert peak.mb == pytest.approx((501 * 500 * 4 + 8e6) / 2**20, rel=0.02)
-    with peak.measure(on=False):
+    assert peak.mb == pytest.approx((held + 8e6) / 2**20, rel=0.02)
+    with peak.measure(100):  # a batch no larger than one measured: not measured again
         torch.ones(4_000_000)
-    assert peak.mb == pytest.approx((501 * 500 * 4 + 8e6) / 2**20, rel=0.02)  # unchanged
+    assert peak.mb == pytest.approx((held + 8e6) / 2**20, rel=0.02)
+    with peak.measure(200):
+        torch.ones(4_000_000)
+    assert peak.mb == pytest.approx((held + 16e6) / 2**20, rel=0.02)
 
 
 def test_plan_prints_the_plan_and_trains_nothing(tmp):
