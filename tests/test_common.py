@@ -119,7 +119,7 @@ def test_memoryerror_counts_as_oom_but_other_errors_propagate():
 
 def _args(**kw):
     base = dict(effective_batch=64, batch_size="auto", grad_accum="auto", quick=False,
-                resource_efficient=False, ram_threshold=85.0, gpu_threshold=90.0)
+                resource_efficient=False, ram_threshold=85.0, gpu_threshold=90.0, gpu_memory=None, max_memory=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
