@@ -5,7 +5,7 @@
 #   ./run.sh start gru [flags]     train in the background (survives closing the terminal; also
 #                                  classifier, asr, lm, sft; --nproc N: N processes under torchrun)
 #   ./run.sh status | monitor [RUN] | stop [RUN]   (--runs DIR after the command: another runs folder)
-#   ./run.sh profile | config | optimize | watch [flags]   memory_optimizer.py commands
+#   ./run.sh profile | config | optimize | plan TRAINER | watch [flags]   memory_optimizer.py commands
 #   ./run.sh gru [flags]           train in the foreground (python train_gru.py [flags]; also
 #                                  classifier, asr, lm, sft)
 #   ./run.sh asr-memory-optimized --train-manifest M.jsonl   the seed's T4 recipe for train_asr.py
@@ -48,7 +48,7 @@ case "$cmd" in
   monitor)  # one run until it ends: RUN, else the newest
     setup run
     "$PY" memory_optimizer.py monitor --latest "$@" ;;
-  profile|config|optimize)
+  profile|config|optimize|plan)
     setup run
     "$PY" memory_optimizer.py "$cmd" "$@" ;;
   watch)

@@ -1,7 +1,7 @@
 @echo off
 rem Windows launcher: the same commands as run.sh, as a menu. All logic is in Python.
 rem   start_training.bat            menu
-rem   start_training.bat status     (or: demo, test, start, monitor, stop, profile, config, optimize,
+rem   start_training.bat status     (or: demo, test, start, monitor, stop, profile, config, optimize, plan,
 rem                                  watch, gru, classifier, asr, lm, sft, asr-memory-optimized --
 rem                                  the same words as ./run.sh)
 rem   start_training.bat status --runs DIR   (status, monitor, stop: another runs folder)
@@ -72,7 +72,7 @@ if "%cmd%"=="monitor" (
   "%PY%" memory_optimizer.py monitor --latest %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-for %%c in (profile config optimize) do if "%cmd%"=="%%c" (
+for %%c in (profile config optimize plan) do if "%cmd%"=="%%c" (
   "%PY%" memory_optimizer.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
@@ -89,5 +89,5 @@ for %%c in (gru classifier asr lm sft) do if "%cmd%"=="%%c" (
   "%PY%" train_%cmd%.py %1 %2 %3 %4 %5 %6 %7 %8 %9
   exit /b %errorlevel%
 )
-echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, watch, gru, classifier, asr, lm, sft or asr-memory-optimized
+echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, plan, watch, gru, classifier, asr, lm, sft or asr-memory-optimized
 exit /b 2
