@@ -956,13 +956,14 @@ def evaluate_halving(evaluate, bs, device, log=print):
 # -----------------------------------------------------------------------------
 # optimizer: AdamW, or AdamW with 8-bit moments (--optim adamw8bit)
 
-def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fused=False):
+def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fused=None):
     """torch.optim.AdamW, or AdamW8bit for --optim adamw8bit; params may be parameter groups.
-    fused: AdamW's one-pass kernel (train_lm.py asks where it exists); AdamW8bit has none.
+    fused: AdamW's one-pass kernel (train_lm.py asks where it exists; None: torch's default);
+    AdamW8bit has none.
     Used by every trainer."""
     if args.optim == "adamw8bit":
         return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
 def dynamic_codes(signed):

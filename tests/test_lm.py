@@ -102,7 +102,7 @@ def test_adamw_is_fused_on_cpu_where_torch_has_the_kernel():
     import argparse
     model = train_lm.LM(dict(arch="gpt", vocab_size=train_lm.VOCAB, n_layer=1, n_head=2, d_model=16, seq_len=8,
                              num_eigenstates=4, chunk_size=4))
-    args = argparse.Namespace(weight_decay=0.1, lr=1e-3, beta2=0.99, schedule="cosine", warmup_steps=2)
+    args = argparse.Namespace(weight_decay=0.1, lr=1e-3, beta2=0.99, schedule="cosine", warmup_steps=2, optim="adamw")
     opt, _, _ = train_lm.make_optimizer(model, args, 10, torch.device("cpu"))
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     assert opt.defaults["fused"] is ((major, minor) >= (2, 4))
