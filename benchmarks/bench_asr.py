@@ -8,6 +8,17 @@ trainer's own model, loss and step (common.train_step). Prints a markdown table 
     python benchmarks/bench_asr.py                                   # CPU, ~10 min on 2 cores
     python benchmarks/bench_asr.py --presets minimal --batch-sizes 2 --steps 1   # a quick look
     python benchmarks/bench_asr.py --device cuda                     # GPU: adds peak GPU memory
+    python benchmarks/bench_asr.py --precision compare               # fp32 vs bf16: ~20 min on 2 idle cores (est.)
+    python benchmarks/bench_asr.py --precision compare --presets minimal --batch-sizes 2 --steps 1   # 25 s, 2 shared cores
+
+--precision compare measures every configuration in fp32 and in bf16 autocast (fresh workers,
+alternating) and prints utterances/s, bf16 / fp32 and the loss of the last timed step of each
+(random input: the loss only shows that bf16 computes the same step). The CER of each precision
+comes from real training: --accuracy DIR --precision compare trains train_asr.py --preset minimal
+with --precision fp32 and with --precision bf16 on DIR's manifests (no BiGRU) and prints the
+trainer's own samples/s and test CER for both (its evaluation runs under the same autocast):
+
+    python benchmarks/bench_asr.py --accuracy data/espeak --precision compare   # ~30 min (est.)
 
 Each configuration runs in a fresh subprocess (this script re-invoked with --worker), so peak
 memory is that configuration's alone. The input is random features of the right shape: the cost
@@ -68,6 +79,13 @@ parser.add_argument("--steps", type=pos_int, default=2, help="timed optimizer st
 parser.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps first")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto = cuda when available; CUDA runs bf16 (fp16 + GradScaler where unsupported)")
+parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "compare"], default="auto",
+                    help="auto = the --device default above (fp32 on CPU); bf16 = bf16 autocast for every "
+                         "configuration; compare = each configuration in fp32 and in bf16, alternating, and "
+                         "a bf16 vs fp32 table (with --accuracy: train_asr.py in both, test CER)")
+parser.add_argument("--repeats", type=pos_int, default=1, metavar="R",
+                    help="--precision compare: runs per configuration and precision, fp32 and bf16 "
+                         "alternating; the table shows medians")
 parser.add_argument("--worker", default=None, help="internal: PRESET,BATCH,SUBSAMPLE measured in this process")
 parser.add_argument("--accuracy", default=None, metavar="DIR",
                     help="instead of the step table: train_asr.py's minimal preset vs a BiGRU-CTC on the set "
@@ -99,7 +117,7 @@ def worker(args):
     preset, bs, sub = args.worker.split(",")
     bs, sub = int(bs), int(sub)
     torch.manual_seed(0)
-    choice = argparse.Namespace(device=args.device, precision="auto")
+    choice = argparse.Namespace(device=args.device, precision=args.precision)  # compare's workers get fp32/bf16
     device, amp_dtype, scaler, _ = common.setup_device(choice)
     frames = int(args.seconds * 100) + 1  # 10 ms hop
     U = args.chars
@@ -133,7 +151,7 @@ def worker(args):
     step_s = statistics.median(times)
     print(json.dumps({
         "preset": preset, "batch": bs, "subsample": sub, "params": sum(p.numel() for p in model.parameters()),
-        "step_s": step_s, "samples_per_s": bs / step_s, "rss_base_mb": rss_base,
+        "step_s": step_s, "samples_per_s": bs / step_s, "loss_last": loss, "rss_base_mb": rss_base,
         "peak_rss_mb": common.peak_memory_mb(torch.device("cpu")),
         "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "micro_bs": micro_bs,
@@ -339,16 +357,113 @@ def accuracy(args):
     return 0
 
 
+def precision_accuracy(args):
+    """--accuracy DIR --precision compare: train_asr.py --preset minimal on DIR's manifests with
+    --precision fp32 and with --precision bf16, alternating (--repeats rounds), each in a fresh run
+    folder; then its own samples/s and test CER side by side. No BiGRU: the question is what bf16
+    does to ours."""
+    from common import cpu_has_bf16
+    d = Path(args.accuracy).resolve()
+    manifests = [d / f"{s}.jsonl" for s in ("train", "val", "test")]
+    if not all(m.is_file() for m in manifests):
+        print(f"error: --accuracy {d}: train.jsonl, val.jsonl and test.jsonl needed; make them with "
+              f"python benchmarks/make_speech_data.py {d}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)  # fresh runs: a leftover would be resumed
+    out.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))  # torch reads it at start-up
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    runs = {p: [] for p in benchlib.PRECISIONS}
+    for repeat in range(args.repeats):
+        for prec in benchlib.precision_order(repeat):
+            run = out / f"{prec}-{repeat}"
+            cmd = [sys.executable, str(REPO / "train_asr.py"), "--preset", "minimal",
+                   "--train-manifest", str(manifests[0]), "--val-manifest", str(manifests[1]),
+                   "--test-manifest", str(manifests[2]), *shlex.split(args.ours_flags),
+                   "--precision", prec, "--out", str(run)]
+            print(f"training train_asr.py --precision {prec} (log: {run}.log) ...", file=sys.stderr, flush=True)
+            with open(f"{run}.log", "w") as log:
+                # in the (fresh) output folder, so no optimal_config.json changes its defaults
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out).returncode
+            if rc != 0:
+                print(f"error: train_asr.py failed (exit {rc}); see {run}.log", file=sys.stderr)
+                return 1
+            s = json.loads((run / "summary.json").read_text())
+            runs[prec].append(dict(s, cpu_bf16=cpu_has_bf16()))
+            print(f"  {prec}: {s['samples_per_s']:.1f} samples/s, test CER {s['test_cer']:.2f}% (greedy CTC "
+                  f"{s['test_cer_greedy_ctc']:.2f}%), {s['steps']} steps, {s['wall_s']:.0f} s",
+                  file=sys.stderr, flush=True)
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    import torch  # only now: print_header imports it anyway, and the trainings are done
+    res = {"torch": torch.__version__, "threads": args.threads, "device": "cpu", "device_name": "cpu",
+           "precision": "fp32 vs bf16 autocast"}
+    benchlib.print_header("ASR on real speech: train_asr.py minimal, fp32 vs bf16 autocast", sys.argv, res,
+                          busy, others)
+    s = runs["fp32"][0]
+    print(f"workload: {args.accuracy}; `train_asr.py --preset minimal` + the three manifests"
+          + (f" + `{args.ours_flags}`" if args.ours_flags else "") + f" + `--precision fp32` / `bf16`, "
+          f"{s['steps']} steps, {args.threads} thread(s); samples/s is the trainer's own (training time "
+          f"only), test CER its beam search on the best checkpoint; {args.repeats} repeat(s) per precision, "
+          f"alternating; medians shown\n")
+    benchlib.print_precision_table("model", {"train_asr.py minimal": runs}, "test CER (%)",
+                                   "test_cer", "{:.2f}".format)
+    greedy = "; ".join(f"{p} " + ", ".join(f"{r['test_cer_greedy_ctc']:.2f}" for r in runs[p])
+                       for p in benchlib.PRECISIONS)
+    print(f"test CER, greedy CTC (%), per repeat: {greedy}  ")
+    benchlib.print_footer(busy, others, wall)
+    return 0
+
+
 # -----------------------------------------------------------------------------
 # parent: every configuration in a fresh worker, then the table
+
+def compare(args, flags, configs):
+    """--precision compare: every configuration in fp32 and in bf16 autocast, each run in a fresh
+    worker, the two precisions alternating run by run; then the bf16 vs fp32 table."""
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    results = {f"{p}, x{s}, batch {b}": {prec: [] for prec in benchlib.PRECISIONS} for p, b, s in configs}
+    n_runs, done = 2 * len(configs) * args.repeats, 0
+    for repeat in range(args.repeats):
+        for (p, b, s), runs in zip(configs, results.values()):
+            for prec in benchlib.precision_order(repeat):
+                t0 = time.perf_counter()
+                res = benchlib.run_worker(Path(__file__).resolve(), f"{p},{b},{s}", flags + ["--precision", prec])
+                runs[prec].append(res)
+                done += 1
+                print(f"[{done}/{n_runs}] {p:<9} batch {b} subsample x{s} {prec}: step {res['step_s']:.2f} s, "
+                      f"loss {res['loss_last']:.3f}, peak RSS {res['peak_rss_mb']:.0f} MB "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    first = next(iter(results.values()))["fp32"][0]
+    benchlib.print_header("ASR: fp32 vs bf16 autocast per preset x batch x subsampling", sys.argv,
+                          dict(first, precision="fp32 vs bf16 autocast"), busy, others)
+    print(f"workload: as the presets table (`python benchmarks/bench_asr.py`): {args.seconds:g} s utterances of "
+          f"random features, {args.chars}-character transcripts; one training step = forward, loss, backward, "
+          f"clip 5, AdamW (common.train_step, bf16: under bf16 autocast, weights and AdamW in fp32); "
+          f"{args.warmup} warm-up + {args.steps} timed step(s), median; samples = utterances; {args.repeats} "
+          f"repeat(s) per configuration and precision, each in a fresh process, fp32 and bf16 alternating\n")
+    benchlib.print_precision_table("preset, subsampling, batch", results, "loss, last step", "loss_last",
+                                   "{:.3f}".format)
+    print("the CER of each precision: `--accuracy DIR --precision compare` (train_asr.py on real speech)  ")
+    if any(r["micro_bs"] != r["batch"] for runs in results.values() for rs in runs.values() for r in rs):
+        print("note: a configuration ran out of memory and halved its micro-batch (same batch, accumulated)  ")
+    benchlib.print_footer(busy, others, wall)
+    return 0
+
 
 def main():
     args = parser.parse_args()
     if args.bigru_worker:
         import common
         common.run_main(lambda: bigru_worker(args))
+    if args.accuracy and args.precision in ("fp32", "bf16"):
+        parser.error(f"--accuracy with --precision {args.precision}: pass it to ours with --ours-flags "
+                     f"\"--precision {args.precision}\" (the BiGRU runs fp32), or --precision compare")
     if args.accuracy:
-        return accuracy(args)
+        return precision_accuracy(args) if args.precision == "compare" else accuracy(args)
     if args.worker:
         import common
         common.run_main(lambda: worker(args))
@@ -358,6 +473,9 @@ def main():
     flags = ["--seconds", str(args.seconds), "--chars", str(args.chars), "--vocab", str(args.vocab),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
     configs = [(p, b, s) for p in args.presets for s in args.subsample for b in args.batch_sizes]
+    if args.precision == "compare":
+        return compare(args, flags, configs)
+    flags += ["--precision", args.precision]
     busy, t_start, kids0 = benchlib.cpu_watch_start()
     results = {}
     for i, (p, b, s) in enumerate(configs, start=1):

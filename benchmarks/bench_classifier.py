@@ -10,6 +10,15 @@ memory, step time, training samples/s, time per epoch and test accuracy.
     python benchmarks/bench_classifier.py --steps 2 --warmup 1 --epochs-small 1   # quick look, ~30 s
     python benchmarks/bench_classifier.py --full-accuracy        # + DistilBERT shapes 1 epoch each: ~4 min
     python benchmarks/bench_classifier.py --device cuda          # GPU: adds peak GPU memory
+    python benchmarks/bench_classifier.py --precision compare --full-accuracy   # fp32 vs bf16, ~7 min per repeat
+    python benchmarks/bench_classifier.py --precision compare --steps 2 --warmup 1 --epochs-small 1 --repeats 1
+                                                                 # quick look at the comparison, ~90 s
+
+--precision compare trains every configuration in fp32 and in bf16 autocast (fresh workers,
+alternating) and prints samples/s, bf16 / fp32 and test accuracy of each, then the verdict for
+the DistilBERT shape with LoRA: at least 1.5x fp32's samples/s at equal test accuracy (within 1
+point). Its accuracy is measured only with --full-accuracy (else the shape trains a few steps).
+The two --precision compare times: measured on 2 cores shared with other jobs; --repeats defaults to 3.
 
 There are no pretrained weights on this machine, so both arms start from the same random
 initialisation (torch.manual_seed(0)). LoRA on a random frozen encoder measures what LoRA saves
@@ -75,6 +84,10 @@ parser.add_argument("--train-size", type=pos_int, default=840, metavar="N",
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto = cuda when available; CPU runs fp32, CUDA bf16 (fp16 + GradScaler "
                          "where bf16 is unsupported)")
+parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "compare"], default="auto",
+                    help="auto = the --device default above (fp32 on CPU); bf16 = bf16 autocast for "
+                         "every configuration; compare = each configuration in fp32 and in bf16, "
+                         "alternating, and a bf16 vs fp32 table")
 parser.add_argument("--worker", choices=CONFIGS, default=None,
                     help="internal: measure this one configuration in this process and print one JSON "
                          "line (the parent run starts these)")
@@ -90,7 +103,7 @@ def worker(args):
     import train_classifier as tc
 
     shape, arm = args.worker.split("-")  # "distilbert", "lora"
-    choice = argparse.Namespace(device=args.device, precision="auto")
+    choice = argparse.Namespace(device=args.device, precision=args.precision)  # compare's workers get fp32/bf16
     device, amp_dtype, scaler, _ = common.setup_device(choice)  # the trainers' own choice
     precision = choice.precision + (" + GradScaler" if scaler.is_enabled() else "")
 
@@ -197,6 +210,61 @@ def worker(args):
 # -----------------------------------------------------------------------------
 # parent: alternate configurations in fresh workers, then the table
 
+def print_progress(done, n_runs, label, res, seconds):
+    """One worker's result on stderr as it finishes."""
+    acc = f", test acc {res['test_acc']:.3f}" if res["test_acc"] is not None else ""
+    print(f"[{done}/{n_runs}] {label:<15} {res['samples_per_s']:7.1f} samples/s, step "
+          f"{res['step_s'] * 1000:7.1f} ms, peak RSS {res['peak_rss_mb']:6.0f} MB, loss "
+          f"{res['loss_first']:.3f} -> {res['loss_last']:.3f} ({res['steps']} steps){acc} "
+          f"({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+
+def compare(args, flags):
+    """--precision compare: every configuration in fp32 and in bf16 autocast, each run in a fresh
+    worker, the two precisions alternating run by run; then the bf16 vs fp32 table and the
+    verdict for DistilBERT + LoRA."""
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    results = {c: {p: [] for p in benchlib.PRECISIONS} for c in CONFIGS}
+    n_runs, done = 2 * len(CONFIGS) * args.repeats, 0
+    for repeat in range(args.repeats):
+        for config in CONFIGS:
+            for prec in benchlib.precision_order(repeat):
+                t0 = time.perf_counter()
+                res = benchlib.run_worker(Path(__file__).resolve(), config, flags + ["--precision", prec])
+                results[config][prec].append(res)
+                done += 1
+                print_progress(done, n_runs, f"{config} {prec}", res, time.perf_counter() - t0)
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    o = results["small-full"]["fp32"][0]
+    E = args.batch_size * args.grad_accum
+    benchlib.print_header("Receipt classifier: fp32 vs bf16 autocast", sys.argv,
+                          dict(o, precision="fp32 vs bf16 autocast"), busy, others)
+    d_steps = (f"{args.epochs_distilbert} epoch(s), then test accuracy" if args.full_accuracy else
+               f"{args.warmup} warm-up + {args.steps} timed steps, no accuracy (add --full-accuracy)")
+    print(f"workload: as the full vs LoRA table (`python benchmarks/bench_classifier.py`): {o['n_train']} "
+          f"built-in items, batch {E}, LoRA r {LORA['r']} on {','.join(LORA['targets'])}; small preset "
+          f"{args.epochs_small} epoch(s), then test accuracy; DistilBERT shape {d_steps}. bf16 = "
+          f"common.train_step and the test pass (train_classifier.classify) under bf16 autocast, weights "
+          f"and AdamW in fp32. {args.repeats} repeat(s) per configuration and precision, each in a fresh "
+          f"process, fp32 and bf16 alternating; medians shown\n")
+    benchlib.print_precision_table("configuration", results, "test accuracy", "test_acc", "{:.3f}".format)
+    sps, acc = benchlib.precision_medians(results["distilbert-lora"], "test_acc")
+    ratio = sps["bf16"] / sps["fp32"]
+    if acc["fp32"] is None:
+        print(f"verdict, distilbert-lora: bf16 {ratio:.2f}x fp32's samples/s; test accuracy not measured "
+              f"(add --full-accuracy): no verdict  ")
+    else:
+        ok = ratio >= 1.5 and abs(acc["bf16"] - acc["fp32"]) <= 0.01
+        print(f"verdict, distilbert-lora: bf16 {ratio:.2f}x fp32's samples/s, test accuracy "
+              f"{acc['bf16']:.3f} (bf16) vs {acc['fp32']:.3f} (fp32): >= 1.5x at equal accuracy "
+              f"(within 1 point): {'PASS' if ok else 'FAIL'}  ")
+    benchlib.print_micro_bs_note({f"{c} {p}": runs for c in CONFIGS for p, runs in results[c].items()},
+                                 args.batch_size)
+    benchlib.print_footer(busy, others, wall)
+    return 0
+
+
 def main():
     args = parser.parse_args()
     if args.worker:
@@ -218,6 +286,9 @@ def main():
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs-small", str(args.epochs_small),
              "--epochs-distilbert", str(args.epochs_distilbert), "--train-size", str(args.train_size),
              "--device", args.device] + (["--full-accuracy"] if args.full_accuracy else [])
+    if args.precision == "compare":
+        return compare(args, flags)
+    flags += ["--precision", args.precision]
     # other work on the machine slows the steps (on 2 cores, one other torch process made a
     # 2-thread step here ~30x slower: OpenMP threads wait for each other at every op), so the
     # report says how much CPU others used
@@ -230,11 +301,7 @@ def main():
             res = benchlib.run_worker(Path(__file__).resolve(), config, flags)
             results[config].append(res)
             done += 1
-            acc = f", test acc {res['test_acc']:.3f}" if res["test_acc"] is not None else ""
-            print(f"[{done}/{n_runs}] {config:<15} {res['samples_per_s']:7.1f} samples/s, step "
-                  f"{res['step_s'] * 1000:7.1f} ms, peak RSS {res['peak_rss_mb']:6.0f} MB, loss "
-                  f"{res['loss_first']:.3f} -> {res['loss_last']:.3f} ({res['steps']} steps){acc} "
-                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            print_progress(done, n_runs, config, res, time.perf_counter() - t0)
     wall, others = benchlib.cpu_watch_end(t_start, kids0)
 
     # -- summary over repeats: median speed and accuracy, max memory

@@ -9,6 +9,13 @@ memory on CUDA), with the ratio optimized / original.
     python benchmarks/bench_gru.py                                  # laptop CPU, ~2.5 min on 2 idle cores
     python benchmarks/bench_gru.py --repeats 1 --steps 2 --warmup 1 # quick look, under a minute
     python benchmarks/bench_gru.py --device cuda                    # GPU: adds peak GPU memory
+    python benchmarks/bench_gru.py --precision compare              # fp32 vs bf16: ~6 min on 2 idle cores (estimated)
+    python benchmarks/bench_gru.py --precision compare --repeats 1 --steps 2 --warmup 1   # 55 s on 2 shared cores
+
+--precision compare runs each preset in fp32 and in bf16 autocast (fresh workers, alternating)
+and prints samples/s, bf16 / fp32 and the val perplexity after the timed steps of each (256
+held-out queries, train_gru.evaluate under the same autocast): the steps train one fixed batch,
+so the perplexity says whether bf16 changed what was learned, not how good a trained model is.
 
 The table goes to stdout, progress to stderr: `python benchmarks/bench_gru.py > table.md`.
 Each measurement runs in a fresh subprocess (this script re-invoked with --worker PRESET, which
@@ -68,6 +75,10 @@ parser.add_argument("--dataset-size", type=pos_int, default=2000, metavar="N",
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto = cuda when available; CPU runs fp32, CUDA bf16 (fp16 + GradScaler "
                          "where bf16 is unsupported)")
+parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "compare"], default="auto",
+                    help="auto = the --device default above (fp32 on CPU); bf16 = bf16 autocast for "
+                         "both presets; compare = each preset in fp32 and in bf16, alternating, and a "
+                         "bf16 vs fp32 table with val perplexity")
 g = parser.add_argument_group("real categorized text (the speed flags above do not apply)")
 g.add_argument("--make-data", default=None, metavar="DIR",
                help="write DIR/queries.csv (text,category = description,section) and DIR/queries_blind.csv "
@@ -97,7 +108,7 @@ def worker(args):
     import train_gru
 
     torch.manual_seed(0)  # same initial weights and dropout masks in every repeat
-    choice = argparse.Namespace(device=args.device, precision="auto")
+    choice = argparse.Namespace(device=args.device, precision=args.precision)  # compare's workers get fp32/bf16
     device, amp_dtype, scaler, _ = common.setup_device(choice)  # the trainers' own choice
     precision = choice.precision + (" + GradScaler" if scaler.is_enabled() else "")
 
@@ -105,9 +116,13 @@ def worker(args):
     pairs = train_gru.generate_queries(args.dataset_size, seed=0)
     itos = train_gru.build_vocab(pairs, 10000)  # train_gru's --vocab-size default
     cats = sorted({c for _, c in pairs})
-    data = train_gru.pack(pairs, {w: i for i, w in enumerate(itos)}, {c: i for i, c in enumerate(cats)})
+    stoi, cat_index = {w: i for i, w in enumerate(itos)}, {c: i for i, c in enumerate(cats)}
+    data = train_gru.pack(pairs, stoi, cat_index)
     E = args.batch_size * args.grad_accum
-    idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:E]
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))
+    idx = perm[:E]
+    # held-out queries (not the training batch) for the val perplexity of a --precision run
+    val_data = train_gru.pack([pairs[i] for i in perm[E:E + 256].tolist()], stoi, cat_index)
     # one fixed batch for every step: step times then differ by noise only, not by query length
     # (the original preset is O(T^2) in the longest query of the batch)
     batch = train_gru.make_batch(data, idx)  # x, y (E, T); cat (E,)
@@ -138,6 +153,10 @@ def worker(args):
             times.append(time.perf_counter() - t0)
         losses.append(loss)
 
+    val_ppl = None
+    if args.precision != "auto":  # only a --precision run reports it: the default table and its time stay
+        val_ppl = train_gru.evaluate(model, val_data, device, amp_dtype)[1]
+
     # what a checkpoint holds besides small plain data: weights + AdamW's exp_avg, exp_avg_sq, step
     ckpt_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ckpt_bytes += sum(t.numel() * t.element_size() for s in optimizer.state_dict()["state"].values()
@@ -146,7 +165,7 @@ def worker(args):
     print(json.dumps({
         "preset": args.worker, "model": type(model).__name__, "params": n_params,
         "ckpt_mb": ckpt_bytes / 2**20, "step_s": step_s, "samples_per_s": E / step_s,
-        "step_times": times, "loss_first": losses[0], "loss_last": losses[-1],
+        "step_times": times, "loss_first": losses[0], "loss_last": losses[-1], "val_ppl": val_ppl,
         "rss_base_mb": rss_base, "peak_rss_mb": common.peak_memory_mb(torch.device("cpu")),
         "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "micro_bs": micro_bs, "vocab": len(itos), "n_cats": len(cats), "T": batch["x"].shape[1],
@@ -245,6 +264,46 @@ def real(args):
 # -----------------------------------------------------------------------------
 # parent: alternate presets in fresh workers, then the table
 
+def print_progress(done, n_runs, label, res, seconds):
+    """One worker's result on stderr as it finishes."""
+    ppl = f", val ppl {res['val_ppl']:.1f}" if res["val_ppl"] is not None else ""
+    print(f"[{done}/{n_runs}] {label:<14} {res['samples_per_s']:8.1f} samples/s, step {res['step_s'] * 1000:8.1f} "
+          f"ms, peak RSS {res['peak_rss_mb']:6.0f} MB, loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}"
+          f"{ppl} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+
+def compare(args, flags):
+    """--precision compare: each preset in fp32 and in bf16 autocast, each run in a fresh worker,
+    the two precisions alternating run by run; then the bf16 vs fp32 table."""
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    results = {p: {prec: [] for prec in benchlib.PRECISIONS} for p in PRESETS}
+    n_runs, done = 2 * len(PRESETS) * args.repeats, 0
+    for repeat in range(args.repeats):
+        for preset in PRESETS:
+            for prec in benchlib.precision_order(repeat):
+                t0 = time.perf_counter()
+                res = benchlib.run_worker(Path(__file__).resolve(), preset, flags + ["--precision", prec])
+                results[preset][prec].append(res)
+                done += 1
+                print_progress(done, n_runs, f"{preset} {prec}", res, time.perf_counter() - t0)
+    wall, others = benchlib.cpu_watch_end(t_start, kids0)
+
+    o = results["optimized"]["fp32"][0]
+    benchlib.print_header("CADENCE GRU: fp32 vs bf16 autocast", sys.argv,
+                          dict(o, precision="fp32 vs bf16 autocast"), busy, others)
+    print(f"workload: as the optimized vs original table (`python benchmarks/bench_gru.py`): the same batch of "
+          f"{args.batch_size * args.grad_accum} queries every step ({o['T']} time steps), {args.warmup} warm-up "
+          f"steps, then {args.steps_optimized} (optimized) / {args.steps} (original) timed steps; then val "
+          f"perplexity on 256 held-out queries. bf16 = common.train_step and train_gru.evaluate under bf16 "
+          f"autocast, weights and AdamW in fp32. {args.repeats} repeat(s) per preset and precision, each in a "
+          f"fresh process, fp32 and bf16 alternating; medians shown\n")
+    benchlib.print_precision_table("preset", results, "val perplexity", "val_ppl", "{:.1f}".format)
+    benchlib.print_micro_bs_note({f"{p} {prec}": runs for p in PRESETS for prec, runs in results[p].items()},
+                                 args.batch_size)
+    benchlib.print_footer(busy, others, wall)
+    return 0
+
+
 def main():
     args = parser.parse_args()
     if args.worker:
@@ -263,11 +322,17 @@ def main():
     if E > args.dataset_size:
         parser.error(f"effective batch {E} (--batch-size x --grad-accum) is larger than "
                      f"--dataset-size {args.dataset_size}; raise --dataset-size")
+    if args.precision != "auto" and E + 256 > args.dataset_size:
+        parser.error(f"--precision {args.precision} holds out 256 queries beside the batch of {E}: "
+                     f"--dataset-size {args.dataset_size} is too small; raise it")
 
     # the flags every worker gets: the parent's own, so the workers measure what was asked for
     flags = ["--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
              "--steps", str(args.steps), "--steps-optimized", str(args.steps_optimized),
              "--warmup", str(args.warmup), "--dataset-size", str(args.dataset_size), "--device", args.device]
+    if args.precision == "compare":
+        return compare(args, flags)
+    flags += ["--precision", args.precision]
     # other work on the machine slows the steps (on 2 cores, one other torch process made the
     # original's steps ~7x slower here), so the report says how much CPU others used
     busy, t_start, kids0 = benchlib.cpu_watch_start()
@@ -278,11 +343,8 @@ def main():
             t0 = time.perf_counter()
             res = benchlib.run_worker(Path(__file__).resolve(), preset, flags)
             results[preset].append(res)
-            print(f"[{len(results['optimized']) + len(results['original'])}/{n_runs}] {preset:<9} "
-                  f"{res['samples_per_s']:8.1f} samples/s, step {res['step_s'] * 1000:8.1f} ms, "
-                  f"peak RSS {res['peak_rss_mb']:6.0f} MB, loss {res['loss_first']:.3f} -> "
-                  f"{res['loss_last']:.3f} ({time.perf_counter() - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+            print_progress(len(results["optimized"]) + len(results["original"]), n_runs, preset, res,
+                           time.perf_counter() - t0)
     wall, others = benchlib.cpu_watch_end(t_start, kids0)
 
     # -- summary over repeats: median speed, max memory
@@ -297,6 +359,10 @@ def main():
             ("parameters", f"{o['params']:,}", f"{g['params']:,}", benchlib.fmt_ratio(o["params"], g["params"])),
             ("checkpoint estimate, weights + AdamW state (MB)", f"{o['ckpt_mb']:.1f}", f"{g['ckpt_mb']:.1f}",
              benchlib.fmt_ratio(o["ckpt_mb"], g["ckpt_mb"]))]
+    if o["val_ppl"] is not None:  # --precision fp32 or bf16
+        vo, vg = med("optimized", "val_ppl"), med("original", "val_ppl")
+        rows.append(("val perplexity after the timed steps, 256 held-out queries", f"{vo:.1f}", f"{vg:.1f}",
+                     benchlib.fmt_ratio(vo, vg)))
     so, sg = med("optimized", "step_s"), med("original", "step_s")
     po, pg = med("optimized", "samples_per_s"), med("original", "samples_per_s")
     rows += [("step time, median (ms)", f"{so * 1000:.1f}", f"{sg * 1000:.1f}", benchlib.fmt_ratio(so, sg)),

@@ -15,6 +15,7 @@ print_header, through memory_optimizer, only once the workers are done.
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -37,13 +38,15 @@ def run_worker(script, name, flags):
 
 
 def runtime_info(device, precision):
-    """The worker's runtime as JSON fields: torch version, threads, device, device name and
-    precision -- what print_header reads back. Imports torch (call it in workers only). Called
-    by every benchmark's worker."""
+    """The worker's runtime as JSON fields: torch version, threads, device, device name,
+    precision and whether the CPU lists bf16 units -- what print_header and
+    print_precision_table read back. Imports torch and common (call it in workers only, with the
+    repo root on sys.path). Called by every benchmark's worker."""
     import torch
+    from common import cpu_has_bf16
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": precision}
+            "precision": precision, "cpu_bf16": cpu_has_bf16()}
 
 
 def fmt_ratio(a, b):
@@ -130,6 +133,55 @@ def print_footer(busy, others, wall):
     if max(busy, others or 0) >= 20:
         print("note: other processes shared the CPU with this run; re-run on an idle machine for the README  ")
     print(f"total wall time: {wall:.0f} s")
+
+
+# -----------------------------------------------------------------------------
+# --precision compare: every configuration in fp32 and in bf16 autocast, side by side
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_order(repeat):
+    """fp32 then bf16 on even repeats, bf16 then fp32 on odd ones: a run just after another is
+    not always the same precision's (caches, clocks, a neighbour that starts). Called by
+    bench_gru.py, bench_classifier.py and bench_asr.py with --precision compare."""
+    return PRECISIONS if repeat % 2 == 0 else PRECISIONS[::-1]
+
+
+def precision_cells(runs, acc_key, acc_fmt):
+    """One configuration's cells: fp32 and bf16 median samples/s, bf16 / fp32, and each
+    precision's median accuracy figure (acc_fmt of it; 'n/a' where the worker measured none).
+    runs: {"fp32": [worker dicts], "bf16": [...]}. Called by print_precision_table."""
+    sps, acc = precision_medians(runs, acc_key)
+    return [f"{sps['fp32']:.1f}", f"{sps['bf16']:.1f}", fmt_ratio(sps["bf16"], sps["fp32"]),
+            *(acc_fmt(acc[p]) if acc[p] is not None else "n/a" for p in PRECISIONS)]
+
+
+def precision_medians(runs, acc_key):
+    """({precision: median samples/s}, {precision: median of acc_key, or None if not measured})
+    over one configuration's repeats. Called by precision_cells and bench_classifier.py."""
+    sps = {p: statistics.median(r["samples_per_s"] for r in runs[p]) for p in PRECISIONS}
+    acc = {p: (statistics.median(r[acc_key] for r in runs[p]) if runs[p][0][acc_key] is not None else None)
+           for p in PRECISIONS}
+    return sps, acc
+
+
+def print_precision_table(first_col, results, acc_label, acc_key, acc_fmt):
+    """The --precision compare table: a row per configuration (results: name -> {"fp32": [worker
+    dicts], "bf16": [...]}, in table order), then each run's samples/s per repeat. acc_label
+    names the accuracy figure (e.g. "test accuracy"), acc_key its worker field. Called by
+    bench_gru.py, bench_classifier.py and bench_asr.py."""
+    header = [first_col, "fp32 samples/s", "bf16 samples/s", "bf16 / fp32", f"fp32 {acc_label}",
+              f"bf16 {acc_label}"]
+    print_table(header, [[name, *precision_cells(runs, acc_key, acc_fmt)] for name, runs in results.items()])
+    print()
+    first = next(iter(results.values()))["fp32"][0]
+    if first["device"] == "cpu":  # without bf16 units autocast emulates bf16: expect it slower
+        print("bf16 units on this CPU (avx512_bf16 or amx_bf16 in /proc/cpuinfo): "
+              + ("yes  " if first["cpu_bf16"] else "no, bf16 is emulated  "))
+    for name, runs in results.items():
+        per = "; ".join(f"{p} " + ", ".join(f"{r['samples_per_s']:.1f}" for r in runs[p]) for p in PRECISIONS)
+        print(f"{name} samples/s per repeat: {per}  ")
 
 
 # -----------------------------------------------------------------------------
