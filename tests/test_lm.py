@@ -96,6 +96,13 @@ def test_schedule_choices_follow_their_formula(tmp, schedule):
     assert settings["schedule"]["value"] == schedule and settings["beta2"]["value"] == 0.99
 
 
+@pytest.mark.parametrize("arch,L,d,T,K", [("gpt", 1, 16, 8, 4), ("gpt", 3, 48, 32, 4), ("eigen", 2, 32, 16, 8)])
+def test_param_count_equals_the_built_model(arch, L, d, T, K):
+    cfg = dict(arch=arch, vocab_size=train_lm.VOCAB, n_layer=L, n_head=4, d_model=d, seq_len=T, num_eigenstates=K,
+               chunk_size=4)
+    assert train_lm.param_count(cfg) == sum(p.numel() for p in train_lm.LM(cfg).parameters())
+
+
 def test_adamw_is_fused_on_cpu_where_torch_has_the_kernel():
     """make_optimizer (train_lm.py and train_sft.py) uses the fused AdamW kernel on a CPU from
     torch 2.4: the optimizer step 3.6 -> 1.0 ms at bench_lm.py's shape A (docs/lm.md)."""

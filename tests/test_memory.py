@@ -183,14 +183,19 @@ def test_adamw8bit_kill_9_then_resume_equals_an_uninterrupted_run(tmp):
     assert got["optimizer_state_mb"] < 0.3 * 4 * got["params"] * 2 / 2**20  # AdamW: 8 bytes a weight
 
 
-def test_the_plans_forward_measures_half_the_batch_after_an_out_of_memory_error():
+def test_activations_are_measured_on_one_and_two_items_and_extended_to_the_batch():
     model = torch.nn.Sequential(torch.nn.Linear(100, 200), torch.nn.ReLU(), torch.nn.Linear(200, 10))
     sizes = []
 
-    def loss_fn(m, b):  # a card on which only 16 rows fit
+    def loss_fn(m, b):
         sizes.append(len(b["x"]))
-        if len(b["x"]) > 16:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return m(b["x"]).square().sum(), len(b["x"])
     assert common.activation_bytes(model, loss_fn, {"x": torch.randn(64, 100)}, CPU, None) == 64 * 310 * 4
-    assert sizes == [64, 32, 16]
+    assert sizes == [1, 2]  # a whole micro-batch's forward would hold its activations before training
+    # a part per step (here a constant tensor saved once, whatever the batch) is counted once
+    const = torch.randn(1000)
+
+    def with_const(m, b):
+        return (m(b["x"]).square().sum() + (const * const.detach().clone().requires_grad_()).sum()), len(b["x"])
+    # (the product saves `const`, 4,000 bytes, for the gradient of the other factor)
+    assert common.activation_bytes(model, with_const, {"x": torch.randn(64, 100)}, CPU, None) == 64 * 310 * 4 + 4000
