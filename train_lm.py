@@ -531,7 +531,7 @@ def model_config(args, vocab):
 def param_count(cfg):
     """Parameters of LM(cfg), counted from the shape without building it: a 32K position table
     alone is 33M weights. (Building it on the meta device ran its init ops through torch's Python
-    decompositions, which import torch._dynamo and sympy: 3.5 s and 70 MB of RSS before the model
+    decompositions, which import dynamo and sympy: 3.5 s and 70 MB of RSS before the model
     existed; the optimizer's first step imports them too, but `sample` and the preset table need
     no optimizer.) tests/test_lm.py checks it against LM(cfg) for both archs."""
     V, T, d, L = cfg["vocab_size"], cfg["seq_len"], cfg["d_model"], cfg["n_layer"]
