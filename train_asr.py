@@ -1164,7 +1164,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, sh
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_cer = time.time(), 0, step, None
     batches_seen = 0
-    peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
+    peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):

@@ -1094,7 +1094,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     if is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, seen, start_step, val_acc = time.time(), 0, step, None
-    peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
+    peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
     eval_bs = 128  # rows per evaluation batch; halved for good after an out-of-memory error
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()

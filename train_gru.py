@@ -692,7 +692,7 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, tr
     if is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
-    peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
+    peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):

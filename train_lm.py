@@ -986,7 +986,7 @@ def train(args, sources, run, cfg, data_dir, meta):
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log = time.time(), step
-    tensor_peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
+    tensor_peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     batch_iter = iter(loader)

@@ -721,7 +721,7 @@ def train(args, sources, run, cfg, data, init):
         record_loop(args, sources, out, model, optimizer, loader, watch, micro_bs=micro_bs, accum=accum)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log, tokens_log = time.time(), step, 0
-    tensor_peak = common.TensorPeak(device, model, optimizer)  # measures one step, for summary.json beside the plan
+    tensor_peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if is_main else None
     model.train()
     batch_iter = iter(loader)
