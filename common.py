@@ -1211,7 +1211,7 @@ class TensorPeak:
     they always do. A step is measured when its batch is the largest yet (size: its padded
     elements), once the optimizer has its state (AdamW makes it in the first step): a handful of
     steps in a whole run, as a new largest comes ever more rarely, and the largest of them is the
-    run's peak. `mb` is the most any of them held.
+    run's peak. `mb` is the most any of them held (None under torchrun on a CPU: not measured).
         peak = TensorPeak(device, model, optimizer)
         with peak.measure(batch["x"].numel()): ...one train_step...
         summary["peak_tensor_mb"] = peak.mb
@@ -1222,7 +1222,10 @@ class TensorPeak:
 
     @contextlib.contextmanager
     def measure(self, size):
-        if not self.optimizer.state or size <= self.largest:
+        # under torchrun on a CPU, not at all: the profiler would silence a rank's errors mid-step,
+        # and the ranks' batches (their slices) differ, so each would measure other steps
+        ddp_cpu = self.device.type == "cpu" and dist.is_available() and dist.is_initialized()
+        if not self.optimizer.state or size <= self.largest or ddp_cpu:
             yield
             return
         self.largest = size

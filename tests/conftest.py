@@ -112,5 +112,7 @@ def torchrun(script, *args, cwd, nproc=2, check=0, timeout=240):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
+    if check is not None and proc.returncode != check:
+        print(out)  # pytest shows a failed test's stdout whole; an assertion message it cuts to 8 lines
     assert check is None or proc.returncode == check, out[-5000:]
     return out
