@@ -1207,8 +1207,8 @@ class TensorPeak:
     + the most the step allocated on top. CUDA: torch.cuda.max_memory_allocated less what was
     allocated at the start (which also holds cuBLAS's workspace, not a tensor). CPU: torch's
     profiler records every allocation and free of the step (profile_memory); their running sum
-    in time order peaks where max_memory_allocated would. The profiler slows that one step (about 2x); the others run as
-    they always do. A step is measured when its batch is the largest yet (size: its padded
+    in time order peaks where max_memory_allocated would. The profiler slows the measured steps;
+    the others run as they always do. A step is measured when its batch is the largest yet (size: its padded
     elements), once the optimizer has its state (AdamW makes it in the first step): a handful of
     steps in a whole run, as a new largest comes ever more rarely, and the largest of them is the
     run's peak. `mb` is the most any of them held (None under torchrun on a CPU: not measured).
@@ -1222,8 +1222,8 @@ class TensorPeak:
 
     @contextlib.contextmanager
     def measure(self, size):
-        # under torchrun on a CPU, not at all: the profiler would silence a rank's errors mid-step,
-        # and the ranks' batches (their slices) differ, so each would measure other steps
+        # under torchrun on a CPU, not at all: quiet_fd2 would also silence what gloo prints from C++
+        # mid-step, and the ranks' batches (their slices) differ, so each would measure other steps
         ddp_cpu = self.device.type == "cpu" and dist.is_available() and dist.is_initialized()
         if not self.optimizer.state or size <= self.largest or ddp_cpu:
             yield
