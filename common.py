@@ -1211,14 +1211,28 @@ class TensorPeak:
     the others run as they always do. A step is measured when its batch is the largest yet (size: its padded
     elements), once the optimizer has its state (AdamW makes it in the first step): a handful of
     steps in a whole run, as a new largest comes ever more rarely, and the largest of them is the
-    run's peak. `mb` is the most any of them held (None under torchrun on a CPU: not measured).
+    run's peak. `mb` is what the largest held (None under torchrun on a CPU: not measured). On a
+    CPU only the largest step's records are kept, and read when `mb` is asked for: reading them
+    costs ~10x the step itself, recording them ~2x.
         peak = TensorPeak(device, model, optimizer)
         with peak.measure(batch["x"].numel()): ...one train_step...
         summary["peak_tensor_mb"] = peak.mb
     Used by every trainer."""
 
     def __init__(self, device, model, optimizer):
-        self.device, self.model, self.optimizer, self.mb, self.largest = device, model, optimizer, None, 0
+        self.device, self.model, self.optimizer, self.largest = device, model, optimizer, 0
+        self.measured = self.records = None  # MB measured so far; (held, profile) of the largest CPU step, unread
+
+    @property
+    def mb(self):
+        if self.records:
+            held, prof = self.records
+            now = peak = 0
+            for e in sorted(prof.function_events, key=lambda e: e.time_range.start):
+                now += e.self_cpu_memory_usage  # + what the op allocated, - what it freed
+                peak = max(peak, now)
+            self.measured, self.records = max(self.measured or 0, round((held + peak) / 2**20, 1)), None
+        return self.measured
 
     @contextlib.contextmanager
     def measure(self, size):
@@ -1239,15 +1253,12 @@ class TensorPeak:
             start = torch.cuda.memory_allocated(self.device)
             yield
             torch.cuda.synchronize(self.device)
-            self.mb = max(self.mb or 0, round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1))
+            self.measured = max(self.measured or 0,
+                                round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1))
             return
         with quiet_fd2(), torch.autograd.profiler.profile(use_kineto=False, profile_memory=True) as prof:
             yield
-        now = peak = 0
-        for e in sorted(prof.function_events, key=lambda e: e.time_range.start):
-            now += e.self_cpu_memory_usage  # + what the op allocated, - what it freed
-            peak = max(peak, now)
-        self.mb = max(self.mb or 0, round((held + peak) / 2**20, 1))
+        self.records = held, prof  # a smaller step's records are dropped unread
 
 
 # -----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parent
 # here gives the same optimizer step the trainer would take on its own. sft is train_sft.py,
 # split from train_lm.py's --task sft, which read the lm section: its section is the lm one.
 EFFECTIVE_BATCH = {"gru": 64, "classifier": 16, "asr": 16, "lm": 32, "sft": 32}
+ASR_MINIMAL_EFFECTIVE_BATCH = 8  # train_asr.py's EFFECTIVE_BATCH["minimal"] (not with --quick)
 
 # The trainers' default --ram-threshold: above it they start freeing caches on every check,
 # so it is also where `optimize` starts telling you to close something.
@@ -206,7 +207,7 @@ def recommend(profile, quick):
         precision = _entry("fp16", "the GPU has no native bf16: fp16 autocast with a GradScaler "
                                    "halves activation memory")
     else:
-        precision = _entry("fp32", "CPU: autocast to bf16 is slower than fp32 on most laptop CPUs")
+        precision = None  # CPU: no entry; each trainer times its own step in fp32 and bf16 (--precision auto)
 
     if cuda:
         n = min(4, cores)
@@ -248,6 +249,9 @@ def recommend(profile, quick):
 
     out = {}
     for name, effective in EFFECTIVE_BATCH.items():
+        quick_effective = effective
+        if name == "asr" and presets["asr"]["value"] == "minimal":
+            effective = ASR_MINIMAL_EFFECTIVE_BATCH
         accum = max(1, math.ceil(effective / bs))
         got = bs * accum
         why = f"{bs} x {accum} = {got} samples per optimizer step"
@@ -255,8 +259,9 @@ def recommend(profile, quick):
                 f" (the trainer's effective batch is {effective}; {bs} does not divide it)" if got > bs else
                 f" (the micro-batch alone exceeds the trainer's effective batch of {effective})")
         t = {"batch_size": batch, "grad_accum": dict(_entry(accum, why),
-                                                      quick_value=max(1, math.ceil(effective / qbs))),
-             "precision": precision}
+                                                      quick_value=max(1, math.ceil(quick_effective / qbs)))}
+        if precision:
+            t["precision"] = precision
         if name != "gru":  # train_gru.py uses no DataLoader, so workers/pin_memory mean nothing to it
             t["workers"] = workers
             t["pin_memory"] = pin

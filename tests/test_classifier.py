@@ -152,7 +152,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp):
     from conftest import metrics, popen
     from conftest import wait_for
     from test_gru import step_reached
-    flags = ["--preset", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1"]
+    flags = ["--preset", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1",
+             "--precision", "fp32"]  # not timed: both runs must take the same precision
     run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
     proc = popen("train_classifier.py", *flags, "--out", "k", cwd=tmp)
     wait_for(lambda: step_reached(tmp / "k" / "status.json", 23), what="step 23")  # mid second epoch

@@ -69,7 +69,7 @@ def step_reached(status_path, n):
         return False
 
 
-@pytest.mark.parametrize("save_every,kill_at", [(5, 10), (5, 35), (30, 12)])  # (30, 12): before any checkpoint
+@pytest.mark.parametrize("save_every,kill_at", [(5, 35), (30, 12)])  # (30, 12): before any checkpoint
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp, save_every, kill_at):
     flags = [*SMALL, "--max-steps", "45", "--save-every", save_every, "--eval-every", "20", "--log-every", "2"]
     run("train_gru.py", *flags, "--out", "ref", cwd=tmp, check=0)
@@ -248,7 +248,7 @@ def test_gru_mn_is_causal():
 
 def test_original_preset_trains_a_step(tmp):
     run("train_gru.py", "--preset", "original", "--dataset-size", "200", "--max-steps", "1",
-            "--batch-size", "4", "--grad-accum", "1", "--grad-checkpointing", "--out", "o", cwd=tmp, check=0)
+            "--batch-size", "4", "--grad-accum", "1", "--grad-checkpointing", "--precision", "fp32", "--out", "o", cwd=tmp, check=0)
     s = read_json(tmp / "o" / "summary.json")
     assert s["params"] > 40_000_000 and s["steps"] == 1
 
