@@ -87,21 +87,6 @@ def metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l]
 
 
-# module-scoped fixtures that train a model once for several tests: pytest-xdist gives each worker
-# its own copy, so their tests are kept on one worker (run.sh: --dist loadgroup); other_runs builds
-# on saved_run
-SHARED_RUNS = {"quick_run": "quick_run", "trained": "trained", "sft_run": "sft_run",
-               "saved_run": "saved_run", "other_runs": "saved_run"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        for name in item.fixturenames:
-            if name in SHARED_RUNS:
-                item.add_marker(pytest.mark.xdist_group(f"{item.nodeid.split('::')[0]}:{SHARED_RUNS[name]}"))
-                break
-
-
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
