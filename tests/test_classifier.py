@@ -346,7 +346,8 @@ def test_validation_out_of_memory_halves_its_batch_and_changes_no_number(tmp):
     import subprocess
     from conftest import REPO, metrics
     (tmp / "oom.py").write_text(OOM_WRAPPER.format(repo=str(REPO)))
-    flags = ["--preset", "small", "--train-size", "120", "--max-steps", "6", "--eval-every", "2", "--log-every", "1"]
+    flags = ["--preset", "small", "--train-size", "120", "--max-steps", "6", "--eval-every", "2", "--log-every", "1",
+             "--precision", "fp32"]  # both runs the same precision, whichever the probe would time faster
     run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
     p = subprocess.run([sys.executable, "oom.py", *flags, "--out", "oom"], cwd=tmp, capture_output=True, text=True,
                        timeout=300, env=dict(__import__("os").environ, CUDA_VISIBLE_DEVICES=""))
