@@ -122,3 +122,31 @@ def test_start_nproc_2_is_one_run_in_status_and_stop_ends_every_rank(tmp):
     assert not any(p.is_running() for p in ranks)
     final = read_json(out / "status.json")
     assert final["state"] == "stopped" and Path(final["last_checkpoint"]).exists()
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+sys.path.insert(0, {repo!r})
+import common
+atexit.register(lambda: print("teardown ran"))
+def main():
+    print("written", end="")  # left in the buffer: run_main must flush it
+    if sys.argv[1] == "mistake":
+        raise common.UserError("--data x.csv: no such file")
+    return 3
+common.run_main(main)
+"""
+
+
+@pytest.mark.parametrize("case", ["ok", "mistake"])
+def test_a_torchrun_rank_exits_with_its_code_and_its_output_but_no_teardown(tmp, case):
+    # common.run_main: under torchrun (WORLD_SIZE > 1) the interpreter's teardown is skipped,
+    # where gloo's worker thread aborted rank 1 (docs/run-contract.md, "Exit")
+    (tmp / "rank.py").write_text(EXIT_SCRIPT.format(repo=str(REPO)))
+    for world, teardown in (("2", False), ("1", True)):
+        p = subprocess.run([sys.executable, "rank.py", case], cwd=tmp, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, WORLD_SIZE=world))
+        assert p.returncode == (3 if case == "ok" else 2), (world, p.returncode, p.stderr)
+        assert p.stdout.startswith("written") and ("teardown ran" in p.stdout) == teardown, (world, p.stdout)
+        if case == "mistake":
+            assert p.stderr == "error: --data x.csv: no such file\n", p.stderr
