@@ -107,7 +107,8 @@ def test_config_writes_every_trainer(tmp_path):
     for name, s in cfg["trainers"].items():
         bs, accum = s["batch_size"]["value"], s["grad_accum"]["value"]
         assert bs == want_bs, name
-        effective = mo.EFFECTIVE_BATCH[name] if (name, s["preset"]["value"]) != ("asr", "minimal") else 8
+        minimal_asr = (name, s["preset"]["value"]) == ("asr", "minimal")
+        effective = mo.ASR_MINIMAL_EFFECTIVE_BATCH if minimal_asr else mo.EFFECTIVE_BATCH[name]
         assert accum == max(1, math.ceil(effective / bs)), name
         # CPU: no entry, so each trainer times fp32 against bf16 on its own step
         assert s["precision"]["value"] in ("bf16", "fp16") if cuda else "precision" not in s
@@ -220,7 +221,9 @@ def test_recommend_cuda_and_small_cpu():
 
 
 def test_effective_batch_covers_every_trainer():
+    import train_asr
     assert set(mo.EFFECTIVE_BATCH) == set(TRAINERS)
+    assert mo.ASR_MINIMAL_EFFECTIVE_BATCH == train_asr.EFFECTIVE_BATCH["minimal"]  # a copy: they must agree
 
 
 # -----------------------------------------------------------------------------
