@@ -1056,7 +1056,7 @@ def build_optimizer(model, args, sources, *, n_train, E, device, log):
     scheduler, plateau, steps_per_epoch, total_steps): plateau is the ReduceLROnPlateau state
     (factor 0.5, patience 3) that train()'s evaluation updates and the checkpoint carries."""
     optimizer = common.make_optimizer(model.parameters(), args, lr=args.lr, weight_decay=1e-6,
-                                      fused=device.type == "cuda")
+                                      fused=common.fused_adamw(device))
     steps_per_epoch = math.ceil(n_train / E)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)

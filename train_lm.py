@@ -826,18 +826,6 @@ def describe(args, cfg, n_params):
             + ("; gradient checkpointing" if args.grad_checkpointing else ""))
 
 
-def fused_adamw(device):
-    """AdamW's fused kernel: one pass over each parameter instead of a dozen elementwise ops.
-    On CUDA as nanoGPT does; on a CPU too since torch 2.4 (measured at bench_lm.py's shape A,
-    4 layers x 128 wide: the optimizer step 3.6 -> 1.0 ms of a ~70 ms step; at shape B, 6 x 384:
-    24 -> 8 ms; docs/lm.md). Older torch has no CPU kernel: the per-tensor loop, as before.
-    Used by make_optimizer."""
-    if device.type == "cuda":
-        return True
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return device.type == "cpu" and (major, minor) >= (2, 4)
-
-
 def make_optimizer(model, args, total_steps, device):
     """AdamW with weight decay on 2-D weights only (not on norms, biases, eigenvalues), and the
     --schedule: (optimizer, scheduler, a line for the log). Shared with train_sft.py.
@@ -852,7 +840,7 @@ def make_optimizer(model, args, total_steps, device):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = common.make_optimizer([{"params": decay, "weight_decay": args.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], args,
-                                      lr=args.lr, betas=(0.9, args.beta2), fused=fused_adamw(device))
+                                      lr=args.lr, betas=(0.9, args.beta2), fused=common.fused_adamw(device))
     if args.schedule == "cosine":
         warmup, floor = max(1, min(args.warmup_steps, total_steps // 10)), 0.1
     else:
