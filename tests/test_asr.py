@@ -540,7 +540,9 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     assert (a["lr"]["value"], a["lr"]["source"]) == (2e-3, "auto")
     assert (a["epochs"]["value"], a["epochs"]["source"]) == (15, "auto")
     assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.5, "auto")
+    assert (a["dropout"]["value"], a["dropout"]["source"]) == (0.0, "auto")
     assert read_json(tmp / "d" / "args.json")["chosen"]["effective_batch"] == 8
+    assert read_json(tmp / "c" / "args.json")["settings"]["dropout"]["value"] == 0.1  # tiny keeps the seed's
 
 
 def test_dashed_spellings_are_the_primary_flags():
@@ -559,7 +561,8 @@ def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
         "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1",  # the seed's spellings: aliases
         "--out", "o", cwd=tmp, check=0)
     a = read_json(tmp / "o" / "args.json")["settings"]
-    assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"]) == (5e-4, 10, 0.3)  # the seed's
+    assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"], a["dropout"]["value"]) == \
+        (5e-4, 10, 0.3, 0.1)  # the seed's
     assert [a[k]["value"] for k in ("d_model", "encoder_layers", "decoder_layers")] == [32, 1, 1]
     assert read_json(tmp / "o" / "args.json")["chosen"]["effective_batch"] == 16  # the seed's
 
