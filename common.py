@@ -982,8 +982,8 @@ def fused_adamw(device):
 
 def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fused=None):
     """torch.optim.AdamW, or AdamW8bit for --optim adamw8bit; params may be parameter groups.
-    fused: AdamW's one-pass kernel (train_lm.py asks where it exists; None: torch's default);
-    AdamW8bit has none.
+    fused: AdamW's one-pass kernel (train_lm.py and train_asr.py pass fused_adamw(device); None:
+    torch's default); AdamW8bit has none.
     Used by every trainer."""
     if args.optim == "adamw8bit":
         return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
