@@ -43,7 +43,7 @@ parser.add_argument("--per-section", type=int, default=400, help="--make-data: r
 parser.add_argument("--data", default=None, metavar="DIR", help="a folder made by --make-data")
 parser.add_argument("--pretrained", default=None, metavar="DIR",
                     help="also fine-tune this BERT folder (LoRA default vs full fine-tuning); auto = the MiniLM package")
-parser.add_argument("--small", action="store_true", help="also train --model small (the transformer from scratch)")
+parser.add_argument("--small", action="store_true", help="also train --preset small (the transformer from scratch)")
 parser.add_argument("--seed", type=int, default=1337, help="--seed for every run (1337, the trainer's default)")
 
 
@@ -182,9 +182,9 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         r = run_ours("fasttext", data, [], args.seed, tmp)
-        rows.append(("**ours, default** (`--model fasttext`)", r))
+        rows.append(("**ours, default** (`--preset fasttext`)", r))
         if args.small:
-            rows.append(("ours, `--model small` (transformer from scratch)", run_ours("small", data, ["--model", "small"],
+            rows.append(("ours, `--preset small` (transformer from scratch)", run_ours("small", data, ["--preset", "small"],
                                                                                       args.seed, tmp)))
         base, n_train, n_val, n_test = baselines(data, args.seed)
         rows += [(f"baseline: {k}", v) for k, v in base.items()]
