@@ -206,6 +206,26 @@ def test_normalisation_and_spec_augment():
     assert 0 < zero_rows <= 60 and 0 < zero_cols <= 27  # one time mask (<= T/5), one frequency mask
 
 
+def test_vtlp_warp_moves_a_tone_up_and_keeps_the_band_edges(tmp):
+    t = torch.arange(16000) / 16000
+    x = torch.sin(2 * math.pi * 1000 * t)
+    peak = {w: int(asr.log_mel(x, asr.mel_filterbank(warp=w))[50].argmax()) for w in (0.9, 1.0, 1.1)}
+    assert peak[0.9] < peak[1.0] < peak[1.1]  # a shorter vocal tract (warp > 1): higher formants
+    assert torch.equal(asr.mel_filterbank(warp=1.0), asr.MEL_FB)
+    for w in (0.9, 1.1):  # 0 Hz and 8 kHz stay where they are, so no band is left empty
+        fb = asr.mel_filterbank(warp=w)
+        assert torch.equal(fb[0], asr.MEL_FB[0]) and torch.equal(fb[-1], asr.MEL_FB[-1])
+
+    # in training each utterance draws its warp from the augmentation generator (resumable)
+    asr.write_wav(tmp / "a.wav", x + 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(1)))
+    items, stoi = [{"path": str(tmp / "a.wav"), "text": "ab"}], {c: i for i, c in enumerate(asr.build_vocab([{"text": "ab"}]))}
+
+    def feats(vtlp, seed=0):
+        return asr.make_batch(items, [0], stoi, torch.Generator().manual_seed(seed), vtlp)["feats"]
+    assert torch.equal(feats(0.1), feats(0.1)) and not torch.equal(feats(0.1), feats(0.1, seed=1))
+    assert not torch.equal(feats(0.1), feats(0.0))
+
+
 # -----------------------------------------------------------------------------
 # model
 
@@ -483,6 +503,7 @@ def bad_manifest(tmp, kind):
     (["--train-manifest", "absent.jsonl"], "absent.jsonl: file not found"),
     (["--val-manifest", "x.jsonl"], "need --train-manifest"),
     (["--ctc-weight", "1.5"], "--ctc-weight 1.5"),
+    (["--vtlp", "0.8"], "--vtlp 0.8: must be between 0 and 0.5"),
     (["--d-model", "90"], "--d-model 90 is not a multiple of --heads 4"),
     (["--subsample", "2"], "invalid choice"),
     (["--transcribe", "nothere.wav", "--out", "r"], "nothere.wav: audio file not found"),
@@ -541,8 +562,11 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     assert (a["epochs"]["value"], a["epochs"]["source"]) == (15, "auto")
     assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.5, "auto")
     assert (a["dropout"]["value"], a["dropout"]["source"]) == (0.0, "auto")
+    assert (a["vtlp"]["value"], a["vtlp"]["source"]) == (0.1, "auto")
+    assert "recipe: lr 0.002 (cosine), 15 epochs, CTC weight 0.5, dropout 0, SpecAugment + VTLP 1 +- 0.1" in p.stdout
     assert read_json(tmp / "d" / "args.json")["chosen"]["effective_batch"] == 8
-    assert read_json(tmp / "c" / "args.json")["settings"]["dropout"]["value"] == 0.1  # tiny keeps the seed's
+    c = read_json(tmp / "c" / "args.json")["settings"]
+    assert (c["dropout"]["value"], c["vtlp"]["value"]) == (0.1, 0.0)  # tiny keeps the seed's
 
 
 def test_dashed_spellings_are_the_primary_flags():
@@ -561,8 +585,8 @@ def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
         "--d_model", "32", "--encoder_layers", "1", "--decoder_layers", "1",  # the seed's spellings: aliases
         "--out", "o", cwd=tmp, check=0)
     a = read_json(tmp / "o" / "args.json")["settings"]
-    assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"], a["dropout"]["value"]) == \
-        (5e-4, 10, 0.3, 0.1)  # the seed's
+    assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"], a["dropout"]["value"],
+            a["vtlp"]["value"]) == (5e-4, 10, 0.3, 0.1, 0.0)  # the seed's
     assert [a[k]["value"] for k in ("d_model", "encoder_layers", "decoder_layers")] == [32, 1, 1]
     assert read_json(tmp / "o" / "args.json")["chosen"]["effective_batch"] == 16  # the seed's
 
@@ -600,6 +624,8 @@ def test_accuracy_benchmark_runs_end_to_end(tmp):
     p = run("benchmarks/bench_asr.py", "--accuracy", paths["train"].parent, "--out", tmp / "b",
             "--ours-flags", "--max-steps 2 --beam 1", cwd=tmp, check=0)
     assert "| train_asr.py minimal (lr 0.002)" in p.stdout and "| BiGRU-CTC 2x256" in p.stdout
+    assert "beam 1, SpecAugment + VTLP 1 +- 0.1; BiGRU: AdamW 1e-3, plateau halving, batch 16, " \
+        "SpecAugment (no VTLP)" in p.stdout
     s = read_json(tmp / "b" / "ours" / "summary.json")
     assert s["steps"] == 2 and s["test_cer"] is not None
     p = run("benchmarks/bench_asr.py", "--accuracy", tmp / "nothing", cwd=tmp, check=2)
