@@ -41,6 +41,12 @@ heard in training. --ours-run RUN reads a finished run folder of that command in
 training ours (then --budget-s, or else its summary's wall time, sets the BiGRU's budget), and
 --bigru-out FILE a BiGRU worker's saved output that ran at least that long (every epoch that
 improved its val CER recorded its test CER, so a long run answers for any shorter budget).
+
+Where a run errs (--errors RUN, a finished train_asr.py run on manifests): its val and test CER
+split by words the model heard 3+ times in training, 1-2 times, or never (decoded again with
+best.pt, beam search as in its report, ~1 min for make_speech_data.py's 225 utterances):
+
+    python benchmarks/bench_asr.py --errors runs/bench-asr-accuracy/ours
 """
 
 import argparse
@@ -106,6 +112,9 @@ parser.add_argument("--budget-s", type=pos_float, default=None, metavar="S",
 parser.add_argument("--bigru-vtlp", type=float, default=0.0, metavar="W",
                     help="--accuracy: the BiGRU's VTLP warp 1 +- W on top of SpecAugment (default 0: the first try; "
                          "ours' minimal default is 0.1)")
+parser.add_argument("--errors", default=None, metavar="RUN",
+                    help="instead of the step table: where a finished train_asr.py run on manifests errs, "
+                         "its val and test CER split by words known, rare and never heard in training")
 parser.add_argument("--bigru-worker", default=None, help="internal: train the BiGRU on this set for --budget-s")
 
 
@@ -364,6 +373,66 @@ def accuracy(args):
     return 0
 
 
+def errors(args):
+    """--errors RUN: decode RUN's val and test manifests with its best.pt (beam search, as its
+    report), align reference and hypothesis words (difflib), charge each aligned span its
+    character edits, and split the CER by the span's reference words: any never in the training
+    transcripts (unseen), else any seen once or twice (rare), else known; spans of inserted
+    words have no reference letters. The total CER is the run's own (test: as its summary); the
+    points add up to that or a little more, as a word alignment is not always the cheapest
+    character alignment."""
+    import collections
+    import difflib
+    import types
+    import torch
+    import train_asr as A
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.errors)
+    if not (run / "args.json").is_file():
+        print(f"error: --errors {run}: no args.json; pass a train_asr.py run folder (--out)", file=sys.stderr)
+        return 2
+    a = json.loads((run / "args.json").read_text())["settings"]
+    paths = {k: a.get(f"{k}_manifest", {}).get("value") for k in ("train", "val", "test")}
+    missing = [f"--{k}-manifest" for k, v in paths.items() if not v or not Path(v).is_file()]
+    if missing:
+        print(f"error: --errors {run}: its {' and '.join(missing)} not found from here (run this where the "
+              f"run was started, with the manifests it trained on)", file=sys.stderr)
+        return 2
+    items = {k: A.read_manifest(v, f"--{k}-manifest")[0] for k, v in paths.items()}
+    seen = collections.Counter(w for it in items["train"] for w in it["text"].split())
+    model, itos, path, step = A.load_run(run, types.SimpleNamespace(resume=None))
+    stoi = {c: i for i, c in enumerate(itos)}
+    decode = types.SimpleNamespace(beam=a["beam"]["value"], decode_ctc_weight=a["decode_ctc_weight"]["value"])
+    rows = []
+    for split in ("val", "test"):
+        t0 = time.time()
+        cer, _, pairs = A.decode_set(model, items[split], stoi, itos, decode, torch.device("cpu"))
+        edits, letters = collections.Counter(), collections.Counter()
+        for ref, hyp in pairs:
+            r, h = ref.split(), hyp.split()
+            for _, i1, i2, j1, j2 in difflib.SequenceMatcher(a=r, b=h, autojunk=False).get_opcodes():
+                counts = [seen[w] for w in r[i1:i2]]
+                kind = "inserted" if not counts else "unseen" if min(counts) == 0 else \
+                    "rare" if min(counts) < 3 else "known"
+                span = " ".join(r[i1:i2])
+                edits[kind] += A.edit_distance(span, " ".join(h[j1:j2]))
+                letters[kind] += len(span)
+        total = sum(len(ref) for ref, _ in pairs)
+        cells = [f"{100 * letters[k] / total:.0f} %, {100 * edits[k] / max(1, letters[k]):.1f} % "
+                 f"({100 * edits[k] / total:.1f} points)" for k in ("known", "rare", "unseen")]
+        rows.append([split, str(len(pairs)), f"{cer:.2f}", *cells, f"{100 * edits['inserted'] / total:.1f}"])
+        print(f"{split}: {len(pairs)} utterances decoded in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"## Where {run} errs: {path.name} (step {step}), beam {decode.beam}, CTC weight "
+          f"{decode.decode_ctc_weight}\n")
+    print(f"command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`  ")
+    print("each cell: share of the split's letters, CER within, and the points of CER it adds; known words "
+          "occur 3+ times in the training transcripts, rare 1-2, a span with an unseen word counts as unseen\n")
+    benchlib.print_table(["split", "utterances", "CER (%)", "known words", "rare words", "spans with an unseen word",
+                          "inserted words (points)"], rows)
+    return 0
+
+
 def precision_accuracy(args):
     """--accuracy DIR --precision compare: train_asr.py --preset minimal on DIR's manifests with
     --precision fp32 and with --precision bf16, alternating (--repeats rounds), each in a fresh run
@@ -466,6 +535,9 @@ def main():
     if args.bigru_worker:
         import common
         common.run_main(lambda: bigru_worker(args))
+    if args.errors:
+        import common
+        return common.run_main(lambda: errors(args))
     if args.accuracy and args.precision in ("fp32", "bf16"):
         parser.error(f"--accuracy with --precision {args.precision}: pass it to ours with --ours-flags "
                      f"\"--precision {args.precision}\" (the BiGRU runs fp32), or --precision compare")

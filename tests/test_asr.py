@@ -628,6 +628,12 @@ def test_accuracy_benchmark_runs_end_to_end(tmp):
         "SpecAugment (no VTLP)" in p.stdout
     s = read_json(tmp / "b" / "ours" / "summary.json")
     assert s["steps"] == 2 and s["test_cer"] is not None
+    # --errors decodes the run again: its test CER is the run's, split by how often a word was heard
+    p = run("benchmarks/bench_asr.py", "--errors", tmp / "b" / "ours", cwd=tmp, check=0)
+    test_row = [l for l in p.stdout.splitlines() if l.startswith("| test ")][0].split("|")
+    assert float(test_row[3]) == pytest.approx(s["test_cer"], abs=0.006) and "spans with an unseen word" in p.stdout
+    p = run("benchmarks/bench_asr.py", "--errors", tmp / "nothing", cwd=tmp, check=2)
+    assert p.stderr.startswith("error: --errors") and len(p.stderr.strip().splitlines()) == 1
     p = run("benchmarks/bench_asr.py", "--accuracy", tmp / "nothing", cwd=tmp, check=2)
     assert p.stderr.startswith("error: --accuracy") and "make_speech_data.py" in p.stderr
 
