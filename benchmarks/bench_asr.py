@@ -109,9 +109,9 @@ parser.add_argument("--bigru-out", default=None, metavar="FILE",
                          "instead of training it: its best epoch by val CER within the budget")
 parser.add_argument("--budget-s", type=pos_float, default=None, metavar="S",
                     help="--accuracy: the BiGRU's CPU seconds (default: the CPU time ours used)")
-parser.add_argument("--bigru-vtlp", type=float, default=0.0, metavar="W",
-                    help="--accuracy: the BiGRU's VTLP warp 1 +- W on top of SpecAugment (default 0: the first try; "
-                         "ours' minimal default is 0.1)")
+parser.add_argument("--bigru-augment", choices=["specaugment", "ours"], default="specaugment",
+                    help="--accuracy: the BiGRU's augmentation: SpecAugment (the first try), or ours (the minimal "
+                         "preset's speed perturbation on top)")
 parser.add_argument("--errors", default=None, metavar="RUN",
                     help="instead of the step table: where a finished train_asr.py run on manifests errs, "
                          "its val and test CER split by words known, rare and never heard in training")
@@ -219,7 +219,8 @@ def bigru_worker(args):
     model = bigru_model(len(itos))
     params = sum(p.numel() for p in model.parameters())
     # what a practitioner reaches for: Adam at 1e-3, halve on a validation plateau, clip 5,
-    # batch 16, the same SpecAugment as ours (VTLP only with --bigru-vtlp)
+    # batch 16, the same SpecAugment as ours (speed perturbation only with --bigru-augment ours)
+    speed = A.SPEED_PERTURB["minimal"] if args.bigru_augment == "ours" else 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
     aug = torch.Generator().manual_seed(1)
@@ -245,7 +246,7 @@ def bigru_worker(args):
         for idxs in A.bucket_batches(train, 16, 0, epoch):
             if time_up():
                 break
-            b = A.make_batch(train, idxs, stoi, aug, args.bigru_vtlp)
+            b = A.make_batch(train, idxs, stoi, aug, speed)
             lp, L = model(b["feats"], b["feat_len"])
             loss = F.ctc_loss(lp.transpose(0, 1), b["chars"], L, b["tgt_len"], blank=A.BLANK,
                               reduction="sum", zero_infinity=True) / b["tgt_len"].sum()
@@ -267,7 +268,7 @@ def bigru_worker(args):
                 history[-1]["test_cer"] = round(cer(test), 3)
     if best[1] is not None:  # no completed epoch: the model as it stands
         model.load_state_dict(best[1])
-    print(json.dumps({"params": params, "vtlp": args.bigru_vtlp, "epochs": epoch, "steps": steps, "history": history,
+    print(json.dumps({"params": params, "augment": A.describe_augment(True, speed), "epochs": epoch, "steps": steps, "history": history,
                       "val_cer": round(best[0], 3) if best[1] is not None else None,
                       "test_cer": round(cer(test), 3), "cpu_s": round(time.process_time(), 1),
                       "wall_s": round(time.time() - t0, 1)}))
@@ -327,7 +328,7 @@ def accuracy(args):
         print(f"training the BiGRU for {budget:.0f} CPU seconds ...", file=sys.stderr, flush=True)
         gru = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--bigru-worker", str(d),
                               "--budget-s", str(budget), "--threads", str(args.threads),
-                              "--bigru-vtlp", str(args.bigru_vtlp)],
+                              "--bigru-augment", args.bigru_augment],
                              stdout=subprocess.PIPE, text=True, env=env)
         (out / "bigru.out").write_text(gru.stdout)  # its JSON line, kept beside ours' run folder
         lines = [l for l in gru.stdout.splitlines() if l.startswith("{")]
@@ -339,9 +340,8 @@ def accuracy(args):
     a = json.loads((run / "args.json").read_text())["settings"]
     wall, others = benchlib.cpu_watch_end(t_start, kids0)
 
-    vtlp = a.get("vtlp", {}).get("value") or 0  # ours' (older runs have none)
-    ours_aug = f"SpecAugment + VTLP 1 +- {vtlp:g}" if vtlp else "SpecAugment"
-    gru_aug = f"SpecAugment + VTLP 1 +- {g['vtlp']:g}" if g.get("vtlp") else "SpecAugment (no VTLP)"
+    import train_asr as A
+    ours_aug = A.describe_augment(a["spec_augment"]["value"], a.get("speed_perturb", {}).get("value"))  # older: none
     shown = " ".join(["train_asr.py --preset minimal"] + [f"--{k}-manifest {Path(args.accuracy) / k}.jsonl"
                                                             for k in ("train", "val", "test")]
                      + ([args.ours_flags] if args.ours_flags else []))
@@ -360,8 +360,8 @@ def accuracy(args):
     n = {k: sum(1 for _ in open(m)) for k, m in zip(("train", "val", "test"), manifests)}
     print(f"workload: {args.accuracy}: {n['train']} train / {n['val']} val / {n['test']} test utterances (test: voices "
           f"never heard in training); one training after the other, {args.threads} thread(s) each; ours: "
-          f"`{shown}`, {s['steps']} steps, beam {a['beam']['value']}, {ours_aug if a['spec_augment']['value'] else 'no augmentation'}; BiGRU: "
-          f"AdamW 1e-3, plateau halving, batch 16, {gru_aug}, stopped at {budget:.0f} CPU s"
+          f"`{shown}`, {s['steps']} steps, beam {a['beam']['value']}, {ours_aug}; BiGRU: "
+          f"AdamW 1e-3, plateau halving, batch 16, {g.get('augment', 'SpecAugment')}, stopped at {budget:.0f} CPU s"
           f"{' (ours used that)' if budget == ours_cpu else ''}, best of its "
           f"epochs by val CER" + (f"; ours read from {args.ours_run}" if args.ours_run else "")
           + (f"; BiGRU read from {args.bigru_out}" if args.bigru_out else "") + "\n")

@@ -206,24 +206,23 @@ def test_normalisation_and_spec_augment():
     assert 0 < zero_rows <= 60 and 0 < zero_cols <= 27  # one time mask (<= T/5), one frequency mask
 
 
-def test_vtlp_warp_moves_a_tone_up_and_keeps_the_band_edges(tmp):
+def test_speed_perturbation_resamples_each_utterance_by_its_own_draw(tmp):
     t = torch.arange(16000) / 16000
-    x = torch.sin(2 * math.pi * 1000 * t)
-    peak = {w: int(asr.log_mel(x, asr.mel_filterbank(warp=w))[50].argmax()) for w in (0.9, 1.0, 1.1)}
-    assert peak[0.9] < peak[1.0] < peak[1.1]  # a shorter vocal tract (warp > 1): higher formants
-    assert torch.equal(asr.mel_filterbank(warp=1.0), asr.MEL_FB)
-    for w in (0.9, 1.1):  # 0 Hz and 8 kHz stay where they are, so no band is left empty
-        fb = asr.mel_filterbank(warp=w)
-        assert torch.equal(fb[0], asr.MEL_FB[0]) and torch.equal(fb[-1], asr.MEL_FB[-1])
-
-    # in training each utterance draws its warp from the augmentation generator (resumable)
-    asr.write_wav(tmp / "a.wav", x + 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(1)))
+    noise = torch.randn(16000, generator=torch.Generator().manual_seed(1))
+    asr.write_wav(tmp / "a.wav", torch.sin(2 * math.pi * 1000 * t) + 0.1 * noise)
     items, stoi = [{"path": str(tmp / "a.wav"), "text": "ab"}], {c: i for i, c in enumerate(asr.build_vocab([{"text": "ab"}]))}
 
-    def feats(vtlp, seed=0):
-        return asr.make_batch(items, [0], stoi, torch.Generator().manual_seed(seed), vtlp)["feats"]
-    assert torch.equal(feats(0.1), feats(0.1)) and not torch.equal(feats(0.1), feats(0.1, seed=1))
-    assert not torch.equal(feats(0.1), feats(0.0))
+    def feats(speed, seed):
+        return asr.make_batch(items, [0], stoi, torch.Generator().manual_seed(seed), speed)["feats"][0]
+    assert torch.equal(feats(0.2, 0), feats(0.2, 0))  # the draw comes from the (checkpointed) generator
+    for seed in range(4):
+        # the utterance's first draw is its speed: played `rate` times as fast, 1 s (101 frames) lasts 1 / rate s
+        rate = 1 + 0.2 * (2 * float(torch.rand((), generator=torch.Generator().manual_seed(seed))) - 1)
+        assert abs(len(feats(0.2, seed)) - (1 + 16000 / rate // 160)) <= 1, (seed, rate)
+    assert len(feats(0.0, 0)) == 101
+    # SpecAugment then masks the resampled features: at speed 0 exactly what it masks without speed
+    assert torch.equal(feats(0.0, 3), asr.spec_augment(asr.normalize(asr.log_mel(asr.read_wav(tmp / "a.wav"))),
+                                                       torch.Generator().manual_seed(3)))
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +502,7 @@ def bad_manifest(tmp, kind):
     (["--train-manifest", "absent.jsonl"], "absent.jsonl: file not found"),
     (["--val-manifest", "x.jsonl"], "need --train-manifest"),
     (["--ctc-weight", "1.5"], "--ctc-weight 1.5"),
-    (["--vtlp", "0.8"], "--vtlp 0.8: must be between 0 and 0.5"),
+    (["--speed-perturb", "-0.1"], "--speed-perturb -0.1: must be between 0 and 0.3"),
     (["--d-model", "90"], "--d-model 90 is not a multiple of --heads 4"),
     (["--subsample", "2"], "invalid choice"),
     (["--transcribe", "nothere.wav", "--out", "r"], "nothere.wav: audio file not found"),
@@ -562,11 +561,11 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     assert (a["epochs"]["value"], a["epochs"]["source"]) == (15, "auto")
     assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.5, "auto")
     assert (a["dropout"]["value"], a["dropout"]["source"]) == (0.0, "auto")
-    assert (a["vtlp"]["value"], a["vtlp"]["source"]) == (0.1, "auto")
-    assert "recipe: lr 0.002 (cosine), 15 epochs, CTC weight 0.5, dropout 0, SpecAugment + VTLP 1 +- 0.1" in p.stdout
+    assert (a["speed_perturb"]["value"], a["speed_perturb"]["source"]) == (0.1, "auto")
+    assert "recipe: lr 0.002 (cosine), 15 epochs, CTC weight 0.5, dropout 0, speed 1 +- 0.1, SpecAugment" in p.stdout
     assert read_json(tmp / "d" / "args.json")["chosen"]["effective_batch"] == 8
     c = read_json(tmp / "c" / "args.json")["settings"]
-    assert (c["dropout"]["value"], c["vtlp"]["value"]) == (0.1, 0.0)  # tiny keeps the seed's
+    assert (c["dropout"]["value"], c["speed_perturb"]["value"]) == (0.1, 0.0)  # tiny keeps the seed's
 
 
 def test_dashed_spellings_are_the_primary_flags():
@@ -586,7 +585,7 @@ def test_the_seeds_lr_and_epochs_stay_reachable(tmp):
         "--out", "o", cwd=tmp, check=0)
     a = read_json(tmp / "o" / "args.json")["settings"]
     assert (a["lr"]["value"], a["epochs"]["value"], a["ctc_weight"]["value"], a["dropout"]["value"],
-            a["vtlp"]["value"]) == (5e-4, 10, 0.3, 0.1, 0.0)  # the seed's
+            a["speed_perturb"]["value"]) == (5e-4, 10, 0.3, 0.1, 0.0)  # the seed's
     assert [a[k]["value"] for k in ("d_model", "encoder_layers", "decoder_layers")] == [32, 1, 1]
     assert read_json(tmp / "o" / "args.json")["chosen"]["effective_batch"] == 16  # the seed's
 
@@ -624,8 +623,8 @@ def test_accuracy_benchmark_runs_end_to_end(tmp):
     p = run("benchmarks/bench_asr.py", "--accuracy", paths["train"].parent, "--out", tmp / "b",
             "--ours-flags", "--max-steps 2 --beam 1", cwd=tmp, check=0)
     assert "| train_asr.py minimal (lr 0.002)" in p.stdout and "| BiGRU-CTC 2x256" in p.stdout
-    assert "beam 1, SpecAugment + VTLP 1 +- 0.1; BiGRU: AdamW 1e-3, plateau halving, batch 16, " \
-        "SpecAugment (no VTLP)" in p.stdout
+    assert "beam 1, speed 1 +- 0.1, SpecAugment; BiGRU: AdamW 1e-3, plateau halving, batch 16, " \
+        "SpecAugment, stopped" in p.stdout
     s = read_json(tmp / "b" / "ours" / "summary.json")
     assert s["steps"] == 2 and s["test_cer"] is not None
     # --errors decodes the run again: its test CER is the run's, split by how often a word was heard
