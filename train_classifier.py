@@ -1202,7 +1202,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     test_and_export(model, args, out=out, log=log, status=status, splits=splits, rows=rows, labels=labels,
                     extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, eval_bs=eval_bs,
                     run=dict(
-                        best_val_accuracy=round(best, 4), steps=step, epochs=epoch, world_size=world, global_batch=G,
+                        best_val_accuracy=round(best, 4), steps=step, epochs=epoch, effective_batch=E,
+                        world_size=world, global_batch=G,
                         **common.memory_figures(plan, peak, optimizer, args),
                         samples_per_s=round(
                             (samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1)),

@@ -839,7 +839,8 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
                          samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
-                         precision=args.precision, global_batch=global_batch, pairs_trained=samples,
+                         precision=args.precision, effective_batch=global_batch // run.world, global_batch=global_batch,
+                         pairs_trained=samples,
                          world_size=run.world, **memory)
     plot = common.plot_progress(out, "val_loss")
     log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "

@@ -80,6 +80,7 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     assert s["metric"] == "test_accuracy" and s["value"] >= 0.90, s["value"]
     assert_plan_near_peak(s)
     assert "model: fasttext from scratch" in p.stdout
+    assert s["effective_batch"] == read_json(out / "args.json")["chosen"]["effective_batch"] == 16
     assert s["macro_f1"] >= 0.85 and 0 < s["mean_confidence"] <= 1
     assert sum(map(sum, s["confusion_matrix"])) == sum(c["support"] for c in s["per_class"].values())
     assert read_json(out / "status.json")["state"] == "finished"

@@ -48,6 +48,7 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     for key in ("tokens_per_s", "mfu", "params", "peak_mem_mb", "wall_s", "steps", "global_batch"):
         assert key in s
     assert s["steps"] == 120 and s["arch"] == "gpt" and s["seq_len"] == 64 and s["global_batch"] == 32
+    assert s["effective_batch"] == read_json(out / "args.json")["chosen"]["effective_batch"] == 32
     assert "built-in corpus: Python's documentation topics" in p.stdout
     assert (d / "data" / "pydoc" / "meta.json").exists()
     # presets are printed with their parameter counts
@@ -285,7 +286,7 @@ def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
     s = read_json(tmp / "two" / "summary.json")
-    assert s["world_size"] == 2 and s["global_batch"] == 16
+    assert s["world_size"] == 2 and s["global_batch"] == 16 and s["effective_batch"] == 8  # per rank
     assert read_json(tmp / "two" / "args.json")["chosen"]["micro_batch"] == 4
     # resuming with another number of processes is refused; with the same number it continues
     p = run("train_lm.py", *common, "--batch-size", "4", "--max-steps", "8", "--out", "two", cwd=tmp, check=2)

@@ -50,6 +50,7 @@ def test_quick_sft_learns_commands(sft_run):
     assert_plan_near_peak(s)
     # measured: 14.6 % exact (7 of 48 test pairs), val loss 0.26; untrained: 0 % and ln(265) = 5.6
     assert s["task"] == "sft" and s["test_pairs"] == 48
+    assert s["effective_batch"] == read_json(out / "args.json")["chosen"]["effective_batch"] == 8  # --quick's
     assert s["command_exact"] >= 0.08 and s["command_substring"] >= s["command_exact"], s
     vals = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
     assert len(vals) == 2 and vals[-1] < 0.5 and vals[0] < 1.5, vals  # nats per answer token
