@@ -919,8 +919,8 @@ def main(argv=None):
     if args.preset is None:
         args.preset, sources["preset"] = ("tiny" if args.quick else "optimized"), "auto"
     if args.speed_perturb is None:
-        # the seed has none. Minimal on make_speech_data.py's set, seeds 1337 and 1: test (unseen
-        # voices, beam) 12.5 / 12.6 % vs 14.6 / 15.1 % without, val level (docs/real-data.md)
+        # the seed has none. Minimal on make_speech_data.py's set, seeds 1337, 1, 2: test (unseen
+        # voices, beam) 12.5 / 12.6 / 12.4 % vs 14.6 / 15.1 / 14.1 % without, val level (docs/real-data.md)
         args.speed_perturb, sources["speed_perturb"] = SPEED_PERTURB.get(args.preset, 0.0), "auto"
     if args.dropout is None:
         # seed: 0.1. The minimal model underfits make_speech_data.py's set, and on a CPU a fifth of
