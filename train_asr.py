@@ -916,8 +916,13 @@ def main(argv=None):
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
     if args.speed_perturb is not None and not 0 <= args.speed_perturb <= 0.3:
         raise UserError(f"--speed-perturb {args.speed_perturb}: must be between 0 and 0.3 (0.1 plays at 0.9-1.1x)")
+    if args.speed_perturb and not args.spec_augment:
+        raise UserError(f"--speed-perturb {args.speed_perturb} needs --spec-augment (both draw from the augmentation "
+                        "generator); drop --no-spec-augment, or --speed-perturb")
     if args.preset is None:
         args.preset, sources["preset"] = ("tiny" if args.quick else "optimized"), "auto"
+    if args.speed_perturb is None and not args.spec_augment:  # no augmentation at all
+        args.speed_perturb, sources["speed_perturb"] = 0.0, "auto"
     if args.speed_perturb is None:
         # the seed has none. Minimal on make_speech_data.py's set, seeds 1337, 1, 2: test (unseen
         # voices, beam) 12.5 / 12.6 / 12.4 % vs 14.6 / 15.1 / 14.1 % without, val level (docs/real-data.md)

@@ -1068,7 +1068,8 @@ def report(args, run, model, validate, cfg, *, best, step, start_step, wall, tra
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
                          world_size=run.world, device=device.type, precision=args.precision,
-                         effective_batch=global_batch // run.world, global_batch=global_batch, tokens_trained=samples * args.seq_len, **memory)
+                         effective_batch=global_batch // run.world, global_batch=global_batch,
+                         tokens_trained=samples * args.seq_len, **memory)
     plot = common.plot_progress(out, "val_bpb")
     log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
         f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "

@@ -268,7 +268,8 @@ def bigru_worker(args):
                 history[-1]["test_cer"] = round(cer(test), 3)
     if best[1] is not None:  # no completed epoch: the model as it stands
         model.load_state_dict(best[1])
-    print(json.dumps({"params": params, "augment": A.describe_augment(True, speed), "epochs": epoch, "steps": steps, "history": history,
+    print(json.dumps({"params": params, "augment": A.describe_augment(True, speed), "epochs": epoch, "steps": steps,
+                      "history": history,
                       "val_cer": round(best[0], 3) if best[1] is not None else None,
                       "test_cer": round(cer(test), 3), "cpu_s": round(time.process_time(), 1),
                       "wall_s": round(time.time() - t0, 1)}))

@@ -210,7 +210,8 @@ def test_speed_perturbation_resamples_each_utterance_by_its_own_draw(tmp):
     t = torch.arange(16000) / 16000
     noise = torch.randn(16000, generator=torch.Generator().manual_seed(1))
     asr.write_wav(tmp / "a.wav", torch.sin(2 * math.pi * 1000 * t) + 0.1 * noise)
-    items, stoi = [{"path": str(tmp / "a.wav"), "text": "ab"}], {c: i for i, c in enumerate(asr.build_vocab([{"text": "ab"}]))}
+    items = [{"path": str(tmp / "a.wav"), "text": "ab"}]
+    stoi = {c: i for i, c in enumerate(asr.build_vocab(items))}
 
     def feats(speed, seed):
         return asr.make_batch(items, [0], stoi, torch.Generator().manual_seed(seed), speed)["feats"][0]
@@ -503,6 +504,7 @@ def bad_manifest(tmp, kind):
     (["--val-manifest", "x.jsonl"], "need --train-manifest"),
     (["--ctc-weight", "1.5"], "--ctc-weight 1.5"),
     (["--speed-perturb", "-0.1"], "--speed-perturb -0.1: must be between 0 and 0.3"),
+    (["--speed-perturb", "0.1", "--no-spec-augment"], "--speed-perturb 0.1 needs --spec-augment"),
     (["--d-model", "90"], "--d-model 90 is not a multiple of --heads 4"),
     (["--subsample", "2"], "invalid choice"),
     (["--transcribe", "nothere.wav", "--out", "r"], "nothere.wav: audio file not found"),
