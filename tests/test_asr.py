@@ -607,6 +607,20 @@ def test_speech_set_text_and_voices():
     train = make_speech_data.TRAIN_VOICES
     for accent, variant in make_speech_data.TEST_VOICES:  # unseen voice = unseen accent and variant
         assert accent not in {a for a, _ in train} and variant not in {v for _, v in train}
+    # the default set: no clause twice, so no test sentence was heard in training
+    rows = make_speech_data.assign(pool, np.random.default_rng(0))
+    assert [s for s, _, _ in rows] == [s for s, n in make_speech_data.SPLITS.items() for _ in range(n)]
+    assert len({c for _, c, _ in rows}) == len(rows)
+    # --heard-text: every val/test clause is a training clause, said by a voice that did not say it there
+    rows = make_speech_data.assign(pool, np.random.default_rng(0), heard_text=True)
+    said = {(c, v) for s, c, v in rows if s == "train"}
+    assert len(said) == sum(1 for s, _, _ in rows if s == "train") == make_speech_data.SPLITS["train"]
+    for split in ("val", "test"):
+        held = [(c, v) for s, c, v in rows if s == split]
+        assert len(held) == make_speech_data.SPLITS[split] and len({c for c, _ in held}) == len(held)
+        assert all(c in {c for c, _ in said} and (c, v) not in said for c, v in held)
+    assert {v for s, _, v in rows if s == "val"} == set(train)
+    assert {v for s, _, v in rows if s == "test"} == set(make_speech_data.TEST_VOICES)
 
 
 def test_bigru_baseline_size_and_padding():
