@@ -561,10 +561,10 @@ def test_demo_config_keeps_the_tiny_model_for_quick(tmp):
     a = read_json(tmp / "d" / "args.json")["settings"]
     assert (a["lr"]["value"], a["lr"]["source"]) == (2e-3, "auto")
     assert (a["epochs"]["value"], a["epochs"]["source"]) == (15, "auto")
-    assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.5, "auto")
+    assert (a["ctc_weight"]["value"], a["ctc_weight"]["source"]) == (0.7, "auto")
     assert (a["dropout"]["value"], a["dropout"]["source"]) == (0.0, "auto")
     assert (a["speed_perturb"]["value"], a["speed_perturb"]["source"]) == (0.1, "auto")
-    assert "recipe: lr 0.002 (cosine), 15 epochs, CTC weight 0.5, dropout 0, speed 1 +- 0.1, SpecAugment" in p.stdout
+    assert "recipe: lr 0.002 (cosine), 15 epochs, CTC weight 0.7, dropout 0, speed 1 +- 0.1, SpecAugment" in p.stdout
     assert read_json(tmp / "d" / "args.json")["chosen"]["effective_batch"] == 8
     c = read_json(tmp / "c" / "args.json")["settings"]
     assert (c["dropout"]["value"], c["speed_perturb"]["value"]) == (0.1, 0.0)  # tiny keeps the seed's
