@@ -55,6 +55,61 @@ def test_distilbert_shape_with_the_seed_lora_has_891656_trainable():
 
 # -- data ------------------------------------------------------------------------------------------
 
+# -- fasttext and the TF-IDF regression beside it -------------------------------------------------
+
+def test_tfidf_weights_give_the_unit_tf_idf_vector():
+    # the regression reads sum over positions of w[pos] * onehot(id[pos]); that must be the
+    # row's tf * idf vector scaled to unit length, repeated n-grams included
+    torch.manual_seed(0)
+    lin = tcl.TfidfRegression(12, 3)
+    lin.idf.copy_(torch.rand(12) * 3 + 1)
+    ids = torch.tensor([[3, 5, 3, 7, 3, 0, 0], [1, 1, 2, 0, 0, 0, 0]])
+    mask = ids != 0
+    w = lin.tfidf(ids, mask)
+    for row in range(2):
+        got = torch.zeros(12).index_add_(0, ids[row], w[row])
+        want = torch.bincount(ids[row][mask[row]], minlength=12).float() * lin.idf
+        torch.testing.assert_close(got, want / want.norm())
+
+
+def test_fit_linear_reaches_the_penalised_optimum_and_the_ensemble_averages_probabilities():
+    train, val, _ = tcl.generate_items(300, seed=2)
+    tok = tcl.NgramTokenizer(tcl.build_ngram_vocab([t for t, _ in train], 200_000, 64))
+    data = tcl.encode_splits(tok, (train, val, val), tcl.CATEGORIES, 64)
+    model = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, linear=True)
+    logs = []
+    tcl.fit_linear(model.linear, data["train"], 30.0, logs.append)
+    lin, d = model.linear, data["train"]
+    assert "fitted by L-BFGS" in logs[0] and not lin.weight.requires_grad
+    # the optimum of the convex objective: its gradient is ~0 where it started at 2e2
+    W = lin.weight.detach().clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(
+        torch.nn.functional.embedding_bag(d["ids"][d["mask"]], W, torch.cat([torch.zeros(1, dtype=torch.long),
+                                          d["mask"].sum(1).cumsum(0)[:-1]]),
+                                          per_sample_weights=lin.tfidf(d["ids"], d["mask"])[d["mask"]], mode="sum")
+        + lin.bias, d["y"], reduction="sum") + (W ** 2).sum() / 60
+    loss.backward()
+    assert W.grad.abs().max() < 1e-3, W.grad.abs().max()
+    v = data["val"]
+    with torch.no_grad():
+        assert (lin(v["ids"], v["mask"]).argmax(-1) == v["y"]).float().mean() >= 0.9  # learns: chance is 1/8
+        model.eval()
+        both = model(v["ids"], v["mask"]).exp()
+        model.linear = None
+        alone = model(v["ids"], v["mask"]).softmax(-1)
+        torch.testing.assert_close(both, (alone + lin(v["ids"], v["mask"]).softmax(-1)) / 2)
+
+
+def test_linear_c_0_trains_fasttext_alone(tmp):
+    p = run("train_classifier.py", "--quick", "--linear-c", "0", "--out", "f", cwd=tmp, check=0)
+    assert "TF-IDF" not in p.stdout and "every weight trains" in p.stdout
+    weights = torch.load(tmp / "f" / "model.pt", weights_only=True)["model"]
+    assert not any(k.startswith("linear.") for k in weights) and "embeddings.weight" in weights
+    assert read_json(tmp / "f" / "summary.json")["value"] >= 0.9
+    p = run("train_classifier.py", "--predict", "UBER *TRIP 12.50", "--out", "f", cwd=tmp, check=0)
+    assert "Transportation" in p.stdout
+
+
 def test_builtin_items_share_no_text_between_splits_and_cover_every_label():
     train, val, test = tcl.generate_items(840, seed=0)
     assert len(train) == 840 and 170 <= len(val) <= 190 and 170 <= len(test) <= 190
@@ -84,7 +139,9 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     assert s["macro_f1"] >= 0.85 and 0 < s["mean_confidence"] <= 1
     assert sum(map(sum, s["confusion_matrix"])) == sum(c["support"] for c in s["per_class"].values())
     assert read_json(out / "status.json")["state"] == "finished"
-    assert "CPU cores:" in p.stdout and "CUDA available:" in p.stdout and "every weight trains" in p.stdout
+    assert "CPU cores:" in p.stdout and "CUDA available:" in p.stdout
+    assert "TF-IDF logistic regression beside fasttext (C 30): fitted by L-BFGS" in p.stdout
+    assert "the rest, the TF-IDF regression, was fitted above" in p.stdout
     assert len(list((out / "checkpoints").glob("ckpt_step*.pt"))) <= 2 and (out / "checkpoints" / "best.pt").exists()
     pytest.importorskip("matplotlib")
     for png in ("category_distribution", "training_progress", "confusion_matrix", "summary_card"):
@@ -182,6 +239,8 @@ BAD = {
      "--test-data: label(s) C never occur in the training data"),
     (["--lora"], "--lora wraps transformer layers; fasttext has none"),
     (["--pooling", "mean"], "--pooling chooses what a transformer's head reads"),
+    (["--linear-c", "-1"], "--linear-c -1: must be 0 (off) or positive"),
+    (["--preset", "small", "--linear-c", "10"], "--linear-c sets the regression beside fasttext"),
     (["--lora-targets", "q,x"], "--lora-targets q,x"),
     (["--pretrained", "nowhere"], "--pretrained nowhere: no config.json"),
     (["--predict", "uber"], "--predict/--predict-file need --out"),
@@ -257,7 +316,8 @@ def test_real_data_benchmark_baselines_learn_on_the_builtin_items(tmp):
     for name, rows in (("train.csv", train), ("test.csv", val + test)):
         with open(tmp / name, "w", newline="") as f:
             csv.writer(f).writerows([("text", "label"), *rows])
-    results, n_train, n_val, n_test = bench.baselines(tmp, 1337)
+    results, n_train, n_val, n_test = bench.baselines(bench.read_rows(tmp / "train.csv", "--data"),
+                                                      bench.read_rows(tmp / "test.csv", "--data"), 1337)
     assert (n_train + n_val, n_test) == (len(train), len(val) + len(test))
     assert len(results) == 3 and all(r["acc"] >= 0.8 for r in results.values()), results
 
