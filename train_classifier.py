@@ -13,10 +13,11 @@ words, word bigrams and character n-grams, then a linear layer; beside it, a TF-
 regression on the same n-grams, fitted by L-BFGS before training, and the two models'
 probabilities averaged (--linear-c 0: fasttext alone). On a few thousand real rows this beats a
 transformer trained from scratch (`--preset small`, or the DistilBERT/BERT shapes) by ~13
-points, fasttext alone by 0.3 and matches the best linear baseline (docs/real-data.md). With --pretrained DIR (a local Hugging Face
-folder: config.json, vocab.txt, model.safetensors or pytorch_model.bin) the encoder is frozen
-and only LoRA adapters and the head train, as in the seed (DistilBERT, r 16, alpha 32 on q and
-v: 891,656 trainable parameters), on the mean over tokens, at lr 1e-3 for 4 epochs (measured).
+points, fasttext alone by 0.3 and matches the best linear baseline (docs/real-data.md). With
+--pretrained DIR (a local Hugging Face folder: config.json, vocab.txt, model.safetensors or
+pytorch_model.bin) the encoder is frozen and only LoRA adapters and the head train, as in the
+seed (DistilBERT, r 16, alpha 32 on q and v: 891,656 trainable parameters), on the mean over
+tokens, at lr 1e-3 for 4 epochs (measured).
 Re-running the same command resumes from the newest checkpoint in --out."""
 
 import contextlib
@@ -348,11 +349,11 @@ class Encoder(nn.Module):
 class FastText(nn.Module):
     """The mean of an item's n-gram embeddings, then one linear layer (fastText's supervised
     model). An item with no known n-gram averages nothing and gets the bias alone. With
-    linear=True a logistic regression on the same n-grams sits beside it (fitted before
+    linear=C (> 0) a logistic regression on the same n-grams sits beside it (fitted before
     training, then frozen: fit_linear); in eval mode the output is then the log of the two
     models' averaged probabilities, their ensemble."""
 
-    def __init__(self, vocab_size, n_labels, dim, kind="fasttext", linear=False):
+    def __init__(self, vocab_size, n_labels, dim, kind="fasttext", linear=0.0):
         super().__init__()
         self.embeddings = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.classifier = nn.Linear(dim, n_labels)
@@ -381,11 +382,15 @@ class TfidfRegression(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(vocab_size, n_labels), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n_labels), requires_grad=False)
-        self.register_buffer("idf", torch.ones(vocab_size))  # fit_linear sets it; saved with the weights
+        # fit_linear sets it; a frozen parameter, not a buffer, so that DDP does not re-send it every step
+        self.idf = nn.Parameter(torch.ones(vocab_size), requires_grad=False)
 
     def tfidf(self, ids, mask):  # (B, T) -> (B, T): each position's share of the unit vector
         w = self.idf[ids] * mask  # an n-gram seen tf times in the row adds tf * idf over its positions
-        tf = ((ids.unsqueeze(2) == ids.unsqueeze(1)) & mask.unsqueeze(1)).sum(-1)  # (B, T)
+        s, order = ids.sort(1)  # tf: equal ids are neighbours once sorted; count each run
+        run = torch.cat([torch.zeros_like(s[:, :1]), (s[:, 1:] != s[:, :-1]).long()], 1).cumsum(1)  # (B, T)
+        tf = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s)).gather(1, run)  # (B, T), sorted order
+        tf = torch.empty_like(tf).scatter_(1, order, tf)  # back to the row's order
         return w / (tf * w * w).sum(1, keepdim=True).sqrt().clamp(min=1e-12)  # |v|^2 = sum of (tf idf)^2
 
     def forward(self, ids, mask, weights=None):  # -> logits (B, labels), in fp32
@@ -402,12 +407,12 @@ def fit_linear(linear, data, C, log):
     measured 0.5-0.9 points less). Deterministic; a resumed run loads it from the checkpoint.
     data: the pre-tokenized training split. Called by train() before the loop."""
     t0 = time.time()
-    ids, mask, y = data["ids"], data["mask"], data["y"]
+    ids, mask, y = (data[k].to(linear.weight.device) for k in ("ids", "mask", "y"))
     s = ids.sort(1).values  # df: in how many rows each n-gram occurs (the first of each run of equal ids)
     first = torch.cat([torch.ones_like(s[:, :1], dtype=torch.bool), s[:, 1:] != s[:, :-1]], 1) & (s != 0)
     df = torch.bincount(s[first], minlength=len(linear.idf)).float()
     linear.idf.copy_(((1 + len(y)) / (1 + df)).log() + 1)
-    w = torch.cat([linear.tfidf(ids[i:i + 256], mask[i:i + 256]) for i in range(0, len(y), 256)])  # (N, T)
+    w = linear.tfidf(ids, mask)  # (N, T), fixed while fitting
     params = [linear.weight, linear.bias]
     for p in params:
         p.requires_grad_(True)
@@ -911,9 +916,9 @@ def main(argv=None):
         args.epochs = (1 if args.quick else PRETRAINED_EPOCHS) if args.pretrained else \
             (FASTTEXT_EPOCHS // 2 if args.quick else FASTTEXT_EPOCHS) if fasttext else (3 if args.quick else 5)
         sources["epochs"] = "auto"
-    if args.linear_c < 0:
-        raise UserError(f"--linear-c {args.linear_c:g}: must be 0 (off) or positive")
-    if not fasttext and sources["linear_c"] != "default":
+    if not (math.isfinite(args.linear_c) and args.linear_c >= 0):
+        raise UserError(f"--linear-c {args.linear_c:g}: must be 0 (off) or a positive number")
+    if not fasttext and args.linear_c and sources["linear_c"] != "default":
         raise UserError("--linear-c sets the regression beside fasttext; this run trains a transformer (drop it)")
     if fasttext and args.pooling:
         raise UserError("--pooling chooses what a transformer's head reads; fasttext always averages (drop it)")
@@ -973,7 +978,11 @@ def main(argv=None):
         itos = state["extra"]["itos"] if state else \
             build_ngram_vocab([t for t, _ in train_rows], args.vocab_size, args.max_len)
         tok = NgramTokenizer(itos)
-        shape = dict(PRESETS["fasttext"], vocab_size=len(itos), linear=args.linear_c > 0)
+        if state and sources["linear_c"] == "default":  # a resumed run keeps its regression (older runs: none)
+            args.linear_c, sources["linear_c"] = state["extra"]["shape"].get("linear", 0.0), "checkpoint"
+        shape = dict(PRESETS["fasttext"], vocab_size=len(itos))
+        if args.linear_c:  # no key without it: the shape of runs from before the regression
+            shape["linear"] = args.linear_c
         model = FastText(n_labels=len(labels), **shape)
         model_desc = f"fasttext from scratch, {len(itos):,} word / bigram / character n-grams from the training data"
     else:
@@ -1071,7 +1080,8 @@ def log_setup(log, args, *, device, prec_why, micro_bs, accum, world, bs_why, da
     log(f"model: {model_desc}")
     log(f"trainable parameters: {n_trainable:,} of {n_params:,} ({100 * n_trainable / n_params:.2f}%)"
         + (f"; LoRA r {args.lora_r}, alpha {args.lora_alpha:g} on {','.join(lora_targets)}" if lora_targets else
-           "; every weight trains" if n_trainable == n_params else "; the rest, the TF-IDF regression, was fitted above"))
+           "; every weight trains" if n_trainable == n_params else
+           "; the rest is the TF-IDF regression beside fasttext, fitted before training"))
 
 
 def build_optimizer(model, args, sources, *, n_train, E, log):
@@ -1096,8 +1106,6 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     is_main = rank == 0
     splits = encode_splits(tok, rows, labels, args.max_len)
     n_train = len(rows[0])
-    if getattr(model, "linear", None) is not None and not state:
-        fit_linear(model.linear, splits["train"], args.linear_c, log)
     model.to(device)
     if args.grad_checkpointing:
         model.grad_checkpointing = True
@@ -1135,13 +1143,20 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
                               worst="the longest training row")
     if args.plan:
         return common.plan_only(out, status, log)
+    if getattr(model, "linear", None) is not None and not state:  # a resumed run has it in the checkpoint
+        fit_linear(model.linear, splits["train"], args.linear_c, log)
 
-    step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = 0, 0, 0, -1.0, 0, [0.0, 0], -1.0
+    # best: [validation accuracy, -validation loss] of the best evaluation: a tie in accuracy goes to the
+    # lower loss (else a run whose first epoch is already perfect stops there, barely trained)
+    step, epoch, pos, bad_epochs, ep_loss = 0, 0, 0, 0, [0.0, 0]
+    best = best_at_epoch_start = [-1.0, -math.inf]
     wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
                                                                               scheduler, scaler)
     if state:
         step, epoch, pos, best, bad_epochs, ep_loss, best_at_epoch_start = (
             state[k] for k in ("step", "epoch", "pos", "best", "bad_epochs", "ep_loss", "best_at_epoch_start"))
+        if not isinstance(best, list):  # a checkpoint from before ties were broken by the loss
+            best, best_at_epoch_start = [best, -math.inf], [best_at_epoch_start, -math.inf]
         log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
     if is_main:
         common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
@@ -1224,8 +1239,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
                 val_acc = common.all_ranks(int((probs.argmax(-1) == v["y"]).sum()), "sum", device, world) / n_val
                 val_loss = common.all_ranks(F.nll_loss(probs.clamp(min=1e-12).log(), v["y"], reduction="sum").item(),
                                             "sum", device, world) / n_val
-                is_best = val_acc > best
-                best = max(best, val_acc)
+                is_best = [val_acc, -val_loss] > best
+                best = max(best, [val_acc, -val_loss])
                 rec = {"step": step, "epoch": epoch + 1, "val_acc": round(val_acc, 4), "val_loss": round(val_loss, 5)}
                 if end_of_epoch:
                     rec["train_loss"] = round(ep_loss[0] / max(1, ep_loss[1]), 5)
@@ -1277,7 +1292,8 @@ def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, mo
     test_and_export(model, args, out=out, log=log, status=status, splits=splits, rows=rows, labels=labels,
                     extra=extra, lora_targets=lora_targets, device=device, amp_dtype=amp_dtype, eval_bs=eval_bs,
                     run=dict(
-                        best_val_accuracy=round(best, 4), steps=step, epochs=epoch, effective_batch=E,
+                        best_val_accuracy=round(best[0], 4), steps=step, epochs=epoch, effective_batch=E,
+                        linear_c=shape.get("linear", 0.0) if shape.get("kind") == "fasttext" else None,
                         world_size=world, global_batch=G,
                         **common.memory_figures(plan, peak, optimizer, args),
                         samples_per_s=round(

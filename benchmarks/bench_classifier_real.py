@@ -4,7 +4,7 @@ their archive section (admin, games, graphics, net, science, sound, text, web).
 
     python benchmarks/bench_classifier_real.py --make-data data/debian   # 2,560 train + 640 test rows, seconds
     python benchmarks/bench_classifier_real.py --data data/debian        # defaults vs baselines, ~1 min
-    python benchmarks/bench_classifier_real.py --data data/debian --resplits 20   # the same, paired over 20 splits, ~20 min
+    python benchmarks/bench_classifier_real.py --data data/debian --resplits 20   # paired over 20 splits, ~20 min
     python benchmarks/bench_classifier_real.py --data data/debian --pretrained auto   # + MiniLM LoRA vs full FT, ~+10 min
     python benchmarks/bench_classifier_real.py --data data/debian --small # + the small transformer, ~+5 min
 
@@ -49,7 +49,7 @@ parser.add_argument("--pretrained", default=None, metavar="DIR",
                     help="also fine-tune this BERT folder (LoRA default vs full fine-tuning); auto = the MiniLM package")
 parser.add_argument("--small", action="store_true", help="also train --preset small (the transformer from scratch)")
 parser.add_argument("--seed", type=int, default=1337, help="--seed for every run (1337, the trainer's default)")
-parser.add_argument("--resplits", type=int, default=0, metavar="N",
+parser.add_argument("--resplits", type=int, default=0, metavar="N",  # 0: the one split train.csv / test.csv
                     help="instead: the default vs the baselines on N fresh 80/20 splits of train.csv + test.csv, "
                          "paired (~1 min a split)")
 
@@ -95,7 +95,8 @@ def run_ours(name, data, flags, seed, tmp):
     lr = json.loads((out / "args.json").read_text())["settings"]["lr"]["value"]
     print(f"[{name}] test accuracy {s['value']:.3f} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return {"acc": s["value"], "wall": time.perf_counter() - t0, "train_s": s["wall_s"],
-            "how": f"{s['epochs']} epochs, lr {lr:g}"}
+            "how": f"{s['epochs']} epochs, lr {lr:g}"
+            + (f", regression C {s['linear_c']:g}" if s.get("linear_c") else "")}
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +147,8 @@ def baselines(train, test, seed):
                 offsets.append(len(ids))
                 ids += c
                 cnt += c.values()
-            X[name] = (torch.tensor(ids, dtype=torch.long), torch.tensor(offsets), torch.tensor(cnt, dtype=torch.float64))
+            X[name] = (torch.tensor(ids, dtype=torch.long), torch.tensor(offsets),
+                       torch.tensor(cnt, dtype=torch.float64))
         return X, len(vocab)
 
     def dot(X, W):  # (rows, features) sparse x (features, labels) -> (rows, labels)
@@ -177,12 +179,14 @@ def baselines(train, test, seed):
     for name, featurize in (("words + bigrams", bigrams), ("words + bigrams + char 2-5-grams", chars)):
         t0 = time.perf_counter()
         X, V = counts(featurize)
-        df = torch.zeros(V, dtype=torch.float64).index_add_(0, X["train"][0], torch.ones(len(X["train"][0]), dtype=torch.float64))
+        ids = X["train"][0]
+        df = torch.zeros(V, dtype=torch.float64).index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
         idf = ((1 + len(train)) / (1 + df)).log() + 1
         T = {}
         for n, (ids, offsets, cnt) in X.items():
             w = cnt * idf[ids]
-            row = torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, append=torch.tensor([len(ids)])))
+            row = torch.repeat_interleave(torch.arange(len(offsets)),  # each entry's row
+                                          torch.diff(offsets, append=torch.tensor([len(ids)])))
             norm = torch.zeros(len(offsets), dtype=torch.float64).index_add_(0, row, w * w).sqrt().clamp(min=1e-12)
             T[n] = (ids, offsets, (w / norm[row]).float())
         best = None
@@ -193,7 +197,8 @@ def baselines(train, test, seed):
 
             def closure():
                 opt.zero_grad()
-                loss = F.cross_entropy(dot(T["train"], W) + bias, y["train"], reduction="sum") + (W ** 2).sum() / (2 * C)
+                loss = F.cross_entropy(dot(T["train"], W) + bias, y["train"], reduction="sum") \
+                    + (W ** 2).sum() / (2 * C)
                 loss.backward()
                 return loss
             opt.step(closure)
@@ -221,7 +226,9 @@ def resplits(data, n, tmp):
         train, a, b = tc.stratified_split(pool, 100 + r, 0.8)
         folder = Path(tmp) / f"split{r}"
         write_csvs(folder, train, a + b)
-        rows = {"ours, default": run_ours(f"fasttext{r}", folder, [], r, tmp)}
+        rows = {"ours, default": run_ours(f"fasttext{r}", folder, [], r, tmp),
+                "ours, `--linear-c 0` (fasttext alone, the old default)": run_ours(
+                    f"alone{r}", folder, ["--linear-c", "0"], r, tmp)}
         rows.update(baselines(train, a + b, r)[0])
         for name, res in rows.items():
             accs.setdefault(name, []).append(res)
@@ -244,6 +251,8 @@ def main():
     args = parser.parse_args()
     if args.make_data:
         return make_data(Path(args.make_data), args.per_section)
+    if args.resplits < 0 or (args.resplits and (args.small or args.pretrained)):
+        parser.error("--resplits N: N >= 1, and without --small / --pretrained (it compares the from-scratch default)")
     if not args.data:
         parser.error("give --data DIR (made by --make-data DIR) or --make-data DIR")
     data = Path(args.data)

@@ -76,7 +76,7 @@ def test_fit_linear_reaches_the_penalised_optimum_and_the_ensemble_averages_prob
     train, val, _ = tcl.generate_items(300, seed=2)
     tok = tcl.NgramTokenizer(tcl.build_ngram_vocab([t for t, _ in train], 200_000, 64))
     data = tcl.encode_splits(tok, (train, val, val), tcl.CATEGORIES, 64)
-    model = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, linear=True)
+    model = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, linear=30.0)
     logs = []
     tcl.fit_linear(model.linear, data["train"], 30.0, logs.append)
     lin, d = model.linear, data["train"]
@@ -98,6 +98,16 @@ def test_fit_linear_reaches_the_penalised_optimum_and_the_ensemble_averages_prob
         model.linear = None
         alone = model(v["ids"], v["mask"]).softmax(-1)
         torch.testing.assert_close(both, (alone + lin(v["ids"], v["mask"]).softmax(-1)) / 2)
+
+
+def test_a_run_without_the_regression_resumes_as_it_was_and_other_c_is_refused(tmp):
+    # --linear-c 0 saves the shape runs from before the regression had (no "linear" key)
+    run("train_classifier.py", "--quick", "--linear-c", "0", "--max-steps", "4", "--out", "r", cwd=tmp, check=0)
+    p = run("train_classifier.py", "--quick", "--max-steps", "8", "--out", "r", cwd=tmp, check=0)  # default flags
+    assert "resumed from" in p.stdout and "TF-IDF" not in p.stdout
+    assert read_json(tmp / "r" / "args.json")["settings"]["linear_c"] == {"value": 0.0, "source": "checkpoint"}
+    p = call("train_classifier.py", "--quick", "--max-steps", "12", "--linear-c", "10", "--out", "r", cwd=tmp)
+    assert p.returncode == 2 and "was trained with other model shape" in p.stdout + p.stderr
 
 
 def test_linear_c_0_trains_fasttext_alone(tmp):
@@ -141,7 +151,11 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     assert read_json(out / "status.json")["state"] == "finished"
     assert "CPU cores:" in p.stdout and "CUDA available:" in p.stdout
     assert "TF-IDF logistic regression beside fasttext (C 30): fitted by L-BFGS" in p.stdout
-    assert "the rest, the TF-IDF regression, was fitted above" in p.stdout
+    assert "the rest is the TF-IDF regression beside fasttext, fitted before training" in p.stdout
+    # the regression alone is already perfect on the built-in val rows at epoch 1: the tie in
+    # accuracy goes to the lower val loss, so the run trains on (it stopped after 4 of 5 epochs,
+    # keeping epoch 1's barely trained fasttext, before ties were broken)
+    assert s["epochs"] == tcl.FASTTEXT_EPOCHS // 2 and s["best_val_accuracy"] == 1.0 and s["linear_c"] == 30
     assert len(list((out / "checkpoints").glob("ckpt_step*.pt"))) <= 2 and (out / "checkpoints" / "best.pt").exists()
     pytest.importorskip("matplotlib")
     for png in ("category_distribution", "training_progress", "confusion_matrix", "summary_card"):
@@ -239,7 +253,8 @@ BAD = {
      "--test-data: label(s) C never occur in the training data"),
     (["--lora"], "--lora wraps transformer layers; fasttext has none"),
     (["--pooling", "mean"], "--pooling chooses what a transformer's head reads"),
-    (["--linear-c", "-1"], "--linear-c -1: must be 0 (off) or positive"),
+    (["--linear-c", "-1"], "--linear-c -1: must be 0 (off) or a positive number"),
+    (["--linear-c", "nan"], "--linear-c nan: must be 0 (off) or a positive number"),
     (["--preset", "small", "--linear-c", "10"], "--linear-c sets the regression beside fasttext"),
     (["--lora-targets", "q,x"], "--lora-targets q,x"),
     (["--pretrained", "nowhere"], "--pretrained nowhere: no config.json"),
