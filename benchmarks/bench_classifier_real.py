@@ -227,7 +227,7 @@ def resplits(data, n, tmp):
         folder = Path(tmp) / f"split{r}"
         write_csvs(folder, train, a + b)
         rows = {"ours, default": run_ours(f"fasttext{r}", folder, [], r, tmp),
-                "ours, `--linear-c 0` (fasttext alone, the old default)": run_ours(
+                "ours with `--linear-c 0` (fasttext alone, the old default)": run_ours(
                     f"alone{r}", folder, ["--linear-c", "0"], r, tmp)}
         rows.update(baselines(train, a + b, r)[0])
         for name, res in rows.items():
