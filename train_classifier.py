@@ -372,6 +372,15 @@ class FastText(nn.Module):
         return ((logits.float().softmax(-1) + self.linear(ids, mask).softmax(-1)) / 2).log()
 
 
+def term_counts(ids):
+    """(B, T) -> (B, T): how often each position's id occurs in its row (tf). Equal ids are
+    neighbours once sorted: count each run, then put the counts back in the row's order."""
+    s, order = ids.sort(1)
+    run = torch.cat([torch.zeros_like(s[:, :1]), (s[:, 1:] != s[:, :-1]).long()], 1).cumsum(1)  # (B, T)
+    tf = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s)).gather(1, run)  # sorted order
+    return torch.empty_like(tf).scatter_(1, order, tf)
+
+
 class TfidfRegression(nn.Module):
     """Multinomial logistic regression on an item's TF-IDF vector of n-grams, the linear
     baseline a practitioner tries first (scikit-learn's TfidfVectorizer + LogisticRegression):
@@ -387,11 +396,7 @@ class TfidfRegression(nn.Module):
 
     def tfidf(self, ids, mask):  # (B, T) -> (B, T): each position's share of the unit vector
         w = self.idf[ids] * mask  # an n-gram seen tf times in the row adds tf * idf over its positions
-        s, order = ids.sort(1)  # tf: equal ids are neighbours once sorted; count each run
-        run = torch.cat([torch.zeros_like(s[:, :1]), (s[:, 1:] != s[:, :-1]).long()], 1).cumsum(1)  # (B, T)
-        tf = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s)).gather(1, run)  # (B, T), sorted order
-        tf = torch.empty_like(tf).scatter_(1, order, tf)  # back to the row's order
-        return w / (tf * w * w).sum(1, keepdim=True).sqrt().clamp(min=1e-12)  # |v|^2 = sum of (tf idf)^2
+        return w / (term_counts(ids) * w * w).sum(1, keepdim=True).sqrt().clamp(min=1e-12)  # |v|^2 = sum (tf idf)^2
 
     def forward(self, ids, mask, weights=None):  # -> logits (B, labels), in fp32
         w = self.tfidf(ids, mask) if weights is None else weights
@@ -408,9 +413,8 @@ def fit_linear(linear, data, C, log):
     data: the pre-tokenized training split. Called by train() before the loop."""
     t0 = time.time()
     ids, mask, y = (data[k].to(linear.weight.device) for k in ("ids", "mask", "y"))
-    s = ids.sort(1).values  # df: in how many rows each n-gram occurs (the first of each run of equal ids)
-    first = torch.cat([torch.ones_like(s[:, :1], dtype=torch.bool), s[:, 1:] != s[:, :-1]], 1) & (s != 0)
-    df = torch.bincount(s[first], minlength=len(linear.idf)).float()
+    # df: in how many rows each n-gram occurs; each of its tf positions in a row adds 1 / tf
+    df = torch.bincount(ids[mask], (1 / term_counts(ids))[mask].double(), minlength=len(linear.idf)).round().float()
     linear.idf.copy_(((1 + len(y)) / (1 + df)).log() + 1)
     w = linear.tfidf(ids, mask)  # (N, T), fixed while fitting
     params = [linear.weight, linear.bias]

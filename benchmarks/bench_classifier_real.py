@@ -151,6 +151,9 @@ def baselines(train, test, seed):
                        torch.tensor(cnt, dtype=torch.float64))
         return X, len(vocab)
 
+    def row_of(ids, offsets):  # the row each sparse entry belongs to
+        return torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, append=torch.tensor([len(ids)])))
+
     def dot(X, W):  # (rows, features) sparse x (features, labels) -> (rows, labels)
         return F.embedding_bag(X[0], W, X[1], mode="sum", per_sample_weights=X[2].to(W.dtype))
 
@@ -162,10 +165,9 @@ def baselines(train, test, seed):
     t0 = time.perf_counter()
     X, V = counts(words)
     prior = torch.bincount(y["train"], minlength=len(labels)).double().log()
-    per_label = torch.zeros(V, len(labels), dtype=torch.float64)
-    for i in range(len(train)):  # the label's count of every word
-        lo, hi = X["train"][1][i], (X["train"][1][i + 1] if i + 1 < len(train) else len(X["train"][0]))
-        per_label[X["train"][0][lo:hi], y["train"][i]] += X["train"][2][lo:hi]
+    ids, offsets, cnt = X["train"]  # per_label: each word's count in each label's rows
+    per_label = torch.zeros(V, len(labels), dtype=torch.float64).index_put_(
+        (ids, y["train"][row_of(ids, offsets)]), cnt, accumulate=True)
     best = None
     for alpha in (0.03, 0.1, 0.3, 1.0):
         logp = ((per_label + alpha) / (per_label + alpha).sum(0, keepdim=True)).log()
@@ -185,8 +187,7 @@ def baselines(train, test, seed):
         T = {}
         for n, (ids, offsets, cnt) in X.items():
             w = cnt * idf[ids]
-            row = torch.repeat_interleave(torch.arange(len(offsets)),  # each entry's row
-                                          torch.diff(offsets, append=torch.tensor([len(ids)])))
+            row = row_of(ids, offsets)
             norm = torch.zeros(len(offsets), dtype=torch.float64).index_add_(0, row, w * w).sqrt().clamp(min=1e-12)
             T[n] = (ids, offsets, (w / norm[row]).float())
         best = None
