@@ -114,7 +114,8 @@ parser.add_argument("--bigru-augment", choices=["specaugment", "ours"], default=
                          "preset's speed perturbation on top)")
 parser.add_argument("--errors", default=None, metavar="RUN",
                     help="instead of the step table: where a finished train_asr.py run on manifests errs, "
-                         "its val and test CER split by words known, rare and never heard in training")
+                         "its val and test CER split by words known, rare and never heard in training (and "
+                         "test_known_accents.jsonl's, where make_speech_data.py left one beside the test manifest)")
 parser.add_argument("--bigru-worker", default=None, help="internal: train the BiGRU on this set for --budget-s")
 
 
@@ -213,6 +214,8 @@ def bigru_worker(args):
     t0 = time.time()
     d = Path(args.bigru_worker)
     train, val, test = (A.read_manifest(d / f"{s}.jsonl", s)[0] for s in ("train", "val", "test"))
+    known = d / "test_known_accents.jsonl"  # make_speech_data.py's second test split, where present
+    known = A.read_manifest(known, known.name)[0] if known.is_file() else None
     itos = A.build_vocab(train)
     stoi = {c: i for i, c in enumerate(itos)}
     torch.manual_seed(0)
@@ -266,6 +269,8 @@ def bigru_worker(args):
                 best = (v, copy.deepcopy(model.state_dict()))
                 # the test CER a smaller budget would have reported (selected by val, not test)
                 history[-1]["test_cer"] = round(cer(test), 3)
+                if known:
+                    history[-1]["test_known_accents_cer"] = round(cer(known), 3)
     if best[1] is not None:  # no completed epoch: the model as it stands
         model.load_state_dict(best[1])
     print(json.dumps({"params": params, "augment": A.describe_augment(True, speed), "epochs": epoch, "steps": steps,
@@ -375,8 +380,9 @@ def accuracy(args):
 
 
 def errors(args):
-    """--errors RUN: decode RUN's val and test manifests with its best.pt (beam search, as its
-    report), align reference and hypothesis words (difflib), charge each aligned span its
+    """--errors RUN: decode RUN's val and test manifests (and make_speech_data.py's
+    test_known_accents.jsonl where it sits beside the test manifest) with its best.pt (beam
+    search, as its report), align reference and hypothesis words (difflib), charge each aligned span its
     character edits, and split the CER by the span's reference words: any never in the training
     transcripts (unseen), else any seen once or twice (rare), else known; spans of inserted
     words have no reference letters. The total CER is the run's own (test: as its summary); the
@@ -400,15 +406,19 @@ def errors(args):
         print(f"error: --errors {run}: its {' and '.join(missing)} not found from here (run this where the "
               f"run was started, with the manifests it trained on)", file=sys.stderr)
         return 2
+    known_accents = Path(paths["test"]).parent / "test_known_accents.jsonl"  # make_speech_data.py's
+    if known_accents.is_file():
+        paths["test_known_accents"] = known_accents
     items = {k: A.read_manifest(v, f"--{k}-manifest")[0] for k, v in paths.items()}
     seen = collections.Counter(w for it in items["train"] for w in it["text"].split())
     model, itos, path, step = A.load_run(run, types.SimpleNamespace(resume=None))
     stoi = {c: i for i, c in enumerate(itos)}
     decode = types.SimpleNamespace(beam=a["beam"]["value"], decode_ctc_weight=a["decode_ctc_weight"]["value"])
     rows = []
-    for split in ("val", "test"):
+    for split in [k for k in items if k != "train"]:
         t0 = time.time()
         cer, _, pairs = A.decode_set(model, items[split], stoi, itos, decode, torch.device("cpu"))
+        greedy = A.evaluate(model, items[split], stoi, itos, a["ctc_weight"]["value"], torch.device("cpu"), None, 8)[1]
         edits, letters = collections.Counter(), collections.Counter()
         for ref, hyp in pairs:
             r, h = ref.split(), hyp.split()
@@ -422,14 +432,15 @@ def errors(args):
         total = sum(len(ref) for ref, _ in pairs)
         cells = [f"{100 * letters[k] / total:.0f} %, {100 * edits[k] / max(1, letters[k]):.1f} % "
                  f"({100 * edits[k] / total:.1f} points)" for k in ("known", "rare", "unseen")]
-        rows.append([split, str(len(pairs)), f"{cer:.2f}", *cells, f"{100 * edits['inserted'] / total:.1f}"])
+        rows.append([split, str(len(pairs)), f"{cer:.2f}", f"{greedy:.2f}", *cells,
+                     f"{100 * edits['inserted'] / total:.1f}"])
         print(f"{split}: {len(pairs)} utterances decoded in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     print(f"## Where {run} errs: {path.name} (step {step}), beam {decode.beam}, CTC weight "
           f"{decode.decode_ctc_weight}\n")
     print(f"command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`  ")
     print("each cell: share of the split's letters, CER within, and the points of CER it adds; known words "
           "occur 3+ times in the training transcripts, rare 1-2, a span with an unseen word counts as unseen\n")
-    benchlib.print_table(["split", "utterances", "CER (%)", "known words", "rare words", "spans with an unseen word",
+    benchlib.print_table(["split", "utterances", "CER (%)", "greedy CTC CER (%)", "known words", "rare words", "spans with an unseen word",
                           "inserted words (points)"], rows)
     return 0
 

@@ -607,10 +607,19 @@ def test_speech_set_text_and_voices():
     train = make_speech_data.TRAIN_VOICES
     for accent, variant in make_speech_data.TEST_VOICES:  # unseen voice = unseen accent and variant
         assert accent not in {a for a, _ in train} and variant not in {v for _, v in train}
+        assert make_speech_data.KNOWN_ACCENT[accent] in {a for a, _ in train}  # test_known_accents.jsonl
     # the default set: no clause twice, so no test sentence was heard in training
     rows = make_speech_data.assign(pool, np.random.default_rng(0))
     assert [s for s, _, _ in rows] == [s for s, n in make_speech_data.SPLITS.items() for _ in range(n)]
     assert len({c for _, c, _ in rows}) == len(rows)
+    # --train-clauses: more training clauses after the default set's, which stays as it was
+    more = make_speech_data.assign(pool, np.random.default_rng(0), train_clauses=1300)
+    assert more[:len(rows)] == rows and [s for s, _, _ in more[len(rows):]] == ["train"] * 100
+    assert len({c for _, c, _ in more}) == len(more)
+    docs = make_speech_data.clauses(docstrings=True)  # past the manual's: the stdlib's docstrings, none twice
+    assert len(docs) > 1000 and not set(docs) & set(pool) and all(re.fullmatch(r"[a-z][a-z' ]+[a-z]", c) for c in docs)
+    most = make_speech_data.assign(pool, np.random.default_rng(0), train_clauses=len(pool) + 100, more=docs)
+    assert most[:len(rows)] == rows and len({c for _, c, _ in most}) == len(most)
     # --heard-text: every val/test clause is a training clause, said by a voice that did not say it there
     rows = make_speech_data.assign(pool, np.random.default_rng(0), heard_text=True)
     said = {(c, v) for s, c, v in rows if s == "train"}
@@ -643,10 +652,14 @@ def test_accuracy_benchmark_runs_end_to_end(tmp):
         "SpecAugment, stopped" in p.stdout
     s = read_json(tmp / "b" / "ours" / "summary.json")
     assert s["steps"] == 2 and s["test_cer"] is not None
-    # --errors decodes the run again: its test CER is the run's, split by how often a word was heard
+    # --errors decodes the run again: its test CER (beam and greedy) is the run's, split by how
+    # often a word was heard; a test_known_accents.jsonl beside the test manifest is one more row
+    (paths["test"].parent / "test_known_accents.jsonl").write_text(paths["test"].read_text())
     p = run("benchmarks/bench_asr.py", "--errors", tmp / "b" / "ours", cwd=tmp, check=0)
-    test_row = [l for l in p.stdout.splitlines() if l.startswith("| test ")][0].split("|")
+    test_row, known_row = ([l for l in p.stdout.splitlines() if l.startswith(f"| {split} ")][0].split("|")
+                           for split in ("test", "test_known_accents"))
     assert float(test_row[3]) == pytest.approx(s["test_cer"], abs=0.006) and "spans with an unseen word" in p.stdout
+    assert float(test_row[4]) == pytest.approx(s["test_cer_greedy_ctc"], abs=0.006) and known_row[3:] == test_row[3:]
     p = run("benchmarks/bench_asr.py", "--errors", tmp / "nothing", cwd=tmp, check=2)
     assert p.stderr.startswith("error: --errors") and len(p.stderr.strip().splitlines()) == 1
     p = run("benchmarks/bench_asr.py", "--accuracy", tmp / "nothing", cwd=tmp, check=2)
