@@ -21,7 +21,9 @@ Splits (every clause is used once, so no test sentence was heard in training eit
 
 --train-clauses N speaks N training clauses instead of 1,200 (more speech and more words; val,
 test and the first 1,200 stay byte for byte the same): the manual's 1,214 unused clauses first,
-then clauses of the standard library's module docstrings (up to 8,961 in all with Python 3.11).
+then clauses of the standard library's module docstrings (up to 8,961 in all with Python 3.11;
+which files the stdlib folder holds differs between builds of one Python, Debian's has three
+more, so past 2,414 the same bytes need the same build).
 
 --heard-text builds the easier set that issue 13's ASR figures look like (1.8 % CER): 300 clauses,
 each spoken by 4 of the 8 training voices (train), and val / test speak 100 / 125 of those same
@@ -30,8 +32,8 @@ are still unseen; the sentences are not.
 
 The manifests are JSONL in train_asr.py's format (audio_filepath relative to the manifest,
 text, duration, speaker). The set is deterministic: the same Python (whose manual is the text),
-espeak-ng and --seed give byte-identical WAVs; the script prints a digest of the manifests to
-compare. Needs espeak-ng and sox (`apt-get install -y espeak-ng sox`); without them it says so.
+espeak-ng and --seed give byte-identical WAVs; the script prints a digest of train, val and
+test.jsonl to compare. Needs espeak-ng and sox (`apt-get install -y espeak-ng sox`); without them it says so.
 """
 
 import argparse
@@ -62,7 +64,7 @@ SPLITS = {"train": 1200, "val": 100, "test": 125}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
-parser.add_argument("out", help="folder for wav/ and the three manifests (created)")
+parser.add_argument("out", help="folder for wav/ and the manifests (created)")
 parser.add_argument("--seed", type=int, default=0, help="which clauses go where, and each utterance's speed/pitch")
 parser.add_argument("--jobs", type=int, default=2, help="espeak-ng processes at once")
 parser.add_argument("--train-clauses", type=int, default=SPLITS["train"],
@@ -83,7 +85,7 @@ def clauses(docstrings=False):
         texts = [ast.get_docstring(node) or "" for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
                  for node in ast.walk(ast.parse(path.read_bytes()))
                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-    out = set()
+    out = set()  # (joined by spaces: ~45 docstring clauses run from one docstring into the next)
     for piece in re.split(r"[.!?;:,()\n\"]+", " ".join(texts)):
         piece = " ".join(piece.split())
         # letters, spaces and apostrophes only: digits and symbols would be read out in ways
