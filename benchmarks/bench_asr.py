@@ -439,8 +439,8 @@ def errors(args):
     print(f"command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`  ")
     print("each cell: share of the split's letters, CER within, and the points of CER it adds; known words "
           "occur 3+ times in the training transcripts, rare 1-2, a span with an unseen word counts as unseen\n")
-    benchlib.print_table(["split", "utterances", "CER (%)", "greedy CTC CER (%)", "known words", "rare words", "spans with an unseen word",
-                          "inserted words (points)"], rows)
+    benchlib.print_table(["split", "utterances", "CER (%)", "greedy CTC CER (%)", "known words", "rare words",
+                          "spans with an unseen word", "inserted words (points)"], rows)
     return 0
 
 

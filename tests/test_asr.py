@@ -645,6 +645,9 @@ def test_bigru_baseline_size_and_padding():
 
 def test_accuracy_benchmark_runs_end_to_end(tmp):
     paths = asr.synthetic_set(tmp / "data", 40, 0, log=lambda *a: None)  # the same three manifests
+    # and make_speech_data.py's second test split beside them (here a copy of test): the BiGRU
+    # worker and --errors read it too
+    (paths["test"].parent / "test_known_accents.jsonl").write_text(paths["test"].read_text())
     p = run("benchmarks/bench_asr.py", "--accuracy", paths["train"].parent, "--out", tmp / "b",
             "--ours-flags", "--max-steps 2 --beam 1", cwd=tmp, check=0)
     assert "| train_asr.py minimal (lr 0.002)" in p.stdout and "| BiGRU-CTC 2x256" in p.stdout
@@ -653,8 +656,7 @@ def test_accuracy_benchmark_runs_end_to_end(tmp):
     s = read_json(tmp / "b" / "ours" / "summary.json")
     assert s["steps"] == 2 and s["test_cer"] is not None
     # --errors decodes the run again: its test CER (beam and greedy) is the run's, split by how
-    # often a word was heard; a test_known_accents.jsonl beside the test manifest is one more row
-    (paths["test"].parent / "test_known_accents.jsonl").write_text(paths["test"].read_text())
+    # often a word was heard; test_known_accents.jsonl is one more row
     p = run("benchmarks/bench_asr.py", "--errors", tmp / "b" / "ours", cwd=tmp, check=0)
     test_row, known_row = ([l for l in p.stdout.splitlines() if l.startswith(f"| {split} ")][0].split("|")
                            for split in ("test", "test_known_accents"))
