@@ -1,34 +1,29 @@
-"""common.py -- the pieces every lean-train trainer shares.
+"""common.py -- the small core every lean-train trainer shares.
 
 Plain functions with explicit arguments: no Trainer class, no callbacks, no hidden globals.
-A trainer keeps its own outer loop (epochs, eval, log and save cadence) and calls in here for
-what is easy to get wrong:
+A trainer keeps its own loop (epochs, eval, log and save cadence) and calls in here for what
+is easy to get wrong:
 
     flags ............ make_parser, resolve_settings (defaults < optimal_config.json < flags)
-    device/precision . setup_device
+    device/precision . setup_device, measure_precision
     the step ......... train_step (autocast, exact accumulation, unscale, clip, step, OOM retry)
-    batch size ....... choose_batch_size (RAM/GPU table, then a real forward+backward probe)
-    memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory, keep_heap_small
-    checkpoints ...... training_state, save_checkpoint (atomic + rotation), find_checkpoint (resume,
-                       fallback), restore_training_state
-    run folder ....... open_run, start_run, recording_failures, update_status, append_metrics,
-                       write_summary, plot_progress, progress_bar
+    fit the machine .. fit_batch (RAM/GPU table, a real forward+backward probe), memory_plan
+    memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory
+    checkpoints ...... training_state, save_checkpoint (atomic, checksum, rotation), find_checkpoint
+    run folder ....... open_run, start_run, update_status, log_step, append_metrics, write_summary
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
-Each function says who uses it; "every trainer" means train_gru.py, train_classifier.py,
-train_asr.py, train_lm.py and train_sft.py. Starting, watching and stopping background runs is
-memory_optimizer.py's (start|status|monitor|stop), which the launchers run.sh and
-start_training.bat call.
+Capability that only some runs use has a module of its own, imported only under its flag:
+download.py (a data flag given as an http(s) URL, --sha256), adamw8bit.py (--optim adamw8bit),
+measure_peak.py (--measure-peak on a CPU), ddp.py (under torchrun).
 """
 import argparse
 import contextlib
 import copy
-import csv
 import datetime
 import errno
-import hashlib
-import http.client
 import gc
+import hashlib
 import json
 import math
 import os
@@ -39,30 +34,26 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
-import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent
 TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
             "asr": "train_asr.py", "lm": "train_lm.py", "sft": "train_sft.py"}
 CKPT_GLOB = "ckpt_step*.pt"
+RECORD_EXTS = (".csv", ".tsv", ".jsonl", ".json")  # records.py's readers; .json: JSON lines (NeMo's manifests)
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad flag, bad file). Printed as one line, exit code 2.
-    Used by every trainer and memory_optimizer.py."""
+    """A mistake the user can fix (bad flag, bad file). Printed as one line, exit code 2."""
 
 
 def run_main(main):
-    """User mistakes (UserError) exit 2 with one line.
-    Used by every trainer's `if __name__ == "__main__"` and memory_optimizer.py."""
+    """User mistakes (UserError) exit 2 with one line."""
     try:
         code = main()
     except UserError as e:
@@ -72,12 +63,8 @@ def run_main(main):
         sys.stderr.close()
         sys.exit(0)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun rank leaves without the interpreter's teardown: DDP keeps the gloo process
-        # group alive past destroy_process_group, and its worker thread, letting go of the last
-        # all_reduce's tensor during teardown, cannot take the GIL and aborts the process
-        # ("terminate called without an active exception"): rank 1 in 7 of 30 runs with both
-        # cores busy, 0 of 20 this way. Everything is written by now (each file is closed
-        # after each write); only the output buffers are left to flush.
+        # a torchrun rank skips the interpreter's teardown, where gloo's worker thread aborted it
+        # ("terminate called without an active exception", 7 in 30 runs); every file is closed
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code or 0)
@@ -89,9 +76,7 @@ def run_main(main):
 
 class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the docstring's layout and show every flag's default in --help (unless the help
-    text already speaks of its default, or there is none worth showing).
-    Used by make_parser; train_lm.py and train_sft.py (their subcommand parsers),
-    memory_optimizer.py."""
+    text already speaks of its default, or there is none worth showing)."""
 
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.default in (None, False):
@@ -100,9 +85,7 @@ class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors.
-    Used by make_parser; train_lm.py and train_sft.py (their subcommand parsers),
-    memory_optimizer.py."""
+    """argparse with one-line errors."""
     def error(self, message):  # one line, exit 2 (argparse would also print the whole usage)
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -111,9 +94,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                 log_every=10, keep=3):
     """Every trainer's parser starts here, so the same flag means the same thing everywhere.
 
-    Trainer-specific defaults come in as arguments; trainers add their own flags afterwards.
-    Used by every trainer.
-    """
+    Trainer-specific defaults come in as arguments; trainers add their own flags afterwards."""
     p = Parser(description=description, allow_abbrev=False,
                 formatter_class=HelpFormat)
     p.set_defaults(trainer=trainer, effective_batch=effective_batch,
@@ -198,6 +179,10 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
     g.add_argument("--max-memory", type=pos_float, default=None, metavar="GB",
                    help="CPU: the most RAM this process may reach; the batch probe halves the micro-batch "
                         "until a step fits under it (accumulation keeps the effective batch)")
+    g.add_argument("--measure-peak", action="store_true",
+                   help="CPU: also measure the peak of live tensors in the largest steps with torch's profiler "
+                        "(measure_peak.py; slows those steps ~2x), summary.json's peak_tensor_mb beside the "
+                        "memory plan (on CUDA it is always measured, for free)")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (weights, gradients, optimizer state, activations) and stop "
                         "before the first step; `memory_optimizer.py plan TRAINER ...` runs this in a temporary folder")
@@ -205,8 +190,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
 
 
 def whole(s, what):
-    """int(s), or argparse's one-line "must be ..." (not "invalid pos_int value").
-    Used by pos_int, nonneg_int."""
+    """int(s), or argparse's one-line "must be ..." (not "invalid pos_int value")."""
     try:
         return int(s)
     except ValueError:
@@ -214,8 +198,7 @@ def whole(s, what):
 
 
 def pos_int(s):
-    """argparse type: an integer >= 1.
-    Used by make_parser; every trainer and memory_optimizer.py (flag types)."""
+    """argparse type: an integer >= 1."""
     v = whole(s, "a positive integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
@@ -223,8 +206,7 @@ def pos_int(s):
 
 
 def nonneg_int(s):
-    """argparse type: an integer >= 0.
-    Used by make_parser; train_gru.py, train_asr.py, train_lm.py, train_sft.py."""
+    """argparse type: an integer >= 0."""
     v = whole(s, "an integer, 0 or more")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
@@ -232,9 +214,7 @@ def nonneg_int(s):
 
 
 def pos_float(s):
-    """argparse type: a finite number > 0.
-    Used by make_parser; train_classifier.py, train_asr.py, train_lm.py, train_sft.py,
-    memory_optimizer.py."""
+    """argparse type: a finite number > 0."""
     try:
         v = float(s)
     except ValueError:
@@ -245,7 +225,7 @@ def pos_float(s):
 
 
 def percent(s):
-    """argparse type: a percentage in (0, 100]. Used by make_parser (the memory thresholds)."""
+    """argparse type: a percentage in (0, 100]."""
     v = float(s)
     if not 0 < v <= 100:
         raise argparse.ArgumentTypeError(f"must be a percentage in (0, 100], got {s}")
@@ -253,15 +233,13 @@ def percent(s):
 
 
 def batch_size_arg(s):
-    """argparse type: 'auto' or a positive integer.
-    Used by make_parser (--batch-size, --grad-accum)."""
+    """argparse type: 'auto' or a positive integer."""
     return "auto" if str(s) == "auto" else pos_int(s)
 
 
 class _Typed(argparse.Namespace):
     """A namespace that ignores argparse.SUPPRESS: parsed into with every default suppressed, it
-    ends up holding only what the command line itself set.
-    Used by flag_reader's readers: explicit_flags and config_value."""
+    ends up holding only what the command line itself set."""
 
     def __setattr__(self, name, value):
         if value is not argparse.SUPPRESS:
@@ -270,9 +248,7 @@ class _Typed(argparse.Namespace):
 
 def flag_reader(parser):
     """A copy of `parser` that reads only what a command line sets: every default is
-    argparse.SUPPRESS, and a bad value raises argparse.ArgumentError instead of exiting.
-    Used by explicit_flags and resolve_settings.
-    """
+    argparse.SUPPRESS, and a bad value raises argparse.ArgumentError instead of exiting."""
     reader = copy.deepcopy(parser)  # set_defaults changes the parser it is called on
     reader.set_defaults(**dict.fromkeys(vars(parser.parse_known_args([])[0]), argparse.SUPPRESS))
     reader.exit_on_error = False
@@ -281,17 +257,13 @@ def flag_reader(parser):
 
 def explicit_flags(parser, argv):
     """The dests the user typed on the command line (so config/presets never override them);
-    an alias (--batch_size) counts as its dest.
-    Used by resolve_settings."""
+    an alias (--batch_size) counts as its dest."""
     return set(vars(flag_reader(parser).parse_known_args(argv, namespace=_Typed())[0]))
 
 
 def config_value(reader, key, value):
-    """An optimal_config.json value, converted and checked as if typed: a key is the dest of the
-    flag --key-with-dashes. A setting without such a flag (workers, pin_memory, a flag that takes
-    no value) is returned as it is. Raises ValueError for a value the flag refuses.
-    reader = flag_reader(parser).
-    Used by resolve_settings."""
+    """An optimal_config.json value, checked and converted as if typed as --key-with-dashes (a
+    setting without such a flag is returned as it is); ValueError for one the flag refuses."""
     flag = "--" + key.replace("_", "-")
     try:
         typed, rest = reader.parse_known_args([flag, str(value)], namespace=_Typed())
@@ -310,16 +282,9 @@ def config_value(reader, key, value):
 
 
 def resolve_settings(parser, argv, log=print, modes=None):
-    """Parse argv, then layer optimal_config.json and --resource-efficient under the flags.
-
-    modes(args, sources, log), when given, replaces the generic --resource-efficient layer
-    (train_sft.py: the seed's exact fine-tuning table and its sibling modes).
-
-    Returns (args, sources): sources[name] is "default", "optimal_config.json", "flag",
-    "resource-efficient" or (filled in later) "auto"/"checkpoint". Only public argparse: a copy
-    of the parser with every default suppressed tells what was typed (flag_reader).
-    Used by every trainer.
-    """
+    """Parse argv, then layer optimal_config.json and --resource-efficient (or `modes`, train_sft.py's
+    table) under the flags. Returns (args, sources): sources[name] is "default", "flag",
+    "optimal_config.json", "resource-efficient", later "auto" or "checkpoint"."""
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     sources = {k: ("flag" if k in given else "default") for k in vars(args)}
@@ -363,8 +328,7 @@ def resolve_settings(parser, argv, log=print, modes=None):
 
 def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
     """--resource-efficient evaluates twice as often: with evaluation at epoch end only
-    (--eval-every 0), that means every half epoch.
-    Used by every trainer, once steps/epoch is known."""
+    (--eval-every 0), that means every half epoch."""
     if args.resource_efficient and args.eval_every == 0 and sources.get("eval_every") != "flag":
         args.eval_every, sources["eval_every"] = max(1, steps_per_epoch // 2), "resource-efficient"
         log(f"--resource-efficient: evaluating every {args.eval_every} steps (half an epoch)")
@@ -372,8 +336,7 @@ def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
 
 def apply_resource_efficient(args, sources, log=print):
     """The --resource-efficient preset, applied before anything is built; flags typed by the
-    user win. The batch halving happens in choose_batch_size (it needs the chosen batch).
-    Used by resolve_settings (when a trainer passes no modes)."""
+    user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
     wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("swap_threshold", 30.0), ("mem_check_every", 15.0),
               ("workers", 1), ("pin_memory", False),
               ("save_every", max(1, args.save_every // 2)),
@@ -395,40 +358,14 @@ def apply_resource_efficient(args, sources, log=print):
 
 
 # -----------------------------------------------------------------------------
-# data ingress: one fetch for URLs, one reader for record files
-
-FETCH_TIMEOUT_S = 30  # per socket operation: a stalled server fails instead of hanging the run
-
+# data files given as http(s) URLs (download.py; records.py reads CSV/TSV/JSONL)
 
 def is_url(s):
-    """Used by fetch_data, train_lm.py and train_asr.py (which treat a URL's file differently)."""
     return urllib.parse.urlsplit(str(s)).scheme.lower() in ("http", "https")
 
 
-class RedirectRefused(Exception):
-    """A redirect to a scheme other than http(s) (file:, ftp:): never followed. Used by fetch."""
-
-
-class HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp: too; a data URL may only lead to http(s). Used by fetch."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not is_url(newurl):
-            raise RedirectRefused(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def download_name(url):
-    """`<8 hex of the URL's SHA-256>-<sanitised basename>`: two URLs ending in the same file name
-    (every mirror's data.jsonl) never share a file. The extension survives: the reader needs it.
-    Used by fetch and fetch_data."""
-    base = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "download"
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{base[-100:]}"
-
-
 def file_sha256(path):
-    """Hex SHA-256 of a file, read 1 MB at a time. Used by fetch and fetch_data."""
+    """Hex SHA-256 of a file, read 1 MB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -436,288 +373,24 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def looks_like_html(path):
-    """True when a file starts like an HTML page (what a server sends for a missing file or a
-    login wall). Used by fetch."""
-    with open(path, "rb") as f:
-        head = f.read(512).lstrip().lower()
-    return head.startswith((b"<!doctype html", b"<html"))
-
-
-def fetch(url, dest_dir, flag="--data", *, sha256=None, max_bytes=200 * 2 ** 20, log=print, timeout=FETCH_TIMEOUT_S,
-          show_bar=True):
-    """Fetch an http(s) URL into dest_dir and return the file's Path; a local file or folder
-    path is returned as it is. Used by fetch_data (every trainer's data flags) and tests.
-
-    The bytes go to <name>.part and are renamed to <name> only when complete (and matching
-    `sha256` when given), so a file under its final name is always whole. An interrupted
-    transfer keeps the .part and the next call resumes it with a Range request.
-    """
-    from tqdm import tqdm
-
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        # one letter is a Windows drive (C:\data), not a scheme
-        if len(scheme) > 1:
-            raise UserError(f"{flag} {url}: only http(s) URLs or local paths")
-        if not Path(url).exists():
-            raise UserError(f"{flag} {url}: no such file or folder (and not an http(s) URL)")
-        return Path(url)
-
-    dest_dir = Path(dest_dir)
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
-        # torchrun: local rank 0 downloads on each machine; the other ranks wait for its finished
-        # file and then reuse it (were rank 0 to fail, torchrun stops them)
-        while not (dest_dir / download_name(url)).exists() or \
-                (dest_dir / (download_name(url) + ".part")).exists():
-            time.sleep(0.5)
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--download-dir {dest_dir}: cannot create it ({e.strerror or e})")
-    final = dest_dir / download_name(url)
-    part = final.with_name(final.name + ".part")
-    limit_msg = f"larger than --max-download-mb {max_bytes / 2 ** 20:g}; raise the limit if the file is right"
-
-    def check_sum(path):
-        got = file_sha256(path)
-        return sha256 is None or got == sha256.lower(), got
-
-    wants_html = final.suffix.lower() in (".html", ".htm")
-    if final.exists() and not wants_html and looks_like_html(final):
-        log(f"{flag} {url}: {final} is an HTML page, not data (an error or login page saved earlier); "
-            "downloading again")
-        final.unlink()
-    if final.exists():
-        ok, got = check_sum(final)
-        if ok:
-            log(f"{flag} {url}: using {final} (downloaded before)")
-            return final
-        log(f"{flag} {url}: {final} does not match --sha256 (got {got}); downloading again")
-        final.unlink()
-
-    def finish():
-        ok, got = check_sum(part)
-        if not ok:
-            part.unlink()  # nothing half-right is left to be resumed or reused
-            raise UserError(f"{flag} {url}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; "
-                            "the file was deleted (check the URL and --sha256)")
-        with open(part, "rb+") as f:  # on disk before the rename makes it look finished
-            os.fsync(f.fileno())
-        os.replace(part, final)
-        log(f"{flag} {url}: saved {final} ({final.stat().st_size:,} bytes, sha256 {got[:16]}...)")
-        return final
-
-    for _ in range(2):  # a second pass only after a resume the server could not honour (416)
-        offset = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={"User-Agent": "lean-train"})
-        if offset:
-            req.add_header("Range", f"bytes={offset}-")
-        try:
-            resp = urllib.request.build_opener(HttpRedirectsOnly).open(req, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset:
-                # nothing past our offset: the .part may already be whole. Trust it only if it can
-                # be checked: the checksum, else the size the server states ("bytes */SIZE")
-                size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
-                if sha256 is not None or (size.isdigit() and int(size) == offset):
-                    log(f"{flag} {url}: {part} is already complete")
-                    return finish()
-                log(f"{flag} {url}: the server refused to resume at byte {offset:,}; starting over")
-                part.unlink()
-                continue
-            raise UserError(f"{flag} {url}: HTTP {e.code} {e.reason}")
-        except RedirectRefused as e:
-            raise UserError(f"{flag} {url}: redirected to {e}; only http(s) redirects are followed")
-        except urllib.error.URLError as e:
-            raise UserError(f"{flag} {url}: cannot connect ({e.reason})")
-        except (OSError, http.client.HTTPException) as e:  # dropped before any header arrived
-            raise UserError(f"{flag} {url}: download interrupted after {offset:,} bytes "
-                            f"({type(e).__name__}: {e}); re-run the same command to resume")
-        with resp:
-            if offset and resp.status != 206:
-                log(f"{flag} {url}: the server ignored the resume request; starting over")
-                offset = 0  # a 200 is the whole file: append it to the .part and it is corrupt
-            if not wants_html and resp.headers.get_content_type() == "text/html":
-                # a login, error or "file moved" page with status 200: saved, it would be reused
-                # as data on every re-run
-                part.unlink(missing_ok=True)
-                raise UserError(f"{flag} {url}: the server sent an HTML page, not a data file; check the "
-                                "URL in a browser (it may need a login, or a direct download link)")
-            length = resp.headers.get("Content-Length")
-            total = offset + int(length) if length and length.isdigit() else None
-            if total is not None and total > max_bytes:
-                part.unlink(missing_ok=True)
-                raise UserError(f"{flag} {url}: {total:,} bytes, {limit_msg}")
-            done = offset
-            bar = tqdm(total=total, initial=offset, desc=final.name[:30], unit="B", unit_scale=True, disable=not show_bar,
-                       unit_divisor=1024, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-            try:
-                with open(part, "ab" if offset else "wb") as f:
-                    while True:
-                        # read1: what has arrived, up to 64 KiB; read() would wait to fill its buffer
-                        # and lose those bytes to a timeout instead of keeping them in the .part
-                        block = resp.read1(1 << 16)
-                        if not block:
-                            break
-                        if done + len(block) > max_bytes:
-                            f.close()
-                            part.unlink()
-                            raise UserError(f"{flag} {url}: more than {max_bytes:,} bytes, {limit_msg}")
-                        f.write(block)
-                        done += len(block)
-                        bar.update(len(block))
-                    f.flush()
-            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                raise UserError(f"{flag} {url}: download interrupted after {done:,} bytes "
-                                f"({type(e).__name__}: {e}); re-run the same command to resume")
-            finally:
-                bar.close()
-        if total is not None and done < total:  # the server closed early without an error
-            raise UserError(f"{flag} {url}: download interrupted after {done:,} of {total:,} bytes; "
-                            "re-run the same command to resume")
-        return finish()
-    raise UserError(f"{flag} {url}: the server refused to resume twice; delete {part} and retry")
-
-
 def fetch_data(args, flags, log=print, exts=None):
-    """The trainer's data flags (dests in `flags`, in order; a list value such as --download-data
-    counts each entry) with every http(s) URL fetched into --download-dir and replaced by the
-    local file's path. Each --sha256 belongs to the data source in the same position, local
-    files included; sources after the last --sha256 are not checked. With `exts`, a URL must end
-    in one of them: the file type decides the reader, so that is known before any download.
-    Used by every trainer, before it reads data."""
-    sources = [(dest, i, v) for dest in flags
-               for i, v in enumerate(getattr(args, dest) if isinstance(getattr(args, dest), list)
-                                     else [getattr(args, dest)]) if v]
-    sums = args.sha256 or []
-    names = " / ".join("--" + d.replace("_", "-") for d in flags)
-    if len(sums) > len(sources):
-        raise UserError(f"--sha256 given {len(sums)} times for {len(sources)} data sources ({names}); each --sha256 "
-                        "belongs to the data source in the same position")
-    for s in sums:
-        if len(s) != 64 or any(c not in "0123456789abcdefABCDEF" for c in s):
-            raise UserError(f"--sha256 {s}: not a SHA-256 (64 hex digits)")
-    for dest, _, v in sources:
-        if exts and is_url(v) and Path(download_name(v)).suffix.lower() not in exts:
-            raise UserError(f"--{dest.replace('_', '-')} {v}: the URL must end in {' or '.join(exts)} (the file "
-                            "type decides how it is read)")
-    for k, (dest, i, v) in enumerate(sources):
-        flag, sha = "--" + dest.replace("_", "-"), sums[k] if k < len(sums) else None
-        if sha is None and not is_url(v):
-            continue  # a local path without a checksum: the trainer's own reader checks it
-        path = fetch(v, args.download_dir, flag, sha256=sha, max_bytes=int(args.max_download_mb * 2 ** 20), log=log)
-        if sha is not None and not is_url(v):  # a local path: fetch had nothing to check
-            if not path.is_file():
-                raise UserError(f"--sha256 {sha}: {flag} {v} is a folder; a checksum needs one file")
-            if file_sha256(path) != sha.lower():
-                raise UserError(f"{flag} {v}: SHA-256 mismatch: expected {sha.lower()}, got {file_sha256(path)}")
-        if isinstance(getattr(args, dest), list):
-            getattr(args, dest)[i] = str(path)
-        else:
-            setattr(args, dest, str(path))
-
-
-MAX_REASONS = 5  # bad-row reasons kept per file; the count covers the rest
-RECORD_EXTS = (".csv", ".tsv", ".jsonl", ".json")  # .json: JSON lines too (NeMo names its manifests so)
-
-
-def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"):
-    """The records of one CSV, TSV or JSONL file (by extension; UTF-8, Excel's BOM allowed).
-    Used by train_gru.py, train_classifier.py, train_asr.py and train_sft.py.
-
-    Returns (records, bad, reasons): records are dicts of `columns` (non-empty strings, stripped)
-    and of whichever `optional` columns the row has; `aliases` maps other header names to a
-    column (a manifest's "path" for "audio_filepath"). A row that is not a JSON object, has the
-    wrong number of fields, or lacks a column or leaves it empty is bad. With bad_rows "fail"
-    (the --bad-rows flag) the first one stops the run with its line number; with "skip" it is
-    dropped and counted, and `reasons` keeps the first few ("line 7: empty 'text'"). A file
-    that cannot be read at all is a UserError naming the flag.
-    """
-    p, aliases = Path(path), aliases or {}
-    ext = p.suffix.lower()
-    if ext not in RECORD_EXTS:
-        raise UserError(f"{flag} {p}: unknown file type '{ext or p.name}'; use .csv, .tsv or .jsonl "
-                        f"(columns {','.join(columns)})")
-    if not p.is_file():
-        raise UserError(f"{flag} {p}: {'a folder, not a file' if p.is_dir() else 'file not found'}")
-    records, reasons, bad = [], [], 0
-
-    def bad_row(line, why):
-        nonlocal bad
-        if bad_rows == "fail":
-            raise UserError(f"{flag} {p}: line {line}: {why} (--bad-rows skip drops such rows)")
-        bad += 1
-        if len(reasons) < MAX_REASONS:
-            reasons.append(f"line {line}: {why}")
-
-    def take(line, row):
-        row = {aliases.get(k, k): v for k, v in row.items()}
-        for c in columns:
-            if c not in row or row[c] is None:
-                return bad_row(line, f"no '{c}'")
-            if not isinstance(row[c], str):
-                return bad_row(line, f"'{c}' is not text ({type(row[c]).__name__})")
-            if not row[c].strip():
-                return bad_row(line, f"empty '{c}'")
-        records.append({c: row[c].strip() if isinstance(row[c], str) else row[c]
-                        for c in (*columns, *optional) if c in row})
-
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            if ext in (".jsonl", ".json"):
-                for i, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        bad_row(i, f"not JSON ({e.msg})")
-                        continue
-                    if isinstance(obj, dict):
-                        take(i, obj)
-                    else:
-                        bad_row(i, f"not a JSON object ({type(obj).__name__})")
-            else:
-                reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",")
-                header = [c.strip().lower() for c in next(reader, [])]
-                if not header:
-                    raise UserError(f"{flag} {p}: the file is empty; it needs a header line '{','.join(columns)}' "
-                                    "and rows")
-                found = {aliases.get(c, c) for c in header}
-                missing = [c for c in columns if c not in found]
-                if missing:
-                    raise UserError(f"{flag} {p}: missing column(s) {', '.join(missing)}; the header line must "
-                                    f"name {','.join(columns)} (found: {','.join(header)})")
-                for row in reader:
-                    if len(row) <= 1 and not "".join(row).strip():
-                        continue  # a blank line (",," is a row of empty fields: bad)
-                    # a short row may leave out trailing optional columns (an empty explanation)
-                    if len(row) > len(header) or any(aliases.get(c, c) in columns for c in header[len(row):]):
-                        bad_row(reader.line_num, f"{len(row)} fields, expected {len(header)} (quote texts that "
-                                                 "contain the delimiter)")
-                    else:
-                        take(reader.line_num, dict(zip(header, row)))
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {p}: not UTF-8 text; save it as UTF-8")
-    except csv.Error as e:
-        raise UserError(f"{flag} {p}: malformed {ext[1:].upper()} ({e})")
-    except OSError as e:
-        raise UserError(f"{flag} {p}: cannot read it ({e.strerror or e})")
-    return records, bad, reasons
+    """The data flags named in `flags` (dests), with every http(s) URL downloaded into
+    --download-dir and replaced by the local path, and --sha256 checked: download.py, imported
+    only when a flag is a URL or --sha256 is given. A plain run of local files never loads it."""
+    values = [v for dest in flags for v in (getattr(args, dest) if isinstance(getattr(args, dest), list)
+                                            else [getattr(args, dest)]) if v]
+    if args.sha256 or any(is_url(v) for v in values):
+        import download
+        download.fetch_data(args, flags, log, exts)
 
 
 # -----------------------------------------------------------------------------
 # device and precision
 
 def setup_device(args, sources=None):
-    """Pick device and autocast dtype. Returns (device, amp_dtype or None, scaler, reason).
-
-    auto: bf16 on CUDA where supported, else fp16 with a GradScaler; fp32 on CPU for now, until
-    measure_precision has timed the model's step (bf16 wins only on some CPUs and shapes). A precision that
-    came from optimal_config.json (not typed) and does not fit the device falls back to auto.
-    Used by open_run; benchmarks/bench_{gru,classifier,asr,lm}.py.
-    """
+    """(device, amp_dtype or None, scaler, why). --precision auto: bf16 on CUDA where native, else
+    fp16 + GradScaler; fp32 on a CPU until measure_precision has timed bf16. A config's precision
+    that does not fit the device falls back to auto."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu "
                         "(or install a CUDA build of torch)")
@@ -773,8 +446,7 @@ def setup_device(args, sources=None):
 
 def cpu_has_bf16():
     """True when /proc/cpuinfo lists bf16 matrix or vector units (AMX or AVX-512 BF16); False
-    where it cannot tell (no /proc: macOS, Windows), which keeps such machines on fp32.
-    Used by measure_precision; memory_optimizer.py (profile)."""
+    where it cannot tell (no /proc: macOS, Windows), which keeps such machines on fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -783,14 +455,10 @@ def cpu_has_bf16():
 
 
 def measure_precision(args, sources, device, model, step, log=print, resumed=None, margin=1.2):
-    """--precision auto on a CPU, by measurement: bf16 autocast when the CPU has bf16 units and
-    this model's own training step, timed at the run's micro-batch, is faster in bf16 by
-    `margin`; else fp32. Matmul-bound shapes gain up to 2x; small ones lose (casts cost more than
-    they save), so a rule of thumb cannot decide it. step(amp_dtype) runs one forward+backward
-    (the batch probe's). The model's buffers and the RNG are restored: the timing changes nothing
-    the run computes. resumed: the checkpoint's precision, reused as it is. --quick runs keep fp32.
-    Returns (amp_dtype, why; None when nothing was decided here) and sets args.precision.
-    Used by every trainer, after choose_batch_size."""
+    """--precision auto on a CPU: bf16 when the CPU has bf16 units and this model's own step
+    (step(amp_dtype), at the run's micro-batch) is `margin` faster in it; else fp32. Matmul-bound
+    shapes gain up to 2x, small ones lose, so no rule of thumb decides it. Buffers and RNG are
+    restored. Returns (amp_dtype, why or None) and sets args.precision."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type != "cpu" or sources.get("precision") != "auto":
         return dtypes[args.precision], None  # typed, from a config, or CUDA's rule: nothing to measure
@@ -831,34 +499,8 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
     return (torch.bfloat16 if args.precision == "bf16" else None), why
 
 
-def matmul_peak(device, dtype, seconds=2.0):
-    """Best FLOP/s of square matmuls on this device (sizes 256..1024 on a CPU, 2048 and 4096 on
-    a GPU), repeated over about `seconds`: the denominator of MFU. A one-second reading of one
-    size swings 3x between runs on a busy machine (other load, clock boost); the best of many
-    repeats at a few sizes is what the hardware can do, and it is stable.
-    Used by memory_optimizer.py (profile, config: optimal_config.json keeps it); train_lm.py's
-    device_peak (so train_sft.py too) when no config has it."""
-    sizes = (2048, 4096) if device.type == "cuda" else (256, 512, 1024)
-    mats = {n: (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-            for n in sizes}
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        for n, (a, b) in mats.items():
-            reps = max(1, int(2e9 // (2 * n ** 3)))  # about 2 GFLOP per timing: long enough to time
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
-
-
 def autocast(device, amp_dtype):
-    """torch.amp.autocast for amp_dtype; a no-op for fp32 (amp_dtype None).
-    Used by train_step, probe_step; every trainer (evaluation)."""
+    """torch.amp.autocast for amp_dtype; a no-op for fp32 (amp_dtype None)."""
     return torch.amp.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
@@ -866,40 +508,30 @@ def autocast(device, amp_dtype):
 # the step: autocast + exact gradient accumulation + unscale + clip + step, with OOM retry
 
 def split_batch(batch, micro_bs):
-    """Slice a dict of tensors (dim 0 = samples) into micro-batches of micro_bs samples.
-    Used by train_step."""
+    """Slice a dict of tensors (dim 0 = samples) into micro-batches of micro_bs samples."""
     n = len(next(iter(batch.values())))
     return [{k: v[i:i + micro_bs] for k, v in batch.items()} for i in range(0, n, micro_bs)]
 
 
 def is_oom(e):
-    """True for CUDA out-of-memory and MemoryError, the errors a smaller batch can fix.
-    Used by train_step, probe_batch_size; train_asr.py."""
+    """True for CUDA out-of-memory and MemoryError, the errors a smaller batch can fix."""
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
 def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, device, amp_dtype, log=print,
                no_sync=None, norm=None):
-    """One optimizer step over `batch` (the whole effective batch), in micro-batches.
+    """One optimizer step over `batch` (the whole effective batch), in micro-batches of micro_bs.
 
-    loss_fn(model, micro_batch) -> (loss_sum, n_items): the loss summed over the items it
-    counts (tokens, frames, samples). Accumulation is exact: the gradient equals that of
-    sum(loss)/sum(n) over the whole effective batch, whatever the micro-batch size, because we
-    back-propagate loss_sum / estimate and, once every micro-batch is in, rescale the gradient
-    by estimate / true_total (a padded micro-batch must not weigh like a full one).
-    On CUDA OOM / MemoryError: free, halve the micro-batch, redo the step (same effective batch).
-    no_sync: for DDP, the wrapped model's no_sync; every micro-batch but the last runs inside
-    it, so gradients are all-reduced once per step, not once per micro-batch.
-    norm: what to divide this rank's loss sum by, instead of its own item count. DDP averages the
-    ranks' gradients, so with n_global items in the whole global batch, norm = n_global / world
-    makes that average the gradient of sum(loss)/n_global, as one process would take, even when
-    the ranks hold different numbers of tokens or frames (every rank counts n_global itself from
-    the global batch's indices, without communication). The loss is then divided by norm before
-    backward: a correction after DDP's all-reduce would differ from rank to rank.
-    Returns (mean loss, items, micro_bs actually used).
-    Used by every trainer.
-    """
+    loss_fn(model, micro_batch) -> (loss_sum, n_items), summed over the items it counts (tokens,
+    frames, samples). Accumulation is exact: the gradient is that of sum(loss)/sum(n) over the
+    whole batch, whatever the micro-batch size, because each micro-batch back-propagates
+    loss_sum / estimate and the gradient is then rescaled by estimate / true total (a padded
+    micro-batch must not weigh like a full one). On an out-of-memory error: free, halve the
+    micro-batch, redo the step. no_sync (DDP): all but the last micro-batch run inside it, so
+    gradients are all-reduced once a step. norm (DDP): n_global / world, so that DDP's average of
+    the ranks' gradients is the 1-process gradient though the ranks hold different item counts.
+    Returns (mean loss, items, the micro_bs used)."""
     while True:
         oom = unscaled = False
         try:
@@ -948,11 +580,8 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
 
 
 def evaluate_halving(evaluate, bs, device, log=print):
-    """evaluate(bs), with its batch halved after an out-of-memory error until it fits (down to 1):
-    a validation pass needs no gradients, but a long batch's activations can still not fit.
-    Every trainer's evaluation sums over items, so the batch size changes no figure (up to float
-    rounding). Returns (evaluate's result, the bs that fitted): keep it for the next evaluation.
-    Used by every trainer."""
+    """(evaluate(bs), the bs that fitted): the batch halved after an out-of-memory error. Every
+    evaluation sums over items, so the batch size changes no figure (up to float rounding)."""
     while True:
         try:
             return evaluate(bs), bs
@@ -965,357 +594,53 @@ def evaluate_halving(evaluate, bs, device, log=print):
 
 
 # -----------------------------------------------------------------------------
-# optimizer: AdamW, or AdamW with 8-bit moments (--optim adamw8bit)
+# optimizer: AdamW, or AdamW with 8-bit moments (--optim adamw8bit: adamw8bit.py)
 
 def fused_adamw(device):
-    """AdamW's fused kernel: one pass over each parameter instead of a dozen elementwise ops.
-    On CUDA as nanoGPT does; on a CPU too since torch 2.4. Measured on CPU: train_lm.py at
-    bench_lm.py's shape A (4 x 128) the optimizer step 3.6 -> 1.0 ms of a ~70 ms step, shape B
-    (6 x 384) 24 -> 8 ms (docs/lm.md); train_asr.py minimal, batch 8 of espeak speech: 19.9 -> 6.8
-    ms of a ~250 ms step (docs/asr.md). Older torch has no CPU kernel: the per-tensor loop.
-    Used by train_lm.py (and train_sft.py through it) and train_asr.py."""
-    if device.type == "cuda":
-        return True
+    """AdamW's one-pass kernel: on CUDA, and on a CPU since torch 2.4. On a CPU it took the
+    optimizer step of train_lm.py's 6 x 384 GPT from 24 to 8 ms, the ASR's from 19.9 to 6.8 ms."""
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return device.type == "cpu" and (major, minor) >= (2, 4)
+    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
 
 
 def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fused=None):
-    """torch.optim.AdamW, or AdamW8bit for --optim adamw8bit; params may be parameter groups.
-    fused: AdamW's one-pass kernel (train_lm.py and train_asr.py pass fused_adamw(device); None:
-    torch's default); AdamW8bit has none.
-    Used by every trainer."""
+    """torch.optim.AdamW, or adamw8bit.AdamW8bit under --optim adamw8bit (it has no fused kernel)."""
     if args.optim == "adamw8bit":
+        from adamw8bit import AdamW8bit
         return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
-def dynamic_codes(signed):
-    """The 255 values an 8-bit moment can take, on [-1, 1] (signed) or [0, 1], sorted.
-
-    A linear 8-bit grid would round every entry under 1/255 of its block's largest to zero, and
-    Adam's moments span many decades. So, as in Dettmers et al.'s 8-bit optimizers (arXiv
-    2110.02861), the codes are split by decade, 10^0 down to 10^-6, with evenly spaced fractions
-    inside each, and more of them in the larger decades: 64, 32, ..., 1 per sign, plus zero
-    (unsigned: twice as many per decade). Relative rounding error is about 1 % near the block's
-    largest value, and an entry a million times smaller still keeps its decade.
-    Used by AdamW8bit, which builds its code_table from them."""
-    mags = torch.cat([torch.linspace(0.1, 1.0, (1 if signed else 2) * 2 ** (6 - k) + 1, dtype=torch.float64)[1:]
-                      * 10.0 ** -k for k in range(7)])
-    codes = torch.cat([-mags, torch.zeros(1, dtype=torch.float64), mags]) if signed else \
-        torch.cat([torch.zeros(1, dtype=torch.float64), mags])
-    return codes.sort().values.float()
-
-
-def code_table(codes):
-    """For each of the 65,536 fp16 bit patterns, the index of the code nearest its value: a table
-    that quantize reads instead of searching the codes for every value (torch.bucketize took 100
-    ns a value on a CPU, 6x the rest of quantize together). fp16 keeps 11 significant bits from
-    1 down to 6e-5, and the codes are 0.5 % apart at the closest: rounding to fp16 first moves
-    a value at most 0.05 %, so a code is picked over the nearest only that close to a midpoint.
-    Used by AdamW8bit."""
-    p = torch.arange(65536, dtype=torch.int32)
-    values = torch.where(p >= 32768, p - 65536, p).to(torch.int16).view(torch.float16).float()
-    values = torch.nan_to_num(values, nan=0.0).clamp(float(codes[0]), 1.0)  # NaN, inf: never asked
-    return torch.bucketize(values, (codes[1:] + codes[:-1]) / 2).to(torch.uint8)  # midpoints: the boundaries
-
-
-def quantize(x, table, block):
-    """Block-wise 8-bit quantization of a tensor: each block of `block` values is divided by its
-    largest magnitude (its absmax, kept in fp32), then rounded to the nearest code through
-    `table` (code_table) by its fp16 bit pattern.
-    Returns (uint8 indices, padded to whole blocks; fp32 absmax per block).
-    Used by AdamW8bit; tests/test_memory.py (against a brute-force nearest code)."""
-    flat = x.detach().float().reshape(-1)
-    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % block)).view(-1, block)  # (blocks, block)
-    absmax = flat.abs().amax(dim=1)
-    scaled = flat / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]
-    bits = scaled.to(torch.float16).view(torch.int16).int().bitwise_and_(0xFFFF)  # 0..65535
-    return table[bits].view(-1), absmax
-
-
-def dequantize(idx, absmax, codes, like):
-    """The inverse of quantize, back to fp32 in the shape of `like`. Used by AdamW8bit."""
-    blocks = codes[idx.int()].view(absmax.numel(), -1) * absmax[:, None]  # int32: uint8 would be a mask
-    return blocks.view(-1)[:like.numel()].view_as(like)
-
-
-class AdamW8bit(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias correction, as torch.optim.AdamW) whose two moments are
-    stored in 8 bits: 2 bytes per weight plus 8 per block of 2,048, against AdamW's 8 bytes per
-    weight. Each step dequantizes a tensor's moments to fp32, updates them and the weight exactly
-    as AdamW would, and quantizes them again; only the stored moments carry rounding.
-    The second moment is stored as its square root (the gradient's running RMS): that spans half
-    the decades, so small entries do not round to zero under a large neighbour, which would
-    divide their update by eps alone. Tensors under 4,096 values (biases, norms, small heads)
-    keep fp32 moments: their state is small and they are the most sensitive.
-    The state is plain tensors, saved and loaded with the checkpoint, and every operation is
-    deterministic: a resumed run takes the same steps.
-    Used through make_optimizer (--optim adamw8bit)."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, block=2048, min_size=4096):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.block, self.min_size = block, min_size
-        self.codes = {signed: dynamic_codes(signed) for signed in (True, False)}
-        self.tables = {signed: code_table(self.codes[signed]) for signed in (True, False)}
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        for st in self.state.values():  # torch casts every state tensor to the weight's dtype: undo it
-            for k in ("m_idx", "r_idx"):
-                if k in st:
-                    st[k] = st[k].to(torch.uint8)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, st = p.grad.float(), self.state[p]
-                small = p.numel() < self.min_size
-                if not st:
-                    st["step"] = 0
-                    if small:
-                        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
-                    else:
-                        n = math.ceil(p.numel() / self.block)
-                        for k in ("m", "r"):  # absmax 0: every entry dequantizes to 0
-                            st[f"{k}_idx"] = torch.zeros(n * self.block, dtype=torch.uint8, device=p.device)
-                            st[f"{k}_absmax"] = torch.zeros(n, device=p.device)
-                st["step"] += 1
-                codes_m, codes_r = self.codes[True].to(p.device), self.codes[False].to(p.device)
-                table_m, table_r = self.tables[True].to(p.device), self.tables[False].to(p.device)
-                if small:
-                    m, v = st["exp_avg"], st["exp_avg_sq"]
-                else:
-                    m = dequantize(st["m_idx"], st["m_absmax"], codes_m, g)
-                    v = dequantize(st["r_idx"], st["r_absmax"], codes_r, g).square_()
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                t = st["step"]
-                denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-group["lr"] / (1 - b1 ** t))
-                if not small:
-                    st["m_idx"], st["m_absmax"] = quantize(m, table_m, self.block)
-                    st["r_idx"], st["r_absmax"] = quantize(v.sqrt_(), table_r, self.block)
-        return loss
-
-    def planned_state_bytes(self, p):
-        """The state p will hold once it has taken a step. Used by optimizer_state_bytes."""
-        if p.numel() < self.min_size:
-            return 2 * 4 * p.numel()
-        n = math.ceil(p.numel() / self.block)
-        return 2 * (n * self.block + 4 * n)
-
-
 def optimizer_state_bytes(optimizer, planned=False):
-    """Bytes of the optimizer's state tensors; planned=True: what they will be once every weight
-    has taken a step (before the first step, AdamW's lazily made state does not exist yet).
-    Used by memory_plan, TensorPeak; every trainer (summary.json's optimizer_state_mb)."""
+    """Bytes of the optimizer's state; planned=True: once every weight has taken a step (AdamW
+    makes its state lazily, in the first step)."""
     if not planned:
         return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if isinstance(optimizer, AdamW8bit):
+    if hasattr(optimizer, "planned_state_bytes"):  # AdamW8bit
         return sum(optimizer.planned_state_bytes(p) for p in params)
     return sum(2 * p.numel() * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
 
 
 # -----------------------------------------------------------------------------
-# memory plan: what a step will hold, before the first one; and what it held
-
-def activation_bytes(model, loss_fn, batch, device, amp_dtype):
-    """Bytes that a forward of this micro-batch keeps for backward: every tensor autograd saves
-    (counted once per storage; the weights themselves excluded, bf16 copies of them included).
-    These live from the forward until backward frees them, the part of a step's memory that
-    grows with the batch. Measured on the batch's first item and its first two, then extended to
-    the whole batch: activations are affine in the batch size (a part per item, plus a part per
-    step such as bf16 copies of the weights). A forward of the whole micro-batch would hold all
-    of them once more before training starts, and the heap keeps that memory: +29 MB of peak RSS
-    on train_lm.py at nanoGPT's CPU shape, whose whole run takes 365 MB in nanoGPT.
-    Nothing is trained: the graphs are dropped without a backward; buffers and the RNG are restored.
-    Used by memory_plan's callers: every trainer."""
-    n = len(next(iter(batch.values())))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-
-    def saved_bytes(m):
-        part = {k: v[:m].clone() for k, v in batch.items()}  # a clone: a view would count the whole batch
-        saved = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in weights:
-                saved[st.data_ptr()] = st.nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
-            loss_sum, _ = loss_fn(model, part)
-        del loss_sum  # frees the graph and what it saved
-        return sum(saved.values())
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        one, two = saved_bytes(1), saved_bytes(min(2, n))
-    with torch.no_grad():
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])  # e.g. BatchNorm statistics these forwards moved
-    return one + (two - one) * (n - 1)
-
-
-def memory_plan(model, optimizer, activations, micro_bs, world=1, log=print, worst="the longest items"):
-    """The memory a training step will need at its peak, from the model and the optimizer as
-    built and one forward's measured activations: weights (with buffers) + gradients (trainable
-    weights) + optimizer state (as it will be after the first step) + the activations of one
-    micro-batch (one is alive at a time: accumulation runs them one after another) and, under
-    DDP, its gradient buckets (a second copy of the gradients). Logs one line and returns the
-    parts and their total in MB, for summary.json's memory_plan_mb.
-    Used by every trainer, before the first step."""
-    params = list(model.parameters())
-    parts = {"weights": tensor_bytes(params) + tensor_bytes(list(model.buffers())),
-             "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-             "optimizer": optimizer_state_bytes(optimizer, planned=True),
-             "activations": activations}
-    if world > 1:
-        parts["ddp_buckets"] = parts["gradients"]
-    plan = {k: round(v / 2**20, 1) for k, v in parts.items()}
-    plan["total"] = round(sum(parts.values()) / 2**20, 1)
-    name = "AdamW 8-bit" if isinstance(optimizer, AdamW8bit) else "AdamW"
-    log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
-        f"{plan['optimizer']} + activations {plan['activations']} (measured on 1 and 2 x {worst}, for {micro_bs})"
-        + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "") + f" = {plan['total']} MB")
-    return plan
-
-
-def plan_only(out, status, log=print):
-    """--plan: the plan is printed; stop before the first step, with nothing trained or saved.
-    Returns the exit code. Used by every trainer."""
-    update_status(out, status, state="planned")
-    log("memory plan only (--plan): nothing trained or saved")
-    return 0
-
-
-def memory_figures(plan, peak, optimizer, args):
-    """summary.json's memory fields: the plan, the measured peak beside it, and the optimizer
-    state as it is at the end. Used by every trainer."""
-    return {"optim": args.optim, "memory_plan_mb": plan, "peak_tensor_mb": peak.mb,
-            "optimizer_state_mb": round(optimizer_state_bytes(optimizer) / 2**20, 2)}
-
-
-@contextlib.contextmanager
-def quiet_fd2():
-    """Silence file descriptor 2 for a moment: torch's profiler prints two lines from C++ at each
-    start and stop, which no Python setting turns off. Used by TensorPeak."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-class TensorPeak:
-    """The peak bytes of live tensors during one training step, the figure the memory plan
-    predicts: what was held when the step began (weights, buffers, gradients, optimizer state)
-    + the most the step allocated on top. CUDA: torch.cuda.max_memory_allocated less what was
-    allocated at the start (which also holds cuBLAS's workspace, not a tensor). CPU: torch's
-    profiler records every allocation and free of the step (profile_memory); their running sum
-    in time order peaks where max_memory_allocated would. The profiler slows the measured steps;
-    the others run as they always do. A step is measured when its batch is the largest yet (size: its padded
-    elements), once the optimizer has its state (AdamW makes it in the first step): a handful of
-    steps in a whole run, as a new largest comes ever more rarely, and the largest of them is the
-    run's peak. `mb` is what the largest held (None under torchrun on a CPU: not measured). On a
-    CPU only the largest step's records are kept, and read when `mb` is asked for: reading them
-    costs ~10x the step itself, recording them ~2x.
-        peak = TensorPeak(device, model, optimizer)
-        with peak.measure(batch["x"].numel()): ...one train_step...
-        summary["peak_tensor_mb"] = peak.mb
-    Used by every trainer."""
-
-    def __init__(self, device, model, optimizer):
-        self.device, self.model, self.optimizer, self.largest = device, model, optimizer, 0
-        self.measured = self.records = None  # MB measured so far; (held, profile) of the largest CPU step, unread
-
-    @property
-    def mb(self):
-        if self.records:
-            held, prof = self.records
-            now = peak = 0
-            for e in sorted(prof.function_events, key=lambda e: e.time_range.start):
-                now += e.self_cpu_memory_usage  # + what the op allocated, - what it freed
-                peak = max(peak, now)
-            self.measured, self.records = max(self.measured or 0, round((held + peak) / 2**20, 1)), None
-        return self.measured
-
-    @contextlib.contextmanager
-    def measure(self, size):
-        # under torchrun on a CPU, not at all: quiet_fd2 would also silence what gloo prints from C++
-        # mid-step, and the ranks' batches (their slices) differ, so each would measure other steps
-        ddp_cpu = self.device.type == "cpu" and dist.is_available() and dist.is_initialized()
-        if not self.optimizer.state or size <= self.largest or ddp_cpu:
-            yield
-            return
-        self.largest = size
-        params = list(self.model.parameters())
-        held = (tensor_bytes(params) + tensor_bytes(list(self.model.buffers()))
-                + tensor_bytes([p.grad for p in params if p.grad is not None])
-                + optimizer_state_bytes(self.optimizer))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            start = torch.cuda.memory_allocated(self.device)
-            yield
-            torch.cuda.synchronize(self.device)
-            self.measured = max(self.measured or 0,
-                                round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1))
-            return
-        with quiet_fd2(), torch.autograd.profiler.profile(use_kineto=False, profile_memory=True) as prof:
-            yield
-        self.records = held, prof  # a smaller step's records are dropped unread
-
-
-# -----------------------------------------------------------------------------
-# batch size
+# fitting the machine: the micro-batch, the precision, the memory plan
 
 def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
-    """Starting micro-batch before the probe. CPU: the seeds' RAM table; CUDA: free GPU memory.
-
-    Returns (batch size, reason).
-    Used by choose_batch_size and memory_optimizer.py config (so both give the same numbers).
-    """
+    """The micro-batch to start the probe from: the seeds' RAM table on a CPU, free memory on
+    CUDA. Returns (batch size, reason)."""
     if device == "cuda":
         gb = free_gpu_gb if free_gpu_gb is not None else torch.cuda.mem_get_info()[0] / 2**30
         bs = 64 if gb >= 16 else 32 if gb >= 8 else 16 if gb >= 4 else 8
         return (bs if quick else bs // 2), f"{gb:.1f} GB free on the GPU"
     gb = ram_gb if ram_gb is not None else psutil.virtual_memory().total / 2**30
-    if gb < 8:
-        bs = 4 if quick else 2
-    elif gb <= 16:
-        bs = 8 if quick else 4
-    else:
-        bs = 16 if quick else 8
+    bs = (4 if gb < 8 else 8 if gb <= 16 else 16) // (1 if quick else 2)
     return bs, f"{gb:.0f} GB RAM ({'quick' if quick else 'standard'} column of the RAM table)"
 
 
 def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
-    """Resolve --batch-size/--grad-accum into (micro_bs, accum) and say why.
-
-    probe(bs) runs one real forward+backward at batch bs and raises MemoryError/CUDA OOM or
-    returns the peak bytes it needed. `resumed` = (micro, accum) from a checkpoint: reused as
-    is, so a resumed run does the same arithmetic as the run it continues.
-    Used by every trainer.
-    """
+    """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs) runs one forward+backward
+    at bs and returns the bytes it needed (or raises an out-of-memory error). `resumed` =
+    (micro, accum) from a checkpoint, reused: a resumed run does the run's own arithmetic."""
     E = args.effective_batch
     if resumed:
         micro, accum = resumed
@@ -1349,8 +674,7 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
 
 
 def probe_batch_size(probe, start, device, args, log=print):
-    """Halve `start` until one forward+backward fits under the memory thresholds.
-    Used by choose_batch_size."""
+    """Halve `start` until one forward+backward fits under the memory thresholds and caps."""
     bs = start
     while True:
         try:
@@ -1366,11 +690,10 @@ def probe_batch_size(probe, start, device, args, log=print):
                 vm = psutil.virtual_memory()
                 # what is already used by others + what this step needs must stay under the threshold
                 limit = vm.total * args.ram_threshold / 100 - (vm.total - vm.available)
-                if args.max_memory:  # this process as it is now + the step must stay under the cap
-                    cap = args.max_memory * 2**30 - psutil.Process().memory_info().rss
-                    if cap < limit:
-                        limit, over = cap, f"--max-memory {args.max_memory:g} (this process holds " \
-                                           f"{psutil.Process().memory_info().rss / 2**30:.2f} GB before it)"
+                rss = psutil.Process().memory_info().rss
+                if args.max_memory and args.max_memory * 2**30 - rss < limit:  # this process + the step
+                    limit = args.max_memory * 2**30 - rss
+                    over = f"--max-memory {args.max_memory:g} (this process holds {rss / 2**30:.2f} GB before it)"
             if need <= limit or bs == 1:
                 return bs
             log(f"batch probe: {bs} needs {need / 2**20:.0f} MB, over {over}; halving")
@@ -1383,13 +706,9 @@ def probe_batch_size(probe, start, device, args, log=print):
 
 
 def probe_step(model, loss_fn, batch, device, amp_dtype):
-    """One forward+backward for choose_batch_size; returns the memory it needed in bytes.
-
-    On CPU, torch has no allocator statistics, so we read the process RSS with the activations
-    alive (after forward) and count backward as needing about as much again. Gradients and the
-    optimizer's state are added from the parameter count (AdamW: two moments per weight).
-    Used by every trainer, in the probe it passes to choose_batch_size.
-    """
+    """One forward+backward; returns the bytes it needed. A CPU has no allocator statistics: the
+    RSS growth over the forward (the activations) counts twice, for backward. Gradients and
+    AdamW's two moments, which do not exist yet, are counted from the parameters."""
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1401,19 +720,163 @@ def probe_step(model, loss_fn, batch, device, amp_dtype):
     loss_sum.backward()
     model.zero_grad(set_to_none=True)  # the probe's gradients are not the run's
     del loss_sum
-    # AdamW's two moments do not exist yet (and on CPU neither do the gradients): count them
     state = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) - base + 2 * state
     return 2 * max(0, rss1 - rss0) + 3 * state
 
 
+def fit_batch(model, loss_fn, worst, args, sources, *, dev, state, log, ranks, unit):
+    """Fit the run to the machine before the first step, and say so in one line: the micro-batch
+    (choose_batch_size: the RAM/GPU table, then a real forward+backward on worst(bs), the largest
+    items the run will see), the ranks' agreement on it, and on a CPU the precision
+    (measure_precision, timed on the same batch). A resumed run keeps its checkpoint's choices.
+    Returns (micro_bs, accum, amp_dtype, why): why = {"batch": ..., "precision": ...}."""
+    device, amp_dtype, _, prec_why = dev
+
+    def probe(bs, dt=amp_dtype):
+        buffers = [t.clone() for t in model.buffers()]  # e.g. BatchNorm statistics: the probe's are not the run's
+        need = probe_step(model, loss_fn, worst(bs), device, dt)
+        with torch.no_grad():
+            for t, saved in zip(model.buffers(), buffers):
+                t.copy_(saved)
+        return need
+    micro_bs, accum, bs_why = choose_batch_size(args, sources, device, probe, log,
+                                                (state["micro_bs"], state["accum"]) if state else None)
+    micro_bs, accum = ranks.agree_batch(micro_bs, accum)
+    amp_dtype, why = measure_precision(args, sources, device, model, lambda dt: probe(micro_bs, dt), log,
+                                       state["args"]["precision"] if state else None)
+    prec_why = why or prec_why
+    snap = memory_snapshot(device)
+    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} accumulation"
+        + (f" x {ranks.world} processes" if ranks.world > 1 else "") + f" = {micro_bs * accum * ranks.world} "
+        f"{unit} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
+        + (f", GPU {free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
+    return micro_bs, accum, amp_dtype, {"batch": bs_why, "precision": prec_why}
+
+
+def activation_bytes(model, loss_fn, batch, device, amp_dtype):
+    """Bytes that a forward of this micro-batch keeps for backward: every tensor autograd saves,
+    once per storage, the weights themselves excluded (their bf16 copies included). Measured on
+    the batch's first item and its first two, then extended to the whole batch (activations are
+    affine in the batch size): a forward of the whole micro-batch would leave its memory in the
+    heap (+29 MB of peak RSS for the LM at nanoGPT's CPU shape). Nothing is trained; the buffers
+    and the RNG are restored."""
+    n = len(next(iter(batch.values())))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def saved_bytes(m):
+        part = {k: v[:m].clone() for k, v in batch.items()}  # a clone: a view would count the whole batch
+        saved = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in weights:
+                saved[st.data_ptr()] = st.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
+            loss_sum, _ = loss_fn(model, part)
+        del loss_sum  # frees the graph and what it saved
+        return sum(saved.values())
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        one, two = saved_bytes(1), saved_bytes(min(2, n))
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])  # e.g. BatchNorm statistics these forwards moved
+    return one + (two - one) * (n - 1)
+
+
+def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, log, worst):
+    """What a training step will hold at its peak, before the first one: weights and buffers +
+    gradients + optimizer state (as after the first step) + the activations of one micro-batch
+    `batch` (activation_bytes; accumulation runs one at a time) + under DDP its gradient buckets.
+    Logs one line; returns the parts and their total in MB (summary.json's memory_plan_mb)."""
+    params = list(model.parameters())
+    parts = {"weights": tensor_bytes(params) + tensor_bytes(list(model.buffers())),
+             "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+             "optimizer": optimizer_state_bytes(optimizer, planned=True),
+             "activations": activation_bytes(model, loss_fn, batch, device, amp_dtype)}
+    if world > 1:
+        parts["ddp_buckets"] = parts["gradients"]
+    plan = {k: round(v / 2**20, 1) for k, v in parts.items()}
+    plan["total"] = round(sum(parts.values()) / 2**20, 1)
+    micro_bs = len(next(iter(batch.values())))
+    name = "AdamW 8-bit" if hasattr(optimizer, "planned_state_bytes") else "AdamW"
+    log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
+        f"{plan['optimizer']} + activations {plan['activations']} (measured on 1 and 2 x {worst}, for {micro_bs})"
+        + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "") + f" = {plan['total']} MB")
+    return plan
+
+
+def plan_only(out, status, log=print):
+    """--plan: the plan is printed; stop before the first step, nothing trained or saved."""
+    update_status(out, status, state="planned")
+    log("memory plan only (--plan): nothing trained or saved")
+    return 0
+
+
+class StepPeak:
+    """The peak bytes of live tensors in the largest training step, the figure the memory plan
+    predicts: what the step held when it began (weights, buffers, gradients, optimizer state) +
+    the most it allocated on top. Measured on CUDA, for free (max_memory_allocated); on a CPU
+    only under --measure-peak (measure_peak.py, torch's profiler), else `mb` is None. A step is
+    measured when its batch is the largest yet (size: its padded elements) and the optimizer has
+    its state:
+        with peak.measure(batch["x"].numel()): ...one train_step...
+    """
+
+    def __init__(self, device, model, optimizer):
+        self.device, self.model, self.optimizer, self.largest, self.measured = device, model, optimizer, 0, None
+
+    @property
+    def mb(self):
+        return self.measured
+
+    def largest_yet(self, size):
+        if not self.optimizer.state or size <= self.largest:
+            return False
+        self.largest = size
+        return True
+
+    def held(self):
+        params = list(self.model.parameters())
+        return (tensor_bytes(params) + tensor_bytes(list(self.model.buffers()))
+                + tensor_bytes([p.grad for p in params if p.grad is not None]) + optimizer_state_bytes(self.optimizer))
+
+    @contextlib.contextmanager
+    def measure(self, size):
+        if self.device.type != "cuda" or not self.largest_yet(size):
+            yield
+            return
+        held = self.held()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = torch.cuda.memory_allocated(self.device)
+        yield
+        torch.cuda.synchronize(self.device)
+        self.measured = max(self.measured or 0,
+                            round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1))
+
+
+def peak_meter(args, device, model, optimizer):
+    """A StepPeak; on a CPU under --measure-peak, measure_peak.py's profiled one."""
+    if args.measure_peak and device.type == "cpu":
+        from measure_peak import ProfiledPeak
+        return ProfiledPeak(device, model, optimizer)
+    return StepPeak(device, model, optimizer)
+
+
+def memory_figures(plan, peak, optimizer, args):
+    """summary.json's memory fields: the plan, the measured peak beside it, the optimizer state."""
+    return {"optim": args.optim, "memory_plan_mb": plan, "peak_tensor_mb": peak.mb,
+            "optimizer_state_mb": round(optimizer_state_bytes(optimizer) / 2**20, 2)}
+
+
 class StepBatches(torch.utils.data.Dataset):
-    """Item i = the batch of optimizer step i, fn(step=i, **kw), for a DataLoader with --workers
-    processes that build batches ahead of the loop. A module function plus plain data, so it
-    pickles for the spawn start method (Windows, macOS, and Python 3.14's forkserver default): a
-    lambda or a local function would not.
-    Used by train_lm.py, train_sft.py."""
+    """Item i = fn(step=i, **kw), the batch of step i, for a DataLoader whose --workers build
+    batches ahead. A module function plus plain data pickles for spawn (Windows, macOS)."""
 
     def __init__(self, fn, **kw):
         self.fn, self.kw = fn, kw
@@ -1423,8 +886,7 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def quiet_worker(_):
-    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them).
-    Used by train_classifier.py, train_lm.py, train_sft.py (worker_init_fn of their DataLoader)."""
+    """Loader workers ignore Ctrl-C: the main process handles it (it saves, then ends them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -1433,8 +895,7 @@ def quiet_worker(_):
 
 def free_gpu_gb(device, cap_gb=None):
     """Free memory on a CUDA device in GB (None on CPU); under a --gpu-memory cap, what is left of
-    the cap at most.
-    Used by choose_batch_size; train_gru.py, train_asr.py."""
+    the cap at most."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
@@ -1444,8 +905,7 @@ def free_gpu_gb(device, cap_gb=None):
 
 
 def memory_snapshot(device):
-    """RAM and GPU memory now (process RSS, system %, GPU allocated and % of the card).
-    Used by check_memory; every trainer."""
+    """RAM and GPU memory now (process RSS, system %, GPU allocated and % of the card)."""
     vm = psutil.virtual_memory()
     snap = {"ram_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "ram_pct": vm.percent,
             "gpu_mb": None, "gpu_pct": None}
@@ -1458,8 +918,7 @@ def memory_snapshot(device):
 
 
 def peak_memory_mb(device):
-    """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS.
-    Used by every trainer."""
+    """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     try:  # Linux: VmHWM is this process's own high-water mark; ru_maxrss would carry over the
@@ -1477,14 +936,9 @@ def peak_memory_mb(device):
 
 
 def keep_heap_small(threshold=1 << 20):
-    """Linux (glibc): send every allocation >= threshold to mmap, so it goes back to the OS the
-    moment it is freed. By default glibc raises that threshold after each large free (up to
-    32 MB), so activations then come from the heap, and with micro-batches of varying length
-    the freed gaps rarely fit the next request: the process's RSS keeps growing. Measured on
-    `train_sft.py`: this setting alone took peak RSS from 1,338 to 485 MB at 0.70x the
-    speed (docs/sft.md, table 4).
-    Also what MALLOC_MMAP_THRESHOLD_=1048576 in the environment does. Returns True if set.
-    Used by resolve_settings (--resource-efficient); benchmarks/bench_lm.py."""
+    """Linux (glibc): allocations >= threshold go to mmap and back to the OS when freed (glibc
+    otherwise raises that threshold after large frees, and micro-batches of varying length leave
+    heap gaps that RSS never returns): train_sft.py's peak RSS 1,338 -> 485 MB at 0.70x speed."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -1495,8 +949,7 @@ def keep_heap_small(threshold=1 << 20):
 
 
 def free_memory(device):
-    """gc (Python cycles holding tensors) + the CUDA caching allocator's unused blocks.
-    Used by train_step, probe_batch_size, check_memory; memory_optimizer.py optimize."""
+    """gc (Python cycles holding tensors) + the CUDA caching allocator's unused blocks."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1504,8 +957,7 @@ def free_memory(device):
 
 def check_memory(watch, device, log=print):
     """Every `watch['every']` seconds compares RAM/GPU use to the thresholds
-    and frees caches when over. watch = {'every', 'ram', 'gpu', 'last'} (mutated).
-    Used by every trainer, every step."""
+    and frees caches when over. watch = {'every', 'ram', 'gpu', 'last'} (mutated)."""
     now = time.monotonic()
     if now - watch["last"] < watch["every"]:
         return
@@ -1529,15 +981,14 @@ def check_memory(watch, device, log=print):
 # RNG, checkpoints and resume
 
 def seed_everything(seed):
-    """Seed Python, numpy and torch (every CUDA device too). Used by open_run."""
+    """Seed Python, numpy and torch (every CUDA device too)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def rng_state():
-    """All RNG states as weights_only-loadable data (numpy's array becomes a tensor).
-    Used by training_state."""
+    """All RNG states as weights_only-loadable data (numpy's array becomes a tensor)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)),
                                                      pos, has_gauss, gauss),
@@ -1548,7 +999,7 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """The inverse of rng_state. Used by restore_training_state."""
+    """The inverse of rng_state."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -1559,19 +1010,18 @@ def set_rng_state(state):
 
 def training_state(model, optimizer, scheduler, scaler, **plain):
     """What a checkpoint holds: the state_dicts, every RNG state, and the trainer's plain data
-    (step, position in the epoch, best metric, ...).
-    Used by every trainer (its result goes to save_checkpoint)."""
+    (step, position in the epoch, best metric, ...)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **plain}
 
 
 def restore_training_state(state, model, optimizer, scheduler, scaler):
     """The inverse of training_state, for a resume: after it, the run continues as if never stopped.
-    Returns (wall_s, train_s, samples) of the run's earlier segments, zeros without a state.
-    Used by every trainer."""
+    Returns (wall_s, train_s, samples) of the run's earlier segments, zeros without a state."""
     if not state:
         return 0.0, 0.0, 0
-    had, want = state.get("args", {}).get("optim", "adamw"), "adamw8bit" if isinstance(optimizer, AdamW8bit) else "adamw"
+    had = state.get("args", {}).get("optim", "adamw")
+    want = "adamw8bit" if hasattr(optimizer, "planned_state_bytes") else "adamw"
     if had != want:
         raise UserError(f"the checkpoint being resumed was trained with --optim {had}; resume with --optim {had}, "
                         "or start over with --no-resume or a new --out")
@@ -1584,14 +1034,9 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
 
 
 def _atomic_torch_save(obj, path, also=None):
-    """torch.save to a temp file, fsync, os.replace: never half a checkpoint. Then its SHA-256
-    beside it (<name>.sha256, also atomic), which load_checkpoint checks before trusting it.
-    also: a second path that gets a copy (best.pt) before `path` itself appears. A kill before
-    `path` exists leaves the run to resume from the checkpoint before, so the replayed steps
-    write both again: best.pt is never left older than the step that made it.
-    A full disk is a UserError that says how much space the save needs; the partial file is
-    deleted (it would only hold the space a retry needs) and earlier checkpoints stay intact.
-    Used by save_checkpoint."""
+    """torch.save to a temp file, fsync, os.replace, then <name>.sha256: never half a checkpoint.
+    `also` (best.pt) gets its copy before `path` appears, so it is never older than its step. A
+    full disk is one UserError; the partial file goes, earlier checkpoints stay."""
     tmp = path.with_name(path.name + ".tmp")
     extra = also.with_name(also.name + ".tmp") if also else None
     try:
@@ -1619,7 +1064,7 @@ def _atomic_torch_save(obj, path, also=None):
 
 def disk_full(e):
     """True when e, or what it was raised from, is "no space left" (torch.save reports it as a
-    RuntimeError whose context is the OSError). Used by _atomic_torch_save."""
+    RuntimeError whose context is the OSError)."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -1628,8 +1073,7 @@ def disk_full(e):
 
 
 def tensor_bytes(obj):
-    """Bytes of every tensor in a nest of dicts/lists/tuples: about a checkpoint's size.
-    Used by _atomic_torch_save."""
+    """Bytes of every tensor in a nest of dicts/lists/tuples: about a checkpoint's size."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -1642,8 +1086,7 @@ def tensor_bytes(obj):
 def write_checksum(path):
     """<path>.sha256 := the file's SHA-256, written atomically. A kill between a checkpoint's
     rename and this one leaves a whole file with an old or no checksum: an old one fails the
-    check (that file is passed over), no checksum is trusted (files from before checksums).
-    Used by _atomic_torch_save."""
+    check (that file is passed over), no checksum is trusted (files from before checksums)."""
     side = path.with_name(path.name + ".sha256")
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(file_sha256(path) + "\n")
@@ -1651,17 +1094,13 @@ def write_checksum(path):
 
 
 def _ckpt_step(path):
-    """The step N of ckpt_stepN.pt, for numeric sorting.
-    Used by save_checkpoint, find_checkpoint."""
+    """The step N of ckpt_stepN.pt, for numeric sorting."""
     return int(path.stem.split("step")[1])
 
 
 def save_checkpoint(out, step, state, keep, protect=None, best=False, log=print):
-    """Write <out>/checkpoints/ckpt_step{N:08d}.pt atomically, keep the newest `keep`, never
-    delete `protect` (the file this run resumed from); best=True also writes best.pt, first.
-    `state` is a dict of state_dicts and plain data -- never a module or a function.
-    Warns when the disk has less room than the last checkpoint took, while it still fits.
-    Used by every trainer."""
+    """<out>/checkpoints/ckpt_step{N:08d}.pt, atomically; keep the newest `keep`, never delete
+    `protect` (the file this run resumed from); best=True also writes best.pt."""
     d = Path(out) / "checkpoints"
     d.mkdir(parents=True, exist_ok=True)
     ckpts = sorted(d.glob(CKPT_GLOB), key=_ckpt_step)
@@ -1684,11 +1123,8 @@ class ChecksumMismatch(Exception):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint without running code from it and without trusting bytes it has not
-    verified: the file's SHA-256 must match <name>.sha256 when there is one (a flipped byte
-    inside a tensor passes the zip format's own checks), and weights_only=True refuses pickled
-    callables/classes, so a tampered file raises instead of executing.
-    Used by find_checkpoint, load_run_model; train_classifier.py (best.pt)."""
+    """A checkpoint, never running code from it (weights_only=True) nor trusting bytes it has not
+    verified (<name>.sha256: a flipped byte inside a tensor passes the zip format's checks)."""
     side = Path(path).with_name(Path(path).name + ".sha256")
     if side.is_file():
         want, got = side.read_text().strip(), file_sha256(path)
@@ -1700,9 +1136,7 @@ def load_checkpoint(path):
 def load_run_model(run, flag, trainer, key, resume=None):
     """The model a run folder serves: --resume PATH, else its best.pt, else its newest loadable
     checkpoint. Returns (state, path); no checkpoint, or one made by another trainer (it lacks
-    `key`, the entry this trainer's model is built from), is a UserError naming `flag`.
-    Used by every path that serves a model: train_gru.py --suggest, train_classifier.py
-    --predict, train_asr.py --transcribe, train_lm.py sample, train_sft.py ask and --init-from."""
+    `key`, the entry this trainer's model is built from), is a UserError naming `flag`."""
     run = Path(run)
     best = run / "checkpoints" / "best.pt"
     if resume is None and best.is_file():
@@ -1714,7 +1148,8 @@ def load_run_model(run, flag, trainer, key, resume=None):
             state, path = find_checkpoint(run, argparse.Namespace(resume=None, no_resume=False, trainer=None),
                                           lambda m: print(m, file=sys.stderr))
     else:
-        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False, trainer=trainer if resume else None),
+        state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False,
+                                                              trainer=trainer if resume else None),
                                       lambda m: print(m, file=sys.stderr))
     if state is None:
         n = len(list((run / "checkpoints").glob("*.pt")))
@@ -1731,18 +1166,14 @@ def load_run_model(run, flag, trainer, key, resume=None):
 
 
 def saved_by(state):
-    """The trainer name a checkpoint's args record (None for a file without one).
-    Used by load_run_model, find_checkpoint."""
+    """The trainer name a checkpoint's args record (None for a file without one)."""
     args = state.get("args") if isinstance(state, dict) else None
     return args.get("trainer") if isinstance(args, dict) else None
 
 
 def check_trainer(found, trainer, where):
-    """UserError when `found` (the trainer that wrote a run folder or checkpoint) is another
-    trainer's: its model would not fit this one's (a KeyError deep inside, before). The LM and
-    SFT share one model, so each reads the other's checkpoints.
-    trainer=None checks nothing (load_run_model checks, naming its own flag).
-    Used by load_run_model, find_checkpoint, prepare_run_dir."""
+    """UserError when `found` (who wrote a run folder or checkpoint) is another trainer (the LM
+    and SFT share one model); trainer=None checks nothing."""
     if trainer is None or found in (None, trainer) or {found, trainer} <= {"lm", "sft"}:
         return
     if found not in TRAINERS:
@@ -1754,8 +1185,7 @@ def check_trainer(found, trainer, where):
 def find_checkpoint(out, args, log=print):
     """The checkpoint to resume from: --resume PATH, else the newest loadable one in <out>.
     A truncated or corrupt newest file gives a warning and the previous one is used.
-    Returns (state, path) or (None, None).
-    Used by open_run; every trainer."""
+    Returns (state, path) or (None, None)."""
     if args.resume:
         p = Path(args.resume)
         if not p.is_file():
@@ -1795,11 +1225,9 @@ def find_checkpoint(out, args, log=print):
 # run folder: args.json, status.json, metrics.jsonl, train.log, summary.json, plots
 
 def open_run(args, sources):
-    """Once a trainer's flags and data are checked, before anything is written:
-    the run folder (default runs/<trainer>-<time>, checked writable), the seed, the device and
-    precision (setup_device), and the checkpoint to resume. Returns (out, (device, amp_dtype,
-    scaler, why), state, resumed_from, notes): notes are lines for the log, once start_run opens it.
-    Used by every trainer."""
+    """After the flags and data are checked, before anything is written: the run folder (checked
+    writable), the seed, the device, the checkpoint to resume. Returns (out, setup_device's
+    tuple, state, resumed_from, notes for the log)."""
     if args.resume and args.no_resume:
         raise UserError(f"--resume {args.resume} --no-resume: pick one (resume from that file, or start over)")
     out = Path(args.out) if args.out else default_out(args.trainer)
@@ -1814,13 +1242,12 @@ def open_run(args, sources):
 
 
 def default_out(trainer):
-    """runs/<trainer>-<timestamp>. Used by open_run."""
+    """runs/<trainer>-<timestamp>."""
     return Path("runs") / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def check_out_writable(out):
-    """Fail early (exit 2) if --out cannot be a run folder, before anything is written.
-    Used by open_run; train_lm.py (prepare, the built-in corpus), memory_optimizer.py start."""
+    """Fail early (exit 2) if --out cannot be a run folder, before anything is written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; pick another --out")
@@ -1844,8 +1271,7 @@ def check_out_writable(out):
 
 def prepare_run_dir(out, no_resume):
     """Create the run folder. With --no-resume, an earlier run's checkpoints and metrics are
-    moved to *.old-<time> rather than deleted or overwritten.
-    Used by start_run."""
+    moved to *.old-<time> rather than deleted or overwritten."""
     out = Path(out)
     if (out / "status.json").exists():
         st = read_status(out)
@@ -1875,8 +1301,7 @@ def prepare_run_dir(out, no_resume):
 
 def read_status(out):
     """<out>/status.json as a dict; {} when there is none or it is unreadable (an unreadable one
-    proves no live trainer, and start_run writes a new one).
-    Used by open_run, prepare_run_dir, list_runs; memory_optimizer.py."""
+    proves no live trainer, and start_run writes a new one)."""
     try:
         st = json.loads((Path(out) / "status.json").read_text() or "{}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -1884,10 +1309,16 @@ def read_status(out):
     return st if isinstance(st, dict) else {}
 
 
+def newest_run(trainer, root="runs"):
+    """The run folder under `root` that `trainer` started last (None without one): what a serving
+    command (--suggest, --transcribe) uses when no --out is given."""
+    runs = [(st["started"], d) for d in Path(root).glob("*") if (st := read_status(d)).get("trainer") == trainer
+            and isinstance(st.get("started"), (int, float))]
+    return max(runs)[1] if runs else None
+
+
 def write_json_atomic(path, obj):
-    """Write JSON via a temp file and os.replace, so readers never see half a file.
-    Used by write_args, update_status, write_summary; train_lm.py's device_peak (so train_sft.py
-    too), memory_optimizer.py."""
+    """Write JSON via a temp file and os.replace, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     # no fsync: status.json is rewritten every log interval; os.replace alone keeps it whole
@@ -1896,8 +1327,7 @@ def write_json_atomic(path, obj):
 
 
 def write_args(out, args, sources, chosen):
-    """args.json: every resolved setting, where it came from, and what auto-tuning chose.
-    Used by every trainer."""
+    """args.json: every resolved setting, where it came from, and what auto-tuning chose."""
     settings = {k: {"value": v, "source": sources.get(k, "default")} for k, v in sorted(vars(args).items())}
     write_json_atomic(Path(out) / "args.json", {"settings": settings, "chosen": chosen,
                                                  "argv": sys.argv, "python": sys.executable})
@@ -1905,8 +1335,7 @@ def write_args(out, args, sources, chosen):
 
 def update_status(out, status, **changes):
     """Merge `changes` into the status dict and write status.json atomically (readers never
-    see half a file).
-    Used by every trainer, at every log interval and state change."""
+    see half a file)."""
     status.update(changes, updated=time.time())
     write_json_atomic(Path(out) / "status.json", status)
 
@@ -1914,8 +1343,7 @@ def update_status(out, status, **changes):
 def start_run(out, args, trainer, metric_name, notes=()):
     """Once all the trainer's checks have passed (nothing is written before):
     claim the run folder, open train.log (and log `notes`), write the first status.json,
-    install the stop handlers. Returns (log, status, stop).
-    Used by every trainer."""
+    install the stop handlers. Returns (log, status, stop)."""
     moved = prepare_run_dir(out, args.no_resume)
     log = make_logger(out)
     for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:
@@ -1928,8 +1356,7 @@ def start_run(out, args, trainer, metric_name, notes=()):
 @contextlib.contextmanager
 def recording_failures(out, status):
     """Around a trainer's training: if it raises, status.json says so (`failed` with the error,
-    or `stopped` after a second Ctrl-C) before the exception goes on.
-    Used by every trainer."""
+    or `stopped` after a second Ctrl-C) before the exception goes on."""
     try:
         yield
     except KeyboardInterrupt:
@@ -1945,23 +1372,32 @@ def recording_failures(out, status):
 
 
 def memory_watch(args):
-    """The state check_memory keeps between calls, from the memory flags.
-    Used by every trainer."""
+    """The state check_memory keeps between calls, from the memory flags."""
     return {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
             "swap": args.swap_threshold,
             "last": time.monotonic()}
 
 
 def progress_bar(total, initial):
-    """The training bar: redraws often on a terminal, every 30 s into a log file.
-    Used by every trainer."""
+    """The training bar: redraws often on a terminal, every 30 s into a log file."""
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 mininterval=1 if sys.stderr.isatty() else 30)
 
 
+def log_step(log, step, total, loss, lr, *, elapsed, steps, items, unit, device, extra=""):
+    """The one plain line of every --log-every interval, in train.log and above the bar, with
+    fixed fields: step, loss, lr, ms/step and items/s (over this process's `steps` steps and
+    `items` items in `elapsed` seconds), memory now. Returns memory_snapshot's figures."""
+    mem = memory_snapshot(device)
+    where = f"GPU {mem['gpu_mb']:.0f}" if mem["gpu_mb"] is not None else f"RAM {mem['ram_mb']:.0f}"
+    log(f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | {1e3 * elapsed / max(1, steps):.0f} ms/step | "
+        f"{items / max(1e-9, elapsed):,.0f} {unit}/s | {where} MB{extra}")
+    return mem
+
+
 def append_metrics(out, record):
-    """One JSON record per line to <out>/metrics.jsonl. Used by every trainer."""
+    """One JSON record per line to <out>/metrics.jsonl."""
     with open(Path(out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -1969,8 +1405,7 @@ def append_metrics(out, record):
 def truncate_metrics(out, step):
     """On resume from step N, drop records a killed run wrote after its checkpoint at N:
     they will be written again, identically, by the resumed run. A line a kill cut in half
-    is dropped too. The rewrite is atomic: a kill during it keeps the old file.
-    Used by every trainer."""
+    is dropped too. The rewrite is atomic: a kill during it keeps the old file."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return
@@ -1988,8 +1423,7 @@ def truncate_metrics(out, step):
 
 
 def read_metrics(out):
-    """The records of <out>/metrics.jsonl ([] without one).
-    Used by plot_progress; train_classifier.py."""
+    """The records of <out>/metrics.jsonl ([] without one)."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -1997,8 +1431,7 @@ def read_metrics(out):
 
 
 def make_logger(out):
-    """log(msg): print above the tqdm bar and append to <out>/train.log with a timestamp.
-    Used by start_run."""
+    """log(msg): print above the tqdm bar and append to <out>/train.log with a timestamp."""
     path = Path(out) / "train.log"
 
     def log(msg):
@@ -2010,14 +1443,13 @@ def make_logger(out):
 
 
 def write_summary(out, **fields):
-    """<out>/summary.json: the run's final numbers. Used by every trainer."""
+    """<out>/summary.json: the run's final numbers."""
     write_json_atomic(Path(out) / "summary.json", fields)
 
 
 def plot_progress(out, metric):
     """plots/training_progress.png (train loss and the main validation metric vs step), when
-    matplotlib is installed. Returns the path or None.
-    Used by train_gru.py, train_asr.py, train_lm.py, train_sft.py."""
+    matplotlib is installed. Returns the path or None."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -2043,7 +1475,7 @@ def plot_progress(out, metric):
 
 
 def count_params(model):
-    """(all parameters, trainable parameters). Used by every trainer."""
+    """(all parameters, trainable parameters)."""
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -2053,8 +1485,7 @@ def count_params(model):
 
 def install_stop_handlers():
     """SIGTERM/SIGINT (and CTRL_BREAK on Windows) ask the loop to stop after the current step.
-    A second Ctrl-C stops at once. Returns the flag dict the loop polls via stop_requested.
-    Used by start_run; train_lm.py's start (so train_sft.py too), for its DDP ranks."""
+    A second Ctrl-C stops at once. Returns the flag dict the loop polls via stop_requested."""
     flag = {"stop": None}
 
     def handler(signum, frame):
@@ -2071,147 +1502,69 @@ def install_stop_handlers():
 
 def stop_requested(flag, out):
     """True after a signal, or when `memory_optimizer.py stop` left a STOP file (works where signals
-    can't reach a detached process, e.g. Windows).
-    Used by every trainer, every step."""
+    can't reach a detached process, e.g. Windows)."""
     if not flag["stop"] and (Path(out) / "STOP").exists():
         flag["stop"] = "STOP file"
     return flag["stop"]
 
 
 # -----------------------------------------------------------------------------
-# several processes: torchrun (DDP; gloo on CPU, NCCL on CUDA)
-#
-# Every trainer runs the same under `torchrun --nproc_per_node N train_X.py ...`: --batch-size is
-# the effective batch of each process, so the global batch is N times it. The global batch's items
-# stay a pure function of (seed, step) and rank r trains on its slice, so N processes follow the
-# 1-process run at the same global batch and a resume is exact. Rank 0 alone writes the run folder.
+# one process, or several under torchrun (ddp.py)
 
-def ddp_env(args):
-    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) without it. Under torchrun
-    on CUDA it also picks this rank's GPU, before setup_device, so "cuda" then means that GPU.
-    Used by every trainer's main, before open_run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and args.device != "cpu" and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    return rank, world, local_rank
+class OneProcess:
+    """What a trainer asks of its process group, for a plain run: one process, nothing to agree
+    on, every method a no-op. Under torchrun, ddp.Ranks does the same with the work in it."""
+    rank, world, local_rank, is_main = 0, 1, 0, True
+
+    def start(self, out, args, trainer, metric_name, notes, device):
+        return start_run(out, args, trainer, metric_name, notes)
+
+    def end(self):
+        pass
+
+    def wrap(self, model):
+        return model, None  # (the model that trains, its no_sync for train_step)
+
+    def all(self, value, op):
+        return value
+
+    def agree_batch(self, micro_bs, accum):
+        return micro_bs, accum
+
+    def barrier(self):
+        pass
+
+    def seed_step(self, seed, step):
+        pass  # one process: its RNG stream is in the checkpoint
+
+    def slice(self, items):
+        return items
+
+
+def process_group(args):
+    """OneProcess, or under torchrun (WORLD_SIZE > 1) ddp.Ranks: the only place ddp.py is imported."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return OneProcess()
+    import ddp
+    return ddp.Ranks(args)
 
 
 def check_world_size(state, resumed_from, world):
     """A checkpoint resumes only on as many processes as wrote it: the batches and the ranks'
-    slices of them depend on the process count. Used by every trainer after open_run."""
+    slices of them depend on the process count."""
     was = state.get("world_size", 1) if isinstance(state, dict) else 1
     if state is not None and was != world:
         raise UserError(f"{resumed_from} was trained on {was} process(es), this is {world}; "
                         f"resume with the same --nproc_per_node, or use a new --out")
 
 
-def start_ranks(out, args, trainer, metric_name, notes, rank, world, device):
-    """start_run on rank 0; on the other ranks a silent log, a status dict nobody writes and the
-    stop handlers (they still stop cleanly on SIGTERM from torchrun). Then the process group,
-    its backend chosen by the device. Returns (log, status, stop). Used by every trainer."""
-    if rank == 0:
-        log, status, stop = start_run(out, args, trainer, metric_name, notes)
-    else:
-        log, status, stop = (lambda msg: None), {"started": time.time()}, install_stop_handlers()
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return log, status, stop
-
-
-def end_ranks(world):
-    """Leave the process group (under torchrun). Used by every trainer's main, in `finally`."""
-    if world > 1:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def ddp_wrap(model, device, world, local_rank):
-    """(the model that trains, the no_sync for common.train_step): DDP-wrapped under torchrun, so
-    gradients are averaged over ranks once per step (on the last micro-batch), else itself and None.
-    Save the unwrapped model. Used by every trainer."""
-    if world == 1:
-        return model, None
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    return ddp, ddp.no_sync
-
-
-def all_ranks(value, op, device, world):
-    """A number agreed by every rank: op is "sum", "min" or "max"; itself on one process.
-    Used by every trainer (the logged loss, the micro-batch after an OOM halving, stop, best)."""
-    if world == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-    return t.item()
-
-
-def agree_batch(micro_bs, accum, device, world):
-    """The same (micro-batch, accumulation) on every rank: each rank's probe may fit another
-    micro-batch (another GPU's free memory), so all take the smallest micro-batch and the largest
-    accumulation, and the global batch has one size. Used by train_gru.py, train_classifier.py,
-    train_asr.py, after choose_batch_size."""
-    if world == 1:
-        return micro_bs, accum
-    return int(all_ranks(micro_bs, "min", device, world)), int(all_ranks(accum, "max", device, world))
-
-
-def barrier(world):
-    """No rank runs ahead of rank 0 writing a checkpoint. Used by every trainer."""
-    if world > 1:
-        dist.barrier()
-
-
-def seed_rank_step(seed, step, rank, world):
-    """Under torchrun, reseed this rank's torch RNG (dropout, augmentation) from (seed, step, rank)
-    before each step: the ranks must not draw the same masks, and a checkpoint holds one RNG state
-    (rank 0's), so a resumed rank could not go on with its own stream. One process: nothing (its
-    stream is in the checkpoint). With dropout, N processes follow one process in distribution,
-    not number for number. Used by train_gru.py, train_classifier.py, train_asr.py."""
-    if world > 1:
-        torch.manual_seed((seed * 1_000_003 + step) * world + rank)
-
-
-def rank_slice(items, rank, world):
-    """This rank's contiguous share of the global batch's items (a 1-D index tensor or a list),
-    as equal as they divide; empty when there are fewer items than ranks.
-    Used by train_gru.py, train_classifier.py, train_asr.py."""
-    n = len(items)
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    return items[lo:hi]
-
-
 # -----------------------------------------------------------------------------
-# run folders as the background-run manager (memory_optimizer.py) sees them
-
-def list_runs(root="runs"):
-    """[(run folder, status dict)] for every run under root and every folder listed in
-    root/started.txt (where `memory_optimizer.py start` records runs it launched with an --out
-    elsewhere), newest first; each folder once, a gone one skipped, an unreadable status.json {}.
-    Used by train_gru.py, train_asr.py, memory_optimizer.py (status, monitor, stop)."""
-    root = Path(root)
-    try:
-        started = (root / "started.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    except OSError:
-        started = []
-    runs, seen = [], set()
-    for d in [p.parent for p in root.glob("*/status.json")] + [Path(line) for line in started if line]:
-        if not (d / "status.json").is_file() or d.resolve() in seen:
-            continue
-        seen.add(d.resolve())
-        runs.append((d, read_status(d)))
-    return sorted(runs, key=lambda r: r[1]["started"] if isinstance(r[1].get("started"), (int, float)) else 0,
-                  reverse=True)
-
+# which process trains a run folder
 
 def process_is_trainer(status):
-    """True if status['pid'] is alive and really is the trainer of the run status['out']: a python
-    process created when status['pid_created'] says (within 1 s; a recycled PID has another
-    create time), with the trainer's script as one of its arguments (`python -u train_gru.py ...`,
-    also torchrun's rank-0 worker) and, when its arguments give --out, that folder (against its
-    cwd) is status['out']. Without pid_created or out nothing is proved: False (a pager showing
-    train_gru.py is no trainer). memory_optimizer.py stop signals only such a pid.
-    Used by prepare_run_dir; memory_optimizer.py (status, monitor, stop)."""
+    """True if status['pid'] is alive and is the trainer of status['out']: a python process made
+    when status['pid_created'] says (a recycled PID has another), running the trainer's script,
+    whose --out (if given) is that folder. memory_optimizer.py stop signals only such a pid."""
     pid, created, out = status.get("pid"), status.get("pid_created"), status.get("out")
     script = TRAINERS.get(status.get("trainer"))
     if not (isinstance(pid, int) and isinstance(created, (int, float)) and isinstance(out, str) and script):
@@ -2233,18 +1586,8 @@ def process_is_trainer(status):
 
 
 def new_status(trainer, out, metric_name):
-    """The status dict a trainer starts with (pid + its create time identify the process).
-    Used by start_run."""
+    """The status dict a trainer starts with (pid + its create time identify the process)."""
     return {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
             "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
             "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
 
-
-def moved_cli():
-    """`python common.py start ...`, the run manager's old home: one line naming the new command."""
-    raise UserError("common.py is the trainers' shared library; the run manager moved: python memory_optimizer.py "
-                    + (" ".join(sys.argv[1:]) or "status"))
-
-
-if __name__ == "__main__":
-    run_main(moved_cli)

@@ -38,9 +38,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, cpu_has_bf16, free_memory, list_runs,
-                    matmul_peak, pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size,
-                    write_json_atomic)
+from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, cpu_has_bf16, free_memory,
+                    pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size, write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 
@@ -60,6 +59,25 @@ BIG_PROCESS_MB = 500  # smaller processes are not worth closing for a training r
 
 # -----------------------------------------------------------------------------
 # profile
+
+def list_runs(root="runs"):
+    """[(run folder, status dict)] for every run under root and every folder listed in
+    root/started.txt (where `start` records runs it launched with an --out elsewhere), newest
+    first; each folder once, a gone one skipped, an unreadable status.json {}."""
+    root = Path(root)
+    try:
+        started = (root / "started.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError:
+        started = []
+    runs, seen = [], set()
+    for d in [p.parent for p in root.glob("*/status.json")] + [Path(line) for line in started if line]:
+        if not (d / "status.json").is_file() or d.resolve() in seen:
+            continue
+        seen.add(d.resolve())
+        runs.append((d, read_status(d)))
+    return sorted(runs, key=lambda r: r[1]["started"] if isinstance(r[1].get("started"), (int, float)) else 0,
+                  reverse=True)
+
 
 def cpu_model():
     """The CPU's marketing name. On Linux platform.processor() returns only 'x86_64' (or ''),
@@ -107,6 +125,7 @@ def machine_profile():
     # run's MFU is against the same, stable figure; trainers measure it only without a config
     dev = torch.device("cuda", 0) if prof["cuda_available"] else torch.device("cpu")
     prof["cpu_bf16_units"] = cpu_has_bf16()
+    from train_lm import matmul_peak  # MFU's denominator is the LM's; read here once for every run
     prof["matmul_peak"] = {"device": dev.type, "threads": torch.get_num_threads(),
                            "fp32_gflops": round(matmul_peak(dev, torch.float32) / 1e9, 1),
                            "bf16_gflops": round(matmul_peak(dev, torch.bfloat16) / 1e9, 1)}
@@ -519,7 +538,7 @@ def status_table(runs):
 
 def pick_run(root, run, running_only=False):
     """(folder, status) of RUN (a folder, or a name under root), else the newest (running) run
-    (common.list_runs: under root or recorded in root/started.txt). Called by stop and monitor."""
+    (list_runs: under root or recorded in root/started.txt). Called by stop and monitor."""
     if run:
         p = Path(run)
         if not (p / "status.json").exists():
@@ -553,7 +572,7 @@ def own_pids(pid):
 
 def start_background(trainer, flags, root="runs", nproc=1):
     """Start a trainer detached from this terminal; output goes to <out>/console.log. A run
-    folder outside root is recorded in root/started.txt, where common.list_runs finds it.
+    folder outside root is recorded in root/started.txt, where list_runs finds it.
     nproc > 1: under torchrun on this machine (`python -m torch.distributed.run --standalone
     --nproc_per_node N`); status.json then names the rank-0 worker, a descendant of torchrun, and
     `stop` signals it: the trainer's loop stops every rank at the same step.
@@ -628,7 +647,7 @@ def start_background(trainer, flags, root="runs", nproc=1):
 
 def register_run(out, root):
     """Append out to root/started.txt (once), so that status/monitor/stop --runs root list a run
-    whose --out is elsewhere (common.list_runs reads it). Called by start_background."""
+    whose --out is elsewhere (list_runs reads it). Called by start_background."""
     if out.resolve().parent == root.resolve():
         return  # found under root anyway
     reg = root / "started.txt"
@@ -741,13 +760,15 @@ def build_parser():
     s = sub.add_parser("profile", formatter_class=HelpFormat, help="CPU, RAM, GPU, disk and versions of this machine")
     s.add_argument("--json", action="store_true", help="print the profile as a JSON dict instead of a table")
 
-    s = sub.add_parser("config", formatter_class=HelpFormat, help="write optimal_config.json: recommended settings for every trainer")
+    s = sub.add_parser("config", formatter_class=HelpFormat,
+                       help="write optimal_config.json: recommended settings for every trainer")
     s.add_argument("--out", default="optimal_config.json", metavar="PATH",
                    help="file to write (default optimal_config.json here, where the trainers look for it)")
     s.add_argument("--quick", action="store_true",
                    help="recommend batch sizes for --quick runs (the quick column of the RAM table)")
 
-    s = sub.add_parser("optimize", formatter_class=HelpFormat, help="free this process's caches, show RAM/GPU use and the biggest "
+    s = sub.add_parser("optimize", formatter_class=HelpFormat,
+                       help="free this process's caches, show RAM/GPU use and the biggest "
                                         "processes, recommend what to close (never kills anything)")
     s.add_argument("--top", type=pos_int, default=8, metavar="N",
                    help="list the N processes using the most RAM")

@@ -17,10 +17,12 @@ Re-running the same command resumes from the newest checkpoint in --out.
 """
 
 import contextlib
+import functools
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -223,8 +225,9 @@ def norm_category(c):
 
 
 def read_data(path, bad_rows, log):
-    """(query, category) pairs from a CSV/TSV/JSONL file with columns text,category (common.read_records)."""
-    rows, bad, reasons = common.read_records(path, "--data", ("text", "category"), bad_rows=bad_rows)
+    """(query, category) pairs from a CSV/TSV/JSONL file with columns text,category."""
+    from records import read_records  # records.py: only a user's data file needs it, not the built-in data
+    rows, bad, reasons = read_records(path, "--data", ("text", "category"), bad_rows=bad_rows)
     if bad:
         log(f"--data {path}: {bad} bad rows skipped (first: {'; '.join(reasons)})")
     pairs = [(" ".join(r["text"].lower().split()), norm_category(r["category"])) for r in rows]
@@ -272,12 +275,12 @@ def make_batch(data, idx):
 
 
 # -----------------------------------------------------------------------------
-# models
+# models, their loss and validation
 
 class CadenceGRU(nn.Module):
     """The seed's optimized model: [word emb 128 ; category emb 64] at every step -> GRU 256 ->
-    dropout (the seed's 0.3; train_gru.py passes --dropout) -> softmax over the vocabulary. Category enters at every step, so it constrains
-    every next word, not just the first."""
+    dropout (the seed's 0.3; train_gru.py passes --dropout) -> softmax over the vocabulary. Category
+    enters at every step, so it constrains every next word, not just the first."""
     supports_grad_checkpointing = False  # one cuDNN GRU layer: nothing to recompute per layer
 
     def __init__(self, vocab, n_cats, emb=128, cat_emb=64, hidden=256, dropout=0.3):
@@ -374,19 +377,19 @@ def loss_fn(model, mb, device):
 
 
 @torch.inference_mode()
-def evaluate(model, data, device, amp_dtype, bs=256, rank=0, world=1):
+def evaluate(model, data, device, amp_dtype, bs=256, ranks=common.OneProcess()):
     """Validation loss per token and perplexity; under torchrun each rank sums its share of the
-    queries and the sums are added up (common.all_ranks), so every rank gets the same figures."""
+    queries and the sums are added up (ranks.all), so every rank gets the same figures."""
     model.eval()
     total, n = 0.0, 0
-    rows = common.rank_slice(torch.arange(len(data["cats"])), rank, world)
+    rows = ranks.slice(torch.arange(len(data["cats"])))
     for i in range(0, len(rows), bs):
         batch = make_batch(data, rows[i:i + bs])
         with common.autocast(device, amp_dtype):
             loss, k = loss_fn(model, batch, device)
         total, n = total + loss.item(), n + int(k)
     model.train()
-    total, n = common.all_ranks(total, "sum", device, world), common.all_ranks(n, "sum", device, world)
+    total, n = ranks.all(total, "sum"), ranks.all(n, "sum")
     return total / n, math.exp(total / n)
 
 
@@ -407,7 +410,320 @@ def unigram_ppl(train, val, vocab):
 
 
 # -----------------------------------------------------------------------------
-# suggestions: category-constrained diverse beam search (CADENCE's dynamic beam search)
+# the run: flags and data checked, the run folder opened, then train()
+
+@dataclass
+class Run:
+    """One run's context: set up by main() (and the precision and totals by train()) before the
+    loop, read by the helpers below, as icefall passes its `params`."""
+    args: object  # the resolved flags
+    out: Path
+    log: object  # log(message): the console and <out>/train.log
+    status: dict
+    stop: dict  # common.stop_requested(stop, out) says why to stop, if anyone asked
+    ranks: object  # common.OneProcess, or ddp.Ranks under torchrun
+    device: torch.device
+    amp_dtype: object  # torch.bfloat16 / torch.float16 / None (fp32)
+    scaler: object
+    prec_why: str
+    state: dict = None  # the checkpoint resumed from
+    resumed_from: Path = None
+    eval_bs: int = 256  # halved for good if a validation batch runs out of memory
+    # the totals of the run's earlier segments (a run stopped and resumed counts over all of them)
+    wall_before: float = 0.0
+    train_before: float = 0.0
+    samples_before: int = 0
+
+    def totals(self, t_start, samples_seen):
+        """(wall_s, train_s, samples) over every segment, this one (training since t_start) included."""
+        now = time.time()
+        return (self.wall_before + now - self.status["started"], self.train_before + now - t_start,
+                self.samples_before + samples_seen)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, sources = common.resolve_settings(parser, argv)
+    if any(a == "--max-len" or a.startswith("--max-len=") for a in argv):
+        print("note: --max-len is the old name of --max-words (words to generate); it still works",
+              file=sys.stderr)
+    if args.suggest is not None:
+        return run_suggest(args)
+    if not 0 < args.val_frac < 0.5:
+        raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
+    if args.category is not None:
+        raise UserError("--category only applies with --suggest")
+    if args.dropout is None:  # original: the paper's 0.8, not re-measured (it does not run in minutes)
+        args.dropout, sources["dropout"] = (DROPOUT if args.preset == "optimized" else 0.8), "auto"
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.quick and sources["epochs"] == "default":
+        # --quick checks the setup in well under a minute; 8 epochs would take ~3x as long
+        args.epochs, sources["epochs"] = QUICK_EPOCHS, "quick"
+
+    # -- data (validated before the run folder is touched)
+    common.fetch_data(args, ("data",), print, exts=(".csv", ".tsv", ".jsonl", ".json"))
+    if args.data:
+        pairs = read_data(args.data, args.bad_rows, print)
+        data_desc = f"{args.data} ({len(pairs)} queries)"
+    else:
+        n = args.dataset_size or (5000 if args.quick else 10000)
+        if args.dataset_size is None:
+            args.dataset_size, sources["dataset_size"] = n, "auto"
+        if n < 20:
+            raise UserError(f"--dataset-size {n}: too few queries to split into train and validation; use 20 or more")
+        pairs = generate_queries(n, seed=args.seed)
+        data_desc = f"built-in generator ({n} queries)"
+    cats = sorted({c for _, c in pairs})
+    # split by a seeded shuffle, not file order: real exports are often sorted by category
+    order = list(range(len(pairs)))
+    random.Random(args.seed).shuffle(order)
+    n_val = max(1, int(len(pairs) * args.val_frac))
+    val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+
+    # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
+    # folder is written to
+    ranks = common.process_group(args)
+    out, (device, amp_dtype, scaler, prec_why), state, resumed_from, notes = common.open_run(args, sources)
+    if state is not None and not (isinstance(state, dict) and "extra" in state):
+        # a file without a trainer's record (open_run refuses one that names another trainer)
+        raise UserError(f"{resumed_from} is not a train_gru.py checkpoint; use a new --out or --no-resume")
+    # vocabulary from the training split (or the checkpoint, so ids never shift on resume)
+    itos = state["extra"]["itos"] if state else build_vocab(train_pairs, args.vocab_size)
+    if state:
+        cats = state["extra"]["cats"]
+        if state["extra"]["preset"] != args.preset:
+            raise UserError(f"{resumed_from} is a --preset {state['extra']['preset']} run; use that "
+                            "preset, a new --out, or --no-resume")
+    if any(c not in cats for c in {c for _, c in pairs}):
+        raise UserError(f"{resumed_from} was trained on other categories than this data; use a new --out "
+                        "or --no-resume")
+    common.check_world_size(state, resumed_from, ranks.world)
+
+    log, status, stop = ranks.start(out, args, "gru", "val_ppl", notes, device)
+    run = Run(args, out, log, status, stop, ranks, device, amp_dtype, scaler, prec_why, state, resumed_from)
+    try:
+        with common.recording_failures(out, status) if ranks.is_main else contextlib.nullcontext():
+            return train(run, sources, train_pairs=train_pairs, val_pairs=val_pairs, itos=itos, cats=cats,
+                         data_desc=data_desc)
+    finally:
+        ranks.end()
+
+
+# -----------------------------------------------------------------------------
+# training: the optimizer, the checkpoint and validation helpers, then train() with the loop
+
+def build_optimizer(model, args, sources, *, n_train, G, log):
+    """AdamW (seed: lr 1e-3, wd 0.01), linear warm-up, then cosine decay.
+    Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
+    optimizer = common.make_optimizer(model.parameters(), args, lr=args.lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(n_train / G)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
+    if args.warmup is None:  # the seed's rule: warm-up 0 measured no better on real text (358 vs 354)
+        args.warmup, sources["warmup"] = min(100, total_steps // 10), "auto"
+    warmup = args.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+    return optimizer, scheduler, steps_per_epoch, total_steps
+
+
+def save(run, *, model, optimizer, scheduler, extra, step, epoch, pos, best, micro_bs, accum, t_start,
+         samples_seen, best_now=False):
+    """A checkpoint of the run as it stands after `step` (rank 0 only); status.json names it."""
+    wall_s, train_s, samples = run.totals(t_start, samples_seen)
+    ckpt = common.training_state(model, optimizer, scheduler, run.scaler, step=step, epoch=epoch, pos=pos, best=best,
+                                 micro_bs=micro_bs, accum=accum, world_size=run.ranks.world,
+                                 args=dict(vars(run.args)), wall_s=wall_s, train_s=train_s, samples=samples,
+                                 extra=extra)
+    path = common.save_checkpoint(run.out, step, ckpt, run.args.keep, protect=run.resumed_from, best=best_now,
+                                  log=run.log)
+    common.update_status(run.out, run.status, last_checkpoint=str(path.resolve()))
+
+
+def validate(run, model, val_data, *, step=None, epoch=None, base_ppl=None):
+    """(val loss, perplexity) at run.eval_bs; a batch that runs out of memory halves it for good. With
+    `step`, rank 0 records them: metrics.jsonl, the log, status.json."""
+    (val_loss, val_ppl), run.eval_bs = common.evaluate_halving(
+        lambda bs: evaluate(model, val_data, run.device, run.amp_dtype, bs, ranks=run.ranks), run.eval_bs,
+        run.device, run.log)
+    if step is not None and run.ranks.is_main:
+        common.append_metrics(run.out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
+                                        "val_ppl": round(val_ppl, 4)})
+        run.log(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} (unigram baseline {base_ppl:.2f})")
+        common.update_status(run.out, run.status, metric=round(val_ppl, 4))
+    return val_loss, val_ppl
+
+
+def resume(run, model, optimizer, scheduler):
+    """The loop's position (step, epoch, batch of the epoch, best val perplexity): from the checkpoint
+    being resumed, with the model, optimizer, scheduler, scaler and RNG as they were; else the start."""
+    run.wall_before, run.train_before, run.samples_before = common.restore_training_state(
+        run.state, model, optimizer, scheduler, run.scaler)
+    if not run.state:
+        return 0, 0, 0, float("inf")
+    step, epoch, pos, best = (run.state[k] for k in ("step", "epoch", "pos", "best"))
+    run.log(f"resumed from {run.resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    return step, epoch, pos, best
+
+
+def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak, step, start_step, epoch, best,
+           t_start, samples_seen, effective_batch, global_batch):
+    """The end of a run: validate once more (every rank its share); rank 0 writes summary.json and the
+    plot, and logs a few suggestions from the trained model as a smoke test."""
+    out, device, args = run.out, run.device, run.args
+    if step == start_step and (out / "summary.json").exists():
+        run.log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
+        if run.ranks.is_main:
+            common.update_status(out, run.status, state="finished", eta_s=0)
+        return 0
+    _, val_ppl = validate(run, model, val_data)
+    if not run.ranks.is_main:
+        return 0
+    wall_s, train_s, samples = run.totals(t_start, samples_seen)
+    n_params, n_trainable = common.count_params(model)
+    common.write_summary(
+        out, trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
+        unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch, samples_per_s=round(samples / max(1e-9, train_s), 1),
+        peak_mem_mb=common.peak_memory_mb(device), **common.memory_figures(plan, peak, optimizer, args),
+        params=n_params, trainable_params=n_trainable, wall_s=round(wall_s, 1), preset=args.preset,
+        device=device.type, precision=args.precision, effective_batch=effective_batch, world_size=run.ranks.world,
+        global_batch=global_batch)
+    plot = common.plot_progress(out, "val_ppl")
+    run.log(f"done: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} ({val_ppl / base_ppl:.0%} of "
+            f"it); {step} steps in {wall_s:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+    stoi = {w: i for i, w in enumerate(itos)}
+    for prefix, cat in [("red run", "fashion"), ("samsung ", "electronics"), ("steel", "home_kitchen")]:
+        if cat in cats:
+            sugg = suggest(model, prefix, cat, stoi, itos, cats, beam=3, max_words=args.max_words, device=device)
+            run.log(f"suggest {prefix!r} [{cat}]: " + " | ".join(t for _, t in sugg))
+    common.update_status(out, run.status, state="finished", step=step, metric=round(val_ppl, 4), eta_s=0)
+    return 0
+
+
+def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
+    """data -> model -> fit the machine -> optimizer -> resume -> the loop -> report."""
+    args, out, log, ranks, device = run.args, run.out, run.log, run.ranks, run.device
+    cat_index = {c: i for i, c in enumerate(cats)}
+    stoi = {w: i for i, w in enumerate(itos)}
+    train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
+    n_train = len(train_pairs)
+    log(f"data: {data_desc}; {n_train} train / {len(val_pairs)} val; vocab {len(itos)} words; "
+        f"{len(cats)} categories")
+
+    # -- model
+    model = build_model(args.preset, len(itos), len(cats), args.dropout).to(device)
+    if args.grad_checkpointing and not model.supports_grad_checkpointing:
+        log("gradient checkpointing: not used (the optimized preset is one fused GRU layer)")
+    model.grad_checkpointing = args.grad_checkpointing and model.supports_grad_checkpointing
+    log(f"model: {args.preset}, {common.count_params(model)[0]:,} parameters")
+
+    # -- fit the machine: the effective batch is fixed, the micro-batch and the precision are fitted to
+    # the worst case (copies of the longest query); then the optimizer and the memory plan
+    compute_loss = functools.partial(loss_fn, device=device)
+    longest = int((train_data["offsets"][1:] - train_data["offsets"][:-1]).argmax())
+    worst = lambda bs: make_batch(train_data, torch.full((bs,), longest))  # noqa: E731
+    micro_bs, accum, run.amp_dtype, why = common.fit_batch(
+        model, compute_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why),
+        state=run.state, log=log, ranks=ranks, unit="queries")
+    E, G = micro_bs * accum, micro_bs * accum * ranks.world  # queries per rank per step; the global batch
+    if 0 < n_train % G < ranks.world:
+        raise UserError(f"--batch-size {E} x {ranks.world} processes: the last batch of each epoch would hold "
+                        f"{n_train % G} of {n_train} queries, too few for every process; use another --batch-size")
+    optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
+                                                                         G=G, log=log)
+    plan = common.memory_plan(model, optimizer, compute_loss, worst(micro_bs), device=device,
+                              amp_dtype=run.amp_dtype, world=ranks.world, log=log, worst="the longest query")
+    if args.plan:
+        return common.plan_only(out, run.status, log)
+
+    # -- resume
+    step, epoch, pos, best = resume(run, model, optimizer, scheduler)
+    if ranks.is_main:
+        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
+        common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
+                                               "world_size": ranks.world, "global_batch": G,
+                                               "precision": args.precision, "device": device.type, "why": why})
+    train_model, no_sync = ranks.wrap(model)  # `model` stays the one we save
+    base_ppl = unigram_ppl(train_data, val_data, len(itos))
+    extra = {"itos": itos, "cats": cats, "preset": args.preset}  # what --suggest rebuilds the model from
+
+    # -- the loop
+    watch = common.memory_watch(args)
+    if ranks.is_main:
+        common.update_status(out, run.status, state="running", total_steps=total_steps, step=step)
+    t_start, samples_seen, start_step = time.time(), 0, step
+    peak = common.peak_meter(args, device, model, optimizer)  # the peak of the largest batches, beside the plan
+    bar = common.progress_bar(total_steps, step) if ranks.is_main else None
+    model.train()
+    while step < total_steps and (args.max_steps or epoch < args.epochs):
+        # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        while pos < steps_per_epoch and step < total_steps:
+            idx = perm[pos * G:(pos + 1) * G]  # the global batch; this rank trains on its slice
+            batch = make_batch(train_data, ranks.slice(idx))
+            ranks.seed_step(args.seed, step)
+            # targets over the whole global batch: DDP's average of the ranks' gradients is then the
+            # gradient of the 1-process loss, though the ranks' queries differ in length
+            n_global = targets(train_data, idx)
+            with peak.measure(batch["x"].numel()):  # a step with the largest batch yet
+                loss, n, micro_bs = common.train_step(
+                    train_model, optimizer, run.scaler, batch, compute_loss, micro_bs, clip=args.clip, device=device,
+                    amp_dtype=run.amp_dtype, log=log, no_sync=no_sync,
+                    norm=n_global / ranks.world if ranks.world > 1 else None)
+            micro_bs = int(ranks.all(micro_bs, "min"))  # an OOM halving holds for all
+            accum = math.ceil(E / micro_bs)
+            scheduler.step()
+            step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(idx)
+            common.check_memory(watch, device, log)
+            log_now = step % args.log_every == 0 or step == total_steps
+            if ranks.world > 1 and log_now:
+                loss = ranks.all(loss * n, "sum") / n_global
+            if ranks.is_main:
+                bar.update(1)
+            if ranks.is_main and log_now:
+                elapsed, lr = time.time() - t_start, scheduler.get_last_lr()[0]
+                mem = common.log_step(log, step, total_steps, loss, lr, elapsed=elapsed, steps=step - start_step,
+                                      items=samples_seen, unit="queries", device=device)
+                common.append_metrics(out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr})
+                common.update_status(out, run.status, step=step, epoch=epoch + 1, loss=round(loss, 5),
+                                     samples_per_s=round(samples_seen / max(1e-9, elapsed), 1),
+                                     eta_s=round((total_steps - step) * elapsed / (step - start_step)), **mem)
+            end_of_epoch = pos == steps_per_epoch
+            is_best = False
+            if (args.eval_every and step % args.eval_every == 0) or end_of_epoch or step == total_steps:
+                _, val_ppl = validate(run, model, val_data, step=step, epoch=epoch, base_ppl=base_ppl)
+                is_best, best = val_ppl < best, min(best, val_ppl)
+            if end_of_epoch:
+                epoch, pos = epoch + 1, 0  # a checkpoint taken now says "start the next epoch"
+            saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
+            stop_why = common.stop_requested(run.stop, out)
+            stopping = ranks.all(bool(stop_why), "max")  # every rank stops at the same step
+            if (saved or stopping) and ranks.is_main:
+                save(run, model=model, optimizer=optimizer, scheduler=scheduler, extra=extra, step=step, epoch=epoch,
+                     pos=pos, best=best, micro_bs=micro_bs, accum=accum, t_start=t_start,
+                     samples_seen=samples_seen, best_now=is_best)
+            if saved or stopping:
+                ranks.barrier()  # no rank runs ahead of a checkpoint being written
+            if stopping:
+                log(f"stopped by {stop_why or 'another rank'} at step {step}; re-run the same command to resume")
+                if ranks.is_main:
+                    common.update_status(out, run.status, state="stopped", step=step)
+                    bar.close()
+                return 0
+            if end_of_epoch:
+                break
+    if ranks.is_main:
+        bar.close()
+
+    # -- report
+    return report(run, model=model, optimizer=optimizer, val_data=val_data, base_ppl=base_ppl, itos=itos, cats=cats,
+                  plan=plan, peak=peak, step=step, start_step=start_step, epoch=epoch, best=best, t_start=t_start,
+                  samples_seen=samples_seen, effective_batch=E, global_batch=G)
+
+
+# -----------------------------------------------------------------------------
+# serving: --suggest, category-constrained diverse beam search (CADENCE's dynamic beam search)
 
 @torch.inference_mode()
 def suggest(model, prefix, category, stoi, itos, cats, *, beam, max_words, device):
@@ -474,8 +790,7 @@ def suggest(model, prefix, category, stoi, itos, cats, *, beam, max_words, devic
 
 
 def run_suggest(args):
-    out = Path(args.out) if args.out else next(
-        (r for r, st in common.list_runs("runs") if st.get("trainer") == "gru"), None)
+    out = Path(args.out) if args.out else common.newest_run("gru")
     if out is None:
         raise UserError("--suggest: no run folder given and none found under runs/; pass --out RUN")
     # the model the summary's best_value measured: best.pt, else the newest checkpoint (or --resume PATH)
@@ -492,297 +807,6 @@ def run_suggest(args):
         print(f"  {text:<50} {score:7.3f}")
     if not found:
         print(f"  no word in the vocabulary starts with {args.suggest.split()[-1]!r}")
-    return 0
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args, sources = common.resolve_settings(parser, argv)
-    if any(a == "--max-len" or a.startswith("--max-len=") for a in argv):
-        print("note: --max-len is the old name of --max-words (words to generate); it still works",
-              file=sys.stderr)
-    if args.suggest is not None:
-        return run_suggest(args)
-    if not 0 < args.val_frac < 0.5:
-        raise UserError(f"--val-frac {args.val_frac}: must be between 0 and 0.5")
-    if args.category is not None:
-        raise UserError("--category only applies with --suggest")
-    if args.dropout is None:  # original: the paper's 0.8, not re-measured (it does not run in minutes)
-        args.dropout, sources["dropout"] = (DROPOUT if args.preset == "optimized" else 0.8), "auto"
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
-    if args.quick and sources["epochs"] == "default":
-        # --quick checks the setup in well under a minute; 8 epochs would take ~3x as long
-        args.epochs, sources["epochs"] = QUICK_EPOCHS, "quick"
-
-    # -- data (validated before the run folder is touched)
-    common.fetch_data(args, ("data",), print, exts=common.RECORD_EXTS)
-    if args.data:
-        pairs = read_data(args.data, args.bad_rows, print)
-        data_desc = f"{args.data} ({len(pairs)} queries)"
-    else:
-        n = args.dataset_size or (5000 if args.quick else 10000)
-        if args.dataset_size is None:
-            args.dataset_size, sources["dataset_size"] = n, "auto"
-        if n < 20:
-            raise UserError(f"--dataset-size {n}: too few queries to split into train and validation; use 20 or more")
-        pairs = generate_queries(n, seed=args.seed)
-        data_desc = f"built-in generator ({n} queries)"
-    cats = sorted({c for _, c in pairs})
-    # split by a seeded shuffle, not file order: real exports are often sorted by category
-    order = list(range(len(pairs)))
-    random.Random(args.seed).shuffle(order)
-    n_val = max(1, int(len(pairs) * args.val_frac))
-    val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
-
-    # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
-    # folder is written to
-    rank, world, local_rank = common.ddp_env(args)
-    out, device, state, resumed_from, notes = common.open_run(args, sources)
-    if state is not None and not (isinstance(state, dict) and "extra" in state):
-        # a file without a trainer's record (open_run refuses one that names another trainer)
-        raise UserError(f"{resumed_from} is not a train_gru.py checkpoint; use a new --out or --no-resume")
-    # vocabulary from the training split (or the checkpoint, so ids never shift on resume)
-    itos = state["extra"]["itos"] if state else build_vocab(train_pairs, args.vocab_size)
-    if state:
-        cats = state["extra"]["cats"]
-        if state["extra"]["preset"] != args.preset:
-            raise UserError(f"{resumed_from} is a --preset {state['extra']['preset']} run; use that "
-                            "preset, a new --out, or --no-resume")
-    if any(c not in cats for c in {c for _, c in pairs}):
-        raise UserError(f"{resumed_from} was trained on other categories than this data; use a new --out "
-                        "or --no-resume")
-
-    common.check_world_size(state, resumed_from, world)
-
-    log, status, stop = common.start_ranks(out, args, "gru", "val_ppl", notes, rank, world, device[0])
-    try:
-        with common.recording_failures(out, status) if rank == 0 else contextlib.nullcontext():
-            return train(args, sources, out=out, log=log, status=status, stop=stop, dev=device, state=state,
-                         resumed_from=resumed_from, train_pairs=train_pairs, val_pairs=val_pairs, itos=itos,
-                         cats=cats, data_desc=data_desc, rank=rank, world=world, local_rank=local_rank)
-    finally:
-        common.end_ranks(world)
-
-
-# -----------------------------------------------------------------------------
-# training: setup helpers, then train() with the loop
-
-def build_optimizer(model, args, sources, *, n_train, E, log):
-    """AdamW (seed: lr 1e-3, wd 0.01), linear warm-up, then cosine decay.
-    Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
-    optimizer = common.make_optimizer(model.parameters(), args, lr=args.lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(n_train / E)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    common.resource_efficient_eval(args, sources, steps_per_epoch, log)
-    if args.warmup is None:  # the seed's rule: warm-up 0 measured no better on real text (358 vs 354)
-        args.warmup, sources["warmup"] = min(100, total_steps // 10), "auto"
-    warmup = args.warmup
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / max(1, warmup), 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
-    return optimizer, scheduler, steps_per_epoch, total_steps
-
-
-def train(args, sources, *, out, log, status, stop, dev, state, resumed_from, train_pairs, val_pairs, itos, cats,
-          data_desc, rank=0, world=1, local_rank=0):
-    device, amp_dtype, scaler, prec_why = dev
-    is_main = rank == 0
-    stoi = {w: i for i, w in enumerate(itos)}
-    cat_index = {c: i for i, c in enumerate(cats)}
-    train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
-    n_train = len(train_pairs)
-    log(f"data: {data_desc}; {n_train} train / {len(val_pairs)} val; vocab {len(itos)} words; "
-        f"{len(cats)} categories")
-
-    # -- model
-    model = build_model(args.preset, len(itos), len(cats), args.dropout).to(device)
-    if args.grad_checkpointing:
-        if model.supports_grad_checkpointing:
-            model.grad_checkpointing = True
-        else:
-            log("gradient checkpointing: not used (the optimized preset is one fused GRU layer)")
-    n_params, n_trainable = common.count_params(model)
-    log(f"model: {args.preset}, {n_params:,} parameters")
-
-    # -- batch size: effective batch fixed, micro-batch fitted to the machine
-    longest = int((train_data["offsets"][1:] - train_data["offsets"][:-1]).argmax())
-
-    def probe(bs):  # worst case: bs copies of the longest query
-        return common.probe_step(model, lambda m, b: loss_fn(m, b, device),
-                                 make_batch(train_data, torch.full((bs,), longest)), device, amp_dtype)
-    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
-    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    micro_bs, accum = common.agree_batch(micro_bs, accum, device, world)
-    E = micro_bs * accum  # queries per rank per step
-    G = E * world  # the global batch
-    if 0 < n_train % G < world:
-        raise UserError(f"--batch-size {E} x {world} processes: the last batch of each epoch would hold "
-                        f"{n_train % G} of {n_train} queries, too few for every process; use another --batch-size")
-    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
-    first = make_batch(train_data, torch.arange(min(micro_bs, n_train)))
-    amp_dtype, why = common.measure_precision(
-        args, sources, device, model, lambda dt: common.probe_step(model, lambda m, b: loss_fn(m, b, device), first,
-                                                                   device, dt),
-        log, state["args"]["precision"] if state else None)
-    prec_why = why or prec_why
-    snap = common.memory_snapshot(device)
-    log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} "
-        f"accumulation" + (f" x {world} processes" if world > 1 else "") + f" = {G} ({bs_why}); memory: RAM {snap['ram_pct']:.0f}% used"
-        + (f", GPU {common.free_gpu_gb(device):.1f} GB free" if device.type == "cuda" else ""))
-    optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
-                                                                         E=G, log=log)
-    worst = make_batch(train_data, torch.full((micro_bs,), longest))  # what the probe tried, at the chosen size
-    plan = common.memory_plan(model, optimizer, common.activation_bytes(model, lambda m, b: loss_fn(m, b, device),
-                                                                        worst, device, amp_dtype), micro_bs, world, log,
-                              worst="the longest query")
-    if args.plan:
-        return common.plan_only(out, status, log)
-
-    step, epoch, pos, best = 0, 0, 0, float("inf")
-    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
-                                                                              scheduler, scaler)
-    if state:
-        step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
-        log(f"resumed from {resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
-    if is_main:
-        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
-        common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
-                                               "world_size": world, "global_batch": G, "precision": args.precision,
-                                               "device": device.type, "why": {"batch": bs_why,
-                                                                              "precision": prec_why}})
-    train_model, no_sync = common.ddp_wrap(model, device, world, local_rank)  # `model` stays the one we save
-    base_ppl = unigram_ppl(train_data, val_data, len(itos))
-
-    def save(best_now=False):
-        ckpt = common.training_state(
-            model, optimizer, scheduler, scaler, step=step, epoch=epoch, pos=pos, best=best,
-            micro_bs=micro_bs, accum=accum, world_size=world, args=dict(vars(args)),
-            # totals over every segment of a run that was stopped and resumed
-            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
-            samples=samples_before + samples_seen, extra={"itos": itos, "cats": cats, "preset": args.preset})
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=resumed_from, best=best_now, log=log)
-        common.update_status(out, status, last_checkpoint=str(path.resolve()))
-        return path
-
-    eval_bs = 256  # halved for good if a validation batch runs out of memory
-
-    def validate():
-        nonlocal eval_bs
-        result, eval_bs = common.evaluate_halving(
-            lambda bs: evaluate(model, val_data, device, amp_dtype, bs, rank=rank, world=world), eval_bs, device, log)
-        return result
-
-    def run_eval():
-        nonlocal best
-        val_loss, val_ppl = validate()
-        is_best = val_ppl < best
-        best = min(best, val_ppl)
-        if is_main:
-            common.append_metrics(out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
-                                        "val_ppl": round(val_ppl, 4)})
-            log(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} "
-                f"(unigram baseline {base_ppl:.2f})")
-            common.update_status(out, status, metric=round(val_ppl, 4))
-        return val_ppl, is_best
-
-    # -- the loop
-    watch = common.memory_watch(args)
-    if is_main:
-        common.update_status(out, status, state="running", total_steps=total_steps, step=step)
-    t_start, samples_seen, start_step, val_ppl = time.time(), 0, step, None
-    peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
-    bar = common.progress_bar(total_steps, step) if is_main else None
-    model.train()
-    while step < total_steps and (args.max_steps or epoch < args.epochs):
-        # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
-        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        while pos < steps_per_epoch and step < total_steps:
-            idx = perm[pos * G:(pos + 1) * G]  # the global batch; this rank trains on its slice
-            batch = make_batch(train_data, common.rank_slice(idx, rank, world))
-            common.seed_rank_step(args.seed, step, rank, world)
-            # targets over the whole global batch: DDP's average of the ranks' gradients is then the
-            # gradient of the 1-process loss, though the ranks' queries differ in length
-            n_global = targets(train_data, idx)
-            with peak.measure(batch["x"].numel()):  # a step with the largest batch yet
-                loss, n, micro_bs = common.train_step(train_model, optimizer, scaler, batch,
-                                                      lambda m, b: loss_fn(m, b, device), micro_bs,
-                                                      clip=args.clip, device=device, amp_dtype=amp_dtype, log=log,
-                                                      no_sync=no_sync, norm=n_global / world if world > 1 else None)
-            micro_bs = int(common.all_ranks(micro_bs, "min", device, world))  # an OOM halving holds for all
-            accum = math.ceil(E / micro_bs)
-            scheduler.step()
-            step, pos, samples_seen = step + 1, pos + 1, samples_seen + len(idx)
-            common.check_memory(watch, device, log)
-            if is_main:
-                bar.update(1)
-            if world > 1 and (step % args.log_every == 0 or step == total_steps):
-                loss = common.all_ranks(loss * n, "sum", device, world) / n_global
-            if is_main and (step % args.log_every == 0 or step == total_steps):
-                sps = samples_seen / max(1e-9, time.time() - t_start)
-                mem = common.memory_snapshot(device)
-                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{val_ppl:.1f}" if val_ppl else "-",
-                                sps=f"{sps:.0f}", mem=f"{mem['gpu_mb'] or mem['ram_mb']:.0f}MB", refresh=False)
-                common.append_metrics(out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6),
-                                            "lr": scheduler.get_last_lr()[0]})
-                eta = (total_steps - step) * (time.time() - t_start) / (step - start_step)
-                common.update_status(out, status, step=step, epoch=epoch + 1, loss=round(loss, 5),
-                                     samples_per_s=round(sps, 1), eta_s=round(eta), **mem)
-            end_of_epoch = pos == steps_per_epoch
-            is_best = False
-            if (args.eval_every and step % args.eval_every == 0) or end_of_epoch or step == total_steps:
-                val_ppl, is_best = run_eval()
-            if end_of_epoch:
-                epoch, pos = epoch + 1, 0  # a checkpoint taken now says "start the next epoch"
-            saved = step % args.save_every == 0 or end_of_epoch or is_best or step == total_steps
-            if saved and is_main:
-                save(is_best)
-            if saved:
-                common.barrier(world)  # no rank runs ahead of a checkpoint being written
-            why = common.stop_requested(stop, out)
-            if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
-                if not saved and is_main:
-                    save()
-                log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
-                if is_main:
-                    common.update_status(out, status, state="stopped", step=step)
-                    bar.close()
-                return 0
-            if end_of_epoch:
-                break
-    if is_main:
-        bar.close()
-
-    # -- report (every rank validates its share; rank 0 writes)
-    if step == start_step and (out / "summary.json").exists():
-        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
-        if is_main:
-            common.update_status(out, status, state="finished", eta_s=0)
-        return 0
-    val_loss, val_ppl = validate()
-    if not is_main:
-        return 0
-    wall = wall_before + time.time() - status["started"]
-    summary = dict(trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
-                   unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch,
-                   samples_per_s=round((samples_before + samples_seen) /
-                                       max(1e-9, train_before + time.time() - t_start), 1),
-                   peak_mem_mb=common.peak_memory_mb(device), **common.memory_figures(plan, peak, optimizer, args),
-                   params=n_params,
-                   trainable_params=n_trainable, wall_s=round(wall, 1), preset=args.preset,
-                   device=device.type, precision=args.precision, effective_batch=E, world_size=world,
-                   global_batch=G)
-    common.write_summary(out, **summary)
-    plot = common.plot_progress(out, "val_ppl")
-    log(f"done: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} "
-        f"({val_ppl / base_ppl:.0%} of it); {step} steps in {wall:.0f}s; summary {out / 'summary.json'}"
-        + (f"; plot {plot}" if plot else ""))
-    for prefix, cat in [("red run", "fashion"), ("samsung ", "electronics"), ("steel", "home_kitchen")]:
-        if cat in cats:
-            sugg = suggest(model, prefix, cat, stoi, itos, cats, beam=3, max_words=args.max_words, device=device)
-            log(f"suggest {prefix!r} [{cat}]: " + " | ".join(t for _, t in sugg))
-    common.update_status(out, status, state="finished", step=step, metric=round(val_ppl, 4), eta_s=0)
     return 0
 
 

@@ -7,7 +7,7 @@ however big the corpus), AMP + exact gradient accumulation, tokens/s and model-F
     python train_lm.py --quick --out runs/lm                      # laptop CPU, ~40 s on 2 cores
     python train_lm.py sample --out runs/lm --prompt "The with statement"
     python train_lm.py --arch eigen --quick --out runs/lme        # the linear-time eigenstate model
-    python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20 --out runs/e32k
+    python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20 --out e32k
     python train_lm.py prepare --input ~/books/ --out-data data/books        # pack your text once
     python train_lm.py --data data/books --preset small --out runs/books     # one GPU (bf16)
     torchrun --nproc_per_node=8 train_lm.py --data data/books --preset small --out runs/books8  # 8 GPUs
@@ -23,10 +23,12 @@ written here from its math: a diagonal complex linear recurrence of the S4D/LRU 
 """
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -89,8 +91,8 @@ def add_model_flags(p):
     g.add_argument("--schedule", choices=["cosine", "onecycle"], default="cosine",
                    help="learning rate over the run. cosine: linear warmup over --warmup-steps, then cosine from "
                         "--lr down to lr/10 at the last step (nanoGPT's recipe; it beat onecycle at nanoGPT's CPU "
-                        "shape, docs/real-data.md). onecycle: warmup over a tenth of the steps, then cosine down to zero "
-                        "(the old default; train_sft.py keeps it)")
+                        "shape, docs/real-data.md). onecycle: warmup over a tenth of the steps, then cosine down to "
+                        "zero (the old default; train_sft.py keeps it)")
     g.add_argument("--warmup-steps", type=common.nonneg_int, default=100, metavar="N",
                    help="cosine: steps of linear warmup, at most a tenth of the run (so a short run still decays)")
     g.add_argument("--beta2", type=float, default=0.99,
@@ -125,21 +127,6 @@ def prepare_parser():
                    help="text files and/or folders (searched recursively; each file is one document)")
     p.add_argument("--out-data", required=True, metavar="DIR", help="folder to write (must not hold a corpus yet)")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of tokens at the end held out for validation")
-    return p
-
-
-def sample_parser():
-    p = common.Parser(prog="train_lm.py sample", allow_abbrev=False, formatter_class=common.HelpFormat,
-                      description="generate text from a run folder's best checkpoint (else its newest)")
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder")
-    p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=common.pos_int, default=300, metavar="N", help="bytes to generate")
-    p.add_argument("--temperature", type=common.pos_float, default=0.8, help="below 1: safer, above 1: wilder")
-    p.add_argument("--top-k", type=common.nonneg_int, default=40, metavar="K",
-                   help="sample among the K likeliest tokens (0 = all)")
-    p.add_argument("--seed", type=common.nonneg_int, default=1337, help="random seed")
-    p.add_argument("--resume", default=None, metavar="PATH", help="this checkpoint file instead")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
     return p
 
 
@@ -585,38 +572,6 @@ def evaluate(model, windows, device, amp_dtype, bs):
     return total / n, total / n / math.log(2)
 
 
-@torch.inference_mode()
-def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
-    """Sample n_new tokens after prompt_ids; the context is cut to the model's seq_len."""
-    model.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([prompt_ids or [EOT]], device=device)
-    T = model.cfg["seq_len"]
-    for _ in range(n_new):
-        logits = model(ids[:, -T:])[:, -1].float() / temperature  # (1, V)
-        if top_k:
-            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        nxt = torch.multinomial(logits.softmax(-1), 1, generator=g)
-        ids = torch.cat([ids, nxt], 1)
-    model.train()
-    return ids[0, len(prompt_ids or [EOT]):].tolist()
-
-
-def run_sample(argv):
-    args = sample_parser().parse_args(argv)
-    state, path = common.load_run_model(args.out, "--out", "lm", "model_cfg", resume=args.resume)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = LM(state["model_cfg"]).to(device)
-    model.load_state_dict(state["model"])
-    print(f"model {path} (step {state['step']}, {state['model_cfg']['arch']}); prompt {args.prompt!r}")
-    ids = generate(model, encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, device, args.seed)
-    print(args.prompt + decode(ids))
-    return 0
-
-
 # -----------------------------------------------------------------------------
 # device peak FLOP/s, for MFU
 
@@ -628,12 +583,46 @@ GPU_PEAK_TFLOPS = {"H100 PCIe": (756, 378, 51), "H100": (989, 494, 67), "H200": 
                    "V100": (125, 15.7, 15.7), "RTX 4090": (165, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6)}
 
 
+def matmul_peak(device, dtype, seconds=2.0):
+    """Best FLOP/s of square matmuls on this device (sizes 256..1024 on a CPU, 2048 and 4096 on
+    a GPU), repeated over about `seconds`: the denominator of MFU. A one-second reading of one
+    size swings 3x between runs on a busy machine (other load, clock boost); the best of many
+    repeats at a few sizes is what the hardware can do, and it is stable."""
+    sizes = (2048, 4096) if device.type == "cuda" else (256, 512, 1024)
+    mats = {n: (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+            for n in sizes}
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        for n, (a, b) in mats.items():
+            reps = max(1, int(2e9 // (2 * n ** 3)))  # about 2 GFLOP per timing: long enough to time
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_name():
+    """The CPU's model name, as `memory_optimizer.py config` records it beside the peak it measured:
+    /proc/cpuinfo's 'model name' (platform.processor() says only 'x86_64' on Linux), else platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def device_peak(device, amp_dtype, config, out):
     """(FLOP/s, where it came from), MFU's denominator: the datasheet for known GPUs; else the
     matmul peak `memory_optimizer.py config` measured into optimal_config.json (best of many
     repeats at three sizes) when it was measured on this machine at this thread count; else
-    measured here for 3 s and cached in <out>/peak_flops.json (a resumed run reuses it).
-    Used by train (and train_sft.py's)."""
+    measured here for 3 s and cached in <out>/peak_flops.json (a resumed run reuses it)."""
     dtype = "bf16" if amp_dtype is not None else "fp32"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -641,8 +630,7 @@ def device_peak(device, amp_dtype, config, out):
             if key in name:
                 tflops = half if amp_dtype is not None else tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
                 return tflops * 1e12, f"{name} datasheet, {tflops:g} TFLOP/s"
-    from memory_optimizer import cpu_model
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     threads = torch.get_num_threads()
     try:
         prof = json.loads(Path(config).read_text())["machine"]
@@ -661,7 +649,7 @@ def device_peak(device, amp_dtype, config, out):
             return cached["flops"], f"measured {cached['flops'] / 1e9:.0f} GFLOP/s matmul peak ({key}; cached)"
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    flops = common.matmul_peak(device, amp_dtype or torch.float32, seconds=3.0)
+    flops = matmul_peak(device, amp_dtype or torch.float32, seconds=3.0)
     common.write_json_atomic(cache, {"key": key, "flops": flops})
     return flops, (f"measured {flops / 1e9:.0f} GFLOP/s matmul peak ({key}; `python memory_optimizer.py config` "
                    "measures it once, for every run)")
@@ -669,16 +657,18 @@ def device_peak(device, amp_dtype, config, out):
 
 def checked_peak(peak, fpt, tps, world, device, amp_dtype, log):
     """The peak again, when MFU would read over 100 %: the peak was read low (a busy machine while
-    it was measured). Re-measured now, and never below what this run just did, so MFU <= 100 %.
-    Used by train (and train_sft.py's), at every log interval."""
+    it was measured). Re-measured now, and never below what this run just did, so MFU <= 100 %."""
     if fpt * tps / (peak * world) <= 1:
         return peak
-    new = max(peak, common.matmul_peak(device, amp_dtype or torch.float32, seconds=3.0), fpt * tps / world)
+    new = max(peak, matmul_peak(device, amp_dtype or torch.float32, seconds=3.0), fpt * tps / world)
     log(f"warning: MFU would read {100 * fpt * tps / (peak * world):.0f} %, so the matmul peak was measured "
         f"again: {new / 1e9:,.0f} GFLOP/s (was {peak / 1e9:,.0f}; `python memory_optimizer.py config` on an idle "
         "machine measures it best)")
     return new
 
+
+# -----------------------------------------------------------------------------
+# main: flags -> data -> run folder -> train
 
 def resolve_shape(args, sources, log):
     """Preset values under the flags; --quick shortens the context. Logged, recorded in args.json."""
@@ -739,32 +729,29 @@ def check_resume(state, resumed_from, cfg, world, task):
 @dataclasses.dataclass
 class Run:
     """What main() set up for train(): the run folder's handles, the device, the resume state
-    and this process's place under torchrun (train_sft.py uses the same)."""
+    and this process's place in the process group (train_sft.py uses the same)."""
     out: Path
     log: object  # log(message): the console and <out>/train.log
     status: dict
     stop: object  # common.stop_requested(stop, out) says why to stop, if anyone asked
     device: torch.device
-    amp_dtype: object  # torch.bfloat16 / torch.float16 / None
+    amp_dtype: object  # torch.bfloat16 / torch.float16 / None (common.fit_batch may time bf16 on a CPU)
     scaler: object
     prec_why: str
+    ranks: object  # common.OneProcess, or ddp.Ranks under torchrun (rank, world, is_main, all, barrier, ...)
     state: dict = None
     resumed_from: Path = None
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+    before: tuple = (0.0, 0.0, 0)  # wall_s, train_s, samples of the run's earlier segments (a resume)
 
 
 def start(args, sources, notes, trainer, metric, check):
-    """Open the run folder (common.open_run), check the resume state with check(state, path, world),
-    start the log and status (rank 0 only) and the process group under torchrun: a Run.
-    Shared with train_sft.py."""
-    rank, world, local_rank = common.ddp_env(args)
+    """The process group (common.process_group), the run folder (common.open_run), the resume
+    state checked by check(state, path, world), the log and status (rank 0 writes them): a Run."""
+    ranks = common.process_group(args)  # first: under torchrun it picks this rank's GPU for setup_device
     out, (device, amp_dtype, scaler, prec_why), state, resumed_from, more_notes = common.open_run(args, sources)
-    check(state, resumed_from, world)
-    log, status, stop = common.start_ranks(out, args, trainer, metric, notes + more_notes, rank, world, device)
-    return Run(out, log, status, stop, device, amp_dtype, scaler, prec_why, state, resumed_from, rank, world,
-               local_rank)
+    check(state, resumed_from, ranks.world)
+    log, status, stop = ranks.start(out, args, trainer, metric, notes + more_notes, device)
+    return Run(out, log, status, stop, device, amp_dtype, scaler, prec_why, ranks, state, resumed_from)
 
 
 def main(argv=None):
@@ -803,11 +790,14 @@ def main(argv=None):
     run = start(args, sources, notes, "lm", "val_bpb", lambda state, path, world: check_resume(
         state, path, cfg, world, task="lm"))
     try:
-        with common.recording_failures(run.out, run.status) if run.rank == 0 else nullcontext():
+        with common.recording_failures(run.out, run.status) if run.ranks.is_main else nullcontext():
             return train(args, sources, run, cfg, data_dir, meta)
     finally:
-        common.end_ranks(run.world)
+        run.ranks.end()
 
+
+# -----------------------------------------------------------------------------
+# train: model -> fit the machine -> optimizer -> resume -> the loop -> report
 
 def log_presets(cfg, log):
     """One line per preset at this run's other settings: what a bigger model would cost."""
@@ -828,7 +818,7 @@ def describe(args, cfg, n_params):
 
 def make_optimizer(model, args, total_steps, device):
     """AdamW with weight decay on 2-D weights only (not on norms, biases, eigenvalues), and the
-    --schedule: (optimizer, scheduler, a line for the log). Shared with train_sft.py.
+    --schedule: (optimizer, scheduler, a line for the log).
 
     The lr is a function of the step alone, so a resume rebuilds it from the args and the saved
     step. Linear warmup, then a cosine from --lr down to floor x --lr at the last step.
@@ -850,15 +840,16 @@ def make_optimizer(model, args, total_steps, device):
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
         return min((s + 1) / warmup, floor + (1 - floor) * decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    return optimizer, scheduler, (f"optimizer: {'AdamW 8-bit' if args.optim == 'adamw8bit' else 'AdamW'} betas (0.9, {args.beta2}), weight decay {args.weight_decay}; "
+    name = "AdamW 8-bit" if args.optim == "adamw8bit" else "AdamW"
+    return optimizer, scheduler, (f"optimizer: {name} betas (0.9, {args.beta2}), weight decay {args.weight_decay}; "
                                   f"--schedule {args.schedule}: lr {args.lr:g}, warmup {warmup} steps, cosine to "
                                   f"{floor * args.lr:g} at step {total_steps}")
 
 
-def wrap(model, args, run):
-    """The model that trains: compiled with --compile, DDP-wrapped under torchrun (common.ddp_wrap);
-    and the no_sync context for accumulation. Shared with train_sft.py."""
-    return common.ddp_wrap(torch.compile(model) if args.compile else model, run.device, run.world, run.local_rank)
+def wrap(model, args, ranks):
+    """The model that trains, compiled with --compile and DDP-wrapped under torchrun, and the
+    no_sync context for accumulation (ranks.wrap)."""
+    return ranks.wrap(torch.compile(model) if args.compile else model)
 
 
 def tensorboard(args, out):
@@ -868,11 +859,8 @@ def tensorboard(args, out):
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(out / "tb"))
 
-
 def train(args, sources, run, cfg, data_dir, meta):
-    out, log, status, device, amp_dtype, state = run.out, run.log, run.status, run.device, run.amp_dtype, run.state
-    is_main, world = run.rank == 0, run.world
-    train_bin, val_bin = data_dir / "train.bin", data_dir / "val.bin"
+    out, log, status, device, ranks, state = run.out, run.log, run.status, run.device, run.ranks, run.state
     log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
         f"{meta['val_tokens']:,} val tokens; byte tokenizer, vocab {meta['vocab_size']}")
 
@@ -883,192 +871,212 @@ def train(args, sources, run, cfg, data_dir, meta):
     n_params, _ = common.count_params(model)
     log(describe(args, cfg, n_params))
 
-    # -- batch size: effective batch per rank fixed, micro-batch fitted to the machine by a probe
-    def probe(bs):
-        return common.probe_step(model, lambda m, b: loss_fn(m, b, device),
-                                 {"x": torch.zeros(bs, args.seq_len + 1, dtype=torch.long)}, device, amp_dtype)
-    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
-    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum  # windows per rank per step
-    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
-    amp_dtype, why = common.measure_precision(
-        args, sources, device, model, lambda dt: common.probe_step(
-            model, lambda m, b: loss_fn(m, b, device), {"x": torch.zeros(micro_bs, args.seq_len + 1, dtype=torch.long)},
-            device, dt), log, state["args"]["precision"] if state else None)
-    run.amp_dtype, run.prec_why = amp_dtype, why or run.prec_why
-    G = E * world  # the global batch
+    # -- fit the machine: the micro-batch (a probe on full windows; effective batch per rank fixed),
+    # the precision (on a CPU, bf16 only where this model's own step is measured faster in it)
+    lm_loss = functools.partial(loss_fn, device=device)
+    worst = lambda bs: {"x": torch.zeros(bs, args.seq_len + 1, dtype=torch.long)}  # every LM batch has this shape
+    micro_bs, accum, run.amp_dtype, why = common.fit_batch(
+        model, lm_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why), state=state,
+        log=log, ranks=ranks, unit=f"windows of {args.seq_len} tokens")
+    E, G = micro_bs * accum, micro_bs * accum * ranks.world  # windows per rank per step, and the global batch
     tokens_per_step = G * args.seq_len
-    log(f"device {device.type}, precision {args.precision} ({run.prec_why}); batch {micro_bs} x {accum} accumulation"
-        + (f" x {world} processes" if world > 1 else "")
-        + f" = {G} windows of {args.seq_len} tokens = {tokens_per_step:,} tokens per step ({bs_why})")
 
-    # -- optimizer and schedule
+    # -- optimizer and schedule; the memory plan (it counts the optimizer's state)
     steps_per_epoch = max(1, meta["train_tokens"] // args.seq_len // G)
     total_steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * steps_per_epoch)
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
-    plan = common.memory_plan(model, optimizer, common.activation_bytes(
-        model, lambda m, b: loss_fn(m, b, device), {"x": torch.zeros(micro_bs, args.seq_len + 1, dtype=torch.long)},
-        device, amp_dtype), micro_bs, world, log, worst=f"{args.seq_len}-token windows")
+    plan = common.memory_plan(model, optimizer, lm_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
+                              world=ranks.world, log=log, worst=f"{args.seq_len}-token windows")
     if args.plan:
         return common.plan_only(out, status, log)
-    step, best = 0, float("inf")
-    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
-                                                                              scheduler, run.scaler)
-    if state:
-        step, best = state["step"], state["best"]
-        log(f"resumed from {run.resumed_from} (step {step})")
-    if is_main:
-        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
-        common.write_args(out, args, sources, {
-            "micro_batch": micro_bs, "grad_accum": accum, "world_size": world, "effective_batch": E,
-            "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
-            "device": device.type, "why": {"batch": bs_why, "precision": run.prec_why}})
 
-    train_model, no_sync = wrap(model, args, run)  # `model` stays the plain module we save
-    peak, peak_why = device_peak(device, amp_dtype, args.config, out) if is_main else (1.0, "")
+    # -- resume, and args.json with what fitting the machine chose
+    step, best = resume(run, args, sources, model, optimizer, scheduler, chosen={
+        "micro_batch": micro_bs, "grad_accum": accum, "world_size": ranks.world, "effective_batch": E,
+        "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
+        "device": device.type, "why": why})
+    train_model, no_sync = wrap(model, args, ranks)  # `model` stays the plain module we save
+    peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(cfg)
-    log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
-    tb = tensorboard(args, out) if is_main else None
-    windows = val_windows(val_bin, meta["val_tokens"], args.seq_len, args.eval_tokens)
-
-    def save(best_now=False):
-        ckpt = common.training_state(
-            model, optimizer, scheduler, run.scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
-            world_size=world, model_cfg=cfg, args=dict(vars(args)), task="lm",
-            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
-            samples=samples_before + samples_seen)
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now, log=log)
-        common.update_status(out, status, last_checkpoint=str(path.resolve()))
-
+    log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token, {tokens_per_step:,} tokens per step")
+    tb = tensorboard(args, out) if ranks.is_main else None
+    windows = val_windows(data_dir / "val.bin", meta["val_tokens"], args.seq_len, args.eval_tokens)
     eval_bs = micro_bs  # halved for good if a validation batch runs out of memory
-
-    def validate():  # (val loss in nats/token, bits/byte); never a bigger batch than training's
-        nonlocal eval_bs
-        result, eval_bs = common.evaluate_halving(lambda bs: evaluate(model, windows, device, amp_dtype, bs),
-                                                  min(eval_bs, micro_bs), device, log)
-        return result
-
-    def run_eval():  # rank 0; True when this is the best validation so far
-        nonlocal best
-        val_loss, bpb = validate()
-        common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(bpb, 5)})
-        log(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte ({len(windows)} windows)")
-        is_best, best = bpb < best, min(best, bpb)
-        common.update_status(out, status, metric=round(bpb, 5))
-        if tb:
-            tb.add_scalar("val/bpb", bpb, step)
-        return is_best
-
-    # -- batches: step i's windows depend on (seed, i) only; --workers processes build them ahead
-    batches = common.StepBatches(get_batch, path=train_bin, n_tokens=meta["train_tokens"], seq_len=args.seq_len,
-                                 seed=args.seed, global_batch=G, rank=run.rank, per_rank=E)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, max(step, total_steps)),
-                                         num_workers=args.workers, worker_init_fn=common.quiet_worker,
-                                         pin_memory=args.pin_memory and device.type == "cuda")
+    loader = step_loader(get_batch, args, device, steps=range(step, max(step, total_steps)),
+                         path=data_dir / "train.bin", n_tokens=meta["train_tokens"], seq_len=args.seq_len,
+                         seed=args.seed, global_batch=G, rank=ranks.rank, per_rank=E)
 
     # -- the loop
     watch = common.memory_watch(args)
-    if is_main:
+    if ranks.is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log = time.time(), step
-    tensor_peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
-    bar = common.progress_bar(total_steps, step) if is_main else None
+    tensor_peak = common.peak_meter(args, device, model, optimizer)  # the largest batch's peak, beside the plan
+    bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     batch_iter = iter(loader)
     while step < total_steps:
         batch = next(batch_iter)
         with tensor_peak.measure(batch["x"].numel()):  # a step with the largest batch yet (all alike here)
-            loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
-                                                  lambda m, b: loss_fn(m, b, device), micro_bs, clip=args.clip,
-                                                  device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync)
+            loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch, lm_loss, micro_bs,
+                                                  clip=args.clip, device=device, amp_dtype=run.amp_dtype, log=log,
+                                                  no_sync=no_sync)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
         common.check_memory(watch, device, log)
-        if is_main:
+        if bar is not None:
             bar.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            loss = common.all_ranks(loss, "sum", device, world) / world
-            dt = time.time() - t_log
-            ms, tps = 1000 * dt / (step - step_log), tokens_per_step * (step - step_log) / dt
-            peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
-            mfu = fpt * tps / (peak * world)
+            loss = ranks.all(loss, "sum") / ranks.world
+            elapsed, steps = time.time() - t_log, step - step_log
             t_log, step_log = time.time(), step
-            if is_main:
-                log_interval(out, log, status, bar, tb, step=step, loss=loss, lr=scheduler.get_last_lr()[0], ms=ms, tps=tps,
-                             mfu=mfu, device=device, epoch=step // steps_per_epoch + 1,
-                             samples_per_s=G * (step - start_step) / (time.time() - t_start),
-                             eta=(total_steps - step) * (time.time() - t_start) / (step - start_step))
+            if ranks.is_main:
+                peak = log_interval(run, bar, tb, step=step, total=total_steps, loss=loss,
+                                    lr=scheduler.get_last_lr()[0], elapsed=elapsed, steps=steps,
+                                    tokens=steps * tokens_per_step, flops=(fpt, peak),
+                                    epoch=step // steps_per_epoch + 1, since=(start_step, t_start), global_batch=G)
         is_best = False
         if args.eval_every and step % args.eval_every == 0 or step == total_steps:
-            is_best = run_eval() if is_main else False
-            # every rank must know whether a checkpoint (and its barrier) follows
-            is_best = bool(common.all_ranks(is_best, "max", device, world))
-        saved = step % args.save_every == 0 or is_best or step == total_steps
-        if saved and is_main:
-            save(is_best)
-        if saved:
-            common.barrier(world)  # no rank runs ahead of a checkpoint being written
+            if ranks.is_main:  # never a bigger batch than training's
+                bpb, eval_bs = validate(run, tb, model, windows, step=step, bs=min(eval_bs, micro_bs))
+                is_best, best = bpb < best, min(best, bpb)
+            is_best = bool(ranks.all(is_best, "max"))  # every rank must know whether a checkpoint follows
         why = common.stop_requested(run.stop, out)
-        if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
-            if not saved and is_main:
-                save()
-            log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
-            if is_main:
-                common.update_status(out, status, state="stopped", step=step)
-                bar.close()
-            return 0
+        stop = ranks.all(bool(why), "max")  # every rank stops at the same step
+        if step % args.save_every == 0 or is_best or step == total_steps or stop:
+            if ranks.is_main:
+                save(run, args, model, optimizer, scheduler, task="lm", cfg=cfg, step=step, best=best,
+                     micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen, best_now=is_best)
+            ranks.barrier()  # no rank runs ahead of a checkpoint being written
+        if stop:
+            return stopped(run, bar, step, why)
     del batch_iter  # its worker processes end here
-    if is_main:
+    if bar is not None:
         bar.close()
-    common.barrier(world)
-    if is_main:
-        report(args, run, model, validate, cfg, best=best, step=step, start_step=start_step,
-               wall=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
-               samples=samples_before + samples_seen, fpt=fpt, peak=peak, n_params=n_params, global_batch=G,
-               memory=common.memory_figures(plan, tensor_peak, optimizer, args))
+    ranks.barrier()
+    if ranks.is_main:
+        report(args, run, model, cfg, windows=windows, eval_bs=min(eval_bs, micro_bs), best=best, step=step,
+               start_step=start_step, t_start=t_start, samples=samples_seen, fpt=fpt, peak=peak, n_params=n_params,
+               global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args))
     if tb:
         tb.close()
     return 0
 
 
-def log_interval(out, log, status, bar, tb, *, step, loss, lr, ms, tps, mfu, device, epoch, samples_per_s, eta):
-    """The log line, its metrics.jsonl record, status.json and TensorBoard, every --log-every
-    steps. Shared with train_sft.py."""
-    peak_mb = common.peak_memory_mb(device)
+def resume(run, args, sources, model, optimizer, scheduler, *, chosen):
+    """The checkpoint being resumed (run.state) restored into the model, optimizer, scheduler,
+    scaler and RNG, and args.json written with the settings and `chosen` (what fitting the machine
+    chose). Returns (step, best metric): (0, inf) for a fresh run. Shared with train_sft.py."""
+    state = run.state
+    step, best = (state["step"], state["best"]) if state else (0, float("inf"))
+    run.before = common.restore_training_state(state, model, optimizer, scheduler, run.scaler)
+    if state:
+        run.log(f"resumed from {run.resumed_from} (step {step})")
+    if run.ranks.is_main:
+        common.truncate_metrics(run.out, step)  # records a killed run wrote after its last checkpoint
+        common.write_args(run.out, args, sources, chosen)
+    return step, best
+
+
+def step_loader(fn, args, device, *, steps, **kw):
+    """The batches of `steps` (a range): fn(step=i, **kw) depends on (seed, i) only, so a resumed run
+    draws the same ones; --workers processes build them ahead. Shared with train_sft.py."""
+    return torch.utils.data.DataLoader(common.StepBatches(fn, **kw), batch_size=None, sampler=steps,
+                                       num_workers=args.workers, worker_init_fn=common.quiet_worker,
+                                       pin_memory=args.pin_memory and device.type == "cuda")
+
+
+def log_interval(run, bar, tb, *, step, total, loss, lr, elapsed, steps, tokens, flops, epoch, since, global_batch):
+    """Every --log-every steps (rank 0): the log line (common.log_step, over `steps` steps and `tokens`
+    tokens of the global batch in `elapsed` seconds) with MFU (flops = (model FLOPs per token, the
+    device's peak)), its metrics.jsonl record, status.json (the pace and ETA since `since` = the (step,
+    time) this process started at) and TensorBoard. Returns the peak, re-measured if MFU read over
+    100 % (checked_peak). Shared with train_sft.py."""
+    tps, (fpt, peak), (start_step, t_start) = tokens / elapsed, flops, since
+    peak = checked_peak(peak, fpt, tps, run.ranks.world, run.device, run.amp_dtype, run.log)
+    mfu, seconds = fpt * tps / (peak * run.ranks.world), time.time() - t_start
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
-    log(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f} ms/step | {tps:,.0f} tokens/s "
-        f"| MFU {100 * mfu:.1f}% | peak {peak_mb:,.0f} MB")
-    common.append_metrics(out, {"step": step, "loss": round(loss, 6), "lr": lr, "ms_per_step": round(ms, 1),
-                                "tokens_per_s": round(tps), "mfu": round(mfu, 4), "peak_mem_mb": peak_mb})
-    common.update_status(out, status, step=step, epoch=epoch, loss=round(loss, 5), samples_per_s=round(samples_per_s, 1),
-                         tokens_per_s=round(tps), mfu=round(mfu, 4), eta_s=round(eta), **common.memory_snapshot(device))
+    mem = common.log_step(run.log, step, total, loss, lr, elapsed=elapsed, steps=steps, items=tokens, unit="tokens",
+                          device=run.device, extra=f" | MFU {100 * mfu:.1f}%")
+    common.append_metrics(run.out, {"step": step, "loss": round(loss, 6), "lr": lr,
+                                    "ms_per_step": round(1000 * elapsed / steps, 1), "tokens_per_s": round(tps),
+                                    "mfu": round(mfu, 4), "peak_mem_mb": common.peak_memory_mb(run.device)})
+    common.update_status(run.out, run.status, step=step, epoch=epoch, loss=round(loss, 5),
+                         samples_per_s=round(global_batch * (step - start_step) / seconds, 1), tokens_per_s=round(tps),
+                         mfu=round(mfu, 4), eta_s=round((total - step) * seconds / (step - start_step)), **mem)
     if tb:
         tb.add_scalar("train/loss", loss, step)
         tb.add_scalar("train/tokens_per_s", tps, step)
+    return peak
 
 
-def report(args, run, model, validate, cfg, *, best, step, start_step, wall, train_s, samples, fpt, peak,
+def validate(run, tb, model, windows, *, step, bs):
+    """The validation at `step` (rank 0; bs windows a batch, halved if that runs out of memory): its
+    metrics.jsonl record, log line, status.json and TensorBoard. Returns (bits/byte, the bs that fitted)."""
+    (val_loss, bpb), bs = common.evaluate_halving(lambda b: evaluate(model, windows, run.device, run.amp_dtype, b),
+                                                  bs, run.device, run.log)
+    common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(bpb, 5)})
+    run.log(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte ({len(windows)} windows)")
+    common.update_status(run.out, run.status, metric=round(bpb, 5))
+    if tb:
+        tb.add_scalar("val/bpb", bpb, step)
+    return bpb, bs
+
+
+def save(run, args, model, optimizer, scheduler, *, task, cfg, step, best, micro_bs, accum, t_start, samples,
+         best_now=False):
+    """A checkpoint at `step` (rank 0): the training state and the run's plain data, its times and
+    samples counted over every segment of the run (totals). Shared with train_sft.py."""
+    wall, train_s, samples = totals(run, t_start, samples)
+    ckpt = common.training_state(
+        model, optimizer, scheduler, run.scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
+        world_size=run.ranks.world, model_cfg=cfg, args=dict(vars(args)), task=task, wall_s=wall, train_s=train_s,
+        samples=samples)
+    path = common.save_checkpoint(run.out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now, log=run.log)
+    common.update_status(run.out, run.status, last_checkpoint=str(path.resolve()))
+
+
+def totals(run, t_start, samples):
+    """(wall seconds, training seconds, samples) of the whole run: run.before holds the earlier
+    segments' (from the checkpoint resumed), t_start and `samples` are this process's."""
+    wall_before, train_before, samples_before = run.before
+    return (wall_before + time.time() - run.status["started"], train_before + time.time() - t_start,
+            samples_before + samples)
+
+
+def stopped(run, bar, step, why):
+    """A stop request (a signal, the STOP file, another rank) after the checkpoint of `step`."""
+    run.log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
+    if run.ranks.is_main:
+        common.update_status(run.out, run.status, state="stopped", step=step)
+        bar.close()
+    return 0
+
+
+def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t_start, samples, fpt, peak,
            n_params, global_batch, memory):
-    """The end of a run: the final validation (validate() -> (nats/token, bits/byte)), summary.json,
+    """The end of a run: the final validation (at eval_bs, the batch that fitted), summary.json,
     the plot and a sample."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
         return
-    val_loss, val_bpb = validate()
+    wall, train_s, samples = totals(run, t_start, samples)
+    (val_loss, val_bpb), _ = common.evaluate_halving(
+        lambda bs: evaluate(model, windows, device, run.amp_dtype, bs), eval_bs, device, log)
     tps = samples * args.seq_len / max(1e-9, train_s)
     common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
                          val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
                          samples_per_s=round(samples / max(1e-9, train_s), 2),
-                         mfu=round(fpt * tps / (peak * run.world), 4),
+                         mfu=round(fpt * tps / (peak * run.ranks.world), 4),
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
-                         world_size=run.world, device=device.type, precision=args.precision,
-                         effective_batch=global_batch // run.world, global_batch=global_batch,
+                         world_size=run.ranks.world, device=device.type, precision=args.precision,
+                         effective_batch=global_batch // run.ranks.world, global_batch=global_batch,
                          tokens_trained=samples * args.seq_len, **memory)
     plot = common.plot_progress(out, "val_bpb")
     log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
@@ -1077,6 +1085,97 @@ def report(args, run, model, validate, cfg, *, best, step, start_step, wall, tra
     text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
     log("sample: " + repr("The " + text))
     common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
+
+
+# -----------------------------------------------------------------------------
+# sample: text from a trained run; greedy decoding for train_sft.py
+
+def sample_parser():
+    p = common.Parser(prog="train_lm.py sample", allow_abbrev=False, formatter_class=common.HelpFormat,
+                      description="generate text from a run folder's best checkpoint (else its newest)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=common.pos_int, default=300, metavar="N", help="bytes to generate")
+    p.add_argument("--temperature", type=common.pos_float, default=0.8, help="below 1: safer, above 1: wilder")
+    p.add_argument("--top-k", type=common.nonneg_int, default=40, metavar="K",
+                   help="sample among the K likeliest tokens (0 = all)")
+    p.add_argument("--seed", type=common.nonneg_int, default=1337, help="random seed")
+    p.add_argument("--resume", default=None, metavar="PATH", help="this checkpoint file instead")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    return p
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
+    """Sample n_new tokens after prompt_ids; the context is cut to the model's seq_len."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([prompt_ids or [EOT]], device=device)
+    T = model.cfg["seq_len"]
+    for _ in range(n_new):
+        logits = model(ids[:, -T:])[:, -1].float() / temperature  # (1, V)
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = torch.multinomial(logits.softmax(-1), 1, generator=g)
+        ids = torch.cat([ids, nxt], 1)
+    model.train()
+    return ids[0, len(prompt_ids or [EOT]):].tolist()
+
+
+@torch.inference_mode()
+def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
+    """Greedy continuations of many prompts (lists of ids) at once: train_sft.py's decoder (its
+    test split's command accuracy, and ask).
+
+    Prompts are right-padded into one buffer and each row keeps its own length: with causal
+    attention the padding after a row's last token cannot change that token's logits, so one
+    forward over (rows, longest) serves every row. A row ends at `stop`, <eot>, or the context.
+    """
+    model.eval()
+    T = model.cfg["seq_len"]
+    outs = []
+    for a in range(0, len(prompts), rows):
+        chunk = [p[-T:] for p in prompts[a:a + rows]]
+        lens = torch.tensor([len(p) for p in chunk])
+        buf = torch.full((len(chunk), min(T, int(lens.max()) + max_new)), EOT, dtype=torch.long)
+        for i, p in enumerate(chunk):
+            buf[i, :len(p)] = torch.tensor(p)
+        done = lens >= buf.shape[1]
+        for _ in range(max_new):
+            live = (~done).nonzero()[:, 0]
+            if len(live) == 0:
+                break
+            hi = int(lens[live].max())
+            logits = model(buf[live, :hi].to(device))  # (live, hi, V)
+            nxt = logits[torch.arange(len(live)), (lens[live] - 1).to(device)].argmax(-1).cpu()
+            buf[live, lens[live]] = nxt
+            lens[live] += 1
+            done[live] = (nxt == stop) | (nxt == EOT) | (lens[live] >= buf.shape[1])
+        outs += [buf[i, len(p):int(lens[i])].tolist() for i, p in enumerate(chunk)]
+    model.train()
+    return outs
+
+
+def load_model(args, trainer):
+    """(model, checkpoint, its path, device): the model a run folder (args.out) serves, on
+    args.device. Shared with train_sft.py's ask."""
+    state, path = common.load_run_model(args.out, "--out", trainer, "model_cfg", resume=getattr(args, "resume", None))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model = LM(state["model_cfg"]).to(device)
+    model.load_state_dict(state["model"])
+    return model, state, path, device
+
+
+def run_sample(argv):
+    args = sample_parser().parse_args(argv)
+    model, state, path, device = load_model(args, "lm")
+    print(f"model {path} (step {state['step']}, {state['model_cfg']['arch']}); prompt {args.prompt!r}")
+    ids = generate(model, encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, device, args.seed)
+    print(args.prompt + decode(ids))
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ on first use as a file to read and extend. Re-running the same command resumes.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
-from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, checked_peak, describe,
-                      device_peak, encode, flops_per_token, log_interval, log_presets, make_optimizer, model_config, resolve_shape,
-                      start, tensorboard, wrap)
+from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, describe, device_peak, encode,
+                      flops_per_token, greedy_batch, load_model, log_interval, log_presets, make_optimizer,
+                      model_config, resolve_shape, resume, save, start, step_loader, stopped, tensorboard, totals,
+                      wrap)
 
 # -----------------------------------------------------------------------------
 # data: English request -> shell command pairs
@@ -54,9 +56,10 @@ CMD_OPEN, CMD_CLOSE = SFT_IDS["<command>"], SFT_IDS["</command>"]
 SPECIAL_RE = re.compile("(" + "|".join(map(re.escape, SFT_SPECIALS)) + ")")
 DEFAULT_PAIRS = Path("data") / "shell_commands.jsonl"
 
-# The built-in data: each line is (request phrasings, command, explanation); {slots} are filled
-# from SLOTS, so one line gives many pairs. The commands cover the seed's list (ls cd grep find
-# top ps kill chmod chown tar zip git npm pip docker) and the everyday file tools.
+# The built-in data: one template a line, "request | another phrasing => command => explanation" (a
+# line that starts with spaces goes on the one before); {slots} are filled from SLOTS, so one line gives
+# many pairs. The commands cover the seed's list (ls cd grep find top ps kill chmod chown tar zip git npm
+# pip docker) and the everyday file tools.
 SLOTS = {
     "file": ["notes.txt", "report.pdf", "main.py", "data.csv", "config.yaml", "app.log", "README.md",
              "index.html", "backup.sql", "photo.jpg", "deploy.sh", "server.js", "todo.md", "train.py"],
@@ -75,75 +78,97 @@ SLOTS = {
     "mode": ["755", "644", "600", "700"],
     "msg": ["fix bug", "add tests", "update docs", "initial commit", "refactor"],
 }
-TEMPLATES = [
-    (["list files", "show the files here", "what files are in this folder"], "ls", "Lists the files in the current folder."),
-    (["list all files including hidden ones", "show hidden files"], "ls -a", "-a includes names that start with a dot."),
-    (["list files by size", "show files sorted by size", "which files are biggest"], "ls -lS", "-l long format, -S sorted by size, largest first."),
-    (["list files by date", "show the newest files first"], "ls -lt", "-t sorts by modification time, newest first."),
-    (["list files in {dir}", "show what is in {dir}"], "ls {dir}", "Lists the files in {dir}."),
-    (["list files in {dir} with details", "long listing of {dir}"], "ls -l {dir}", "-l shows permissions, owner, size and date."),
-    (["go to {dir}", "change directory to {dir}", "open the folder {dir}"], "cd {dir}", "Changes the current folder to {dir}."),
-    (["go up one folder", "go to the parent directory"], "cd ..", ".. is the parent folder."),
-    (["go to my home folder", "go home"], "cd ~", "~ is your home folder."),
-    (["search for {pattern} in {file}", "find lines with {pattern} in {file}"], "grep \"{pattern}\" {file}", "Prints the lines of {file} that contain {pattern}."),
-    (["search for {pattern} in all files under {dir}", "find {pattern} recursively in {dir}"], "grep -r \"{pattern}\" {dir}", "-r searches every file under {dir}."),
-    (["count lines with {pattern} in {file}", "how many lines of {file} contain {pattern}"], "grep -c \"{pattern}\" {file}", "-c prints the number of matching lines."),
-    (["search for {pattern} in {file} ignoring case"], "grep -i \"{pattern}\" {file}", "-i ignores upper and lower case."),
-    (["find all .{ext} files", "find every {ext} file here"], "find . -name \"*.{ext}\"", "Searches this folder and below for names ending in .{ext}."),
-    (["find .{ext} files in {dir}", "find all {ext} files under {dir}"], "find {dir} -name \"*.{ext}\"", "Searches {dir} and below for names ending in .{ext}."),
-    (["find files bigger than 100MB", "find large files"], "find . -size +100M", "-size +100M matches files over 100 MB."),
-    (["find files changed in the last {n} days", "find files modified in the past {n} days"], "find . -mtime -{n}", "-mtime -{n} matches files modified less than {n} days ago."),
-    (["find empty files in {dir}"], "find {dir} -type f -empty", "-empty matches files of size zero."),
-    (["show running processes", "list all processes"], "ps aux", "a: all users, u: with owner and CPU/memory, x: including daemons."),
-    (["find the {proc} process", "is {proc} running"], "ps aux | grep {proc}", "Lists processes and keeps the lines that mention {proc}."),
-    (["show cpu usage", "which processes use the most cpu"], "top", "top shows processes by CPU use, refreshed live; q quits."),
-    (["kill process {pid}", "stop process {pid}"], "kill {pid}", "Sends SIGTERM to process {pid}."),
-    (["force kill process {pid}", "kill -9 process {pid}"], "kill -9 {pid}", "SIGKILL cannot be ignored by the process."),
-    (["stop all {proc} processes", "kill every {proc} process"], "pkill {proc}", "pkill signals every process named {proc}."),
-    (["make {file} executable", "allow running {file}"], "chmod +x {file}", "+x adds execute permission."),
-    (["set the permissions of {file} to {mode}", "chmod {file} to {mode}"], "chmod {mode} {file}", "Octal permissions {mode} for owner, group and others."),
-    (["change the owner of {file} to {user}", "give {file} to {user}"], "chown {user} {file}", "Makes {user} the owner of {file}."),
-    (["give {user} ownership of {dir} recursively", "make {user} own everything in {dir}"], "chown -R {user} {dir}", "-R changes {dir} and everything in it."),
-    (["compress {dir} into a tar.gz archive", "make a tarball of {dir}"], "tar -czf {dir}.tar.gz {dir}", "c: create, z: gzip, f: archive file name."),
-    (["extract {dir}.tar.gz", "unpack the archive {dir}.tar.gz"], "tar -xzf {dir}.tar.gz", "x: extract, z: gunzip, f: from this file."),
-    (["list the contents of {dir}.tar.gz", "what is inside {dir}.tar.gz"], "tar -tzf {dir}.tar.gz", "t lists the archive without extracting."),
-    (["zip the folder {dir}", "make a zip file of {dir}"], "zip -r {dir}.zip {dir}", "-r adds the folder and everything in it."),
-    (["unzip {dir}.zip", "extract {dir}.zip"], "unzip {dir}.zip", "Extracts the zip archive into the current folder."),
-    (["show git status", "what changed in the repo"], "git status", "Shows changed, staged and untracked files."),
-    (["commit with message {msg}", "git commit saying {msg}"], "git commit -m \"{msg}\"", "Records the staged changes with the message."),
-    (["push to {branch}", "push my commits to {branch}"], "git push origin {branch}", "Uploads your commits to the {branch} branch on origin."),
-    (["push my changes", "upload my commits"], "git push", "Uploads your commits to the remote branch."),
-    (["pull the latest changes", "update the repo"], "git pull", "Fetches and merges the remote branch."),
-    (["create a branch called {branch}", "start a new branch {branch}"], "git checkout -b {branch}", "-b creates the branch and switches to it."),
-    (["switch to branch {branch}", "checkout {branch}"], "git checkout {branch}", "Switches the working tree to {branch}."),
-    (["show the last {n} commits", "git log of the last {n} commits"], "git log -n {n} --oneline", "One line per commit, newest first."),
-    (["stage {file}", "add {file} to the next commit"], "git add {file}", "Stages {file} for the next commit."),
-    (["install {pkg}", "pip install {pkg}"], "pip install {pkg}", "Installs the Python package {pkg}."),
-    (["uninstall {pkg}", "remove the python package {pkg}"], "pip uninstall {pkg}", "Removes the Python package {pkg}."),
-    (["upgrade {pkg}", "update {pkg} to the latest version"], "pip install --upgrade {pkg}", "--upgrade installs the newest version."),
-    (["list installed python packages", "which python packages are installed"], "pip list", "Lists installed packages with versions."),
-    (["save installed packages to requirements.txt", "freeze my python packages"], "pip freeze > requirements.txt", "Writes name==version lines to requirements.txt."),
-    (["install {npmpkg} with npm", "add the npm package {npmpkg}"], "npm install {npmpkg}", "Installs {npmpkg} into node_modules."),
-    (["list running containers", "show docker containers"], "docker ps", "Lists running containers."),
-    (["list all containers", "show stopped containers too"], "docker ps -a", "-a includes stopped containers."),
-    (["run a {image} container", "start {image} in docker"], "docker run -d {image}", "-d runs the container in the background."),
-    (["pull the {image} image", "download the {image} docker image"], "docker pull {image}", "Downloads the image from the registry."),
-    (["list docker images", "show my docker images"], "docker images", "Lists the images stored locally."),
-    (["show disk usage of this folder", "how big is this folder"], "du -sh .", "-s one total, -h human-readable sizes."),
-    (["show disk usage of {dir}", "how big is {dir}"], "du -sh {dir}", "-s one total, -h human-readable sizes."),
-    (["show free disk space", "how much disk space is left"], "df -h", "Free and used space per disk, human-readable."),
-    (["show memory usage", "how much ram is free"], "free -h", "Used and free RAM and swap, human-readable."),
-    (["copy {file} to {dir}", "make a copy of {file} in {dir}"], "cp {file} {dir}/", "Copies {file} into {dir}."),
-    (["move {file} to {dir}", "put {file} into {dir}"], "mv {file} {dir}/", "Moves {file} into {dir}."),
-    (["delete {file}", "remove the file {file}"], "rm {file}", "Deletes {file}; there is no undo."),
-    (["delete the folder {dir} and everything in it"], "rm -r {dir}", "-r removes the folder and its contents; there is no undo."),
-    (["create a folder called {dir}", "make a new directory {dir}"], "mkdir {dir}", "Creates the folder {dir}."),
-    (["show the contents of {file}", "print {file}"], "cat {file}", "Prints the whole file."),
-    (["show the first {n} lines of {file}"], "head -n {n} {file}", "Prints the first {n} lines."),
-    (["show the last {n} lines of {file}"], "tail -n {n} {file}", "Prints the last {n} lines."),
-    (["follow {file} as it grows", "watch the log {file}"], "tail -f {file}", "-f keeps printing new lines; Ctrl-C stops."),
-    (["count the lines in {file}", "how many lines does {file} have"], "wc -l {file}", "-l counts lines."),
-]
+TEMPLATES = """
+list files | show the files here | what files are in this folder => ls => Lists the files in the current folder.
+list all files including hidden ones | show hidden files => ls -a => -a includes names that start with a dot.
+list files by size | show files sorted by size | which files are biggest => ls -lS => -l long format, -S sorted by size,
+    largest first.
+list files by date | show the newest files first => ls -lt => -t sorts by modification time, newest first.
+list files in {dir} | show what is in {dir} => ls {dir} => Lists the files in {dir}.
+list files in {dir} with details | long listing of {dir} => ls -l {dir} => -l shows permissions, owner, size and date.
+go to {dir} | change directory to {dir} | open the folder {dir} => cd {dir} => Changes the current folder to {dir}.
+go up one folder | go to the parent directory => cd .. => .. is the parent folder.
+go to my home folder | go home => cd ~ => ~ is your home folder.
+search for {pattern} in {file} | find lines with {pattern} in {file} => grep "{pattern}" {file} => Prints the lines of
+    {file} that contain {pattern}.
+search for {pattern} in all files under {dir} | find {pattern} recursively in {dir} => grep -r "{pattern}" {dir} => -r
+    searches every file under {dir}.
+count lines with {pattern} in {file} | how many lines of {file} contain {pattern} => grep -c "{pattern}" {file} => -c
+    prints the number of matching lines.
+search for {pattern} in {file} ignoring case => grep -i "{pattern}" {file} => -i ignores upper and lower case.
+find all .{ext} files | find every {ext} file here => find . -name "*.{ext}" => Searches this folder and below for names
+    ending in .{ext}.
+find .{ext} files in {dir} | find all {ext} files under {dir} => find {dir} -name "*.{ext}" => Searches {dir} and below
+    for names ending in .{ext}.
+find files bigger than 100MB | find large files => find . -size +100M => -size +100M matches files over 100 MB.
+find files changed in the last {n} days | find files modified in the past {n} days => find . -mtime -{n} => -mtime -{n}
+    matches files modified less than {n} days ago.
+find empty files in {dir} => find {dir} -type f -empty => -empty matches files of size zero.
+show running processes | list all processes => ps aux => a: all users, u: with owner and CPU/memory, x: including
+    daemons.
+find the {proc} process | is {proc} running => ps aux | grep {proc} => Lists processes and keeps the lines that mention
+    {proc}.
+show cpu usage | which processes use the most cpu => top => top shows processes by CPU use, refreshed live; q quits.
+kill process {pid} | stop process {pid} => kill {pid} => Sends SIGTERM to process {pid}.
+force kill process {pid} | kill -9 process {pid} => kill -9 {pid} => SIGKILL cannot be ignored by the process.
+stop all {proc} processes | kill every {proc} process => pkill {proc} => pkill signals every process named {proc}.
+make {file} executable | allow running {file} => chmod +x {file} => +x adds execute permission.
+set the permissions of {file} to {mode} | chmod {file} to {mode} => chmod {mode} {file} => Octal permissions {mode} for
+    owner, group and others.
+change the owner of {file} to {user} | give {file} to {user} => chown {user} {file} => Makes {user} the owner of {file}.
+give {user} ownership of {dir} recursively | make {user} own everything in {dir} => chown -R {user} {dir} => -R changes
+    {dir} and everything in it.
+compress {dir} into a tar.gz archive | make a tarball of {dir} => tar -czf {dir}.tar.gz {dir} => c: create, z: gzip, f:
+    archive file name.
+extract {dir}.tar.gz | unpack the archive {dir}.tar.gz => tar -xzf {dir}.tar.gz => x: extract, z: gunzip, f: from this
+    file.
+list the contents of {dir}.tar.gz | what is inside {dir}.tar.gz => tar -tzf {dir}.tar.gz => t lists the archive without
+    extracting.
+zip the folder {dir} | make a zip file of {dir} => zip -r {dir}.zip {dir} => -r adds the folder and everything in it.
+unzip {dir}.zip | extract {dir}.zip => unzip {dir}.zip => Extracts the zip archive into the current folder.
+show git status | what changed in the repo => git status => Shows changed, staged and untracked files.
+commit with message {msg} | git commit saying {msg} => git commit -m "{msg}" => Records the staged changes with the
+    message.
+push to {branch} | push my commits to {branch} => git push origin {branch} => Uploads your commits to the {branch}
+    branch on origin.
+push my changes | upload my commits => git push => Uploads your commits to the remote branch.
+pull the latest changes | update the repo => git pull => Fetches and merges the remote branch.
+create a branch called {branch} | start a new branch {branch} => git checkout -b {branch} => -b creates the branch and
+    switches to it.
+switch to branch {branch} | checkout {branch} => git checkout {branch} => Switches the working tree to {branch}.
+show the last {n} commits | git log of the last {n} commits => git log -n {n} --oneline => One line per commit, newest
+    first.
+stage {file} | add {file} to the next commit => git add {file} => Stages {file} for the next commit.
+install {pkg} | pip install {pkg} => pip install {pkg} => Installs the Python package {pkg}.
+uninstall {pkg} | remove the python package {pkg} => pip uninstall {pkg} => Removes the Python package {pkg}.
+upgrade {pkg} | update {pkg} to the latest version => pip install --upgrade {pkg} => --upgrade installs the newest
+    version.
+list installed python packages | which python packages are installed => pip list => Lists installed packages with
+    versions.
+save installed packages to requirements.txt | freeze my python packages => pip freeze > requirements.txt => Writes
+    name==version lines to requirements.txt.
+install {npmpkg} with npm | add the npm package {npmpkg} => npm install {npmpkg} => Installs {npmpkg} into node_modules.
+list running containers | show docker containers => docker ps => Lists running containers.
+list all containers | show stopped containers too => docker ps -a => -a includes stopped containers.
+run a {image} container | start {image} in docker => docker run -d {image} => -d runs the container in the background.
+pull the {image} image | download the {image} docker image => docker pull {image} => Downloads the image from the
+    registry.
+list docker images | show my docker images => docker images => Lists the images stored locally.
+show disk usage of this folder | how big is this folder => du -sh . => -s one total, -h human-readable sizes.
+show disk usage of {dir} | how big is {dir} => du -sh {dir} => -s one total, -h human-readable sizes.
+show free disk space | how much disk space is left => df -h => Free and used space per disk, human-readable.
+show memory usage | how much ram is free => free -h => Used and free RAM and swap, human-readable.
+copy {file} to {dir} | make a copy of {file} in {dir} => cp {file} {dir}/ => Copies {file} into {dir}.
+move {file} to {dir} | put {file} into {dir} => mv {file} {dir}/ => Moves {file} into {dir}.
+delete {file} | remove the file {file} => rm {file} => Deletes {file}; there is no undo.
+delete the folder {dir} and everything in it => rm -r {dir} => -r removes the folder and its contents; there is no undo.
+create a folder called {dir} | make a new directory {dir} => mkdir {dir} => Creates the folder {dir}.
+show the contents of {file} | print {file} => cat {file} => Prints the whole file.
+show the first {n} lines of {file} => head -n {n} {file} => Prints the first {n} lines.
+show the last {n} lines of {file} => tail -n {n} {file} => Prints the last {n} lines.
+follow {file} as it grows | watch the log {file} => tail -f {file} => -f keeps printing new lines; Ctrl-C stops.
+count the lines in {file} | how many lines does {file} have => wc -l {file} => -l counts lines.
+"""
 PREFIXES = ["", "please ", "how do I ", "I want to ", "can you "]
 # the typo pairs of the seed ("git pus" -> "git push"), made systematic: a misspelt command word
 TYPOS = {"git": ["gti", "igt"], "push": ["pus", "psuh"], "pull": ["pul", "pulll"], "status": ["staus", "stauts"],
@@ -158,12 +183,10 @@ def format_answer(command, explanation=""):
 
 def builtin_pairs(per_template=100):
     """The built-in English -> command pairs, in a fixed order (the same file on every machine).
-
     Balanced: every template gives up to per_template pairs (slot combinations picked by a fixed
     permutation, phrasings and polite prefixes rotated), so "list files by size" is not drowned
     by the hundreds of file x folder combinations of "copy {file} to {dir}" (measured: with all
-    combinations, 4264 pairs, the tiny model got the rare templates wrong).
-    """
+    combinations, 4264 pairs, the tiny model got the rare templates wrong)."""
     pairs, seen = [], set()
 
     def add(inp, cmd, expl):
@@ -171,7 +194,9 @@ def builtin_pairs(per_template=100):
             seen.add(inp)
             pairs.append({"input": inp, "output": format_answer(cmd, expl)})
 
-    for t, (phrasings, cmd, expl) in enumerate(TEMPLATES):
+    for t, line in enumerate(re.sub(r"\n +", " ", TEMPLATES).strip().split("\n")):
+        asks, cmd, expl = line.split(" => ")
+        phrasings = asks.split(" | ")
         names = list(dict.fromkeys(re.findall(r"{(\w+)}", " ".join(phrasings) + cmd)))
         combos = [{}]
         for name in names:  # every combination of the slots this template uses
@@ -241,12 +266,10 @@ def split_of(pair):
 
 def sft_batch(step, examples, seed, global_batch, rank, per_rank, seq_len):
     """This rank's examples of step `step`, padded to the longest (not to seq_len: the built-in
-    pairs are ~130 tokens, so a 2048 context costs nothing until an example needs it).
-
-    A fresh permutation per epoch from (seed, epoch): every example once per epoch, the same on
-    resume and on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the
-    target is an answer token, and n (B,) real tokens per example (for tokens/s).
-    """
+    pairs are ~130 tokens, so a 2048 context costs nothing until an example needs it). A fresh
+    permutation per epoch from (seed, epoch): every example once per epoch, the same on resume and
+    on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the target is an
+    answer token, and n (B,) real tokens per example (for tokens/s)."""
     idx = global_examples(step, len(examples), seed, global_batch)[rank * per_rank:(rank + 1) * per_rank]
     return collate([examples[i] for i in idx], seq_len)
 
@@ -291,7 +314,7 @@ def sft_loss_fn(model, mb, device):
 
 
 # -----------------------------------------------------------------------------
-# config
+# config: flags, and the seed's modes (settings layered in before anything is built)
 
 parser = common.make_parser(__doc__, trainer="sft", epochs=1, lr=None, effective_batch=32,
                             save_every=100, eval_every=100, log_every=10)
@@ -333,6 +356,73 @@ g.add_argument("--max-rounds", type=common.nonneg_int, default=0, metavar="N",
                help="continuous learning: stop after N rounds (0 = run until stopped)")
 
 
+# The seed's fine-tuning settings (Overseer, training/configs/training_config.py): its standard
+# column, and the three small-machine modes. The seed set its mode flag after the config object
+# was built, so the overrides never took effect; here apply_modes runs before anything is built,
+# and a test checks that each value reaches the running loop (args.json "loop").
+# schedule and beta2 stay what the sft thresholds (tests/test_sft.py) were measured with
+SFT_STANDARD = dict(batch_size=16, grad_accum=4, lr=1e-4, seq_len=2048, workers=4, pin_memory=True,
+                    save_every=500, eval_every=100, log_every=10, ram_threshold=85.0, gpu_threshold=90.0,
+                    swap_threshold=50.0, mem_check_every=30.0, schedule="onecycle", beta2=0.95)
+# --quick: the laptop demo (a tiny model from scratch learns at 2e-3, not at the seed's 1e-4)
+SFT_QUICK = dict(batch_size=16, grad_accum=2, lr=4e-3, seq_len=256, workers=0, save_every=100, eval_every=100,
+                 max_steps=600)
+MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order); one mode applies
+    "mac": dict(batch_size=1, grad_accum=32, lr=3e-5, seq_len=256, precision="fp32", workers=0,
+                ram_threshold=60.0, gpu_threshold=70.0, swap_threshold=25.0, mem_check_every=10.0,
+                save_every=100, eval_every=25),
+    "cpu_only": dict(batch_size=1, grad_accum=64, lr=1e-5, seq_len=128, precision="fp32", device="cpu",
+                     ram_threshold=50.0, gpu_threshold=0.0, swap_threshold=20.0, mem_check_every=5.0,
+                     save_every=50, eval_every=10),
+    "resource_efficient": dict(batch_size=4, grad_accum=16, lr=5e-5, seq_len=1024, workers=1, pin_memory=False,
+                               grad_checkpointing=True, precision="fp16", save_every=200, eval_every=50,
+                               log_every=25, ram_threshold=70.0, gpu_threshold=75.0, swap_threshold=30.0,
+                               mem_check_every=15.0),
+}
+
+
+def apply_modes(args, sources, log):
+    """Settings layers after optimal_config.json, before anything is built (common.resolve_settings
+    calls this): the seed's standard column, then --quick, then one mode; flags typed by the user
+    always win."""
+    def layer(values, name, over_config=()):
+        for key, value in values.items():
+            if sources.get(key) in ("default", "sft standard") or (
+                    sources.get(key) == "optimal_config.json" and key in over_config):
+                setattr(args, key, value)
+                sources[key] = name
+
+    # optimal_config.json's lm batch and seq_len are sized for pretraining windows, not for pairs
+    layer(SFT_STANDARD, "sft standard", over_config=("batch_size", "grad_accum", "seq_len"))
+    if args.quick:
+        layer(SFT_QUICK, "quick", over_config=("batch_size", "grad_accum", "seq_len", "workers"))
+    mode = "mac" if args.mac else "cpu_only" if args.cpu_only else "resource_efficient" if args.resource_efficient \
+        else None
+    if not mode:
+        return
+    given = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    rows = []
+    for key, value in MODES[mode].items():
+        before = getattr(args, key)
+        note = ""
+        if sources.get(key) == "flag":
+            value, note = before, "kept: given as a flag"
+        elif key == "precision" and value == "fp16" and not (cuda and mode != "mac"):
+            value, note = before, "fp16 is for the GPU; the CPU stays fp32"
+        else:
+            setattr(args, key, value)
+            sources[key] = mode.replace("_", "-")
+        rows.append((key.replace("_", "-"), before, value, note))
+    eff = args.batch_size * args.grad_accum if "auto" not in (args.batch_size, args.grad_accum) else "auto"
+    log(f"--{mode.replace('_', '-')}: the seed's settings, applied before anything is built"
+        + (f" ({' > '.join(given)}: the first wins)" if len(given) > 1 else ""))
+    log(f"  {'setting':<18} {'before':>9} -> {'after':<9}")
+    for key, before, after, note in rows:
+        log(f"  {key:<18} {str(before):>9} -> {str(after):<9} {note}")
+    log(f"  {'effective batch':<18} {'':>9}    {eff}")
+
+
 # -----------------------------------------------------------------------------
 # pair files (--data, --download-data; URLs come through common.fetch_data)
 
@@ -342,12 +432,10 @@ CSV_COLUMNS = ("description", "command", "explanation")  # explanation may be em
 
 def read_pairs(path, flag, bad_rows="skip"):
     """Instruction pairs from one .jsonl ({"input", "output"}) or .csv (description, command,
-    explanation) file, or from every such file in a folder (sorted), through common.read_records.
-
-    Returns (records, bad, reasons): records are {"input", "output"} dicts, `bad` counts the rows
-    skipped, `reasons` holds the first few ("line 7: no 'output'"); --bad-rows fail stops at the
-    first bad row instead. Called by sft_pairs.
-    """
+    explanation) file, or from every such file in a folder (sorted), through records.py. Returns
+    (records, bad, reasons): records are {"input", "output"} dicts, `bad` counts the rows skipped,
+    `reasons` holds the first few ("line 7: no 'output'"); --bad-rows fail stops at the first one."""
+    from records import MAX_REASONS, read_records  # only for a user's file: the built-in pairs need none
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in PAIR_EXTS)
@@ -358,25 +446,23 @@ def read_pairs(path, flag, bad_rows="skip"):
             r, b, why = read_pairs(f, flag, bad_rows)
             records += r
             bad += b
-            reasons += [f"{f.name} {w}" for w in why][:common.MAX_REASONS - len(reasons)]
+            reasons += [f"{f.name} {w}" for w in why][:MAX_REASONS - len(reasons)]
         return records, bad, reasons
     ext = p.suffix.lower()
     if ext not in PAIR_EXTS:
         raise UserError(f"{flag} {p}: unknown file type '{ext}'; use .jsonl (one {{\"input\", \"output\"}} "
                         f"object a line) or .csv ({','.join(CSV_COLUMNS)})")
     if ext == ".jsonl":
-        return common.read_records(p, flag, ("input", "output"), bad_rows=bad_rows)
-    rows, bad, reasons = common.read_records(p, flag, CSV_COLUMNS[:2], optional=CSV_COLUMNS[2:], bad_rows=bad_rows)
+        return read_records(p, flag, ("input", "output"), bad_rows=bad_rows)
+    rows, bad, reasons = read_records(p, flag, CSV_COLUMNS[:2], optional=CSV_COLUMNS[2:], bad_rows=bad_rows)
     return [{"input": r["description"], "output": format_answer(r["command"], r.get("explanation", ""))}
             for r in rows], bad, reasons
 
 
 def sft_pairs(args, log):
     """The pairs to fine-tune on, split by split_of: (train, val, test) lists of {input, output}.
-
     --data (a .jsonl/.csv file or a folder of them, or an http(s) URL of one), else the built-in
-    generator; pairs from --download-data are added. A request seen twice keeps its first answer.
-    """
+    generator; pairs from --download-data are added. A request seen twice keeps its first answer."""
     given = {"data": args.data, "download_data": list(args.download_data or [])}  # as typed, for the log
     common.fetch_data(args, ("data", "download_data"), log, exts=PAIR_EXTS)
     if args.data:
@@ -449,136 +535,6 @@ def load_init(model, init, log):
 
 
 # -----------------------------------------------------------------------------
-# evaluation and decoding
-
-@torch.inference_mode()
-def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
-    """Greedy continuations of many prompts at once (the eval's and ask's decoder).
-
-    Prompts are right-padded into one buffer and each row keeps its own length: with causal
-    attention the padding after a row's last token cannot change that token's logits, so one
-    forward over (rows, longest) serves every row. A row ends at `stop`, <eot>, or the context.
-    """
-    model.eval()
-    T = model.cfg["seq_len"]
-    outs = []
-    for a in range(0, len(prompts), rows):
-        chunk = [p[-T:] for p in prompts[a:a + rows]]
-        lens = torch.tensor([len(p) for p in chunk])
-        buf = torch.full((len(chunk), min(T, int(lens.max()) + max_new)), EOT, dtype=torch.long)
-        for i, p in enumerate(chunk):
-            buf[i, :len(p)] = torch.tensor(p)
-        done = lens >= buf.shape[1]
-        for _ in range(max_new):
-            live = (~done).nonzero()[:, 0]
-            if len(live) == 0:
-                break
-            hi = int(lens[live].max())
-            logits = model(buf[live, :hi].to(device))  # (live, hi, V)
-            nxt = logits[torch.arange(len(live)), (lens[live] - 1).to(device)].argmax(-1).cpu()
-            buf[live, lens[live]] = nxt
-            lens[live] += 1
-            done[live] = (nxt == stop) | (nxt == EOT) | (lens[live] >= buf.shape[1])
-        outs += [buf[i, len(p):int(lens[i])].tolist() for i, p in enumerate(chunk)]
-    model.train()
-    return outs
-
-
-@torch.inference_mode()
-def evaluate_sft(model, examples, device, amp_dtype, bs, seq_len):
-    """Validation loss in nats per answer token (prompts masked, as in training)."""
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), bs):
-        with common.autocast(device, amp_dtype):
-            loss, k = sft_loss_fn(model, collate(examples[i:i + bs], seq_len), device)
-        total, n = total + loss.item(), n + int(k)
-    model.train()
-    return total / max(1, n)
-
-
-def command_accuracy(model, pairs, device, max_new=64):
-    """(exact, substring, answers) on pairs: exact = the generated command (between <command>
-    and </command>) equals the expected one, whitespace-normalised; substring = the expected
-    command appears in the generated text (the seed's "command accuracy")."""
-    answers = [decode_sft(ids) for ids in greedy_batch(model, [prompt_ids(p["input"]) for p in pairs],
-                                                        max_new, device, stop=CMD_CLOSE)]
-    want = [command_of(p["output"]) for p in pairs]
-    exact = sum(command_of(a) == w for a, w in zip(answers, want)) / max(1, len(pairs))
-    sub = sum(w in " ".join(a.split()) for a, w in zip(answers, want)) / max(1, len(pairs))
-    return exact, sub, answers
-
-
-# -----------------------------------------------------------------------------
-
-# The seed's fine-tuning settings (Overseer, training/configs/training_config.py): its standard
-# column, and the three small-machine modes. The seed set its mode flag after the config object
-# was built, so the overrides never took effect; here apply_modes runs before anything is built,
-# and a test checks that each value reaches the running loop (args.json "loop").
-# schedule and beta2 stay what the sft thresholds (tests/test_sft.py) were measured with
-SFT_STANDARD = dict(batch_size=16, grad_accum=4, lr=1e-4, seq_len=2048, workers=4, pin_memory=True,
-                    save_every=500, eval_every=100, log_every=10, ram_threshold=85.0, gpu_threshold=90.0,
-                    swap_threshold=50.0, mem_check_every=30.0, schedule="onecycle", beta2=0.95)
-# --quick: the laptop demo (a tiny model from scratch learns at 2e-3, not at the seed's 1e-4)
-SFT_QUICK = dict(batch_size=16, grad_accum=2, lr=4e-3, seq_len=256, workers=0, save_every=100, eval_every=100,
-                 max_steps=600)
-MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order); one mode applies
-    "mac": dict(batch_size=1, grad_accum=32, lr=3e-5, seq_len=256, precision="fp32", workers=0,
-                ram_threshold=60.0, gpu_threshold=70.0, swap_threshold=25.0, mem_check_every=10.0,
-                save_every=100, eval_every=25),
-    "cpu_only": dict(batch_size=1, grad_accum=64, lr=1e-5, seq_len=128, precision="fp32", device="cpu",
-                     ram_threshold=50.0, gpu_threshold=0.0, swap_threshold=20.0, mem_check_every=5.0,
-                     save_every=50, eval_every=10),
-    "resource_efficient": dict(batch_size=4, grad_accum=16, lr=5e-5, seq_len=1024, workers=1, pin_memory=False,
-                               grad_checkpointing=True, precision="fp16", save_every=200, eval_every=50,
-                               log_every=25, ram_threshold=70.0, gpu_threshold=75.0, swap_threshold=30.0,
-                               mem_check_every=15.0),
-}
-
-
-def apply_modes(args, sources, log):
-    """Settings layers after optimal_config.json, before anything is built (common.resolve_settings
-    calls this): the seed's standard column, then --quick, then one mode; flags typed by the user
-    always win."""
-    def layer(values, name, over_config=()):
-        for key, value in values.items():
-            if sources.get(key) in ("default", "sft standard") or (
-                    sources.get(key) == "optimal_config.json" and key in over_config):
-                setattr(args, key, value)
-                sources[key] = name
-
-    # optimal_config.json's lm batch and seq_len are sized for pretraining windows, not for pairs
-    layer(SFT_STANDARD, "sft standard", over_config=("batch_size", "grad_accum", "seq_len"))
-    if args.quick:
-        layer(SFT_QUICK, "quick", over_config=("batch_size", "grad_accum", "seq_len", "workers"))
-    mode = "mac" if args.mac else "cpu_only" if args.cpu_only else "resource_efficient" if args.resource_efficient \
-        else None
-    if not mode:
-        return
-    given = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    rows = []
-    for key, value in MODES[mode].items():
-        before = getattr(args, key)
-        note = ""
-        if sources.get(key) == "flag":
-            value, note = before, "kept: given as a flag"
-        elif key == "precision" and value == "fp16" and not (cuda and mode != "mac"):
-            value, note = before, "fp16 is for the GPU; the CPU stays fp32"
-        else:
-            setattr(args, key, value)
-            sources[key] = mode.replace("_", "-")
-        rows.append((key.replace("_", "-"), before, value, note))
-    eff = args.batch_size * args.grad_accum if "auto" not in (args.batch_size, args.grad_accum) else "auto"
-    log(f"--{mode.replace('_', '-')}: the seed's settings, applied before anything is built"
-        + (f" ({' > '.join(given)}: the first wins)" if len(given) > 1 else ""))
-    log(f"  {'setting':<18} {'before':>9} -> {'after':<9}")
-    for key, before, after, note in rows:
-        log(f"  {key:<18} {str(before):>9} -> {str(after):<9} {note}")
-    log(f"  {'effective batch':<18} {'':>9}    {eff}")
-
-
-# -----------------------------------------------------------------------------
 # main: flags -> pairs -> run folder -> train
 
 def main(argv=None):
@@ -606,15 +562,17 @@ def main(argv=None):
     run = start(args, sources, notes, "sft", "val_loss", lambda state, path, world: check_resume(
         state, path, cfg, world, task="sft"))
     try:
-        with common.recording_failures(run.out, run.status) if run.rank == 0 else nullcontext():
+        with common.recording_failures(run.out, run.status) if run.ranks.is_main else nullcontext():
             return train(args, sources, run, cfg, data, init)
     finally:
-        common.end_ranks(run.world)
+        run.ranks.end()
 
+
+# -----------------------------------------------------------------------------
+# train: pairs -> model -> fit the machine -> optimizer -> resume -> the loop -> report
 
 def train(args, sources, run, cfg, data, init):
-    out, log, status, device, amp_dtype, state = run.out, run.log, run.status, run.device, run.amp_dtype, run.state
-    is_main, world = run.rank == 0, run.world
+    out, log, status, device, ranks, state = run.out, run.log, run.status, run.device, run.ranks, run.state
     examples, val_examples, mean_len = render_splits(data, args.seq_len, log)
 
     # -- model: train_lm.py's, from scratch or from --init-from
@@ -626,171 +584,114 @@ def train(args, sources, run, cfg, data, init):
     n_params, _ = common.count_params(model)
     log(describe(args, cfg, n_params))
 
-    # -- batch size: effective batch per rank fixed, micro-batch fitted by a probe on the longest pair
+    # -- fit the machine: the micro-batch (a probe on the longest pair; effective batch per rank fixed),
+    # the precision (on a CPU, bf16 only where this model's own step is measured faster in it)
     longest = min(args.seq_len, max(len(ids) for ids, _ in examples) - 1)
-
-    def probe(bs):
-        return common.probe_step(model, lambda m, b: sft_loss_fn(m, b, device),
-                                 {"x": torch.zeros(bs, longest + 1, dtype=torch.long),
-                                  "w": torch.ones(bs, longest)}, device, amp_dtype)
-    resumed_bs = (state["micro_bs"], state["accum"]) if state else None
-    micro_bs, accum, bs_why = common.choose_batch_size(args, sources, device, probe, log, resumed_bs)
-    E = micro_bs * accum  # pairs per rank per step
-    # -- precision: on a CPU, bf16 only where this model's own step is measured faster in it
-    amp_dtype, why = common.measure_precision(
-        args, sources, device, model, lambda dt: common.probe_step(
-            model, lambda m, b: sft_loss_fn(m, b, device), {"x": torch.zeros(micro_bs, longest + 1, dtype=torch.long),
-                                                            "w": torch.ones(micro_bs, longest)}, device, dt),
-        log, state["args"]["precision"] if state else None)
-    run.amp_dtype, run.prec_why = amp_dtype, why or run.prec_why
-    G = E * world  # the global batch
+    sft_loss = functools.partial(sft_loss_fn, device=device)
+    worst = lambda bs: {"x": torch.zeros(bs, longest + 1, dtype=torch.long), "w": torch.ones(bs, longest)}
+    micro_bs, accum, run.amp_dtype, why = common.fit_batch(
+        model, sft_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why), state=state,
+        log=log, ranks=ranks, unit="pairs")
+    E, G = micro_bs * accum, micro_bs * accum * ranks.world  # pairs per rank per step, and the global batch
     tokens_per_step = G * mean_len  # on average (padding not counted)
-    log(f"device {device.type}, precision {args.precision} ({run.prec_why}); batch {micro_bs} x {accum} accumulation"
-        + (f" x {world} processes" if world > 1 else "")
-        + f" = {G} pairs ({tokens_per_step:,.0f} tokens on average) per step ({bs_why})")
     if len(examples) < G:
         raise UserError(f"--batch-size x --grad-accum = {G} pairs per step, but the data has {len(examples)} "
                         "training pairs; lower --grad-accum or add data")
 
-    # -- optimizer and schedule (train_lm.py's; the sft standard column keeps onecycle and beta2 0.95)
+    # -- optimizer and schedule (train_lm.py's; the sft standard column keeps onecycle and beta2 0.95), the plan
     steps_per_epoch = max(1, len(examples) // G)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
-    plan = common.memory_plan(model, optimizer, common.activation_bytes(
-        model, lambda m, b: sft_loss_fn(m, b, device), {"x": torch.zeros(micro_bs, longest + 1, dtype=torch.long),
-                                                         "w": torch.ones(micro_bs, longest)}, device, amp_dtype),
-        micro_bs, world, log, worst=f"the longest pair ({longest} tokens)")
+    plan = common.memory_plan(model, optimizer, sft_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
+                              world=ranks.world, log=log, worst=f"the longest pair ({longest} tokens)")
     if args.plan:
         return common.plan_only(out, status, log)
-    step, best, eval_bs = 0, float("inf"), micro_bs
-    wall_before, train_before, samples_before = common.restore_training_state(state, model, optimizer,
-                                                                              scheduler, run.scaler)
-    if state:
-        step, best = state["step"], state["best"]
-        log(f"resumed from {run.resumed_from} (step {step})")
-    if is_main:
-        common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
-        common.write_args(out, args, sources, {
-            "micro_batch": micro_bs, "grad_accum": accum, "world_size": world, "effective_batch": E,
-            "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
-            "device": device.type, "why": {"batch": bs_why, "precision": run.prec_why}})
 
-    train_model, no_sync = wrap(model, args, run)  # `model` stays the plain module we save
-    peak, peak_why = device_peak(device, amp_dtype, args.config, out) if is_main else (1.0, "")
+    # -- resume, and args.json with what fitting the machine chose
+    step, best = resume(run, args, sources, model, optimizer, scheduler, chosen={
+        "micro_batch": micro_bs, "grad_accum": accum, "world_size": ranks.world, "effective_batch": E,
+        "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
+        "device": device.type, "why": why})
+    train_model, no_sync = wrap(model, args, ranks)  # `model` stays the plain module we save
+    peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))))  # attention at the average pair length
-    log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token")
-    tb = tensorboard(args, out) if is_main else None
-
-    def save(best_now=False):
-        ckpt = common.training_state(
-            model, optimizer, scheduler, run.scaler, step=step, best=best, micro_bs=micro_bs, accum=accum,
-            world_size=world, model_cfg=cfg, args=dict(vars(args)), task="sft",
-            wall_s=wall_before + time.time() - status["started"], train_s=train_before + time.time() - t_start,
-            samples=samples_before + samples_seen)
-        path = common.save_checkpoint(out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now, log=log)
-        common.update_status(out, status, last_checkpoint=str(path.resolve()))
-
-    def run_eval():  # rank 0; True when this is the best validation so far
-        nonlocal best, eval_bs
-        # a batch that fitted in training can still not fit here (another process took the memory):
-        # halve it, keep the size that fitted for the next evaluation
-        val_loss, eval_bs = common.evaluate_halving(
-            lambda bs: evaluate_sft(model, val_examples, device, amp_dtype, bs, args.seq_len), min(eval_bs, micro_bs),
-            device, log)
-        common.append_metrics(out, {"step": step, "val_loss": round(val_loss, 6)})
-        log(f"step {step}: val loss {val_loss:.4f} nats per answer token ({len(val_examples)} pairs)")
-        is_best, best = val_loss < best, min(best, val_loss)
-        common.update_status(out, status, metric=round(val_loss, 5))
-        if tb:
-            tb.add_scalar("val/loss", val_loss, step)
-        return is_best
-
-    # -- batches: step i's pairs depend on (seed, i) only; --workers processes build them ahead
-    batches = common.StepBatches(sft_batch, examples=examples, seed=args.seed, global_batch=G, rank=run.rank,
-                                 per_rank=E, seq_len=args.seq_len)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, max(step, total_steps)),
-                                         num_workers=args.workers, worker_init_fn=common.quiet_worker,
-                                         pin_memory=args.pin_memory and device.type == "cuda")
+    log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token, {tokens_per_step:,.0f} tokens per step")
+    tb = tensorboard(args, out) if ranks.is_main else None
+    eval_bs = micro_bs  # halved for good if a validation batch runs out of memory
+    loader = step_loader(sft_batch, args, device, steps=range(step, max(step, total_steps)), examples=examples,
+                         seed=args.seed, global_batch=G, rank=ranks.rank, per_rank=E, seq_len=args.seq_len)
 
     # -- the loop
     watch = common.memory_watch(args)
-    if is_main:
+    if ranks.is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
         record_loop(args, sources, out, model, optimizer, loader, watch, micro_bs=micro_bs, accum=accum)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log, tokens_log = time.time(), step, 0
-    tensor_peak = common.TensorPeak(device, model, optimizer)  # the peak of the largest batches, beside the plan
-    bar = common.progress_bar(total_steps, step) if is_main else None
+    tensor_peak = common.peak_meter(args, device, model, optimizer)  # the largest batch's peak, beside the plan
+    bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     batch_iter = iter(loader)
     while step < total_steps:
         batch = next(batch_iter)
-        tokens_log += int(batch["n"].sum()) * world
-        n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if world > 1 else None
+        tokens_log += int(batch["n"].sum()) * ranks.world
+        # under torchrun each rank divides by the global batch's answer tokens / world: DDP's average is exact
+        n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if ranks.world > 1 else None
         with tensor_peak.measure(batch["x"].numel()):  # a step with the largest batch yet
-            loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch,
-                                                  lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
-                                                  device=device, amp_dtype=amp_dtype, log=log, no_sync=no_sync,
-                                                  norm=n_global / world if world > 1 else None)
+            loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch, sft_loss, micro_bs,
+                                                  clip=args.clip, device=device, amp_dtype=run.amp_dtype, log=log,
+                                                  no_sync=no_sync,
+                                                  norm=n_global / ranks.world if ranks.world > 1 else None)
         accum = math.ceil(E / micro_bs)
         scheduler.step()
         step, samples_seen = step + 1, samples_seen + G
         common.check_memory(watch, device, log)
-        if is_main:
+        if bar is not None:
             bar.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            if world > 1:  # the global batch's loss per answer token
-                loss = common.all_ranks(loss * n, "sum", device, world) / n_global
-            dt = time.time() - t_log
-            ms, tps = 1000 * dt / (step - step_log), tokens_log / dt
-            peak = checked_peak(peak, fpt, tps, world, device, amp_dtype, log) if is_main else peak
-            mfu = fpt * tps / (peak * world)
+            if ranks.world > 1:  # the global batch's loss per answer token
+                loss = ranks.all(loss * n, "sum") / n_global
+            elapsed, steps, tokens = time.time() - t_log, step - step_log, tokens_log
             t_log, step_log, tokens_log = time.time(), step, 0
-            if is_main:
-                log_interval(out, log, status, bar, tb, step=step, loss=loss, lr=scheduler.get_last_lr()[0], ms=ms,
-                             tps=tps, mfu=mfu, device=device, epoch=step // steps_per_epoch + 1,
-                             samples_per_s=G * (step - start_step) / (time.time() - t_start),
-                             eta=(total_steps - step) * (time.time() - t_start) / (step - start_step))
+            if ranks.is_main:
+                peak = log_interval(run, bar, tb, step=step, total=total_steps, loss=loss,
+                                    lr=scheduler.get_last_lr()[0], elapsed=elapsed, steps=steps, tokens=tokens,
+                                    flops=(fpt, peak), epoch=step // steps_per_epoch + 1,
+                                    since=(start_step, t_start), global_batch=G)
         is_best = False
         if args.eval_every and step % args.eval_every == 0 or step == total_steps:
-            is_best = run_eval() if is_main else False
-            is_best = bool(common.all_ranks(is_best, "max", device, world))
-        saved = step % args.save_every == 0 or is_best or step == total_steps
-        if saved and is_main:
-            save(is_best)
-        if saved:
-            common.barrier(world)  # no rank runs ahead of a checkpoint being written
+            if ranks.is_main:  # never a bigger batch than training's
+                val_loss, eval_bs = validate(run, tb, model, val_examples, args, step=step, bs=min(eval_bs, micro_bs))
+                is_best, best = val_loss < best, min(best, val_loss)
+            is_best = bool(ranks.all(is_best, "max"))  # every rank must know whether a checkpoint follows
         why = common.stop_requested(run.stop, out)
-        if common.all_ranks(bool(why), "max", device, world):  # every rank stops at the same step
-            if not saved and is_main:
-                save()
-            log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
-            if is_main:
-                common.update_status(out, status, state="stopped", step=step)
-                bar.close()
-            return 0
+        stop = ranks.all(bool(why), "max")  # every rank stops at the same step
+        if step % args.save_every == 0 or is_best or step == total_steps or stop:
+            if ranks.is_main:
+                save(run, args, model, optimizer, scheduler, task="sft", cfg=cfg, step=step, best=best,
+                     micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen, best_now=is_best)
+            ranks.barrier()  # no rank runs ahead of a checkpoint being written
+        if stop:
+            return stopped(run, bar, step, why)
     del batch_iter  # its worker processes end here
-    if is_main:
+    if bar is not None:
         bar.close()
-    common.barrier(world)
-    if not is_main:
+    ranks.barrier()
+    if not ranks.is_main:
         return 0
     report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
-           start_step=start_step, wall=wall_before + time.time() - status["started"],
-           train_s=train_before + time.time() - t_start,
-           samples=samples_before + samples_seen, mean_len=mean_len, fpt=fpt, peak=peak, n_params=n_params,
-           global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args))
+           start_step=start_step, t_start=t_start, samples=samples_seen, mean_len=mean_len, fpt=fpt, peak=peak,
+           n_params=n_params, global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args))
     if tb:
         tb.close()
-    if args.continuous_learning:
-        def save_round(new_step):  # a kept round: a new checkpoint, and best.pt (what ask serves)
-            nonlocal step
-            step = new_step
-            save(best_now=True)
-        return feedback_rounds(args, run, model, micro_bs, E, examples, data["test"], step=step, save_round=save_round)
-    return 0
+    if not args.continuous_learning:
+        return 0
+    # a kept round saves a new checkpoint, and best.pt (what ask serves), at the round's step
+    save_round = functools.partial(save, run, args, model, optimizer, scheduler, task="sft", cfg=cfg, best=best,
+                                   micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen, best_now=True)
+    return feedback_rounds(args, run, model, micro_bs, E, examples, data["test"], step=step, save_round=save_round)
 
 
 def render_splits(data, seq_len, log):
@@ -817,7 +718,45 @@ def record_loop(args, sources, out, model, optimizer, loader, watch, *, micro_bs
         "swap_threshold": watch["swap"], "mem_check_every": watch["every"]}))
 
 
-def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, start_step, wall, train_s, samples,
+@torch.inference_mode()
+def evaluate_sft(model, examples, device, amp_dtype, bs, seq_len):
+    """Validation loss in nats per answer token (prompts masked, as in training)."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), bs):
+        with common.autocast(device, amp_dtype):
+            loss, k = sft_loss_fn(model, collate(examples[i:i + bs], seq_len), device)
+        total, n = total + loss.item(), n + int(k)
+    model.train()
+    return total / max(1, n)
+
+
+def command_accuracy(model, pairs, device, max_new=64):
+    """(exact, substring, answers) on pairs: exact = the generated command (between <command>
+    and </command>) equals the expected one, whitespace-normalised; substring = the expected
+    command appears in the generated text (the seed's "command accuracy")."""
+    answers = [decode_sft(ids) for ids in greedy_batch(model, [prompt_ids(p["input"]) for p in pairs],
+                                                        max_new, device, stop=CMD_CLOSE)]
+    want = [command_of(p["output"]) for p in pairs]
+    exact = sum(command_of(a) == w for a, w in zip(answers, want)) / max(1, len(pairs))
+    sub = sum(w in " ".join(a.split()) for a, w in zip(answers, want)) / max(1, len(pairs))
+    return exact, sub, answers
+
+
+def validate(run, tb, model, val_examples, args, *, step, bs):
+    """The validation at `step` (rank 0; bs pairs a batch: one that fitted in training may not fit
+    here, another process took the memory, so it is halved and the size that fitted kept): its
+    metrics.jsonl record, log line, status.json and TensorBoard. Returns (val loss, the bs that fitted)."""
+    val_loss, bs = common.evaluate_halving(lambda b: evaluate_sft(model, val_examples, run.device, run.amp_dtype, b,
+                                                                  args.seq_len), bs, run.device, run.log)
+    common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6)})
+    run.log(f"step {step}: val loss {val_loss:.4f} nats per answer token ({len(val_examples)} pairs)")
+    common.update_status(run.out, run.status, metric=round(val_loss, 5))
+    if tb:
+        tb.add_scalar("val/loss", val_loss, step)
+    return val_loss, bs
+
+def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, start_step, t_start, samples,
            mean_len, fpt, peak, n_params, global_batch, memory):
     """The end of a run: val loss (at eval_bs, the evaluation batch that fitted), command accuracy on
     the test split, summary.json."""
@@ -826,6 +765,7 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
         log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
         common.update_status(out, status, state="finished", eta_s=0)
         return
+    wall, train_s, samples = totals(run, t_start, samples)
     val_loss, _ = common.evaluate_halving(
         lambda bs: evaluate_sft(model, val_examples, device, run.amp_dtype, bs, args.seq_len), eval_bs, device, log)
     log(f"scoring the {len(data['test'])} test pairs: greedy decoding of every answer (about a minute on a CPU)")
@@ -839,9 +779,8 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
                          samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
                          peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
-                         precision=args.precision, effective_batch=global_batch // run.world, global_batch=global_batch,
-                         pairs_trained=samples,
-                         world_size=run.world, **memory)
+                         precision=args.precision, effective_batch=global_batch // run.ranks.world,
+                         global_batch=global_batch, pairs_trained=samples, world_size=run.ranks.world, **memory)
     plot = common.plot_progress(out, "val_loss")
     log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
         f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "
@@ -854,27 +793,22 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
                          command_exact=round(exact, 4))
 
 
-def as_answer(response):
-    """A logged response as a training answer: the model's own form, or a bare command wrapped."""
-    return response if "<command>" in response else format_answer(response.strip())
-
+# -----------------------------------------------------------------------------
+# continuous learning: fine-tune on rated answers from the feedback store (SQLite), after training
 
 def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step, save_round):
     """--continuous-learning: watch --feedback-db; at --retrain-threshold new well-rated rows,
     fine-tune on them with --replay of the original pairs, keep the result only if the test
-    split's exact command accuracy is not worse, record the rows as used, and watch again.
-
-    Each round starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has
-    ended at zero, and a small step keeps the round from undoing what the model knew.
-    """
+    split's exact command accuracy is not worse, record the rows as used, and watch again. Each
+    round starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has ended at
+    zero, and a small step keeps the round from undoing what the model knew."""
     out, log, status, stop, device, amp_dtype = run.out, run.log, run.status, run.stop, run.device, run.amp_dtype
     db, run_key, warned = args.feedback_db, str(Path(out).resolve()), set()
-    round_no = max(used_rows(db, run=run_key).values(), default=0)
+    round_no, rounds_here = max(used_rows(db, run=run_key).values(), default=0), 0
     exact, sub, _ = command_accuracy(model, test_pairs, device)
     log(f"continuous learning: watching {db} every {args.poll_every:g}s; a round starts at "
         f"{args.retrain_threshold} new rows rated feedback >= 1 and success = 1; test exact {exact:.1%} now")
     common.update_status(out, status, state="watching", round=round_no, command_exact=round(exact, 4))
-    rounds_here = 0
     while True:
         why = common.stop_requested(stop, out)
         if why:
@@ -887,9 +821,10 @@ def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step
             while time.time() < t_next and not common.stop_requested(stop, out):
                 time.sleep(min(0.2, args.poll_every))
             continue
-
         round_no, rounds_here = round_no + 1, rounds_here + 1
-        new = [render({"input": r["input"], "output": as_answer(r["output"])}) for r in rows]
+        # a logged answer in the model's own form, or a bare command (another tool's row) wrapped
+        new = [render({"input": r["input"], "output": r["output"] if "<command>" in r["output"] else
+                       format_answer(r["output"].strip())}) for r in rows]
         n_new = max(1, round(E * (1 - args.replay)))  # per step; the rest of the batch is replay
         n_steps = math.ceil(args.round_epochs * len(new) / n_new)
         log(f"round {round_no}: {len(rows)} new rows (ids {rows[0]['id']}..{rows[-1]['id']}), {n_steps} steps of "
@@ -901,26 +836,26 @@ def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step
         rng = np.random.default_rng((args.seed, 1_000_000 + round_no))
         order = np.concatenate([rng.permutation(len(new)) for _ in range(args.round_epochs + 1)])
         model.train()
-        stopped = None
+        halted = None
         for i in range(n_steps):
             batch = [new[j] for j in order[i * n_new:(i + 1) * n_new]]
             batch += [examples[j] for j in rng.integers(0, len(examples), E - n_new)]
             loss, _, micro_bs = common.train_step(model, optimizer, run.scaler, collate(batch, args.seq_len),
                                                   lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
                                                   device=device, amp_dtype=amp_dtype, log=log)
-            stopped = common.stop_requested(stop, out)
-            if stopped:
+            halted = common.stop_requested(stop, out)
+            if halted:
                 break
-        if stopped:  # a half round is thrown away; its rows stay new for the next run
+        if halted:  # a half round is thrown away; its rows stay new for the next run
             model.load_state_dict(before)
-            log(f"round {round_no} interrupted by {stopped}: discarded, its rows stay unused")
+            log(f"round {round_no} interrupted by {halted}: discarded, its rows stay unused")
             common.update_status(out, status, state="stopped")
             return 0
         after, after_sub, _ = command_accuracy(model, test_pairs, device)
         kept = after >= exact
         if kept:
             step += n_steps
-            save_round(step)
+            save_round(step=step)
         else:
             model.load_state_dict(before)
         mark_used(db, [r["id"] for r in rows], round_no, run_key, kept)
@@ -939,52 +874,27 @@ def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step
             return 0
 
 
-# -----------------------------------------------------------------------------
-# feedback store (SQLite) for --continuous-learning
-#
-# `ask --feedback-db PATH` logs each request and answer, `rate` records whether the answer was good,
-# and the --continuous-learning watcher polls for rated rows it has not trained on yet. Three
-# processes share one file, so every function opens its own short-lived connection and holds
-# a transaction only for one statement or one small batch.
+# The feedback store (SQLite): `ask --feedback-db PATH` logs each request and answer, `rate` records
+# whether the answer was good, and the --continuous-learning watcher polls for rated rows it has not
+# trained on yet. Three processes share one file, so every function opens its own short-lived
+# connection and holds a transaction only for one statement or one small batch.
 
-# the seed's table, column for column, so a database the seed wrote opens unchanged
-FEEDBACK_SCHEMA = """
-CREATE TABLE IF NOT EXISTS user_interactions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    timestamp TEXT,
-    user_input TEXT,
-    ai_response TEXT,
-    user_feedback INTEGER,
-    context TEXT,      -- JSON
-    success INTEGER    -- bool
-);
-"""
+# the seed's table, column for column (context: JSON text; success: 0/1), so a database the seed wrote opens
+FEEDBACK_SCHEMA = ("CREATE TABLE IF NOT EXISTS user_interactions (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                   "timestamp TEXT, user_input TEXT, ai_response TEXT, user_feedback INTEGER, context TEXT, "
+                   "success INTEGER);")
 # ours: one row per interaction a retraining round consumed, so no row is trained on twice
-TRAINING_USE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS training_use (
-    interaction_id INTEGER PRIMARY KEY,
-    round INTEGER,
-    run TEXT,
-    kept INTEGER,
-    used_at TEXT
-);
-"""
+TRAINING_USE_SCHEMA = ("CREATE TABLE IF NOT EXISTS training_use (interaction_id INTEGER PRIMARY KEY, round INTEGER, "
+                       "run TEXT, kept INTEGER, used_at TEXT);")
 SEED_COLUMNS = ("id", "timestamp", "user_input", "ai_response", "user_feedback", "context", "success")
 BUSY_S = 10.0  # how long one feedback-db call waits for another process's lock before it fails
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
 
 
-def _utc_now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def open_feedback_db(path, create=True):
     """Open (and with create=True make) the feedback database; every problem is a UserError naming
-    --feedback-db. Called by the functions below (one connection per call) and by the watcher at start.
-
-    create=False is for readers (`rate`, the trainer): a missing file is then the user's mistake,
-    not a reason to leave an empty database behind.
-    """
+    --feedback-db. create=False is for readers (`rate`, the trainer): a missing file is then the
+    user's mistake, not a reason to leave an empty database behind."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--feedback-db {path}: is a folder; give a file name such as {path / 'feedback.db'}")
@@ -1037,11 +947,9 @@ def open_feedback_db(path, create=True):
 def set_wal(con):
     """Switch to WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can
     write while the trainer reads. The mode is stored in the file, so it is switched once, by
-    whichever opener comes first. Called by open_feedback_db.
-
-    The switch needs a moment's exclusive lock, and SQLite answers "database is locked" to it at
-    once, busy timeout or not, while another connection opens the same fresh file: retry for up
-    to BUSY_S."""
+    whichever opener comes first. The switch needs a moment's exclusive lock, and SQLite answers
+    "database is locked" to it at once, busy timeout or not, while another connection opens the
+    same fresh file: retry for up to BUSY_S."""
     deadline = time.monotonic() + BUSY_S
     while True:
         try:
@@ -1054,25 +962,22 @@ def set_wal(con):
         time.sleep(0.01)
 
 
-def _write(con, fn):
-    """fn(con) inside BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, where the busy
-    timeout covers it, and the row is committed before the connection closes, or rolled back.
-    Used by every function below that writes."""
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(con)
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-    return result
-
-
-def _feedback_call(db_path, create, fn):
-    """Run fn(con) on a fresh connection, close it, and turn SQLite errors into one-line UserErrors."""
+def _feedback_call(db_path, create, fn, write=False):
+    """fn(con) on a fresh connection, closed after; SQLite errors become one-line UserErrors. A write
+    runs inside BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, where the busy timeout
+    covers it, and the row is committed before the connection closes, or rolled back."""
     con = open_feedback_db(db_path, create=create)
     try:
-        return fn(con)
+        if not write:
+            return fn(con)
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(con)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+        return result
     except sqlite3.Error as e:
         raise UserError(f"--feedback-db {db_path}: {e}") from None
     finally:
@@ -1080,23 +985,18 @@ def _feedback_call(db_path, create, fn):
 
 
 def log_interaction(db_path, user_input, ai_response, context=None, success=None, feedback=None):
-    """Append one request/answer pair; returns its id. Called by `ask --feedback-db` after each answer.
-
-    context is any JSON-serialisable value (stored as JSON text); success None = not known yet.
-    """
-    row = (_utc_now(), user_input, ai_response, feedback,
+    """Append one request/answer pair (`ask --feedback-db`); returns its id. context is any
+    JSON-serialisable value (stored as JSON text); success None = not known yet."""
+    row = (datetime.now(timezone.utc).isoformat(timespec="seconds"), user_input, ai_response, feedback,
            None if context is None else json.dumps(context), None if success is None else int(bool(success)))
-
-    def insert(con):
-        cur = con.execute("INSERT INTO user_interactions (timestamp, user_input, ai_response, user_feedback, "
-                          "context, success) VALUES (?, ?, ?, ?, ?, ?)", row)
-        return cur.lastrowid
-    return _feedback_call(db_path, True, lambda con: _write(con, insert))
+    return _feedback_call(db_path, True, lambda con: con.execute(
+        "INSERT INTO user_interactions (timestamp, user_input, ai_response, user_feedback, context, success) "
+        "VALUES (?, ?, ?, ?, ?, ?)", row).lastrowid, write=True)
 
 
 def rate_interaction(db_path, interaction_id, feedback, success=None):
     """Set an interaction's user_feedback (any int: -1 bad, 0 neutral, 1 good, more = better) and, unless
-    success is None, its success (1/0). Called by `rate`. An unknown id is a UserError."""
+    success is None, its success (1/0). An unknown id is a UserError."""
     if isinstance(feedback, bool) or not isinstance(feedback, int):
         raise UserError(f"feedback {feedback!r}: must be an integer (-1 bad, 0 neutral, 1 good)")
 
@@ -1107,7 +1007,7 @@ def rate_interaction(db_path, interaction_id, feedback, success=None):
         if cur.rowcount == 0:
             raise UserError(f"--feedback-db {db_path}: no interaction {interaction_id}; "
                             f"`train_sft.py rate --feedback-db {db_path} --list` shows the ids")
-    _feedback_call(db_path, False, lambda con: _write(con, update))
+    _feedback_call(db_path, False, update, write=True)
 
 
 def _bad_row_reason(user_input, ai_response, feedback, context):
@@ -1135,12 +1035,10 @@ def _bad_row_reason(user_input, ai_response, feedback, context):
 
 def new_training_rows(db_path, warned, log):
     """Rated-good rows not yet trained on, oldest first: [{"id", "input", "output", "context"}] with
-    context parsed from JSON (or None). Called by the --continuous-learning watcher on every poll.
-
-    A row needs user_feedback >= 1 and success = 1 and no training_use entry. A row that fails
-    validation is skipped, never used, and logged once per id: `warned` is a set the caller keeps
-    between polls. One SELECT = one short read transaction; in WAL mode it never blocks `ask`/`rate`.
-    """
+    context parsed from JSON (or None): what the --continuous-learning watcher polls for. A row
+    needs user_feedback >= 1 and success = 1 and no training_use entry. A row that fails validation
+    is skipped, never used, and logged once per id: `warned` is a set the caller keeps between
+    polls. One SELECT = one short read transaction; in WAL mode it never blocks `ask`/`rate`."""
     def select(con):
         return con.execute(
             "SELECT u.id, u.user_input, u.ai_response, u.user_feedback, u.context FROM user_interactions u "
@@ -1161,26 +1059,59 @@ def new_training_rows(db_path, warned, log):
 
 def mark_used(db_path, ids, round_no, run, kept):
     """Record that retraining round `round_no` of run folder `run` consumed these interaction ids, and
-    whether its model was kept. Called by the watcher after every round, whatever its outcome, so a
-    row that made a round worse is not fed in again."""
-    now = _utc_now()
+    whether its model was kept: after every round, whatever its outcome, so a row that made a round
+    worse is not fed in again."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     batch = [(int(i), int(round_no), str(run), int(bool(kept)), now) for i in ids]
-
-    def insert(con):
-        # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
-        con.executemany("INSERT OR IGNORE INTO training_use (interaction_id, round, run, kept, used_at) "
-                        "VALUES (?, ?, ?, ?, ?)", batch)
-    _feedback_call(db_path, False, lambda con: _write(con, insert))
+    # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
+    _feedback_call(db_path, False, lambda con: con.executemany(
+        "INSERT OR IGNORE INTO training_use (interaction_id, round, run, kept, used_at) VALUES (?, ?, ?, ?, ?)",
+        batch), write=True)
 
 
 def used_rows(db_path, run=None):
-    """{interaction id: training round} for every row a round consumed (only run `run`'s, if given).
-    Called by `rate --list` and the tests."""
+    """{interaction id: training round} for every row a round consumed (only run `run`'s, if given)."""
     def select(con):
         if run is None:
             return con.execute("SELECT interaction_id, round FROM training_use").fetchall()
         return con.execute("SELECT interaction_id, round FROM training_use WHERE run = ?", (str(run),)).fetchall()
     return dict(_feedback_call(db_path, False, select))
+
+
+# -----------------------------------------------------------------------------
+# serve: ask turns requests into commands, rate records the user's verdict on an answer ask logged
+
+def ask_parser():
+    p = common.Parser(prog="train_sft.py ask", allow_abbrev=False, formatter_class=common.HelpFormat,
+                      description="turn plain-English requests into shell commands with a train_sft.py run "
+                                  "(its best checkpoint, else its newest)")
+    p.add_argument("request", nargs="+",
+                   help="what you want to do, e.g. \"list files by size\" (several: one answer each)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder of train_sft.py")
+    p.add_argument("--feedback-db", default=None, metavar="PATH",
+                   help="also log each request and answer in this SQLite store, to rate and learn from")
+    p.add_argument("--max-new-tokens", type=common.pos_int, default=160, metavar="N", help="answer length limit")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    return p
+
+
+def run_ask(argv):
+    args = ask_parser().parse_args(argv)
+    model, state, path, device = load_model(args, "sft")
+    if state.get("task") != "sft":
+        raise UserError(f"--out {args.out}: {path} is a language model (train_lm.py); ask needs a fine-tuned run: "
+                        f"python train_sft.py --quick --out {args.out}-sft")
+    answers = greedy_batch(model, [prompt_ids(r) for r in args.request], args.max_new_tokens, device)
+    for request, ids in zip(args.request, answers):
+        text = decode_sft(ids)
+        explanation = text.split("</command>", 1)[1].strip() if "</command>" in text else ""
+        print(f"> {request}\n$ {command_of(text)}" + (f"\n  {explanation}" if explanation else ""))
+        if args.feedback_db:
+            i = log_interaction(args.feedback_db, request, text,
+                                context={"run": str(Path(args.out).resolve()), "step": state["step"]})
+            print(f"  logged as interaction {i}; rate it: python train_sft.py rate --feedback-db {args.feedback_db} "
+                  f"{i} good   (or bad)")
+    return 0
 
 
 def rating_arg(s):
@@ -1220,19 +1151,16 @@ def _short(text, n):
 
 
 def run_rate(argv):
-    """`python train_sft.py rate ...`: record a rating, or list recent interactions. Called by main()."""
+    """`python train_sft.py rate ...`: record a rating, or list recent interactions."""
     p = rate_parser()
     args = p.parse_args(argv)
     db = args.feedback_db
     if args.list is not None:
         if args.id is not None or args.success is not None:
             p.error("--list takes no ID, RATING, --success or --failed")
-        con = open_feedback_db(db, create=False)
-        try:
-            rows = con.execute("SELECT id, timestamp, user_feedback, success, user_input, ai_response "
-                               "FROM user_interactions ORDER BY id DESC LIMIT ?", (args.list,)).fetchall()
-        finally:
-            con.close()
+        rows = _feedback_call(db, False, lambda con: con.execute(
+            "SELECT id, timestamp, user_feedback, success, user_input, ai_response FROM user_interactions "
+            "ORDER BY id DESC LIMIT ?", (args.list,)).fetchall())
         if not rows:
             print(f"--feedback-db {db}: no interactions yet")
             return 0
@@ -1249,12 +1177,8 @@ def run_rate(argv):
     if args.success is not None:
         success = args.success
     rate_interaction(db, args.id, feedback, success)
-    con = open_feedback_db(db, create=False)
-    try:
-        fb, ok = con.execute("SELECT user_feedback, success FROM user_interactions WHERE id = ?",
-                             (args.id,)).fetchone()
-    finally:
-        con.close()
+    fb, ok = _feedback_call(db, False, lambda con: con.execute(
+        "SELECT user_feedback, success FROM user_interactions WHERE id = ?", (args.id,)).fetchone())
     used = used_rows(db)
     if args.id in used:
         note = f"already trained on in round {used[args.id]}; the new rating does not undo that"
@@ -1265,46 +1189,6 @@ def run_rate(argv):
     else:
         note = "the next --continuous-learning round will train on it"
     print(f"interaction {args.id}: feedback {fb}, success {'unset' if ok is None else ok} -- {note}")
-    return 0
-
-
-# -----------------------------------------------------------------------------
-# ask: the trained model answers
-
-def ask_parser():
-    p = common.Parser(prog="train_sft.py ask", allow_abbrev=False, formatter_class=common.HelpFormat,
-                      description="turn plain-English requests into shell commands with a train_sft.py run "
-                                  "(its best checkpoint, else its newest)")
-    p.add_argument("request", nargs="+", help="what you want to do, e.g. \"list files by size\" (several: one answer each)")
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder of train_sft.py")
-    p.add_argument("--feedback-db", default=None, metavar="PATH",
-                   help="also log each request and answer in this SQLite store, to rate and learn from")
-    p.add_argument("--max-new-tokens", type=common.pos_int, default=160, metavar="N", help="answer length limit")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
-    return p
-
-
-def run_ask(argv):
-    args = ask_parser().parse_args(argv)
-    state, path = common.load_run_model(args.out, "--out", "sft", "model_cfg")
-    if state.get("task") != "sft":
-        raise UserError(f"--out {args.out}: {path} is a language model (train_lm.py); ask needs a fine-tuned run: "
-                        f"python train_sft.py --quick --out {args.out}-sft")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = LM(state["model_cfg"]).to(device)
-    model.load_state_dict(state["model"])
-    answers = greedy_batch(model, [prompt_ids(r) for r in args.request], args.max_new_tokens, device)
-    for request, ids in zip(args.request, answers):
-        text = decode_sft(ids)
-        explanation = text.split("</command>", 1)[1].strip() if "</command>" in text else ""
-        print(f"> {request}\n$ {command_of(text)}" + (f"\n  {explanation}" if explanation else ""))
-        if args.feedback_db:
-            i = log_interaction(args.feedback_db, request, text,
-                                context={"run": str(Path(args.out).resolve()), "step": state["step"]})
-            print(f"  logged as interaction {i}; rate it: python train_sft.py rate --feedback-db {args.feedback_db} "
-                  f"{i} good   (or bad)")
     return 0
 
 

@@ -416,7 +416,7 @@ def errors(args):
     rows = []
     for split in [k for k in items if k != "train"]:
         t0 = time.time()
-        cer, _, pairs = A.decode_set(model, items[split], stoi, itos, decode, torch.device("cpu"))
+        cer, _, pairs = A.decode_set(model, items[split], itos, decode, torch.device("cpu"))
         greedy = A.evaluate(model, items[split], stoi, itos, a["ctc_weight"]["value"], torch.device("cpu"), None, 8)[1]
         edits, letters = collections.Counter(), collections.Counter()
         for ref, hyp in pairs:

@@ -103,8 +103,8 @@ def run_ours(name, data, flags, seed, tmp):
 # baselines: the same train / validation rows as the trainer, scored on test.csv
 
 def read_rows(path, flag):
-    import common
-    return [(r["text"], r["label"]) for r in common.read_records(path, flag, ("text", "label"))[0]]
+    from records import read_records
+    return [(r["text"], r["label"]) for r in read_records(path, flag, ("text", "label"))[0]]
 
 
 def baselines(train, test, seed):

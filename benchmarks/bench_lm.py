@@ -173,7 +173,7 @@ def worker(args):
     if args.worker == "peak":
         import tempfile
         if device.type == "cpu":  # as memory_optimizer.py profile measures it (train_lm.py reads that)
-            flops = common.matmul_peak(device, torch.float32, seconds=3.0)
+            flops = train_lm.matmul_peak(device, torch.float32, seconds=3.0)
             why = f"measured fp32 matmul peak, {flops / 1e9:.0f} GFLOP/s (256..1024 square, best of 3 s)"
         else:
             flops, why = train_lm.device_peak(device, amp_dtype, "optimal_config.json", tempfile.mkdtemp())

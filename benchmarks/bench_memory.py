@@ -60,7 +60,7 @@ STATE_MAX = 0.3      # adamw8bit state <= 0.3x AdamW's
 METRIC_TOL = 0.03    # adamw8bit's metric at most 3% worse than AdamW's
 METRIC_TRAINERS = ("lm", "classifier-lora")
 HIGHER_IS_BETTER = {"test_accuracy"}  # every other trainer metric (ppl, cer, bpb, loss) is lower-is-better
-MIN_SIZE = 4096      # common.AdamW8bit keeps tensors under this many values in fp32
+MIN_SIZE = 4096      # adamw8bit.AdamW8bit keeps tensors under this many values in fp32
 
 # -----------------------------------------------------------------------------
 # config
@@ -109,7 +109,7 @@ def run_quick(script, flags, out, config, threads):
     """Run `python SCRIPT --quick ... --out OUT` from the repo root and return its summary.json.
     Its log goes to OUT/stdout.log; on a failure the log's tail is printed and we exit."""
     out.mkdir(parents=True)
-    cmd = [sys.executable, script, "--quick", "--device", "cpu", "--precision", "fp32",
+    cmd = [sys.executable, script, "--quick", "--device", "cpu", "--precision", "fp32", "--measure-peak",
            "--config", str(config), "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(out / "stdout.log", "w") as log:

@@ -402,8 +402,9 @@ def test_oom_advice_lists_next_commands_in_order():
 def trained(tmp_path_factory):
     """A small built-in-set run, once, for the tests that need a trained model."""
     d = tmp_path_factory.mktemp("asr")
-    # 900 s, not run's 300: ~1 min on 2 idle cores, but it must not fail on a shared machine
-    p = run("train_asr.py", *SMALL, "--epochs", "10", "--out", "runs/a", cwd=d, check=0, timeout=900)
+    # 900 s, not run's 300: ~1 min on 2 idle cores, but it must not fail on a shared machine.
+    # --measure-peak: on a CPU the profiler measures the peak the plan is checked against only then
+    p = run("train_asr.py", *SMALL, "--epochs", "10", "--measure-peak", "--out", "runs/a", cwd=d, check=0, timeout=900)
     return d, d / "runs" / "a", p
 
 
@@ -422,6 +423,11 @@ def test_quick_run_learns_and_writes_the_run_folder(trained):
     assert max(r["padding"] for r in recs if "padding" in r) < 0.2  # length bucketing works
     assert "device cpu, precision fp32" in p.stdout and "parameters (encoder" in p.stdout
     assert json.loads((out / "vocab.json").read_text())[:5] == asr.SPECIALS
+    # one plain line per --log-every interval (10 steps), in train.log as on the console
+    log = (out / "train.log").read_text().splitlines()
+    lines = [line for line in log if re.search(r"step .* \| loss .* ms/step", line)]
+    assert len(lines) == math.ceil(s["steps"] / 10) and "utterances/s | RAM" in lines[-1], lines[-3:]
+    assert f"step {s['steps']:>6}/{s['steps']} | loss " in lines[-1]
 
 
 def test_transcribe_prints_one_line_per_file(trained, tmp):
@@ -528,7 +534,7 @@ def test_validation_oom_halves_its_batch_and_keeps_it(tmp, monkeypatch):
     def losses(out, fits):
         seen = []
 
-        def evaluate(*a, **kw):  # a[-1]: the batch (rank and world come as keywords)
+        def evaluate(*a, **kw):  # a[-1]: the batch (the process group comes as a keyword)
             if a[-1] > fits:
                 seen.append("oom")
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -1,4 +1,5 @@
 """train_classifier.py: LoRA by hand, the built-in data, and the script end to end on CPU."""
+import re
 import sys
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def test_builtin_items_share_no_text_between_splits_and_cover_every_label():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("clf")
-    p = run("train_classifier.py", "--quick", "--out", "runs/c", cwd=d, check=0)
+    # --measure-peak: on a CPU the profiler measures the peak beside the plan only under that flag
+    p = run("train_classifier.py", "--quick", "--measure-peak", "--out", "runs/c", cwd=d, check=0)
     return d, d / "runs" / "c", p
 
 
@@ -160,6 +162,18 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     pytest.importorskip("matplotlib")
     for png in ("category_distribution", "training_progress", "confusion_matrix", "summary_card"):
         assert (out / "visualizations" / f"{png}.png").stat().st_size > 5000
+
+
+def test_one_plain_line_per_log_interval_reaches_train_log(quick_run):
+    # common.log_step: step, loss, lr, ms/step, items/s, memory, every --log-every steps (default here: 10 of
+    # the 53 steps an epoch) and at the last step; the same line on the console, above the bar
+    d, out, p = quick_run
+    lines = [l for l in (out / "train.log").read_text().splitlines()
+             if re.search(r"step +\d+/\d+ \| loss [\d.]+ \| lr \S+ \| \d+ ms/step \| [\d,]+ items/s \| RAM \d+ MB", l)]
+    steps = [int(re.search(r"step +(\d+)/", l).group(1)) for l in lines]
+    total = read_json(out / "summary.json")["steps"]
+    assert set(range(10, total + 1, 10)) <= set(steps) and all(s % 10 == 0 or s == total for s in steps), steps
+    assert all(l.split(" ", 2)[2] in p.stdout for l in lines)  # train.log prefixes its timestamp
 
 
 def test_the_measured_defaults_are_recorded_in_args_json(quick_run, tmp):

@@ -460,14 +460,6 @@ def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_earlier_check
     assert json.loads((tmp / "status.json").read_text())["error"] == "--out x: the disk is full: ..."
 
 
-def test_the_old_run_manager_spelling_names_the_new_one(tmp):
-    p = subprocess.run([sys.executable, str(Path(common.__file__)), "start", "gru", "--quick"], cwd=tmp,
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and p.stderr.strip() == ("error: common.py is the trainers' shared library; the run "
-                                                      "manager moved: python memory_optimizer.py start gru --quick")
-    assert not (tmp / "runs").exists()
-
-
 def test_a_kill_while_best_pt_is_written_leaves_no_step_checkpoint_so_the_replay_rewrites_it(tmp, monkeypatch):
     """best.pt is written before the step checkpoint that made it: killed in between, the run
     resumes from the checkpoint before and replays the step, so best.pt is never left stale (it

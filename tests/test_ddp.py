@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, call, metrics, read_json, run, torchrun, torchrun_popen, wait_for
 
 # (script, flags for both, flags for 1 process, flags for each of 2 ranks): the global batch is
-# the same. Dropout 0: each rank draws its own masks (common.seed_rank_step), so with dropout two
+# the same. Dropout 0: each rank draws its own masks (ddp.Ranks.seed_step), so with dropout two
 # processes follow one in distribution, not number for number.
 RUNS = {
     # 275 train queries, global batch 8: each epoch ends on 3 queries, split 1 + 2 between the

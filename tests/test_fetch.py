@@ -1,5 +1,5 @@
-"""common.fetch / fetch_data (every trainer's data flags take an http(s) URL: resume, size limit,
-checksum, redirects, errors) against a local HTTP server in a thread, and common.read_records
+"""download.fetch / common.fetch_data (every trainer's data flags take an http(s) URL: resume, size limit,
+checksum, redirects, errors) against a local HTTP server in a thread, and records.read_records
 through train_sft.py's .jsonl/.csv pair reader. In-process: no trainer runs here."""
 import hashlib
 import http.server
@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import common
+import download
+from records import MAX_REASONS
 import train_sft
 from common import UserError
 
@@ -91,20 +93,20 @@ def leftovers(d):
 def test_full_download_then_reuse(server, tmp_path, capsys):
     url = server.url + "/d/data.jsonl"
     logs = []
-    p = common.fetch(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append)
+    p = download.fetch(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append)
     assert p.read_bytes() == DATA and p.name.endswith("-data.jsonl")
     assert leftovers(tmp_path / "dl") == [p.name]  # no .part
     assert "100%" in capsys.readouterr().err  # the tqdm bar ran to the end
     assert server.requests == [("/d/data.jsonl", None)]
     # a second call reuses the finished file without touching the network
-    assert common.fetch(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append) == p
+    assert download.fetch(url, tmp_path / "dl", sha256=DATA_SHA, log=logs.append) == p
     assert len(server.requests) == 1 and "downloaded before" in logs[-1]
 
 
 def test_same_basename_from_two_urls_does_not_collide(server, tmp_path):
     server.files["/e/data.jsonl"] = b"other"
-    a = common.fetch(server.url + "/d/data.jsonl", tmp_path, log=lambda m: None)
-    b = common.fetch(server.url + "/e/data.jsonl", tmp_path, log=lambda m: None)
+    a = download.fetch(server.url + "/d/data.jsonl", tmp_path, log=lambda m: None)
+    b = download.fetch(server.url + "/e/data.jsonl", tmp_path, log=lambda m: None)
     assert a != b and a.read_bytes() == DATA and b.read_bytes() == b"other"
 
 
@@ -112,10 +114,10 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     url, d, k = server.url + "/d/data.jsonl", tmp_path / "dl", 70_000
     server.cut_after = k
     with pytest.raises(UserError, match=f"interrupted after {k:,} of {len(DATA):,} bytes; re-run the same command to resume"):
-        common.fetch(url, d, sha256=DATA_SHA, log=lambda m: None)
+        download.fetch(url, d, sha256=DATA_SHA, log=lambda m: None)
     (part,) = d.iterdir()
     assert part.name.endswith(".part") and part.stat().st_size == k
-    p = common.fetch(url, d, sha256=DATA_SHA, log=lambda m: None)
+    p = download.fetch(url, d, sha256=DATA_SHA, log=lambda m: None)
     assert server.requests[-1] == ("/d/data.jsonl", f"bytes={k}-")
     assert p.read_bytes() == DATA and hashlib.sha256(p.read_bytes()).hexdigest() == DATA_SHA
     assert leftovers(d) == [p.name]
@@ -125,8 +127,8 @@ def test_stalled_server_times_out_and_resumes(server, tmp_path):
     url, d = server.url + "/d/data.jsonl", tmp_path / "dl"
     server.cut_after, server.stall = 10_000, True
     with pytest.raises(UserError, match="interrupted after 10,000 bytes .*timed out.*; re-run the same command"):
-        common.fetch(url, d, log=lambda m: None, timeout=0.3)
-    assert common.fetch(url, d, log=lambda m: None).read_bytes() == DATA
+        download.fetch(url, d, log=lambda m: None, timeout=0.3)
+    assert download.fetch(url, d, log=lambda m: None).read_bytes() == DATA
     assert server.requests[-1][1] == "bytes=10000-"
 
 
@@ -135,8 +137,8 @@ def test_complete_part_and_416_is_verified(server, tmp_path):
     d = tmp_path / "dl"
     d.mkdir()
     url = server.url + "/d/data.jsonl"
-    (d / (common.download_name(url) + ".part")).write_bytes(DATA)
-    p = common.fetch(url, d, log=lambda m: None)
+    (d / (download.download_name(url) + ".part")).write_bytes(DATA)
+    p = download.fetch(url, d, log=lambda m: None)
     assert server.requests == [("/d/data.jsonl", f"bytes={len(DATA)}-")]
     assert p.read_bytes() == DATA and leftovers(d) == [p.name]
 
@@ -145,9 +147,9 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     url, d = server.url + "/d/data.jsonl", tmp_path / "dl"
     server.cut_after, server.ignore_range = 30_000, True
     with pytest.raises(UserError, match="resume"):
-        common.fetch(url, d, log=lambda m: None)
+        download.fetch(url, d, log=lambda m: None)
     logs = []
-    p = common.fetch(url, d, sha256=DATA_SHA, log=logs.append)
+    p = download.fetch(url, d, sha256=DATA_SHA, log=logs.append)
     assert server.requests[-1][1] == "bytes=30000-"  # asked, and got a 200 with the whole file
     assert p.read_bytes() == DATA  # not the first 30,000 bytes twice
     assert any("ignored the resume request" in m for m in logs)
@@ -156,30 +158,30 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     d = tmp_path / "dl"
     with pytest.raises(UserError, match=f"expected {'ab' * 32}, got {DATA_SHA}"):
-        common.fetch(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
+        download.fetch(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
     assert leftovers(d) == []
 
 
 def test_http_and_connection_errors(server, tmp_path):
     with pytest.raises(UserError, match=r"/nope\.jsonl: HTTP 404"):
-        common.fetch(server.url + "/nope.jsonl", tmp_path, log=lambda m: None)
+        download.fetch(server.url + "/nope.jsonl", tmp_path, log=lambda m: None)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now: connection refused
     with pytest.raises(UserError, match="cannot connect"):
-        common.fetch(f"http://127.0.0.1:{port}/a.jsonl", tmp_path, log=lambda m: None)
+        download.fetch(f"http://127.0.0.1:{port}/a.jsonl", tmp_path, log=lambda m: None)
 
 
 def test_schemes_and_local_paths(tmp_path):
     for url in ("ftp://example.com/a.csv", "file:///etc/passwd"):
         with pytest.raises(UserError, match="only http\\(s\\) URLs or local paths"):
-            common.fetch(url, tmp_path)
+            download.fetch(url, tmp_path)
     with pytest.raises(UserError, match="no such file or folder"):
-        common.fetch(str(tmp_path / "missing.csv"), tmp_path)
+        download.fetch(str(tmp_path / "missing.csv"), tmp_path)
     f = tmp_path / "a.csv"
     f.write_text("x")
-    assert common.fetch(str(f), tmp_path / "dl") == f and common.fetch(str(tmp_path), tmp_path / "dl") == tmp_path
+    assert download.fetch(str(f), tmp_path / "dl") == f and download.fetch(str(tmp_path), tmp_path / "dl") == tmp_path
     assert not (tmp_path / "dl").exists()  # a local path is used where it is, never copied
 
 
@@ -188,9 +190,9 @@ def test_size_limit(server, tmp_path, no_length):
     server.no_length = no_length  # without Content-Length the limit is enforced while streaming
     d = tmp_path / "dl"
     with pytest.raises(UserError, match="--max-download-mb"):
-        common.fetch(server.url + "/d/data.jsonl", d, max_bytes=len(DATA) - 1, log=lambda m: None)
+        download.fetch(server.url + "/d/data.jsonl", d, max_bytes=len(DATA) - 1, log=lambda m: None)
     assert leftovers(d) == []
-    p = common.fetch(server.url + "/d/data.jsonl", d, max_bytes=len(DATA), log=lambda m: None)
+    p = download.fetch(server.url + "/d/data.jsonl", d, max_bytes=len(DATA), log=lambda m: None)
     assert p.read_bytes() == DATA
 
 
@@ -247,7 +249,7 @@ def test_read_pairs_jsonl_and_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("not data")  # other files in a folder are not read
     records, bad, reasons = train_sft.read_pairs(tmp_path, "--download-data")
     assert len(records) == 3 + 2 and records[0]["input"] == "list files"  # sorted: cmds.csv first
-    assert bad == 2 + 5 and len(reasons) == common.MAX_REASONS and reasons[0] == "cmds.csv line 5: empty 'command'"
+    assert bad == 2 + 5 and len(reasons) == MAX_REASONS and reasons[0] == "cmds.csv line 5: empty 'command'"
 
 
 def test_read_pairs_unreadable_files(tmp_path):
@@ -289,7 +291,7 @@ def test_fetch_data_mixes_urls_and_local_paths(server, tmp_path):
     args = parse("--download-data", server.url + "/p.jsonl", "--download-data", str(tmp_path / "cmds.csv"),
                  "--sha256", hashlib.sha256(JSONL.encode()).hexdigest(), "--download-dir", str(tmp_path / "dl"))
     common.fetch_data(args, ("data", "download_data"), log=lambda m: None)
-    assert args.download_data == [str(tmp_path / "dl" / common.download_name(server.url + "/p.jsonl")),
+    assert args.download_data == [str(tmp_path / "dl" / download.download_name(server.url + "/p.jsonl")),
                                   str(tmp_path / "cmds.csv")]
     # a local file is checked against its --sha256 too
     args = parse("--download-data", str(tmp_path / "cmds.csv"), "--sha256", "0" * 64)
@@ -304,9 +306,9 @@ def test_fetch_data_mixes_urls_and_local_paths(server, tmp_path):
 def test_redirects_only_to_http(server, tmp_path):
     """urllib alone would follow a redirect to ftp:; a data URL may only lead to http(s)."""
     server.redirects = {"/r.jsonl": server.url + "/d/data.jsonl", "/bad.jsonl": "ftp://example.com/x.jsonl"}
-    assert common.fetch(server.url + "/r.jsonl", tmp_path, log=lambda m: None).read_bytes() == DATA
+    assert download.fetch(server.url + "/r.jsonl", tmp_path, log=lambda m: None).read_bytes() == DATA
     with pytest.raises(UserError, match="redirected to ftp://example.com/x.jsonl; only http"):
-        common.fetch(server.url + "/bad.jsonl", tmp_path, flag="--test-data", log=lambda m: None)
+        download.fetch(server.url + "/bad.jsonl", tmp_path, flag="--test-data", log=lambda m: None)
 
 
 def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monkeypatch):
@@ -319,7 +321,7 @@ def test_other_torchrun_ranks_wait_for_local_rank_0s_file(server, tmp_path, monk
     rank1.join(1.5)
     assert rank1.is_alive() and server.requests == []  # waiting, not downloading
     monkeypatch.setenv("LOCAL_RANK", "0")
-    common.fetch(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
+    download.fetch(server.url + "/p.jsonl", tmp_path / "dl", log=lambda m: None)  # local rank 0's part
     rank1.join(5)
     assert not rank1.is_alive() and Path(args.download_data[0]).read_bytes() == JSONL.encode()
     assert len(server.requests) == 1  # one transfer for both ranks
@@ -330,16 +332,16 @@ def test_an_html_page_is_not_data(server, tmp_path):
     server.files["/d/gone.csv"] = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
     server.types["/d/gone.csv"] = "text/html; charset=utf-8"
     with pytest.raises(UserError, match="HTML page, not a data file"):
-        common.fetch(server.url + "/d/gone.csv", tmp_path / "dl")
+        download.fetch(server.url + "/d/gone.csv", tmp_path / "dl")
     assert leftovers(tmp_path / "dl") == []
     # one saved by an older version is not reused either: it is fetched again
     server.files["/d/gone.csv"], server.types = b"text,label\nmilk,food\n", {}
-    name = common.download_name(server.url + "/d/gone.csv")
+    name = download.download_name(server.url + "/d/gone.csv")
     (tmp_path / "dl" / name).write_bytes(b"  <html><body>Not found</body></html>")
     logs = []
-    p = common.fetch(server.url + "/d/gone.csv", tmp_path / "dl", log=logs.append)
+    p = download.fetch(server.url + "/d/gone.csv", tmp_path / "dl", log=logs.append)
     assert p.read_bytes() == b"text,label\nmilk,food\n" and "is an HTML page" in logs[0]
     # a URL that names an .html file gets its HTML
     server.files["/d/page.html"] = b"<html>words</html>"
     server.types["/d/page.html"] = "text/html"
-    assert common.fetch(server.url + "/d/page.html", tmp_path / "dl").read_bytes() == b"<html>words</html>"
+    assert download.fetch(server.url + "/d/page.html", tmp_path / "dl").read_bytes() == b"<html>words</html>"

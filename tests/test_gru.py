@@ -1,4 +1,6 @@
 """train_gru.py end to end: the real script in subprocesses, on CPU, with small built-in data."""
+import math
+import re
 import shutil
 import signal
 import subprocess
@@ -22,9 +24,10 @@ def weights(run_dir):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """The README's quick run, once for the tests that need a trained model."""
+    """The README's quick run, once for the tests that need a trained model; --measure-peak: on a CPU
+    the profiler measures the peak that assert_plan_near_peak compares with the plan only under it."""
     d = tmp_path_factory.mktemp("quick")
-    p = run("train_gru.py", "--quick", "--out", "runs/q", cwd=d, check=0)
+    p = run("train_gru.py", "--quick", "--measure-peak", "--out", "runs/q", cwd=d, check=0)
     return d / "runs" / "q", p
 
 
@@ -54,6 +57,16 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     assert "best.pt" in names and len([n for n in names if n.startswith("ckpt_step") and n.endswith(".pt")]) <= 3
     pytest.importorskip("matplotlib")
     assert (out / "plots" / "training_progress.png").stat().st_size > 1000
+
+
+def test_one_plain_line_per_log_interval_reaches_train_log(quick_run):
+    out, p = quick_run
+    lines = [l for l in (out / "train.log").read_text().splitlines() if re.search(r"step .* \| loss .* ms/step", l)]
+    steps = read_json(out / "summary.json")["steps"]
+    assert len(lines) == math.ceil(steps / 10)  # --log-every 10, and the last step
+    assert re.search(rf"step +{steps}/{steps} \| loss \d+\.\d{{4}} \| lr \S+ \| \d+ ms/step \| [\d,]+ queries/s \| "
+                     r"RAM \d+ MB$", lines[-1]), lines[-1]
+    assert lines[-1].split(" ", 2)[2] in p.stdout  # the console gets the same line (above the bar)
 
 
 def test_same_seed_same_numbers(tmp):
@@ -131,7 +144,8 @@ def test_max_steps_overrides_epochs(tmp):
 
 
 def test_a_csv_with_an_excel_bom_is_read(tmp):
-    rows = "".join(f"{w} shoes size {i},Fashion\n{w} phone {i}gb,Electronics\n" for i in range(20) for w in ("red", "blue"))
+    rows = "".join(f"{w} shoes size {i},Fashion\n{w} phone {i}gb,Electronics\n"
+                   for i in range(20) for w in ("red", "blue"))
     (tmp / "bom.csv").write_bytes("\ufefftext,category\n".encode("utf-8") + rows.encode())
     run("train_gru.py", "--data", "bom.csv", "--max-steps", "2", "--out", "b", cwd=tmp, check=0)
     p = run("train_gru.py", "--suggest", "red ", "--category", "FASHION", "--out", "b", cwd=tmp, check=0)
@@ -247,8 +261,8 @@ def test_gru_mn_is_causal():
 
 
 def test_original_preset_trains_a_step(tmp):
-    run("train_gru.py", "--preset", "original", "--dataset-size", "200", "--max-steps", "1",
-            "--batch-size", "4", "--grad-accum", "1", "--grad-checkpointing", "--precision", "fp32", "--out", "o", cwd=tmp, check=0)
+    run("train_gru.py", "--preset", "original", "--dataset-size", "200", "--max-steps", "1", "--batch-size", "4",
+        "--grad-accum", "1", "--grad-checkpointing", "--precision", "fp32", "--out", "o", cwd=tmp, check=0)
     s = read_json(tmp / "o" / "summary.json")
     assert s["params"] > 40_000_000 and s["steps"] == 1
 
@@ -276,7 +290,8 @@ def saved_run(tmp_path_factory):
     (["--data", "missing.csv"], "--data missing.csv: file not found"),
     (["--data", "empty.csv"], "empty"),
     (["--data", "nocol.csv"], "missing column(s) text, category"),
-    (["--data", "ragged.csv", "--bad-rows", "fail"], "line 22: 4 fields, expected 2 (quote texts that contain the delimiter) (--bad-rows skip drops such rows)"),
+    (["--data", "ragged.csv", "--bad-rows", "fail"],
+     "line 22: 4 fields, expected 2 (quote texts that contain the delimiter) (--bad-rows skip drops such rows)"),
     (["--data", "few.csv"], "only 1 usable rows"),
     (["--batch-size", "0"], "--batch-size"),
     (["--grad-accum", "-2"], "--grad-accum"),
@@ -343,7 +358,8 @@ def other_runs(saved_run):
     (["--resume", "foreign.pt"], "foreign.pt is not a train_gru.py checkpoint"),
     (["--resume", "tensor.pt"], "tensor.pt is not a train_gru.py checkpoint"),
     (["--suggest", "red", "--out", "lmrun"], "--out lmrun: lmrun/checkpoints/best.pt is not a train_gru.py checkpoint"),
-    (["--suggest", "red", "--out", "run", "--resume", "lmrun/checkpoints/best.pt"], "--resume lmrun/checkpoints/best.pt: made by train_lm.py, not train_gru.py"),
+    (["--suggest", "red", "--out", "run", "--resume", "lmrun/checkpoints/best.pt"],
+     "--resume lmrun/checkpoints/best.pt: made by train_lm.py, not train_gru.py"),
     (["--suggest", "red", "--out", "run", "--resume", "foreign.pt"], "foreign.pt is not a train_gru.py checkpoint"),
 ])
 def test_another_trainers_run_or_checkpoint_is_one_error_line(other_runs, flags, expect):

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import math
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +37,7 @@ def quick_run(tmp_path_factory):
     """The README's quick run, cut to 120 steps (the full --quick, 300 steps, reaches 2.71 bits/byte)."""
     d = tmp_path_factory.mktemp("quick")
     p = run("train_lm.py", "--quick", "--max-steps", "120", "--eval-every", "60", "--log-every", "20",
-            "--out", "runs/q", cwd=d, check=0)
+            "--measure-peak", "--out", "runs/q", cwd=d, check=0)
     return d, d / "runs" / "q", p
 
 
@@ -62,6 +64,15 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     assert "MFU against measured" in p.stdout and (out / "peak_flops.json").exists()
     a = read_json(out / "args.json")["settings"]
     assert a["seq_len"] == {"value": 64, "source": "preset"} and a["lr"]["source"] == "preset"
+
+
+def test_each_log_interval_writes_one_line_to_train_log(quick_run):
+    """common.log_step's line every --log-every steps, in train.log as on the console, MFU at its end."""
+    _, out, p = quick_run
+    lines = [l for l in (out / "train.log").read_text().splitlines() if re.search(r"step .* \| loss .* ms/step", l)]
+    assert [int(re.search(r"step +(\d+)/120", l).group(1)) for l in lines] == list(range(20, 121, 20)), lines
+    assert all(re.search(r"\| [\d,]+ tokens/s \| RAM \d+ MB \| MFU [\d.]+%$", l) for l in lines), lines
+    assert lines[0].split(" ", 2)[2] in p.stdout  # the console shows the same line (train.log adds the time)
 
 
 def test_sample_from_a_run_folder(quick_run):
@@ -476,7 +487,7 @@ def test_mfu_peak_comes_from_the_config_and_mfu_never_reads_over_100_percent(tmp
     assert flops == 456e9 and "bf16 matmul peak 456 GFLOP/s from" in why
     machine["matmul_peak"]["threads"] += 1  # measured at another thread count: measured here instead
     cfg.write_text(json.dumps({"machine": machine}))
-    monkeypatch.setattr(train_lm.common, "matmul_peak", lambda device, dtype, seconds: 50e9)
+    monkeypatch.setattr(train_lm, "matmul_peak", lambda device, dtype, seconds: 50e9)
     flops, why = train_lm.device_peak(cpu, None, cfg, tmp_path)
     assert flops == 50e9 and (tmp_path / "peak_flops.json").exists() and "memory_optimizer.py config" in why
     logs = []

@@ -1,10 +1,12 @@
-"""The memory plan, the measured peak, --max-memory, --plan, and --optim adamw8bit (common.AdamW8bit)."""
+"""The memory plan, the measured peak, --max-memory, --plan, and --optim adamw8bit (adamw8bit.py)."""
 import signal
 
 import pytest
 import torch
 
+import adamw8bit
 import common
+import measure_peak
 from conftest import metrics, popen, read_json, run, wait_for
 
 CPU = torch.device("cpu")
@@ -14,7 +16,7 @@ GRU = ["--quick", "--dataset-size", "1500", "--batch-size", "8", "--precision", 
 # -- 8-bit quantization and the optimizer
 
 def test_the_dynamic_codes_span_seven_decades_per_sign():
-    signed, unsigned = common.dynamic_codes(signed=True), common.dynamic_codes(signed=False)
+    signed, unsigned = adamw8bit.dynamic_codes(signed=True), adamw8bit.dynamic_codes(signed=False)
     assert len(signed) == len(unsigned) == 255  # fits a uint8 index
     assert torch.equal(signed, signed.sort().values) and torch.equal(signed, -signed.flip(0))
     assert signed[0] == -1 and signed[-1] == 1 and 0 in signed and unsigned[0] == 0 and unsigned[-1] == 1
@@ -27,15 +29,15 @@ def test_quantize_rounds_each_value_to_its_nearest_code_times_the_block_absmax()
     x = torch.randn(5000) * torch.logspace(-8, 0, 5000)  # magnitudes over eight decades
     x[:3] = 0
     for signed, values in ((True, x), (False, x.abs())):
-        codes = common.dynamic_codes(signed)
-        idx, absmax = common.quantize(values, common.code_table(codes), 2048)
+        codes = adamw8bit.dynamic_codes(signed)
+        idx, absmax = adamw8bit.quantize(values, adamw8bit.code_table(codes), 2048)
         assert idx.dtype == torch.uint8 and idx.numel() == 3 * 2048 and absmax.shape == (3,)
         # the reference: brute force over all 255 codes, block by block
         blocks = torch.nn.functional.pad(values, (0, 3 * 2048 - 5000)).view(3, 2048)
         ref_absmax = blocks.abs().amax(dim=1)
         ref_idx = ((blocks / ref_absmax[:, None])[..., None] - codes).abs().argmin(dim=-1).view(-1)
         assert torch.equal(absmax, ref_absmax)
-        y = common.dequantize(idx, absmax, codes, values)
+        y = adamw8bit.dequantize(idx, absmax, codes, values)
         ref = (codes[ref_idx].view(3, 2048) * ref_absmax[:, None]).view(-1)[:5000]
         # the table reads a value rounded to fp16 first (0.05 %): only a value that close to a
         # midpoint between two codes may take the other one
@@ -50,7 +52,7 @@ def test_adamw8bit_equals_torch_adamw_on_tensors_under_4096_values():
     a = torch.nn.Parameter(torch.randn(40, 50))
     b = torch.nn.Parameter(a.detach().clone())
     ref = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1, foreach=False)
-    ours = common.AdamW8bit([b], lr=1e-2, weight_decay=0.1)
+    ours = adamw8bit.AdamW8bit([b], lr=1e-2, weight_decay=0.1)
     for _ in range(5):
         g = torch.randn(40, 50)
         a.grad, b.grad = g.clone(), g.clone()
@@ -62,9 +64,9 @@ def test_adamw8bit_equals_torch_adamw_on_tensors_under_4096_values():
 def test_adamw8bit_takes_adamws_step_from_the_dequantized_moments_then_stores_them_again():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(100, 100))
-    opt = common.AdamW8bit([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    cm, cr = common.dynamic_codes(signed=True), common.dynamic_codes(signed=False)
-    tm, tr = common.code_table(cm), common.code_table(cr)
+    opt = adamw8bit.AdamW8bit([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    cm, cr = adamw8bit.dynamic_codes(signed=True), adamw8bit.dynamic_codes(signed=False)
+    tm, tr = adamw8bit.code_table(cm), adamw8bit.code_table(cr)
     w, m, v = p.detach().clone(), torch.zeros(100, 100), torch.zeros(100, 100)
     for t in range(1, 6):
         g = torch.randn(100, 100)
@@ -76,23 +78,23 @@ def test_adamw8bit_takes_adamws_step_from_the_dequantized_moments_then_stores_th
         w = w * (1 - 1e-2 * 0.1) - 1e-2 / (1 - 0.9 ** t) * m / ((v / (1 - 0.99 ** t)).sqrt() + 1e-8)
         assert torch.allclose(p.detach(), w, rtol=0, atol=1e-5)
         st = opt.state[p]
-        mi, _ = common.quantize(m, tm, 2048)
-        ri, _ = common.quantize(v.sqrt(), tr, 2048)
+        mi, _ = adamw8bit.quantize(m, tm, 2048)
+        ri, _ = adamw8bit.quantize(v.sqrt(), tr, 2048)
         assert (st["m_idx"] != mi).float().mean() < 1e-3 and (st["r_idx"] != ri).float().mean() < 1e-3
-        m = common.dequantize(st["m_idx"], st["m_absmax"], cm, m)  # what the next step starts from
-        v = common.dequantize(st["r_idx"], st["r_absmax"], cr, v).square()
+        m = adamw8bit.dequantize(st["m_idx"], st["m_absmax"], cm, m)  # what the next step starts from
+        v = adamw8bit.dequantize(st["r_idx"], st["r_absmax"], cr, v).square()
 
 
 def test_adamw8bit_state_is_under_a_third_of_adamws_and_survives_a_save_and_load(tmp):
     p = torch.nn.Parameter(torch.randn(1000, 1000))
-    full, small = torch.optim.AdamW([p]), common.AdamW8bit([p])
+    full, small = torch.optim.AdamW([p]), adamw8bit.AdamW8bit([p])
     p.grad = torch.randn(1000, 1000)
     full.step()
     small.step()
     assert common.optimizer_state_bytes(small) == common.optimizer_state_bytes(small, planned=True)
     assert common.optimizer_state_bytes(small) / common.optimizer_state_bytes(full) < 0.3
     torch.save(small.state_dict(), tmp / "opt.pt")
-    again = common.AdamW8bit([p])
+    again = adamw8bit.AdamW8bit([p])
     again.load_state_dict(torch.load(tmp / "opt.pt", weights_only=True))
     assert again.state[p]["m_idx"].dtype == torch.uint8  # torch's load would have made it fp32
     assert all(torch.equal(small.state[p][k], again.state[p][k]) for k in ("m_idx", "m_absmax", "r_idx", "r_absmax"))
@@ -103,23 +105,40 @@ def test_adamw8bit_state_is_under_a_third_of_adamws_and_survives_a_save_and_load
 def test_the_memory_plan_of_a_known_model():
     model = torch.nn.Sequential(torch.nn.Linear(1000, 2000), torch.nn.ReLU(), torch.nn.Linear(2000, 10))
     B = 64
-    acts = common.activation_bytes(model, lambda m, b: (m(b["x"]).square().sum(), B), {"x": torch.randn(B, 1000)},
-                                   CPU, None)
+    loss_fn, batch = (lambda m, b: (m(b["x"]).square().sum(), B)), {"x": torch.randn(B, 1000)}
+    acts = common.activation_bytes(model, loss_fn, batch, CPU, None)
     # saved for backward: the input, ReLU's output (the second Linear's input too), the square's input
     assert acts == B * (1000 + 2000 + 10) * 4
     n = 1000 * 2000 + 2000 + 2000 * 10 + 10
-    plan = common.memory_plan(model, torch.optim.AdamW(model.parameters()), acts, B, log=lambda _: None)
+    kw = dict(device=CPU, amp_dtype=None, world=1, log=lambda _: None, worst="rows")
+    plan = common.memory_plan(model, torch.optim.AdamW(model.parameters()), loss_fn, batch, **kw)
     assert plan["weights"] == plan["gradients"] == round(4 * n / 2**20, 1)
     assert plan["optimizer"] == round((8 * n + 4 * 4) / 2**20, 1)  # two fp32 moments, a step per tensor
     assert plan["total"] == round((4 * n * 4 + 16 + acts) / 2**20, 1)
-    plan8 = common.memory_plan(model, common.AdamW8bit(model.parameters()), acts, B, log=lambda _: None)
+    plan8 = common.memory_plan(model, adamw8bit.AdamW8bit(model.parameters()), loss_fn, batch, **kw)
     assert plan8["optimizer"] < 0.3 * plan["optimizer"]
+
+
+def test_without_measure_peak_a_cpu_run_loads_no_profiler_and_measures_nothing(monkeypatch):
+    model = torch.nn.Linear(50, 50)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 50)).sum().backward()
+    opt.step()
+    args = common.make_parser("t", "gru", epochs=1, lr=1e-3, effective_batch=8).parse_args([])
+    monkeypatch.setattr(torch.autograd.profiler, "profile", None)  # called, it would raise
+    peak = common.peak_meter(args, CPU, model, opt)
+    assert type(peak) is common.StepPeak
+    with peak.measure(100):
+        torch.ones(1000)
+    assert peak.mb is None
+    args.measure_peak = True
+    assert isinstance(common.peak_meter(args, CPU, model, opt), measure_peak.ProfiledPeak)
 
 
 def test_tensor_peak_counts_what_the_largest_step_allocates_on_top_of_what_it_holds():
     model = torch.nn.Linear(500, 500)
     opt = torch.optim.AdamW(model.parameters())
-    peak = common.TensorPeak(CPU, model, opt)
+    peak = measure_peak.ProfiledPeak(CPU, model, opt)
     with peak.measure(100):  # a fresh AdamW has no state yet: not measured
         torch.ones(1_000_000)
     assert peak.mb is None

@@ -21,7 +21,7 @@ HEAD = ("pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "cl
 
 def load(tmp_path, kind, fmt):
     w = tc.write_checkpoint(tmp_path / f"{kind}-{fmt}", kind, fmt)
-    model, tok, desc, missing, unexpected = tcl.load_pretrained(tmp_path / f"{kind}-{fmt}", tc.N_LABELS)
+    model, tok, shape, desc, missing, unexpected = tcl.load_pretrained(tmp_path / f"{kind}-{fmt}", tc.N_LABELS)
     return w, model.eval(), tok, missing, unexpected
 
 
@@ -75,7 +75,7 @@ def test_missing_tensor_is_reported(tmp_path):
     w = tc.write_checkpoint(d, "bert", "safetensors")
     del w["encoder.layer.1.output.dense.bias"]
     tc.write_safetensors(d / "model.safetensors", w)
-    _, _, _, missing, _ = tcl.load_pretrained(d, 3)
+    missing = tcl.load_pretrained(d, 3)[4]
     assert missing == ["transformer.layer.1.ffn.lin2.bias"]
 
 

@@ -3,16 +3,19 @@ continuous learning from the SQLite feedback store. The real script in subproces
 import functools
 import http.server
 import json
+import os
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import assert_plan_near_peak, call, metrics, popen, read_json, run
+from conftest import REPO, assert_plan_near_peak, call, metrics, popen, read_json, run
 
 import train_sft
 
@@ -40,7 +43,7 @@ def sft_run(tmp_path_factory):
     pairs = [p for p in train_sft.builtin_pairs() if "typo" not in p["output"]
              and train_sft.command_of(p["output"]).startswith(KEEP)]
     (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    p = run("train_sft.py", *QUICK, "--out", "runs/cmd", cwd=d, check=0, timeout=600)
+    p = run("train_sft.py", *QUICK, "--measure-peak", "--out", "runs/cmd", cwd=d, check=0, timeout=600)
     return d, d / "runs" / "cmd", p
 
 
@@ -55,6 +58,10 @@ def test_quick_sft_learns_commands(sft_run):
     vals = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
     assert len(vals) == 2 and vals[-1] < 0.5 and vals[0] < 1.5, vals  # nats per answer token
     assert "loss on the answer only" in p.stdout and "test command accuracy" in p.stdout
+    # one plain line every --log-every (10) steps, in train.log as on the console (common.log_step)
+    lines = [l for l in (out / "train.log").read_text().splitlines() if re.search(r"step .* \| loss .* ms/step", l)]
+    assert [int(re.search(r"step +(\d+)/400", l).group(1)) for l in lines] == list(range(10, 401, 10)), lines
+    assert all(re.search(r"\| [\d,]+ tokens/s \| RAM \d+ MB \| MFU [\d.]+%$", l) for l in lines), lines[:3]
     # ask: a command for a request, and a clear error for a run that is not fine-tuned
     a = run("train_sft.py", "ask", "--out", "runs/cmd", "list files by size", "show git status", cwd=d, check=0)
     lines = [l for l in a.stdout.splitlines() if l.startswith("$ ")]
