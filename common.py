@@ -24,6 +24,7 @@ import datetime
 import errno
 import gc
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -41,7 +42,6 @@ import numpy as np
 import psutil
 import torch
 
-REPO = Path(__file__).resolve().parent
 TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
             "asr": "train_asr.py", "lm": "train_lm.py", "sft": "train_sft.py"}
 CKPT_GLOB = "ckpt_step*.pt"
@@ -50,6 +50,17 @@ RECORD_EXTS = (".csv", ".tsv", ".jsonl", ".json")  # records.py's readers; .json
 
 class UserError(Exception):
     """A mistake the user can fix (bad flag, bad file). Printed as one line, exit code 2."""
+
+
+def opt_in(module, why):
+    """Import an opt-in module (download, records, adamw8bit, measure_peak, ddp) when its flag is on.
+    A trainer copied alone with common.py runs without them; asked for one, it says which file."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise UserError(f"{why} needs {module}.py beside {Path(sys.argv[0]).name}; copy it from lean-train") from None
 
 
 def run_main(main):
@@ -380,8 +391,7 @@ def fetch_data(args, flags, log=print, exts=None):
     values = [v for dest in flags for v in (getattr(args, dest) if isinstance(getattr(args, dest), list)
                                             else [getattr(args, dest)]) if v]
     if args.sha256 or any(is_url(v) for v in values):
-        import download
-        download.fetch_data(args, flags, log, exts)
+        opt_in("download", "a data flag given as a URL, or --sha256,").fetch_data(args, flags, log, exts)
 
 
 # -----------------------------------------------------------------------------
@@ -606,8 +616,7 @@ def fused_adamw(device):
 def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fused=None):
     """torch.optim.AdamW, or adamw8bit.AdamW8bit under --optim adamw8bit (it has no fused kernel)."""
     if args.optim == "adamw8bit":
-        from adamw8bit import AdamW8bit
-        return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return opt_in("adamw8bit", "--optim adamw8bit").AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
@@ -863,8 +872,7 @@ class StepPeak:
 def peak_meter(args, device, model, optimizer):
     """A StepPeak; on a CPU under --measure-peak, measure_peak.py's profiled one."""
     if args.measure_peak and device.type == "cpu":
-        from measure_peak import ProfiledPeak
-        return ProfiledPeak(device, model, optimizer)
+        return opt_in("measure_peak", "--measure-peak").ProfiledPeak(device, model, optimizer)
     return StepPeak(device, model, optimizer)
 
 
@@ -1545,8 +1553,7 @@ def process_group(args):
     """OneProcess, or under torchrun (WORLD_SIZE > 1) ddp.Ranks: the only place ddp.py is imported."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return OneProcess()
-    import ddp
-    return ddp.Ranks(args)
+    return opt_in("ddp", "torchrun").Ranks(args)
 
 
 def check_world_size(state, resumed_from, world):

@@ -311,7 +311,8 @@ def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
     the manifest (fetch_audio(path) fetches them from beside a manifest's URL). Every WAV header is
     read here, so a missing or corrupt file stops the run before it starts; the duration is the
     header's. A truncated WAV is a bad row: skipped with a warning, or under --bad-rows fail an error."""
-    from records import MAX_REASONS, read_records  # a user's file: the built-in set never needs records.py
+    records = common.opt_in("records", flag)  # a user's file: the built-in set never needs records.py
+    read_records, MAX_REASONS = records.read_records, records.MAX_REASONS
     p = Path(path)
     rows, bad, reasons = read_records(p, flag, ("audio_filepath", "text"), aliases={"path": "audio_filepath"},
                                       bad_rows=bad_rows)
@@ -357,13 +358,13 @@ def read_manifests(args):
     """The three manifests (an http(s) URL too: it and its audio are fetched into --download-dir)
     as lists of items, and how many rows were skipped."""
     urls = {d: getattr(args, d) for d in MANIFESTS if common.is_url(getattr(args, d) or "")}
-    common.fetch_data(args, MANIFESTS, print, exts=(".jsonl", ".json", ".csv", ".tsv"))
+    common.fetch_data(args, MANIFESTS, print, exts=common.RECORD_EXTS)
     read = []
     for dest in MANIFESTS:
         flag, fetch_audio = f"--{dest.replace('_', '-')}", None
         if dest in urls:  # its audio paths are relative to the manifest's URL
             import urllib.parse
-            import download
+            download = common.opt_in("download", flag + " given as a URL")
             fetch_audio = lambda a: download.fetch(  # noqa: E731
                 urllib.parse.urljoin(urls[dest], a), args.download_dir, flag, log=lambda m: None,
                 max_bytes=int(args.max_download_mb * 2 ** 20), show_bar=False)

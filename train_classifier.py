@@ -682,8 +682,8 @@ def read_splits(args):
     --val-data / --test-data or 15% each split off it, stratified by label; else the built-in items."""
     if not (args.data or args.sha256):
         return generate_items(args.train_size, args.seed), "built-in receipt items"
-    from records import RECORD_EXTS, read_records  # a user's file, local or a URL: only then is records.py needed
-    common.fetch_data(args, ("data", "val_data", "test_data"), print, exts=RECORD_EXTS)
+    read_records = common.opt_in("records", "--data").read_records  # a user's file: only then is records.py needed
+    common.fetch_data(args, ("data", "val_data", "test_data"), print, exts=common.RECORD_EXTS)
     splits = []
     for path, flag in ((args.data, "--data"), (args.val_data, "--val-data"), (args.test_data, "--test-data")):
         rows, bad, reasons = read_records(path, flag, ("text", "label"), bad_rows=args.bad_rows) if path else (0, 0, 0)

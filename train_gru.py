@@ -226,7 +226,7 @@ def norm_category(c):
 
 def read_data(path, bad_rows, log):
     """(query, category) pairs from a CSV/TSV/JSONL file with columns text,category."""
-    from records import read_records  # records.py: only a user's data file needs it, not the built-in data
+    read_records = common.opt_in("records", "--data").read_records  # only a user's file needs it
     rows, bad, reasons = read_records(path, "--data", ("text", "category"), bad_rows=bad_rows)
     if bad:
         log(f"--data {path}: {bad} bad rows skipped (first: {'; '.join(reasons)})")
@@ -462,7 +462,7 @@ def main(argv=None):
         args.epochs, sources["epochs"] = QUICK_EPOCHS, "quick"
 
     # -- data (validated before the run folder is touched)
-    common.fetch_data(args, ("data",), print, exts=(".csv", ".tsv", ".jsonl", ".json"))
+    common.fetch_data(args, ("data",), print, exts=common.RECORD_EXTS)
     if args.data:
         pairs = read_data(args.data, args.bad_rows, print)
         data_desc = f"{args.data} ({len(pairs)} queries)"

@@ -435,7 +435,8 @@ def read_pairs(path, flag, bad_rows="skip"):
     explanation) file, or from every such file in a folder (sorted), through records.py. Returns
     (records, bad, reasons): records are {"input", "output"} dicts, `bad` counts the rows skipped,
     `reasons` holds the first few ("line 7: no 'output'"); --bad-rows fail stops at the first one."""
-    from records import MAX_REASONS, read_records  # only for a user's file: the built-in pairs need none
+    records = common.opt_in("records", flag)  # only for a user's file: the built-in pairs need none
+    read_records, MAX_REASONS = records.read_records, records.MAX_REASONS
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in PAIR_EXTS)

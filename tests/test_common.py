@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+from conftest import REPO
 import train_gru
 from common import UserError
 
@@ -298,7 +299,7 @@ def test_keep_heap_small_returns_freed_tensors_to_the_os():
     kept = {}
     for mode in ("off", "on"):
         p = subprocess.run([sys.executable, "-c", HEAP, mode], capture_output=True, text=True,
-                           cwd=common.REPO, check=True)
+                           cwd=REPO, check=True)
         on, mb = p.stdout.split()
         kept[mode] = (on == "True", float(mb))
     if not kept["on"][0]:
@@ -427,7 +428,7 @@ PRIVATE = re.compile(r"\._actions\b|\._option_string_actions\b|\._defaults\b|_pe
 
 
 def test_no_private_argparse_or_torch_attribute_is_used():
-    files = sorted(common.REPO.glob("*.py")) + sorted(common.REPO.glob("tests/*.py"))
+    files = sorted(REPO.glob("*.py")) + sorted(REPO.glob("tests/*.py"))
     hits = [f"{f.name}:{i}: {line.strip()}" for f in files if f.name != "test_common.py"
             for i, line in enumerate(f.read_text().splitlines(), 1) if PRIVATE.search(line)]
     assert not hits, "\n".join(hits)

@@ -60,3 +60,14 @@ def test_no_line_over_120_characters_and_no_module_over_about_1200_lines():
         assert len(lines) <= (1600 if f.name == "common.py" else 1300), f"{f.name}: {len(lines)} lines"
         long = [i for i, line in enumerate(lines, 1) if len(line) > 120]
         assert not long, f"{f.name}: lines over 120 characters: {long[:10]}"
+
+
+def test_an_opt_in_flag_on_a_trainer_copied_alone_names_the_file_it_needs(tmp_path):
+    for f in ["common.py", "train_gru.py"]:
+        shutil.copy(REPO / f, tmp_path / f)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH="")
+    p = subprocess.run([sys.executable, "train_gru.py", "--quick", "--optim", "adamw8bit", "--out", "r"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == \
+        "error: --optim adamw8bit needs adamw8bit.py beside train_gru.py; copy it from lean-train", p.stderr
+    assert "Traceback" not in p.stderr
