@@ -1097,7 +1097,7 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
                steps=step, epochs=epoch, samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
                params=n_params, wall_s=round(wall_before + time.time() - status["started"], 1), preset=args.preset,
                shape=list(shape), subsample=args.subsample, effective_batch=E, world_size=ranks.world,
-               global_batch=G, **common.memory_figures(plan, peak, optimizer, args)))
+               global_batch=G, **common.memory_figures(plan, peak, optimizer, args, run.log)))
     return 0
 
 

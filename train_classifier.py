@@ -1014,7 +1014,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     # -- report: the test split with the best checkpoint, the exports, summary.json
     fields = dict(best_val_accuracy=round(p.best[0], 4), steps=p.step, epochs=p.epoch, effective_batch=E,
                   linear_c=extra["shape"].get("linear", 0.0) if extra["shape"].get("kind") == "fasttext" else None,
-                  world_size=world, global_batch=G, **common.memory_figures(plan, peak, optimizer, args),
+                  world_size=world, global_batch=G, **common.memory_figures(plan, peak, optimizer, args, run.log),
                   samples_per_s=round((samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1))
     return finish(run, model, args, finished=p.step == start_step and (out / "summary.json").exists(), splits=splits,
                   rows=rows, extra=extra, eval_bs=eval_bs, fields=fields, params=(n_params, n_trainable),

@@ -585,7 +585,7 @@ def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak,
     common.write_summary(
         out, trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
         unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch, samples_per_s=round(samples / max(1e-9, train_s), 1),
-        peak_mem_mb=common.peak_memory_mb(device), **common.memory_figures(plan, peak, optimizer, args),
+        peak_mem_mb=common.peak_memory_mb(device), **common.memory_figures(plan, peak, optimizer, args, run.log),
         params=n_params, trainable_params=n_trainable, wall_s=round(wall_s, 1), preset=args.preset,
         device=device.type, precision=args.precision, effective_batch=effective_batch, world_size=run.ranks.world,
         global_batch=global_batch)

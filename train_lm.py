@@ -960,7 +960,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     if ranks.is_main:
         report(args, run, model, cfg, windows=windows, eval_bs=min(eval_bs, micro_bs), best=best, step=step,
                start_step=start_step, t_start=t_start, samples=samples_seen, fpt=fpt, peak=peak, n_params=n_params,
-               global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args))
+               global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args, run.log))
     if tb:
         tb.close()
     return 0

@@ -684,7 +684,7 @@ def train(args, sources, run, cfg, data, init):
         return 0
     report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
            start_step=start_step, t_start=t_start, samples=samples_seen, mean_len=mean_len, fpt=fpt, peak=peak,
-           n_params=n_params, global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args))
+           n_params=n_params, global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args, run.log))
     if tb:
         tb.close()
     if not args.continuous_learning:

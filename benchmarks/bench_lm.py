@@ -552,6 +552,7 @@ def tensor_peak_mb(loop):
     import weakref
     import torch
     import train_lm
+    import train_sft
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -578,14 +579,14 @@ def tensor_peak_mb(loop):
 
     L, H, d = LONG
     torch.manual_seed(0)
-    model = train_lm.LM(dict(arch="gpt", vocab_size=train_lm.SFT_VOCAB, n_layer=L, n_head=H, d_model=d,
+    model = train_lm.LM(dict(arch="gpt", vocab_size=train_sft.SFT_VOCAB, n_layer=L, n_head=H, d_model=d,
                              seq_len=loop["seq_len"], num_eigenstates=32, chunk_size=64))
     model.grad_checkpointing = loop["grad_checkpointing"]
-    train = [train_lm.render(p) for p in train_lm.builtin_pairs() if train_lm.split_of(p) >= 2]
-    mb = train_lm.sft_batch(0, train, 1337, loop["micro_batch"] * loop["grad_accum"], 0, loop["micro_batch"],
+    train = [train_sft.render(p) for p in train_sft.builtin_pairs() if train_sft.split_of(p) >= 2]
+    mb = train_sft.sft_batch(0, train, 1337, loop["micro_batch"] * loop["grad_accum"], 0, loop["micro_batch"],
                             loop["seq_len"])
     with LiveTensors() as live:
-        loss, n = train_lm.sft_loss_fn(model, mb, torch.device("cpu"))
+        loss, n = train_sft.sft_loss_fn(model, mb, torch.device("cpu"))
         (loss / n).backward()
         del loss, n
     return live.peak / 2**20

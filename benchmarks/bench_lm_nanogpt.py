@@ -108,8 +108,7 @@ def val_nats(forward, windows, device):
 
 
 def checkout(path):
-    """The nanoGPT checkout at `path` (a Path), or exit 2 saying how to get one.
-    Used by main and bench_lm.py --nanogpt."""
+    """The nanoGPT checkout at `path` (a Path), or exit 2 saying how to get one."""
     ng = Path(path).expanduser().resolve()
     if not all((ng / f).is_file() for f in ("train.py", "model.py", "configurator.py",
                                             "config/train_shakespeare_char.py")):
@@ -120,8 +119,7 @@ def checkout(path):
 
 def prepare_data(work):
     """Our packed corpus (packed on first use) and a copy of its two token files in the folder
-    layout nanoGPT reads, under work: (our data dir, its meta.json, nanoGPT's data dir).
-    Used by main and bench_lm.py --nanogpt."""
+    layout nanoGPT reads, under work: (our data dir, its meta.json, nanoGPT's data dir)."""
     import train_lm
     os.chdir(REPO)  # the built-in corpus lives in <repo>/data/pydoc, packed on first use
     data = train_lm.builtin_corpus(lambda msg: print(msg, file=sys.stderr)).resolve()
@@ -139,7 +137,7 @@ def nanogpt_cmd(ngdata, out_dir, device, steps, shape, log_interval):
     """nanoGPT's train.py, unmodified: config/train_shakespeare_char.py's recipe, our shape
     (layers, heads, width, context, batch), dropout 0, fp32, no compile; it saves its checkpoint
     after exactly `steps` steps. Run it with cwd = the checkout (configurator.py is read from
-    there; it writes only into out_dir). Used by main and bench_lm.py --nanogpt."""
+    there; it writes only into out_dir)."""
     L, H, D, T, B = shape
     return [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--dataset={ngdata}",
             f"--out_dir={out_dir}", f"--device={device}", "--compile=False", "--dtype=float32",
@@ -151,7 +149,7 @@ def nanogpt_cmd(ngdata, out_dir, device, steps, shape, log_interval):
 
 def nanogpt_forward(ng, out_dir, steps, device):
     """nanoGPT's final model from out_dir/ckpt.pt, its GPT class imported from the checkout at
-    run time: forward(x) maps (b, T) ids to (b, T, V) logits. Used by main and bench_lm.py --nanogpt."""
+    run time: forward(x) maps (b, T) ids to (b, T, V) logits."""
     import torch
     ckpt = torch.load(out_dir / "ckpt.pt", map_location=device, weights_only=True)
     if ckpt["iter_num"] != steps:
