@@ -1244,7 +1244,7 @@ def open_run(args, sources):
     tuple, state, resumed_from, notes for the log)."""
     if args.resume and args.no_resume:
         raise UserError(f"--resume {args.resume} --no-resume: pick one (resume from that file, or start over)")
-    out = Path(args.out) if args.out else default_out(args.trainer)
+    out = Path(args.out) if args.out else Path("runs") / f"{args.trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     args.out = str(out)
     check_out_writable(out)
     check_trainer(read_status(out).get("trainer"), args.trainer, f"--out {out}")
@@ -1253,11 +1253,6 @@ def open_run(args, sources):
     notes = []
     state, resumed_from = find_checkpoint(out, args, notes.append)
     return out, device, state, resumed_from, notes
-
-
-def default_out(trainer):
-    """runs/<trainer>-<timestamp>."""
-    return Path("runs") / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def check_out_writable(out):
@@ -1362,7 +1357,10 @@ def start_run(out, args, trainer, metric_name, notes=()):
     log = make_logger(out)
     for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:
         log(note)
-    status = new_status(trainer, out, metric_name)
+    # pid + its create time identify the process (process_is_trainer)
+    status = {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
+              "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
+              "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
     update_status(out, status)
     return log, status, install_stop_handlers()
 
@@ -1596,11 +1594,3 @@ def process_is_trainer(status):
         return all((Path(proc.cwd()) / o).resolve() == Path(out).resolve() for o in outs[-1:])
     except (psutil.Error, ValueError, OverflowError):
         return False
-
-
-def new_status(trainer, out, metric_name):
-    """The status dict a trainer starts with (pid + its create time identify the process)."""
-    return {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
-            "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
-            "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
-

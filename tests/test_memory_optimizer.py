@@ -399,7 +399,7 @@ def test_run_manager_bad_input(tmp_path, monkeypatch, capsys):
 # which process stop may signal, runs started elsewhere, a refused start, a corrupt status.json
 
 # a trainer as status/stop see it, without torch: a python process running a train_gru.py that
-# writes status.json like common.new_status and saves ("stopped") on SIGTERM
+# writes status.json like common.start_run and saves ("stopped") on SIGTERM
 FAKE_TRAINER = """
 import json, os, signal, sys, time
 from pathlib import Path
