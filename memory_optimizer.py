@@ -80,15 +80,9 @@ def list_runs(root="runs"):
 
 
 def cpu_model():
-    """The CPU's marketing name. On Linux platform.processor() returns only 'x86_64' (or ''),
-    so /proc/cpuinfo's 'model name' comes first; Windows and macOS fill platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    """The CPU's marketing name: train_lm.py's cpu_name, the key its MFU peak is looked up by."""
+    from train_lm import cpu_name
+    return cpu_name()
 
 
 def machine_profile():
