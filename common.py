@@ -737,13 +737,12 @@ def probe_step(model, loss_fn, batch, device, amp_dtype):
     return 2 * max(0, rss1 - rss0) + 3 * state
 
 
-def fit_batch(model, loss_fn, worst, args, sources, *, dev, state, log, ranks, unit):
+def fit_batch(model, loss_fn, worst, args, sources, *, device, amp_dtype, prec_why, state, log, ranks, unit):
     """Fit the run to the machine before the first step, and say so in one line: the micro-batch
     (choose_batch_size: the RAM/GPU table, then a real forward+backward on worst(bs), the largest
     items the run will see), the ranks' agreement on it, and on a CPU the precision
     (measure_precision, timed on the same batch). A resumed run keeps its checkpoint's choices.
     Returns (micro_bs, accum, amp_dtype, why): why = {"batch": ..., "precision": ...}."""
-    device, amp_dtype, _, prec_why = dev
 
     def probe(bs, dt=amp_dtype):
         buffers = [t.clone() for t in model.buffers()]  # e.g. BatchNorm statistics: the probe's are not the run's

@@ -996,7 +996,8 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     compute_loss = functools.partial(loss_fn, ctc_weight=args.ctc_weight)
     longest = sorted(range(len(train_items)), key=lambda i: -train_items[i]["duration"])
     worst = lambda bs: to_device(make_batch(train_items, (longest * bs)[:bs], stoi), device)  # noqa: E731
-    micro_bs, accum, amp_dtype, why = common.fit_batch(model, compute_loss, worst, args, sources, dev=run.dev,
+    micro_bs, accum, amp_dtype, why = common.fit_batch(model, compute_loss, worst, args, sources, device=device,
+                                                       amp_dtype=run.dev[1], prec_why=run.dev[3],
                                                        state=state, log=log, ranks=ranks, unit="utterances")
     E = state["effective"] if state else micro_bs * accum  # an OOM halving can overshoot an odd one: keep it
     G = E * ranks.world  # the global batch

@@ -912,7 +912,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     # -- fit the machine: the micro-batch (probed on the longest row), the precision, the memory plan
     step_loss, worst = functools.partial(loss_fn, device=device), functools.partial(worst_batch, splits["train"])
     micro_bs, accum, run.amp_dtype, why = common.fit_batch(
-        model, step_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why),
+        model, step_loss, worst, args, sources, device=device, amp_dtype=run.amp_dtype, prec_why=run.prec_why,
         state=run.state, log=log, ranks=ranks, unit="items")
     E, G = micro_bs * accum, micro_bs * accum * world  # rows per rank per step; the global batch
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train, E=E,

@@ -624,7 +624,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
     longest = int((train_data["offsets"][1:] - train_data["offsets"][:-1]).argmax())
     worst = lambda bs: make_batch(train_data, torch.full((bs,), longest))  # noqa: E731
     micro_bs, accum, run.amp_dtype, why = common.fit_batch(
-        model, compute_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why),
+        model, compute_loss, worst, args, sources, device=device, amp_dtype=run.amp_dtype, prec_why=run.prec_why,
         state=run.state, log=log, ranks=ranks, unit="queries")
     E, G = micro_bs * accum, micro_bs * accum * ranks.world  # queries per rank per step; the global batch
     if 0 < n_train % G < ranks.world:

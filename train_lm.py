@@ -876,8 +876,8 @@ def train(args, sources, run, cfg, data_dir, meta):
     lm_loss = functools.partial(loss_fn, device=device)
     worst = lambda bs: {"x": torch.zeros(bs, args.seq_len + 1, dtype=torch.long)}  # every LM batch has this shape
     micro_bs, accum, run.amp_dtype, why = common.fit_batch(
-        model, lm_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why), state=state,
-        log=log, ranks=ranks, unit=f"windows of {args.seq_len} tokens")
+        model, lm_loss, worst, args, sources, device=device, amp_dtype=run.amp_dtype, prec_why=run.prec_why,
+        state=state, log=log, ranks=ranks, unit=f"windows of {args.seq_len} tokens")
     E, G = micro_bs * accum, micro_bs * accum * ranks.world  # windows per rank per step, and the global batch
     tokens_per_step = G * args.seq_len
 

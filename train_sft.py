@@ -591,8 +591,8 @@ def train(args, sources, run, cfg, data, init):
     sft_loss = functools.partial(sft_loss_fn, device=device)
     worst = lambda bs: {"x": torch.zeros(bs, longest + 1, dtype=torch.long), "w": torch.ones(bs, longest)}
     micro_bs, accum, run.amp_dtype, why = common.fit_batch(
-        model, sft_loss, worst, args, sources, dev=(device, run.amp_dtype, run.scaler, run.prec_why), state=state,
-        log=log, ranks=ranks, unit="pairs")
+        model, sft_loss, worst, args, sources, device=device, amp_dtype=run.amp_dtype, prec_why=run.prec_why,
+        state=state, log=log, ranks=ranks, unit="pairs")
     E, G = micro_bs * accum, micro_bs * accum * ranks.world  # pairs per rank per step, and the global batch
     tokens_per_step = G * mean_len  # on average (padding not counted)
     if len(examples) < G:
