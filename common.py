@@ -69,7 +69,8 @@ def run_main(main):
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from tqdm import tqdm
+        tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first: the line starts on its own
         code = 2
     except BrokenPipeError:  # `... status | head`: the reader left; nothing to report
         sys.stderr.close()
@@ -406,7 +407,9 @@ def setup_device(args, sources=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu "
                         "(or install a CUDA build of torch)")
-    dev = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    # with its index: set_per_process_memory_fraction needs one (under torchrun, ddp.Ranks has set this rank's)
+    dev = (torch.device("cuda", torch.cuda.current_device()) if args.device in ("auto", "cuda")
+           and torch.cuda.is_available() else torch.device("cpu"))
     prec = args.precision
     if sources and sources.get("precision") == "optimal_config.json" and (
             (dev.type == "cpu") != (prec == "fp32")):
@@ -421,11 +424,8 @@ def setup_device(args, sources=None):
         if getattr(args, "gpu_memory", None):
             why += "; --gpu-memory has no effect on a CPU (--max-memory caps RAM)"
     else:
-        # native bf16 only (Ampere+): emulated bf16 on a T4/GTX 16xx is slower than fp16
-        try:
-            bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.5 has no such argument and reports native support only
-            bf16_ok = torch.cuda.is_bf16_supported()
+        check_gpu_arch(dev)
+        bf16_ok = native_bf16(dev)
         if prec == "auto":
             prec = "bf16" if bf16_ok else "fp16"
             why = "GPU supports bf16" if bf16_ok else "GPU lacks bf16: fp16 with GradScaler"
@@ -454,6 +454,25 @@ def setup_device(args, sources=None):
     scaler = torch.amp.GradScaler(dev.type, enabled=(prec == "fp16"))
     args.precision = prec
     return dev, amp_dtype, scaler, why
+
+
+def check_gpu_arch(device):
+    """A GPU older than every architecture this torch build has kernels for (a P100 or V100 with
+    the CUDA 13 wheels) fails at its first kernel with "no kernel image is available": say so
+    before, in one line. A newer GPU runs an older sm_ of its own major, or JIT-compiles PTX."""
+    built = sorted(int(m[1]) for m in re.finditer(r"sm_(\d+)", " ".join(torch.cuda.get_arch_list())))
+    major, minor = torch.cuda.get_device_capability(device)
+    if built and 10 * major + minor < built[0]:
+        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}, sm_{major}{minor}) is older than every "
+                        f"architecture this torch build was compiled for (sm_{built[0]} and up): install a torch "
+                        "build that still supports it (an older CUDA wheel), or use --device cpu")
+
+
+def native_bf16(device):
+    """bf16 in hardware: compute capability 8.0+ (Ampere). Not torch.cuda.is_bf16_supported():
+    before torch 2.5 it also says yes where bf16 is only emulated (a T4: slower than fp16, and
+    cuDNN has no bf16 convolutions there), and `including_emulation=False` does not exist yet."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def cpu_has_bf16():
@@ -526,9 +545,11 @@ def split_batch(batch, micro_bs):
 
 
 def is_oom(e):
-    """True for CUDA out-of-memory and MemoryError, the errors a smaller batch can fix."""
+    """True for CUDA out-of-memory and MemoryError, the errors a smaller batch can fix; cuBLAS and
+    cuDNN report a failed allocation of their workspace in their own words."""
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e))
+        isinstance(e, RuntimeError) and re.search(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED",
+                                                  str(e)) is not None)
 
 
 def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, device, amp_dtype, log=print,
@@ -539,13 +560,16 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
     frames, samples). Accumulation is exact: the gradient is that of sum(loss)/sum(n) over the
     whole batch, whatever the micro-batch size, because each micro-batch back-propagates
     loss_sum / estimate and the gradient is then rescaled by estimate / true total (a padded
-    micro-batch must not weigh like a full one). On an out-of-memory error: free, halve the
-    micro-batch, redo the step. no_sync (DDP): all but the last micro-batch run inside it, so
+    micro-batch must not weigh like a full one). On an out-of-memory error in forward or backward:
+    free, halve the micro-batch, redo the step; one in the optimizer step (its state and
+    temporaries: no micro-batch makes them smaller), or under DDP (the ranks' gradient reduction
+    is collective: one rank cannot redo its step alone), is one error line that says what to
+    change. no_sync (DDP): all but the last micro-batch run inside it, so
     gradients are all-reduced once a step. norm (DDP): n_global / world, so that DDP's average of
     the ranks' gradients is the 1-process gradient though the ranks hold different item counts.
     Returns (mean loss, items, the micro_bs used)."""
     while True:
-        oom = unscaled = False
+        oom = unscaled = stepping = False
         try:
             micro = split_batch(batch, micro_bs)
             total_loss, total_n, estimate = 0.0, 0, None
@@ -570,20 +594,33 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
                         p.grad.mul_(correction)
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            stepping = True
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             return total_loss / max(1, total_n), total_n, micro_bs
         except Exception as e:
-            if not is_oom(e) or micro_bs == 1:
+            if not is_oom(e):
+                raise
+            if stepping:  # AdamW may have updated some moments already: the step cannot be redone
+                raise UserError("out of memory in the optimizer step, after backward: its state and temporaries "
+                                "do not shrink with the micro-batch; use --optim adamw8bit, a smaller model or a "
+                                "larger --gpu-memory (re-running resumes from the last checkpoint)") from None
+            if no_sync is not None and micro_bs > 1:
+                raise UserError(f"out of memory at micro-batch {micro_bs} under torchrun, where one rank cannot "
+                                f"redo its step alone: re-run with --batch-size {micro_bs // 2} --grad-accum "
+                                f"{2 * math.ceil(len(next(iter(batch.values()))) / micro_bs)} (it resumes "
+                                "from the last checkpoint)") from None
+            if micro_bs == 1:
                 raise
             oom = True  # free below: inside `except` the traceback still pins the step's tensors
         if oom:
+            loss_sum = None  # the failed try's graph, when backward raised before `del loss_sum`
             optimizer.zero_grad(set_to_none=True)  # partial gradients of the failed try
             free_memory(device)
             if unscaled:
-                # forget the failed try's unscale_/step, else the retry's unscale_ raises "already
-                # been called": update(new_scale) clears that per-optimizer record, as every update()
+                # forget the failed try's unscale_, else the retry's unscale_ raises "already been
+                # called": update(new_scale) clears that per-optimizer record, as every update()
                 # does, while keeping the scale and its growth count (no inf check consumed)
                 scaler.update(new_scale=scaler.get_scale())
             micro_bs = max(1, micro_bs // 2)
@@ -651,12 +688,26 @@ def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
 def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
     """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs) runs one forward+backward
     at bs and returns the bytes it needed (or raises an out-of-memory error). `resumed` =
-    (micro, accum) from a checkpoint, reused: a resumed run does the run's own arithmetic."""
+    (micro, accum) from a checkpoint, kept unless --batch-size/--grad-accum are typed: then they
+    win if their product is the checkpoint's (the seeds' remedy after an out-of-memory error:
+    resume with --batch-size 1 --grad-accum 8); the same effective batch sees the same data."""
     E = args.effective_batch
     if resumed:
         micro, accum = resumed
+        typed = [sources[k] == "flag" and getattr(args, k) != "auto" for k in ("batch_size", "grad_accum")]
+        if any(typed):
+            want_micro = args.batch_size if typed[0] else max(1, micro * accum // args.grad_accum)
+            want_accum = args.grad_accum if typed[1] else max(1, micro * accum // want_micro)
+            if want_micro * want_accum != micro * accum:
+                raise UserError(f"--batch-size {want_micro} x --grad-accum {want_accum} = {want_micro * want_accum}, but "
+                                f"the checkpoint being resumed trains {micro} x {accum} = {micro * accum} a step: give a "
+                                f"pair whose product is {micro * accum}, or start over with --no-resume")
+            why = (f"{want_micro} x {want_accum} as typed, for the checkpoint's {micro} x {accum}: the same "
+                   "effective batch, so the run goes on as before (accumulation is exact, up to float rounding)")
+            micro, accum = want_micro, want_accum
+        else:
+            why = "from the checkpoint being resumed"
         sources["batch_size"] = sources["grad_accum"] = "checkpoint"
-        why = "from the checkpoint being resumed"
     elif args.batch_size == "auto":
         start, why = table_batch_size(device.type, args.quick, free_gpu_gb=free_gpu_gb(device, args.gpu_memory))
         start = min(start, E)  # a micro-batch never exceeds the effective batch
@@ -693,10 +744,15 @@ def probe_batch_size(probe, start, device, args, log=print):
                 need = probe(bs)  # RNG forked: the probe must not change the run's random stream
             over = "the memory threshold"
             if device.type == "cuda":
-                total = torch.cuda.get_device_properties(device).total_memory
-                if args.gpu_memory:
-                    total, over = min(total, args.gpu_memory * 2**30), f"--gpu-memory {args.gpu_memory:g}"
-                limit = total * args.gpu_threshold / 100
+                # `need` is what the step adds: take off what others hold on the card (the CUDA
+                # context, other programs) and what this run holds already (its weights)
+                free, total = torch.cuda.mem_get_info(device)
+                others = max(0, total - free - torch.cuda.memory_reserved(device))
+                held = torch.cuda.memory_allocated(device)
+                limit = total * args.gpu_threshold / 100 - others - held
+                if args.gpu_memory and args.gpu_memory * 2**30 * args.gpu_threshold / 100 - held < limit:
+                    limit, over = args.gpu_memory * 2**30 * args.gpu_threshold / 100 - held, f"--gpu-memory {args.gpu_memory:g}"
+                over += f" ({held / 2**20:.0f} MB held by this run, {others / 2**20:.0f} MB by others)"
             else:
                 vm = psutil.virtual_memory()
                 # what is already used by others + what this step needs must stay under the threshold
@@ -810,13 +866,21 @@ def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, l
              "activations": activation_bytes(model, loss_fn, batch, device, amp_dtype)}
     if world > 1:
         parts["ddp_buckets"] = parts["gradients"]
+    total = sum(parts.values())
+    if device.type == "cuda" and isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults.get("fused"):
+        # AdamW's foreach step on CUDA (torch's default there, unless fused) takes sqrt(exp_avg_sq)
+        # of every weight at once: one copy of the trainable weights, after the activations are freed
+        parts["step_temporary"] = parts["gradients"]
+        total += max(0, parts["step_temporary"] - parts["activations"])
     plan = {k: round(v / 2**20, 1) for k, v in parts.items()}
-    plan["total"] = round(sum(parts.values()) / 2**20, 1)
+    plan["total"] = round(total / 2**20, 1)
     micro_bs = len(next(iter(batch.values())))
     name = "AdamW 8-bit" if hasattr(optimizer, "planned_state_bytes") else "AdamW"
     log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
         f"{plan['optimizer']} + activations {plan['activations']} (measured on 1 and 2 x {worst}, for {micro_bs})"
-        + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "") + f" = {plan['total']} MB")
+        + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "")
+        + (f" (or AdamW's step temporary {plan['step_temporary']}, if larger)" if "step_temporary" in plan else "")
+        + f" = {plan['total']} MB")
     return plan
 
 
@@ -839,6 +903,7 @@ class StepPeak:
 
     def __init__(self, device, model, optimizer):
         self.device, self.model, self.optimizer, self.largest, self.measured = device, model, optimizer, 0, None
+        self.run_peak = 0  # CUDA: the allocator's peak before each reset below (peak_memory_mb reads it)
 
     @property
     def mb(self):
@@ -862,6 +927,7 @@ class StepPeak:
             return
         held = self.held()
         torch.cuda.synchronize(self.device)
+        self.run_peak = max(self.run_peak, torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         start = torch.cuda.memory_allocated(self.device)
         yield
@@ -879,11 +945,12 @@ def peak_meter(args, device, model, optimizer):
 
 def memory_figures(plan, peak, optimizer, args, log=print):
     """summary.json's memory fields: the plan, the measured peak beside it (logged when measured:
-    CUDA, or --measure-peak), the optimizer state."""
+    CUDA, or --measure-peak), the run's peak memory (peak_memory_mb), the optimizer state."""
     if peak.mb:
         log(f"measured peak of live tensors {peak.mb} MB, the plan said {plan['total']} MB "
             f"({plan['total'] / peak.mb - 1:+.0%})")
     return {"optim": args.optim, "memory_plan_mb": plan, "peak_tensor_mb": peak.mb,
+            "peak_mem_mb": peak_memory_mb(peak.device, peak),
             "optimizer_state_mb": round(optimizer_state_bytes(optimizer) / 2**20, 2)}
 
 
@@ -930,10 +997,11 @@ def memory_snapshot(device):
     return snap
 
 
-def peak_memory_mb(device):
-    """Peak memory of this run: GPU max allocated on CUDA, else the process's peak RSS."""
+def peak_memory_mb(device, peak=None):
+    """Peak memory of this run: GPU max allocated on CUDA (with what the StepPeak `peak` saw
+    before it reset those statistics), else the process's peak RSS."""
     if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        return round(max(torch.cuda.max_memory_allocated(device), getattr(peak, "run_peak", 0)) / 2**20, 1)
     try:  # Linux: VmHWM is this process's own high-water mark; ru_maxrss would carry over the
         # peak of the parent it was forked from (e.g. pytest, or `memory_optimizer.py start`)
         with open("/proc/self/status") as f:
@@ -1018,7 +1086,9 @@ def set_rng_state(state):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU that was visible when it was saved: a resume may see fewer
+        for i, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, i)
 
 
 def training_state(model, optimizer, scheduler, scaler, **plain):
@@ -1041,7 +1111,8 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # a disabled scaler (fp32, bf16) saved {}: an fp16 resume starts a fresh scale
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state.get("wall_s", 0.0), state.get("train_s", 0.0), state.get("samples", 0)
 

@@ -1119,7 +1119,7 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
         lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs), batch, device, log)
     summary = dict(trainer="asr", metric="val_cer", value=round(val_cer, 3), val_cer=round(val_cer, 3),
                    val_wer=round(val_wer, 3), val_loss=round(val_loss, 5), test_cer=None, test_wer=None,
-                   peak_mem_mb=common.peak_memory_mb(device), device=device.type, precision=args.precision, **fields)
+                   device=device.type, precision=args.precision, **fields)
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, itos, args, device)

@@ -1142,7 +1142,7 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
     common.write_summary(out, trainer="classifier", metric="test_accuracy", value=round(test["accuracy"], 4),
                          macro_f1=round(test["macro_f1"], 4), weighted_f1=round(test["weighted_f1"], 4),
                          mean_confidence=round(test["mean_confidence"], 4), **fields,
-                         peak_mem_mb=common.peak_memory_mb(run.device), params=params[0], trainable_params=params[1],
+                         params=params[0], trainable_params=params[1],
                          wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
                          confusion_matrix=test["confusion_matrix"])
     viz = charts(out, labels, [l for _, l in rows[0]], [r for r in common.read_metrics(out) if "train_loss" in r], test)

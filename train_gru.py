@@ -294,7 +294,11 @@ class CadenceGRU(nn.Module):
     def forward(self, x, cat, h=None):  # x (B, T), cat (B,) -> logits (B, T, V), h (1, B, H)
         e = self.emb(x)
         c = self.cat_emb(cat)[:, None, :].expand(-1, x.size(1), -1)
-        out, h = self.gru(torch.cat([e, c], dim=-1), h)
+        # cuDNN's GRU under autocast runs in fp16 whatever autocast's dtype (ATen's AutocastRNN.cpp
+        # casts it to half): under bf16 no GradScaler guards its small gradients. So the recurrence
+        # stays fp32, the head still runs in the autocast dtype (on a CPU autocast leaves GRUs alone)
+        with torch.autocast(x.device.type, enabled=False):
+            out, h = self.gru(torch.cat([e, c], dim=-1).float(), h)
         return self.head(self.drop(out)), h
 
 
@@ -585,7 +589,7 @@ def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak,
     common.write_summary(
         out, trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
         unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch, samples_per_s=round(samples / max(1e-9, train_s), 1),
-        peak_mem_mb=common.peak_memory_mb(device), **common.memory_figures(plan, peak, optimizer, args, run.log),
+        **common.memory_figures(plan, peak, optimizer, args, run.log),
         params=n_params, trainable_params=n_trainable, wall_s=round(wall_s, 1), preset=args.preset,
         device=device.type, precision=args.precision, effective_batch=effective_batch, world_size=run.ranks.world,
         global_batch=global_batch)

@@ -1073,7 +1073,7 @@ def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t
                          val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
                          samples_per_s=round(samples / max(1e-9, train_s), 2),
                          mfu=round(fpt * tps / (peak * run.ranks.world), 4),
-                         peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
+                         params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
                          world_size=run.ranks.world, device=device.type, precision=args.precision,
                          effective_batch=global_batch // run.ranks.world, global_batch=global_batch,

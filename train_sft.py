@@ -778,7 +778,7 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
                          best_value=round(best, 6), command_exact=round(exact, 4), command_substring=round(sub, 4),
                          test_pairs=len(data["test"]), steps=step, tokens_per_s=round(tps, 1),
                          samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
-                         peak_mem_mb=common.peak_memory_mb(device), params=n_params, trainable_params=n_params,
+                         params=n_params, trainable_params=n_params,
                          wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
                          precision=args.precision, effective_batch=global_batch // run.ranks.world,
                          global_batch=global_batch, pairs_trained=samples, world_size=run.ranks.world, **memory)
