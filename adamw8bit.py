@@ -77,6 +77,10 @@ class AdamW8bit(torch.optim.Optimizer):
         self.block, self.min_size = block, min_size
         self.codes = {signed: dynamic_codes(signed) for signed in (True, False)}
         self.tables = {signed: code_table(self.codes[signed]) for signed in (True, False)}
+        # {device: (codes_m, codes_r, table_m, table_r)} on that device, copied on first use: a
+        # copy per tensor per step would be 4 host-to-device copies (and syncs) on a GPU. Not
+        # state: rebuilt from the constructor's arguments, never saved in a checkpoint.
+        self.on_device = {}
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -108,8 +112,10 @@ class AdamW8bit(torch.optim.Optimizer):
                             st[f"{k}_idx"] = torch.zeros(n * self.block, dtype=torch.uint8, device=p.device)
                             st[f"{k}_absmax"] = torch.zeros(n, device=p.device)
                 st["step"] += 1
-                codes_m, codes_r = self.codes[True].to(p.device), self.codes[False].to(p.device)
-                table_m, table_r = self.tables[True].to(p.device), self.tables[False].to(p.device)
+                if p.device not in self.on_device:
+                    self.on_device[p.device] = (self.codes[True].to(p.device), self.codes[False].to(p.device),
+                                                self.tables[True].to(p.device), self.tables[False].to(p.device))
+                codes_m, codes_r, table_m, table_r = self.on_device[p.device]
                 if small:
                     m, v = st["exp_avg"], st["exp_avg_sq"]
                 else:

@@ -1,4 +1,4 @@
-"""ddp.py -- several processes under torchrun (DDP: gloo on a CPU, NCCL on CUDA).
+"""ddp.py -- several processes under torchrun (DDP: gloo on a CPU, NCCL on CUDA, gloo on Windows).
 
 Imported only when torchrun starts the trainer (WORLD_SIZE > 1, common.process_group); a plain
 run uses common.OneProcess, whose methods are the same and do nothing.
@@ -41,7 +41,9 @@ class Ranks:
         else:
             log, status, stop = (lambda msg: None), {"started": time.time()}, common.install_stop_handlers()
         self.device = device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL is not built into torch on Windows (nor on macOS): there gloo, which also reduces
+        # CUDA tensors, only slower. Ask torch whether NCCL is there rather than guess from the OS.
+        dist.init_process_group("nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo")
         return log, status, stop
 
     def end(self):

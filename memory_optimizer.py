@@ -39,7 +39,8 @@ import psutil
 import torch
 
 from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, cpu_has_bf16, free_memory,
-                    pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size, write_json_atomic)
+                    native_bf16, pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size,
+                    write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 
@@ -133,9 +134,10 @@ def machine_profile():
             gpu_total_gb=round(props.total_memory / 2**30, 2),
             gpu_free_gb=free / 2**30,
             gpu_capability=f"{props.major}.{props.minor}",
-            # native bf16 only: with emulation allowed (the default) torch also says yes on
-            # Turing/Pascal cards, where bf16 runs without tensor cores and is slower than fp16
-            bf16_supported=torch.cuda.is_bf16_supported(including_emulation=False),
+            # native bf16 only (capability 8.0+): torch.cuda.is_bf16_supported() also says yes on
+            # Turing/Pascal cards, where bf16 is emulated and slower than fp16, and its
+            # including_emulation=False is missing before torch 2.5 (common.native_bf16)
+            bf16_supported=native_bf16(dev),
             tf32_supported=props.major >= 8,  # TF32 tensor cores arrived with Ampere (sm_80)
         )
     return prof
