@@ -115,11 +115,12 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                    # --resource-efficient set them, args.json records them
                    workers=0, pin_memory=False)
     g = p.add_argument_group("run folder and resume (the same on every trainer)")
-    g.add_argument("--out", default=None,
-                   help=f"run folder (default runs/{trainer}-<timestamp>); re-run the same "
-                        "command to resume")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="resume from this checkpoint file instead of the newest in --out")
+    g.add_argument("--out", "--checkpoint_dir", dest="out", default=None,
+                   help=f"run folder (default: the newest unfinished run of this command under runs/, else a new "
+                        f"runs/{trainer}-<timestamp>); re-run the same command to resume")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="resume from this checkpoint file instead of the newest in --out; bare --resume: the "
+                        "newest in --out, as a plain re-run does")
     g.add_argument("--no-resume", action="store_true",
                    help="start from scratch; old checkpoints are moved aside, not deleted")
     g.add_argument("--save-every", type=pos_int, default=save_every, metavar="N",
@@ -327,7 +328,12 @@ def resolve_settings(parser, argv, log=print, modes=None):
         if applied:
             log(f"settings from {cfg_path}: {', '.join(applied)} (flags override these)")
     elif "config" in given:
-        raise UserError(f"--config {cfg_path}: file not found; create it with "
+        try:  # the seeds' `--config small_32k` names a preset: here that is --preset
+            preset = "preset" in vars(args) and config_value(flag_reader(parser), "preset", args.config) is not None
+        except ValueError:
+            preset = False
+        raise UserError(f"--config {cfg_path}: no such file; {args.config} is a preset here: use --preset "
+                        f"{args.config}" if preset else f"--config {cfg_path}: file not found; create it with "
                         f"`python memory_optimizer.py config --out {cfg_path}` or drop the flag")
 
     if modes is not None:
@@ -1314,15 +1320,49 @@ def open_run(args, sources):
     tuple, state, resumed_from, notes for the log)."""
     if args.resume and args.no_resume:
         raise UserError(f"--resume {args.resume} --no-resume: pick one (resume from that file, or start over)")
-    out = Path(args.out) if args.out else Path("runs") / f"{args.trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    notes, out = [], Path(args.out) if args.out else None
+    args.identity = run_identity(args)  # status.json keeps it: what a re-run without --out looks for
+    if out is None and not (args.no_resume or args.resume):
+        out = unfinished_run(args.trainer, args.identity)
+        if out:
+            notes.append(f"resuming {out}, the newest unfinished run of this command under runs/ "
+                         "(--no-resume starts a new folder)")
+    out = out or Path("runs") / f"{args.trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     args.out = str(out)
     check_out_writable(out)
     check_trainer(read_status(out).get("trainer"), args.trainer, f"--out {out}")
     seed_everything(args.seed)
     device = setup_device(args, sources)
-    notes = []
     state, resumed_from = find_checkpoint(out, args, notes.append)
     return out, device, state, resumed_from, notes
+
+
+# flags that change how a run trains, not what it trains: a re-run without --out resumes the run
+# whose other settings (the model's, the data's, the seed) are the same, whatever these say
+RUN_CONTROL = {"out", "resume", "no_resume", "save_every", "keep", "config", "epochs", "max_steps", "batch_size",
+               "grad_accum", "lr", "clip", "precision", "device", "eval_every", "log_every", "bad_rows", "sha256",
+               "max_download_mb", "download_dir", "ram_threshold", "gpu_threshold", "swap_threshold", "mem_check_every",
+               "grad_checkpointing", "optim", "gpu_memory", "max_memory", "measure_peak", "plan", "workers",
+               "pin_memory", "effective_batch", "identity"}
+
+
+def run_identity(args):
+    """A run's identity for status.json: a hash of its settings but RUN_CONTROL, as open_run sees them."""
+    shape = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unfinished_run(trainer, identity, root="runs"):
+    """The newest folder under `root` that this command started and did not finish (killed,
+    stopped, failed), that no live process is training: where a re-run without --out goes on."""
+    runs = []
+    for d in Path(root).glob("*"):
+        st = read_status(d)
+        if (st.get("trainer") == trainer and st.get("identity") == identity and isinstance(st.get("started"), float)
+                and st.get("state") not in ("finished", "planned")
+                and not (st.get("state") in ("starting", "running") and process_is_trainer(st))):
+            runs.append((st["started"], d))
+    return max(runs)[1] if runs else None
 
 
 def check_out_writable(out):
@@ -1429,7 +1469,7 @@ def start_run(out, args, trainer, metric_name, notes=()):
         log(note)
     # pid + its create time identify the process (process_is_trainer)
     status = {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
-              "trainer": trainer, "out": str(Path(out).resolve()), "started": time.time(),
+              "trainer": trainer, "identity": getattr(args, "identity", None), "out": str(Path(out).resolve()), "started": time.time(),
               "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
     update_status(out, status)
     return log, status, install_stop_handlers()

@@ -413,3 +413,53 @@ def test_low_disk_warning_goes_to_the_run_log(tmp):
 
 # -- background runs (start / status / monitor / stop of a gru run) moved with the run manager to
 # memory_optimizer.py: tests/test_memory_optimizer.py::test_background_start_status_monitor_stop
+
+
+def test_resume_with_a_smaller_micro_batch_continues_the_same_run(tmp):
+    """The seeds' remedy after an out-of-memory error: resume with --batch-size 1 --grad-accum 8.
+    The typed pair wins over the checkpoint's 2 x 4 (same effective batch: same data) and the run
+    ends within float rounding of the uninterrupted one. --dropout 0: masks are drawn per
+    micro-batch, so with dropout the two runs agree in distribution, not number for number."""
+    flags = ["--quick", "--dataset-size", "1500", "--dropout", "0", "--max-steps", "20", "--save-every", "5",
+             "--eval-every", "10"]
+    run("train_gru.py", *flags, "--batch-size", "2", "--grad-accum", "4", "--out", "ref", cwd=tmp, check=0)
+    proc = popen("train_gru.py", *flags, "--batch-size", "2", "--grad-accum", "4", "--out", "small", cwd=tmp)
+    wait_for(lambda: step_reached(tmp / "small" / "status.json", 7), what="step 7")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = run("train_gru.py", *flags, "--batch-size", "1", "--grad-accum", "8", "--out", "small", cwd=tmp, check=0)
+    assert "resumed from" in p.stdout and "batch 1 x 8 accumulation" in p.stdout
+    assert "1 x 8 as typed, for the checkpoint's 2 x 4: the same effective batch" in p.stdout
+    assert read_json(tmp / "small" / "args.json")["chosen"]["micro_batch"] == 1
+    ref, got = weights(tmp / "ref"), weights(tmp / "small")
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-4
+    assert read_json(tmp / "small" / "summary.json")["value"] == pytest.approx(
+        read_json(tmp / "ref" / "summary.json")["value"], rel=1e-4)
+    p = run("train_gru.py", *flags, "--batch-size", "3", "--grad-accum", "4", "--out", "small", cwd=tmp, check=2)
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --batch-size 3 x --grad-accum 4 = 12")
+
+
+def test_rerun_without_out_resumes_the_killed_run_and_seed_spellings(tmp):
+    """Seed 000: "automatic resume on restart". The same command, no --out, killed after its first
+    checkpoint and run again, goes on in the same runs/ folder and ends as an uninterrupted run;
+    another command (here another --seed) or --no-resume starts a new folder."""
+    flags = [*SMALL, "--max-steps", "30", "--save-every", "5", "--eval-every", "10"]
+    run("train_gru.py", *flags, "--out", "ref", cwd=tmp, check=0)
+    proc = popen("train_gru.py", *flags, cwd=tmp)
+    wait_for(lambda: any(step_reached(d / "status.json", 12) for d in (tmp / "runs").glob("gru-*")), what="step 12")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = (tmp / "runs").glob("gru-*")
+    p = run("train_gru.py", *flags, cwd=tmp, check=0)
+    assert p.stdout.startswith(f"resuming {Path('runs') / killed.name}, the newest unfinished run of this command")
+    assert [d.name for d in (tmp / "runs").iterdir()] == [killed.name] and "resumed from" in p.stdout
+    ref, got = weights(tmp / "ref"), weights(killed)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # another seed is another run: a new folder
+    run("train_gru.py", *flags, "--max-steps", "2", "--seed", "7", cwd=tmp, check=0)
+    assert len(list((tmp / "runs").iterdir())) == 2
+    # the seeds' spellings: --checkpoint_dir is --out, bare --resume the newest checkpoint there
+    p = run("train_gru.py", *flags, "--checkpoint_dir", "ref", "--resume", cwd=tmp, check=0)
+    assert "this run had already finished at step 30" in p.stdout
+    p = run("train_gru.py", "--config", "original", cwd=tmp, check=2)
+    assert p.stderr.strip() == "error: --config original: no such file; original is a preset here: use --preset original"
