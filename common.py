@@ -204,47 +204,24 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
     return p
 
 
-def whole(s, what):
-    """int(s), or argparse's one-line "must be ..." (not "invalid pos_int value")."""
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+def checked(conv, ok, what):
+    """An argparse type: conv(s) where ok(value), else argparse's one line "must be <what>, got ..."
+    (not its "invalid pos_int value")."""
+    def parse(s):
+        try:
+            v = conv(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+    return parse
 
 
-def pos_int(s):
-    """argparse type: an integer >= 1."""
-    v = whole(s, "a positive integer")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def nonneg_int(s):
-    """argparse type: an integer >= 0."""
-    v = whole(s, "an integer, 0 or more")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
-    return v
-
-
-def pos_float(s):
-    """argparse type: a finite number > 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
-
-
-def percent(s):
-    """argparse type: a percentage in (0, 100]."""
-    v = float(s)
-    if not 0 < v <= 100:
-        raise argparse.ArgumentTypeError(f"must be a percentage in (0, 100], got {s}")
-    return v
+pos_int = checked(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = checked(int, lambda v: v >= 0, "an integer, 0 or more")
+pos_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+percent = checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]")
 
 
 def batch_size_arg(s):
@@ -705,9 +682,9 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
             want_micro = args.batch_size if typed[0] else max(1, micro * accum // args.grad_accum)
             want_accum = args.grad_accum if typed[1] else max(1, micro * accum // want_micro)
             if want_micro * want_accum != micro * accum:
-                raise UserError(f"--batch-size {want_micro} x --grad-accum {want_accum} = {want_micro * want_accum}, but "
-                                f"the checkpoint being resumed trains {micro} x {accum} = {micro * accum} a step: give a "
-                                f"pair whose product is {micro * accum}, or start over with --no-resume")
+                raise UserError(f"--batch-size {want_micro} x --grad-accum {want_accum} = {want_micro * want_accum}, "
+                                f"but the checkpoint being resumed trains {micro} x {accum} = {micro * accum} a step: "
+                                f"give a pair whose product is {micro * accum}, or start over with --no-resume")
             why = (f"{want_micro} x {want_accum} as typed, for the checkpoint's {micro} x {accum}: the same "
                    "effective batch, so the run goes on as before (accumulation is exact, up to float rounding)")
             micro, accum = want_micro, want_accum
@@ -756,8 +733,9 @@ def probe_batch_size(probe, start, device, args, log=print):
                 others = max(0, total - free - torch.cuda.memory_reserved(device))
                 held = torch.cuda.memory_allocated(device)
                 limit = total * args.gpu_threshold / 100 - others - held
-                if args.gpu_memory and args.gpu_memory * 2**30 * args.gpu_threshold / 100 - held < limit:
-                    limit, over = args.gpu_memory * 2**30 * args.gpu_threshold / 100 - held, f"--gpu-memory {args.gpu_memory:g}"
+                capped = (args.gpu_memory or math.inf) * 2**30 * args.gpu_threshold / 100 - held
+                if capped < limit:
+                    limit, over = capped, f"--gpu-memory {args.gpu_memory:g}"
                 over += f" ({held / 2**20:.0f} MB held by this run, {others / 2**20:.0f} MB by others)"
             else:
                 vm = psutil.virtual_memory()
@@ -1469,7 +1447,8 @@ def start_run(out, args, trainer, metric_name, notes=()):
         log(note)
     # pid + its create time identify the process (process_is_trainer)
     status = {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
-              "trainer": trainer, "identity": getattr(args, "identity", None), "out": str(Path(out).resolve()), "started": time.time(),
+              "trainer": trainer, "identity": getattr(args, "identity", None), "out": str(Path(out).resolve()),
+              "started": time.time(),
               "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
     update_status(out, status)
     return log, status, install_stop_handlers()

@@ -566,6 +566,23 @@ def own_pids(pid):
         return {pid}
 
 
+def unfinished_start(trainer, flags, root):
+    """The newest run under root that `start TRAINER flags` began (args.json's argv: these flags and
+    its --out) and did not finish, that no live process trains: where the same start goes on."""
+    runs = []
+    for d in Path(root).glob("*"):
+        st = read_status(d)
+        try:
+            argv = json.loads((d / "args.json").read_text())["argv"][1:]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (st.get("trainer") == trainer and st.get("state") not in ("finished", "planned")
+                and argv == [*flags, "--out", str(d)] and isinstance(st.get("started"), float)
+                and not (st.get("state") in ("starting", "running") and process_is_trainer(st))):
+            runs.append((st["started"], d))
+    return max(runs)[1] if runs else None
+
+
 def start_background(trainer, flags, root="runs", nproc=1):
     """Start a trainer detached from this terminal; output goes to <out>/console.log. A run
     folder outside root is recorded in root/started.txt, where list_runs finds it.
@@ -584,8 +601,9 @@ def start_background(trainer, flags, root="runs", nproc=1):
             out = Path(flags[i + 1])
         elif a.startswith("--out="):
             out = Path(a.split("=", 1)[1])
-    if out is None:
-        out = Path(root) / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if out is None:  # as a trainer run without --out: the same command's unfinished run, else a new folder
+        out = None if "--no-resume" in flags else unfinished_start(trainer, flags, root)
+        out = out or Path(root) / f"{trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         flags = [*flags, "--out", str(out)]
     check_out_writable(out)
     old = read_status(out)

@@ -49,6 +49,14 @@ goto menu
 :direct
 set cmd=%~1
 shift
+rem every argument after the command (%* would still hold the command, and %1..%9 stop at nine)
+set rest=
+:collect
+if "%~1"=="" goto collected
+set rest=%rest% %1
+shift
+goto collect
+:collected
 if "%cmd%"=="demo" (
   "%PY%" memory_optimizer.py profile
   "%PY%" memory_optimizer.py config
@@ -64,29 +72,29 @@ if "%cmd%"=="test" (
   exit /b %errorlevel%
 )
 for %%c in (start status stop) do if "%cmd%"=="%%c" (
-  "%PY%" memory_optimizer.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" memory_optimizer.py %cmd% %rest%
   exit /b %errorlevel%
 )
 if "%cmd%"=="monitor" (
   rem one run until it ends: RUN, else the newest
-  "%PY%" memory_optimizer.py monitor --latest %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" memory_optimizer.py monitor --latest %rest%
   exit /b %errorlevel%
 )
 for %%c in (profile config optimize plan) do if "%cmd%"=="%%c" (
-  "%PY%" memory_optimizer.py %cmd% %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" memory_optimizer.py %cmd% %rest%
   exit /b %errorlevel%
 )
 if "%cmd%"=="watch" (
-  "%PY%" memory_optimizer.py monitor %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" memory_optimizer.py monitor %rest%
   exit /b %errorlevel%
 )
 if "%cmd%"=="asr-memory-optimized" (
   rem the seed's run_training_memory_optimized.sh, flag for flag
-  "%PY%" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 %rest%
   exit /b %errorlevel%
 )
 for %%c in (gru classifier asr lm sft) do if "%cmd%"=="%%c" (
-  "%PY%" train_%cmd%.py %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" train_%cmd%.py %rest%
   exit /b %errorlevel%
 )
 echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, plan, watch, gru, classifier, asr, lm, sft or asr-memory-optimized

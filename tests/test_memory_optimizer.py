@@ -380,6 +380,23 @@ def test_background_start_status_monitor_stop(tmp_path):
     assert "dead" in s.stdout  # shown honestly, not as running
 
 
+def test_start_without_out_goes_on_with_the_same_commands_unfinished_run(tmp_path):
+    """`start gru --quick` (the .bat menu's first entry) twice: the second continues the first's
+    folder when that one did not finish; another command, a finished run or --no-resume: a new one."""
+    def fake_run(name, flags, state, started):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "status.json").write_text(json.dumps({"trainer": "gru", "state": state, "started": started}))
+        (d / "args.json").write_text(json.dumps({"argv": ["train_gru.py", *flags, "--out", str(d)]}))
+    fake_run("a", ["--quick"], "stopped", 1.0)
+    fake_run("b", ["--quick"], "failed", 2.0)
+    fake_run("c", ["--quick"], "finished", 3.0)
+    fake_run("d", ["--quick", "--seed", "2"], "stopped", 4.0)
+    assert mo.unfinished_start("gru", ["--quick"], tmp_path) == tmp_path / "b"
+    assert mo.unfinished_start("gru", ["--quick", "--epochs", "2"], tmp_path) is None
+    assert mo.unfinished_start("lm", ["--quick"], tmp_path) is None
+
+
 def test_run_manager_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="unknown trainer 'gpt'; choose from gru, classifier, asr, lm, sft"):
