@@ -25,7 +25,7 @@ import datetime
 import errno
 import gc
 import hashlib
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -157,6 +157,12 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                    help="evaluate every N optimizer steps (0 = at epoch end only)")
     g.add_argument("--log-every", type=pos_int, default=log_every, metavar="N",
                    help="log line + metrics.jsonl record every N optimizer steps")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the log lines' figures and every evaluation to TensorBoard in <out>/tb "
+                        "(needs `pip install tensorboard`)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="train nothing: evaluate the run's best model (or --resume CKPT) on its validation and "
+                        "test data, print the figures a training run reports and write them to <out>/eval.json")
     g = p.add_argument_group("data files and downloads (the same on every trainer)")
     g.add_argument("--bad-rows", choices=["skip", "fail"], default="skip",
                    help="a data row that is malformed or lacks a column: skip it (counted, the first few "
@@ -317,6 +323,9 @@ def resolve_settings(parser, argv, log=print, modes=None):
         modes(args, sources, log)
     elif args.resource_efficient:
         apply_resource_efficient(args, sources, log)
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                        "metrics.jsonl has the same numbers")
     if args.resource_efficient and keep_heap_small():
         log("--resource-efficient: tensors of 1 MB and more go back to the OS when freed "
             "(glibc mmap threshold fixed at 1 MB)")
@@ -797,6 +806,9 @@ def fit_batch(model, loss_fn, worst, args, sources, *, device, amp_dtype, prec_w
     amp_dtype, why = measure_precision(args, sources, device, model, lambda dt: probe(micro_bs, dt), log,
                                        state["args"]["precision"] if state else None)
     prec_why = why or prec_why
+    if state and state["args"].get("precision") not in (None, args.precision):
+        log(f"precision {args.precision}, where the checkpoint trained in {state['args']['precision']}: the run "
+            "goes on, no longer bit-identical to an uninterrupted one")
     snap = memory_snapshot(device)
     log(f"device {device.type}, precision {args.precision} ({prec_why}); batch {micro_bs} x {accum} accumulation"
         + (f" x {ranks.world} processes" if ranks.world > 1 else "") + f" = {micro_bs * accum * ranks.world} "
@@ -1082,9 +1094,10 @@ def training_state(model, optimizer, scheduler, scaler, **plain):
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **plain}
 
 
-def restore_training_state(state, model, optimizer, scheduler, scaler):
+def restore_training_state(state, model, optimizer, scheduler, scaler, log=print):
     """The inverse of training_state, for a resume: after it, the run continues as if never stopped.
-    Returns (wall_s, train_s, samples) of the run's earlier segments, zeros without a state."""
+    An --lr typed on resume wins (the schedule goes on, scaled to it) and is said. Returns (wall_s,
+    train_s, samples) of the run's earlier segments, zeros without a state."""
     if not state:
         return 0.0, 0.0, 0
     had = state.get("args", {}).get("optim", "adamw")
@@ -1093,8 +1106,17 @@ def restore_training_state(state, model, optimizer, scheduler, scaler):
         raise UserError(f"the checkpoint being resumed was trained with --optim {had}; resume with --optim {had}, "
                         "or start over with --no-resume or a new --out")
     model.load_state_dict(state["model"])
+    peak_lrs = [group.get("initial_lr") for group in optimizer.param_groups]  # this command's, set by the scheduler
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    changed = [(g["initial_lr"], lr) for g, lr in zip(optimizer.param_groups, peak_lrs)
+               if lr is not None and g.get("initial_lr") not in (None, lr)]
+    if changed:  # LambdaLR: lr = base_lr x factor(step), so the new base scales the rest of the schedule
+        for i, (group, lr) in enumerate(zip(optimizer.param_groups, peak_lrs)):
+            group["lr"] *= lr / group["initial_lr"]
+            group["initial_lr"] = scheduler.base_lrs[i] = lr
+        log(f"learning rate {changed[0][1]:g} as typed, where the checkpoint trained at {changed[0][0]:g}: the schedule "
+            "goes on at the new rate; the run is no longer bit-identical to an uninterrupted one")
     if state["scaler"]:  # a disabled scaler (fp32, bf16) saved {}: an fp16 resume starts a fresh scale
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
@@ -1321,7 +1343,7 @@ RUN_CONTROL = {"out", "resume", "no_resume", "save_every", "keep", "config", "ep
                "grad_accum", "lr", "clip", "precision", "device", "eval_every", "log_every", "bad_rows", "sha256",
                "max_download_mb", "download_dir", "ram_threshold", "gpu_threshold", "swap_threshold", "mem_check_every",
                "grad_checkpointing", "optim", "gpu_memory", "max_memory", "measure_peak", "plan", "workers",
-               "pin_memory", "effective_batch", "identity"}
+               "pin_memory", "effective_batch", "identity", "tensorboard", "eval_only"}
 
 
 def run_identity(args):
@@ -1486,21 +1508,42 @@ def progress_bar(total, initial):
                 mininterval=1 if sys.stderr.isatty() else 30)
 
 
-def log_step(log, step, total, loss, lr, *, elapsed, steps, items, unit, device, extra=""):
+def log_step(log, step, total, loss, lr, *, elapsed, steps, items, unit, device, extra="", tb=None):
     """The one plain line of every --log-every interval, in train.log and above the bar, with
     fixed fields: step, loss, lr, ms/step and items/s (over this process's `steps` steps and
-    `items` items in `elapsed` seconds), memory now. Returns memory_snapshot's figures."""
+    `items` items in `elapsed` seconds), memory now; the same to TensorBoard under --tensorboard
+    (tb: tensorboard()'s writer). Returns memory_snapshot's figures."""
     mem = memory_snapshot(device)
     where = f"GPU {mem['gpu_mb']:.0f}" if mem["gpu_mb"] is not None else f"RAM {mem['ram_mb']:.0f}"
-    log(f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | {1e3 * elapsed / max(1, steps):.0f} ms/step | "
-        f"{items / max(1e-9, elapsed):,.0f} {unit}/s | {where} MB{extra}")
+    ms, per_s = 1e3 * elapsed / max(1, steps), items / max(1e-9, elapsed)
+    log(f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f} ms/step | "
+        f"{per_s:,.0f} {unit}/s | {where} MB{extra}")
+    if tb is not None:
+        for name, value in (("train/loss", loss), ("train/lr", lr), ("train/ms_per_step", ms),
+                            (f"train/{unit}_per_s", per_s), (f"memory/{where.split()[0]}_mb", float(where.split()[1]))):
+            tb.add_scalar(name, value, step)
     return mem
 
 
-def append_metrics(out, record):
-    """One JSON record per line to <out>/metrics.jsonl."""
+def tensorboard(args, out):
+    """--tensorboard: a SummaryWriter into <out>/tb that log_step and append_metrics feed, else
+    None; torch.utils.tensorboard is imported only then (resolve_settings checked it is there)."""
+    if not args.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(Path(out) / "tb"))
+
+
+def append_metrics(out, record, tb=None):
+    """One JSON record per line to <out>/metrics.jsonl; with tb (--tensorboard), its numbers as
+    scalars at its step too (a validation record: the metric)."""
     with open(Path(out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    if tb is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                tb.add_scalar(f"eval/{key}", value, record["step"])
+        tb.flush()  # an evaluation is rare and the point of the board: show it now
 
 
 def truncate_metrics(out, step):

@@ -277,7 +277,7 @@ def recommend(profile, quick):
                                                       quick_value=max(1, math.ceil(quick_effective / qbs)))}
         if precision:
             t["precision"] = precision
-        if name != "gru":  # train_gru.py uses no DataLoader, so workers/pin_memory mean nothing to it
+        if name in ("classifier", "lm", "sft"):  # the trainers with a DataLoader: the GRU and ASR read neither
             t["workers"] = workers
             t["pin_memory"] = pin
         if name == "classifier":

@@ -263,3 +263,38 @@ def test_typed_batch_on_resume_wins_when_the_effective_batch_is_the_same():
     args.batch_size, args.grad_accum, sources = 3, 4, {"batch_size": "flag", "grad_accum": "flag"}
     with pytest.raises(common.UserError, match=r"3 x --grad-accum 4 = 12, but .* 2 x 4 = 8"):
         common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))
+
+
+# --- flags typed on resume: a new learning rate wins and is said ---------------------------------
+
+def test_lr_typed_on_resume_scales_the_rest_of_the_schedule():
+    def build(lr):
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+    model, opt, sched = build(1e-3)
+    for _ in range(3):
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    saved = common.training_state(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    logs = []
+    model, opt, sched = build(1e-3)
+    common.restore_training_state(saved, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), logs.append)
+    assert logs == [] and opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    model, opt, sched = build(5e-4)  # --lr 5e-4 typed on resume (the optimizer state used to put 1e-3 back)
+    common.restore_training_state(saved, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), logs.append)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 / 4) and sched.base_lrs == [5e-4]
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 / 5)
+    assert logs == ["learning rate 0.0005 as typed, where the checkpoint trained at 0.001: the schedule goes on at "
+                    "the new rate; the run is no longer bit-identical to an uninterrupted one"]
+
+
+def test_tensorboard_without_the_package_is_one_line_before_anything_is_built(monkeypatch):
+    import importlib.util
+    import train_gru
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(common.UserError, match="--tensorboard: the tensorboard package is not installed"):
+        common.resolve_settings(train_gru.parser, ["--tensorboard"], lambda m: None)

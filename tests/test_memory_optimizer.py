@@ -212,12 +212,14 @@ def test_recommend_cuda_and_small_cpu():
     assert big["lm"]["seq_len"]["value"] == 2048
     assert big["asr"]["preset"]["value"] == "optimized"
     assert big["classifier"]["preset"]["value"] == "fasttext"  # a GPU too: the data, not the machine, decides
-    assert big["asr"]["workers"]["value"] == 4
+    assert big["lm"]["workers"]["value"] == 4
+    # only settings a trainer reads: train_gru.py and train_asr.py have no DataLoader
+    assert not {"workers", "pin_memory"} & (set(big["gru"]) | set(big["asr"]))
 
     laptop = mo.recommend(fake_profile(8, cores=1), quick=False)
-    assert laptop["asr"]["workers"]["value"] == 1  # never 0: min(2, max(1, 1 // 2))
+    assert laptop["lm"]["workers"]["value"] == 1  # never 0: min(2, max(1, 1 // 2))
     laptop = mo.recommend(fake_profile(8, cores=2), quick=False)
-    assert laptop["asr"]["workers"]["value"] == 1  # half the cores: the other one trains
+    assert laptop["lm"]["workers"]["value"] == 1  # half the cores: the other one trains
 
 
 def test_effective_batch_covers_every_trainer():
