@@ -184,8 +184,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
     g.add_argument("--gpu-threshold", type=percent, default=90.0, metavar="PCT",
                    help="free caches when GPU memory use passes this percentage")
     g.add_argument("--swap-threshold", type=percent, default=50.0, metavar="PCT",
-                   help="free caches when swap use passes this percentage (swapping slows training "
-                        "10-100x)")
+                   help="free caches when swap use passes this percentage (swapping slows training 10-100x)")
     g.add_argument("--mem-check-every", type=pos_float, default=30.0, metavar="S",
                    help="seconds between memory checks")
     g.add_argument("--grad-checkpointing", action="store_true",
@@ -194,16 +193,14 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                    help="adamw8bit keeps AdamW's two moments in 8 bits, per block of 2,048 values: about "
                         "2 bytes of optimizer state per weight instead of 8 (tensors under 4,096 values stay fp32)")
     g.add_argument("--gpu-memory", type=pos_float, default=None, metavar="GB",
-                   help="CUDA: cap this process at GB of GPU memory (a 24 GB card then behaves like a 4 GB one, "
-                        "or a laptop GPU keeps the rest for the desktop); the batch probe, the memory plan and "
-                        "out-of-memory recovery all work under the cap")
+                   help="CUDA: cap this process at GB of GPU memory (a 24 GB card behaves like a 4 GB one); the "
+                        "batch probe, the memory plan and out-of-memory recovery all work under the cap")
     g.add_argument("--max-memory", type=pos_float, default=None, metavar="GB",
                    help="CPU: the most RAM this process may reach; the batch probe halves the micro-batch "
                         "until a step fits under it (accumulation keeps the effective batch)")
     g.add_argument("--measure-peak", action="store_true",
-                   help="CPU: also measure the peak of live tensors in the largest steps with torch's profiler "
-                        "(measure_peak.py; slows those steps ~2x), summary.json's peak_tensor_mb beside the "
-                        "memory plan (on CUDA it is always measured, for free)")
+                   help="CPU: measure the peak of live tensors in the largest steps with torch's profiler (slows them "
+                        "~2x) for summary.json's peak_tensor_mb, beside the plan (on CUDA: always, for free)")
     g.add_argument("--plan", action="store_true",
                    help="print the memory plan (weights, gradients, optimizer state, activations) and stop "
                         "before the first step; `memory_optimizer.py plan TRAINER ...` runs this in a temporary folder")
@@ -425,7 +422,7 @@ def setup_device(args, sources=None):
             raise UserError("--precision bf16: this GPU does not support bf16; use fp16 or auto")
         else:
             why = f"{prec} from {(sources or {}).get('precision', 'flag')}"
-        if torch.cuda.get_device_capability(dev)[0] >= 8:
+        if bf16_ok:  # Ampere+, as TF32
             torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls via TF32 cores
             torch.backends.cudnn.allow_tf32 = True
             why += "; TF32 on (Ampere+)"
@@ -479,9 +476,8 @@ def cpu_has_bf16():
 
 def measure_precision(args, sources, device, model, step, log=print, resumed=None, margin=1.2):
     """--precision auto on a CPU: bf16 when the CPU has bf16 units and this model's own step
-    (step(amp_dtype), at the run's micro-batch) is `margin` faster in it; else fp32. Matmul-bound
-    shapes gain up to 2x, small ones lose, so no rule of thumb decides it. Buffers and RNG are
-    restored. Returns (amp_dtype, why or None) and sets args.precision."""
+    (step(amp_dtype), at the run's micro-batch) is `margin` faster in it, else fp32 (matmul-bound
+    shapes gain up to 2x, small ones lose). Returns (amp_dtype, why or None); sets args.precision."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type != "cpu" or sources.get("precision") != "auto":
         return dtypes[args.precision], None  # typed, from a config, or CUDA's rule: nothing to measure
@@ -493,9 +489,8 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
         return None, "CPU: fp32 (--quick runs are not timed)"
     if not cpu_has_bf16():
         return None, "CPU: fp32 (no bf16 units listed in /proc/cpuinfo)"
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
     best = {None: math.inf, torch.bfloat16: math.inf}
-    with torch.random.fork_rng(devices=[]):
+    with side_effect_free(model, device):
         t0 = time.perf_counter()
         for dt in best:
             step(dt)  # warm-up: the first call allocates and picks its kernels
@@ -507,9 +502,6 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
                 t0 = time.perf_counter()
                 step(dt)
                 best[dt] = min(best[dt], time.perf_counter() - t0)
-    with torch.no_grad():
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])  # e.g. BatchNorm statistics the timed steps moved
     fp32_ms, bf16_ms = 1e3 * best[None], 1e3 * best[torch.bfloat16]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # under torchrun every rank times its own step; all take rank 0's figures, so all agree
@@ -520,6 +512,18 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
     why = (f"CPU: {args.precision} by measurement: this model's step {fp32_ms:.1f} ms in fp32, "
            f"{bf16_ms:.1f} ms in bf16 (bf16 needs {margin:.2f}x to win)")
     return (torch.bfloat16 if args.precision == "bf16" else None), why
+
+
+@contextlib.contextmanager
+def side_effect_free(model, device):
+    """Around a probe or a timing: the RNG streams (the CPU's, this GPU's) and the model's buffers
+    (e.g. BatchNorm statistics) are as before the block, so the run's numbers do not change."""
+    saved = [t.clone() for t in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    with torch.no_grad():
+        for t, before in zip(model.buffers(), saved):
+            t.copy_(before)
 
 
 def autocast(device, amp_dtype):
@@ -549,17 +553,14 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
     """One optimizer step over `batch` (the whole effective batch), in micro-batches of micro_bs.
 
     loss_fn(model, micro_batch) -> (loss_sum, n_items), summed over the items it counts (tokens,
-    frames, samples). Accumulation is exact: the gradient is that of sum(loss)/sum(n) over the
-    whole batch, whatever the micro-batch size, because each micro-batch back-propagates
-    loss_sum / estimate and the gradient is then rescaled by estimate / true total (a padded
-    micro-batch must not weigh like a full one). On an out-of-memory error in forward or backward:
-    free, halve the micro-batch, redo the step; one in the optimizer step (its state and
-    temporaries: no micro-batch makes them smaller), or under DDP (the ranks' gradient reduction
-    is collective: one rank cannot redo its step alone), is one error line that says what to
-    change. no_sync (DDP): all but the last micro-batch run inside it, so
-    gradients are all-reduced once a step. norm (DDP): n_global / world, so that DDP's average of
-    the ranks' gradients is the 1-process gradient though the ranks hold different item counts.
-    Returns (mean loss, items, the micro_bs used)."""
+    frames, samples). Accumulation is exact: each micro-batch back-propagates loss_sum / estimate,
+    then the gradient is rescaled by estimate / true total, so it is that of sum(loss)/sum(n) over
+    the whole batch (a padded micro-batch must not weigh like a full one). An out-of-memory error
+    in forward or backward halves the micro-batch and redoes the step; one in the optimizer step
+    (no micro-batch makes its state smaller) or under DDP (one rank cannot redo a collective step
+    alone) is one error line saying what to change. DDP: all but the last micro-batch run inside
+    no_sync; norm = n_global / world makes DDP's average of the ranks' gradients the 1-process
+    gradient. Returns (mean loss, items, the micro_bs used)."""
     while True:
         oom = unscaled = stepping = False
         try:
@@ -678,11 +679,10 @@ def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
 
 
 def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
-    """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs) runs one forward+backward
-    at bs and returns the bytes it needed (or raises an out-of-memory error). `resumed` =
-    (micro, accum) from a checkpoint, kept unless --batch-size/--grad-accum are typed: then they
-    win if their product is the checkpoint's (the seeds' remedy after an out-of-memory error:
-    resume with --batch-size 1 --grad-accum 8); the same effective batch sees the same data."""
+    """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs): one forward+backward at bs,
+    the bytes it needed (or an out-of-memory error). `resumed` = a checkpoint's (micro, accum),
+    kept unless --batch-size/--grad-accum are typed with the same product (the seeds' remedy after
+    an out-of-memory error: resume with --batch-size 1 --grad-accum 8; same batch, same data)."""
     E = args.effective_batch
     if resumed:
         micro, accum = resumed
@@ -732,8 +732,7 @@ def probe_batch_size(probe, start, device, args, log=print):
     bs = start
     while True:
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                need = probe(bs)  # RNG forked: the probe must not change the run's random stream
+            need = probe(bs)
             over = "the memory threshold"
             if device.type == "cuda":
                 # `need` is what the step adds: take off what others hold on the card (the CUDA
@@ -794,12 +793,8 @@ def fit_batch(model, loss_fn, worst, args, sources, *, device, amp_dtype, prec_w
     Returns (micro_bs, accum, amp_dtype, why): why = {"batch": ..., "precision": ...}."""
 
     def probe(bs, dt=amp_dtype):
-        buffers = [t.clone() for t in model.buffers()]  # e.g. BatchNorm statistics: the probe's are not the run's
-        need = probe_step(model, loss_fn, worst(bs), device, dt)
-        with torch.no_grad():
-            for t, saved in zip(model.buffers(), buffers):
-                t.copy_(saved)
-        return need
+        with side_effect_free(model, device):
+            return probe_step(model, loss_fn, worst(bs), device, dt)
     micro_bs, accum, bs_why = choose_batch_size(args, sources, device, probe, log,
                                                 (state["micro_bs"], state["accum"]) if state else None)
     micro_bs, accum = ranks.agree_batch(micro_bs, accum)
@@ -819,14 +814,11 @@ def fit_batch(model, loss_fn, worst, args, sources, *, device, amp_dtype, prec_w
 
 def activation_bytes(model, loss_fn, batch, device, amp_dtype):
     """Bytes that a forward of this micro-batch keeps for backward: every tensor autograd saves,
-    once per storage, the weights themselves excluded (their bf16 copies included). Measured on
-    the batch's first item and its first two, then extended to the whole batch (activations are
-    affine in the batch size): a forward of the whole micro-batch would leave its memory in the
-    heap (+29 MB of peak RSS for the LM at nanoGPT's CPU shape). Nothing is trained; the buffers
-    and the RNG are restored."""
+    once per storage, the weights excluded (their bf16 copies included). Measured on 1 and 2 items,
+    extended to the batch (activations are affine in it): a forward of the whole micro-batch would
+    leave its memory in the heap (+29 MB of peak RSS for the LM at nanoGPT's CPU shape)."""
     n = len(next(iter(batch.values())))
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
 
     def saved_bytes(m):
         part = {k: v[:m].clone() for k, v in batch.items()}  # a clone: a view would count the whole batch
@@ -842,19 +834,15 @@ def activation_bytes(model, loss_fn, batch, device, amp_dtype):
         del loss_sum  # frees the graph and what it saved
         return sum(saved.values())
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with side_effect_free(model, device):
         one, two = saved_bytes(1), saved_bytes(min(2, n))
-    with torch.no_grad():
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])  # e.g. BatchNorm statistics these forwards moved
     return one + (two - one) * (n - 1)
 
 
 def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, log, worst):
     """What a training step will hold at its peak, before the first one: weights and buffers +
-    gradients + optimizer state (as after the first step) + the activations of one micro-batch
-    `batch` (activation_bytes; accumulation runs one at a time) + under DDP its gradient buckets.
-    Logs one line; returns the parts and their total in MB (summary.json's memory_plan_mb)."""
+    gradients + optimizer state + one micro-batch's activations (activation_bytes) + under DDP its
+    gradient buckets. Logs one line; returns the parts and total in MB (summary's memory_plan_mb)."""
     params = list(model.parameters())
     parts = {"weights": tensor_bytes(params) + tensor_bytes(list(model.buffers())),
              "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
@@ -888,21 +876,18 @@ def plan_only(out, status, log=print):
 
 
 class StepPeak:
-    """The peak bytes of live tensors in the largest training step, the figure the memory plan
-    predicts: what the step held when it began (weights, buffers, gradients, optimizer state) +
-    the most it allocated on top. Measured on CUDA, for free (max_memory_allocated); on a CPU
-    only under --measure-peak (measure_peak.py, torch's profiler), else `mb` is None. A step is
-    measured when its batch is the largest yet (size: its padded elements) and the optimizer has
-    its state:
-        with peak.measure(batch["x"].numel()): ...one train_step...
-    """
+    """The peak bytes of live tensors in the largest training step (the figure the memory plan
+    predicts): what the step held when it began + the most it allocated on top. Measured on CUDA,
+    for free (max_memory_allocated); on a CPU only under --measure-peak (measure_peak.py), else
+    `mb` is None. Measured when the step's batch is the largest yet (its padded elements) and the
+    optimizer has its state: `with peak.measure(batch["x"].numel()): ...one train_step...`"""
 
     def __init__(self, device, model, optimizer):
         self.device, self.model, self.optimizer, self.largest, self.measured = device, model, optimizer, 0, None
         self.run_peak = 0  # CUDA: the allocator's peak before each reset below (peak_memory_mb reads it)
 
     @property
-    def mb(self):
+    def mb(self):  # a property: measure_peak.ProfiledPeak reads its profile only when asked
         return self.measured
 
     def largest_yet(self, size):
@@ -986,10 +971,8 @@ def memory_snapshot(device):
     snap = {"ram_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "ram_pct": vm.percent,
             "gpu_mb": None, "gpu_pct": None}
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        reserved = torch.cuda.memory_reserved(device)
         snap["gpu_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
-        snap["gpu_pct"] = round(100 * reserved / total, 1)
+        snap["gpu_pct"] = round(100 * torch.cuda.memory_reserved(device) / torch.cuda.mem_get_info(device)[1], 1)
     return snap
 
 
@@ -1227,20 +1210,16 @@ def load_run_model(run, flag, trainer, key, resume=None):
     """The model a run folder serves: --resume PATH, else its best.pt, else its newest loadable
     checkpoint. Returns (state, path); no checkpoint, or one made by another trainer (it lacks
     `key`, the entry this trainer's model is built from), is a UserError naming `flag`."""
-    run = Path(run)
-    best = run / "checkpoints" / "best.pt"
+    run, best, state = Path(run), Path(run) / "checkpoints" / "best.pt", None
+    warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     if resume is None and best.is_file():
         try:
             state, path = load_checkpoint(best), best
         except Exception as e:  # a damaged best.pt: say so, and serve the newest step checkpoint
-            print(f"warning: {best} is unreadable ({type(e).__name__}); using the newest checkpoint",
-                  file=sys.stderr)
-            state, path = find_checkpoint(run, argparse.Namespace(resume=None, no_resume=False, trainer=None),
-                                          lambda m: print(m, file=sys.stderr))
-    else:
+            warn(f"warning: {best} is unreadable ({type(e).__name__}); using the newest checkpoint")
+    if state is None:
         state, path = find_checkpoint(run, argparse.Namespace(resume=resume, no_resume=False,
-                                                              trainer=trainer if resume else None),
-                                      lambda m: print(m, file=sys.stderr))
+                                                              trainer=trainer if resume else None), warn)
     if state is None:
         n = len(list((run / "checkpoints").glob("*.pt")))
         if n:
@@ -1323,7 +1302,7 @@ def open_run(args, sources):
     notes, out = [], Path(args.out) if args.out else None
     args.identity = run_identity(args)  # status.json keeps it: what a re-run without --out looks for
     if out is None and not (args.no_resume or args.resume):
-        out = unfinished_run(args.trainer, args.identity)
+        out = newest_run(args.trainer, identity=args.identity)
         if out:
             notes.append(f"resuming {out}, the newest unfinished run of this command under runs/ "
                          "(--no-resume starts a new folder)")
@@ -1350,19 +1329,6 @@ def run_identity(args):
     """A run's identity for status.json: a hash of its settings but RUN_CONTROL, as open_run sees them."""
     shape = {k: v for k, v in vars(args).items() if k not in RUN_CONTROL}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def unfinished_run(trainer, identity, root="runs"):
-    """The newest folder under `root` that this command started and did not finish (killed,
-    stopped, failed), that no live process is training: where a re-run without --out goes on."""
-    runs = []
-    for d in Path(root).glob("*"):
-        st = read_status(d)
-        if (st.get("trainer") == trainer and st.get("identity") == identity and isinstance(st.get("started"), float)
-                and st.get("state") not in ("finished", "planned")
-                and not (st.get("state") in ("starting", "running") and process_is_trainer(st))):
-            runs.append((st["started"], d))
-    return max(runs)[1] if runs else None
 
 
 def check_out_writable(out):
@@ -1428,11 +1394,18 @@ def read_status(out):
     return st if isinstance(st, dict) else {}
 
 
-def newest_run(trainer, root="runs"):
+def newest_run(trainer, root="runs", identity=None):
     """The run folder under `root` that `trainer` started last (None without one): what a serving
-    command (--suggest, --transcribe) uses when no --out is given."""
-    runs = [(st["started"], d) for d in Path(root).glob("*") if (st := read_status(d)).get("trainer") == trainer
-            and isinstance(st.get("started"), (int, float))]
+    command (--suggest, --transcribe) uses when no --out is given. With `identity` (run_identity),
+    the newest that command started and did not finish (killed, stopped, failed), that no live
+    process trains: where a re-run without --out goes on."""
+    runs = []
+    for d in Path(root).glob("*"):
+        st = read_status(d)
+        if st.get("trainer") == trainer and isinstance(st.get("started"), (int, float)) and (
+                identity is None or st.get("identity") == identity and st.get("state") not in ("finished", "planned")
+                and not (st.get("state") in ("starting", "running") and process_is_trainer(st))):
+            runs.append((st["started"], d))
     return max(runs)[1] if runs else None
 
 
@@ -1528,10 +1501,9 @@ def log_step(log, step, total, loss, lr, *, elapsed, steps, items, unit, device,
 def tensorboard(args, out):
     """--tensorboard: a SummaryWriter into <out>/tb that log_step and append_metrics feed, else
     None; torch.utils.tensorboard is imported only then (resolve_settings checked it is there)."""
-    if not args.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(Path(out) / "tb"))
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(Path(out) / "tb"))
 
 
 def append_metrics(out, record, tb=None):
