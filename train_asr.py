@@ -7,6 +7,7 @@ batch size is fitted to the machine, and out-of-memory is recovered from, not fa
 
     python train_asr.py --quick --out runs/a                      # laptop CPU: built-in set, minutes
     python train_asr.py --transcribe a.wav b.wav --out runs/a     # print transcripts
+    python train_asr.py --quick --eval-only --out runs/a          # score its best.pt again: eval.json
     python train_asr.py --train-manifest train.jsonl --val-manifest val.jsonl --out runs/mine
     python benchmarks/make_speech_data.py data/espeak             # real speech (espeak-ng), then:
     python train_asr.py --preset minimal --train-manifest data/espeak/train.jsonl \\
@@ -798,6 +799,7 @@ class Run:
     state: dict  # the checkpoint being resumed, or None
     resumed_from: Path
     ranks: object
+    tb: object = None  # --tensorboard: common.tensorboard's writer, on the main rank
 
 
 def main(argv=None):
@@ -805,9 +807,11 @@ def main(argv=None):
     args, sources = common.resolve_settings(parser, argv)
     if not 0 <= args.decode_ctc_weight <= 1:
         raise UserError(f"--decode-ctc-weight {args.decode_ctc_weight}: must be between 0 and 1")
-    if args.transcribe:
-        return run_transcribe(args)
     shape = check_flags(args, sources)
+    if args.transcribe or args.eval_only:  # serving a trained run: --out, else the newest one under runs/
+        if not (out := args.out or common.newest_run("asr")):
+            raise UserError(f"--{'transcribe' if args.transcribe else 'eval-only'}: no run under runs/; pass --out RUN")
+        return run_transcribe(args, out) if args.transcribe else run_eval_only(args, sources, Path(out))
     items, data_desc, dropped = load_data(args, sources)  # before the run folder is touched
 
     # device, checkpoint to resume, vocabulary: every user mistake is caught before the run folder is written to
@@ -824,8 +828,10 @@ def main(argv=None):
     itos = state["extra"]["itos"] if state else build_vocab(items[0])
 
     log, status, stop = ranks.start(out, args, "asr", "val_cer", notes, dev[0])
-    run = Run(out, log, status, stop, dev, state, resumed_from, ranks)
-    with common.recording_failures(out, status) if ranks.is_main else contextlib.nullcontext():
+    tb = common.tensorboard(args, out) if ranks.is_main else None
+    run = Run(out, log, status, stop, dev, state, resumed_from, ranks, tb)
+    with common.recording_failures(out, status) if ranks.is_main else contextlib.nullcontext(), \
+            tb or contextlib.nullcontext():  # closing --tensorboard's writer flushes it, however train() ends
         try:
             return train(args, sources, run, items=items, itos=itos, shape=shape, model_args=model_args,
                          data_desc=data_desc, dropped=dropped)
@@ -917,7 +923,7 @@ def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen,
 def log_interval(run, *, step, total_steps, epoch, loss, lr, padding, elapsed, steps, samples):
     """The --log-every line (common.log_step), its metrics.jsonl record, status.json."""
     mem = common.log_step(run.log, step, total_steps, loss, lr, elapsed=elapsed, steps=steps, items=samples,
-                          unit="utterances", device=run.dev[0])
+                          unit="utterances", device=run.dev[0], tb=run.tb)
     common.append_metrics(run.out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
                                     "padding": round(padding, 3)})
     common.update_status(run.out, run.status, step=step, epoch=epoch + 1, loss=round(loss, 5),
@@ -971,7 +977,7 @@ def validate(run, args, *, model, items, stoi, itos, amp_dtype, batch, plateau, 
             run.log(f"val loss has not improved for 4 evaluations: lr x0.5 (now x{plateau['scale']:g})")
     if run.ranks.is_main:
         common.append_metrics(run.out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
-                                        "val_cer": round(cer, 3), "val_wer": round(wer, 3)})
+                                        "val_cer": round(cer, 3), "val_wer": round(wer, 3)}, run.tb)
         ref, hyp = pairs[0]
         run.log(f"step {step}: val loss {val_loss:.4f}, CER {cer:.2f}%, WER {wer:.2f}% (greedy CTC); "
                 f"e.g. {ref!r} -> {hyp!r}")
@@ -1103,29 +1109,26 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
 
 
 def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, fields):
-    """After the loop, with the best checkpoint: greedy CTC on val, beam search (attention + CTC
-    prefix score) on test; summary.json (`fields`: the loop's). `batch`: the evaluation batch
-    that fitted; new_steps: the steps this process trained (none: a finished run stays as it was)."""
+    """After the loop, with the best checkpoint (--eval-only: the model given; eval.json, nothing else): greedy
+    CTC on val, beam search (attention + CTC prefix score) on test; summary.json (`fields`: the loop's). `batch`:
+    the evaluation batch that fitted; new_steps: the steps this process trained (none: a finished run stays)."""
     out, log, status, device = run.out, run.log, run.status, run.dev[0]
-    if not new_steps and (out / "summary.json").exists():
+    if not new_steps and not args.eval_only and (out / "summary.json").exists():
         log(f"this run had already finished at step {fields['steps']}: {out / 'summary.json'} is unchanged")
-        common.update_status(out, status, state="finished", eta_s=0)
-        return
+        return common.update_status(out, status, state="finished", eta_s=0)
     _, val_items, test_items = items
-    best_path = out / "checkpoints" / "best.pt"
-    if best_path.exists():
-        model.load_state_dict(common.load_checkpoint(best_path)["model"])
-    (val_loss, val_cer, val_wer, _), batch = common.evaluate_halving(
-        lambda bs: evaluate(model, val_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs), batch, device, log)
+    if not args.eval_only and (best := out / "checkpoints" / "best.pt").exists():
+        model.load_state_dict(common.load_checkpoint(best)["model"])
+    greedy = lambda split, b: common.evaluate_halving(  # noqa: E731
+        lambda bs: evaluate(model, split, stoi, itos, args.ctc_weight, device, amp_dtype, bs), b, device, log)
+    (val_loss, val_cer, val_wer, _), batch = greedy(val_items, batch)
     summary = dict(trainer="asr", metric="val_cer", value=round(val_cer, 3), val_cer=round(val_cer, 3),
                    val_wer=round(val_wer, 3), val_loss=round(val_loss, 5), test_cer=None, test_wer=None,
                    device=device.type, precision=args.precision, **fields)
     if test_items:
         t0 = time.time()
         test_cer, test_wer, pairs = decode_set(model, test_items, itos, args, device)
-        (_, greedy_cer, greedy_wer, _), _ = common.evaluate_halving(
-            lambda bs: evaluate(model, test_items, stoi, itos, args.ctc_weight, device, amp_dtype, bs), batch,
-            device, log)
+        (_, greedy_cer, greedy_wer, _), _ = greedy(test_items, batch)
         summary.update(test_cer=round(test_cer, 3), test_wer=round(test_wer, 3),
                        test_cer_greedy_ctc=round(greedy_cer, 3), test_wer_greedy_ctc=round(greedy_wer, 3))
         log(f"test ({len(test_items)} utterances, beam {args.beam}, CTC weight {args.decode_ctc_weight}, "
@@ -1133,7 +1136,9 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
             f"(greedy CTC: CER {greedy_cer:.2f}%, WER {greedy_wer:.2f}%)")
         for ref, hyp in pairs[:3]:
             log(f"  {ref!r} -> {hyp!r}")
-    common.write_summary(out, **summary)
+    common.write_json_atomic(out / ("eval.json" if args.eval_only else "summary.json"), summary)
+    if args.eval_only:
+        return log(f"eval-only: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (greedy CTC); {out / 'eval.json'}")
     plot = common.plot_progress(out, "val_cer")
     log(f"done: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (best checkpoint, greedy CTC); {fields['steps']} steps in "
         f"{fields['wall_s']:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
@@ -1141,7 +1146,7 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
 
 
 # -----------------------------------------------------------------------------
-# decoding and serving: greedy CTC, beam search (attention + CTC prefix score), CER/WER, --transcribe
+# decoding and serving: greedy CTC, beam search (attention + CTC prefix score), CER/WER, --transcribe, --eval-only
 
 def ctc_greedy(log_probs, lengths):
     """(B, T, V) -> list of id lists: best class per frame, merge repeats, drop blanks/specials."""
@@ -1253,19 +1258,16 @@ def decode_set(model, items, itos, args, device):
     return (*error_rates(refs, hyps), list(zip(refs, hyps)))
 
 
-def load_run(out, args):
-    """The model of a run folder (best.pt, else the newest checkpoint) -> (model, itos, path, step)."""
-    state, path = common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
+def load_run(out, args, loaded=None):
+    """A run folder's best.pt, else its newest checkpoint, or --resume's (or `loaded`) -> (model, itos, path, step)."""
+    state, path = loaded or common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
     extra = asr_extra(state, path)
     model = build_model(extra["shape"], len(extra["itos"]), extra["model_args"])
     model.load_state_dict(state["model"])
     return model.eval(), extra["itos"], path, state["step"]
 
 
-def run_transcribe(args):
-    out = Path(args.out) if args.out else common.newest_run("asr")
-    if out is None:
-        raise UserError("--transcribe: no run folder given and none found under runs/; pass --out RUN")
+def run_transcribe(args, out):
     audio = [read_wav(p) for p in args.transcribe]  # every file checked before the model loads
     for p, x in zip(args.transcribe, audio):
         if len(x) < MIN_SECONDS * SR:
@@ -1278,6 +1280,19 @@ def run_transcribe(args):
         ids = beam_search(model, normalize(log_mel(x)), args.beam, args.decode_ctc_weight, device)
         print(f"{p}\t{to_text(ids, itos)}")
     return 0
+
+
+def run_eval_only(args, sources, out):
+    """--eval-only: report()'s figures for the run's best.pt (or --resume CKPT) on the data these flags give, at
+    the precision and evaluation batch it was saved with (the final report's, unless a resume changed them)."""
+    state, path = loaded = common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
+    model, itos, path, step = load_run(out, args, loaded)
+    device = common.setup_device(args, sources)[0]
+    amp_dtype, _ = common.measure_precision(args, sources, device, model, None, resumed=state["args"]["precision"])
+    return report(Run(out, print, None, None, (device,), state, path, common.OneProcess()), args,
+                  model=model.to(device), items=load_data(args, sources)[0], stoi={c: i for i, c in enumerate(itos)},
+                  itos=itos, amp_dtype=amp_dtype, batch=state["micro_bs"], new_steps=0,
+                  fields=dict(checkpoint=str(path), step=step))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_plan_near_peak, call, metrics, popen, read_json, run
+from conftest import assert_plan_near_peak, call, metrics, popen, read_json, run, tree_digest
 
 sys.argv = sys.argv[:1]  # train_asr builds its parser at import; keep pytest's flags away from it
 import train_asr as asr  # noqa: E402
@@ -439,6 +439,54 @@ def test_transcribe_prints_one_line_per_file(trained, tmp):
     assert [w for w, _ in lines] == wavs
     cer, _ = asr.error_rates([t["text"] for t in test[:4]], [h for _, h in lines])
     assert cer < 30
+
+
+def test_eval_only_reproduces_the_summary_and_writes_only_eval_json(trained):
+    """summary.json's validation figure comes from best.pt (report() loads it after the loop: the
+    lowest val loss, not the last step), at the run's precision and evaluation batch; --eval-only
+    loads the same best.pt at the checkpoint's precision and batch, so every figure is the same
+    (compared as both files round them). --resume CKPT scores that checkpoint instead: the last
+    one's val CER is metrics.jsonl's at its step. Nothing in the run folder but eval.json changes."""
+    d, out, _ = trained
+    files = ("status.json", "metrics.jsonl", "train.log", "summary.json", "args.json")
+    before = [tree_digest(out / "checkpoints")] + [(out / f).read_bytes() for f in files]
+    listing = sorted(p.relative_to(out) for p in out.rglob("*"))
+    p = run("train_asr.py", *SMALL, "--eval-only", "--out", "runs/a", cwd=d, check=0)
+    s, e = read_json(out / "summary.json"), read_json(out / "eval.json")
+    assert e["metric"] == "val_cer" and e["checkpoint"] == str(Path("runs/a/checkpoints/best.pt")), e
+    for k in ("value", "val_cer", "val_wer", "val_loss", "test_cer", "test_wer", "test_cer_greedy_ctc",
+              "test_wer_greedy_ctc", "precision", "device"):
+        assert e[k] == pytest.approx(s[k], abs=1e-6) if isinstance(s[k], float) else e[k] == s[k], k
+    assert f"eval-only: val CER {s['val_cer']:.2f}%, WER {s['val_wer']:.2f}% (greedy CTC)" in p.stdout
+    assert "test (" in p.stdout and not p.stderr.strip(), p.stderr
+    last = sorted((out / "checkpoints").glob("ckpt_step*.pt"))[-1]
+    run("train_asr.py", *SMALL, "--eval-only", "--out", "runs/a", "--resume", last, "--beam", "1", cwd=d, check=0)
+    e = read_json(out / "eval.json")
+    rec = [r for r in metrics(out) if r.get("step") == e["step"] and "val_cer" in r][-1]
+    assert e["checkpoint"] == str(last) and e["val_cer"] == pytest.approx(rec["val_cer"], abs=1e-6)
+    assert [tree_digest(out / "checkpoints")] + [(out / f).read_bytes() for f in files] == before
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(listing + [Path("eval.json")])
+
+
+def test_eval_only_without_a_checkpoint_is_one_error_and_writes_nothing(tmp):
+    p = call("train_asr.py", "--quick", "--eval-only", "--out", "none", cwd=tmp)
+    assert p.returncode == 2 and p.stderr.startswith("error: --out none: no checkpoint there"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp / "none").exists()
+    p = call("train_asr.py", "--quick", "--eval-only", cwd=tmp)  # no --out and no run under runs/
+    assert p.returncode == 2 and "pass --out RUN" in p.stderr and not any(tmp.iterdir()), p.stderr
+
+
+def test_tensorboard_gets_the_loss_and_the_metric(tmp):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run("train_asr.py", "--quick", "--dataset-size", "32", "--max-steps", "2", "--log-every", "1", "--beam", "1",
+        "--tensorboard", "--out", "o", cwd=tmp, check=0)
+    ea = EventAccumulator(str(tmp / "o" / "tb"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "eval/val_cer", "eval/val_loss"} <= set(tags), tags
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2] and [e.step for e in ea.Scalars("eval/val_cer")] == [2]
+    assert ea.Scalars("eval/val_cer")[0].value == pytest.approx(read_json(tmp / "o" / "summary.json")["val_cer"])
 
 
 def test_csv_manifest_of_user_wavs_trains(trained, tmp):
