@@ -104,7 +104,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every=50, eval_every=0,
-                log_every=10, keep=3):
+                log_every=10, keep=3, epochs_help="passes over the training data"):
     """Every trainer's parser starts here, so the same flag means the same thing everywhere.
 
     Trainer-specific defaults come in as arguments; trainers add their own flags afterwards."""
@@ -132,7 +132,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                         "flags override it")
     g = p.add_argument_group("training (the same on every trainer)")
     g.add_argument("--quick", action="store_true", help="small, fast run to check the setup")
-    g.add_argument("--epochs", type=pos_int, default=epochs, help="passes over the training data")
+    g.add_argument("--epochs", type=pos_int, default=epochs, help=epochs_help)
     g.add_argument("--max-steps", type=pos_int, default=None, metavar="N",
                    help="stop after N optimizer steps in total (overrides --epochs)")
     g.add_argument("--seed", type=nonneg_int, default=1337, help="random seed; fixed seed on CPU = same numbers")
@@ -1098,8 +1098,8 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, log=print
         for i, (group, lr) in enumerate(zip(optimizer.param_groups, peak_lrs)):
             group["lr"] *= lr / group["initial_lr"]
             group["initial_lr"] = scheduler.base_lrs[i] = lr
-        log(f"learning rate {changed[0][1]:g} as typed, where the checkpoint trained at {changed[0][0]:g}: the schedule "
-            "goes on at the new rate; the run is no longer bit-identical to an uninterrupted one")
+        log(f"learning rate {changed[0][1]:g} as typed, where the checkpoint trained at {changed[0][0]:g}: the "
+            "schedule goes on at the new rate; the run is no longer bit-identical to an uninterrupted one")
     if state["scaler"]:  # a disabled scaler (fp32, bf16) saved {}: an fp16 resume starts a fresh scale
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])

@@ -42,6 +42,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # measured on real data (docs/real-data.md); --quick: fasttext half the epochs, --pretrained 1
 FASTTEXT_EPOCHS, FASTTEXT_LR = 10, 5e-3  # from scratch
 PRETRAINED_EPOCHS, LORA_LR = 4, 1e-3  # --pretrained (epochs also for --full-finetune), LoRA
+SCRATCH_EPOCHS = 5  # a transformer from scratch (--preset small/distilbert/bert); --quick 3
 PRESETS = {  # name: (layers, dim, heads, ffn, positions, token types); fasttext: embedding width
     "fasttext": dict(kind="fasttext", dim=64),
     "small": dict(n_layers=4, dim=256, n_heads=4, hidden_dim=1024, max_pos=128, type_vocab=0),
@@ -52,7 +53,10 @@ PRESETS = {  # name: (layers, dim, heads, ffn, positions, token types); fasttext
 # -----------------------------------------------------------------------------
 # config
 
-parser = common.make_parser(__doc__, trainer="classifier", epochs=3, lr=None, effective_batch=16, save_every=50, keep=2)
+parser = common.make_parser(  # check_flags sets --epochs by model
+    __doc__, trainer="classifier", epochs=None, lr=None, effective_batch=16, save_every=50, keep=2,
+    epochs_help=f"passes over the training data (default: by preset: fasttext {FASTTEXT_EPOCHS}, small/distilbert/"
+                f"bert {SCRATCH_EPOCHS}, --pretrained {PRETRAINED_EPOCHS}; with --quick {FASTTEXT_EPOCHS // 2}, 3 and 1)")
 g = parser.add_argument_group("classifier")
 g.add_argument("--data", metavar="CSV", help="training CSV with columns text,label (default: built-in receipt items)")
 g.add_argument("--val-data", metavar="CSV",
@@ -669,7 +673,7 @@ def check_flags(args, sources):
         # 1 epoch ~35% test accuracy, 3 epochs ~99%); fasttext: FASTTEXT_EPOCHS, measured on real data
         args.epochs, sources["epochs"] = ((1 if args.quick else PRETRAINED_EPOCHS) if args.pretrained else
                                           (FASTTEXT_EPOCHS // 2 if args.quick else FASTTEXT_EPOCHS) if fasttext else
-                                          (3 if args.quick else 5)), "auto"
+                                          (3 if args.quick else SCRATCH_EPOCHS)), "auto"
     if sources["pooling"] == "default" and not fasttext:
         args.pooling, sources["pooling"] = ("mean" if args.pretrained else "cls"), "auto"
     if sources["vocab_size"] == "default":
@@ -753,6 +757,9 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
 
 def main(argv=None):
     args, sources = common.resolve_settings(parser, sys.argv[1:] if argv is None else argv)
+    if args.eval_only and (args.predict is not None or args.predict_file is not None or args.no_resume):
+        raise UserError("--eval-only scores the run's saved model on its validation and test data; drop "
+                        "--predict/--predict-file/--no-resume (or --eval-only)")
     if args.predict is not None or args.predict_file is not None:
         return predict(args)
     targets, fasttext = check_flags(args, sources)
@@ -765,6 +772,8 @@ def main(argv=None):
     if len(labels) < 2 or not rows[1] or not rows[2]:
         raise UserError("the data needs at least 2 labels and non-empty validation and test splits "
                         f"(got {len(labels)} labels, {len(rows[1])} val, {len(rows[2])} test rows)")
+    if args.eval_only:  # the same data flags give the same split; nothing but <out>/eval.json is written
+        return eval_only(args, sources, rows=rows, data_desc=data_desc)
     ranks = common.process_group(args)
     out, (device, amp_dtype, scaler, prec_why), state, resumed_from, notes = common.open_run(args, sources)
     common.check_world_size(state, resumed_from, ranks.world)
@@ -774,12 +783,14 @@ def main(argv=None):
     # the run's context for train() and its helpers (icefall's `params`); state: the checkpoint resumed
     run = types.SimpleNamespace(out=out, log=log, status=status, stop=stop, ranks=ranks, device=device,
                                 amp_dtype=amp_dtype, scaler=scaler, prec_why=prec_why, state=state,
-                                resumed_from=resumed_from)
+                                resumed_from=resumed_from, tb=None)
     try:
         with common.recording_failures(out, status) if ranks.is_main else contextlib.nullcontext():
             return train(args, sources, run, model=model, tok=tok, extra=extra, model_desc=model_desc, rows=rows,
                          data_desc=data_desc)
-    finally:
+    finally:  # the TensorBoard writer flushes its last events on every way out: finished, stopped, failed
+        if run.tb is not None:
+            run.tb.close()
         ranks.end()
 
 
@@ -820,15 +831,22 @@ def classify(model, ids, mask, device, amp_dtype, bs=128):
     return torch.cat(out)
 
 
-def validate(run, p, model, val, *, end_of_epoch, eval_bs):
-    """Accuracy and loss on the validation split (each rank its share, summed over the ranks), the best so far
-    and early stopping's count in `p`, a metrics record, a log line. Returns (is_best, eval_bs)."""
+def val_figures(run, model, val, eval_bs):
+    """(accuracy, loss, eval_bs) on the validation split, each rank its share, summed over the ranks: what
+    validate() logs and --eval-only reproduces."""
     v = {k: run.ranks.slice(t) for k, t in val.items()}
     probs, eval_bs = common.evaluate_halving(
         lambda bs: classify(model, v["ids"], v["mask"], run.device, run.amp_dtype, bs), eval_bs, run.device, run.log)
     n_val = len(val["y"])
     val_acc = run.ranks.all(int((probs.argmax(-1) == v["y"]).sum()), "sum") / n_val
     val_loss = run.ranks.all(F.nll_loss(probs.clamp(min=1e-12).log(), v["y"], reduction="sum").item(), "sum") / n_val
+    return val_acc, val_loss, eval_bs
+
+
+def validate(run, p, model, val, *, end_of_epoch, eval_bs):
+    """val_figures, the best so far and early stopping's count in `p`, a metrics record (and TensorBoard's
+    eval/ scalars under --tensorboard), a log line. Returns (is_best, eval_bs)."""
+    val_acc, val_loss, eval_bs = val_figures(run, model, val, eval_bs)
     is_best = [val_acc, -val_loss] > p.best
     p.best = max(p.best, [val_acc, -val_loss])
     rec = {"step": p.step, "epoch": p.epoch + 1, "val_acc": round(val_acc, 4), "val_loss": round(val_loss, 5)}
@@ -838,7 +856,7 @@ def validate(run, p, model, val, *, end_of_epoch, eval_bs):
         p.bad_epochs = 0 if p.best > p.best_at_epoch_start else p.bad_epochs + 1
         p.best_at_epoch_start = p.best
     if run.ranks.is_main:
-        common.append_metrics(run.out, rec)
+        common.append_metrics(run.out, rec, run.tb)
         run.log(f"epoch {p.epoch + 1} step {p.step}: val accuracy {val_acc:.3f}, val loss {val_loss:.4f}"
                 + (" (best)" if is_best else ""))
         common.update_status(run.out, run.status, metric=round(val_acc, 4))
@@ -936,6 +954,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
                                                "world_size": world, "global_batch": G, "precision": args.precision,
                                                "device": device.type, "lora": bool(extra["lora"]), "why": why})
         common.update_status(out, run.status, state="running", total_steps=total_steps, step=p.step)
+    run.tb = common.tensorboard(args, out) if ranks.is_main else None  # --tensorboard: <out>/tb
     train_model, no_sync = ranks.wrap(model)  # `model` stays the one we save
 
     # -- the loop: one evaluation per epoch (and every --eval-every steps), early stopping
@@ -973,7 +992,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
             if bar is not None and (p.step % args.log_every == 0 or p.step == total_steps):
                 elapsed, lr = time.time() - t_start, scheduler.get_last_lr()[0]
                 mem = common.log_step(log, p.step, total_steps, loss, lr, elapsed=elapsed, steps=p.step - start_step,
-                                      items=seen, unit="items", device=device)
+                                      items=seen, unit="items", device=device, tb=run.tb)
                 common.append_metrics(out, {"step": p.step, "epoch": p.epoch + 1, "loss": round(loss, 6), "lr": lr})
                 common.update_status(out, run.status, step=p.step, epoch=p.epoch + 1, loss=round(loss, 5),
                                      samples_per_s=round(seen / max(1e-9, elapsed), 1),
@@ -1038,6 +1057,21 @@ def report(probs, y, labels):
             "per_class": {l: {"precision": round(precision[i].item(), 4), "recall": round(recall[i].item(), 4),
                               "f1": round(f1[i].item(), 4), "support": int(support[i])} for i, l in enumerate(labels)},
             "confusion_matrix": cm.tolist()}
+
+
+def headline_figures(test):
+    """report()'s headline figures as summary.json (and --eval-only's eval.json) records them."""
+    return dict(value=round(test["accuracy"], 4), macro_f1=round(test["macro_f1"], 4),
+                weighted_f1=round(test["weighted_f1"], 4), mean_confidence=round(test["mean_confidence"], 4))
+
+
+def log_report(log, test, n):
+    """The printed test report: the headline, then precision/recall/F1 per label."""
+    log(f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, mean confidence "
+        f"{test['mean_confidence']:.3f} ({n} items)")
+    log(f"{'label':<16}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}")
+    for l, c in test["per_class"].items():
+        log(f"{l:<16}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>8.3f}{c['support']:>6}")
 
 
 def charts(out, labels, train_labels, history, test):
@@ -1139,18 +1173,12 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
     test = report(probs, t["y"], labels)
     wall = wall_before + time.time() - run.status["started"]
     write_exports(model, args, out=out, extra=extra)
-    common.write_summary(out, trainer="classifier", metric="test_accuracy", value=round(test["accuracy"], 4),
-                         macro_f1=round(test["macro_f1"], 4), weighted_f1=round(test["weighted_f1"], 4),
-                         mean_confidence=round(test["mean_confidence"], 4), **fields,
+    common.write_summary(out, trainer="classifier", metric="test_accuracy", **headline_figures(test), **fields,
                          params=params[0], trainable_params=params[1],
                          wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
                          confusion_matrix=test["confusion_matrix"])
     viz = charts(out, labels, [l for _, l in rows[0]], [r for r in common.read_metrics(out) if "train_loss" in r], test)
-    log(f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, mean confidence "
-        f"{test['mean_confidence']:.3f} ({len(rows[2])} items)")
-    log(f"{'label':<16}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}")
-    for l, c in test["per_class"].items():
-        log(f"{l:<16}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>8.3f}{c['support']:>6}")
+    log_report(log, test, len(rows[2]))
     adapter = out / "adapter.pt"
     log(f"done in {wall:.0f}s: summary {out / 'summary.json'}; "
         + (f"charts {viz}" if viz else "charts skipped (pip install matplotlib)")
@@ -1161,7 +1189,61 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
 
 
 # -----------------------------------------------------------------------------
-# predict: classify texts with a trained run folder (--predict, --predict-file)
+# serving a trained run folder: --eval-only, --predict, --predict-file
+
+def saved_model(state):
+    """(model, tokenizer) rebuilt from a checkpoint's `extra` and weights (load_run_model checked it is ours)."""
+    x = state["extra"]
+    fasttext = x["shape"].get("kind") == "fasttext"
+    model = (FastText if fasttext else Encoder)(n_labels=len(x["labels"]), **x["shape"])
+    if x["lora"]:
+        add_lora(model, x["lora"]["targets"], x["lora"]["r"], x["lora"]["alpha"], x["lora"]["dropout"])
+    model.load_state_dict(state["model"])
+    return model, (NgramTokenizer if fasttext else Tokenizer)(x["itos"], x["lower"])
+
+
+def eval_only(args, sources, *, rows, data_desc):
+    """--eval-only: the run's best.pt (the weights whose validation figure summary.json reports as
+    best_val_accuracy, and which scored its test split), or --resume CKPT, on the validation and test splits
+    this command's data flags give (the training command's flags give its split), in the precision its
+    validation ran in. Prints the figures the training run printed and writes them to <out>/eval.json; no
+    checkpoint, status.json, metrics.jsonl or train.log is written."""
+    out = Path(args.out) if args.out else common.newest_run("classifier")
+    if out is None:
+        raise UserError("--eval-only: no classifier run under runs/; pass --out RUN (a trained run folder)")
+    state, path = common.load_run_model(out, "--out", "classifier", "extra", resume=args.resume)
+    x, saved = state["extra"], state.get("args", {})
+    if unknown := sorted({l for split in rows[1:] for _, l in split} - set(x["labels"])):
+        raise UserError(f"--eval-only: label(s) {', '.join(unknown)} are not among the {len(x['labels'])} that "
+                        f"{path} learnt; give the data flags of its training command")
+    for flag in ("data", "val_data", "test_data", "train_size", "seed"):  # they choose the split
+        if saved.get(flag) != getattr(args, flag):
+            print(f"note: {path} was trained with --{flag.replace('_', '-')} {saved.get(flag)}, this command "
+                  f"says {getattr(args, flag)}: its validation and test splits may differ from the run's")
+    if sources["precision"] == "default":  # as its validation ran (fp16: CUDA's rule picks it again)
+        args.precision = saved.get("precision") if saved.get("precision") in ("fp32", "bf16") else "auto"
+    device, amp_dtype, _, _ = common.setup_device(args, sources)
+    model, tok = saved_model(state)
+    model.to(device)
+    print(f"model {path} (step {state.get('step')}), device {device.type}, precision {args.precision}")
+    print(f"data: {data_desc}; {len(rows[1])} val / {len(rows[2])} test")
+    splits = encode_splits(tok, ([], rows[1], rows[2]), x["labels"], x["max_len"])  # no training rows needed
+    ctx = types.SimpleNamespace(ranks=common.OneProcess(), device=device, amp_dtype=amp_dtype, log=print)
+    val_acc, val_loss, eval_bs = val_figures(ctx, model, splits["val"], 128)  # 128: validate()'s first batch
+    t = splits["test"]
+    probs, _ = common.evaluate_halving(lambda bs: classify(model, t["ids"], t["mask"], device, amp_dtype, bs),
+                                       eval_bs, device, print)
+    test = report(probs, t["y"], x["labels"])
+    print(f"val accuracy {val_acc:.3f}, val loss {val_loss:.4f} ({len(rows[1])} items)")
+    log_report(print, test, len(rows[2]))
+    common.write_json_atomic(out / "eval.json", dict(
+        trainer="classifier", metric="test_accuracy", **headline_figures(test), checkpoint=str(path),
+        step=state.get("step"), val_accuracy=val_acc, val_loss=val_loss, n_val=len(rows[1]), n_test=len(rows[2]),
+        data=data_desc, device=device.type, precision=args.precision, labels=x["labels"],
+        per_class=test["per_class"], confusion_matrix=test["confusion_matrix"]))
+    print(f"wrote {out / 'eval.json'}")
+    return 0
+
 
 def predict(args):
     """Classify --predict TEXT or each line of --predict-file with the model in --out: its best.pt
@@ -1170,11 +1252,8 @@ def predict(args):
         raise UserError("--predict/--predict-file need --out RUN (a run folder with checkpoints)")
     state, path = common.load_run_model(Path(args.out), "--out", "classifier", "extra", resume=args.resume)
     x = state["extra"]  # load_run_model checked that it is a classifier checkpoint
-    fasttext, labels = x["shape"].get("kind") == "fasttext", x["labels"]
-    model = (FastText if fasttext else Encoder)(n_labels=len(labels), **x["shape"])
-    if x["lora"]:
-        add_lora(model, x["lora"]["targets"], x["lora"]["r"], x["lora"]["alpha"], x["lora"]["dropout"])
-    model.load_state_dict(state["model"])
+    model, tok = saved_model(state)
+    labels = x["labels"]
     if args.merge:
         merge_lora(model)
     texts = [args.predict]
@@ -1188,7 +1267,7 @@ def predict(args):
             raise UserError(f"--predict-file {p}: not UTF-8 text; save it as UTF-8")
         if not texts:
             raise UserError(f"--predict-file {p}: no non-empty lines")
-    ids, mask = (NgramTokenizer if fasttext else Tokenizer)(x["itos"], x["lower"]).encode(texts, x["max_len"])
+    ids, mask = tok.encode(texts, x["max_len"])
     probs = classify(model, ids, mask, torch.device("cpu"), None)
     print(f"model {path}")
     for text, p in zip(texts, probs):

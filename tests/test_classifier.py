@@ -151,6 +151,7 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     assert s["macro_f1"] >= 0.85 and 0 < s["mean_confidence"] <= 1
     assert sum(map(sum, s["confusion_matrix"])) == sum(c["support"] for c in s["per_class"].values())
     assert read_json(out / "status.json")["state"] == "finished"
+    assert not (out / "tb").exists() and not (out / "eval.json").exists()  # neither without its flag
     assert "CPU cores:" in p.stdout and "CUDA available:" in p.stdout
     assert "TF-IDF logistic regression beside fasttext (C 30): fitted by L-BFGS" in p.stdout
     assert "the rest is the TF-IDF regression beside fasttext, fitted before training" in p.stdout
@@ -273,6 +274,9 @@ BAD = {
     (["--lora-targets", "q,x"], "--lora-targets q,x"),
     (["--pretrained", "nowhere"], "--pretrained nowhere: no config.json"),
     (["--predict", "uber"], "--predict/--predict-file need --out"),
+    (["--eval-only"], "--eval-only: no classifier run under runs/; pass --out RUN"),
+    (["--eval-only", "--out", "nowhere"], "--out nowhere: no checkpoint there; train first"),
+    (["--eval-only", "--no-resume"], "drop --predict/--predict-file/--no-resume (or --eval-only)"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
     for name, text in BAD.items():
@@ -409,6 +413,94 @@ def test_predict_passes_over_an_unloadable_best_pt_and_fails_with_nothing_loadab
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and p.stderr.strip().splitlines()[-1] == errors[0] and "--out c" in errors[0], p.stderr
     assert "Traceback" not in p.stderr and not p.stdout
+
+
+# -- --help, --eval-only, --tensorboard -------------------------------------------------------------
+
+def test_help_states_the_epochs_each_model_gets(tmp, monkeypatch):
+    # issue 31: --help said 3, a default no run used; check_flags picks by model, and --help must say what
+    import common
+    text = " ".join(tcl.parser.format_help().split())
+    m = re.search(r"--epochs EPOCHS passes over the training data \(default: by preset: fasttext (\d+), "
+                  r"small/distilbert/bert (\d+), --pretrained (\d+); with --quick (\d+), (\d+) and (\d+)\)", text)
+    assert m and m.groups() == ("10", "5", "4", "5", "3", "1"), text
+    monkeypatch.chdir(tmp)  # no optimal_config.json here
+    cases = [[], ["--preset", "small"], ["--pretrained", "x"], ["--quick"], ["--quick", "--preset", "bert"],
+             ["--quick", "--pretrained", "x"]]
+    for flags, said in zip(cases, m.groups()):
+        args, sources = common.resolve_settings(tcl.parser, flags, log=lambda _: None)
+        tcl.check_flags(args, sources)
+        assert (args.epochs, sources["epochs"]) == (int(said), "auto"), flags
+
+
+TINY = ["--train-size", "120", "--max-steps", "6", "--eval-every", "2", "--save-every", "2", "--keep", "5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A fasttext run of 6 steps evaluated at steps 2, 4 and 6, every checkpoint kept; with --tensorboard
+    where the package is installed."""
+    import importlib.util
+    d = tmp_path_factory.mktemp("tiny")
+    tb = ["--tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    p = run("train_classifier.py", *TINY, *tb, "--out", Path("runs") / "r", cwd=d, check=0)
+    return d, d / "runs" / "r", p
+
+
+def test_eval_only_reproduces_the_runs_validation_figure_and_writes_only_eval_json(tiny_run):
+    """summary.json's best_val_accuracy is p.best[0], the best evaluation's accuracy (validate); best.pt is
+    saved at that evaluation's step with exactly those weights, and finish() scores the test split with
+    them. So --eval-only with best.pt must give best.pt's stored [val accuracy, -val loss] (unrounded) to
+    1e-6 and summary.json's test figures as rounded there; any other checkpoint, its metrics.jsonl record."""
+    from conftest import metrics, tree_digest
+    d, out, train = tiny_run
+    before = tree_digest(out)
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    p = run("train_classifier.py", *TINY, "--eval-only", "--out", out, "--resume", out / "checkpoints" / "best.pt",
+            cwd=d, check=0)
+    e, s = read_json(out / "eval.json"), read_json(out / "summary.json")
+    assert abs(e["val_accuracy"] - best["best"][0]) <= 1e-6 and abs(e["val_loss"] + best["best"][1]) <= 1e-6, e
+    assert round(e["val_accuracy"], 4) == s["best_val_accuracy"]
+    assert e["metric"] == s["metric"] == "test_accuracy" and e["checkpoint"] == str(out / "checkpoints" / "best.pt")
+    for key in ("value", "macro_f1", "weighted_f1", "mean_confidence", "per_class", "confusion_matrix"):
+        assert e[key] == s[key], key
+    # the lines the training run printed: its validation at best.pt's step, and its test report
+    log = (out / "train.log").read_text()
+    assert f"step {best['step']}: val accuracy {e['val_accuracy']:.3f}, val loss {e['val_loss']:.4f}" in log
+    report = p.stdout[p.stdout.index("test accuracy"):].splitlines()[:len(s["labels"]) + 2]
+    assert all(line in log for line in report), p.stdout
+    assert tree_digest(out, skip="eval.json") == before  # no checkpoint, status.json, metrics.jsonl, log, tb
+    # another checkpoint (step 2) reproduces its own record; no --out: the newest classifier run under runs/
+    p = run("train_classifier.py", *TINY, "--eval-only", "--resume", out / "checkpoints" / "ckpt_step00000002.pt",
+            cwd=d, check=0)
+    e, rec = read_json(out / "eval.json"), [r for r in metrics(out) if r["step"] == 2 and "val_acc" in r][0]
+    assert (round(e["val_accuracy"], 4), round(e["val_loss"], 5)) == (rec["val_acc"], rec["val_loss"]), (e, rec)
+    assert e["step"] == 2 and tree_digest(out, skip="eval.json") == before
+
+
+def test_eval_only_without_a_checkpoint_is_one_error_line_and_writes_nothing(tmp):
+    from conftest import tree_digest
+    (tmp / "r").mkdir()
+    (tmp / "r" / "notes.txt").write_text("mine\n")
+    before = tree_digest(tmp)
+    p = call("train_classifier.py", "--eval-only", "--out", "r", cwd=tmp)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out r: no checkpoint"), p.stderr
+    assert tree_digest(tmp) == before and not p.stdout
+
+
+def test_tensorboard_gets_the_log_lines_and_every_evaluation(tiny_run):
+    pytest.importorskip("tensorboard")
+    from conftest import metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, _ = tiny_run
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    assert {"train/loss", "train/lr", "eval/val_acc", "eval/val_loss"} <= set(ea.Tags()["scalars"]), ea.Tags()
+    val = [r for r in metrics(out) if "val_acc" in r]
+    assert [(e.step, round(e.value, 4)) for e in ea.Scalars("eval/val_acc")] == [(r["step"], r["val_acc"]) for r in val]
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert [e.step for e in ea.Scalars("train/loss")] == steps
 
 
 # runs train_classifier.main with a model whose evaluation batches of more than 8 rows run out of memory
