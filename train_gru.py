@@ -11,6 +11,7 @@ the query's category at every step, so "red run" in fashion completes to shoes, 
     python train_gru.py --data data/debian_gru/queries.csv --out runs/debian   # ~3 min on 2 CPU cores
     python train_gru.py --lr 1e-3 --epochs 3 --dropout 0.3        # the seed's lr, epochs and dropout
     python train_gru.py --suggest "red run" --category fashion --beam 5 --out runs/q
+    python train_gru.py --quick --out runs/q --eval-only          # best.pt's figures again, to runs/q/eval.json
     python train_gru.py --preset original --quick                 # the seed's 3-layer GRU-MN, ~48M params
 
 Re-running the same command resumes from the newest checkpoint in --out.
@@ -433,6 +434,7 @@ class Run:
     state: dict = None  # the checkpoint resumed from
     resumed_from: Path = None
     eval_bs: int = 256  # halved for good if a validation batch runs out of memory
+    tb: object = None  # --tensorboard's SummaryWriter (rank 0), opened by train() before the loop
     # the totals of the run's earlier segments (a run stopped and resumed counts over all of them)
     wall_before: float = 0.0
     train_before: float = 0.0
@@ -484,6 +486,8 @@ def main(argv=None):
     random.Random(args.seed).shuffle(order)
     n_val = max(1, int(len(pairs) * args.val_frac))
     val_pairs, train_pairs = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
+    if args.eval_only:  # the same split as the training command's; nothing below runs (no run folder is claimed)
+        return run_eval(args, sources, train_pairs=train_pairs, val_pairs=val_pairs)
 
     # -- device, checkpoint to resume, vocabulary: every user mistake is caught before the run
     # folder is written to
@@ -511,6 +515,8 @@ def main(argv=None):
             return train(run, sources, train_pairs=train_pairs, val_pairs=val_pairs, itos=itos, cats=cats,
                          data_desc=data_desc)
     finally:
+        if run.tb:
+            run.tb.close()  # its last events reach the disk however the run ends: finished, stopped or failed
         ranks.end()
 
 
@@ -553,7 +559,7 @@ def validate(run, model, val_data, *, step=None, epoch=None, base_ppl=None):
         run.device, run.log)
     if step is not None and run.ranks.is_main:
         common.append_metrics(run.out, {"step": step, "epoch": epoch + 1, "val_loss": round(val_loss, 6),
-                                        "val_ppl": round(val_ppl, 4)})
+                                        "val_ppl": round(val_ppl, 4)}, run.tb)
         run.log(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} (unigram baseline {base_ppl:.2f})")
         common.update_status(run.out, run.status, metric=round(val_ppl, 4))
     return val_loss, val_ppl
@@ -656,6 +662,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
     watch = common.memory_watch(args)
     if ranks.is_main:
         common.update_status(out, run.status, state="running", total_steps=total_steps, step=step)
+        run.tb = common.tensorboard(args, out)
     t_start, samples_seen, start_step = time.time(), 0, step
     peak = common.peak_meter(args, device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if ranks.is_main else None
@@ -688,7 +695,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
             if ranks.is_main and log_now:
                 elapsed, lr = time.time() - t_start, scheduler.get_last_lr()[0]
                 mem = common.log_step(log, step, total_steps, loss, lr, elapsed=elapsed, steps=step - start_step,
-                                      items=samples_seen, unit="queries", device=device)
+                                      items=samples_seen, unit="queries", device=device, tb=run.tb)
                 common.append_metrics(out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr})
                 common.update_status(out, run.status, step=step, epoch=epoch + 1, loss=round(loss, 5),
                                      samples_per_s=round(samples_seen / max(1e-9, elapsed), 1),
@@ -811,6 +818,59 @@ def run_suggest(args):
         print(f"  {text:<50} {score:7.3f}")
     if not found:
         print(f"  no word in the vocabulary starts with {args.suggest.split()[-1]!r}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# evaluation without training: --eval-only
+
+def run_eval(args, sources, *, train_pairs, val_pairs):
+    """--eval-only: the run's best.pt (or --resume CKPT) on this command's validation split, scored as
+    training scores it (evaluate() at the same batch of 256, the run's precision), printed as training
+    prints it and written to <out>/eval.json. Nothing else in the run folder is written: no checkpoint,
+    status.json, metrics.jsonl, train.log or tb/. The GRU holds out only a validation split (no test
+    split), so there are no test figures. The model is built from the checkpoint (its preset, vocabulary
+    and categories); the data, --val-frac and --seed must be the training command's for the same split."""
+    if args.resume and not args.out:
+        raise UserError(f"--eval-only --resume {args.resume}: pass --out RUN too (eval.json is written there)")
+    out = Path(args.out) if args.out else common.newest_run("gru")
+    if out is None:
+        raise UserError("--eval-only: no run folder given and none found under runs/; pass --out RUN")
+    state, path = common.load_run_model(out, "--out", "gru", "extra", resume=args.resume)
+    extra, saved = state["extra"], state.get("args") or {}
+    itos, cats = extra["itos"], extra["cats"]
+    unknown = sorted({c for _, c in train_pairs + val_pairs} - set(cats))
+    if unknown:
+        raise UserError(f"{path} was trained on other categories than this data ({', '.join(unknown[:3])} ...); "
+                        "evaluate it with the data flags of its training command")
+    differs = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {saved[k]})"
+               for k in ("data", "dataset_size", "val_frac", "seed") if k in saved and saved[k] != getattr(args, k)]
+    if differs:
+        print(f"note: {', '.join(differs)}: the figures are for this command's validation split, not the "
+              "training run's", file=sys.stderr)
+    device, amp_dtype, _, _ = common.setup_device(args, sources)
+    if device.type == "cpu" and sources["precision"] == "auto" and saved.get("device") == "cpu":
+        # a CPU run's auto precision was measured (common.measure_precision): score as that run did
+        args.precision = saved.get("precision", "fp32")
+        amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    model = build_model(extra["preset"], len(itos), len(cats)).to(device)
+    model.load_state_dict(state["model"])
+    stoi, cat_index = {w: i for i, w in enumerate(itos)}, {c: i for i, c in enumerate(cats)}
+    train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
+    base_ppl = unigram_ppl(train_data, val_data, len(itos))
+    (val_loss, val_ppl), _ = common.evaluate_halving(
+        lambda bs: evaluate(model, val_data, device, amp_dtype, bs), Run.eval_bs, device, print)
+    step = state["step"]
+    print(f"model {path} (step {step}); {len(val_pairs)} validation queries; device {device.type}, "
+          f"precision {args.precision}")
+    print(f"step {step}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f} (unigram baseline {base_ppl:.2f})")
+    # value and unigram_ppl rounded as summary.json rounds them; val_loss and val_ppl unrounded
+    common.write_json_atomic(out / "eval.json", {
+        "trainer": "gru", "metric": "val_ppl", "value": round(val_ppl, 4), "checkpoint": str(Path(path).resolve()),
+        "step": step, "val_loss": val_loss, "val_ppl": val_ppl, "unigram_ppl": round(base_ppl, 4),
+        "val_queries": len(val_pairs), "preset": extra["preset"], "device": device.type, "precision": args.precision})
+    print(f"eval: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} ({val_ppl / base_ppl:.0%} of it); "
+          f"{out / 'eval.json'}")
     return 0
 
 

@@ -463,3 +463,86 @@ def test_rerun_without_out_resumes_the_killed_run_and_seed_spellings(tmp):
     assert "this run had already finished at step 30" in p.stdout
     p = run("train_gru.py", "--config", "original", cwd=tmp, check=2)
     assert p.stderr.strip() == "error: --config original: no such file; original is a preset here: use --preset original"
+
+
+# -- --eval-only and --tensorboard (issue 31) -----------------------------------------------------
+
+EVAL_FLAGS = [*SMALL, "--max-steps", "12", "--eval-every", "5", "--log-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """A small run under runs/ (so a command without --out finds it), validated at steps 5, 10 and 12,
+    with --tensorboard where the package is installed."""
+    import importlib.util
+    d = tmp_path_factory.mktemp("evalonly")
+    tb = ["--tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    run("train_gru.py", *EVAL_FLAGS, *tb, "--out", Path("runs") / "g", cwd=d, check=0)
+    return d, d / "runs" / "g"
+
+
+def test_eval_only_reproduces_the_summary_and_writes_nothing_else(eval_run):
+    """summary.json's `value` is report()'s validation of the weights at the last step, which the loop
+    always checkpoints (ckpt_step<last>.pt, the newest, kept by rotation); `best_value` is the lowest
+    validation, whose weights are best.pt. --eval-only --resume <last> gives `value` back, plain
+    --eval-only (best.pt) `best_value`, both to 1e-6 on figures rounded as the summary rounds them
+    (4 decimals; val_loss as metrics.jsonl rounds it, 6), and the run folder is byte-identical after."""
+    d, out = eval_run
+    s = read_json(out / "summary.json")
+    last = out / "checkpoints" / f"ckpt_step{s['steps']:08d}.pt"
+    before = tree_digest(out, skip="eval.json")
+    p = run("train_gru.py", *EVAL_FLAGS, "--eval-only", "--out", out, "--resume", last, cwd=d, check=0)
+    e = read_json(out / "eval.json")
+    assert e["metric"] == "val_ppl" and e["checkpoint"] == str(last.resolve()) and e["step"] == s["steps"]
+    assert abs(round(e["val_ppl"], 4) - s["value"]) <= 1e-6 and e["value"] == s["value"], (e, s)
+    final_val = [r for r in metrics(out) if "val_loss" in r][-1]
+    assert final_val["step"] == s["steps"] and abs(round(e["val_loss"], 6) - final_val["val_loss"]) <= 1e-6
+    assert e["unigram_ppl"] == s["unigram_ppl"]
+    # the training run's lines, as its report prints them
+    assert f"step {s['steps']}: val loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f} (unigram" in p.stdout
+    assert "eval: val perplexity" in p.stdout and "resumed" not in p.stdout and "train:" not in p.stderr
+    # no --out: the newest gru run under runs/; its best.pt
+    p = run("train_gru.py", *EVAL_FLAGS, "--eval-only", cwd=d, check=0)
+    e = read_json(out / "eval.json")
+    assert e["checkpoint"] == str((out / "checkpoints" / "best.pt").resolve())
+    assert abs(round(e["val_ppl"], 4) - s["best_value"]) <= 1e-6, (e, s)
+    assert tree_digest(out, skip="eval.json") == before  # status.json, metrics.jsonl, train.log, checkpoints/
+    assert sorted(f.name for f in d.iterdir()) == ["runs"] and [f.name for f in (d / "runs").iterdir()] == ["g"]
+
+
+def test_eval_only_on_other_data_says_so(eval_run):
+    d, out = eval_run
+    other = [f if f != "1500" else "1400" for f in EVAL_FLAGS]  # --dataset-size 1400: another split
+    p = call("train_gru.py", *other, "--eval-only", "--out", out, cwd=d)
+    assert p.returncode == 0, p.stderr
+    assert "note: --dataset-size 1400 (trained with 1500): the figures are for this command's" in p.stderr
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--out", "empty"], "--out empty: no checkpoint there; train first"),
+    (["--out", "missing"], "--out missing: no checkpoint there; train first"),
+    ([], "--eval-only: no run folder given and none found under runs/; pass --out RUN"),
+    (["--resume", "x.pt"], "--eval-only --resume x.pt: pass --out RUN too"),
+])
+def test_eval_only_without_a_checkpoint_is_one_error_line_and_writes_nothing(tmp, flags, expect):
+    (tmp / "empty").mkdir()
+    p = call("train_gru.py", *SMALL, "--eval-only", *flags, cwd=tmp)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + expect), p.stderr
+    assert sorted(f.name for f in tmp.iterdir()) == ["empty"] and not list((tmp / "empty").iterdir())
+
+
+def test_tensorboard_gets_the_log_lines_and_every_validation(eval_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out = eval_run
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/queries_per_s", "eval/val_ppl", "eval/val_loss"} <= set(tags), tags
+    assert "eval/loss" not in tags  # per-step training records reach the board through log_step only
+    assert [e.step for e in ea.Scalars("eval/val_ppl")] == [5, 10, 12]
+    assert [e.step for e in ea.Scalars("train/loss")] == [5, 10, 12]
+    vals = {r["step"]: r["val_ppl"] for r in metrics(out) if "val_ppl" in r}
+    assert [e.value for e in ea.Scalars("eval/val_ppl")] == pytest.approx([vals[5], vals[10], vals[12]], abs=1e-3)
