@@ -55,8 +55,9 @@ PRESETS = {  # name: (layers, dim, heads, ffn, positions, token types); fasttext
 
 parser = common.make_parser(  # check_flags sets --epochs by model
     __doc__, trainer="classifier", epochs=None, lr=None, effective_batch=16, save_every=50, keep=2,
-    epochs_help=f"passes over the training data (default: by preset: fasttext {FASTTEXT_EPOCHS}, small/distilbert/"
-                f"bert {SCRATCH_EPOCHS}, --pretrained {PRETRAINED_EPOCHS}; with --quick {FASTTEXT_EPOCHS // 2}, 3 and 1)")
+    epochs_help=f"passes over the training data (default: by preset: fasttext {FASTTEXT_EPOCHS}, "
+                f"small/distilbert/bert {SCRATCH_EPOCHS}, --pretrained {PRETRAINED_EPOCHS}; with --quick "
+                f"{FASTTEXT_EPOCHS // 2}, 3 and 1)")
 g = parser.add_argument_group("classifier")
 g.add_argument("--data", metavar="CSV", help="training CSV with columns text,label (default: built-in receipt items)")
 g.add_argument("--val-data", metavar="CSV",
