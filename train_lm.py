@@ -6,6 +6,7 @@ however big the corpus), AMP + exact gradient accumulation, tokens/s and model-F
 
     python train_lm.py --quick --out runs/lm                      # laptop CPU, ~40 s on 2 cores
     python train_lm.py sample --out runs/lm --prompt "The with statement"
+    python train_lm.py --quick --out runs/lm --eval-only          # score its best.pt again: eval.json
     python train_lm.py --arch eigen --quick --out runs/lme        # the linear-time eigenstate model
     python train_lm.py --arch eigen --seq-len 32768 --d-model 64 --n-layer 2 --batch-size 1 --max-steps 20 --out e32k
     python train_lm.py prepare --input ~/books/ --out-data data/books        # pack your text once
@@ -24,7 +25,6 @@ written here from its math: a diagonal complex linear recurrence of the S4D/LRU 
 
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
@@ -100,8 +100,6 @@ def add_model_flags(p):
                         "noisy batches (nanoGPT's shakespeare_char); 0.95 is the GPT-2-sized-batch value "
                         "(train_sft.py keeps it)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard logs to <out>/tb (needs `pip install tensorboard`)")
 
 
 parser = common.make_parser(__doc__, trainer="lm", epochs=1, lr=None, effective_batch=32,
@@ -698,12 +696,6 @@ def resolve_shape(args, sources, log):
 
 def check_flags(args):
     """Flag values argparse cannot check alone (train_sft.py calls it too)."""
-    if args.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")  # lazily: most runs never need it
-        except ImportError:
-            raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
-                            "metrics.jsonl has the same numbers")
     if not 0 <= args.weight_decay < 1:
         raise UserError(f"--weight-decay {args.weight_decay}: must be in [0, 1)")
     if not 0 < args.beta2 < 1:
@@ -787,6 +779,8 @@ def main(argv=None):
         data_dir = Path(args.data) if args.data else builtin_corpus(notes.append)
     meta = load_meta(data_dir, args.seq_len)
     cfg = model_config(args, meta["vocab_size"])
+    if args.eval_only:
+        return eval_only(args, sources, cfg, data_dir, meta, notes)
     run = start(args, sources, notes, "lm", "val_bpb", lambda state, path, world: check_resume(
         state, path, cfg, world, task="lm"))
     try:
@@ -852,13 +846,6 @@ def wrap(model, args, ranks):
     return ranks.wrap(torch.compile(model) if args.compile else model)
 
 
-def tensorboard(args, out):
-    """A SummaryWriter into <out>/tb with --tensorboard, else None (imported only then)."""
-    if not args.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out / "tb"))
-
 def train(args, sources, run, cfg, data_dir, meta):
     out, log, status, device, ranks, state = run.out, run.log, run.status, run.device, run.ranks, run.state
     log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
@@ -901,7 +888,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(cfg)
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token, {tokens_per_step:,} tokens per step")
-    tb = tensorboard(args, out) if ranks.is_main else None
+    tb = common.tensorboard(args, out) if ranks.is_main else None
     windows = val_windows(data_dir / "val.bin", meta["val_tokens"], args.seq_len, args.eval_tokens)
     eval_bs = micro_bs  # halved for good if a validation batch runs out of memory
     loader = step_loader(get_batch, args, device, steps=range(step, max(step, total_steps)),
@@ -952,7 +939,7 @@ def train(args, sources, run, cfg, data_dir, meta):
                      micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen, best_now=is_best)
             ranks.barrier()  # no rank runs ahead of a checkpoint being written
         if stop:
-            return stopped(run, bar, step, why)
+            return stopped(run, bar, tb, step, why)
     del batch_iter  # its worker processes end here
     if bar is not None:
         bar.close()
@@ -1000,16 +987,13 @@ def log_interval(run, bar, tb, *, step, total, loss, lr, elapsed, steps, tokens,
     mfu, seconds = fpt * tps / (peak * run.ranks.world), time.time() - t_start
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
     mem = common.log_step(run.log, step, total, loss, lr, elapsed=elapsed, steps=steps, items=tokens, unit="tokens",
-                          device=run.device, extra=f" | MFU {100 * mfu:.1f}%")
+                          device=run.device, extra=f" | MFU {100 * mfu:.1f}%", tb=tb)
     common.append_metrics(run.out, {"step": step, "loss": round(loss, 6), "lr": lr,
                                     "ms_per_step": round(1000 * elapsed / steps, 1), "tokens_per_s": round(tps),
                                     "mfu": round(mfu, 4), "peak_mem_mb": common.peak_memory_mb(run.device)})
     common.update_status(run.out, run.status, step=step, epoch=epoch, loss=round(loss, 5),
                          samples_per_s=round(global_batch * (step - start_step) / seconds, 1), tokens_per_s=round(tps),
                          mfu=round(mfu, 4), eta_s=round((total - step) * seconds / (step - start_step)), **mem)
-    if tb:
-        tb.add_scalar("train/loss", loss, step)
-        tb.add_scalar("train/tokens_per_s", tps, step)
     return peak
 
 
@@ -1018,11 +1002,9 @@ def validate(run, tb, model, windows, *, step, bs):
     metrics.jsonl record, log line, status.json and TensorBoard. Returns (bits/byte, the bs that fitted)."""
     (val_loss, bpb), bs = common.evaluate_halving(lambda b: evaluate(model, windows, run.device, run.amp_dtype, b),
                                                   bs, run.device, run.log)
-    common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(bpb, 5)})
+    common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(bpb, 5)}, tb)
     run.log(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte ({len(windows)} windows)")
     common.update_status(run.out, run.status, metric=round(bpb, 5))
-    if tb:
-        tb.add_scalar("val/bpb", bpb, step)
     return bpb, bs
 
 
@@ -1047,12 +1029,14 @@ def totals(run, t_start, samples):
             samples_before + samples)
 
 
-def stopped(run, bar, step, why):
+def stopped(run, bar, tb, step, why):
     """A stop request (a signal, the STOP file, another rank) after the checkpoint of `step`."""
     run.log(f"stopped by {why or 'another rank'} at step {step}; re-run the same command to resume")
     if run.ranks.is_main:
         common.update_status(run.out, run.status, state="stopped", step=step)
         bar.close()
+    if tb:
+        tb.close()
     return 0
 
 
@@ -1088,7 +1072,7 @@ def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t
 
 
 # -----------------------------------------------------------------------------
-# sample: text from a trained run; greedy decoding for train_sft.py
+# sample: text from a trained run; greedy decoding for train_sft.py; --eval-only
 
 def sample_parser():
     p = common.Parser(prog="train_lm.py sample", allow_abbrev=False, formatter_class=common.HelpFormat,
@@ -1167,6 +1151,57 @@ def load_model(args, trainer):
     model = LM(state["model_cfg"]).to(device)
     model.load_state_dict(state["model"])
     return model, state, path, device
+
+
+def eval_model(args, sources, cfg, trainer):
+    """--eval-only's model (train_sft.py's too): the run folder (--out, else the newest `trainer` run
+    under runs/), its best.pt or --resume CKPT, checked against this command's model flags, on
+    --device, in the precision the run trained in (unless --precision is typed), with the batch its
+    report evaluated at (the checkpoint's micro-batch; the sum's order sets the last digits).
+    Writes nothing. Returns (out, model, checkpoint, its path, device, amp_dtype, batch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--eval-only: runs as one process (no torchrun)")
+    out = Path(args.out) if args.out else common.newest_run(trainer)
+    if out is None:
+        raise UserError(f"--eval-only: no {common.TRAINERS[trainer]} run under runs/ to evaluate; pass --out RUN")
+    state, path = common.load_run_model(out, "--out", trainer, "model_cfg", resume=args.resume)
+    if state.get("task", "lm") != trainer:
+        raise UserError(f"--eval-only: {path} is a {common.TRAINERS[state.get('task', 'lm')]} run; evaluate it "
+                        f"with that trainer")
+    if state["model_cfg"] != cfg:
+        diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
+                         if state["model_cfg"].get(k) != v)
+        raise UserError(f"--eval-only: {path} was trained with {diff}; repeat the training command's flags")
+    typed = sources.get("precision") == "flag"
+    device, amp_dtype, _, _ = common.setup_device(args, sources)
+    saved = (state.get("args") or {}).get("precision")
+    if not typed and saved in ("fp32", "bf16", "fp16"):
+        args.precision = "fp32" if saved == "fp16" and device.type == "cpu" else saved  # fp16 runs on CUDA only here
+        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    model = LM(state["model_cfg"]).to(device)
+    model.load_state_dict(state["model"])
+    return out, model, state, path, device, amp_dtype, int(state.get("micro_bs", 1))
+
+
+def eval_only(args, sources, cfg, data_dir, meta, notes):
+    """--eval-only: the report's validation figures for a saved model (eval_model), printed and
+    written to <out>/eval.json. No checkpoint, status.json, metrics.jsonl or train.log is touched.
+    The LM's data has no test split: its validation windows are the whole evaluation."""
+    for note in notes:
+        print(note)
+    out, model, state, path, device, amp_dtype, bs = eval_model(args, sources, cfg, "lm")
+    windows = val_windows(data_dir / "val.bin", meta["val_tokens"], args.seq_len, args.eval_tokens)
+    (val_loss, val_bpb), _ = common.evaluate_halving(lambda b: evaluate(model, windows, device, amp_dtype, b),
+                                                     bs, device, print)
+    common.write_json_atomic(out / "eval.json", {
+        "trainer": "lm", "metric": "val_bpb", "value": round(val_bpb, 5), "val_loss": round(val_loss, 6),
+        "val_bpb": round(val_bpb, 5), "checkpoint": str(path), "step": state["step"], "data": str(data_dir),
+        "val_windows": len(windows), "val_tokens": len(windows) * args.seq_len, "test": None,
+        "device": device.type, "precision": args.precision, "batch": bs})
+    print(f"eval: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) on "
+          f"{len(windows)} windows of {data_dir} (no test split), model {path} (step {state['step']}); "
+          f"{out / 'eval.json'}")
+    return 0
 
 
 def run_sample(argv):

@@ -7,6 +7,7 @@ answers. One visible loop, like train_lm.py's.
 
     python train_sft.py --quick --out runs/cmd                    # laptop CPU, ~3 min on 2 cores
     python train_sft.py ask --out runs/cmd "list files by size" "show git status"
+    python train_sft.py --quick --out runs/cmd --eval-only        # score its best.pt again: eval.json
     python train_sft.py --cpu-only --out runs/cmd-cpu             # the seed's CPU mode (table at start)
     python train_lm.py --quick --out runs/lm && python train_sft.py --init-from runs/lm --out runs/ft
     python train_sft.py --download-data https://host/pairs.jsonl --sha256 HEX --out runs/dl
@@ -40,8 +41,8 @@ import torch.nn.functional as F
 import common
 from common import UserError
 from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, describe, device_peak, encode,
-                      flops_per_token, greedy_batch, load_model, log_interval, log_presets, make_optimizer,
-                      model_config, resolve_shape, resume, save, start, step_loader, stopped, tensorboard, totals,
+                      eval_model, flops_per_token, greedy_batch, load_model, log_interval, log_presets,
+                      make_optimizer, model_config, resolve_shape, resume, save, start, step_loader, stopped, totals,
                       wrap)
 
 # -----------------------------------------------------------------------------
@@ -557,9 +558,11 @@ def main(argv=None):
         raise UserError("--continuous-learning: runs as one process (no torchrun)")
     # -- data, validated before the run folder is touched
     data = dict(zip(("train", "val", "test"), sft_pairs(args, notes.append)))
+    cfg = model_config(args, SFT_VOCAB)
+    if args.eval_only:
+        return eval_only(args, sources, cfg, data, notes)
     if args.continuous_learning:
         open_feedback_db(args.feedback_db, create=True).close()  # a bad path or file fails now, not after training
-    cfg = model_config(args, SFT_VOCAB)
     run = start(args, sources, notes, "sft", "val_loss", lambda state, path, world: check_resume(
         state, path, cfg, world, task="sft"))
     try:
@@ -619,7 +622,7 @@ def train(args, sources, run, cfg, data, init):
     peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))))  # attention at the average pair length
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token, {tokens_per_step:,.0f} tokens per step")
-    tb = tensorboard(args, out) if ranks.is_main else None
+    tb = common.tensorboard(args, out) if ranks.is_main else None
     eval_bs = micro_bs  # halved for good if a validation batch runs out of memory
     loader = step_loader(sft_batch, args, device, steps=range(step, max(step, total_steps)), examples=examples,
                          seed=args.seed, global_batch=G, rank=ranks.rank, per_rank=E, seq_len=args.seq_len)
@@ -675,7 +678,7 @@ def train(args, sources, run, cfg, data, init):
                      micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen, best_now=is_best)
             ranks.barrier()  # no rank runs ahead of a checkpoint being written
         if stop:
-            return stopped(run, bar, step, why)
+            return stopped(run, bar, tb, step, why)
     del batch_iter  # its worker processes end here
     if bar is not None:
         bar.close()
@@ -685,14 +688,14 @@ def train(args, sources, run, cfg, data, init):
     report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
            start_step=start_step, t_start=t_start, samples=samples_seen, mean_len=mean_len, fpt=fpt, peak=peak,
            n_params=n_params, global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args, run.log))
+    if args.continuous_learning:  # a kept round saves a new checkpoint, and best.pt (what ask serves), at its step
+        save_round = functools.partial(save, run, args, model, optimizer, scheduler, task="sft", cfg=cfg, best=best,
+                                       micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen,
+                                       best_now=True)
+        feedback_rounds(args, run, tb, model, micro_bs, E, examples, data["test"], step=step, save_round=save_round)
     if tb:
         tb.close()
-    if not args.continuous_learning:
-        return 0
-    # a kept round saves a new checkpoint, and best.pt (what ask serves), at the round's step
-    save_round = functools.partial(save, run, args, model, optimizer, scheduler, task="sft", cfg=cfg, best=best,
-                                   micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen, best_now=True)
-    return feedback_rounds(args, run, model, micro_bs, E, examples, data["test"], step=step, save_round=save_round)
+    return 0
 
 
 def render_splits(data, seq_len, log):
@@ -750,11 +753,9 @@ def validate(run, tb, model, val_examples, args, *, step, bs):
     metrics.jsonl record, log line, status.json and TensorBoard. Returns (val loss, the bs that fitted)."""
     val_loss, bs = common.evaluate_halving(lambda b: evaluate_sft(model, val_examples, run.device, run.amp_dtype, b,
                                                                   args.seq_len), bs, run.device, run.log)
-    common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6)})
+    common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6)}, tb)
     run.log(f"step {step}: val loss {val_loss:.4f} nats per answer token ({len(val_examples)} pairs)")
     common.update_status(run.out, run.status, metric=round(val_loss, 5))
-    if tb:
-        tb.add_scalar("val/loss", val_loss, step)
     return val_loss, bs
 
 def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, start_step, t_start, samples,
@@ -797,10 +798,11 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
 # -----------------------------------------------------------------------------
 # continuous learning: fine-tune on rated answers from the feedback store (SQLite), after training
 
-def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step, save_round):
+def feedback_rounds(args, run, tb, model, micro_bs, E, examples, test_pairs, *, step, save_round):
     """--continuous-learning: watch --feedback-db; at --retrain-threshold new well-rated rows,
     fine-tune on them with --replay of the original pairs, keep the result only if the test
-    split's exact command accuracy is not worse, record the rows as used, and watch again. Each
+    split's exact command accuracy is not worse, record the rows as used (metrics.jsonl and
+    TensorBoard get the round's record), and watch again. Each
     round starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has ended at
     zero, and a small step keeps the round from undoing what the model knew."""
     out, log, status, stop, device, amp_dtype = run.out, run.log, run.status, run.stop, run.device, run.amp_dtype
@@ -863,7 +865,7 @@ def feedback_rounds(args, run, model, micro_bs, E, examples, test_pairs, *, step
         rec = {"round": round_no, "step": step, "rows": len(rows), "first_id": rows[0]["id"], "last_id": rows[-1]["id"],
                "round_steps": n_steps, "loss": round(loss, 6), "test_exact_before": round(exact, 4),
                "test_exact_after": round(after, 4), "test_substring_after": round(after_sub, 4), "kept": kept}
-        common.append_metrics(out, rec)
+        common.append_metrics(out, rec, tb)
         log(f"round {round_no}: test exact {exact:.1%} -> {after:.1%}: "
             + (f"kept (checkpoint step {step})" if kept else "worse, rolled back"))
         exact = after if kept else exact
@@ -1080,7 +1082,35 @@ def used_rows(db_path, run=None):
 
 
 # -----------------------------------------------------------------------------
-# serve: ask turns requests into commands, rate records the user's verdict on an answer ask logged
+# serve: --eval-only scores a saved model, ask turns requests into commands, rate records the
+# user's verdict on an answer ask logged
+
+def eval_only(args, sources, cfg, data, notes):
+    """--eval-only: the report's figures for a saved model (train_lm.eval_model: best.pt or
+    --resume CKPT), val loss on the val pairs and command accuracy on the test pairs of this
+    command's data (the split is a hash of each request: the same as in training), printed and
+    written to <out>/eval.json. No checkpoint, status.json, metrics.jsonl or train.log is touched."""
+    for note in notes:
+        print(note)
+    out, model, state, path, device, amp_dtype, bs = eval_model(args, sources, cfg, "sft")
+    val_examples = [render(p) for p in data["val"]]
+    val_loss, _ = common.evaluate_halving(
+        lambda b: evaluate_sft(model, val_examples, device, amp_dtype, b, args.seq_len), bs, device, print)
+    print(f"scoring the {len(data['test'])} test pairs: greedy decoding of every answer (about a minute on a CPU)")
+    exact, sub, answers = command_accuracy(model, data["test"], device)
+    common.write_json_atomic(out / "eval.json", {
+        "trainer": "sft", "task": "sft", "metric": "val_loss", "value": round(val_loss, 6),
+        "val_loss": round(val_loss, 6), "val_pairs": len(data["val"]), "command_exact": round(exact, 4),
+        "command_substring": round(sub, 4), "test_pairs": len(data["test"]), "checkpoint": str(path),
+        "step": state["step"], "device": device.type, "precision": args.precision, "batch": bs})
+    print(f"eval: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
+          f"{val_loss:.4f} nats per answer token ({len(data['val'])} pairs), model {path} (step {state['step']}); "
+          f"{out / 'eval.json'}")
+    for p, a in list(zip(data["test"], answers))[:5]:
+        print(f"  {p['input']!r} -> {command_of(a)!r}" + ("" if command_of(a) == command_of(p["output"]) else
+                                                       f" (expected {command_of(p['output'])!r})"))
+    return 0
+
 
 def ask_parser():
     p = common.Parser(prog="train_sft.py ask", allow_abbrev=False, formatter_class=common.HelpFormat,

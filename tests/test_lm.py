@@ -322,6 +322,53 @@ def test_resource_efficient_and_config_file(tmp):
     assert read_json(tmp / "c" / "args.json")["settings"]["seq_len"] == {"value": 64, "source": "optimal_config.json"}
 
 
+# -- --eval-only and --tensorboard ---------------------------------------------------------------
+
+def test_eval_only_reproduces_the_final_validation_and_writes_nothing_else(tmp):
+    """report() scores the model as the loop left it: the weights of the last step's checkpoint
+    (ckpt_step00000006.pt: a run always saves at its last step), at the checkpoint's micro-batch.
+    So --eval-only --resume that file gives summary.json's value and val_loss (both rounded as
+    there: measured equal to the digit). Without --out it takes the newest train_lm.py run under
+    runs/, without --resume its best.pt: the best of the evaluations at steps 3 and 6, best_value."""
+    flags = [*TINY, "--max-steps", "6", "--eval-every", "3", "--log-every", "3"]
+    run("train_lm.py", *flags, "--out", "runs/r", cwd=tmp, check=0)
+    out = tmp / "runs" / "r"
+    s, before = read_json(out / "summary.json"), tree_digest(out)
+    p = run("train_lm.py", *flags, "--eval-only", "--out", "runs/r", "--resume",
+            "runs/r/checkpoints/ckpt_step00000006.pt", cwd=tmp, check=0)
+    e = read_json(out / "eval.json")
+    assert e["metric"] == "val_bpb" and e["checkpoint"].endswith("ckpt_step00000006.pt") and e["step"] == 6, e
+    assert e["value"] == s["value"] and abs(e["val_loss"] - s["val_loss"]) <= 1e-6, (e, s)
+    assert f"eval: val {s['value']:.4f} bits/byte ({s['val_loss']:.4f} nats/token" in p.stdout
+    # checkpoints, status.json, metrics.jsonl, train.log, summary.json: all as they were
+    assert tree_digest(out, skip="eval.json") == before
+    i = flags.index("--precision")
+    untyped = flags[:i] + flags[i + 2:]  # eval-only then takes the checkpoint's precision
+    run("train_lm.py", *untyped, "--eval-only", cwd=tmp, check=0)
+    e = read_json(out / "eval.json")
+    assert e["checkpoint"].endswith("best.pt") and e["value"] == s["best_value"] and e["precision"] == "fp32", e
+    assert tree_digest(out, skip="eval.json") == before and not (tmp / "runs" / "r" / "tb").exists()
+
+
+def test_tensorboard_gets_the_log_lines_and_the_evaluations(tmp):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run("train_lm.py", *TINY, "--max-steps", "4", "--log-every", "2", "--eval-every", "2", "--tensorboard",
+        "--out", "r", cwd=tmp, check=0)
+    assert list((tmp / "r" / "tb").glob("events.out.tfevents.*"))
+    ea = EventAccumulator(str(tmp / "r" / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/val_bpb", "eval/val_loss"} <= tags, tags
+    assert [e.step for e in ea.Scalars("train/loss")] == [e.step for e in ea.Scalars("eval/val_bpb")] == [2, 4]
+    # the numbers metrics.jsonl has (TensorBoard keeps float32)
+    recs = metrics(tmp / "r")
+    assert [e.value for e in ea.Scalars("eval/val_bpb")] == pytest.approx([r["val_bpb"] for r in recs
+                                                                           if "val_bpb" in r], abs=1e-5)
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs if "loss" in r],
+                                                                         abs=1e-5)
+
+
 # -- user mistakes: one line on stderr, exit 2, nothing already saved is touched ----------------
 
 
@@ -367,6 +414,8 @@ def saved_run(tmp_path_factory):
     (["--precision", "fp16"], "fp16 needs CUDA"),
     (["--out", "afile/run"], "--out afile/run"),
     (["--tensorboard"], "--tensorboard: the tensorboard package is not installed"),
+    (["--eval-only", "--out", "run2"], "--out run2: no checkpoint there; train first"),
+    (["--eval-only", "--d-model", "64"], "run/checkpoints/best.pt was trained with d_model 32 (now 64)"),
     (["--resume", "foreign.pt", "--out", "run2"], "foreign.pt is not a train_lm.py checkpoint"),
     (["--resume", "tensor.pt", "--out", "run2"], "tensor.pt is not a train_lm.py checkpoint"),
     (["--data", "latin1meta"], "--data latin1meta: no readable meta.json (UnicodeDecodeError)"),
@@ -393,7 +442,8 @@ def test_bad_input_exits_2_with_one_line_and_keeps_saved_files(saved_run, flags,
 
 @pytest.mark.parametrize("args,expect", [
     (["--out", "grurun"], "--out grurun: grurun/checkpoints/best.pt is not a train_lm.py checkpoint"),
-    (["--out", "run", "--resume", "grurun/checkpoints/best.pt"], "--resume grurun/checkpoints/best.pt: made by train_gru.py, not train_lm.py"),
+    (["--out", "run", "--resume", "grurun/checkpoints/best.pt"],
+     "--resume grurun/checkpoints/best.pt: made by train_gru.py, not train_lm.py"),
     (["--out", "run", "--resume", "tensor.pt"], "tensor.pt is not a train_lm.py checkpoint (it holds a Tensor)"),
 ])
 def test_sample_from_another_trainers_checkpoint_exits_2(saved_run, args, expect):

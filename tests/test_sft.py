@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, assert_plan_near_peak, call, metrics, popen, read_json, run
+from conftest import REPO, assert_plan_near_peak, call, metrics, popen, read_json, run, tree_digest
 
 import train_sft
 
-# a model that steps in a few ms: for runs that check plumbing, not learning
-TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160", "--precision", "fp32"]  # fp32: as test_lm's
+# a model that steps in a few ms: for runs that check plumbing, not learning (fp32: as test_lm's)
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160", "--precision", "fp32"]
 
 
 def few_pairs(d):
@@ -235,6 +235,47 @@ def test_validation_oom_halves_its_batch_and_keeps_it(tmp, monkeypatch):
     assert read_json(tmp / "oom" / "summary.json")["steps"] == 2
 
 
+def test_eval_only_reproduces_val_loss_and_command_accuracy_and_writes_nothing_else(tmp):
+    """report() scores the model as the loop left it: the weights of the last step's checkpoint
+    (ckpt_step00000006.pt: a run always saves at its last step), the val loss at the checkpoint's
+    micro-batch, then greedy decoding of the test pairs. So --eval-only --resume that file gives
+    summary.json's val loss (both rounded to 6 decimals: measured equal) and command accuracy."""
+    flags = ["--quick", *TINY, *few_pairs(tmp), "--batch-size", "4", "--grad-accum", "2", "--max-steps", "6",
+             "--eval-every", "3"]
+    run("train_sft.py", *flags, "--out", "r", cwd=tmp, check=0)
+    s, before = read_json(tmp / "r" / "summary.json"), tree_digest(tmp / "r")
+    p = run("train_sft.py", *flags, "--eval-only", "--out", "r", "--resume", "r/checkpoints/ckpt_step00000006.pt",
+            cwd=tmp, check=0)
+    e = read_json(tmp / "r" / "eval.json")
+    assert e["metric"] == "val_loss" and e["step"] == 6 and e["checkpoint"].endswith("ckpt_step00000006.pt"), e
+    assert abs(e["value"] - s["value"]) <= 1e-6 and e["val_loss"] == e["value"], (e, s)
+    keys = ("command_exact", "command_substring", "test_pairs")
+    assert {k: e[k] for k in keys} == {k: s[k] for k in keys} and e["val_pairs"] > 0, (e, s)
+    assert "eval: test command accuracy" in p.stdout and f"val loss {s['value']:.4f} nats" in p.stdout
+    # checkpoints, status.json, metrics.jsonl, train.log, summary.json: all as they were
+    assert tree_digest(tmp / "r", skip="eval.json") == before
+    # a folder with no checkpoint: one line, exit 2, nothing made
+    p = call("train_sft.py", *flags, "--eval-only", "--out", "empty", cwd=tmp)
+    assert p.returncode == 2 and "--out empty: no checkpoint there" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp / "empty").exists()
+
+
+def test_tensorboard_gets_the_log_lines_and_the_validations(tmp):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run("train_sft.py", "--quick", *TINY, *few_pairs(tmp), "--batch-size", "4", "--grad-accum", "1", "--max-steps", "4",
+        "--log-every", "2", "--eval-every", "2", "--tensorboard", "--out", "r", cwd=tmp, check=0)
+    assert list((tmp / "r" / "tb").glob("events.out.tfevents.*"))
+    ea = EventAccumulator(str(tmp / "r" / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/val_loss"} <= tags, tags
+    assert [e.step for e in ea.Scalars("train/loss")] == [e.step for e in ea.Scalars("eval/val_loss")] == [2, 4]
+    recs = metrics(tmp / "r")  # the same numbers (TensorBoard keeps float32)
+    assert [e.value for e in ea.Scalars("eval/val_loss")] == pytest.approx([r["val_loss"] for r in recs
+                                                                            if "val_loss" in r], abs=1e-5)
+
+
 def test_continuous_learning_rounds(sft_run, tmp):
     d, out, _ = sft_run
     db = tmp / "fb.db"
@@ -249,8 +290,8 @@ def test_continuous_learning_rounds(sft_run, tmp):
     first = add(4, 0)
     bad = train_sft.log_interaction(db, "   ", "<command>ls</command>")  # empty request: skipped, warned
     train_sft.rate_interaction(db, bad, 1, success=1)
-    p = popen("train_sft.py", *QUICK, "--out", str(out), "--continuous-learning", "--feedback-db", str(db), "--retrain-threshold", "4",
-              "--poll-every", "0.2", "--max-rounds", "2", "--round-epochs", "1", cwd=d)
+    p = popen("train_sft.py", *QUICK, "--out", str(out), "--continuous-learning", "--feedback-db", str(db),
+              "--retrain-threshold", "4", "--poll-every", "0.2", "--max-rounds", "2", "--round-epochs", "1", cwd=d)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not any("round" in r for r in metrics(out)):
