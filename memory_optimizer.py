@@ -338,7 +338,7 @@ def top_processes(n):
                 rss_mb = p.memory_info().rss / 2**20
                 name = p.name()
                 try:
-                    cmd = " ".join(p.cmdline())
+                    cmd = " ".join(" ".join(p.cmdline()).split())  # one line: a `python -c` script has newlines
                 except (psutil.AccessDenied, psutil.ZombieProcess):
                     cmd = ""  # the memory figure is still worth showing
         except (psutil.NoSuchProcess, psutil.AccessDenied):
