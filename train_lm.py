@@ -742,7 +742,8 @@ def start(args, sources, notes, trainer, metric, check):
     ranks = common.process_group(args)  # first: under torchrun it picks this rank's GPU for setup_device
     out, (device, amp_dtype, scaler, prec_why), state, resumed_from, more_notes = common.open_run(args, sources)
     check(state, resumed_from, ranks.world)
-    log, status, stop = ranks.start(out, args, trainer, metric, notes + more_notes, device)
+    # open_run's notes first: a re-run that resumes says so in its first line
+    log, status, stop = ranks.start(out, args, trainer, metric, more_notes + notes, device)
     return Run(out, log, status, stop, device, amp_dtype, scaler, prec_why, ranks, state, resumed_from)
 
 
