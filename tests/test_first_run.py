@@ -1,0 +1,67 @@
+"""Issue 31, in every trainer: the same command, run without --out, killed with kill -9 after its
+first checkpoint and run again, goes on in the same runs/ folder (one folder) and ends with the
+weights of an uninterrupted run, bit for bit. tests/test_gru.py holds the GRU's case and the rest
+of the contract (another command starts a new folder, a finished run says so); the four others
+share common.open_run, and this checks each one end to end with its own small shape."""
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import popen, read_json, run, wait_for
+
+# each trainer's small shape (fp32 typed: an untyped precision is timed on the CPU, and the two runs
+# compared must not differ by what a busy machine made of that timing), and the step to kill after:
+# past the first checkpoint (--save-every 5), before the end
+SHAPES = {
+    "classifier": (["--preset", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5",
+                    "--log-every", "1", "--precision", "fp32"], 8),
+    "asr": (["--quick", "--dataset-size", "64", "--batch-size", "16", "--max-steps", "20", "--save-every", "5",
+             "--log-every", "1", "--eval-every", "8"], 7),
+    "lm": (["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
+            "--grad-accum", "2", "--eval-tokens", "512", "--precision", "fp32", "--max-steps", "40", "--save-every",
+            "5", "--eval-every", "10", "--log-every", "2"], 12),
+    "sft": (["--quick", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--seq-len", "160", "--precision",
+             "fp32", "--data", "few.jsonl", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "30",
+             "--save-every", "5", "--eval-every", "10", "--log-every", "2"], 12),
+}
+
+
+def step_reached(run_dirs, n):
+    for d in run_dirs:
+        try:
+            if read_json(d / "status.json").get("step", 0) >= n:
+                return True
+        except (OSError, ValueError):  # not written yet, or caught mid-replace
+            pass
+    return False
+
+
+def last_weights(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("ckpt_step*.pt"))
+    return torch.load(ckpts[-1], weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_rerun_without_out_after_kill_9_resumes_the_same_folder_bit_for_bit(name, tmp):
+    flags, kill_at = SHAPES[name]
+    if name == "sft":  # every 30th built-in pair: a plumbing run, its test split decodes in seconds
+        import train_sft
+        (tmp / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_sft.builtin_pairs()[::30]))
+    script = f"train_{name}.py"
+    run(script, *flags, "--out", "ref", cwd=tmp, check=0)
+    proc = popen(script, *flags, cwd=tmp)
+    wait_for(lambda: step_reached((tmp / "runs").glob(f"{name}-*"), kill_at), timeout=240, what=f"step {kill_at}")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    (killed,) = (tmp / "runs").glob(f"{name}-*")
+    assert not (killed / "summary.json").exists()
+    p = run(script, *flags, cwd=tmp, check=0)
+    assert p.stdout.startswith(f"resuming {Path('runs') / killed.name}, the newest unfinished run of this command")
+    assert "resumed from" in p.stdout
+    assert [d.name for d in (tmp / "runs").iterdir()] == [killed.name]
+    ref, got = last_weights(tmp / "ref"), last_weights(killed)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert read_json(killed / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
