@@ -681,8 +681,9 @@ def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
 def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
     """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs): one forward+backward at bs,
     the bytes it needed (or an out-of-memory error). `resumed` = a checkpoint's (micro, accum),
-    kept unless --batch-size/--grad-accum are typed with the same product (the seeds' remedy after
-    an out-of-memory error: resume with --batch-size 1 --grad-accum 8; same batch, same data)."""
+    kept unless --batch-size/--grad-accum are typed: with the same product the run goes on as
+    before (the seeds' remedy after an out-of-memory error: resume with --batch-size 1
+    --grad-accum 8); with another, the trainer moves its position with rebatch."""
     E = args.effective_batch
     if resumed:
         micro, accum = resumed
@@ -690,12 +691,10 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
         if any(typed):
             want_micro = args.batch_size if typed[0] else max(1, micro * accum // args.grad_accum)
             want_accum = args.grad_accum if typed[1] else max(1, micro * accum // want_micro)
-            if want_micro * want_accum != micro * accum:
-                raise UserError(f"--batch-size {want_micro} x --grad-accum {want_accum} = {want_micro * want_accum}, "
-                                f"but the checkpoint being resumed trains {micro} x {accum} = {micro * accum} a step: "
-                                f"give a pair whose product is {micro * accum}, or start over with --no-resume")
-            why = (f"{want_micro} x {want_accum} as typed, for the checkpoint's {micro} x {accum}: the same "
-                   "effective batch, so the run goes on as before (accumulation is exact, up to float rounding)")
+            why = (f"{want_micro} x {want_accum} as typed, for the checkpoint's {micro} x {accum}: " + (
+                "the same effective batch, so the run goes on as before (accumulation is exact, up to float "
+                "rounding)" if want_micro * want_accum == micro * accum else f"a new effective batch (was "
+                f"{micro * accum}): the run goes on, no longer bit-identical to an uninterrupted one"))
             micro, accum = want_micro, want_accum
         else:
             why = "from the checkpoint being resumed"
@@ -1104,6 +1103,21 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, log=print
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state.get("wall_s", 0.0), state.get("train_s", 0.0), state.get("samples", 0)
+
+
+def rebatch(scheduler, step, pos, *, per_epoch, total, log=print):
+    """A resume with a new effective batch: (step, pos) of the checkpoint, which counted old batches,
+    moved to the same share of the epoch (pos: batches of it done) and of the schedule, for
+    per_epoch = (old, new) batches an epoch and total = (old, new) steps in the run; the
+    learning rate follows (LambdaLR: base x factor(step)). The batches either side of the cut are
+    drawn anew, so up to one new batch of the epoch is seen twice or not at all."""
+    new_step, new_pos = step * total[1] // total[0], pos * per_epoch[1] // per_epoch[0]
+    scheduler.last_epoch = new_step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(new_step)
+    log(f"new effective batch: step {step} of {total[0]} is now step {new_step} of {total[1]} (batch {new_pos} "
+        f"of {per_epoch[1]} in this epoch), the learning rate schedule moved with it")
+    return new_step, new_pos
 
 
 def _atomic_torch_save(obj, path, also=None):

@@ -565,15 +565,21 @@ def validate(run, model, val_data, *, step=None, epoch=None, base_ppl=None):
     return val_loss, val_ppl
 
 
-def resume(run, model, optimizer, scheduler):
+def resume(run, model, optimizer, scheduler, *, n_train, G, total_steps):
     """The loop's position (step, epoch, batch of the epoch, best val perplexity): from the checkpoint
-    being resumed, with the model, optimizer, scheduler, scaler and RNG as they were; else the start."""
+    being resumed, with the model, optimizer, scheduler, scaler and RNG as they were (moved to a new
+    global batch G when one was typed); else the start."""
     run.wall_before, run.train_before, run.samples_before = common.restore_training_state(
         run.state, model, optimizer, scheduler, run.scaler)
     if not run.state:
         return 0, 0, 0, float("inf")
     step, epoch, pos, best = (run.state[k] for k in ("step", "epoch", "pos", "best"))
     run.log(f"resumed from {run.resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    G0 = run.state["micro_bs"] * run.state["accum"] * run.ranks.world
+    if G0 != G:
+        per_epoch = (math.ceil(n_train / G0), math.ceil(n_train / G))
+        step, pos = common.rebatch(scheduler, step, pos, per_epoch=per_epoch, log=run.log,
+                                   total=(run.args.max_steps or run.args.epochs * per_epoch[0], total_steps))
     return step, epoch, pos, best
 
 
@@ -648,7 +654,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
         return common.plan_only(out, run.status, log)
 
     # -- resume
-    step, epoch, pos, best = resume(run, model, optimizer, scheduler)
+    step, epoch, pos, best = resume(run, model, optimizer, scheduler, n_train=n_train, G=G, total_steps=total_steps)
     if ranks.is_main:
         common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
         common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,

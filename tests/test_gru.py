@@ -435,8 +435,27 @@ def test_resume_with_a_smaller_micro_batch_continues_the_same_run(tmp):
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-4
     assert read_json(tmp / "small" / "summary.json")["value"] == pytest.approx(
         read_json(tmp / "ref" / "summary.json")["value"], rel=1e-4)
-    p = run("train_gru.py", *flags, "--batch-size", "3", "--grad-accum", "4", "--out", "small", cwd=tmp, check=2)
-    assert p.stderr.strip().splitlines()[-1].startswith("error: --batch-size 3 x --grad-accum 4 = 12")
+
+
+def test_resume_with_a_new_effective_batch_goes_on_and_says_so(tmp):
+    """Issue 31: a new effective batch on resume is allowed and said. 2 x 4 (8 queries a step, 169 steps an
+    epoch of 1,350 training queries) killed after step 10 and resumed at 4 x 4: step 10 of 169 is step 5 of 85 (the same
+    share of the epoch and of the schedule), and the run ends at 85 steps, its model as good as an
+    uninterrupted 4 x 4 run's (validation perplexity within 10 %; the 2 x 4 run, twice the steps, reaches 22.6
+    where these reach 29-30)."""
+    flags = ["--quick", "--dataset-size", "1500", "--epochs", "1", "--save-every", "10", "--log-every", "5"]
+    run("train_gru.py", *flags, "--batch-size", "2", "--grad-accum", "4", "--max-steps", "10", "--out", "r",
+        cwd=tmp, check=0)
+    (tmp / "r" / "summary.json").unlink()  # as if killed after the checkpoint at step 10
+    run("train_gru.py", *flags, "--batch-size", "4", "--grad-accum", "4", "--out", "ref", cwd=tmp, check=0)
+    p = run("train_gru.py", *flags, "--batch-size", "4", "--grad-accum", "4", "--out", "r", cwd=tmp, check=0)
+    assert "4 x 4 as typed, for the checkpoint's 2 x 4: a new effective batch (was 8)" in p.stdout, p.stdout
+    assert "new effective batch: step 10 of 169 is now step 5 of 85 (batch 5 of 85 in this epoch)" in p.stdout
+    got, ref = read_json(tmp / "r" / "summary.json"), read_json(tmp / "ref" / "summary.json")
+    assert got["steps"] == ref["steps"] == 85
+    assert got["value"] == pytest.approx(ref["value"], rel=0.1), (got["value"], ref["value"])
+    # metrics.jsonl counts in the new steps: the old record at 10 (now 5) went, as a killed run's would
+    assert [r["step"] for r in metrics(tmp / "r") if "loss" in r][:3] == [5, 10, 15]
 
 
 def test_rerun_without_out_resumes_the_killed_run_and_seed_spellings(tmp):
