@@ -85,47 +85,45 @@ parser = common.make_parser(__doc__, trainer="asr", epochs=10, lr=None, effectiv
                             save_every=100, eval_every=0, log_every=10)
 parser.set_defaults(clip=5.0)  # the seed's gradient clipping
 g = parser.add_argument_group("speech recognizer")
-g.add_argument("--train-manifest", default=None, metavar="PATH",
+g.add_argument("--train-manifest", metavar="PATH",
                help="training data: JSONL or CSV/TSV manifest (default: built-in synthetic speech set)")
-g.add_argument("--val-manifest", default=None, metavar="PATH",
+g.add_argument("--val-manifest", metavar="PATH",
                help="validation manifest (default: --val-frac of the training manifest)")
-g.add_argument("--test-manifest", default=None, metavar="PATH",
+g.add_argument("--test-manifest", metavar="PATH",
                help="test manifest, decoded with beam search at the end (default: none with your data)")
 g.add_argument("--val-frac", type=float, default=0.05,
                help="share of the training manifest held out when there is no --val-manifest")
 g.add_argument("--max-duration", type=common.pos_float, default=30.0, metavar="S",
                help="drop utterances longer than S seconds (seed: 30); lower it to save memory")
-g.add_argument("--dataset-size", type=common.pos_int, default=None, metavar="N",
+g.add_argument("--dataset-size", type=common.pos_int, metavar="N",
                help="built-in set: training utterances (default 800 with --quick, else 3000)")
 g.add_argument("--synthetic-dir", default="data", metavar="DIR",
                help="where the built-in set's WAVs and manifests are written (once, then reused)")
-g.add_argument("--preset", choices=list(PRESETS), default=None,
-               help="model size, parameters at a 200-character vocabulary: original d256 12+6 layers "
-                    "(24.9M), optimized d192 8+4 (9.5M; the seed's 9.4M with --subsample 1), minimal "
-                    "d128 6+3 (3.3M), tiny d96 2+1 (0.7M) (default: optimized; tiny with --quick). "
-                    "minimal and tiny train at --lr 2e-3, and minimal for 15 --epochs at an effective batch of 8 "
-                    "without dropout, with speed perturbation 0.1, unless given (seed: 5e-4, 10, 16, 0.1, 0; "
-                    "docs/real-data.md \"ASR on real speech\")")
-g.add_argument("--d-model", "--d_model", dest="d_model", type=common.pos_int, default=None,
+g.add_argument("--preset", choices=list(PRESETS),
+               help="model size, parameters at a 200-character vocabulary: original d256 12+6 layers (24.9M), "
+                    "optimized d192 8+4 (9.5M; the seed's 9.4M with --subsample 1), minimal d128 6+3 (3.3M), tiny "
+                    "d96 2+1 (0.7M) (default: optimized; tiny with --quick). minimal and tiny train at --lr 2e-3, and "
+                    "minimal for 15 --epochs at an effective batch of 8 without dropout, with speed perturbation 0.1, "
+                    "unless given (seed: 5e-4, 10, 16, 0.1, 0; docs/real-data.md \"ASR on real speech\")")
+g.add_argument("--d-model", "--d_model", dest="d_model", type=common.pos_int,
                help="model width (overrides the preset; a multiple of --heads; --d_model: the seed's spelling)")
 g.add_argument("--encoder-layers", "--encoder_layers", dest="encoder_layers", type=common.pos_int,
-               default=None, help="Conformer blocks (overrides the preset; --encoder_layers: the seed's spelling)")
+               help="Conformer blocks (overrides the preset; --encoder_layers: the seed's spelling)")
 g.add_argument("--decoder-layers", "--decoder_layers", dest="decoder_layers", type=common.pos_int,
-               default=None, help="Transformer decoder layers (overrides the preset; --decoder_layers: the "
-                                  "seed's spelling)")
+               help="Transformer decoder layers (overrides the preset; --decoder_layers: the seed's spelling)")
 g.add_argument("--heads", type=common.pos_int, default=4, help="attention heads (seed: 4)")
-g.add_argument("--dropout", type=float, default=None,
+g.add_argument("--dropout", type=float,
                help="dropout in encoder and decoder (default: 0 for minimal, 0.1 otherwise, the seed's)")
 g.add_argument("--subsample", type=int, choices=[4, 1], default=4,
                help="time subsampling before the encoder: 4 = two stride-2 convolutions (40 ms frames), "
                     "1 = none, as in the seed (4x the frames, ~16x the attention memory)")
-g.add_argument("--ctc-weight", type=float, default=None,
+g.add_argument("--ctc-weight", type=float,
                help="loss = w * CTC + (1 - w) * attention cross-entropy (default: 0.7 for minimal, "
                     "measured on real speech; the seed's 0.3 for the others)")
-g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction,
-               default=True, help="SpecAugment in training: one frequency mask (up to 27 bins) and one "
-                                  "time mask (up to 70 frames or a fifth of the utterance)")
-g.add_argument("--speed-perturb", type=float, default=None, metavar="W",
+g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=True,
+               help="SpecAugment in training: one frequency mask (up to 27 bins) and one "
+                    "time mask (up to 70 frames or a fifth of the utterance)")
+g.add_argument("--speed-perturb", type=float, metavar="W",
                help="with --spec-augment: play each utterance 1 +- W times as fast (resampled: tempo and pitch "
                     "together) (default: 0.1 for minimal, measured on unseen voices; 0 = off, the seed's)")
 g.add_argument("--schedule", choices=["cosine", "plateau"], default="cosine",
@@ -136,7 +134,7 @@ g.add_argument("--empty-cache-every", type=common.nonneg_int, default=50, metava
 g.add_argument("--beam", type=common.pos_int, default=4, help="beam width for the attention decoder")
 g.add_argument("--decode-ctc-weight", type=float, default=0.5,
                help="beam search score = w * CTC prefix score + (1 - w) * attention (0 = attention only)")
-g.add_argument("--transcribe", nargs="+", default=None, metavar="WAV",
+g.add_argument("--transcribe", nargs="+", metavar="WAV",
                help="print transcripts of these WAV files with the model in --out (no training)")
 
 
@@ -144,12 +142,11 @@ g.add_argument("--transcribe", nargs="+", default=None, metavar="WAV",
 # audio: WAV in, 16 kHz mono float out
 
 class TruncatedWav(UserError):
-    """A WAV with fewer sample bytes than its header says: a bad row in a manifest (--bad-rows)."""
+    """Fewer sample bytes than the header says: a bad row (--bad-rows)."""
 
 
 def missing_bytes(head, size):
-    """How many bytes of the data chunk a file of `size` bytes lacks, by the chunk headers in
-    `head` (its first bytes); 0 when it is whole or has no data chunk there."""
+    """Bytes of the data chunk that a file of `size` bytes lacks, by the chunk headers in `head`."""
     i = 12  # after "RIFF", the RIFF size, "WAVE"
     while i + 8 <= len(head):
         n = int.from_bytes(head[i + 4:i + 8], "little")
@@ -161,18 +158,15 @@ def missing_bytes(head, size):
 
 
 def open_wav(path, header_only=False):
-    """-> (channels, bytes per sample, rate, frames, raw sample bytes or None), by the stdlib
-    `wave`. WAVE_FORMAT_EXTENSIBLE with PCM data (how sox and ffmpeg write most 24/32-bit and
-    multichannel WAVs; `wave` reads it only from Python 3.12) is rewritten to plain PCM in memory.
-    header_only reads the first 64 KiB. A file shorter than its header says is a TruncatedWav:
-    `wave` would return what is there, and a clip cut mid-word would train on its whole transcript."""
+    """-> (channels, bytes per sample, rate, frames, raw sample bytes or None). WAVE_FORMAT_EXTENSIBLE
+    PCM (sox's and ffmpeg's 24/32-bit and multichannel WAVs; `wave` reads it only from Python 3.12) is
+    rewritten to plain PCM. A truncated file is an error: `wave` would return what is there, and a clip
+    cut mid-word would train on its whole transcript."""
     try:
         with open(path, "rb") as f:
             data = f.read(65536 if header_only else -1)
             size = os.fstat(f.fileno()).st_size
-        i = data.find(b"fmt ", 12)
-        # fmt chunk: tag at +8; in the extensible form the SubFormat GUID, whose first two
-        # bytes are the real format code (1 = PCM), starts at +32
+        i = data.find(b"fmt ", 12)  # format tag at +8; extensible: the real one (1 = PCM) at +32, in the GUID
         if i > 0 and data[i + 8:i + 10] == b"\xfe\xff" and data[i + 32:i + 34] == b"\x01\x00":
             data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
         with wave.open(io.BytesIO(data), "rb") as w:
@@ -231,30 +225,27 @@ def resample(x, sr_in, sr_out, zeros=16):
     return y.t().reshape(-1)[:n_out]
 
 
-def write_wav(path, x, rate=SR):
-    """float tensor/array in [-1, 1] -> 16-bit PCM mono WAV."""
+def write_wav(path, x):
+    """float tensor/array in [-1, 1] -> 16-bit PCM mono WAV at 16 kHz."""
     pcm = (np.clip(np.asarray(x), -1, 1) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as w:
-        w.setparams((1, 2, rate, len(pcm), "NONE", "not compressed"))
+        w.setparams((1, 2, SR, len(pcm), "NONE", "not compressed"))
         w.writeframes(pcm.tobytes())
 
 
 def wav_duration(path):
-    """Seconds, from the header only (cheap enough for every file before training)."""
-    _, _, rate, frames, _ = open_wav(path, header_only=True)
+    _, _, rate, frames, _ = open_wav(path, header_only=True)  # the header only: cheap for every file
     return frames / rate
 
 
 # -----------------------------------------------------------------------------
 # features: 80-bin log-mel, per-utterance normalisation, SpecAugment
 
-def mel_filterbank(n_freqs=N_FFT // 2 + 1, n_mels=N_MELS, sr=SR, f_min=0.0, f_max=SR / 2):
-    """(n_freqs, n_mels) triangular filters on the HTK mel scale, unnormalised (as the seed's
-    torchaudio MelSpectrogram). With 201 FFT bins the lowest few filters fall between bins and
-    stay empty; normalisation maps those constant rows to 0."""
-    hz_to_mel = lambda f: 2595 * math.log10(1 + f / 700)  # noqa: E731
-    freqs = torch.linspace(0, sr / 2, n_freqs)[:, None]  # (n_freqs, 1)
-    mels = torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
+def mel_filterbank():
+    """(201, 80) triangular filters on the HTK mel scale, unnormalised (the seed's torchaudio
+    MelSpectrogram). The lowest few fall between FFT bins and stay empty; normalize() maps them to 0."""
+    freqs = torch.linspace(0, SR / 2, N_FFT // 2 + 1)[:, None]  # (201, 1)
+    mels = torch.linspace(0, 2595 * math.log10(1 + SR / 2 / 700), N_MELS + 2)  # HTK: 2595 log10(1 + f / 700)
     edges = 700 * (10 ** (mels / 2595) - 1)  # band edges in Hz
     lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
     return ((freqs - lo) / (mid - lo)).minimum((hi - freqs) / (hi - mid)).clamp(min=0)
@@ -277,16 +268,14 @@ def normalize(feats):
 
 
 def describe_augment(spec_augment, speed):
-    """'speed 1 +- 0.1, SpecAugment': the recipe line's words (and bench_asr.py's)."""
     if not spec_augment:
         return "no augmentation"
     return f"speed 1 +- {speed:g}, SpecAugment" if speed else "SpecAugment"
 
 
 def spec_augment(feats, gen):
-    """One frequency mask (<= 27 bins) and one time mask (<= 70 frames, and at most a fifth of
-    the utterance so short ones keep their content), set to 0 = the normalised mean (Park et
-    al. 2019, SpecAugment, the seed's F = 27, T = 70, one mask of each, no time warping)."""
+    """One frequency mask (<= 27 bins) and one time mask (<= 70 frames and a fifth of the utterance, so short
+    ones keep their content), set to 0 = the mean (Park et al. 2019; the seed's F = 27, T = 70, no warping)."""
     T, n_bins = feats.shape
     feats = feats.clone()
     f = int(torch.randint(0, 28, (), generator=gen))
@@ -301,25 +290,17 @@ def spec_augment(feats, gen):
 # -----------------------------------------------------------------------------
 # data: manifests, vocabulary, length-bucketed batches
 
-def norm_text(s):
-    # NFC: the same Devanagari (or accented) text typed two ways becomes the same characters
-    return " ".join(unicodedata.normalize("NFC", str(s)).split())
-
-
 def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
-    """JSONL ({"audio_filepath", "text", "duration"?}; NeMo's .json lines too) or CSV/TSV (header
-    path,text) -> (list of {"path", "text", "duration"}, rows skipped). Audio paths are relative to
-    the manifest (fetch_audio(path) fetches them from beside a manifest's URL). Every WAV header is
-    read here, so a missing or corrupt file stops the run before it starts; the duration is the
-    header's. A truncated WAV is a bad row: skipped with a warning, or under --bad-rows fail an error."""
+    """JSONL (NeMo's .json lines too) or CSV/TSV -> ([{"path", "text", "duration"}], rows skipped). Every WAV
+    header is read here, so a missing or corrupt file stops the run before it starts."""
     records = common.opt_in("records", flag)  # a user's file: the built-in set never needs records.py
-    read_records, MAX_REASONS = records.read_records, records.MAX_REASONS
     p = Path(path)
-    rows, bad, reasons = read_records(p, flag, ("audio_filepath", "text"), aliases={"path": "audio_filepath"},
-                                      bad_rows=bad_rows)
+    rows, bad, reasons = records.read_records(p, flag, ("audio_filepath", "text"),
+                                              aliases={"path": "audio_filepath"}, bad_rows=bad_rows)
     items = []
     for k, r in enumerate(rows):
-        text = norm_text(r["text"])
+        # NFC: the same Devanagari (or accented) text typed two ways becomes the same characters
+        text = " ".join(unicodedata.normalize("NFC", str(r["text"])).split())
         if not text:  # only symbols the vocabulary drops ("!!!")
             bad += 1
             reasons.append("a text with no letter or digit")
@@ -336,7 +317,7 @@ def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
                 raise UserError(f"{flag} {p}: line {line}: {e} (--bad-rows skip drops such rows)") from None
             log(f"warning: {flag} {p}: {e}; skipped")
             bad += 1
-    first = f" (first: {'; '.join(reasons[:MAX_REASONS])})" if reasons else ""
+    first = f" (first: {'; '.join(reasons[:records.MAX_REASONS])})" if reasons else ""
     if not items:
         raise UserError(f"{flag} {p}: no utterances (every row needs an audio path and a text){first}")
     if bad:
@@ -345,8 +326,7 @@ def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
 
 
 def row_lines(path):
-    """The line of each data row of a manifest, in order: which line records.read_records read
-    each record from when no row was bad (it keeps no line numbers)."""
+    """The line of each data row (records.read_records keeps no line numbers)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         if Path(path).suffix.lower() in (".jsonl", ".json"):
             return [i for i, line in enumerate(f, start=1) if line.strip()]
@@ -356,8 +336,7 @@ def row_lines(path):
 
 
 def read_manifests(args):
-    """The three manifests (an http(s) URL too: it and its audio are fetched into --download-dir)
-    as lists of items, and how many rows were skipped."""
+    """The three manifests (a URL's audio is fetched from beside it) -> [(items, rows skipped)] * 3."""
     urls = {d: getattr(args, d) for d in MANIFESTS if common.is_url(getattr(args, d) or "")}
     common.fetch_data(args, MANIFESTS, print, exts=common.RECORD_EXTS)
     read = []
@@ -375,18 +354,12 @@ def read_manifests(args):
 
 
 def build_vocab(items):
-    """Specials + every character of the training transcripts, sorted (the seed's vocab.json)."""
     return SPECIALS + sorted({c for it in items for c in it["text"]})
 
 
-def encode(text, stoi):
-    return [stoi.get(c, UNK) for c in text]
-
-
 def bucket_batches(items, batch, seed, epoch):
-    """Length-sorted batches, so a batch carries little padding. The sort key is jittered by
-    +-10 % per epoch and the batch order shuffled, so batches differ between epochs; both depend
-    only on (seed, epoch), so a resumed run sees the same batches."""
+    """Length-sorted batches (little padding), the sort key jittered +-10 % and the order shuffled per epoch,
+    by (seed, epoch) alone: a resumed run sees the same batches."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     jitter = 1 + 0.2 * (torch.rand(len(items), generator=g) - 0.5)
     order = sorted(range(len(items)), key=lambda i: items[i]["duration"] * float(jitter[i]))
@@ -395,31 +368,24 @@ def bucket_batches(items, batch, seed, epoch):
 
 
 def make_batch(items, idxs, stoi, augment_gen=None, speed=0.0):
-    """Read, featurise and pad utterances idxs -> feats (B, T, 80) zero-padded; feat_len (B,);
-    chars (B, U) padded with PAD; dec_in (B, U+1) = <sos> + chars; dec_out (B, U+1) = chars + <eos>;
-    tgt_len (B,). With augment_gen: each utterance played 1 +- speed times as fast, the factor drawn
-    from it (resampled: tempo and pitch together, Ko et al. 2015), then SpecAugment."""
+    """utterances idxs -> feats (B, T, 80) zero-padded; feat_len (B,); chars (B, U) PAD-padded; dec_in (B, U+1)
+    = <sos> + chars; dec_out (B, U+1) = chars + <eos>; tgt_len (B,). With augment_gen: played 1 +- speed times
+    as fast (resampled: tempo and pitch together, Ko et al. 2015), then SpecAugment."""
     feats = []
     for i in idxs:
         x = read_wav(items[i]["path"])
-        if augment_gen is None:
-            feats.append(normalize(log_mel(x)))
-            continue
-        if speed:  # read as if recorded at `rate`; rounded to 100 Hz, resample's filter stays small
+        if augment_gen is not None and speed:  # as if recorded at `rate`; rounded to 100 Hz, the filter stays small
             rate = SR * (1 + speed * (2 * float(torch.rand((), generator=augment_gen)) - 1))
             x = resample(x, int(round(rate, -2)), SR)
-        feats.append(spec_augment(normalize(log_mel(x)), augment_gen))
-    ids = [encode(items[i]["text"], stoi) for i in idxs]
-    B, T, U = len(idxs), max(len(f) for f in feats), max(len(t) for t in ids)
-    b = {"feats": torch.zeros(B, T, N_MELS), "feat_len": torch.tensor([len(f) for f in feats]),
-         "chars": torch.full((B, U), PAD), "dec_in": torch.full((B, U + 1), PAD),
-         "dec_out": torch.full((B, U + 1), PAD), "tgt_len": torch.tensor([len(t) for t in ids])}
-    for k, (f, t) in enumerate(zip(feats, ids)):
-        b["feats"][k, :len(f)] = f
-        b["chars"][k, :len(t)] = torch.tensor(t, dtype=torch.long)
-        b["dec_in"][k, :len(t) + 1] = torch.tensor([SOS] + t)
-        b["dec_out"][k, :len(t) + 1] = torch.tensor(t + [EOS])
-    return b
+        f = normalize(log_mel(x))
+        feats.append(f if augment_gen is None else spec_augment(f, augment_gen))
+    ids = [[stoi.get(c, UNK) for c in items[i]["text"]] for i in idxs]
+    pad = lambda seqs: nn.utils.rnn.pad_sequence(  # noqa: E731
+        [torch.tensor(t, dtype=torch.long) for t in seqs], batch_first=True, padding_value=PAD)
+    return {"feats": nn.utils.rnn.pad_sequence(feats, batch_first=True),  # zeros after each utterance's frames
+            "feat_len": torch.tensor([len(f) for f in feats]), "chars": pad(ids),
+            "dec_in": pad([[SOS] + t for t in ids]), "dec_out": pad([t + [EOS] for t in ids]),
+            "tgt_len": torch.tensor([len(t) for t in ids])}
 
 
 def to_device(b, device):
@@ -429,11 +395,10 @@ def to_device(b, device):
 # -----------------------------------------------------------------------------
 # built-in data: synthetic "speech" that exercises the whole pipeline and can be learned
 #
-# Each of 16 letters is a chord of two tones (like telephone DTMF keys, rows 1.33x apart so a
-# speaker's pitch shift of up to 6 % never turns one letter into another), 70-110 ms with a short
-# fade and 10-30 ms gaps, so doubled letters stay two events; a space is 80-140 ms of silence. Every
-# utterance has its own "speaker" (pitch, loudness) and noise at 15-25 dB SNR; the transcripts are
-# sentences of romanised Konkani-like words over those letters.
+# Each of 16 letters is a chord of two tones (like telephone DTMF keys, rows 1.33x apart so a speaker's pitch
+# shift of up to 6 % never turns one letter into another), 70-110 ms with a short fade and 10-30 ms gaps, so
+# doubled letters stay two events; a space is 80-140 ms of silence. Every utterance has its own "speaker"
+# (pitch, loudness) and noise at 15-25 dB SNR; the texts are romanised Konkani-like words over those letters.
 
 LETTERS = "aeioudghkmnprstv"
 LOW_HZ, HIGH_HZ = [300, 400, 533, 711], [1100, 1467, 1956, 2608]
@@ -463,8 +428,7 @@ def synth_utterance(text, rng):
 
 
 def synthetic_set(root, n_train, seed, log=print):
-    """Write (once) the built-in set as WAVs + JSONL manifests under root/asr-synthetic-n{N}-s{seed};
-    returns their paths. The manifests come last: a set killed half-written is written again."""
+    """Write (once) the built-in set's WAVs, then manifests (a set killed half-written is written again)."""
     d = Path(root) / f"asr-synthetic-n{n_train}-s{seed}"
     splits = {"train": n_train, "val": max(20, n_train // 8), "test": max(20, n_train // 8)}
     paths = {s: d / f"{s}.jsonl" for s in splits}
@@ -492,7 +456,7 @@ def synthetic_set(root, n_train, seed, log=print):
 
 
 def read_builtin(path):
-    """A manifest of synthetic_set -> items, as read_manifest reads it, without records.py."""
+    """A manifest of synthetic_set -> items, without records.py (a default run does not load it)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     return [{"path": str(Path(path).parent / r["audio_filepath"]), "text": r["text"],
              "duration": wav_duration(Path(path).parent / r["audio_filepath"])} for r in rows]
@@ -511,9 +475,8 @@ def sinusoids(T, d, device):
 
 
 class Subsample(nn.Module):
-    """x4 in time (and mel): two 3x3 stride-2 convolutions, then a projection to d_model.
-    32 channels, not d_model (ESPnet's choice): it keeps the parameter count near the seed's
-    9.4M while still dividing the encoder's frames, and so attention memory, by 4 and 16."""
+    """x4 in time (and mel): two 3x3 stride-2 convolutions, then a projection to d_model. 32 channels, not
+    d_model (ESPnet's): near the seed's 9.4M parameters, with 1/4 the frames and 1/16 the attention memory."""
 
     def __init__(self, d, channels=32):
         super().__init__()
@@ -529,9 +492,8 @@ class Subsample(nn.Module):
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm whose training statistics count real frames only: padding neither shifts the mean
-    nor shrinks the variance. Same parameters and buffers as nn.BatchNorm1d. `recomputing` is set
-    while gradient checkpointing reruns the forward: the running statistics move once per step."""
+    """BatchNorm1d whose training statistics count real frames only. `recomputing` is set while gradient
+    checkpointing reruns the forward, so the running statistics move once per step."""
     recomputing = False
 
     def forward(self, x, pad):  # x (B, d, T); pad (B, T) True at padding
@@ -565,8 +527,7 @@ class ConvModule(nn.Module):
 
     def forward(self, x, pad):  # x (B, T, d); pad (B, T) True at padding
         x = F.glu(self.pw1(self.norm(x).transpose(1, 2)), dim=1)  # (B, d, T)
-        # zero the padding: else the 31-wide kernel carries it into the last real frames, and a
-        # batch's result would depend on how much padding it has
+        # zero the padding, else the 31-wide kernel carries it into the last real frames (results vary with padding)
         x = self.dw(x.masked_fill(pad[:, None], 0))
         # batch statistics over real frames (the seed's nn.BatchNorm1d also counted padding); they
         # still differ between the micro-batches of one step, as in any BatchNorm model, so with
@@ -614,10 +575,9 @@ class ASRModel(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, b, ctc_weight):
-        """-> (summed hybrid loss, target tokens (characters + <eos>), CTC log-probs (B, T', V), lengths).
-        Both terms are sums, divided once by the target tokens of the whole accumulated batch in
-        common.train_step, so a padded micro-batch weighs by its real tokens, not as 1/k of the step.
-        CTC targets are the characters only (the seed also fed <sos>/<eos> to CTC, which learnt to emit them)."""
+        """-> (summed hybrid loss, target tokens (characters + <eos>), CTC log-probs (B, T', V), lengths). Sums,
+        divided once by the target tokens of the whole accumulated batch in common.train_step: a padded micro-batch
+        weighs by its real tokens. CTC targets are the characters (the seed's <sos>/<eos> there got emitted)."""
         T, U = int(b["feat_len"].max()), int(b["tgt_len"].max())
         enc, enc_len, pad = self.encode(b["feats"][:, :T], b["feat_len"])  # trim this micro-batch's padding
         log_probs = self.ctc_head(enc).float().log_softmax(-1)  # (B, T', V); CTC in fp32
@@ -680,8 +640,9 @@ def loss_fn(model, b, ctc_weight):
 # main: flags checked, data read, run folder opened, then train()
 
 def check_flags(args, sources):
-    """Reject bad flag values and combinations; fill in what was not given from the preset's
-    measured defaults ("auto" in args.json). Returns the model's shape (d, encoder, decoder layers)."""
+    """Reject bad flags; fill in the preset's measured defaults ("auto" in args.json) -> (d, enc, dec layers)."""
+    if not 0 <= args.decode_ctc_weight <= 1:
+        raise UserError(f"--decode-ctc-weight {args.decode_ctc_weight}: must be between 0 and 1")
     if args.ctc_weight is not None and not 0 <= args.ctc_weight <= 1:
         raise UserError(f"--ctc-weight {args.ctc_weight}: must be between 0 and 1")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -693,18 +654,15 @@ def check_flags(args, sources):
                         "generator); drop --no-spec-augment, or --speed-perturb")
     if args.preset is None:
         args.preset, sources["preset"] = ("tiny" if args.quick else "optimized"), "auto"
-    # the preset's measured defaults (the table above the flags)
-    if args.speed_perturb is None:  # 0 without SpecAugment: no augmentation at all
-        args.speed_perturb = SPEED_PERTURB.get(args.preset, 0.0) if args.spec_augment else 0.0
-        sources["speed_perturb"] = "auto"
-    if args.dropout is None:
-        args.dropout, sources["dropout"] = DROPOUT.get(args.preset, 0.1), "auto"
-    if args.lr is None:
-        args.lr, sources["lr"] = LR.get(args.preset, 5e-4), "auto"
+    # the preset's measured defaults (the table above the flags), else the seed's; no speed
+    # perturbation without SpecAugment (both draw from the augmentation generator)
+    for name, table, seed_value in (("speed_perturb", SPEED_PERTURB if args.spec_augment else {}, 0.0),
+                                    ("dropout", DROPOUT, 0.1), ("lr", LR, 5e-4), ("ctc_weight", CTC_WEIGHT, 0.3)):
+        if getattr(args, name) is None:
+            setattr(args, name, table.get(args.preset, seed_value))
+            sources[name] = "auto"
     if args.preset == "minimal" and not args.quick and sources["epochs"] == "default":
         args.epochs, sources["epochs"] = MINIMAL_EPOCHS, "auto"
-    if args.ctc_weight is None:
-        args.ctc_weight, sources["ctc_weight"] = CTC_WEIGHT.get(args.preset, 0.3), "auto"
     if args.preset in EFFECTIVE_BATCH and not args.quick and args.grad_accum == "auto":
         args.effective_batch = EFFECTIVE_BATCH[args.preset]
     d, enc, dec = PRESETS[args.preset]
@@ -721,8 +679,7 @@ def check_flags(args, sources):
 
 
 def load_data(args, sources):
-    """The train/val/test utterances (manifests, else the built-in set), with those under
-    MIN_SECONDS or over --max-duration dropped. Returns (items, a description, what was dropped)."""
+    """-> (train, val, test) utterances between MIN_SECONDS and --max-duration, a description, what was dropped."""
     if args.train_manifest:
         (train_items, empty), (val_items, e), (test_items, e2) = read_manifests(args)
         empty += e + e2
@@ -756,7 +713,6 @@ def load_data(args, sources):
 
 
 def asr_extra(state, path):
-    """The checkpoint's train_asr.py data (vocabulary, shape), or a user error for another file."""
     extra = state.get("extra") if isinstance(state, dict) else None
     if not isinstance(extra, dict) or "shape" not in extra or "itos" not in extra:
         raise UserError(f"{path} is not a train_asr.py checkpoint; pass a run folder of train_asr.py "
@@ -766,31 +722,24 @@ def asr_extra(state, path):
 
 def oom_advice(argv, args, device):
     """The seed's "try in order" list, as the commands to run next (when batch 1 does not fit)."""
-    def cmd(*extra):  # argv less the flags (and values) that `extra` sets, then `extra`
-        skip, keep, it = {e.split()[0] for e in extra}, [], iter(argv)
+    def cmd(extra):  # argv less the flag (and value) that `extra` sets, then `extra`
+        flag, keep, it = extra.split()[0], [], iter(argv)
         for a in it:
-            if a.split("=")[0] not in skip:
+            if a.split("=")[0] != flag:
                 keep.append(a)
             elif "=" not in a:
                 next(it, None)
-        return "python train_asr.py " + " ".join(shlex.quote(a) for a in keep + [w for e in extra for w in e.split()])
-    steps = []
-    if device.type == "cuda" and args.precision == "fp32":
-        steps.append(cmd("--precision auto"))
-    if args.subsample == 1:
-        steps.append(cmd("--subsample 4"))
-    if not args.grad_checkpointing:
-        steps.append(cmd("--grad-checkpointing"))
-    if args.preset not in ("minimal", "tiny"):
-        steps.append(cmd("--preset minimal"))
-    steps.append(cmd(f"--max-duration {max(1, int(args.max_duration // 2))}"))
-    return steps
+        return "python train_asr.py " + " ".join(shlex.quote(a) for a in keep + extra.split())
+    remedies = [("--precision auto", device.type == "cuda" and args.precision == "fp32"),
+                ("--subsample 4", args.subsample == 1), ("--grad-checkpointing", not args.grad_checkpointing),
+                ("--preset minimal", args.preset not in ("minimal", "tiny")),
+                (f"--max-duration {max(1, int(args.max_duration // 2))}", True)]
+    return [cmd(extra) for extra, helps in remedies if helps]
 
 
 @dataclasses.dataclass
 class Run:
-    """What main() set up for train() and its helpers: the run folder's handles, the device, the
-    checkpoint resumed from, and the process group (common.OneProcess; ddp.Ranks under torchrun)."""
+    """What main() set up for train() and its helpers."""
     out: Path
     log: object  # log(message): the console and <out>/train.log
     status: dict
@@ -798,15 +747,13 @@ class Run:
     dev: tuple  # (device, amp_dtype, scaler, why) from common.setup_device
     state: dict  # the checkpoint being resumed, or None
     resumed_from: Path
-    ranks: object
+    ranks: object  # common.OneProcess; ddp.Ranks under torchrun
     tb: object = None  # --tensorboard: common.tensorboard's writer, on the main rank
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, sources = common.resolve_settings(parser, argv)
-    if not 0 <= args.decode_ctc_weight <= 1:
-        raise UserError(f"--decode-ctc-weight {args.decode_ctc_weight}: must be between 0 and 1")
     shape = check_flags(args, sources)
     if args.transcribe or args.eval_only:  # serving a trained run: --out, else the newest one under runs/
         if not (out := args.out or common.newest_run("asr")):
@@ -835,9 +782,7 @@ def main(argv=None):
         try:
             return train(args, sources, run, items=items, itos=itos, shape=shape, model_args=model_args,
                          data_desc=data_desc, dropped=dropped)
-        except Exception as e:
-            # common.train_step halves the micro-batch on OOM; what reaches here did not fit even
-            # at batch 1 (in the batch probe, a step, validation or the test decoding)
+        except Exception as e:  # train_step halves the micro-batch on OOM: this did not fit even at batch 1
             if not common.is_oom(e):
                 raise
             advice = oom_advice(argv, args, dev[0])
@@ -852,8 +797,8 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # training: setup helpers, save and validate, then train() with the loop, then report()
 
-def log_data(log, args, *, data_desc, items, itos, dropped):
-    """One line on the data (and what was dropped); a warning for utterances CTC cannot align."""
+def log_setup(log, args, *, model, shape, data_desc, items, itos, dropped):
+    """The data, model and recipe lines; a warning for utterances CTC cannot align. -> parameters."""
     train_items, val_items, test_items = items
     hours = sum(it["duration"] for it in train_items) / 3600
     log(f"data: {data_desc}; {len(train_items)} train ({hours:.2f} h) / {len(val_items)} val / "
@@ -863,10 +808,6 @@ def log_data(log, args, *, data_desc, items, itos, dropped):
     if too_fast:
         log(f"warning: {too_fast} training utterances have more characters than encoder frames; CTC "
             "cannot align them (they add 0 CTC loss)" + ("; try --subsample 1" if args.subsample > 1 else ""))
-
-
-def log_model(log, model, args, shape):
-    """The model line: shape and parameters by part. Returns the parameter count."""
     n_params, _ = common.count_params(model)
     enc = sum(p.numel() for p in [*model.encoder.parameters(), *(model.front or model.input).parameters()])
     ctc = sum(p.numel() for p in model.ctc_head.parameters())
@@ -880,8 +821,7 @@ def log_model(log, model, args, shape):
 
 
 def build_optimizer(model, args, sources, *, n_train, G, world, device, log):
-    """AdamW (seed: lr 5e-4, wd 1e-6), warmup, then cosine or plateau, over epochs of global
-    batches of G. Returns (optimizer, scheduler, plateau, steps_per_epoch, total_steps): plateau is
+    """AdamW (seed: lr 5e-4, wd 1e-6), warmup, then cosine or plateau, over epochs of global batches of G. plateau:
     the ReduceLROnPlateau state (factor 0.5, patience 3) that validate() updates and the checkpoint carries."""
     if 0 < n_train % G < world:
         raise UserError(f"--batch-size {G // world} x {world} processes: one batch of each epoch would hold "
@@ -904,9 +844,8 @@ def build_optimizer(model, args, sources, *, n_train, G, world, device, log):
 
 
 def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen, chosen):
-    """Go on where the checkpoint being resumed (if any) stopped: model, optimizer, schedule, RNG
-    states; drop what a killed run logged after it; write args.json with what fitting the machine
-    chose. Returns (step, epoch, pos, best, (wall_s, train_s, samples) of the earlier segments)."""
+    """Restore the checkpoint (if any), drop what a killed run logged after it, write args.json.
+    -> (step, epoch, pos, best, (wall_s, train_s, samples) of the earlier segments)."""
     state, at = run.state, (0, 0, 0, math.inf)
     before = common.restore_training_state(state, model, optimizer, scheduler, run.dev[2])
     if state:
@@ -921,7 +860,6 @@ def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen,
 
 
 def log_interval(run, *, step, total_steps, epoch, loss, lr, padding, elapsed, steps, samples):
-    """The --log-every line (common.log_step), its metrics.jsonl record, status.json."""
     mem = common.log_step(run.log, step, total_steps, loss, lr, elapsed=elapsed, steps=steps, items=samples,
                           unit="utterances", device=run.dev[0], tb=run.tb)
     common.append_metrics(run.out, {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr,
@@ -932,8 +870,7 @@ def log_interval(run, *, step, total_steps, epoch, loss, lr, padding, elapsed, s
 
 
 def save(run, args, *, model, optimizer, scheduler, step, best_now, **plain):
-    """A checkpoint at `step` (and best.pt with best_now); plain: the loop's position, figures
-    and the model's identity, saved as they are."""
+    """A checkpoint at `step` (and best.pt with best_now); plain: the loop's position, figures, the model's identity."""
     ckpt = common.training_state(model, optimizer, scheduler, run.dev[2], step=step, args=dict(vars(args)), **plain)
     path = common.save_checkpoint(run.out, step, ckpt, args.keep, protect=run.resumed_from, best=best_now, log=run.log)
     common.update_status(run.out, run.status, last_checkpoint=str(path.resolve()))
@@ -941,9 +878,8 @@ def save(run, args, *, model, optimizer, scheduler, step, best_now, **plain):
 
 @torch.inference_mode()
 def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch, ranks=common.OneProcess()):
-    """Validation loss per target token and greedy-CTC CER/WER over `items`, and this rank's
-    (reference, hypothesis) pairs. Under torchrun each rank decodes its share and the sums
-    (loss, tokens, edits, characters, words) are added up, so every rank gets the same figures."""
+    """-> loss per target token, greedy-CTC CER, WER, this rank's (reference, hypothesis) pairs. Under torchrun
+    each rank decodes its share and the sums are added up, so every rank gets the same figures."""
     model.eval()
     loss_sum, n_tok, refs, hyps = 0.0, 0, [], []
     order = ranks.slice(sorted(range(len(items)), key=lambda i: items[i]["duration"]))
@@ -956,17 +892,13 @@ def evaluate(model, items, stoi, itos, ctc_weight, device, amp_dtype, batch, ran
         refs += [items[i]["text"] for i in idxs]
         hyps += [to_text(h, itos) for h in ctc_greedy(log_probs, enc_len)]
     model.train()
-    loss_sum, n_tok, ce, chars, we, words = (ranks.all(v, "sum") for v in (
-        loss_sum, n_tok, sum(edit_distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs),
-        sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)), sum(len(r.split()) for r in refs)))
-    return loss_sum / max(1, n_tok), 100 * ce / max(1, chars), 100 * we / max(1, words), list(zip(refs, hyps))
+    loss_sum, n_tok = ranks.all(loss_sum, "sum"), ranks.all(n_tok, "sum")
+    return loss_sum / max(1, n_tok), *error_rates(refs, hyps, ranks), list(zip(refs, hyps))
 
 
 def validate(run, args, *, model, items, stoi, itos, amp_dtype, batch, plateau, step, epoch):
-    """Greedy-CTC validation at `step`: the plateau schedule's count, metrics.jsonl, the log line
-    and status.json. Returns (val loss, CER, the batch that fitted: keep it for the next one)."""
-    # a batch that fitted in training can fail here (another process took the memory, or the
-    # cache is fragmented): halve it, keep the size that fitted for the next evaluation
+    """-> (val loss, CER, the batch that fitted). A batch that fitted in training can fail here (another process
+    took the memory, or the cache is fragmented): it is halved, and the size that fitted kept for the next one."""
     (val_loss, cer, wer, pairs), batch = common.evaluate_halving(
         lambda bs: evaluate(model, items, stoi, itos, args.ctc_weight, run.dev[0], amp_dtype, bs, ranks=run.ranks),
         batch, run.dev[0], run.log)
@@ -992,13 +924,12 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     stoi = {c: i for i, c in enumerate(itos)}
     if ranks.is_main:
         (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
-    log_data(log, args, data_desc=data_desc, items=items, itos=itos, dropped=dropped)
     model = build_model(shape, len(itos), model_args).to(device)
     model.grad_checkpointing = args.grad_checkpointing
-    n_params = log_model(log, model, args, shape)
+    n_params = log_setup(log, args, model=model, shape=shape, data_desc=data_desc, items=items, itos=itos,
+                         dropped=dropped)
 
-    # -- fit the machine: the micro-batch on the longest utterances (the worst case the run will
-    # see), the precision, the start line, the memory plan. The effective batch stays fixed.
+    # -- fit the machine: micro-batch and precision on the longest utterances (the worst case), the memory plan
     compute_loss = functools.partial(loss_fn, ctc_weight=args.ctc_weight)
     longest = sorted(range(len(train_items)), key=lambda i: -train_items[i]["duration"])
     worst = lambda bs: to_device(make_batch(train_items, (longest * bs)[:bs], stoi), device)  # noqa: E731
@@ -1014,9 +945,8 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     if args.plan:
         return common.plan_only(out, status, log)
 
-    # -- resume (SpecAugment's masks come from their own generator, saved in the checkpoint, so
-    # dropout and masks do not shift each other's random streams; under torchrun it is reseeded
-    # every step from (seed, step, rank), as ranks.seed_step does for dropout)
+    # -- resume. SpecAugment draws from its own generator (in the checkpoint), so dropout and masks do not shift
+    # each other's random streams; under torchrun it is reseeded from (seed, step, rank), as dropout is
     aug_gen = torch.Generator().manual_seed(args.seed + 1)
     step, epoch, pos, best, (wall_before, train_before, samples_before) = resume(
         run, args, sources, model=model, optimizer=optimizer, scheduler=scheduler, plateau=plateau, aug_gen=aug_gen,
@@ -1039,9 +969,8 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
                 aug_gen.manual_seed((args.seed * 1_000_003 + step) * ranks.world + ranks.rank + 1)
             batch = make_batch(train_items, ranks.slice(batches[pos]), stoi,
                                aug_gen if args.spec_augment else None, args.speed_perturb)
-            # target tokens (characters + <eos>) of the whole global batch, from the transcripts
-            # alone: DDP's average of the ranks' gradients is then the 1-process gradient
-            n_global = sum(len(encode(train_items[i]["text"], stoi)) + 1 for i in batches[pos])
+            # target tokens (characters + <eos>) of the global batch: DDP's mean gradient is then the 1-process one
+            n_global = sum(len(train_items[i]["text"]) + 1 for i in batches[pos])
             padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
             batch = to_device(batch, device)
             with peak.measure(batch["feats"].numel()):  # a step with the largest batch yet
@@ -1109,9 +1038,8 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
 
 
 def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, fields):
-    """After the loop, with the best checkpoint (--eval-only: the model given; eval.json, nothing else): greedy
-    CTC on val, beam search (attention + CTC prefix score) on test; summary.json (`fields`: the loop's). `batch`:
-    the evaluation batch that fitted; new_steps: the steps this process trained (none: a finished run stays)."""
+    """Greedy CTC on val and beam search on test with the best checkpoint (--eval-only: the model given) ->
+    summary.json with `fields` (eval.json). new_steps: the steps this process trained (none: a finished run stays)."""
     out, log, status, device = run.out, run.log, run.status, run.dev[0]
     if not new_steps and not args.eval_only and (out / "summary.json").exists():
         log(f"this run had already finished at step {fields['steps']}: {out / 'summary.json'} is unchanged")
@@ -1149,7 +1077,7 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
 # decoding and serving: greedy CTC, beam search (attention + CTC prefix score), CER/WER, --transcribe, --eval-only
 
 def ctc_greedy(log_probs, lengths):
-    """(B, T, V) -> list of id lists: best class per frame, merge repeats, drop blanks/specials."""
+    """(B, T, V) -> id lists: best class per frame, repeats merged, blanks and specials dropped."""
     out = []
     for seq, L in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
         seq = seq[:L]
@@ -1158,18 +1086,15 @@ def ctc_greedy(log_probs, lengths):
 
 
 def ctc_prefix_scores(x, r_n, r_b, last, first):
-    """CTC prefix probabilities of every one-character extension of H hypotheses at once
-    (Watanabe et al. 2017, Hybrid CTC/attention, alg. 2). x (T, V) frame log-probs; r_n, r_b (T, H):
-    log-prob that frames 0..t emit prefix h and end in a non-blank / blank frame; last (H,) the last
-    character of each h; first = h is empty. Returns r_n', r_b' (T, H, V) for each h+c and log psi
-    (H, V), the log-probability that the utterance's output starts with h+c."""
+    """CTC prefix probabilities of every one-character extension of H hypotheses at once (Watanabe et al. 2017,
+    Hybrid CTC/attention, alg. 2). x (T, V) frame log-probs; r_n, r_b (T, H): log-prob that frames 0..t emit
+    prefix h and end in a non-blank / blank frame; last (H,) the last character of each h; first = h is empty.
+    -> r_n', r_b' (T, H, V) for each h+c and log psi (H, V), that the utterance's output starts with h+c."""
     T, V = x.shape
     H = r_n.shape[1]
-    # phi: paths into frame t+1 can start c after prefix h ... but a repeat of h's last char
-    # needs a blank in between, so only blank-ending paths count for c == last
+    # phi: paths into frame t+1 can start c after h; a repeat of h's last char needs a blank between
     phi = torch.logaddexp(r_n, r_b)[:, :, None].expand(T, H, V).clone()
-    idx = torch.arange(H)
-    phi[:, idx, last] = r_b
+    phi[:, torch.arange(H), last] = r_b
     new_n = torch.full((T, H, V), -math.inf, dtype=x.dtype)
     new_b = torch.full((T, H, V), -math.inf, dtype=x.dtype)
     if first:
@@ -1183,9 +1108,8 @@ def ctc_prefix_scores(x, r_n, r_b, last, first):
 
 @torch.inference_mode()
 def beam_search(model, feats, beam, ctc_weight, device):
-    """One utterance (T, 80) -> best id list, by attention beam search scored jointly with the
-    CTC prefix score: score = (1 - w) * log p_att + w * log p_ctc(prefix). Both parts only
-    fall as a hypothesis grows, so the search can stop once a finished one beats all live ones."""
+    """One utterance (T, 80) -> best id list, by beam search on (1 - w) * log p_att + w * log p_ctc(prefix).
+    Both parts only fall as a hypothesis grows: the search stops once a finished one beats all live ones."""
     enc, enc_len, _ = model.encode(feats[None].to(device), torch.tensor([len(feats)], device=device))
     x = model.ctc_head(enc)[0].float().log_softmax(-1).cpu()  # (T', V)
     T, V = x.shape
@@ -1199,8 +1123,7 @@ def beam_search(model, feats, beam, ctc_weight, device):
         att = model.decode(tokens, enc.expand(len(live), -1, -1), None)[:, -1].float().log_softmax(-1).cpu()
         score = torch.tensor([h[1] for h in live])[:, None] + (1 - ctc_weight) * att + banned
         if ctc_weight > 0:
-            r_n = torch.stack([h[2] for h in live], 1)
-            r_b = torch.stack([h[3] for h in live], 1)
+            r_n, r_b = torch.stack([h[2] for h in live], 1), torch.stack([h[3] for h in live], 1)  # (T, H)
             last = torch.tensor([h[0][-1] if len(h[0]) > 1 else PAD for h in live])
             new_n, new_b, psi = ctc_prefix_scores(x, r_n, r_b, last, first=step == 0)
             psi[:, EOS] = torch.logaddexp(r_n[-1], r_b[-1])  # the output is exactly h
@@ -1234,12 +1157,12 @@ def edit_distance(a, b):
     return row[-1]
 
 
-def error_rates(refs, hyps):
-    """(CER, WER) in % over a corpus: total edits / total reference characters (words)."""
-    ce = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
-    we = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
-    return (100 * ce / max(1, sum(len(r) for r in refs)),
-            100 * we / max(1, sum(len(r.split()) for r in refs)))
+def error_rates(refs, hyps, ranks=common.OneProcess()):
+    """(CER, WER) in % over a corpus (every rank's share under torchrun): edits / reference characters (words)."""
+    ce, chars, we, words = (ranks.all(v, "sum") for v in (
+        sum(edit_distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs),
+        sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)), sum(len(r.split()) for r in refs)))
+    return 100 * ce / max(1, chars), 100 * we / max(1, words)
 
 
 def to_text(ids, itos):
@@ -1283,8 +1206,7 @@ def run_transcribe(args, out):
 
 
 def run_eval_only(args, sources, out):
-    """--eval-only: report()'s figures for the run's best.pt (or --resume CKPT) on the data these flags give, at
-    the precision and evaluation batch it was saved with (the final report's, unless a resume changed them)."""
+    """report()'s figures for best.pt (or --resume CKPT) on these flags' data, at its precision and batch."""
     state, path = loaded = common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
     model, itos, path, step = load_run(out, args, loaded)
     device = common.setup_device(args, sources)[0]
