@@ -795,7 +795,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# training: setup helpers, save and validate, then train() with the loop, then report()
+# train: setup helpers, save and validate at module level, then train() with the loop, then report()
 
 def log_setup(log, args, *, model, shape, data_desc, items, itos, dropped):
     """The data, model and recipe lines; a warning for utterances CTC cannot align. -> parameters."""
@@ -1074,7 +1074,7 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
 
 
 # -----------------------------------------------------------------------------
-# decoding and serving: greedy CTC, beam search (attention + CTC prefix score), CER/WER, --transcribe, --eval-only
+# decode / pretrained (icefall's split): greedy CTC, CTC/attention beam search, CER/WER, --transcribe, --eval-only
 
 def ctc_greedy(log_probs, lengths):
     """(B, T, V) -> id lists: best class per frame, repeats merged, blanks and specials dropped."""
