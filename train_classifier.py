@@ -949,6 +949,11 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     p = loop_state(run.state)
     if run.state:
         log(f"resumed from {run.resumed_from} (step {p.step}, epoch {p.epoch + 1}, batch {p.pos})")
+        G0 = run.state["micro_bs"] * run.state["accum"] * world
+        if G0 != G:  # a new effective batch typed on resume
+            per_epoch = (math.ceil(n_train / G0), steps_per_epoch)
+            p.step, p.pos = common.rebatch(scheduler, p.step, p.pos, per_epoch=per_epoch, log=log,
+                                           total=(args.max_steps or args.epochs * per_epoch[0], total_steps))
     if ranks.is_main:
         common.truncate_metrics(out, p.step)  # records a killed run wrote after its last checkpoint
         common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,

@@ -870,8 +870,10 @@ def train(args, sources, run, cfg, data_dir, meta):
     tokens_per_step = G * args.seq_len
 
     # -- optimizer and schedule; the memory plan (it counts the optimizer's state)
-    steps_per_epoch = max(1, meta["train_tokens"] // args.seq_len // G)
-    total_steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * steps_per_epoch)
+    def steps_for(g):  # (steps an epoch, steps in the run) for a global batch of g windows
+        per_epoch = max(1, meta["train_tokens"] // args.seq_len // g)
+        return per_epoch, args.max_steps or (QUICK_STEPS if args.quick else args.epochs * per_epoch)
+    steps_per_epoch, total_steps = steps_for(G)
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
@@ -884,7 +886,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     step, best = resume(run, args, sources, model, optimizer, scheduler, chosen={
         "micro_batch": micro_bs, "grad_accum": accum, "world_size": ranks.world, "effective_batch": E,
         "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
-        "device": device.type, "why": why})
+        "device": device.type, "why": why}, steps_for=steps_for)
     train_model, no_sync = wrap(model, args, ranks)  # `model` stays the plain module we save
     peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(cfg)
@@ -954,15 +956,22 @@ def train(args, sources, run, cfg, data_dir, meta):
     return 0
 
 
-def resume(run, args, sources, model, optimizer, scheduler, *, chosen):
+def resume(run, args, sources, model, optimizer, scheduler, *, chosen, steps_for):
     """The checkpoint being resumed (run.state) restored into the model, optimizer, scheduler,
-    scaler and RNG, and args.json written with the settings and `chosen` (what fitting the machine
-    chose). Returns (step, best metric): (0, inf) for a fresh run. Shared with train_sft.py."""
+    scaler and RNG (its step moved to a new global batch when one was typed: steps_for(g) = (steps an
+    epoch, steps in the run) for a global batch g), and args.json written with the settings and
+    `chosen` (what fitting the machine chose). Returns (step, best metric): (0, inf) for a fresh
+    run. Shared with train_sft.py."""
     state = run.state
     step, best = (state["step"], state["best"]) if state else (0, float("inf"))
     run.before = common.restore_training_state(state, model, optimizer, scheduler, run.scaler)
     if state:
         run.log(f"resumed from {run.resumed_from} (step {step})")
+        G0 = state["micro_bs"] * state["accum"] * run.ranks.world
+        if G0 != chosen["global_batch"]:
+            (per_epoch0, total0), (per_epoch, total) = steps_for(G0), steps_for(chosen["global_batch"])
+            step, _ = common.rebatch(scheduler, step, 0, per_epoch=(per_epoch0, per_epoch), total=(total0, total),
+                                     log=run.log)
     if run.ranks.is_main:
         common.truncate_metrics(run.out, step)  # records a killed run wrote after its last checkpoint
         common.write_args(run.out, args, sources, chosen)

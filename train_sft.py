@@ -602,9 +602,11 @@ def train(args, sources, run, cfg, data, init):
         raise UserError(f"--batch-size x --grad-accum = {G} pairs per step, but the data has {len(examples)} "
                         "training pairs; lower --grad-accum or add data")
 
-    # -- optimizer and schedule (train_lm.py's; the sft standard column keeps onecycle and beta2 0.95), the plan
-    steps_per_epoch = max(1, len(examples) // G)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    # -- optimizer and schedule (train_lm.py's; the sft defaults keep onecycle and beta2 0.95), the plan
+    def steps_for(g):  # (steps an epoch, steps in the run) for a global batch of g pairs
+        per_epoch = max(1, len(examples) // g)
+        return per_epoch, args.max_steps or args.epochs * per_epoch
+    steps_per_epoch, total_steps = steps_for(G)
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
@@ -617,7 +619,7 @@ def train(args, sources, run, cfg, data, init):
     step, best = resume(run, args, sources, model, optimizer, scheduler, chosen={
         "micro_batch": micro_bs, "grad_accum": accum, "world_size": ranks.world, "effective_batch": E,
         "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
-        "device": device.type, "why": why})
+        "device": device.type, "why": why}, steps_for=steps_for)
     train_model, no_sync = wrap(model, args, ranks)  # `model` stays the plain module we save
     peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))))  # attention at the average pair length

@@ -4,6 +4,7 @@ weights of an uninterrupted run, bit for bit. tests/test_gru.py holds the GRU's 
 of the contract (another command starts a new folder, a finished run says so); the four others
 share common.open_run, and this checks each one end to end with its own small shape."""
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -65,3 +66,41 @@ def test_rerun_without_out_after_kill_9_resumes_the_same_folder_bit_for_bit(name
     ref, got = last_weights(tmp / "ref"), last_weights(killed)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert read_json(killed / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
+
+
+# a run at the first batch, stopped after `at` steps (its summary removed: as if killed after that
+# checkpoint), resumed with the second batch typed, which changes the effective batch
+REBATCH = {
+    "classifier": (["--preset", "small", "--train-size", "120", "--epochs", "2", "--save-every", "5",
+                    "--precision", "fp32"], ("4", "2"), ("4", "4"), 10),
+    # the LM and SFT runs count in steps (--max-steps): the step stays, each one now draws the new batch
+    "lm": (SHAPES["lm"][0][:8] + ["--eval-tokens", "512", "--precision", "fp32", "--max-steps", "20",
+                                  "--save-every", "5", "--eval-every", "10"], ("4", "2"), ("4", "1"), 10),
+    "sft": (SHAPES["sft"][0][:13] + ["--max-steps", "12", "--save-every", "5", "--eval-every", "10"], ("4", "2"),
+            ("2", "2"), 5),
+}
+
+
+@pytest.mark.parametrize("name", list(REBATCH))
+def test_resume_with_a_new_effective_batch_goes_on_and_ends_like_a_run_at_that_batch(name, tmp):
+    """Issue 31: a new effective batch typed on resume is allowed and said (common.rebatch: the step
+    moves to the same share of the epoch and schedule), and the run ends after as many steps as a
+    run at the new batch from the start. The GRU's case, with its figures, is in test_gru.py."""
+    flags, (b0, a0), (b1, a1), at = REBATCH[name]
+    if name == "sft":
+        import train_sft
+        (tmp / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in train_sft.builtin_pairs()[::30]))
+    script = f"train_{name}.py"
+    run(script, *flags, "--batch-size", b0, "--grad-accum", a0, "--max-steps", at, "--out", "r", cwd=tmp,
+        check=0)  # the later --max-steps wins
+    (tmp / "r" / "summary.json").unlink()
+    run(script, *flags, "--batch-size", b1, "--grad-accum", a1, "--out", "ref", cwd=tmp, check=0)
+    p = run(script, *flags, "--batch-size", b1, "--grad-accum", a1, "--out", "r", cwd=tmp, check=0)
+    was, now = int(b0) * int(a0), int(b1) * int(a1)
+    assert f"{b1} x {a1} as typed, for the checkpoint's {b0} x {a0}: a new effective batch (was {was})" in p.stdout
+    total = read_json(tmp / "ref" / "summary.json")["steps"]
+    moved = re.search(rf"new effective batch: step {at} of (\d+) is now step (\d+) of {total} ", p.stdout)
+    assert moved and int(moved[2]) == at * total // int(moved[1]), p.stdout[-3000:]
+    if name == "classifier":  # epochs: the steps of the run scale with the batch (up to the last, partial one)
+        assert int(moved[1]) != total and abs(int(moved[1]) * was - total * now) <= max(was, now) * 2
+    assert read_json(tmp / "r" / "summary.json")["steps"] == total
