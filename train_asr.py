@@ -843,8 +843,9 @@ def build_optimizer(model, args, sources, *, n_train, G, world, device, log):
     return optimizer, scheduler, plateau, steps_per_epoch, total_steps
 
 
-def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen, chosen):
-    """Restore the checkpoint (if any), drop what a killed run logged after it, write args.json.
+def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen, chosen, n_train, total_steps):
+    """Restore the checkpoint (if any; its position moved to a new global batch when one was typed), drop what
+    a killed run logged after it, write args.json.
     -> (step, epoch, pos, best, (wall_s, train_s, samples) of the earlier segments)."""
     state, at = run.state, (0, 0, 0, math.inf)
     before = common.restore_training_state(state, model, optimizer, scheduler, run.dev[2])
@@ -853,6 +854,12 @@ def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen,
         plateau.update(state["extra"]["plateau"])  # the optimizer's restored lr already carries it
         aug_gen.set_state(state["extra"]["aug_rng"])
         run.log(f"resumed from {run.resumed_from} (step {at[0]}, epoch {at[1] + 1}, batch {at[2]})")
+        G0, G = state["effective"] * run.ranks.world, chosen["global_batch"]
+        if G0 != G:
+            per_epoch = (math.ceil(n_train / G0), math.ceil(n_train / G))
+            step, pos = common.rebatch(scheduler, at[0], at[2], per_epoch=per_epoch, log=run.log,
+                                       total=(args.max_steps or args.epochs * per_epoch[0], total_steps))
+            at = step, at[1], pos, at[3]
     if run.ranks.is_main:
         common.truncate_metrics(run.out, at[0])  # records a killed run wrote after its last checkpoint
         common.write_args(run.out, args, sources, chosen)
@@ -936,7 +943,8 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     micro_bs, accum, amp_dtype, why = common.fit_batch(model, compute_loss, worst, args, sources, device=device,
                                                        amp_dtype=run.dev[1], prec_why=run.dev[3],
                                                        state=state, log=log, ranks=ranks, unit="utterances")
-    E = state["effective"] if state else micro_bs * accum  # an OOM halving can overshoot an odd one: keep it
+    # an OOM halving can overshoot an odd effective batch: a resumed run keeps its own, unless a new one was typed
+    E = state["effective"] if state and micro_bs * accum == state["micro_bs"] * state["accum"] else micro_bs * accum
     G = E * ranks.world  # the global batch
     optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
         model, args, sources, n_train=len(train_items), G=G, world=ranks.world, device=device, log=log)
@@ -951,7 +959,8 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     step, epoch, pos, best, (wall_before, train_before, samples_before) = resume(
         run, args, sources, model=model, optimizer=optimizer, scheduler=scheduler, plateau=plateau, aug_gen=aug_gen,
         chosen={"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E, "world_size": ranks.world,
-                "global_batch": G, "precision": args.precision, "device": device.type, "why": why})
+                "global_batch": G, "precision": args.precision, "device": device.type, "why": why},
+        n_train=len(train_items), total_steps=total_steps)
     train_model, no_sync = ranks.wrap(model)  # `model` stays the one we save
 
     # -- the loop

@@ -73,6 +73,7 @@ def test_rerun_without_out_after_kill_9_resumes_the_same_folder_bit_for_bit(name
 REBATCH = {
     "classifier": (["--preset", "small", "--train-size", "120", "--epochs", "2", "--save-every", "5",
                     "--precision", "fp32"], ("4", "2"), ("4", "4"), 10),
+    "asr": (["--quick", "--dataset-size", "64", "--epochs", "2", "--save-every", "2"], ("4", "2"), ("4", "4"), 4),
     # the LM and SFT runs count in steps (--max-steps): the step stays, each one now draws the new batch
     "lm": (SHAPES["lm"][0][:8] + ["--eval-tokens", "512", "--precision", "fp32", "--max-steps", "20",
                                   "--save-every", "5", "--eval-every", "10"], ("4", "2"), ("4", "1"), 10),
@@ -101,6 +102,6 @@ def test_resume_with_a_new_effective_batch_goes_on_and_ends_like_a_run_at_that_b
     total = read_json(tmp / "ref" / "summary.json")["steps"]
     moved = re.search(rf"new effective batch: step {at} of (\d+) is now step (\d+) of {total} ", p.stdout)
     assert moved and int(moved[2]) == at * total // int(moved[1]), p.stdout[-3000:]
-    if name == "classifier":  # epochs: the steps of the run scale with the batch (up to the last, partial one)
+    if name in ("classifier", "asr"):  # epochs: the steps of the run scale with the batch (up to the last, partial one)
         assert int(moved[1]) != total and abs(int(moved[1]) * was - total * now) <= max(was, now) * 2
     assert read_json(tmp / "r" / "summary.json")["steps"] == total
