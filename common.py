@@ -15,7 +15,8 @@ is easy to get wrong:
 
 Capability that only some runs use has a module of its own, imported only under its flag:
 download.py (a data flag given as an http(s) URL, --sha256), records.py (reading a user's CSV, TSV
-or JSONL file), adamw8bit.py (--optim adamw8bit), measure_peak.py (--measure-peak on a CPU), ddp.py
+or JSONL file), adamw8bit.py (--optim adamw8bit), measure_peak.py (--measure-peak on a CPU),
+precision_probe.py (timing bf16 for --precision auto on a CPU with bf16 units), ddp.py
 (under torchrun). A trainer copied with common.py alone runs without them (common.opt_in).
 """
 import argparse
@@ -88,8 +89,7 @@ def run_main(main):
 # flags
 
 class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the docstring's layout and show every flag's default in --help (unless the help
-    text already speaks of its default, or there is none worth showing)."""
+    """The docstring's layout, and every flag's default in --help (unless its help speaks of it or it is None)."""
 
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.default in (None, False):
@@ -476,8 +476,8 @@ def cpu_has_bf16():
 
 def measure_precision(args, sources, device, model, step, log=print, resumed=None, margin=1.2):
     """--precision auto on a CPU: bf16 when the CPU has bf16 units and this model's own step
-    (step(amp_dtype), at the run's micro-batch) is `margin` faster in it, else fp32 (matmul-bound
-    shapes gain up to 2x, small ones lose). Returns (amp_dtype, why or None); sets args.precision."""
+    (step(amp_dtype), at the run's micro-batch) is `margin` faster in it (timed by
+    precision_probe.py), else fp32. Returns (amp_dtype, why or None); sets args.precision."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type != "cpu" or sources.get("precision") != "auto":
         return dtypes[args.precision], None  # typed, from a config, or CUDA's rule: nothing to measure
@@ -489,25 +489,12 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
         return None, "CPU: fp32 (--quick runs are not timed)"
     if not cpu_has_bf16():
         return None, "CPU: fp32 (no bf16 units listed in /proc/cpuinfo)"
-    best = {None: math.inf, torch.bfloat16: math.inf}
+    try:
+        probe = importlib.import_module("precision_probe")
+    except ModuleNotFoundError:
+        return None, "CPU: fp32 (precision_probe.py, which times bf16 here, is not beside the trainer)"
     with side_effect_free(model, device):
-        t0 = time.perf_counter()
-        for dt in best:
-            step(dt)  # warm-up: the first call allocates and picks its kernels
-        # alternating, best of 3 to 30 rounds (about 2 s in all): other load on the machine hits
-        # both alike, and the best is what each precision can do. Fewer rounds were fooled on a
-        # busy 2-core machine (a 4x128 GPT read 1.9x faster in bf16; it runs 0.75x)
-        for _ in range(min(30, max(3, math.ceil(2.0 / max(1e-3, time.perf_counter() - t0))))):
-            for dt in best:
-                t0 = time.perf_counter()
-                step(dt)
-                best[dt] = min(best[dt], time.perf_counter() - t0)
-    fp32_ms, bf16_ms = 1e3 * best[None], 1e3 * best[torch.bfloat16]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # under torchrun every rank times its own step; all take rank 0's figures, so all agree
-        figures = [(fp32_ms, bf16_ms)]
-        torch.distributed.broadcast_object_list(figures, src=0)
-        fp32_ms, bf16_ms = figures[0]
+        fp32_ms, bf16_ms = probe.time_step(step)
     args.precision = "bf16" if fp32_ms >= margin * bf16_ms else "fp32"
     why = (f"CPU: {args.precision} by measurement: this model's step {fp32_ms:.1f} ms in fp32, "
            f"{bf16_ms:.1f} ms in bf16 (bf16 needs {margin:.2f}x to win)")
@@ -679,11 +666,10 @@ def table_batch_size(device, quick, free_gpu_gb=None, ram_gb=None):
 
 
 def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
-    """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs): one forward+backward at bs,
-    the bytes it needed (or an out-of-memory error). `resumed` = a checkpoint's (micro, accum),
-    kept unless --batch-size/--grad-accum are typed: with the same product the run goes on as
-    before (the seeds' remedy after an out-of-memory error: resume with --batch-size 1
-    --grad-accum 8); with another, the trainer moves its position with rebatch."""
+    """--batch-size/--grad-accum as (micro_bs, accum, why). probe(bs): one forward+backward at bs, the bytes it
+    needed (or an out-of-memory error). `resumed` = a checkpoint's (micro, accum), kept unless the flags are
+    typed: the same product goes on as before (the seeds' remedy after an out-of-memory error: resume with
+    --batch-size 1 --grad-accum 8); another is a new effective batch (the trainer calls rebatch)."""
     E = args.effective_batch
     if resumed:
         micro, accum = resumed
@@ -1106,11 +1092,9 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, log=print
 
 
 def rebatch(scheduler, step, pos, *, per_epoch, total, log=print):
-    """A resume with a new effective batch: (step, pos) of the checkpoint, which counted old batches,
-    moved to the same share of the epoch (pos: batches of it done) and of the schedule, for
-    per_epoch = (old, new) batches an epoch and total = (old, new) steps in the run; the
-    learning rate follows (LambdaLR: base x factor(step)). The batches either side of the cut are
-    drawn anew, so up to one new batch of the epoch is seen twice or not at all."""
+    """A resume with a new effective batch: the checkpoint's (step, pos: batches of this epoch done) moved to
+    the same share of the epoch and run, for per_epoch and total = (old, new) batches an epoch and steps in the
+    run, and the lr with it (LambdaLR). Up to one new batch of the epoch is then seen twice or not at all."""
     new_step, new_pos = step * total[1] // total[0], pos * per_epoch[1] // per_epoch[0]
     scheduler.last_epoch = new_step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -1484,8 +1468,7 @@ def recording_failures(out, status):
 def memory_watch(args):
     """The state check_memory keeps between calls, from the memory flags."""
     return {"every": args.mem_check_every, "ram": args.ram_threshold, "gpu": args.gpu_threshold,
-            "swap": args.swap_threshold,
-            "last": time.monotonic()}
+            "swap": args.swap_threshold, "last": time.monotonic()}
 
 
 def progress_bar(total, initial):

@@ -579,6 +579,11 @@ def test_auto_precision_on_cpu_is_measured_on_the_models_own_step(monkeypatch, b
                                     calls.append, resumed="bf16")[0] is torch.bfloat16
     assert common.measure_precision(argparse.Namespace(precision="fp32", quick=True), {"precision": "auto"}, DEV,
                                     model, calls.append)[0] is None
+    # a trainer copied without precision_probe.py stays in fp32 on a bf16 CPU, and says why
+    monkeypatch.setitem(sys.modules, "precision_probe", None)  # import fails with ModuleNotFoundError
+    assert common.measure_precision(argparse.Namespace(precision="fp32", quick=False), {"precision": "auto"}, DEV,
+                                    model, calls.append) == (None, "CPU: fp32 (precision_probe.py, which times "
+                                                                   "bf16 here, is not beside the trainer)")
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
     assert common.measure_precision(argparse.Namespace(precision="fp32", quick=False), {"precision": "auto"}, DEV,
                                     model, calls.append)[0] is None

@@ -1,6 +1,6 @@
 """The small core (issue 30): each trainer, copied with common.py alone into an empty folder
 (train_sft.py with train_lm.py), runs --quick; that run imports none of the opt-in modules
-(download, records, adamw8bit, measure_peak, ddp) and never starts torch's profiler; its
+(download, records, adamw8bit, measure_peak, precision_probe, ddp) and never starts torch's profiler; its
 train.log has the per-interval loss line. train_sft.py stops at --plan here: its quick run ends
 by decoding the 370 test pairs with an untrained model (80 s on one core); tests/test_sft.py and
 the golden losses run its loop. And the sizes a reader sees: no line over 120 characters, no
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OPT_IN = ("download", "records", "adamw8bit", "measure_peak", "ddp", "memory_optimizer")
+OPT_IN = ("download", "records", "adamw8bit", "measure_peak", "precision_probe", "ddp", "memory_optimizer")
 TRAINERS = {"gru": ["train_gru.py"], "classifier": ["train_classifier.py"], "asr": ["train_asr.py"],
             "lm": ["train_lm.py"], "sft": ["train_sft.py", "train_lm.py"]}
 
