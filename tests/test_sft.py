@@ -71,17 +71,18 @@ def test_quick_sft_learns_commands(sft_run):
 def test_plain_defaults_learn_on_a_slice(tmp):
     """The plain run's settings (lr 4e-3, 16 x 2, onecycle over the run, context 256), only shorter:
     150 steps on the 20 built-in templates whose command has no slot (210 pairs, 19 test pairs:
-    phrasings and prefixes the training split did not have). Measured (one thread, fp32): val loss
-    0.82 nats per answer token, 3 of 19 exact; untrained: ln(265) = 5.6 and none. ~70 CPU s."""
+    phrasings and prefixes the training split did not have). Measured, one thread, two runs: val loss
+    0.82 and 0.93 nats per answer token, 4 of 19 substring (3 and 2 exact); untrained: ln(265) = 5.6
+    and none. ~70 CPU s."""
     fixed = [line.split(" => ")[1] for line in re.sub(r"\n +", " ", train_sft.TEMPLATES).strip().split("\n")
              if "{" not in line]
     pairs = [p for p in train_sft.builtin_pairs() if "typo" not in p["output"]
              and train_sft.command_of(p["output"]) in fixed]
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    run("train_sft.py", "--data", "pairs.jsonl", "--max-steps", "150", "--out", "r", cwd=tmp, check=0)
+    run("train_sft.py", "--data", "pairs.jsonl", "--max-steps", "150", "--out", "r", cwd=tmp, check=0, timeout=900)
     s = read_json(tmp / "r" / "summary.json")
     assert len(fixed) == 20 and s["effective_batch"] == 32 and s["steps"] == 150 and s["test_pairs"] == 19, s
-    assert s["value"] < 1.2 and s["command_exact"] >= 1 / 19 and s["command_substring"] >= s["command_exact"], s
+    assert s["value"] < 1.2 and s["command_substring"] >= 2 / 19 and s["command_substring"] >= s["command_exact"], s
 
 
 def test_prompt_tokens_carry_no_loss():
