@@ -643,6 +643,8 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
         model, compute_loss, worst, args, sources, device=device, amp_dtype=run.amp_dtype, prec_why=run.prec_why,
         state=run.state, log=log, ranks=ranks, unit="queries")
     E, G = micro_bs * accum, micro_bs * accum * ranks.world  # queries per rank per step; the global batch
+    if args.resource_efficient:  # 256 queries' logits: ~13 of the 57 MB a --quick run adds (docs/run-contract.md)
+        run.eval_bs = min(run.eval_bs, micro_bs)
     if 0 < n_train % G < ranks.world:
         raise UserError(f"--batch-size {E} x {ranks.world} processes: the last batch of each epoch would hold "
                         f"{n_train % G} of {n_train} queries, too few for every process; use another --batch-size")
@@ -659,7 +661,8 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
         common.truncate_metrics(out, step)  # records a killed run wrote after its last checkpoint
         common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
                                                "world_size": ranks.world, "global_batch": G,
-                                               "precision": args.precision, "device": device.type, "why": why})
+                                               "precision": args.precision, "device": device.type, "why": why,
+                                               "eval_batch": run.eval_bs})
     train_model, no_sync = ranks.wrap(model)  # `model` stays the one we save
     base_ppl = unigram_ppl(train_data, val_data, len(itos))
     extra = {"itos": itos, "cats": cats, "preset": args.preset}  # what --suggest rebuilds the model from
@@ -832,11 +835,12 @@ def run_suggest(args):
 
 def run_eval(args, sources, *, train_pairs, val_pairs):
     """--eval-only: the run's best.pt (or --resume CKPT) on this command's validation split, scored as
-    training scores it (evaluate() at the same batch of 256, the run's precision), printed as training
-    prints it and written to <out>/eval.json. Nothing else in the run folder is written: no checkpoint,
-    status.json, metrics.jsonl, train.log or tb/. The GRU holds out only a validation split (no test
-    split), so there are no test figures. The model is built from the checkpoint (its preset, vocabulary
-    and categories); the data, --val-frac and --seed must be the training command's for the same split."""
+    training scores it (evaluate() at the same batch, 256 or --resource-efficient's micro-batch, and the
+    run's precision), printed as training prints it and written to <out>/eval.json. Nothing else in the
+    run folder is written: no checkpoint, status.json, metrics.jsonl, train.log or tb/. The GRU holds out
+    only a validation split (no test split), so there are no test figures. The model is built from the
+    checkpoint (its preset, vocabulary and categories); the data, --val-frac and --seed must be the
+    training command's for the same split."""
     if args.resume and not args.out:
         raise UserError(f"--eval-only --resume {args.resume}: pass --out RUN too (eval.json is written there)")
     out = Path(args.out) if args.out else common.newest_run("gru")
@@ -864,8 +868,9 @@ def run_eval(args, sources, *, train_pairs, val_pairs):
     stoi, cat_index = {w: i for i, w in enumerate(itos)}, {c: i for i, c in enumerate(cats)}
     train_data, val_data = pack(train_pairs, stoi, cat_index), pack(val_pairs, stoi, cat_index)
     base_ppl = unigram_ppl(train_data, val_data, len(itos))
-    (val_loss, val_ppl), _ = common.evaluate_halving(
-        lambda bs: evaluate(model, val_data, device, amp_dtype, bs), Run.eval_bs, device, print)
+    bs = min(Run.eval_bs, saved.get("batch_size", Run.eval_bs)) if saved.get("resource_efficient") else Run.eval_bs
+    (val_loss, val_ppl), _ = common.evaluate_halving(  # the training run's batch: the same sums, the same figure
+        lambda bs: evaluate(model, val_data, device, amp_dtype, bs), bs, device, print)
     step = state["step"]
     print(f"model {path} (step {step}); {len(val_pairs)} validation queries; device {device.type}, "
           f"precision {args.precision}")

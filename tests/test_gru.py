@@ -529,6 +529,20 @@ def test_eval_only_reproduces_the_summary_and_writes_nothing_else(eval_run):
     assert sorted(f.name for f in d.iterdir()) == ["runs"] and [f.name for f in (d / "runs").iterdir()] == ["g"]
 
 
+def test_resource_efficient_validates_at_the_micro_batch_and_eval_only_follows(eval_run, tmp):
+    """--resource-efficient validates at the micro-batch instead of 256 queries (their logits were the
+    GRU's largest part of the memory a run adds: docs/run-contract.md); --eval-only scores such a run at
+    its batch too, so it still gives summary.json's value back."""
+    assert read_json(eval_run[1] / "args.json")["chosen"]["eval_batch"] == 256  # the standard run
+    p = run("train_gru.py", *EVAL_FLAGS, "--resource-efficient", "--out", "re", cwd=tmp, check=0)
+    assert re.search(r"eval batch +256 -> micro-batch", p.stdout), p.stdout
+    chosen, s = read_json(tmp / "re" / "args.json")["chosen"], read_json(tmp / "re" / "summary.json")
+    assert chosen["eval_batch"] == chosen["micro_batch"] == 8  # --batch-size 8, typed: kept, not halved
+    last = tmp / "re" / "checkpoints" / f"ckpt_step{s['steps']:08d}.pt"
+    run("train_gru.py", *EVAL_FLAGS, "--eval-only", "--out", "re", "--resume", last, cwd=tmp, check=0)
+    assert read_json(tmp / "re" / "eval.json")["value"] == s["value"]
+
+
 def test_eval_only_on_other_data_says_so(eval_run):
     d, out = eval_run
     other = [f if f != "1500" else "1400" for f in EVAL_FLAGS]  # --dataset-size 1400: another split
