@@ -384,7 +384,7 @@ class TfidfRegression(nn.Module):
             + self.bias
 
 
-def fit_linear(linear, data, C, log):
+def fit_linear(linear, data, C, log, history=100):
     """Fit the regression beside fasttext on every training row at once by L-BFGS: its loss (summed cross-
     entropy + |W|^2 / 2C, the bias unpenalised, as scikit-learn's) is convex, so this is its one optimum, which
     minibatch steps stopped early do not reach (docs/real-data.md: 0.5-0.9 points less). Deterministic."""
@@ -395,7 +395,8 @@ def fit_linear(linear, data, C, log):
     linear.idf.copy_(((1 + len(y)) / (1 + df)).log() + 1)
     w = linear.tfidf(ids, mask)  # (N, T), fixed while fitting
     linear.requires_grad_(True)  # weight and bias train; idf, not in the graph (w is fixed), gets no gradient
-    opt = torch.optim.LBFGS([linear.weight, linear.bias], max_iter=300, tolerance_grad=1e-5,
+    # 2 x `history` vectors the size of the weights (vocab x labels); --resource-efficient keeps 10 (run-contract.md)
+    opt = torch.optim.LBFGS([linear.weight, linear.bias], max_iter=300, tolerance_grad=1e-5, history_size=history,
                             line_search_fn="strong_wolfe")
 
     def closure():
@@ -409,7 +410,7 @@ def fit_linear(linear, data, C, log):
     with torch.no_grad():
         acc = (linear(ids, mask, w).argmax(-1) == y).float().mean().item()
     log(f"TF-IDF logistic regression beside fasttext (C {C:g}): fitted by L-BFGS in {time.time() - t0:.1f} s, "
-        f"{opt.state[linear.weight]['n_iter']} iterations, train accuracy {acc:.3f}")
+        f"{opt.state[linear.weight]['n_iter']} iterations (history {history}), train accuracy {acc:.3f}")
 
 
 # -----------------------------------------------------------------------------
@@ -941,7 +942,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     if args.plan:
         return common.plan_only(out, run.status, log)
     if getattr(model, "linear", None) is not None and not run.state:  # a resumed run has it in the checkpoint
-        fit_linear(model.linear, splits["train"], args.linear_c, log)
+        fit_linear(model.linear, splits["train"], args.linear_c, log, history=10 if args.resource_efficient else 100)
 
     # -- resume
     wall_before, train_before, samples_before = common.restore_training_state(run.state, model, optimizer,

@@ -101,6 +101,33 @@ def test_fit_linear_reaches_the_penalised_optimum_and_the_ensemble_averages_prob
         torch.testing.assert_close(both, (alone + lin(v["ids"], v["mask"]).softmax(-1)) / 2)
 
 
+def test_fit_linear_with_resource_efficients_short_history_reaches_the_same_optimum():
+    """--resource-efficient keeps 10 L-BFGS steps instead of 100 (each two vectors the size of the
+    weights); the objective is convex, so the fit ends at the same optimum: the same weights to 1e-3 of
+    their scale, and the same predictions."""
+    train, val, _ = tcl.generate_items(300, seed=2)
+    tok = tcl.NgramTokenizer(tcl.build_ngram_vocab([t for t, _ in train], 200_000, 64))
+    data = tcl.encode_splits(tok, (train, val, val), tcl.CATEGORIES, 64)
+    fits, logs = [], []
+    for history in (100, 10):
+        lin = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, linear=30.0).linear
+        tcl.fit_linear(lin, data["train"], 30.0, logs.append, history=history)
+        fits.append(lin)
+    assert "(history 100)" in logs[0] and "(history 10)" in logs[1]
+    scale = fits[0].weight.abs().max()
+    assert (fits[0].weight - fits[1].weight).abs().max() < 1e-3 * scale
+    v = data["val"]
+    with torch.no_grad():
+        assert torch.equal(fits[0](v["ids"], v["mask"]).argmax(-1), fits[1](v["ids"], v["mask"]).argmax(-1))
+
+
+def test_resource_efficient_fits_the_regression_with_a_short_history(tmp):
+    """The setting reaches the run: the preset's table names it and the fit says which history it kept."""
+    p = run("train_classifier.py", *TINY[:4], "--resource-efficient", "--out", "re", cwd=tmp, check=0)
+    assert re.search(r"L-BFGS history +100 -> 10 ", p.stdout), p.stdout
+    assert "fitted by L-BFGS" in p.stdout and "(history 10)" in p.stdout
+
+
 def test_a_run_without_the_regression_resumes_as_it_was_and_other_c_is_refused(tmp):
     # --linear-c 0 saves the shape runs from before the regression had (no "linear" key)
     run("train_classifier.py", "--quick", "--linear-c", "0", "--max-steps", "4", "--out", "r", cwd=tmp, check=0)
