@@ -276,10 +276,11 @@ def config_value(reader, key, value):
     return value if got in (str(value), [str(value)]) else got
 
 
-def resolve_settings(parser, argv, log=print, modes=None):
+def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
     """Parse argv, then layer optimal_config.json and --resource-efficient (or `modes`, train_sft.py's
-    table) under the flags. Returns (args, sources): sources[name] is "default", "flag",
-    "optimal_config.json", "resource-efficient", later "auto" or "checkpoint"."""
+    table; own_changes: rows the trainer adds to its before -> after table) under the flags. Returns
+    (args, sources): sources[name] is "default", "flag", "optimal_config.json", "resource-efficient",
+    later "auto" or "checkpoint"."""
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     sources = {k: ("flag" if k in given else "default") for k in vars(args)}
@@ -319,7 +320,7 @@ def resolve_settings(parser, argv, log=print, modes=None):
     if modes is not None:
         modes(args, sources, log)
     elif args.resource_efficient:
-        apply_resource_efficient(args, sources, log)
+        apply_resource_efficient(args, sources, log, own_changes)
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                         "metrics.jsonl has the same numbers")
@@ -337,7 +338,7 @@ def resource_efficient_eval(args, sources, steps_per_epoch, log=print):
         log(f"--resource-efficient: evaluating every {args.eval_every} steps (half an epoch)")
 
 
-def apply_resource_efficient(args, sources, log=print):
+def apply_resource_efficient(args, sources, log=print, own_changes=()):
     """The --resource-efficient preset, applied before anything is built; flags typed by the
     user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
     wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("swap_threshold", 30.0), ("mem_check_every", 15.0),
@@ -355,6 +356,7 @@ def apply_resource_efficient(args, sources, log=print):
             sources[key] = "resource-efficient"
             rows.append((key, before, value, ""))
     rows.append(("micro-batch", "chosen", "halved", "grad accumulation doubled, same effective batch"))
+    rows += own_changes  # what the trainer's own file does under the flag
     log("--resource-efficient changes:")
     for key, before, after, note in rows:
         log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}")

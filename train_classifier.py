@@ -758,7 +758,8 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
 
 
 def main(argv=None):
-    args, sources = common.resolve_settings(parser, sys.argv[1:] if argv is None else argv)
+    args, sources = common.resolve_settings(parser, sys.argv[1:] if argv is None else argv, own_changes=[
+        ("L-BFGS history", 100, 10, "the TF-IDF regression's fit")])
     if args.eval_only and (args.predict is not None or args.predict_file is not None or args.no_resume):
         raise UserError("--eval-only scores the run's saved model on its validation and test data; drop "
                         "--predict/--predict-file/--no-resume (or --eval-only)")

@@ -449,7 +449,8 @@ class Run:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args, sources = common.resolve_settings(parser, argv)
+    args, sources = common.resolve_settings(parser, argv, own_changes=[
+        ("eval batch", 256, "micro-batch", "validation at the training micro-batch")])
     if any(a == "--max-len" or a.startswith("--max-len=") for a in argv):
         print("note: --max-len is the old name of --max-words (words to generate); it still works",
               file=sys.stderr)
