@@ -342,7 +342,7 @@ def apply_resource_efficient(args, sources, log=print, own_changes=()):
     """The --resource-efficient preset, applied before anything is built; flags typed by the
     user win. The batch halving happens in choose_batch_size (it needs the chosen batch)."""
     wanted = [("ram_threshold", 70.0), ("gpu_threshold", 75.0), ("swap_threshold", 30.0), ("mem_check_every", 15.0),
-              ("workers", 1), ("pin_memory", False),
+              ("workers", min(args.workers, 1)), ("pin_memory", False),  # never more loader processes
               ("save_every", max(1, args.save_every // 2)),
               ("eval_every", max(1, args.eval_every // 2) if args.eval_every else 0),
               ("grad_checkpointing", True)]

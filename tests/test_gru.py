@@ -173,7 +173,7 @@ def test_resource_efficient_halves_batch_and_cadence(tmp):
     start = table_batch_size("cpu", True)[0]
     assert a["chosen"]["micro_batch"] == start // 2 and a["chosen"]["effective_batch"] == 64
     assert s["eval_every"] == {"value": 11, "source": "resource-efficient"}  # half of 22 steps/epoch
-    assert s["workers"]["value"] == 1 and s["pin_memory"]["value"] is False
+    assert s["workers"]["value"] == 0 and s["pin_memory"]["value"] is False  # never more loader processes
 
 
 def test_no_resume_moves_old_checkpoints_aside(tmp):
