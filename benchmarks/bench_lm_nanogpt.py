@@ -5,6 +5,8 @@ nanoGPT's CPU shape (4 layers, 4 heads, width 128, context 64, batch 12) for 2,0
     python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt   # ~20 min on 2 busy cores, 1 thread
     python benchmarks/bench_lm_nanogpt.py                          # our two schedules only
     python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt --steps 40   # smoke run, ~1 min
+    python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt --steps 300 --repeats 3 --runs ours,nanogpt
+                                                   # the footprint table in docs/lm.md, ~6 min
 
 The text: Python's documentation topics (pydoc_data.topics, shipped with every Python; nobody here
 wrote it), which train_lm.py packs into data/pydoc on first use (this script does that too):
@@ -24,7 +26,16 @@ non-overlapping windows (train_lm.val_windows), with the same summed cross-entro
 byte (a byte is a token). nanoGPT's model class is imported from the checkout at run time.
 Wall time is each process's whole life (start-up, data, its own evals, saving); tokens/s is the
 tokens trained (steps x 12 x 64) over that wall time. CPU s is the CPU time the process used (user
-+ system): on a shared machine the fairer speed figure, tokens/CPU-s.
++ system): on a shared machine the fairer speed figure, tokens/CPU-s. Peak RSS is the process's
+high-water mark (os.wait4's ru_maxrss: start-up, the end and any child included), the footprint a
+user sees; on a loaded machine it moves far less than the speed.
+With --repeats R every run goes R times, in turn (ours, nanoGPT, onecycle, ours, ...), and each
+column is the median; val loss is the first repeat's (a run's numbers do not depend on the repeat).
+Python byte-compiles imported modules into a cache the first time (for train_lm.py: common.py,
+1,700 lines; for nanoGPT: model.py); a user's second run reads it. The runs here get that cache
+under --work (PYTHONPYCACHEPREFIX), filled before the first run, also where the environment sets
+PYTHONDONTWRITEBYTECODE (compiling common.py at every start costs ~5 MB of RSS). The two scripts
+run as __main__ are compiled at every start, as for a user (train_lm.py ~1,230 lines, ~4 MB).
 """
 
 import argparse
@@ -35,16 +46,12 @@ import math
 import os
 import pickle
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-try:
-    import resource  # children's CPU time; Unix only
-except ImportError:
-    resource = None
 
 import benchlib
 
@@ -64,6 +71,10 @@ parser.add_argument("--threads", type=pos_int, default=1, metavar="N", help="OMP
 parser.add_argument("--work", default=None, metavar="DIR",
                     help="where the runs write (default: a new temporary folder, removed at the end)")
 parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every run trains")
+parser.add_argument("--repeats", type=pos_int, default=1, metavar="R",
+                    help="processes per run, in turn; the table shows medians (val loss: the first repeat's)")
+parser.add_argument("--runs", default="ours,nanogpt,onecycle", metavar="A,B",
+                    help="which runs, comma-separated, of ours, nanogpt, onecycle")
 
 
 def fail(msg):
@@ -71,25 +82,32 @@ def fail(msg):
     sys.exit(2)
 
 
-def cpu_children():
-    """CPU seconds (user + system) of this process's finished children; None on Windows."""
-    if resource is None:
-        return None
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def timed(cmd, cwd, env, log_path):
-    """Run cmd to the end with its output in log_path; returns (wall, cpu) seconds. The CPU time
-    is what the run itself used: on a machine shared with other work it varies far less than the
-    wall time, which also counts the time spent waiting for a core."""
-    t0, c0 = time.perf_counter(), cpu_children()
+    """Run cmd to the end with its output in log_path; returns (wall s, CPU s, peak RSS MB). The
+    CPU time is what the run itself used: on a machine shared with other work it varies far less
+    than the wall time, which also counts the time spent waiting for a core. The peak RSS is
+    os.wait4's ru_maxrss (kilobytes on Linux, bytes on macOS); None where there is no wait4."""
+    t0 = time.perf_counter()
     with open(log_path, "w") as fh:
-        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if hasattr(os, "wait4"):
+            _, status, ru = os.wait4(p.pid, 0)
+            p.returncode = os.waitstatus_to_exitcode(status)
+            cpu, rss = ru.ru_utime + ru.ru_stime, ru.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+        else:  # Windows
+            p.wait()
+            cpu = rss = None
+    if p.returncode != 0:
         print(open(log_path).read()[-3000:], file=sys.stderr)
-        fail(f"{' '.join(map(str, cmd[:3]))} ... exited {rc}; its log is above ({log_path})")
-    return time.perf_counter() - t0, (cpu_children() - c0 if c0 is not None else None)
+        fail(f"{' '.join(map(str, cmd[:3]))} ... exited {p.returncode}; its log is above ({log_path})")
+    return time.perf_counter() - t0, cpu, rss
+
+
+def warm_bytecode(env, paths):
+    """Byte-compile the modules the runs import into env's PYTHONPYCACHEPREFIX, as a user's first
+    run leaves them (see the docstring)."""
+    code = "import py_compile, sys\nfor p in sys.argv[1:]: py_compile.compile(p, doraise=True)"
+    subprocess.run([sys.executable, "-c", code, *map(str, paths)], env=env, check=True)
 
 
 def val_nats(forward, windows, device):
@@ -174,7 +192,12 @@ def main():
     data, meta, ngdata = prepare_data(work)
 
     # -- the runs, one at a time
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    keys = [k for k in ["ours", "nanogpt", "onecycle"] if k in args.runs.split(",")]
+    if not keys or set(args.runs.split(",")) - set(keys):
+        fail(f"--runs {args.runs}: give some of ours, nanogpt, onecycle")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPYCACHEPREFIX=str(work / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    warm_bytecode(env, [REPO / "common.py", REPO / "precision_probe.py"] + ([ng / "model.py"] if ng else []))
     shape = ["--n-layer", str(L), "--n-head", str(H), "--d-model", str(D), "--seq-len", str(T),
              "--batch-size", str(B), "--grad-accum", "1", "--max-steps", str(args.steps)]
     # not training settings: no evaluation before the end, one checkpoint, quiet log
@@ -184,19 +207,26 @@ def main():
             "onecycle": ("train_lm.py --schedule onecycle --beta2 0.95 (old default)",
                          ["--schedule", "onecycle", "--beta2", "0.95"])}
     busy, t_start, kids0 = benchlib.cpu_watch_start()
-    walls = {}
-    for key in ["ours", "nanogpt", "onecycle"]:
-        if key == "nanogpt":
-            if not ng:
-                continue
-            cmd = nanogpt_cmd(ngdata, work / "nanogpt", args.device, args.steps, (L, H, D, T, B), 100)
-            cwd = ng
-        else:
-            cmd = [sys.executable, str(REPO / "train_lm.py"), *shape, *runs[key][1], *plumbing,
-                   "--out", str(work / key)]
-            cwd = work  # no optimal_config.json there
-        print(f"running {key}: {' '.join(map(str, cmd[1:]))}", file=sys.stderr, flush=True)
-        walls[key] = timed(cmd, cwd, env, work / f"{key}.log")
+    measured, kept, chose = {}, {}, {}
+    for rep in range(args.repeats):
+        for key in keys:
+            if key == "nanogpt":
+                if not ng:
+                    continue
+                out = work / f"nanogpt{rep}"
+                cmd = nanogpt_cmd(ngdata, out, args.device, args.steps, (L, H, D, T, B), 100)
+                cwd = ng
+            else:
+                out = work / f"{key}{rep}"
+                cmd = [sys.executable, str(REPO / "train_lm.py"), *shape, *runs[key][1], *plumbing, "--out", str(out)]
+                cwd = work  # no optimal_config.json there
+            print(f"running {key} ({rep + 1}/{args.repeats}): {' '.join(map(str, cmd[1:]))}", file=sys.stderr,
+                  flush=True)
+            measured.setdefault(key, []).append(timed(cmd, cwd, env, work / f"{key}{rep}.log"))
+            # the precision each run trained in: ours measures bf16 against fp32 at start (auto)
+            chose.setdefault(key, []).append("fp32" if key == "nanogpt" else
+                                             json.loads((out / "args.json").read_text())["chosen"]["precision"])
+            kept.setdefault(key, out)  # the first repeat's model is scored
     wall_all, others = benchlib.cpu_watch_end(t_start, kids0)
 
     # -- score every final model on the whole validation stream, same windows
@@ -205,14 +235,14 @@ def main():
     device = torch.device(args.device)
     windows = train_lm.val_windows(data / "val.bin", meta["val_tokens"], T, meta["val_tokens"])
     rows = []
-    for key in ["ours", "nanogpt", "onecycle"]:
-        if key not in walls:
+    for key in keys:
+        if key not in measured:
             continue
         if key == "nanogpt":
-            forward = nanogpt_forward(ng, work / "nanogpt", args.steps, device)
+            forward = nanogpt_forward(ng, kept[key], args.steps, device)
             label, steps = f"nanoGPT ({ng.name}), shakespeare_char recipe", args.steps
         else:
-            path = work / key / "checkpoints" / f"ckpt_step{args.steps:08d}.pt"
+            path = kept[key] / "checkpoints" / f"ckpt_step{args.steps:08d}.pt"
             state = torch.load(path, map_location=device, weights_only=True)
             model = train_lm.LM(state["model_cfg"]).to(device)
             model.load_state_dict(state["model"])
@@ -220,18 +250,20 @@ def main():
             forward = model
             label, steps = runs[key][0], state["step"]
         nats = val_nats(forward, windows, device)
-        wall, cpu = walls[key]
+        wall, cpu, rss = (statistics.median(x) if None not in x else None for x in zip(*measured[key]))
         rows.append([label, f"{nats:.4f}", f"{nats / math.log(2):.4f}", str(steps), f"{wall:.0f}",
-                     f"{steps * B * T / wall:,.0f}", f"{cpu:.0f}" if cpu else "-",
-                     f"{steps * B * T / cpu:,.0f}" if cpu else "-"])
+                     f"{steps * B * T / wall:,.0f}", f"{cpu:.1f}" if cpu else "-",
+                     f"{steps * B * T / cpu:,.0f}" if cpu else "-", f"{rss:.0f}" if rss else "-",
+                     " ".join(f"{r:.0f}" for _, _, r in measured[key]) if rss else "-", " ".join(chose[key])])
 
     res = dict(benchlib.runtime_info(device, "fp32"), threads=args.threads)
     benchlib.print_header("train_lm.py vs nanoGPT at nanoGPT's CPU shape", sys.argv, res, busy, others)
-    print(f"workload: {L} layers, {H} heads, width {D}, context {T}, batch {B} x 1, {args.steps} steps; "
+    print(f"workload: {L} layers, {H} heads, width {D}, context {T}, batch {B} x 1, {args.steps} steps, "
+          f"{args.repeats} repeat(s) in turn, medians; "
           f"{data} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val bytes); validation: all "
           f"{len(windows)} non-overlapping {T}-byte windows of val.bin  \n")
     benchlib.print_table(["run", "val nats/byte", "bits/byte", "steps", "wall s", "tokens/s",
-                         "CPU s", "tokens/CPU-s"], rows)
+                         "CPU s", "tokens/CPU-s", "peak RSS MB", "RSS per repeat", "precision"], rows)
     if not ng:
         print("\nnanoGPT row skipped: no --nanogpt DIR given  ")
     print()
