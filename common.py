@@ -22,6 +22,7 @@ precision_probe.py (timing bf16 for --precision auto on a CPU with bf16 units), 
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import errno
 import gc
@@ -986,20 +987,19 @@ def keep_heap_small(threshold=1 << 20):
     """Linux (glibc): allocations >= threshold go to mmap and back to the OS when freed (glibc
     otherwise raises that threshold after large frees, and micro-batches of varying length leave
     heap gaps that RSS never returns): train_sft.py's peak RSS 1,338 -> 485 MB at 0.70x speed."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    try:
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: no mallopt (musl, macOS, Windows)
         return ctypes.CDLL(None).mallopt(-3, threshold) == 1  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt symbol)
-        return False
+    return False
 
 
 def free_memory(device):
-    """gc (Python cycles holding tensors) + the CUDA caching allocator's unused blocks."""
+    """gc (Python cycles holding tensors), the CUDA caching allocator's unused blocks, and on Linux the heap's
+    free pages that glibc keeps in RSS after tensors are freed (13-40 MB after train_lm.py's loop, docs/lm.md)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: no malloc_trim (musl, macOS, Windows)
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def check_memory(watch, device, log=print):
@@ -1591,8 +1591,7 @@ def plot_progress(out, metric):
 
 def count_params(model):
     """(all parameters, trainable parameters)."""
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # -----------------------------------------------------------------------------

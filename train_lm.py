@@ -400,16 +400,17 @@ def eigen_scan_chunked(beta, mag, omega, chunk):
     last_re = y[:, -1].view(K, B, n)
     last_im = torch.bmm((decay[:, -1] * torch.sin(d[-1] * w[:, 0]))[:, None], x).view(K, B, n)
     # carry across chunks: h_n = last_n + lambda^C h_{n-1} (n steps of (K, B); no detach, so
-    # gradients flow through every chunk boundary)
+    # gradients flow through every chunk boundary). unbind, not last_re[:, :, i]: each select's
+    # backward writes a zero-filled (K, B, n) gradient and autograd sums the n of them, O(n^2):
+    # a 32K step took 9.0x a 4K one, 7.6x with unbind, whose backward is one stack (docs/lm.md).
     magC, angC = torch.exp(C * log_mag[:, 0]), C * w[:, 0]  # (K, 1)
     pc_re, pc_im = magC * torch.cos(angC), magC * torch.sin(angC)
     h_re, h_im = beta.new_zeros(K, B), beta.new_zeros(K, B)
     prev_re, prev_im = [], []
-    for i in range(n):
+    for l_re, l_im in zip(last_re.unbind(2), last_im.unbind(2)):  # (K, B) each
         prev_re.append(h_re)
         prev_im.append(h_im)
-        h_re, h_im = (last_re[:, :, i] + pc_re * h_re - pc_im * h_im,
-                      last_im[:, :, i] + pc_re * h_im + pc_im * h_re)
+        h_re, h_im = l_re + pc_re * h_re - pc_im * h_im, l_im + pc_re * h_im + pc_im * h_re
     prev_re = torch.stack(prev_re, 2).view(K, 1, B * n)  # (K, 1, B n): the state before each chunk
     prev_im = torch.stack(prev_im, 2).view(K, 1, B * n)
     # Re(lambda^{j+1} h) for j = 0..C-1
@@ -582,22 +583,23 @@ GPU_PEAK_TFLOPS = {"H100 PCIe": (756, 378, 51), "H100": (989, 494, 67), "H200": 
 
 
 def matmul_peak(device, dtype, seconds=2.0):
-    """Best FLOP/s of square matmuls on this device (sizes 256..1024 on a CPU, 2048 and 4096 on
+    """Best FLOP/s of square matmuls on this device (sizes 256 and 512 on a CPU, 2048 and 4096 on
     a GPU), repeated over about `seconds`: the denominator of MFU. A one-second reading of one
     size swings 3x between runs on a busy machine (other load, clock boost); the best of many
-    repeats at a few sizes is what the hardware can do, and it is stable."""
-    sizes = (2048, 4096) if device.type == "cuda" else (256, 512, 1024)
-    mats = {n: (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-            for n in sizes}
+    repeats at a few sizes is what the hardware can do, and it is stable. On a CPU, 512 reads as
+    high as 1024 (101 vs 98 GFLOP/s, 1 thread; 73 vs 68, 2 threads); with the products preallocated
+    it adds 3.6 MB of RSS, where 256..1024 with a fresh product per call added 19.6 (docs/lm.md)."""
+    sizes = (2048, 4096) if device.type == "cuda" else (256, 512)
+    mats = {n: [torch.randn(n, n, device=device, dtype=dtype) for _ in range(3)] for n in sizes}  # a, b, a @ b
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
-        for n, (a, b) in mats.items():
+        for n, (a, b, c) in mats.items():
             reps = max(1, int(2e9 // (2 * n ** 3)))  # about 2 GFLOP per timing: long enough to time
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(reps):
-                a @ b
+                torch.mm(a, b, out=c)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
@@ -1072,11 +1074,14 @@ def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t
                          world_size=run.ranks.world, device=device.type, precision=args.precision,
                          effective_batch=global_batch // run.ranks.world, global_batch=global_batch,
                          tokens_trained=samples * args.seq_len, **memory)
+    text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
+    # the heap's free pages back to the OS first: matplotlib's ~35 MB then fit under the loop's peak RSS
+    # instead of adding to it (median peak 411 -> 397 MB at nanoGPT's CPU shape, docs/lm.md)
+    common.free_memory(device)
     plot = common.plot_progress(out, "val_bpb")
     log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
         f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
         f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
-    text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
     log("sample: " + repr("The " + text))
     common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
 
