@@ -260,9 +260,10 @@ def test_typed_batch_on_resume_wins_when_the_effective_batch_is_the_same():
     assert (micro, accum) == (1, 8) and "the checkpoint's 2 x 4" in why
     args.batch_size, args.grad_accum, sources = 4, "auto", {"batch_size": "flag", "grad_accum": "default"}
     assert common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))[:2] == (4, 2)
+    # another product is a new effective batch: allowed and said (the trainer then calls common.rebatch)
     args.batch_size, args.grad_accum, sources = 3, 4, {"batch_size": "flag", "grad_accum": "flag"}
-    with pytest.raises(common.UserError, match=r"3 x --grad-accum 4 = 12, but .* 2 x 4 = 8"):
-        common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))
+    micro, accum, why = common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))
+    assert (micro, accum) == (3, 4) and "a new effective batch (was 8)" in why and "no longer bit-identical" in why
 
 
 # --- flags typed on resume: a new learning rate wins and is said ---------------------------------
