@@ -261,24 +261,6 @@ def test_pretrained_tiny_distilbert_trains_lora_and_exports(tmp):
     assert not any("lora" in k for k in merged)  # --merge: plain weights, loadable without LoRA code
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp):
-    import signal
-    from conftest import metrics, popen
-    from conftest import wait_for
-    from test_gru import step_reached
-    flags = ["--preset", "small", "--train-size", "300", "--epochs", "2", "--save-every", "5", "--log-every", "1",
-             "--precision", "fp32"]  # not timed: both runs must take the same precision
-    run("train_classifier.py", *flags, "--out", "ref", cwd=tmp, check=0)
-    proc = popen("train_classifier.py", *flags, "--out", "k", cwd=tmp)
-    wait_for(lambda: step_reached(tmp / "k" / "status.json", 23), what="step 23")  # mid second epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    p = run("train_classifier.py", *flags, "--out", "k", cwd=tmp, check=0)
-    assert "resumed from" in p.stdout
-    assert metrics(tmp / "k") == metrics(tmp / "ref")
-    assert read_json(tmp / "k" / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
-
-
 BAD = {
     "nolabel.csv": "text,category\nuber trip,Transportation\n",
     "empty.csv": "",

@@ -2,20 +2,17 @@
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import conftest
-from conftest import REPO, assert_plan_near_peak, call, metrics, popen, read_json, run, tree_digest, wait_for
+from conftest import REPO, assert_plan_near_peak, call, metrics, read_json, run, tree_digest
 
 import train_lm
 
@@ -250,35 +247,7 @@ def test_ram_stays_flat_with_corpus_size(tmp):
     assert grew["big"] < 8 * 2**20 and grew["big"] < grew["small"] + 4 * 2**20, grew
 
 
-# -- resume, DDP -----------------------------------------------------------------------------------
-
-
-def step_reached(status_path, n):
-    try:
-        return read_json(status_path).get("step", 0) >= n
-    except (OSError, ValueError):
-        return False
-
-
-def last_weights(run_dir):
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("ckpt_step*.pt"))
-    return torch.load(ckpts[-1], weights_only=True)["model"]
-
-
-def test_kill_9_then_resume_reproduces_the_run(tmp):
-    flags = [*TINY, "--arch", "eigen", "--chunk-size", "12", "--max-steps", "40", "--save-every", "5",
-             "--eval-every", "10", "--log-every", "2"]
-    run("train_lm.py", *flags, "--out", "ref", cwd=tmp, check=0)
-    proc = popen("train_lm.py", *flags, "--out", "killed", cwd=tmp)
-    wait_for(lambda: step_reached(tmp / "killed" / "status.json", 12), what="step 12")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    p = run("train_lm.py", *flags, "--out", "killed", cwd=tmp, check=0)
-    assert "resumed from" in p.stdout
-    assert deterministic(metrics(tmp / "killed")) == deterministic(metrics(tmp / "ref"))
-    ref, got = last_weights(tmp / "ref"), last_weights(tmp / "killed")
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-    assert read_json(tmp / "killed" / "summary.json")["value"] == read_json(tmp / "ref" / "summary.json")["value"]
+# -- DDP (kill -9 and resume: tests/test_first_run.py) -------------------------------------------
 
 
 def test_two_process_ddp_gives_the_same_losses_as_one_process(tmp):
