@@ -35,7 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -173,15 +172,7 @@ def verdicts(results):
 
 def main():
     args = parser.parse_args()
-    work_tmp = tempfile.TemporaryDirectory(prefix="bench_memory-")
-    work = Path(args.keep) if args.keep else Path(work_tmp.name)
-    if args.keep and work.exists() and any(work.iterdir()):
-        sys.exit(f"error: --keep {work} is not empty (the trainers would resume the runs in it); "
-                 f"pick a new folder or delete it")
-    work.mkdir(parents=True, exist_ok=True)
-    # an empty optimal_config.json: each trainer's shipped --quick settings, not a tuned file's
-    config = Path(work_tmp.name) / "empty_config.json"
-    config.write_text(json.dumps({"trainers": {t[1]: {} for t in TRAINERS.values()}}))
+    work_tmp, work, config = benchlib.work_folders(args.keep, "bench_memory-", {t[1] for t in TRAINERS.values()})
     pre, pre_note = (pretrained_dir(args.pretrained, work_tmp.name) if "classifier-lora" in args.trainers
                      else (None, None))
 

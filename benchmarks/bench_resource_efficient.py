@@ -66,7 +66,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -248,14 +247,7 @@ def raised_settings(std, re_, std_chosen, re_chosen, loader):
 
 def main():
     args = parser.parse_args()
-    work_tmp = tempfile.TemporaryDirectory(prefix="bench_re-")
-    work = Path(args.keep) if args.keep else Path(work_tmp.name)
-    if args.keep and work.exists() and any(work.iterdir()):
-        sys.exit(f"error: --keep {work} is not empty (the trainers would resume the runs in it); "
-                 f"pick a new folder or delete it")
-    work.mkdir(parents=True, exist_ok=True)
-    config = Path(work_tmp.name) / "empty_config.json"
-    config.write_text(json.dumps({"trainers": {t[1].removeprefix("train_"): {} for t in TRAINERS.values()}}))
+    work_tmp, work, config = benchlib.work_folders(args.keep, "bench_re-", {t[1].removeprefix("train_") for t in TRAINERS.values()})
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
     busy, t_start, kids0 = benchlib.cpu_watch_start()

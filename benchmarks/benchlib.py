@@ -18,7 +18,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 
@@ -35,6 +37,21 @@ def run_worker(script, name, flags):
               file=sys.stderr)
         sys.exit(proc.returncode or 1)
     return json.loads(lines[-1])
+
+
+def work_folders(keep, prefix, trainers):
+    """(tmp, work, config) for a benchmark's runs: a TemporaryDirectory (the caller cleans it up), the run
+    folders' root (--keep DIR, which must be empty: the trainers would resume the runs in it, else the
+    temporary folder) and an empty optimal_config.json for `trainers` (each trainer's shipped settings)."""
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    work = Path(keep) if keep else Path(tmp.name)
+    if keep and work.exists() and any(work.iterdir()):
+        sys.exit(f"error: --keep {work} is not empty (the trainers would resume the runs in it); "
+                 f"pick a new folder or delete it")
+    work.mkdir(parents=True, exist_ok=True)
+    config = Path(tmp.name) / "empty_config.json"
+    config.write_text(json.dumps({"trainers": {t: {} for t in trainers}}))
+    return tmp, work, config
 
 
 def runtime_info(device, precision):
