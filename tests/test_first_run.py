@@ -99,6 +99,8 @@ def test_resume_with_a_new_effective_batch_goes_on_and_ends_like_a_run_at_that_b
     total = read_json(tmp / "ref" / "summary.json")["steps"]
     moved = re.search(rf"new effective batch: step {at} of (\d+) is now step (\d+) of {total} ", p.stdout)
     assert moved and int(moved[2]) == at * total // int(moved[1]), p.stdout[-3000:]
+    # and the run really goes on from there: its progress bar starts at the moved step
+    assert re.search(rf"(?<!\d){moved[2]}/{total} ", p.stderr), p.stderr[-2000:]
     if name in ("classifier", "asr"):  # epochs: the steps of the run scale with the batch (up to the last, partial one)
         assert int(moved[1]) != total and abs(int(moved[1]) * was - total * now) <= max(was, now) * 2
     assert read_json(tmp / "r" / "summary.json")["steps"] == total

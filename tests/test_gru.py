@@ -451,6 +451,7 @@ def test_resume_with_a_new_effective_batch_goes_on_and_says_so(tmp):
     p = run("train_gru.py", *flags, "--batch-size", "4", "--grad-accum", "4", "--out", "r", cwd=tmp, check=0)
     assert "4 x 4 as typed, for the checkpoint's 2 x 4: a new effective batch (was 8)" in p.stdout, p.stdout
     assert "new effective batch: step 10 of 169 is now step 5 of 85 (batch 5 of 85 in this epoch)" in p.stdout
+    assert re.search(r"step +(\d+)/85 \|", p.stdout.split("new effective batch:")[1])[1] == "10"  # 5 steps on
     got, ref = read_json(tmp / "r" / "summary.json"), read_json(tmp / "ref" / "summary.json")
     assert got["steps"] == ref["steps"] == 85
     assert got["value"] == pytest.approx(ref["value"], rel=0.1), (got["value"], ref["value"])
