@@ -176,6 +176,22 @@ def test_resource_efficient_halves_batch_and_cadence(tmp):
     assert s["workers"]["value"] == 0 and s["pin_memory"]["value"] is False  # never more loader processes
 
 
+def test_resource_efficient_adafactor_holds_under_0_7x_the_peak_tensors(quick_run, tmp):
+    """--resource-efficient trains with Adafactor, whose factored state is ~0 where AdamW's two moments were
+    the largest part of a step's peak tensors: measured by the trainer's own --measure-peak, the peak stays
+    under 0.7x of the standard --quick run's (0.57x at 30 steps: docs/run-contract.md); a typed --optim wins."""
+    p = run("train_gru.py", "--quick", "--max-steps", "10", "--measure-peak", "--resource-efficient", "--out", "re",
+            cwd=tmp, check=0)
+    assert re.search(r"optim +adamw -> adafactor", p.stdout), p.stdout
+    s, std = read_json(tmp / "re" / "summary.json"), read_json(quick_run[0] / "summary.json")
+    assert s["peak_tensor_mb"] <= 0.7 * std["peak_tensor_mb"], (s["peak_tensor_mb"], std["peak_tensor_mb"])
+    assert s["optimizer_state_mb"] < 0.05 < std["optimizer_state_mb"]
+    p = call("train_gru.py", "--quick", "--max-steps", "12", "--resource-efficient", "--optim", "adamw8bit",
+             "--out", "re", cwd=tmp)
+    assert re.search(r"optim +adamw -> adamw +kept: given as a flag", p.stdout), p.stdout
+    assert p.returncode == 2 and "was trained with Adafactor, this run builds AdamW8bit" in p.stdout + p.stderr
+
+
 def test_no_resume_moves_old_checkpoints_aside(tmp):
     run("train_gru.py", *SMALL, "--max-steps", "5", "--out", "n", cwd=tmp, check=0)
     p = run("train_gru.py", *SMALL, "--max-steps", "5", "--out", "n", "--no-resume", cwd=tmp, check=0)
