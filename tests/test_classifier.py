@@ -192,6 +192,22 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
         assert (out / "visualizations" / f"{png}.png").stat().st_size > 5000
 
 
+def test_resource_efficient_fasttext_holds_under_0_7x_the_peak_tensors_and_refuses_a_mixed_resume(quick_run):
+    """--resource-efficient gives fasttext sparse embedding gradients and Adagrad: no dense gradient of the
+    n-gram table and one state tensor where AdamW keeps two, so the peak of live tensors (the trainer's own
+    --measure-peak) stays under 0.7x of the standard --quick run's (measured 0.57x: docs/run-contract.md).
+    Its checkpoint holds Adagrad's state, which a standard run (AdamW) cannot go on from: one error line."""
+    d, out, _ = quick_run
+    p = run("train_classifier.py", "--quick", "--max-steps", "6", "--measure-peak", "--resource-efficient",
+            "--out", "re", cwd=d, check=0)
+    assert re.search(r"optim +adamw -> adagrad +fasttext: sparse", p.stdout), p.stdout
+    a, s, std = read_json(d / "re" / "args.json"), read_json(d / "re" / "summary.json"), read_json(out / "summary.json")
+    assert a["settings"]["clip"] == {"value": 0.0, "source": "resource-efficient"}
+    assert s["peak_tensor_mb"] <= 0.7 * std["peak_tensor_mb"], (s["peak_tensor_mb"], std["peak_tensor_mb"])
+    p = call("train_classifier.py", "--quick", "--max-steps", "8", "--out", "re", cwd=d)
+    assert p.returncode == 2 and "trained with another optimizer than AdamW" in p.stdout + p.stderr
+
+
 def test_one_plain_line_per_log_interval_reaches_train_log(quick_run):
     # common.log_step: step, loss, lr, ms/step, items/s, memory, every --log-every steps (default here: 10 of
     # the 53 steps an epoch) and at the last step; the same line on the console, above the bar
