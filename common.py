@@ -357,7 +357,8 @@ def apply_resource_efficient(args, sources, log=print, own_changes=()):
             sources[key] = "resource-efficient"
             rows.append((key, before, value, ""))
     rows.append(("micro-batch", "chosen", "halved", "grad accumulation doubled, same effective batch"))
-    rows += own_changes  # what the trainer's own file does under the flag
+    # what the trainer's own file does under the flag; a row named after a flag the user typed is kept
+    rows += [(r[0], r[1], r[1], "kept: given as a flag") if sources.get(r[0]) == "flag" else r for r in own_changes]
     log("--resource-efficient changes:")
     for key, before, after, note in rows:
         log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}")
