@@ -651,6 +651,11 @@ def optimizer_state_bytes(optimizer, planned=False):
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if hasattr(optimizer, "planned_state_bytes"):  # AdamW8bit
         return sum(optimizer.planned_state_bytes(p) for p in params)
+    if isinstance(optimizer, torch.optim.Adafactor):  # a matrix's 2nd moment as a row and a column
+        return sum(4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.dim() >= 2 else p.numel()) + 4
+                   for p in params)
+    if not isinstance(optimizer, torch.optim.AdamW):  # e.g. Adagrad: its state exists from the start
+        return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
     return sum(2 * p.numel() * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
 
 
@@ -848,7 +853,7 @@ def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, l
     plan = {k: round(v / 2**20, 1) for k, v in parts.items()}
     plan["total"] = round(total / 2**20, 1)
     micro_bs = len(next(iter(batch.values())))
-    name = "AdamW 8-bit" if hasattr(optimizer, "planned_state_bytes") else "AdamW"
+    name = "AdamW 8-bit" if hasattr(optimizer, "planned_state_bytes") else type(optimizer).__name__
     log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
         f"{plan['optimizer']} + activations {plan['activations']} (measured on 1 and 2 x {worst}, for {micro_bs})"
         + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "")
