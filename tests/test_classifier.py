@@ -364,20 +364,30 @@ def test_early_stopping_counts_improvements_made_between_epoch_ends(tmp):
     assert read_json(tmp / "e" / "summary.json")["epochs"] == 2, p.stdout[-2000:]
 
 
-def test_real_data_benchmark_baselines_learn_on_the_builtin_items(tmp):
-    # bench_classifier_real.py's baselines, on CSVs in the --make-data layout (the Debian rows
-    # need the apt index, so the built-in receipts stand in); each must be far above chance (1/8)
-    import csv
+def test_real_data_benchmark_pairs_arms_and_its_scikit_learn_arms_learn(tmp, monkeypatch):
+    # bench_classifier_real.py's paired table: ours minus each arm over the splits both ran, with its
+    # standard error and the ahead / level / behind count; then its scikit-learn arms on the built-in receipts
+    # (the Debian rows need the apt index), each far above chance (1/8), or one "skipped" line without sklearn
+    import importlib.util
+    import statistics
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_classifier_real as bench
+    runs = {0: {"ours": {"acc": 0.80, "wall": 3}, "tool": {"acc": 0.78, "wall": 1}},
+            1: {"ours": {"acc": 0.70, "wall": 5}, "tool": {"acc": 0.70, "wall": 2}},
+            2: {"ours": {"acc": 0.75, "wall": 4}, "tool": {"acc": 0.76, "wall": 9}, "late": {"acc": 0.5, "wall": 1}}}
+    table = {row[0]: row[1:] for row in bench.paired_table(runs)}
+    se = statistics.stdev([2.0, 0.0, -1.0]) / 3 ** 0.5
+    assert table["ours"] == ["0.7500", "", "", "4"]
+    assert table["tool"] == ["0.7467", f"+0.33 ± {se:.2f}", "1 / 1 / 1", "2"]
+    assert table["late"] == ["0.5000", "+25.00 ± nan", "1 / 0 / 0", "1"]  # one split: no s.e.
     train, val, test = tcl.generate_items(300, seed=1)
-    for name, rows in (("train.csv", train), ("test.csv", val + test)):
-        with open(tmp / name, "w", newline="") as f:
-            csv.writer(f).writerows([("text", "label"), *rows])
-    results, n_train, n_val, n_test = bench.baselines(bench.read_rows(tmp / "train.csv", "--data"),
-                                                      bench.read_rows(tmp / "test.csv", "--data"), 1337)
-    assert (n_train + n_val, n_test) == (len(train), len(val) + len(test))
-    assert len(results) == 3 and all(r["acc"] >= 0.8 for r in results.values()), results
+    if importlib.util.find_spec("sklearn") is None:
+        lines = []
+        monkeypatch.setattr(bench, "say", lines.append)
+        assert bench.sklearn_arms(train, val, test) == {} and lines == [f"scikit-learn arms {bench.SKIPPED}"]
+        return
+    results = bench.sklearn_arms(train, val, test)
+    assert len(results) == 4 and all(r["acc"] >= 0.8 for r in results.values()), results
 
 
 def test_a_finished_run_rebuilds_exports_a_kill_lost(tmp):
