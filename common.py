@@ -644,19 +644,17 @@ def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fu
 
 
 def optimizer_state_bytes(optimizer, planned=False):
-    """Bytes of the optimizer's state; planned=True: once every weight has taken a step (AdamW
-    makes its state lazily, in the first step)."""
-    if not planned:
-        return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
+    """Bytes of the optimizer's state; planned=True: once every weight has taken a step (AdamW, AdamW8bit and
+    Adafactor make theirs lazily, in the first step; others, e.g. Adagrad, have it from the start)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if hasattr(optimizer, "planned_state_bytes"):  # AdamW8bit
+    if planned and hasattr(optimizer, "planned_state_bytes"):  # AdamW8bit
         return sum(optimizer.planned_state_bytes(p) for p in params)
-    if isinstance(optimizer, torch.optim.Adafactor):  # a matrix's 2nd moment as a row and a column
-        return sum(4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.dim() >= 2 else p.numel()) + 4
+    if planned and isinstance(optimizer, torch.optim.Adafactor):  # a matrix's 2nd moment: a row and a column
+        return sum(4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.dim() > 1 else p.numel()) + 4
                    for p in params)
-    if not isinstance(optimizer, torch.optim.AdamW):  # e.g. Adagrad: its state exists from the start
-        return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
-    return sum(2 * p.numel() * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
+    if planned and isinstance(optimizer, torch.optim.AdamW):
+        return sum(2 * p.numel() * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
+    return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
 
 
 # -----------------------------------------------------------------------------
@@ -1034,8 +1032,7 @@ def check_memory(watch, device, log=print):
 # RNG, checkpoints and resume
 
 def seed_everything(seed):
-    """Seed Python, numpy and torch (every CUDA device too)."""
-    random.seed(seed)
+    random.seed(seed)  # Python, numpy and torch (every CUDA device too)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
@@ -1432,8 +1429,7 @@ def write_args(out, args, sources, chosen):
 
 
 def update_status(out, status, **changes):
-    """Merge `changes` into the status dict and write status.json atomically (readers never
-    see half a file)."""
+    """Merge `changes` into the status dict and write status.json atomically (readers never see half a file)."""
     status.update(changes, updated=time.time())
     write_json_atomic(Path(out) / "status.json", status)
 
@@ -1524,9 +1520,8 @@ def append_metrics(out, record, tb=None):
 
 
 def truncate_metrics(out, step):
-    """On resume from step N, drop records a killed run wrote after its checkpoint at N:
-    they will be written again, identically, by the resumed run. A line a kill cut in half
-    is dropped too. The rewrite is atomic: a kill during it keeps the old file."""
+    """On resume from step N, drop records a killed run wrote after its checkpoint at N: they will be written
+    again, identically, by the resumed run (a line a kill cut in half too). A kill mid-rewrite keeps the old file."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return
