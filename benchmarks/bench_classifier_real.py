@@ -5,7 +5,7 @@ by their archive section (admin, games, graphics, net, science, sound, text, web
     python benchmarks/bench_classifier_real.py --make-data data/debian   # 2,560 train + 640 test rows, seconds
     pip install -r benchmarks/requirements.txt   # scikit-learn, fasttext, transformers + peft: the benchmark only
     python benchmarks/bench_classifier_real.py --data data/debian --resplits 10   # paired over 10 splits, ~35 min
-    python benchmarks/bench_classifier_real.py --data data/debian --resplits 10 --pretrained auto   # LoRA, ~15 min a split
+    python benchmarks/bench_classifier_real.py --data data/debian --resplits 10 --pretrained auto  # ~15 min a split
     python benchmarks/bench_classifier_real.py --data data/debian        # one split (train.csv / test.csv), ~4 min
     python benchmarks/bench_classifier_real.py --data data/debian --small   # + the small transformer, ~+5 min
 
