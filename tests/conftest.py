@@ -13,11 +13,38 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+_server = {}
+
+
+def forked(cmd, cwd, env, timeout):
+    """cmd run by tests/forkrun.py, one per test process, started at its first use: a fork of a process that
+    imported torch once (~3 CPU s a run less). Returns a CompletedProcess like subprocess.run's."""
+    import tempfile
+    if "proc" not in _server:
+        _server["proc"] = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkrun.py")], env=env,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = _server["proc"]
+    with tempfile.TemporaryDirectory() as d:
+        req = {"script": cmd[1], "args": cmd[2:], "cwd": str(cwd), "env": env, "timeout": timeout,
+               "out": os.path.join(d, "out"), "err": os.path.join(d, "err")}
+        proc.stdin.write(json.dumps(req) + "\n")
+        proc.stdin.flush()
+        reply = json.loads(proc.stdout.readline())
+        out, err = (Path(req[k]).read_text(errors="replace") for k in ("out", "err"))
+    if reply.get("timeout"):
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err)
+    return subprocess.CompletedProcess(cmd, reply["code"], out, err)
+
+
 def run(script, *args, cwd, timeout=300, check=None):
-    """Run `python <repo>/<script> args` in cwd; returns CompletedProcess (text)."""
+    """Run `python <repo>/<script> args` in cwd; returns CompletedProcess (text). Forked from tests/forkrun.py
+    unless LEAN_TEST_FORK=0 (then a fresh interpreter, as a user's shell starts)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    if os.environ.get("LEAN_TEST_FORK", "1") != "0" and hasattr(os, "fork"):
+        p = forked(cmd, cwd, env, timeout)
+    else:
+        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check is not None:
         assert p.returncode == check, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
     return p
