@@ -1061,10 +1061,10 @@ def set_rng_state(state):
 
 
 def training_state(model, optimizer, scheduler, scaler, **plain):
-    """What a checkpoint holds: the state_dicts, every RNG state, and the trainer's plain data
-    (step, position in the epoch, best metric, ...)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), **plain}
+    """What a checkpoint holds: the state_dicts (and the optimizer's kind), every RNG state, and the trainer's
+    plain data (step, position in the epoch, best metric, ...)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer_kind": type(optimizer).__name__, "scaler": scaler.state_dict(), "rng": rng_state(), **plain}
 
 
 def restore_training_state(state, model, optimizer, scheduler, scaler, log=print):
@@ -1073,11 +1073,12 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, log=print
     train_s, samples) of the run's earlier segments, zeros without a state."""
     if not state:
         return 0.0, 0.0, 0
-    had = state.get("args", {}).get("optim", "adamw")
-    want = "adamw8bit" if hasattr(optimizer, "planned_state_bytes") else "adamw"
+    want = type(optimizer).__name__  # a checkpoint without optimizer_kind: AdamW, or AdamW8bit by its --optim
+    had = state.get("optimizer_kind") or {"adamw8bit": "AdamW8bit"}.get(state.get("args", {}).get("optim"), "AdamW")
     if had != want:
-        raise UserError(f"the checkpoint being resumed was trained with --optim {had}; resume with --optim {had}, "
-                        "or start over with --no-resume or a new --out")
+        how = {"AdamW": "--optim adamw", "AdamW8bit": "--optim adamw8bit"}.get(had, "--resource-efficient")
+        raise UserError(f"the checkpoint being resumed was trained with {had} ({how}), this run builds {want}: resume "
+                        "with the flags it was trained with, or start over with --no-resume or a new --out")
     model.load_state_dict(state["model"])
     peak_lrs = [group.get("initial_lr") for group in optimizer.param_groups]  # this command's, set by the scheduler
     optimizer.load_state_dict(state["optimizer"])

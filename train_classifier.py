@@ -954,9 +954,6 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
         fit_linear(model.linear, splits["train"], args.linear_c, log, history=10 if args.resource_efficient else 100)
 
     # -- resume
-    if run.state and ("betas" in run.state["optimizer"]["param_groups"][0]) != ("betas" in optimizer.param_groups[0]):
-        raise UserError(f"{run.resumed_from}: trained with another optimizer than {type(optimizer).__name__} "
-                        "(--resource-efficient: Adagrad); resume with the flags it was trained with, or --no-resume")
     wall_before, train_before, samples_before = common.restore_training_state(run.state, model, optimizer,
                                                                               scheduler, run.scaler)
     p = loop_state(run.state)

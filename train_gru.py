@@ -581,11 +581,6 @@ def resume(run, model, optimizer, scheduler, *, n_train, G, total_steps):
     """The loop's position (step, epoch, batch of the epoch, best val perplexity): from the checkpoint
     being resumed, with the model, optimizer, scheduler, scaler and RNG as they were (moved to a new
     global batch G when one was typed); else the start."""
-    adamw = "betas" in run.state["optimizer"]["param_groups"][0] if run.state else None  # AdamW's groups have betas
-    if run.state and adamw != ("betas" in optimizer.param_groups[0]):
-        raise UserError(f"{run.resumed_from} was trained with {'AdamW' if adamw else 'Adafactor'}, this run builds "
-                        f"{type(optimizer).__name__}: resume with the flags it was trained with (--resource-efficient "
-                        "uses Adafactor unless --optim is typed), or start over with --no-resume")
     run.wall_before, run.train_before, run.samples_before = common.restore_training_state(
         run.state, model, optimizer, scheduler, run.scaler)
     if not run.state:

@@ -189,7 +189,8 @@ def test_resource_efficient_adafactor_holds_under_0_7x_the_peak_tensors(quick_ru
     p = call("train_gru.py", "--quick", "--max-steps", "12", "--resource-efficient", "--optim", "adamw8bit",
              "--out", "re", cwd=tmp)
     assert re.search(r"optim +adamw -> adamw +kept: given as a flag", p.stdout), p.stdout
-    assert p.returncode == 2 and "was trained with Adafactor, this run builds AdamW8bit" in p.stdout + p.stderr
+    assert p.returncode == 2 and "was trained with Adafactor (--resource-efficient), this run builds AdamW8bit" in (
+        p.stdout + p.stderr)
 
 
 def test_no_resume_moves_old_checkpoints_aside(tmp):
