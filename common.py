@@ -1110,10 +1110,10 @@ def rebatch(scheduler, step, pos, *, per_epoch, total, log=print):
     return new_step, new_pos
 
 
-def _atomic_torch_save(obj, path, also=None):
-    """torch.save to a temp file, fsync, os.replace, then <name>.sha256: never half a checkpoint.
-    `also` (best.pt) gets its copy before `path` appears, so it is never older than its step. A
-    full disk is one UserError; the partial file goes, earlier checkpoints stay."""
+def atomic_save(obj, path, also=None):
+    """torch.save to a temp file, fsync, os.replace, then <name>.sha256: never half a file (a checkpoint, an
+    export). `also` (best.pt) gets its copy before `path` appears, so it is never older than its step. A
+    full disk is one UserError; the partial file goes, earlier files stay."""
     tmp = path.with_name(path.name + ".tmp")
     extra = also.with_name(also.name + ".tmp") if also else None
     try:
@@ -1134,9 +1134,9 @@ def _atomic_torch_save(obj, path, also=None):
         if not disk_full(e):
             raise
         need, free = tensor_bytes(obj) / 2**20, shutil.disk_usage(path.parent).free / 2**20
-        raise UserError(f"--out {path.parent.parent}: the disk is full: {path.name} needs about {need:,.0f} MB in "
-                        f"{path.parent} ({free:,.0f} MB free); free some space and re-run the same command to "
-                        "resume from the last checkpoint") from None
+        raise UserError(f"the disk is full: {path.name} needs about {need:,.0f} MB in {path.parent} ({free:,.0f} "
+                        "MB free); free some space and re-run the same command (it resumes from the last checkpoint)"
+                        ) from None
 
 
 def disk_full(e):
@@ -1187,7 +1187,7 @@ def save_checkpoint(out, step, state, keep, protect=None, best=False, log=print)
             log(f"warning: {free / 2**20:,.0f} MB free in {d}, and a checkpoint takes {need / 2**20:,.0f} MB; "
                 "free some space (or lower --keep) before the disk fills")
     path = d / f"ckpt_step{step:08d}.pt"
-    _atomic_torch_save(state, path, also=d / "best.pt" if best else None)
+    atomic_save(state, path, also=d / "best.pt" if best else None)
     for old in sorted(d.glob(CKPT_GLOB), key=_ckpt_step)[:-keep]:
         if protect is None or old.resolve() != Path(protect).resolve():
             old.unlink()

@@ -4,7 +4,7 @@ by their archive section (admin, games, graphics, net, science, sound, text, web
 
     python benchmarks/bench_classifier_real.py --make-data data/debian   # 2,560 train + 640 test rows, seconds
     pip install -r benchmarks/requirements.txt   # scikit-learn, fasttext, transformers + peft: the benchmark only
-    python benchmarks/bench_classifier_real.py --data data/debian --resplits 10   # paired over 10 splits, ~35 min
+    python benchmarks/bench_classifier_real.py --data data/debian --resplits 10   # paired over 10 splits, ~16 min
     python benchmarks/bench_classifier_real.py --data data/debian --resplits 10 --pretrained auto  # ~15 min a split
     python benchmarks/bench_classifier_real.py --data data/debian        # one split (train.csv / test.csv), ~4 min
     python benchmarks/bench_classifier_real.py --data data/debian --small   # + the small transformer, ~+5 min
@@ -130,7 +130,7 @@ def run_ours(name, data, flags, seed, tmp):
     say(f"[{name}] test accuracy {s['value']:.3f} in {wall:.0f} s")
     return {"acc": s["value"], "wall": wall,
             "how": f"{s['epochs']} epochs, lr {lr:g}"
-            + (f", regression C {s['linear_c']:g}" if s.get("linear_c") else "")}
+            + (f", SVM C {s['svm_c']:g}" if s.get("svm_c") else "")}
 
 
 # -----------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def main():
         parser.error("give --data DIR (made by --make-data DIR) or --make-data DIR")
     args.arm = [tuple(a.split("=", 1)) for a in args.arm]
     if any(len(a) != 2 or not a[0] for a in args.arm):
-        parser.error('--arm: write NAME="FLAGS", e.g. c10="--linear-c 10"')
+        parser.error('--arm: write NAME="FLAGS", e.g. c3="--svm-c 3"')
     if args.pretrained == "auto":
         args.pretrained = minilm_dir()
     data = Path(args.data)

@@ -56,41 +56,54 @@ def test_distilbert_shape_with_the_seed_lora_has_891656_trainable():
 
 # -- data ------------------------------------------------------------------------------------------
 
-# -- fasttext and the TF-IDF regression beside it -------------------------------------------------
+# -- fasttext and the TF-IDF SVM beside it -------------------------------------------------------
 
-def test_tfidf_weights_give_the_unit_tf_idf_vector():
-    # the regression reads sum over positions of w[pos] * onehot(id[pos]); that must be the
-    # row's tf * idf vector scaled to unit length, repeated n-grams included
+def test_tfidf_weights_give_two_unit_tf_idf_blocks():
+    # the SVM reads sum over positions of w[pos] * onehot(id[pos]); that must be the row's tf * idf
+    # vector with its words and its character n-grams each scaled to unit length, repeats included
     torch.manual_seed(0)
-    lin = tcl.TfidfRegression(12, 3)
+    lin = tcl.TfidfSVM(12, 3)
     lin.idf.copy_(torch.rand(12) * 3 + 1)
-    ids = torch.tensor([[3, 5, 3, 7, 3, 0, 0], [1, 1, 2, 0, 0, 0, 0]])
+    lin.char[6:] = 1  # ids 6-11: character n-grams
+    ids = torch.tensor([[3, 5, 3, 7, 3, 8, 0], [1, 1, 2, 0, 0, 0, 0]])
     mask = ids != 0
     w = lin.tfidf(ids, mask)
     for row in range(2):
         got = torch.zeros(12).index_add_(0, ids[row], w[row])
-        want = torch.bincount(ids[row][mask[row]], minlength=12).float() * lin.idf
-        torch.testing.assert_close(got, want / want.norm())
+        v = torch.bincount(ids[row][mask[row]], minlength=12).float() * lin.idf
+        words, chars = v * (1 - lin.char), v * lin.char
+        want = words / words.norm() + (chars / chars.norm() if chars.any() else 0)
+        torch.testing.assert_close(got, want)
 
 
-def test_fit_linear_reaches_the_penalised_optimum_and_the_ensemble_averages_probabilities():
+def svm_objective(lin, d, W, b, C):
+    """The squared hinge of each class against the rest, summed, + |W|^2 / 2C (scikit-learn's LinearSVC / C)."""
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), d["mask"].sum(1).cumsum(0)[:-1]])
+    scores = torch.nn.functional.embedding_bag(d["ids"][d["mask"]], W, offsets, mode="sum",
+                                               per_sample_weights=lin.tfidf(d["ids"], d["mask"])[d["mask"]]) + b
+    sign = torch.nn.functional.one_hot(d["y"], W.shape[1]) * 2 - 1
+    return (1 - sign * scores).clamp(min=0).square().sum() + (W ** 2).sum() / (2 * C)
+
+
+def test_fit_svm_reaches_the_penalised_optimum_and_the_ensemble_averages_probabilities():
     train, val, _ = tcl.generate_items(300, seed=2)
     tok = tcl.NgramTokenizer(tcl.build_ngram_vocab([t for t, _ in train], 200_000, 64))
     data = tcl.encode_splits(tok, (train, val, val), tcl.CATEGORIES, 64)
-    model = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, linear=30.0)
+    model = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, svm=1.0)
     logs = []
-    tcl.fit_linear(model.linear, data["train"], 30.0, logs.append)
+    tcl.fit_svm(model.linear, data["train"], tok.itos, 1.0, logs.append)
     lin, d = model.linear, data["train"]
-    assert "fitted by L-BFGS" in logs[0] and not lin.weight.requires_grad
-    # the optimum of the convex objective: its gradient is ~0 where it started at 2e2
-    W = lin.weight.detach().clone().requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(
-        torch.nn.functional.embedding_bag(d["ids"][d["mask"]], W, torch.cat([torch.zeros(1, dtype=torch.long),
-                                          d["mask"].sum(1).cumsum(0)[:-1]]),
-                                          per_sample_weights=lin.tfidf(d["ids"], d["mask"])[d["mask"]], mode="sum")
-        + lin.bias, d["y"], reduction="sum") + (W ** 2).sum() / 60
+    assert "fitted by L-BFGS" in logs[0] and not lin.weight.requires_grad and "300 iterations" not in logs[0]
+    assert lin.char.sum() == sum(f.startswith("#") for f in tok.itos) > 0
+    # the optimum of the convex objective: its gradient is ~0 (at W = 0, b = 0 the bias's is ~4e2: the items of
+    # a class minus the others, x 2), and no nearby point is lower
+    W, b = lin.weight.detach().clone().requires_grad_(True), lin.bias.detach().clone().requires_grad_(True)
+    loss = svm_objective(lin, d, W, b, 1.0)
     loss.backward()
-    assert W.grad.abs().max() < 1e-3, W.grad.abs().max()
+    assert W.grad.abs().max() < 1e-3 and b.grad.abs().max() < 1e-2, (W.grad.abs().max(), b.grad.abs().max())
+    with torch.no_grad():
+        for scale in (1e-2, 1e-3):
+            assert svm_objective(lin, d, W + scale * torch.randn_like(W), b, 1.0) > loss
     v = data["val"]
     with torch.no_grad():
         assert (lin(v["ids"], v["mask"]).argmax(-1) == v["y"]).float().mean() >= 0.9  # learns: chance is 1/8
@@ -98,10 +111,10 @@ def test_fit_linear_reaches_the_penalised_optimum_and_the_ensemble_averages_prob
         both = model(v["ids"], v["mask"]).exp()
         model.linear = None
         alone = model(v["ids"], v["mask"]).softmax(-1)
-        torch.testing.assert_close(both, (alone + lin(v["ids"], v["mask"]).softmax(-1)) / 2)
+        torch.testing.assert_close(both, (alone + (tcl.SVM_SCALE * lin(v["ids"], v["mask"])).softmax(-1)) / 2)
 
 
-def test_fit_linear_with_resource_efficients_short_history_reaches_the_same_optimum():
+def test_fit_svm_with_resource_efficients_short_history_reaches_the_same_optimum():
     """--resource-efficient keeps 10 L-BFGS steps instead of 100 (each two vectors the size of the
     weights); the objective is convex, so the fit ends at the same optimum: the same weights to 1e-3 of
     their scale, and the same predictions."""
@@ -110,8 +123,8 @@ def test_fit_linear_with_resource_efficients_short_history_reaches_the_same_opti
     data = tcl.encode_splits(tok, (train, val, val), tcl.CATEGORIES, 64)
     fits, logs = [], []
     for history in (100, 10):
-        lin = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, linear=30.0).linear
-        tcl.fit_linear(lin, data["train"], 30.0, logs.append, history=history)
+        lin = tcl.FastText(len(tok.itos), len(tcl.CATEGORIES), 16, svm=1.0).linear
+        tcl.fit_svm(lin, data["train"], tok.itos, 1.0, logs.append, history=history)
         fits.append(lin)
     assert "(history 100)" in logs[0] and "(history 10)" in logs[1]
     scale = fits[0].weight.abs().max()
@@ -121,25 +134,25 @@ def test_fit_linear_with_resource_efficients_short_history_reaches_the_same_opti
         assert torch.equal(fits[0](v["ids"], v["mask"]).argmax(-1), fits[1](v["ids"], v["mask"]).argmax(-1))
 
 
-def test_resource_efficient_fits_the_regression_with_a_short_history(tmp):
+def test_resource_efficient_fits_the_svm_with_a_short_history(tmp):
     """The setting reaches the run: the preset's table names it and the fit says which history it kept."""
     p = run("train_classifier.py", *TINY[:4], "--resource-efficient", "--out", "re", cwd=tmp, check=0)
     assert re.search(r"L-BFGS history +100 -> 10 ", p.stdout), p.stdout
     assert "fitted by L-BFGS" in p.stdout and "(history 10)" in p.stdout
 
 
-def test_a_run_without_the_regression_resumes_as_it_was_and_other_c_is_refused(tmp):
-    # --linear-c 0 saves the shape runs from before the regression had (no "linear" key)
-    run("train_classifier.py", "--quick", "--linear-c", "0", "--max-steps", "4", "--out", "r", cwd=tmp, check=0)
+def test_a_run_without_the_svm_resumes_as_it_was_and_other_c_is_refused(tmp):
+    # --svm-c 0 saves the shape runs from before the SVM had (no "svm" key)
+    run("train_classifier.py", "--quick", "--svm-c", "0", "--max-steps", "4", "--out", "r", cwd=tmp, check=0)
     p = run("train_classifier.py", "--quick", "--max-steps", "8", "--out", "r", cwd=tmp, check=0)  # default flags
     assert "resumed from" in p.stdout and "TF-IDF" not in p.stdout
-    assert read_json(tmp / "r" / "args.json")["settings"]["linear_c"] == {"value": 0.0, "source": "checkpoint"}
-    p = call("train_classifier.py", "--quick", "--max-steps", "12", "--linear-c", "10", "--out", "r", cwd=tmp)
+    assert read_json(tmp / "r" / "args.json")["settings"]["svm_c"] == {"value": 0.0, "source": "checkpoint"}
+    p = call("train_classifier.py", "--quick", "--max-steps", "12", "--svm-c", "10", "--out", "r", cwd=tmp)
     assert p.returncode == 2 and "was trained with other model shape" in p.stdout + p.stderr
 
 
-def test_linear_c_0_trains_fasttext_alone(tmp):
-    p = run("train_classifier.py", "--quick", "--linear-c", "0", "--out", "f", cwd=tmp, check=0)
+def test_svm_c_0_trains_fasttext_alone(tmp):
+    p = run("train_classifier.py", "--quick", "--svm-c", "0", "--out", "f", cwd=tmp, check=0)
     assert "TF-IDF" not in p.stdout and "every weight trains" in p.stdout
     weights = torch.load(tmp / "f" / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("linear.") for k in weights) and "embeddings.weight" in weights
@@ -180,12 +193,12 @@ def test_quick_run_reaches_90_percent_test_accuracy(quick_run):
     assert read_json(out / "status.json")["state"] == "finished"
     assert not (out / "tb").exists() and not (out / "eval.json").exists()  # neither without its flag
     assert "CPU cores:" in p.stdout and "CUDA available:" in p.stdout
-    assert "TF-IDF logistic regression beside fasttext (C 30): fitted by L-BFGS" in p.stdout
-    assert "the rest is the TF-IDF regression beside fasttext, fitted before training" in p.stdout
-    # the regression alone is already perfect on the built-in val rows at epoch 1: the tie in
+    assert "TF-IDF linear SVM beside fasttext (C 1): fitted by L-BFGS" in p.stdout
+    assert "the rest is the TF-IDF SVM beside fasttext, fitted before training" in p.stdout
+    # the SVM alone is already perfect on the built-in val rows at epoch 1: the tie in
     # accuracy goes to the lower val loss, so the run trains on (it stopped after 4 of 5 epochs,
     # keeping epoch 1's barely trained fasttext, before ties were broken)
-    assert s["epochs"] == tcl.FASTTEXT_EPOCHS // 2 and s["best_val_accuracy"] == 1.0 and s["linear_c"] == 30
+    assert s["epochs"] == tcl.FASTTEXT_EPOCHS // 2 and s["best_val_accuracy"] == 1.0 and s["svm_c"] == 1
     assert len(list((out / "checkpoints").glob("ckpt_step*.pt"))) <= 2 and (out / "checkpoints" / "best.pt").exists()
     pytest.importorskip("matplotlib")
     for png in ("category_distribution", "training_progress", "confusion_matrix", "summary_card"):
@@ -263,6 +276,13 @@ def test_predict_on_a_run_folder(quick_run, tmp):
     (tmp / "items.txt").write_text("Electric bill - ConEd $84.20\n\nSTARBUCKS #1234 4.75\n")
     p = run("train_classifier.py", "--predict-file", "items.txt", "--out", out, cwd=tmp, check=0)
     assert [l.split()[0] for l in p.stdout.splitlines()[1::2]] == ["Utilities", "Food"]
+    # a run from before the SVM (fasttext + a logistic regression, shape key "linear") is one line, not a traceback
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    state["extra"]["shape"]["linear"] = state["extra"]["shape"].pop("svm")
+    (tmp / "old" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp / "old" / "checkpoints" / "best.pt")  # no .sha256: as checkpoints from before them
+    p = call("train_classifier.py", "--predict", "UBER *TRIP 12.50", "--out", "old", cwd=tmp)
+    assert p.returncode == 2 and "from an older train_classifier.py" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_pretrained_tiny_distilbert_trains_lora_and_exports(tmp):
@@ -293,9 +313,9 @@ BAD = {
      "--test-data: label(s) C never occur in the training data"),
     (["--lora"], "--lora wraps transformer layers; fasttext has none"),
     (["--pooling", "mean"], "--pooling chooses what a transformer's head reads"),
-    (["--linear-c", "-1"], "--linear-c -1: must be 0 (off) or a positive number"),
-    (["--linear-c", "nan"], "--linear-c nan: must be 0 (off) or a positive number"),
-    (["--preset", "small", "--linear-c", "10"], "--linear-c sets the regression beside fasttext"),
+    (["--svm-c", "-1"], "--svm-c -1: must be 0 (off) or a positive number"),
+    (["--svm-c", "nan"], "--svm-c nan: must be 0 (off) or a positive number"),
+    (["--preset", "small", "--svm-c", "10"], "--svm-c sets the SVM beside fasttext"),
     (["--lora-targets", "q,x"], "--lora-targets q,x"),
     (["--pretrained", "nowhere"], "--pretrained nowhere: no config.json"),
     (["--predict", "uber"], "--predict/--predict-file need --out"),
