@@ -239,7 +239,7 @@ def recommend(profile, quick):
     presets = {
         "gru": _entry("optimized", "the original 3-layer GRU-MN has ~48M parameters and needs "
                                    "several GB for its AdamW state; the optimized preset fits small machines"),
-        # measured on 2,560 real rows (docs/real-data.md): fasttext + TF-IDF regression 0.77-0.78 in ~30 s; the small
+        # measured on 3,200 real rows (docs/classifier.md): fasttext + TF-IDF linear SVM 0.785 in ~20 s; the small
         # transformer from scratch 0.6 in ~5; a bigger random encoder only needs more data
         "classifier": _entry("fasttext", "small data (thousands of rows) is learnt best by fasttext, on any "
                                          "machine; with a pretrained checkpoint, pass --pretrained DIR"),
