@@ -752,6 +752,9 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
              "lora": {"targets": targets, "r": args.lora_r, "alpha": args.lora_alpha,
                       "dropout": args.lora_dropout} if use_lora else None}
     was = state.get("extra", {}) if state else extra
+    if "linear" in was.get("shape", {}):  # fasttext + a logistic regression, before the SVM
+        raise UserError(f"{resumed_from} is from an older train_classifier.py (fasttext + a logistic regression, "
+                        "since replaced by an SVM): start over with --no-resume or a new --out")
     changed = [name for name, key in (("labels", "labels"), ("model shape", "shape"), ("LoRA settings", "lora"),
                                       ("--max-len", "max_len")) if was.get(key) != extra[key]]
     if changed:

@@ -149,6 +149,14 @@ def test_a_run_without_the_svm_resumes_as_it_was_and_other_c_is_refused(tmp):
     assert read_json(tmp / "r" / "args.json")["settings"]["svm_c"] == {"value": 0.0, "source": "checkpoint"}
     p = call("train_classifier.py", "--quick", "--max-steps", "12", "--svm-c", "10", "--out", "r", cwd=tmp)
     assert p.returncode == 2 and "was trained with other model shape" in p.stdout + p.stderr
+    # a run from before the SVM (its shape has "linear": C) is refused on resume with one line that says so
+    ckpt = sorted((tmp / "r" / "checkpoints").glob("ckpt_step*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=True)
+    state["extra"]["shape"]["linear"] = 30.0
+    (tmp / "old" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp / "old" / "checkpoints" / ckpt.name)  # no .sha256: as checkpoints from before them
+    p = call("train_classifier.py", "--quick", "--max-steps", "12", "--out", "old", cwd=tmp)
+    assert p.returncode == 2 and "is from an older train_classifier.py" in p.stderr and "--no-resume" in p.stderr
 
 
 def test_svm_c_0_trains_fasttext_alone(tmp):
