@@ -146,7 +146,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                         f"at {effective_batch}")
     g.add_argument("--lr", type=pos_float, default=lr,
                    help="peak learning rate (AdamW)" + ("; default depends on the model" if lr is None else ""))
-    g.add_argument("--clip", type=pos_float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = bf16 on CUDA where native, else fp16 + GradScaler; on a CPU fp32, or bf16 where "
                         "this model's step measures 1.2x faster (not timed under --quick)")
@@ -225,6 +225,7 @@ def checked(conv, ok, what):
 pos_int = checked(int, lambda v: v >= 1, "a positive integer")
 nonneg_int = checked(int, lambda v: v >= 0, "an integer, 0 or more")
 pos_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonneg_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "0 or a positive number")
 percent = checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]")
 
 
@@ -947,8 +948,7 @@ def quiet_worker(_):
 # memory
 
 def free_gpu_gb(device, cap_gb=None):
-    """Free memory on a CUDA device in GB (None on CPU); under a --gpu-memory cap, what is left of
-    the cap at most."""
+    """Free memory on a CUDA device in GB (None on CPU); under a --gpu-memory cap, at most what is left of it."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)

@@ -61,6 +61,24 @@ def test_accumulation_is_exact_with_ragged_micro_batches():
         assert max_diff(full, acc) < 1e-6, f"micro-batch {k}"
 
 
+def test_clip_0_is_off_and_clip_c_caps_the_gradient_norm():
+    """--clip 0 parses (it is the off switch; --resource-efficient's sparse classifier uses it) and leaves the
+    step the raw gradient's; --clip 0.1 scales a larger gradient (0.22) down to norm 0.1 (SGD, lr 1: the update is it)."""
+    parser = common.make_parser("t", "gru", epochs=1, lr=1e-3, effective_batch=8)
+    assert parser.parse_args(["--clip", "0"]).clip == 0.0
+    before = [p.detach().clone() for p in tiny_model().parameters()]
+    updates = {}
+    for clip in (0.0, 0.1):
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        common.train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), ragged_batch(), loss_fn, 12,
+                          clip=clip, device=DEV, amp_dtype=None, log=lambda m: None)
+        updates[clip] = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    raw = one_step(12)[0]  # clip=None: no clipping
+    assert torch.equal(updates[0.0], torch.cat([(b - p.detach()).flatten() for b, p in zip(before, raw.parameters())]))
+    assert updates[0.0].norm() > 0.2 and updates[0.1].norm() == pytest.approx(0.1, rel=1e-4)
+
+
 def test_naive_mean_of_micro_means_would_differ():
     """Guards the test above: averaging per-micro-batch means (the usual bug) is measurably off."""
     def per_micro_mean(model, mb):

@@ -313,6 +313,7 @@ def saved_run(tmp_path_factory):
     (["--batch-size", "0"], "--batch-size"),
     (["--grad-accum", "-2"], "--grad-accum"),
     (["--lr", "-1"], "--lr"),
+    (["--clip", "-1"], "--clip: must be 0 or a positive number, got -1"),
     (["--epochs", "zero"], "--epochs"),
     (["--precision", "fp8"], "--precision"),
     (["--precision", "fp16"], "fp16 needs CUDA"),
