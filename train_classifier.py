@@ -74,7 +74,7 @@ g.add_argument("--preset", "--model", dest="preset", choices=list(PRESETS), defa
                     "docs/real-data.md); small/distilbert/bert = transformer encoder shapes. --model: the old spelling")
 # a flagless dest for the "model" key of optimal_config.json files from before --preset (check_flags reads it)
 parser.set_defaults(model=None)
-g.add_argument("--svm-c", type=float, default=1.0, metavar="C",
+g.add_argument("--svm-c", type=common.nonneg_float, default=1.0, metavar="C",
                help="fasttext: a linear SVM on the same n-grams' TF-IDF (scikit-learn's LinearSVC, its C) is fitted "
                     "beside it and their probabilities averaged (measured: docs/classifier.md); 0 = fasttext alone")
 g.add_argument("--pooling", choices=["cls", "mean"], help="what the head reads: [CLS], or the mean over tokens "
@@ -668,8 +668,6 @@ def check_flags(args, sources):
              "--val-data/--test-data need --data (the training CSV)"),
             (fasttext and args.lora, "--lora wraps transformer layers; fasttext has none (add --preset small)"),
             (args.max_len < 3, f"--max-len {args.max_len}: needs room for [CLS], one token and [SEP]; use 3 or more"),
-            (not (math.isfinite(args.svm_c) and args.svm_c >= 0),
-             f"--svm-c {args.svm_c:g}: must be 0 (off) or a positive number"),
             (not fasttext and args.svm_c and sources["svm_c"] != "default",
              "--svm-c sets the SVM beside fasttext; this run trains a transformer (drop it)"),
             (fasttext and args.pooling,
