@@ -714,7 +714,7 @@ def read_splits(args):
     return (train, val, test), desc
 
 
-def make_model(args, sources, *, state, resumed_from, labels, train_rows, targets, fasttext, notes):
+def make_model(args, sources, *, state, resumed_from, labels, train_rows, targets, fasttext, notes, world):
     """(model, tokenizer, extra, description) as the flags ask (a resumed run's vocabulary and SVM from
     its checkpoint; mistakes in --pretrained surface here, before any write). extra: what a checkpoint records
     to rebuild them, refused when the resumed one's differs. Sets the default --lr."""
@@ -734,6 +734,11 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
         shape = dict(PRESETS["fasttext"], vocab_size=len(tok.itos),  # no "svm" key without the SVM:
                      **({"svm": args.svm_c} if args.svm_c else {}))  # the shape of runs from before it
         model = FastText(n_labels=len(labels), **shape)
+        if args.resource_efficient and world == 1 and "flag" not in (sources["optim"], sources["clip"]):
+            # fastText's own updates are sparse: backward gives the rows of the n-gram table a batch uses, not a
+            # dense table, and Adagrad keeps one state tensor, not AdamW's two (run-contract.md: peak tensors 0.58x
+            # / 0.45x); clip_grad_norm_ takes no sparse tensor, and the gradient norm stayed under 0.44 (clip 1.0)
+            model.embeddings.sparse, args.clip, sources["clip"] = True, 0.0, "resource-efficient"
         desc = f"fasttext from scratch, {len(tok.itos):,} word / bigram / character n-grams from the training data"
     else:
         tok = Tokenizer(state["extra"]["itos"] if state else build_vocab([t for t, _ in train_rows], args.vocab_size))
@@ -789,7 +794,8 @@ def main(argv=None):
     out, (device, amp_dtype, scaler, prec_why), state, resumed_from, notes = common.open_run(args, sources)
     common.check_world_size(state, resumed_from, ranks.world)
     model, tok, extra, model_desc = make_model(args, sources, state=state, resumed_from=resumed_from, labels=labels,
-                                               train_rows=rows[0], targets=targets, fasttext=fasttext, notes=notes)
+                                               train_rows=rows[0], targets=targets, fasttext=fasttext, notes=notes,
+                                               world=ranks.world)
     log, status, stop = ranks.start(out, args, "classifier", "val_acc", notes, device)
     # the run's context for train() and its helpers (icefall's `params`); state: the checkpoint resumed
     run = types.SimpleNamespace(out=out, log=log, status=status, stop=stop, ranks=ranks, device=device,
@@ -917,16 +923,25 @@ def build_optimizer(model, args, sources, *, n_train, E, world, log):
     return optimizer, scheduler, steps_per_epoch, total_steps
 
 
-def loop_state(state):
-    """Where the loop is, in every checkpoint under these names. pos: batches of this epoch done; best: [val
-    accuracy, -val loss] of the best evaluation (a tie in accuracy goes to the lower loss, else a run whose first
-    epoch is perfect stops there); bad_epochs: epochs in a row without a better one; ep_loss: loss sum, rows."""
+def loop_state(run, args, scheduler, *, n_train, G, steps_per_epoch, total_steps):
+    """Where the loop is, in every checkpoint under these names: a new run's start, or the resumed one's (its
+    position moved to the new batch's steps if --batch-size/--grad-accum changed the global batch G). pos: batches
+    of this epoch done; best: [val accuracy, -val loss] of the best evaluation (a tie in accuracy goes to the lower
+    loss, else a run whose first epoch is perfect stops there); bad_epochs: epochs in a row without a better one;
+    ep_loss: loss sum, rows."""
     p = types.SimpleNamespace(step=0, epoch=0, pos=0, best=[-1.0, -math.inf], bad_epochs=0, ep_loss=[0.0, 0],
                               best_at_epoch_start=[-1.0, -math.inf])
-    if state:
-        p = types.SimpleNamespace(**{k: state[k] for k in vars(p)})
-        if not isinstance(p.best, list):  # a checkpoint from before ties were broken by the loss
-            p.best, p.best_at_epoch_start = [p.best, -math.inf], [p.best_at_epoch_start, -math.inf]
+    if not run.state:
+        return p
+    p = types.SimpleNamespace(**{k: run.state[k] for k in vars(p)})
+    if not isinstance(p.best, list):  # a checkpoint from before ties were broken by the loss
+        p.best, p.best_at_epoch_start = [p.best, -math.inf], [p.best_at_epoch_start, -math.inf]
+    run.log(f"resumed from {run.resumed_from} (step {p.step}, epoch {p.epoch + 1}, batch {p.pos})")
+    G0 = run.state["micro_bs"] * run.state["accum"] * run.ranks.world
+    if G0 != G:  # a new effective batch typed on resume
+        per_epoch = (math.ceil(n_train / G0), steps_per_epoch)
+        p.step, p.pos = common.rebatch(scheduler, p.step, p.pos, per_epoch=per_epoch, log=run.log,
+                                       total=(args.max_steps or args.epochs * per_epoch[0], total_steps))
     return p
 
 
@@ -939,12 +954,6 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     n_params, n_trainable = log_setup(log, args, sources, model, device=device, data_desc=data_desc, splits=splits,
                                       extra=extra, model_desc=model_desc)
 
-    if args.resource_efficient and isinstance(model, FastText) and world == 1 and "flag" not in (sources["optim"],
-                                                                                                sources["clip"]):
-        # fastText's own updates are sparse: backward gives the rows of the n-gram table a batch uses, not a dense
-        # table, and Adagrad keeps one state tensor, not AdamW's two (run-contract.md: peak tensors 0.58x / 0.45x);
-        # clip_grad_norm_ takes no sparse tensor, and the gradient norm stayed under 0.44 (clip 1.0) in every run
-        model.embeddings.sparse, args.clip, sources["clip"] = True, 0.0, "resource-efficient"
     # -- fit the machine: the micro-batch (probed on the longest row), the precision, the memory plan
     step_loss, worst = functools.partial(loss_fn, device=device), functools.partial(worst_batch, splits["train"])
     micro_bs, accum, run.amp_dtype, why = common.fit_batch(
@@ -963,14 +972,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     # -- resume
     wall_before, train_before, samples_before = common.restore_training_state(run.state, model, optimizer,
                                                                               scheduler, run.scaler)
-    p = loop_state(run.state)
-    if run.state:
-        log(f"resumed from {run.resumed_from} (step {p.step}, epoch {p.epoch + 1}, batch {p.pos})")
-        G0 = run.state["micro_bs"] * run.state["accum"] * world
-        if G0 != G:  # a new effective batch typed on resume
-            per_epoch = (math.ceil(n_train / G0), steps_per_epoch)
-            p.step, p.pos = common.rebatch(scheduler, p.step, p.pos, per_epoch=per_epoch, log=log,
-                                           total=(args.max_steps or args.epochs * per_epoch[0], total_steps))
+    p = loop_state(run, args, scheduler, n_train=n_train, G=G, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     if ranks.is_main:
         common.truncate_metrics(out, p.step)  # records a killed run wrote after its last checkpoint
         common.write_args(out, args, sources, {"micro_batch": micro_bs, "grad_accum": accum, "effective_batch": E,
