@@ -88,8 +88,6 @@ g.add_argument("--lora-alpha", type=common.pos_float, default=32, help="LoRA sca
 g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
 g.add_argument("--lora-targets", default="q,v", help="comma list of q,k,v,o,ffn: linears that get adapters")
 g.add_argument("--full-finetune", action="store_true", help="with --pretrained: train every weight instead of LoRA")
-g.add_argument("--lora", action="store_true", help="without --pretrained: LoRA on a frozen random encoder (to "
-               "measure, not to use)")
 g.add_argument("--merge", action="store_true", help="fold LoRA into the base weights for the exported model.pt and "
                "for --predict")
 g.add_argument("--patience", type=common.pos_int, default=3, help="early stopping: epochs without a better "
@@ -659,14 +657,12 @@ def check_flags(args, sources):
             (not targets or any(t not in LORA_NAMES for t in targets),
              f"--lora-targets {args.lora_targets}: use a comma list of {','.join(LORA_NAMES)}"),
             (not 0 <= args.lora_dropout < 1, f"--lora-dropout {args.lora_dropout}: must be in [0, 1)"),
-            (args.full_finetune and args.lora, "--full-finetune and --lora contradict each other; pick one"),
             (args.full_finetune and not args.pretrained,
              "--full-finetune only applies with --pretrained (from scratch every weight trains anyway)"),
-            (args.merge and not (args.lora or (args.pretrained and not args.full_finetune)),
-             "--merge folds LoRA adapters; this run has none (use it with --pretrained or --lora)"),
+            (args.merge and not (args.pretrained and not args.full_finetune),
+             "--merge folds LoRA adapters; this run has none (use it with --pretrained, without --full-finetune)"),
             ((args.val_data or args.test_data) and not args.data,
              "--val-data/--test-data need --data (the training CSV)"),
-            (fasttext and args.lora, "--lora wraps transformer layers; fasttext has none (add --preset small)"),
             (args.max_len < 3, f"--max-len {args.max_len}: needs room for [CLS], one token and [SEP]; use 3 or more"),
             (not fasttext and args.svm_c and sources["svm_c"] != "default",
              "--svm-c sets the SVM beside fasttext; this run trains a transformer (drop it)"),
@@ -752,7 +748,7 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
         desc = f"{args.preset} from scratch, vocabulary {len(tok.itos)} built from the training data"
     if args.max_len > shape.get("max_pos", args.max_len):  # fasttext has no positions
         raise UserError(f"--max-len {args.max_len}: the model has only {shape['max_pos']} positions")
-    use_lora = (args.pretrained and not args.full_finetune) or args.lora
+    use_lora = bool(args.pretrained) and not args.full_finetune
     if use_lora:
         add_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
     extra = {"itos": tok.itos, "lower": tok.lower, "labels": labels, "shape": shape, "max_len": args.max_len,
@@ -768,9 +764,9 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
         raise UserError(f"{resumed_from} was trained with other {', '.join(changed)}; use the same flags, "
                         "a new --out, or --no-resume")
     if args.lr is None:  # LoRA / scratch need a larger step than full fine-tuning of pretrained weights
-        args.lr, sources["lr"] = (5e-5 if args.pretrained and not use_lora else LORA_LR if args.pretrained else
+        args.lr, sources["lr"] = ((LORA_LR if use_lora else 5e-5) if args.pretrained else
                                   FASTTEXT_LR if fasttext else 1e-3), "auto"
-    if args.pretrained and use_lora and sources["clip"] == "default":  # LoRA's gradient norm reaches 2-4: 1.0
+    if use_lora and sources["clip"] == "default":  # LoRA's gradient norm reaches 2-4: 1.0
         args.clip, sources["clip"] = 0.0, "auto"  # acts, and cost points (measured with the head's init above)
     return model, tok, extra, desc
 

@@ -256,6 +256,12 @@ def test_the_measured_defaults_are_recorded_in_args_json(quick_run, tmp):
     assert settings["pooling"] == {"value": "mean", "source": "auto"}
     assert settings["lr"] == {"value": tcl.LORA_LR, "source": "auto"}
     assert settings["epochs"] == {"value": tcl.PRETRAINED_EPOCHS, "source": "auto"}
+    assert settings["clip"] == {"value": 0.0, "source": "auto"}  # LoRA: no clipping (docs/classifier.md)
+    head = torch.load(tmp / "p" / "checkpoints" / "best.pt", weights_only=True)["model"]["classifier.weight"]
+    assert head.std() > 2 * 0.02  # the new head starts as nn.Linear does (std 1/sqrt(3 dim)), not BERT's N(0, 0.02)
+    p = run("train_classifier.py", "--pretrained", "tiny", "--max-steps", "2", "--max-len", "24", "--lora-r", "8",
+            "--out", "p", cwd=tmp, check=2)
+    assert "was trained with other LoRA settings" in p.stderr
 
 
 def test_test_data_alone_splits_validation_off_the_training_file(tmp):
@@ -319,7 +325,6 @@ BAD = {
     (["--data", "empty.csv"], "--data empty.csv: the file is empty"),
     (["--data", "train.csv", "--val-data", "val.csv", "--test-data", "test.csv"],
      "--test-data: label(s) C never occur in the training data"),
-    (["--lora"], "--lora wraps transformer layers; fasttext has none"),
     (["--pooling", "mean"], "--pooling chooses what a transformer's head reads"),
     (["--svm-c", "-1"], "--svm-c: must be 0 or a positive number, got -1"),
     (["--svm-c", "nan"], "--svm-c: must be 0 or a positive number, got nan"),
@@ -347,7 +352,6 @@ def test_resume_with_other_model_flags_is_refused_and_the_run_kept(tmp):
     before = read_json(tmp / "r" / "status.json")
     for flags, what in ((["--model", "bert"], "model shape"),  # --model: the old spelling of --preset
                         (["--preset", "small", "--max-len", "32"], "--max-len"),
-                        (["--preset", "small", "--lora", "--lora-r", "8"], "LoRA settings"),
                         (["--preset", "small", "--pooling", "mean"], "model shape")):
         p = run("train_classifier.py", "--train-size", "120", "--max-steps", "4", *flags, "--out", "r",
                 cwd=tmp, check=2)
