@@ -899,7 +899,8 @@ def log_setup(log, args, sources, model, *, device, data_desc, splits, extra, mo
     log(f"data: {data_desc}; {n['train']} train / {n['val']} val / {n['test']} test; {len(extra['labels'])} labels")
     log(f"model: {model_desc}")
     log(f"trainable parameters: {n_trainable:,} of {n_params:,} ({100 * n_trainable / n_params:.2f}%)"
-        + (f"; LoRA r {lora['r']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}" if lora else
+        + (f"; LoRA r {lora['r']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}, lr {args.lr:g}, "
+           + (f"gradient clipping at {args.clip:g}" if args.clip else "no gradient clipping") if lora else
            "; every weight trains" if n_trainable == n_params else
            "; the rest is the TF-IDF SVM beside fasttext, fitted before training"))
     return n_params, n_trainable

@@ -303,7 +303,7 @@ def test_pretrained_tiny_distilbert_trains_lora_and_exports(tmp):
     tc.write_checkpoint(tmp / "tiny", "distilbert", "safetensors")
     p = run("train_classifier.py", "--pretrained", "tiny", "--max-steps", "3", "--max-len", "24", "--merge",
             "--out", "r", cwd=tmp, check=0)
-    assert "LoRA r 16, alpha 32 on q,v" in p.stdout and "missing" not in p.stdout
+    assert "LoRA r 16, alpha 32 on q,v, lr 0.001, no gradient clipping" in p.stdout and "missing" not in p.stdout
     adapter = torch.load(tmp / "r" / "adapter.pt", weights_only=True)["adapter"]
     assert set(k.split(".")[-1] for k in adapter) >= {"lora_A", "lora_B"}
     assert all("lora" in k or k.startswith(("pre_classifier", "classifier")) for k in adapter)
