@@ -11,7 +11,8 @@ The default model, fasttext (the mean of an item's word, bigram and character n-
 layer), sits beside a linear SVM on the TF-IDF of the same n-grams, their probabilities averaged: on 3,200 real
 rows it is level with scikit-learn's best TF-IDF + LinearSVC and beats real fastText (docs/classifier.md).
 --pretrained DIR (a local Hugging Face BERT/DistilBERT folder) freezes the encoder and trains LoRA (r 16, alpha
-32 on q and v, as the seed) and the head. A re-run resumes its --out."""
+32 on q and v, as the seed) and the head: level with peft's LoRA and full fine-tuning on the same rows, in less
+time. A re-run resumes its --out."""
 
 import collections
 import contextlib
