@@ -109,8 +109,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
     """Every trainer's parser starts here, so the same flag means the same thing everywhere.
 
     Trainer-specific defaults come in as arguments; trainers add their own flags afterwards."""
-    p = Parser(description=description, allow_abbrev=False,
-                formatter_class=HelpFormat)
+    p = Parser(description=description, allow_abbrev=False, formatter_class=HelpFormat)
     p.set_defaults(trainer=trainer, effective_batch=effective_batch,
                    # settings without a flag of their own: optimal_config.json and
                    # --resource-efficient set them, args.json records them
@@ -146,7 +145,8 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
                         f"at {effective_batch}")
     g.add_argument("--lr", type=pos_float, default=lr,
                    help="peak learning rate (AdamW)" + ("; default depends on the model" if lr is None else ""))
-    g.add_argument("--clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
+    g.add_argument("--clip", type=nonneg_float, default=1.0,
+                   help="gradient-norm clipping, 0 = off (default 1.0; train_classifier.py's LoRA on --pretrained: 0)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = bf16 on CUDA where native, else fp16 + GradScaler; on a CPU fp32, or bf16 where "
                         "this model's step measures 1.2x faster (not timed under --quick)")
