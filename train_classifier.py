@@ -767,8 +767,9 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
     if args.lr is None:  # LoRA / scratch need a larger step than full fine-tuning of pretrained weights
         args.lr, sources["lr"] = ((LORA_LR if use_lora else 5e-5) if args.pretrained else
                                   FASTTEXT_LR if fasttext else 1e-3), "auto"
-    if use_lora and sources["clip"] == "default":  # LoRA's gradient norm reaches 2-4: 1.0
-        args.clip, sources["clip"] = 0.0, "auto"  # acts, and cost points (measured with the head's init above)
+    if use_lora and sources["clip"] == "default":  # LoRA's gradient norm reaches 2-4: 1.0 acts, and cost points
+        # (measured with the head's init above); a resumed run keeps its own clip (1.0 in runs from before)
+        args.clip, sources["clip"] = (state["args"]["clip"], "checkpoint") if state else (0.0, "auto")
     return model, tok, extra, desc
 
 

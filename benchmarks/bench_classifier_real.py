@@ -287,8 +287,7 @@ def hf_arms(train, val, test, folder, seed, epochs=4, max_len=64, batch=16):
             head.train()
             return hits / len(rows)
         gen, best = torch.Generator().manual_seed(seed), None
-        encoder.train()  # from_pretrained returns the model in eval mode (no dropout); transformers' Trainer
-        head.train()  # calls train() before its loop: without it the first epoch trained without dropout
+        encoder.train()  # from_pretrained returns eval mode (no dropout): transformers' Trainer calls train() first
         for epoch in range(epochs):
             for enc, y in batches(train, True, gen):
                 loss = F.cross_entropy(logits(enc), y)

@@ -262,6 +262,11 @@ def test_the_measured_defaults_are_recorded_in_args_json(quick_run, tmp):
     p = run("train_classifier.py", "--pretrained", "tiny", "--max-steps", "2", "--max-len", "24", "--lora-r", "8",
             "--out", "p", cwd=tmp, check=2)
     assert "was trained with other LoRA settings" in p.stderr
+    # a LoRA run that trained with a clip (a typed one, or 1.0 before the default was 0) keeps it on a plain re-run
+    lora = ["train_classifier.py", "--pretrained", "tiny", "--max-len", "24", "--out", "q"]
+    run(*lora, "--max-steps", "1", "--clip", "1", cwd=tmp, check=0)
+    run(*lora, "--max-steps", "2", cwd=tmp, check=0)
+    assert read_json(tmp / "q" / "args.json")["settings"]["clip"] == {"value": 1.0, "source": "checkpoint"}
 
 
 def test_test_data_alone_splits_validation_off_the_training_file(tmp):
