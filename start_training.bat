@@ -68,7 +68,7 @@ if "%cmd%"=="demo" (
 if "%cmd%"=="test" (
   "%PY%" -m pip install -q -r requirements-dev.txt
   if not defined OMP_NUM_THREADS set OMP_NUM_THREADS=1
-  "%PY%" -m pytest -q -n auto tests
+  "%PY%" -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -o tmp_path_retention_policy=failed tests
   exit /b %errorlevel%
 )
 for %%c in (start status stop) do if "%cmd%"=="%%c" (

@@ -114,6 +114,18 @@ def metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l]
 
 
+# ./run.sh test runs each file on one worker (`--dist loadfile`), so that a module-scoped fixture (a trained run
+# that several tests read) is built once, not once per worker; these files, the longest (`--durations=0`), start
+# first, so that none of them is left running alone at the end
+SLOW_FIRST = ["test_sft.py", "test_asr.py", "test_first_run.py", "test_lm.py", "test_ddp.py", "test_golden_losses.py",
+              "test_gru.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path

@@ -678,7 +678,7 @@ def test_accuracy_benchmark_runs_end_to_end(tmp):
     # worker and --errors read it too
     (paths["test"].parent / "test_known_accents.jsonl").write_text(paths["test"].read_text())
     p = run("benchmarks/bench_asr.py", "--accuracy", paths["train"].parent, "--out", tmp / "b",
-            "--ours-flags", "--max-steps 2 --beam 1", cwd=tmp, check=0)
+            "--ours-flags", "--max-steps 2 --beam 1", "--budget-s", "5", cwd=tmp, check=0)  # the BiGRU: 5 CPU s
     assert "| train_asr.py minimal (lr 0.002)" in p.stdout and "| BiGRU-CTC 2x256" in p.stdout
     assert "beam 1, speed 1 +- 0.1, SpecAugment; BiGRU: AdamW 1e-3, plateau halving, batch 16, " \
         "SpecAugment, stopped" in p.stdout
