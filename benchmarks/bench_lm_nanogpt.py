@@ -7,6 +7,8 @@ nanoGPT's CPU shape (4 layers, 4 heads, width 128, context 64, batch 12) for 2,0
     python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt --steps 40   # smoke run, ~1 min
     python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt --steps 300 --repeats 3 --runs ours,nanogpt
                                                    # the footprint table in docs/lm.md, ~6 min
+    python benchmarks/bench_lm_nanogpt.py --nanogpt /tmp/nanogpt --splits 10
+                                                   # ours vs nanoGPT paired over 10 held-out folds, ~60 min
 
 The text: Python's documentation topics (pydoc_data.topics, shipped with every Python; nobody here
 wrote it), which train_lm.py packs into data/pydoc on first use (this script does that too):
@@ -31,6 +33,12 @@ high-water mark (os.wait4's ru_maxrss: start-up, the end and any child included)
 user sees; on a loaded machine it moves far less than the speed.
 With --repeats R every run goes R times, in turn (ours, nanoGPT, onecycle, ours, ...), and each
 column is the median; val loss is the first repeat's (a run's numbers do not depend on the repeat).
+With --splits N (2 to 10) the comparison is paired over N fresh splits instead: split r holds out
+the r-th tenth of the whole stream (train.bin and val.bin joined, by position; split 9 is the
+default split above) and trains on the other nine tenths, joined with one <eot> at the seam.
+ours and nanoGPT train on each split in turn; the table prints each split's val nats/byte, then
+the means, ours minus nanoGPT with its standard error over the splits, the splits ours is ahead
+on, and the medians of CPU s and peak RSS.
 Python byte-compiles imported modules into a cache the first time (for train_lm.py: common.py,
 1,700 lines; for nanoGPT: model.py); a user's second run reads it. The runs here get that cache
 under --work (PYTHONPYCACHEPREFIX), filled before the first run, also where the environment sets
@@ -75,6 +83,8 @@ parser.add_argument("--repeats", type=pos_int, default=1, metavar="R",
                     help="processes per run, in turn; the table shows medians (val loss: the first repeat's)")
 parser.add_argument("--runs", default="ours,nanogpt,onecycle", metavar="A,B",
                     help="which runs, comma-separated, of ours, nanogpt, onecycle")
+parser.add_argument("--splits", type=pos_int, default=None, metavar="N",
+                    help="2-10: ours and nanoGPT paired over N held-out tenths of the stream (needs --nanogpt)")
 
 
 def fail(msg):
@@ -182,6 +192,86 @@ def nanogpt_forward(ng, out_dir, steps, device):
     return lambda x: model(x, x)[0]  # targets given: logits at every position
 
 
+def ours_forward(out, steps, device):
+    """train_lm.py's model after `steps` steps from out's checkpoint: (forward, its step)."""
+    import torch
+    import train_lm
+    state = torch.load(out / "checkpoints" / f"ckpt_step{steps:08d}.pt", map_location=device, weights_only=True)
+    model = train_lm.LM(state["model_cfg"]).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), state["step"]
+
+
+def split_data(data, meta, r, work):
+    """Split r: the r-th tenth of the whole stream held out, the rest (joined by one <eot>) to train,
+    in one folder both read (meta.json for ours, meta.pkl for nanoGPT). Returns (folder, val tokens)."""
+    import numpy as np
+    import train_lm
+    stream = np.concatenate([np.fromfile(data / f, dtype=train_lm.DTYPE) for f in ("train.bin", "val.bin")])
+    lo, hi = len(stream) * r // 10, len(stream) * (r + 1) // 10
+    seam = np.array([train_lm.EOT] if 0 < lo and hi < len(stream) else [], dtype=train_lm.DTYPE)
+    train, val = np.concatenate([stream[:lo], seam, stream[hi:]]), stream[lo:hi]
+    d = work / f"split{r}"
+    d.mkdir(exist_ok=True)
+    train.tofile(d / "train.bin")
+    val.tofile(d / "val.bin")
+    (d / "meta.json").write_text(json.dumps(dict(meta, train_tokens=len(train), val_tokens=len(val))))
+    with open(d / "meta.pkl", "wb") as fh:
+        pickle.dump({"vocab_size": meta["vocab_size"]}, fh)
+    return d, len(val)
+
+
+def paired_splits(args, ng, work, data, meta, env, flags):
+    """--splits N: ours and nanoGPT on each split in turn, each final model scored on its split's whole
+    held-out tenth; prints one row per split and the paired summary."""
+    import torch
+    import train_lm
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    busy, t_start, kids0 = benchlib.cpu_watch_start()
+    rows, nats, runs = [], {"ours": [], "nanogpt": []}, {"ours": [], "nanogpt": []}
+    for r in range(args.splits):
+        d, n_val = split_data(data, meta, r, work)
+        windows = train_lm.val_windows(d / "val.bin", n_val, T, n_val)
+        for key in ("ours", "nanogpt"):
+            out = work / f"{key}-split{r}"
+            if key == "ours":
+                cmd, cwd = [sys.executable, str(REPO / "train_lm.py"), *flags, "--data", str(d), "--out", str(out)], work
+            else:
+                cmd, cwd = nanogpt_cmd(d, out, args.device, args.steps, (L, H, D, T, B), 100), ng
+            print(f"split {r}, {key}: {' '.join(map(str, cmd[1:]))}", file=sys.stderr, flush=True)
+            runs[key].append(timed(cmd, cwd, env, work / f"{key}-split{r}.log"))
+            forward = ours_forward(out, args.steps, device)[0] if key == "ours" else \
+                nanogpt_forward(ng, out, args.steps, device)
+            nats[key].append(val_nats(forward, windows, device))
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append([str(r), f"{n_val:,}", f"{nats['ours'][-1]:.4f}", f"{nats['nanogpt'][-1]:.4f}",
+                     f"{nats['ours'][-1] - nats['nanogpt'][-1]:+.4f}"])
+    wall_all, others = benchlib.cpu_watch_end(t_start, kids0)
+    diff = [a - b for a, b in zip(nats["ours"], nats["nanogpt"])]
+    se = statistics.stdev(diff) / len(diff) ** 0.5
+    res = dict(benchlib.runtime_info(device, "fp32"), threads=args.threads)
+    benchlib.print_header("train_lm.py vs nanoGPT, paired over held-out splits", sys.argv, res, busy, others)
+    print(f"workload: {L} layers, {H} heads, width {D}, context {T}, batch {B} x 1, {args.steps} steps; split r "
+          f"holds out the r-th tenth of {data}'s {meta['train_tokens'] + meta['val_tokens']:,} bytes  \n")
+    benchlib.print_table(["split", "held-out bytes", "ours val nats/byte", "nanoGPT val nats/byte",
+                          "ours minus nanoGPT"], rows)
+    med = {k: [statistics.median(x) for x in zip(*v)] for k, v in runs.items()}  # wall, CPU s, peak RSS
+    print()
+    benchlib.print_table(["run", "mean val nats/byte", "ours minus it (± 1 s.e.)", "splits ours ahead",
+                          "median CPU s", "median peak RSS MB"],
+                         [["train_lm.py defaults", f"{statistics.mean(nats['ours']):.4f}", "", "",
+                           f"{med['ours'][1]:.0f}", f"{med['ours'][2]:.0f}"],
+                          ["nanoGPT, shakespeare_char recipe", f"{statistics.mean(nats['nanogpt']):.4f}",
+                           f"{statistics.mean(diff):+.4f} ± {se:.4f}", f"{sum(x < 0 for x in diff)} of {len(diff)}",
+                           f"{med['nanogpt'][1]:.0f}", f"{med['nanogpt'][2]:.0f}"]])
+    print()
+    benchlib.print_footer(busy, others, wall_all)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main():
     args = parser.parse_args()
     ng = checkout(args.nanogpt) if args.nanogpt else None
@@ -195,14 +285,19 @@ def main():
     keys = [k for k in ["ours", "nanogpt", "onecycle"] if k in args.runs.split(",")]
     if not keys or set(args.runs.split(",")) - set(keys):
         fail(f"--runs {args.runs}: give some of ours, nanogpt, onecycle")
+    if args.splits is not None and (not ng or not 2 <= args.splits <= 10):
+        fail(f"--splits {args.splits}: give 2 to 10 splits, with --nanogpt DIR")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPYCACHEPREFIX=str(work / "pycache"))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     warm_bytecode(env, [REPO / "common.py", REPO / "precision_probe.py"] + ([ng / "model.py"] if ng else []))
     shape = ["--n-layer", str(L), "--n-head", str(H), "--d-model", str(D), "--seq-len", str(T),
              "--batch-size", str(B), "--grad-accum", "1", "--max-steps", str(args.steps)]
     # not training settings: no evaluation before the end, one checkpoint, quiet log
-    plumbing = ["--data", str(data), "--device", args.device, "--eval-every", "0", "--save-every",
+    plumbing = ["--device", args.device, "--eval-every", "0", "--save-every",
                 str(args.steps), "--log-every", "100", "--no-resume"]
+    if args.splits:
+        return paired_splits(args, ng, work, data, meta, env, shape + plumbing)
+    plumbing += ["--data", str(data)]
     runs = {"ours": ("train_lm.py defaults", []),
             "onecycle": ("train_lm.py --schedule onecycle --beta2 0.95 (old default)",
                          ["--schedule", "onecycle", "--beta2", "0.95"])}
@@ -242,13 +337,8 @@ def main():
             forward = nanogpt_forward(ng, kept[key], args.steps, device)
             label, steps = f"nanoGPT ({ng.name}), shakespeare_char recipe", args.steps
         else:
-            path = kept[key] / "checkpoints" / f"ckpt_step{args.steps:08d}.pt"
-            state = torch.load(path, map_location=device, weights_only=True)
-            model = train_lm.LM(state["model_cfg"]).to(device)
-            model.load_state_dict(state["model"])
-            model.eval()
-            forward = model
-            label, steps = runs[key][0], state["step"]
+            forward, steps = ours_forward(kept[key], args.steps, device)
+            label = runs[key][0]
         nats = val_nats(forward, windows, device)
         wall, cpu, rss = (statistics.median(x) if None not in x else None for x in zip(*measured[key]))
         rows.append([label, f"{nats:.4f}", f"{nats / math.log(2):.4f}", str(steps), f"{wall:.0f}",

@@ -219,6 +219,27 @@ def test_prepare_round_trip(tmp):
     assert "already exists" in p.stderr
 
 
+def test_nanogpt_benchmark_splits_hold_out_each_tenth_once(tmp):
+    """bench_lm_nanogpt.py --splits: split r trains on all but the r-th tenth of the stream and scores on it;
+    the ten held-out tenths cover the stream once, and split 9 holds out what the default split does."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_lm_nanogpt as bench
+    data = tmp / "data"
+    stream = np.arange(1, 1001, dtype=train_lm.DTYPE) % 250
+    meta = train_lm.write_corpus(data, [lambda: bytes(stream.astype(np.uint8))], 0.1, ["test"])
+    seen = []
+    for r in range(10):
+        d, n_val = bench.split_data(data, meta, r, tmp)
+        train = np.fromfile(d / "train.bin", dtype=train_lm.DTYPE)
+        val = np.fromfile(d / "val.bin", dtype=train_lm.DTYPE)
+        assert train_lm.load_meta(d, 8)["val_tokens"] == n_val == len(val) == 100
+        seam = [train_lm.EOT] if 0 < r < 9 else []
+        assert train.tolist() == stream[:100 * r].tolist() + seam + stream[100 * (r + 1):].tolist()
+        seen += val.tolist()
+    assert seen == stream.tolist()
+    assert val.tolist() == np.fromfile(data / "val.bin", dtype=train_lm.DTYPE).tolist()
+
+
 RSS_PROBE = r"""
 import sys, psutil, numpy as np
 sys.path.insert(0, sys.argv[1])
