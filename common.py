@@ -146,7 +146,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
     g.add_argument("--lr", type=pos_float, default=lr,
                    help="peak learning rate (AdamW)" + ("; default depends on the model" if lr is None else ""))
     g.add_argument("--clip", type=nonneg_float, default=1.0,
-                   help="gradient-norm clipping, 0 = off (default 1.0; train_classifier.py's LoRA on --pretrained: 0)")
+                   help="gradient-norm clipping, 0 = off (train_classifier.py's LoRA on --pretrained: 0 unless typed)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto = bf16 on CUDA where native, else fp16 + GradScaler; on a CPU fp32, or bf16 where "
                         "this model's step measures 1.2x faster (not timed under --quick)")
@@ -292,8 +292,11 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
         try:
             cfg = json.loads(cfg_path.read_text())
             section = cfg["trainers"][args.trainer]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({e!r}); "
+            section.items()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            why = (e.strerror if isinstance(e, OSError) else f"not JSON: {e}" if isinstance(e, ValueError) else
+                   f"no trainers.{args.trainer} section")
+            raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({why}); "
                             "regenerate it with `python memory_optimizer.py config`")
         applied, reader = [], flag_reader(parser)
         for key, entry in section.items():
@@ -861,10 +864,22 @@ def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, l
     return plan
 
 
+def finished_before(out, status, step, log=print):
+    """A re-run of a run that had finished: say so, and leave its status.json as it was (status None: a
+    torchrun rank that writes none)."""
+    log(f"this run had already finished at step {step}: {Path(out) / 'summary.json'} is unchanged (to train it "
+        "longer, re-run with a larger --epochs or --max-steps)")
+    if status is not None:  # (a kill between summary.json and the last status write left another state)
+        (restore_status if status.get("previous", {}).get("state") == "finished" else update_status)(
+            out, status, state="finished", eta_s=0)
+    return 0
+
+
 def plan_only(out, status, log=print):
-    """--plan: the plan is printed; stop before the first step, nothing trained or saved."""
-    update_status(out, status, state="planned")
-    log("memory plan only (--plan): nothing trained or saved")
+    """--plan: the plan is printed; stop before the first step, nothing trained or saved (a run folder's
+    status.json stays as it was)."""
+    restore_status(out, status, state="planned")
+    log("memory plan only (--plan): nothing trained, no checkpoint written")
     return 0
 
 
@@ -1301,23 +1316,42 @@ def open_run(args, sources):
     """After the flags and data are checked, before anything is written: the run folder (checked
     writable), the seed, the device, the checkpoint to resume. Returns (out, setup_device's
     tuple, state, resumed_from, notes for the log)."""
-    if args.resume and args.no_resume:
-        raise UserError(f"--resume {args.resume} --no-resume: pick one (resume from that file, or start over)")
+    if args.resume is not None and args.no_resume:
+        raise UserError(f"{f'--resume {args.resume}'.strip()} --no-resume: pick one (resume, or start over)")
     notes, out = [], Path(args.out) if args.out else None
     args.identity = run_identity(args)  # status.json keeps it: what a re-run without --out looks for
-    if out is None and not (args.no_resume or args.resume):
+    if out is None and not (args.no_resume or args.resume or args.plan):  # --plan never takes over a run
         out = newest_run(args.trainer, identity=args.identity)
         if out:
             notes.append(f"resuming {out}, the newest unfinished run of this command under runs/ "
                          "(--no-resume starts a new folder)")
-    out = out or Path("runs") / f"{args.trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if out is None:
+        out = Path("runs") / f"{args.trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        done = None if args.no_resume or args.plan else newest_run(args.trainer, identity=args.identity, finished=True)
+        notes.append(f"a new run folder: {out}" + ("" if args.plan else " (re-run this command to resume it)") + (
+            f"; {done}, this command's newest run, has finished: to train it longer, give --out {done} and a "
+            "larger --epochs or --max-steps" if done else ""))
     args.out = str(out)
     check_out_writable(out)
     check_trainer(read_status(out).get("trainer"), args.trainer, f"--out {out}")
     seed_everything(args.seed)
     device = setup_device(args, sources)
     state, resumed_from = find_checkpoint(out, args, notes.append)
+    was = state.get("args") if state else None
+    changed = [f"--{k.replace('_', '-')} {v} (it had {'none' if was[k] is None else was[k]})"
+               for k, v in vars(args).items()
+               if isinstance(was, dict) and sources.get(k) == "flag" and k in was and was[k] != v and k not in SAID]
+    if changed:
+        notes.append(f"typed, and not what the checkpoint trained with: {', '.join(changed)}; they apply from here "
+                     "on, but for the vocabulary (the checkpoint's) and the model's shape (a change is refused): the "
+                     "run is no longer bit-identical to an uninterrupted one")
     return out, device, state, resumed_from, notes
+
+
+# typed flags a resume does not list as changed: these name the run folder, or the trainer says what they
+# change itself (choose_batch_size, measure_precision, restore_training_state)
+SAID = {"out", "resume", "no_resume", "config", "batch_size", "grad_accum", "lr", "precision", "device", "plan",
+        "eval_only", "tensorboard", "measure_peak"}
 
 
 # flags that change how a run trains, not what it trains: a re-run without --out resumes the run
@@ -1398,17 +1432,18 @@ def read_status(out):
     return st if isinstance(st, dict) else {}
 
 
-def newest_run(trainer, root="runs", identity=None):
-    """The run folder under `root` that `trainer` started last (None without one): what a serving
-    command (--suggest, --transcribe) uses when no --out is given. With `identity` (run_identity),
-    the newest that command started and did not finish (killed, stopped, failed), that no live
-    process trains: where a re-run without --out goes on."""
+def newest_run(trainer, root="runs", identity=None, finished=False):
+    """The run folder under `root` that `trainer` started last (None without one; a --plan folder never
+    counts): what a serving command (--suggest, --transcribe) uses when no --out is given. With `identity`
+    (run_identity), the newest that command started and did not finish (killed, stopped, failed), that no
+    live process trains: where a re-run without --out goes on; with finished=True, the newest it finished."""
     runs = []
     for d in Path(root).glob("*"):
         st = read_status(d)
-        if st.get("trainer") == trainer and isinstance(st.get("started"), (int, float)) and (
-                identity is None or st.get("identity") == identity and st.get("state") not in ("finished", "planned")
-                and not (st.get("state") in ("starting", "running") and process_is_trainer(st))):
+        state = st.get("state")
+        if st.get("trainer") == trainer and isinstance(st.get("started"), (int, float)) and state != "planned" and (
+                identity is None or st.get("identity") == identity and ((state == "finished") if finished else (
+                    state != "finished" and not (state in ("starting", "running") and process_is_trainer(st))))):
             runs.append((st["started"], d))
     return max(runs)[1] if runs else None
 
@@ -1430,15 +1465,26 @@ def write_args(out, args, sources, chosen):
 
 
 def update_status(out, status, **changes):
-    """Merge `changes` into the status dict and write status.json atomically (readers never see half a file)."""
+    """Merge `changes` into the status dict and write status.json atomically (readers never see half a file);
+    status["previous"], what start_run found there, stays in memory (restore_status)."""
     status.update(changes, updated=time.time())
-    write_json_atomic(Path(out) / "status.json", status)
+    write_json_atomic(Path(out) / "status.json", {k: v for k, v in status.items() if k != "previous"})
+
+
+def restore_status(out, status, **otherwise):
+    """Put back the status.json this process found (a finished run re-run, --plan in a run folder, a mistake
+    caught before the first step): what was saved stays as it was. Without one: update_status(**otherwise)."""
+    if status.get("previous"):
+        write_json_atomic(Path(out) / "status.json", status["previous"])
+    else:
+        update_status(out, status, **otherwise)
 
 
 def start_run(out, args, trainer, metric_name, notes=()):
     """Once all the trainer's checks have passed (nothing is written before):
     claim the run folder, open train.log (and log `notes`), write the first status.json,
     install the stop handlers. Returns (log, status, stop)."""
+    previous = {} if args.no_resume else read_status(out)
     moved = prepare_run_dir(out, args.no_resume)
     log = make_logger(out)
     for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:
@@ -1449,13 +1495,15 @@ def start_run(out, args, trainer, metric_name, notes=()):
               "started": time.time(),
               "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
     update_status(out, status)
+    status["previous"] = previous
     return log, status, install_stop_handlers()
 
 
 @contextlib.contextmanager
 def recording_failures(out, status):
     """Around a trainer's training: if it raises, status.json says so (`failed` with the error,
-    or `stopped` after a second Ctrl-C) before the exception goes on."""
+    or `stopped` after a second Ctrl-C) before the exception goes on; a user mistake caught before the
+    first step (a flag the checkpoint cannot honour) leaves the status.json it found."""
     try:
         yield
     except KeyboardInterrupt:
@@ -1463,8 +1511,9 @@ def recording_failures(out, status):
         raise
     except Exception as e:
         try:
-            update_status(out, status, state="failed", error=str(e) if isinstance(e, UserError) else
-                          f"{type(e).__name__}: {e}")
+            error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            (restore_status if isinstance(e, UserError) and status.get("state") == "starting" else update_status)(
+                out, status, state="failed", error=error)
         except OSError:  # a full disk may refuse status.json too: the error itself still reaches the user
             pass
         raise

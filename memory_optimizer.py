@@ -320,8 +320,10 @@ def cmd_config(args):
     for t, k, v, why in rows:
         print(f"{t:<{w[0]}}  {k:<{w[1]}}  {v:<{w[2]}}  {why}")
     print(f"\nwrote {out}")
-    print("Trainers started in this folder read it (--config) for every flag you do not type, and "
-          "say which settings they took; regenerate it when the hardware changes.")
+    how = ("Trainers started in this folder read it" if Path(out).resolve() == Path("optimal_config.json").resolve()
+           else f"Trainers read it with --config {out}")
+    print(f"{how} for every flag you do not type, and say which settings they took; regenerate it when the "
+          "hardware changes.")
     return 0
 
 

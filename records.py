@@ -31,11 +31,12 @@ def read_records(path, flag, columns, optional=(), aliases=None, bad_rows="fail"
     """
     p, aliases = Path(path), aliases or {}
     ext = p.suffix.lower()
+    if not p.is_file():
+        raise UserError(f"{flag} {p}: " + ("a folder; give a .csv, .tsv or .jsonl file" if p.is_dir() else
+                                           "file not found; check the path (relative paths start in this folder)"))
     if ext not in RECORD_EXTS:
         raise UserError(f"{flag} {p}: unknown file type '{ext or p.name}'; use .csv, .tsv or .jsonl "
                         f"(columns {','.join(columns)})")
-    if not p.is_file():
-        raise UserError(f"{flag} {p}: {'a folder, not a file' if p.is_dir() else 'file not found'}")
     records, reasons, bad = [], [], 0
 
     def bad_row(line, why):

@@ -853,7 +853,7 @@ def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen,
         at = state["step"], state["epoch"], state["pos"], state["best"]
         plateau.update(state["extra"]["plateau"])  # the optimizer's restored lr already carries it
         aug_gen.set_state(state["extra"]["aug_rng"])
-        run.log(f"resumed from {run.resumed_from} (step {at[0]}, epoch {at[1] + 1}, batch {at[2]})")
+        run.log(f"resumed from {run.resumed_from} (step {at[0]}, epoch {at[1] + 1}, {at[2]} batches into it)")
         G0, G = state["effective"] * run.ranks.world, chosen["global_batch"]
         if G0 != G:
             per_epoch = (math.ceil(n_train / G0), math.ceil(n_train / G))
@@ -1051,8 +1051,7 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
     summary.json with `fields` (eval.json). new_steps: the steps this process trained (none: a finished run stays)."""
     out, log, status, device = run.out, run.log, run.status, run.dev[0]
     if not new_steps and not args.eval_only and (out / "summary.json").exists():
-        log(f"this run had already finished at step {fields['steps']}: {out / 'summary.json'} is unchanged")
-        return common.update_status(out, status, state="finished", eta_s=0)
+        return common.finished_before(out, status, fields["steps"], log)
     _, val_items, test_items = items
     if not args.eval_only and (best := out / "checkpoints" / "best.pt").exists():
         model.load_state_dict(common.load_checkpoint(best)["model"])
@@ -1223,7 +1222,7 @@ def run_eval_only(args, sources, out):
     return report(Run(out, print, None, None, (device,), state, path, common.OneProcess()), args,
                   model=model.to(device), items=load_data(args, sources)[0], stoi={c: i for i, c in enumerate(itos)},
                   itos=itos, amp_dtype=amp_dtype, batch=state["micro_bs"], new_steps=0,
-                  fields=dict(checkpoint=str(path), step=step))
+                  fields=dict(checkpoint=str(Path(path).resolve()), step=step))
 
 
 if __name__ == "__main__":

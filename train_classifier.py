@@ -28,6 +28,7 @@ import sys
 import time
 import types
 import unicodedata
+import warnings
 from pathlib import Path
 
 import psutil
@@ -715,6 +716,10 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
     """(model, tokenizer, extra, description) as the flags ask (a resumed run's vocabulary and SVM from
     its checkpoint; mistakes in --pretrained surface here, before any write). extra: what a checkpoint records
     to rebuild them, refused when the resumed one's differs. Sets the default --lr."""
+    kind = lambda a: "--pretrained" if a.get("pretrained") else f"--preset {a.get('preset')}"  # noqa: E731
+    if state and kind(state["args"]) != kind(vars(args)):  # another model kind's vocabulary: refused before it is read
+        raise UserError(f"{resumed_from} was trained with {kind(state['args'])}, not {kind(vars(args))}: resume "
+                        f"with {kind(state['args'])}, or use a new --out or --no-resume")
     if args.pretrained:
         model, tok, shape, desc, missing, unexpected = load_pretrained(args.pretrained, len(labels))
         shape["pooling"] = model.pooling = args.pooling
@@ -760,7 +765,8 @@ def make_model(args, sources, *, state, resumed_from, labels, train_rows, target
         raise UserError(f"{resumed_from} is from an older train_classifier.py (fasttext + a logistic regression, "
                         "since replaced by an SVM): start over with --no-resume or a new --out")
     changed = [name for name, key in (("labels", "labels"), ("model shape", "shape"), ("LoRA settings", "lora"),
-                                      ("--max-len", "max_len")) if was.get(key) != extra[key]]
+                                      (f"--max-len ({was.get('max_len')}, not {args.max_len})", "max_len"))
+               if was.get(key) != extra[key]]
     if changed:
         raise UserError(f"{resumed_from} was trained with other {', '.join(changed)}; use the same flags, "
                         "a new --out, or --no-resume")
@@ -896,7 +902,7 @@ def log_setup(log, args, sources, model, *, device, data_desc, splits, extra, mo
         args.pin_memory, sources["pin_memory"] = device.type == "cuda", "auto"  # pinning helps GPU copies only
     ram, lora = psutil.virtual_memory(), extra["lora"]
     log(f"CPU cores: {os.cpu_count() or 1} | RAM: {ram.total / 2**30:.1f} GB ({ram.available / 2**30:.1f} GB free) | "
-        f"CUDA available: {torch.cuda.is_available()} | loader: {args.workers} workers, pin_memory {args.pin_memory}")
+        f"CUDA available: {torch.cuda.is_available()} | loader workers: {args.workers}, pin_memory {args.pin_memory}")
     n = {name: len(s["y"]) for name, s in splits.items()}
     log(f"data: {data_desc}; {n['train']} train / {n['val']} val / {n['test']} test; {len(extra['labels'])} labels")
     log(f"model: {model_desc}")
@@ -916,6 +922,9 @@ def build_optimizer(model, args, sources, *, n_train, E, world, log):
         raise UserError(f"--batch-size {E} x {world} processes: the last batch of each epoch would hold "
                         f"{n_train % G} of {n_train} rows, too few for every process; use another --batch-size")
     trainable = [p for p in model.parameters() if p.requires_grad]  # Adagrad: 10 x lr, measured (run-contract.md)
+    # Adagrad's sparse step builds its update with torch.sparse_coo_tensor, whose warning about unchecked
+    # indices (they come from the embedding's own backward) would land inside the progress bar
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     optimizer = torch.optim.Adagrad(trainable, lr=10 * args.lr) if isinstance(model, FastText) and \
         model.embeddings.sparse else common.make_optimizer(trainable, args, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(n_train / G)
@@ -941,7 +950,7 @@ def loop_state(run, args, scheduler, *, n_train, G, steps_per_epoch, total_steps
     p = types.SimpleNamespace(**{k: run.state[k] for k in vars(p)})
     if not isinstance(p.best, list):  # a checkpoint from before ties were broken by the loss
         p.best, p.best_at_epoch_start = [p.best, -math.inf], [p.best_at_epoch_start, -math.inf]
-    run.log(f"resumed from {run.resumed_from} (step {p.step}, epoch {p.epoch + 1}, batch {p.pos})")
+    run.log(f"resumed from {run.resumed_from} (step {p.step}, epoch {p.epoch + 1}, {p.pos} batches into it)")
     G0 = run.state["micro_bs"] * run.state["accum"] * run.ranks.world
     if G0 != G:  # a new effective batch typed on resume
         per_epoch = (math.ceil(n_train / G0), steps_per_epoch)
@@ -1180,10 +1189,9 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
             log(f"warning: {source} is unreadable ({type(e).__name__}); using the last step's weights")
         source = run.resumed_from  # where the weights it has come from, in a run that had finished
     if finished:
-        log(f"this run had already finished at step {fields['steps']}: {out / 'summary.json'} is unchanged")
+        common.finished_before(out, run.status, fields["steps"], log)
         if names := write_exports(model, args, out=out, extra=extra, older_than=Path(source).stat().st_mtime):
             log(f"rebuilt {', '.join(names)} from {source} (missing, or older than it)")
-        common.update_status(out, run.status, state="finished", eta_s=0, metric_name="test_acc")
         return 0
     probs, _ = common.evaluate_halving(lambda bs: classify(model, t["ids"], t["mask"], run.device, run.amp_dtype, bs),
                                        eval_bs, run.device, log)
@@ -1256,7 +1264,7 @@ def eval_only(args, sources, *, rows, data_desc):
     print(f"val accuracy {val_acc:.3f}, val loss {val_loss:.4f} ({len(rows[1])} items)")
     log_report(print, test, len(rows[2]))
     common.write_json_atomic(out / "eval.json", dict(
-        trainer="classifier", metric="test_accuracy", **headline_figures(test), checkpoint=str(path),
+        trainer="classifier", metric="test_accuracy", **headline_figures(test), checkpoint=str(Path(path).resolve()),
         step=state.get("step"), val_accuracy=val_acc, val_loss=val_loss, n_val=len(rows[1]), n_test=len(rows[2]),
         data=data_desc, device=device.type, precision=args.precision, labels=x["labels"],
         per_class=test["per_class"], confusion_matrix=test["confusion_matrix"]))

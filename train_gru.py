@@ -586,7 +586,7 @@ def resume(run, model, optimizer, scheduler, *, n_train, G, total_steps):
     if not run.state:
         return 0, 0, 0, float("inf")
     step, epoch, pos, best = (run.state[k] for k in ("step", "epoch", "pos", "best"))
-    run.log(f"resumed from {run.resumed_from} (step {step}, epoch {epoch + 1}, batch {pos})")
+    run.log(f"resumed from {run.resumed_from} (step {step}, epoch {epoch + 1}, {pos} batches into it)")
     G0 = run.state["micro_bs"] * run.state["accum"] * run.ranks.world
     if G0 != G:
         per_epoch = (math.ceil(n_train / G0), math.ceil(n_train / G))
@@ -601,10 +601,7 @@ def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak,
     plot, and logs a few suggestions from the trained model as a smoke test."""
     out, device, args = run.out, run.device, run.args
     if step == start_step and (out / "summary.json").exists():
-        run.log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
-        if run.ranks.is_main:
-            common.update_status(out, run.status, state="finished", eta_s=0)
-        return 0
+        return common.finished_before(out, run.status if run.ranks.is_main else None, step, run.log)
     _, val_ppl = validate(run, model, val_data)
     if not run.ranks.is_main:
         return 0

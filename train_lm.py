@@ -68,7 +68,7 @@ QUICK_SEQ_LEN, QUICK_STEPS, QUICK_LR = 64, 300, 2e-3
 # -----------------------------------------------------------------------------
 # config
 
-def add_model_flags(p):
+def add_model_flags(p, seq_len_help=f"the preset's; {QUICK_SEQ_LEN} with --quick"):
     """The model's shape and its optimizer: train_sft.py adds the same flags to its own parser."""
     g = p.add_argument_group("model and optimizer")
     g.add_argument("--preset", choices=list(PRESETS), default="tiny",
@@ -82,7 +82,7 @@ def add_model_flags(p):
                    help="attention heads, gpt only (default: the preset's)")
     g.add_argument("--d-model", type=common.pos_int, default=None, metavar="D", help="width (default: the preset's)")
     g.add_argument("--seq-len", type=common.pos_int, default=None, metavar="T",
-                   help=f"context length in tokens (default: the preset's; {QUICK_SEQ_LEN} with --quick)")
+                   help=f"context length in tokens (default: {seq_len_help})")
     g.add_argument("--num-eigenstates", type=common.pos_int, default=None, metavar="K",
                    help="complex eigenstates per cell, eigen only (default: the preset's)")
     g.add_argument("--chunk-size", type=common.pos_int, default=None, metavar="C",
@@ -92,13 +92,13 @@ def add_model_flags(p):
                    help="learning rate over the run. cosine: linear warmup over --warmup-steps, then cosine from "
                         "--lr down to lr/10 at the last step (nanoGPT's recipe; it beat onecycle at nanoGPT's CPU "
                         "shape, docs/real-data.md). onecycle: warmup over a tenth of the steps, then cosine down to "
-                        "zero (the old default; train_sft.py keeps it)")
+                        "zero (what train_sft.py's accuracy bars were measured with)")
     g.add_argument("--warmup-steps", type=common.nonneg_int, default=100, metavar="N",
                    help="cosine: steps of linear warmup, at most a tenth of the run (so a short run still decays)")
     g.add_argument("--beta2", type=float, default=0.99,
                    help="AdamW beta2. 0.99 averages squared gradients over ~100 steps: steadier steps for small, "
                         "noisy batches (nanoGPT's shakespeare_char); 0.95 is the GPT-2-sized-batch value "
-                        "(train_sft.py keeps it)")
+                        "(train_sft.py's)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slow)")
 
 
@@ -1058,9 +1058,7 @@ def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t
     the plot and a sample."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
-        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
-        common.update_status(out, status, state="finished", eta_s=0)
-        return
+        return common.finished_before(out, status, step, log)
     wall, train_s, samples = totals(run, t_start, samples)
     (val_loss, val_bpb), _ = common.evaluate_halving(
         lambda bs: evaluate(model, windows, device, run.amp_dtype, bs), eval_bs, device, log)
@@ -1210,8 +1208,8 @@ def eval_only(args, sources, cfg, data_dir, meta, notes):
                                                      bs, device, print)
     common.write_json_atomic(out / "eval.json", {
         "trainer": "lm", "metric": "val_bpb", "value": round(val_bpb, 5), "val_loss": round(val_loss, 6),
-        "val_bpb": round(val_bpb, 5), "checkpoint": str(path), "step": state["step"], "data": str(data_dir),
-        "val_windows": len(windows), "val_tokens": len(windows) * args.seq_len, "test": None,
+        "val_bpb": round(val_bpb, 5), "checkpoint": str(Path(path).resolve()), "step": state["step"],
+        "data": str(data_dir), "val_windows": len(windows), "val_tokens": len(windows) * args.seq_len, "test": None,
         "device": device.type, "precision": args.precision, "batch": bs})
     print(f"eval: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) on "
           f"{len(windows)} windows of {data_dir} (no test split), model {path} (step {state['step']}); "

@@ -5,7 +5,7 @@ fine-tuned on {input, output} pairs with the loss on the answer only, the seed's
 modes, pair files fetched over http(s), and continuous learning from a SQLite store of rated
 answers. One visible loop, like train_lm.py's.
 
-    python train_sft.py --out runs/cmd                            # laptop CPU, ~4 min on one core
+    python train_sft.py --out runs/cmd                            # laptop CPU, ~8 min on one core
     python train_sft.py --quick --out runs/cmd-q                  # the shorter demo, ~3 min on 2 cores
     python train_sft.py ask --out runs/cmd "list files by size" "show git status"
     python train_sft.py --quick --out runs/cmd --eval-only        # score its best.pt again: eval.json
@@ -318,8 +318,8 @@ def sft_loss_fn(model, mb, device):
 # -----------------------------------------------------------------------------
 # config: flags, and the seed's modes (settings layered in before anything is built)
 
-parser = common.make_parser(__doc__, trainer="sft", epochs=1, lr=None, effective_batch=32,
-                            save_every=100, eval_every=100, log_every=10,
+parser = common.make_parser(__doc__, trainer="sft", epochs=1, lr=4e-3, effective_batch=32,
+                            save_every=500, eval_every=250, log_every=10,
                             epochs_help="passes over the training pairs (default: none; the run is "
                                         "--max-steps 1000, --quick 600; --epochs N trains N passes instead)")
 g = parser.add_argument_group("instruction pairs")
@@ -331,7 +331,7 @@ g.add_argument("--download-data", action="append", default=None, metavar="URL",
                help="more pairs: an http(s) URL of a .jsonl or .csv file, or a local file or folder "
                     "of them; repeat for more sources. Downloads resume where they stopped (--data may "
                     "be a URL too; --sha256, --max-download-mb and --download-dir apply to both)")
-add_model_flags(parser)
+add_model_flags(parser, seq_len_help="256")
 g = parser.add_argument_group("the seed's modes and continuous learning")
 g.add_argument("--init-from", default=None, metavar="RUN",
                help="start from the weights of a train_lm.py run folder (its best.pt, else newest "
@@ -392,6 +392,7 @@ MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order);
                                swap_threshold=30.0, mem_check_every=15.0),
 }
 ONLY_LOWERS = ("resource_efficient",)
+parser.set_defaults(batch_size=16, grad_accum=2, schedule="onecycle", beta2=0.95)  # what --help shows: SFT_DEFAULT's
 
 
 def apply_modes(args, sources, log):
@@ -785,9 +786,7 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
     the test split, summary.json."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
-        log(f"this run had already finished at step {step}: {out / 'summary.json'} is unchanged")
-        common.update_status(out, status, state="finished", eta_s=0)
-        return
+        return common.finished_before(out, status, step, log)
     wall, train_s, samples = totals(run, t_start, samples)
     val_loss, _ = common.evaluate_halving(
         lambda bs: evaluate_sft(model, val_examples, device, run.amp_dtype, bs, args.seq_len), eval_bs, device, log)
@@ -1122,7 +1121,7 @@ def eval_only(args, sources, cfg, data, notes):
     common.write_json_atomic(out / "eval.json", {
         "trainer": "sft", "task": "sft", "metric": "val_loss", "value": round(val_loss, 6),
         "val_loss": round(val_loss, 6), "val_pairs": len(data["val"]), "command_exact": round(exact, 4),
-        "command_substring": round(sub, 4), "test_pairs": len(data["test"]), "checkpoint": str(path),
+        "command_substring": round(sub, 4), "test_pairs": len(data["test"]), "checkpoint": str(Path(path).resolve()),
         "step": state["step"], "device": device.type, "precision": args.precision, "batch": bs})
     print(f"eval: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
           f"{val_loss:.4f} nats per answer token ({len(data['val'])} pairs), model {path} (step {state['step']}); "

@@ -452,7 +452,7 @@ def test_eval_only_reproduces_the_summary_and_writes_only_eval_json(trained):
     listing = sorted(p.relative_to(out) for p in out.rglob("*"))
     p = run("train_asr.py", *SMALL, "--eval-only", "--out", "runs/a", cwd=d, check=0)
     s, e = read_json(out / "summary.json"), read_json(out / "eval.json")
-    assert e["metric"] == "val_cer" and e["checkpoint"] == str(Path("runs/a/checkpoints/best.pt")), e
+    assert e["metric"] == "val_cer" and e["checkpoint"] == str((out / "checkpoints" / "best.pt").resolve()), e
     for k in ("value", "val_cer", "val_wer", "val_loss", "test_cer", "test_wer", "test_cer_greedy_ctc",
               "test_wer_greedy_ctc", "precision", "device"):
         assert e[k] == pytest.approx(s[k], abs=1e-6) if isinstance(s[k], float) else e[k] == s[k], k
@@ -462,7 +462,7 @@ def test_eval_only_reproduces_the_summary_and_writes_only_eval_json(trained):
     run("train_asr.py", *SMALL, "--eval-only", "--out", "runs/a", "--resume", last, "--beam", "1", cwd=d, check=0)
     e = read_json(out / "eval.json")
     rec = [r for r in metrics(out) if r.get("step") == e["step"] and "val_cer" in r][-1]
-    assert e["checkpoint"] == str(last) and e["val_cer"] == pytest.approx(rec["val_cer"], abs=1e-6)
+    assert e["checkpoint"] == str(last.resolve()) and e["val_cer"] == pytest.approx(rec["val_cer"], abs=1e-6)
     assert [tree_digest(out / "checkpoints")] + [(out / f).read_bytes() for f in files] == before
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(listing + [Path("eval.json")])
 

@@ -355,12 +355,13 @@ def test_resume_with_other_model_flags_is_refused_and_the_run_kept(tmp):
     run("train_classifier.py", "--preset", "small", "--train-size", "120", "--max-steps", "2", "--out", "r",
         cwd=tmp, check=0)
     before = read_json(tmp / "r" / "status.json")
-    for flags, what in ((["--model", "bert"], "model shape"),  # --model: the old spelling of --preset
-                        (["--preset", "small", "--max-len", "32"], "--max-len"),
-                        (["--preset", "small", "--pooling", "mean"], "model shape")):
+    for flags, what in ((["--model", "bert"], "--preset small, not --preset bert: resume with --preset small"),
+                        ([], "--preset small, not --preset fasttext"),  # another model kind: its vocabulary too
+                        (["--preset", "small", "--max-len", "32"], "other --max-len (64, not 32)"),
+                        (["--preset", "small", "--pooling", "mean"], "other model shape")):
         p = run("train_classifier.py", "--train-size", "120", "--max-steps", "4", *flags, "--out", "r",
                 cwd=tmp, check=2)
-        assert f"was trained with other {what}" in p.stderr
+        assert p.stderr.startswith("error: ") and f"was trained with {what}" in p.stderr, p.stderr
     assert read_json(tmp / "r" / "status.json") == before
 
 
@@ -533,7 +534,7 @@ def test_eval_only_reproduces_the_runs_validation_figure_and_writes_only_eval_js
     e, s = read_json(out / "eval.json"), read_json(out / "summary.json")
     assert abs(e["val_accuracy"] - best["best"][0]) <= 1e-6 and abs(e["val_loss"] + best["best"][1]) <= 1e-6, e
     assert round(e["val_accuracy"], 4) == s["best_val_accuracy"]
-    assert e["metric"] == s["metric"] == "test_accuracy" and e["checkpoint"] == str(out / "checkpoints" / "best.pt")
+    assert e["metric"] == s["metric"] == "test_accuracy" and e["checkpoint"] == str((out / "checkpoints" / "best.pt").resolve())
     for key in ("value", "macro_f1", "weighted_f1", "mean_confidence", "per_class", "confusion_matrix"):
         assert e[key] == s[key], key
     # the lines the training run printed: its validation at best.pt's step, and its test report

@@ -330,9 +330,13 @@ def test_missing_explicit_config_is_a_user_error(tmp, monkeypatch):
     monkeypatch.chdir(tmp)
     with pytest.raises(UserError, match="--config"):
         common.resolve_settings(train_gru.parser, ["--config", "nope.json"], lambda m: None)
-    (tmp / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a valid optimal_config.json"):
-        common.resolve_settings(train_gru.parser, ["--config", "bad.json"], lambda m: None)
+    # the reason in words, not a Python exception's repr (a new user's review)
+    for text, why in (("{not json", r"\(not JSON: Expecting property name enclosed in double quotes: line 1"),
+                      ("[1, 2]", r"\(no trainers.gru section\)"), ('{"batch_size": 8}', r"\(no trainers.gru section\)"),
+                      ('{"trainers": {"gru": 3}}', r"\(no trainers.gru section\)")):
+        (tmp / "bad.json").write_text(text)
+        with pytest.raises(UserError, match=r"^--config bad.json: not a valid optimal_config.json " + why):
+            common.resolve_settings(train_gru.parser, ["--config", "bad.json"], lambda m: None)
 
 
 def test_truncate_metrics_drops_records_after_the_checkpoint(tmp):

@@ -304,7 +304,8 @@ def saved_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--data", "missing.csv"], "--data missing.csv: file not found"),
+    (["--data", "missing.csv"], "--data missing.csv: file not found; check the path"),
+    (["--data", "run"], "--data run: a folder; give a .csv, .tsv or .jsonl file"),
     (["--data", "empty.csv"], "empty"),
     (["--data", "nocol.csv"], "missing column(s) text, category"),
     (["--data", "ragged.csv", "--bad-rows", "fail"],
@@ -546,6 +547,31 @@ def test_eval_only_reproduces_the_summary_and_writes_nothing_else(eval_run):
     assert abs(round(e["val_ppl"], 4) - s["best_value"]) <= 1e-6, (e, s)
     assert tree_digest(out, skip="eval.json") == before  # status.json, metrics.jsonl, train.log, checkpoints/
     assert sorted(f.name for f in d.iterdir()) == ["runs"] and [f.name for f in (d / "runs").iterdir()] == ["g"]
+
+
+def test_what_a_run_saved_stays_through_reruns_mistakes_and_plans(eval_run, tmp):
+    """Nothing saved is touched (a new user's review): a finished run re-run with other data flags (said,
+    with how to train it longer), a flag its checkpoint cannot honour (exit 2), --plan in its folder: its
+    status.json stays byte for byte. --plan without --out never takes over a run, and a command without
+    --out never picks a plan's folder. Bare --resume with --no-resume is refused."""
+    out = tmp / "runs" / "g"
+    shutil.copytree(eval_run[1], out)
+    status = (out / "status.json").read_bytes()
+    p = run("train_gru.py", *EVAL_FLAGS, "--dataset-size", "1200", "--out", out, cwd=tmp, check=0)
+    assert "typed, and not what the checkpoint trained with: --dataset-size 1200 (it had 1500)" in p.stdout
+    assert "this run had already finished at step 12" in p.stdout and "a larger --epochs or --max-steps" in p.stdout
+    p = run("train_gru.py", *EVAL_FLAGS, "--optim", "adamw8bit", "--out", out, cwd=tmp, check=2)
+    assert p.stderr.startswith("error: the checkpoint being resumed was trained with AdamW")
+    p = run("train_gru.py", *EVAL_FLAGS, "--plan", "--out", out, cwd=tmp, check=0)
+    assert "memory plan:" in p.stdout and (out / "status.json").read_bytes() == status
+    p = run("train_gru.py", *EVAL_FLAGS, "--plan", cwd=tmp, check=0)
+    (plan,) = [d for d in (tmp / "runs").iterdir() if d != out]
+    assert f"a new run folder: {Path('runs') / plan.name}" in p.stdout and read_json(plan / "status.json")["state"] == "planned"
+    run("train_gru.py", *EVAL_FLAGS, "--eval-only", cwd=tmp, check=0)
+    assert (out / "eval.json").exists() and not (plan / "eval.json").exists()
+    p = run("train_gru.py", *EVAL_FLAGS, "--resume", "--no-resume", "--out", out, cwd=tmp, check=2)
+    assert p.stderr.strip() == "error: --resume --no-resume: pick one (resume, or start over)"
+    assert (out / "status.json").read_bytes() == status
 
 
 def test_resource_efficient_validates_at_the_micro_batch_and_eval_only_follows(eval_run, tmp):

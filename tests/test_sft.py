@@ -85,6 +85,19 @@ def test_plain_defaults_learn_on_a_slice(tmp):
     assert s["value"] < 1.2 and s["command_substring"] >= 2 / 19 and s["command_substring"] >= s["command_exact"], s
 
 
+def test_help_states_the_defaults_a_plain_run_takes(tmp, monkeypatch):
+    """--help showed 100, 100, auto, 0.99 and "64 with --quick" where a plain run takes 500, 250, 16 x 2,
+    0.95 and 256 (a new user's review): every default --help prints is the value the plain run resolves."""
+    import common
+    monkeypatch.chdir(tmp)  # no optimal_config.json here
+    shown = vars(train_sft.parser.parse_args([]))  # what --help prints as each flag's default
+    args, _ = common.resolve_settings(train_sft.parser, [], log=lambda _: None, modes=train_sft.apply_modes)
+    for key in ("save_every", "eval_every", "batch_size", "grad_accum", "lr", "beta2", "schedule", "log_every"):
+        assert shown[key] == vars(args)[key], key
+    text = " ".join(train_sft.parser.format_help().split())
+    assert f"context length in tokens (default: {args.seq_len})" in text and "(default: 0.95)" in text, text
+
+
 def test_prompt_tokens_carry_no_loss():
     torch.manual_seed(0)
     pair = {"input": "list files by size", "output": "<command>ls -lS</command> largest first."}
