@@ -10,14 +10,12 @@ is easy to get wrong:
     fit the machine .. fit_batch (RAM/GPU table, a real forward+backward probe), memory_plan
     memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory
     checkpoints ...... training_state, save_checkpoint (atomic, checksum, rotation), find_checkpoint
-    run folder ....... open_run, start_run, update_status, log_step, append_metrics, write_summary
+    run folder ....... open_run, start_run, update_status, log_step, append_metrics, write_json_atomic
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
-Capability that only some runs use has a module of its own, imported only under its flag:
-download.py (a data flag given as an http(s) URL, --sha256), records.py (reading a user's CSV, TSV
-or JSONL file), adamw8bit.py (--optim adamw8bit), measure_peak.py (--measure-peak on a CPU),
-precision_probe.py (timing bf16 for --precision auto on a CPU with bf16 units), ddp.py
-(under torchrun). A trainer copied with common.py alone runs without them (common.opt_in).
+Capability that only some runs use has a module of its own, imported only under its flag (download,
+records, adamw8bit, measure_peak, precision_probe, ddp: README's Layout says which flag); a trainer
+copied with common.py alone runs without them (common.opt_in).
 """
 import argparse
 import contextlib
@@ -229,9 +227,7 @@ nonneg_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "0 or a pos
 percent = checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]")
 
 
-def batch_size_arg(s):
-    """argparse type: 'auto' or a positive integer."""
-    return "auto" if str(s) == "auto" else pos_int(s)
+batch_size_arg = lambda s: "auto" if str(s) == "auto" else pos_int(s)  # noqa: E731  ('auto' or a positive integer)
 
 
 class _Typed(argparse.Namespace):
@@ -529,12 +525,6 @@ def autocast(device, amp_dtype):
 # -----------------------------------------------------------------------------
 # the step: autocast + exact gradient accumulation + unscale + clip + step, with OOM retry
 
-def split_batch(batch, micro_bs):
-    """Slice a dict of tensors (dim 0 = samples) into micro-batches of micro_bs samples."""
-    n = len(next(iter(batch.values())))
-    return [{k: v[i:i + micro_bs] for k, v in batch.items()} for i in range(0, n, micro_bs)]
-
-
 def is_oom(e):
     """True for CUDA out-of-memory and MemoryError, the errors a smaller batch can fix; cuBLAS and
     cuDNN report a failed allocation of their workspace in their own words."""
@@ -556,10 +546,12 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
     alone) is one error line saying what to change. DDP: all but the last micro-batch run inside
     no_sync; norm = n_global / world makes DDP's average of the ranks' gradients the 1-process
     gradient. Returns (mean loss, items, the micro_bs used)."""
+    n_items = len(next(iter(batch.values())))
     while True:
         oom = unscaled = stepping = False
         try:
-            micro = split_batch(batch, micro_bs)
+            # the batch (a dict of tensors, dim 0 = samples) in micro-batches of micro_bs samples
+            micro = [{k: v[i:i + micro_bs] for k, v in batch.items()} for i in range(0, n_items, micro_bs)]
             total_loss, total_n, estimate = 0.0, 0, None
             for i, mb in enumerate(micro):
                 sync = no_sync() if no_sync is not None and i < len(micro) - 1 else contextlib.nullcontext()
@@ -597,7 +589,7 @@ def train_step(model, optimizer, scaler, batch, loss_fn, micro_bs, *, clip, devi
             if no_sync is not None and micro_bs > 1:
                 raise UserError(f"out of memory at micro-batch {micro_bs} under torchrun, where one rank cannot "
                                 f"redo its step alone: re-run with --batch-size {micro_bs // 2} --grad-accum "
-                                f"{2 * math.ceil(len(next(iter(batch.values()))) / micro_bs)} (it resumes "
+                                f"{2 * math.ceil(n_items / micro_bs)} (it resumes "
                                 "from the last checkpoint)") from None
             if micro_bs == 1:
                 raise
@@ -865,8 +857,7 @@ def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, l
 
 
 def finished_before(out, status, step, log=print):
-    """A re-run of a run that had finished: say so, and leave its status.json as it was (status None: a
-    torchrun rank that writes none)."""
+    """A re-run of a finished run: say so, leave its status.json as it was (status None: a rank that writes none)."""
     log(f"this run had already finished at step {step}: {Path(out) / 'summary.json'} is unchanged (to train it "
         "longer, re-run with a larger --epochs or --max-steps)")
     if status is not None:  # (a kill between summary.json and the last status write left another state)
@@ -1146,22 +1137,15 @@ def atomic_save(obj, path, also=None):
         for t in (tmp, extra):
             if t:
                 t.unlink(missing_ok=True)
-        if not disk_full(e):
+        cause = e  # "no space left", or what it was raised from (torch.save: a RuntimeError from the OSError)
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
             raise
         need, free = tensor_bytes(obj) / 2**20, shutil.disk_usage(path.parent).free / 2**20
         raise UserError(f"the disk is full: {path.name} needs about {need:,.0f} MB in {path.parent} ({free:,.0f} "
                         "MB free); free some space and re-run the same command (it resumes from the last checkpoint)"
                         ) from None
-
-
-def disk_full(e):
-    """True when e, or what it was raised from, is "no space left" (torch.save reports it as a
-    RuntimeError whose context is the OSError)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def tensor_bytes(obj):
@@ -1337,10 +1321,9 @@ def open_run(args, sources):
     seed_everything(args.seed)
     device = setup_device(args, sources)
     state, resumed_from = find_checkpoint(out, args, notes.append)
-    was = state.get("args") if state else None
+    was = state["args"] if isinstance(state, dict) and isinstance(state.get("args"), dict) else {}
     changed = [f"--{k.replace('_', '-')} {v} (it had {'none' if was[k] is None else was[k]})"
-               for k, v in vars(args).items()
-               if isinstance(was, dict) and sources.get(k) == "flag" and k in was and was[k] != v and k not in SAID]
+               for k, v in vars(args).items() if sources.get(k) == "flag" and was.get(k, v) != v and k not in SAID]
     if changed:
         notes.append(f"typed, and not what the checkpoint trained with: {', '.join(changed)}; they apply from here "
                      "on, but for the vocabulary (the checkpoint's) and the model's shape (a change is refused): the "
@@ -1348,14 +1331,11 @@ def open_run(args, sources):
     return out, device, state, resumed_from, notes
 
 
-# typed flags a resume does not list as changed: these name the run folder, or the trainer says what they
-# change itself (choose_batch_size, measure_precision, restore_training_state)
-SAID = {"out", "resume", "no_resume", "config", "batch_size", "grad_accum", "lr", "precision", "device", "plan",
-        "eval_only", "tensorboard", "measure_peak"}
+# typed on resume, not listed as changed: the run folder's flags, and what fit_batch and restore_training_state say
+SAID = {"out", "resume", "no_resume", "config", "batch_size", "grad_accum", "lr", "precision", "plan", "eval_only"}
 
 
-# flags that change how a run trains, not what it trains: a re-run without --out resumes the run
-# whose other settings (the model's, the data's, the seed) are the same, whatever these say
+# flags that steer a run, not what it trains: a re-run without --out resumes the run whose other settings match
 RUN_CONTROL = {"out", "resume", "no_resume", "save_every", "keep", "config", "epochs", "max_steps", "batch_size",
                "grad_accum", "lr", "clip", "precision", "device", "eval_every", "log_every", "bad_rows", "sha256",
                "max_download_mb", "download_dir", "ram_threshold", "gpu_threshold", "swap_threshold", "mem_check_every",
@@ -1400,8 +1380,7 @@ def prepare_run_dir(out, no_resume):
         st = read_status(out)
         # a copy of a live run folder names the original as its "out": that trainer is not training this one
         same = isinstance(st.get("out"), str) and Path(st["out"]).resolve() == out.resolve()
-        if same and st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and \
-                process_is_trainer(st):
+        if same and st.get("pid") != os.getpid() and st.get("state") in ("starting", "running") and process_alive(st):
             raise UserError(f"--out {out} is being trained by pid {st['pid']} right now; wait for it, "
                             f"stop it (python memory_optimizer.py stop {out}) or pick another --out")
     try:
@@ -1443,9 +1422,18 @@ def newest_run(trainer, root="runs", identity=None, finished=False):
         state = st.get("state")
         if st.get("trainer") == trainer and isinstance(st.get("started"), (int, float)) and state != "planned" and (
                 identity is None or st.get("identity") == identity and ((state == "finished") if finished else (
-                    state != "finished" and not (state in ("starting", "running") and process_is_trainer(st))))):
+                    state != "finished" and not (state in ("starting", "running") and process_alive(st))))):
             runs.append((st["started"], d))
     return max(runs)[1] if runs else None
+
+
+def process_alive(status):
+    """True while status.json's process lives: its pid, made when pid_created says (a recycled pid is not)."""
+    try:
+        proc = psutil.Process(status["pid"])
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - status["pid_created"]) <= 1
+    except (psutil.Error, KeyError, TypeError, ValueError, OverflowError):
+        return False
 
 
 def write_json_atomic(path, obj):
@@ -1465,15 +1453,13 @@ def write_args(out, args, sources, chosen):
 
 
 def update_status(out, status, **changes):
-    """Merge `changes` into the status dict and write status.json atomically (readers never see half a file);
-    status["previous"], what start_run found there, stays in memory (restore_status)."""
+    """Merge `changes` into status and write status.json atomically (but "previous": for restore_status)."""
     status.update(changes, updated=time.time())
     write_json_atomic(Path(out) / "status.json", {k: v for k, v in status.items() if k != "previous"})
 
 
 def restore_status(out, status, **otherwise):
-    """Put back the status.json this process found (a finished run re-run, --plan in a run folder, a mistake
-    caught before the first step): what was saved stays as it was. Without one: update_status(**otherwise)."""
+    """Put back the status.json start_run found (what was saved stays as it was), else update_status(**otherwise)."""
     if status.get("previous"):
         write_json_atomic(Path(out) / "status.json", status["previous"])
     else:
@@ -1489,7 +1475,7 @@ def start_run(out, args, trainer, metric_name, notes=()):
     log = make_logger(out)
     for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:
         log(note)
-    # pid + its create time identify the process (process_is_trainer)
+    # pid + its create time identify the process (process_alive; memory_optimizer.py's process_is_trainer)
     status = {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
               "trainer": trainer, "identity": getattr(args, "identity", None), "out": str(Path(out).resolve()),
               "started": time.time(),
@@ -1502,8 +1488,8 @@ def start_run(out, args, trainer, metric_name, notes=()):
 @contextlib.contextmanager
 def recording_failures(out, status):
     """Around a trainer's training: if it raises, status.json says so (`failed` with the error,
-    or `stopped` after a second Ctrl-C) before the exception goes on; a user mistake caught before the
-    first step (a flag the checkpoint cannot honour) leaves the status.json it found."""
+    or `stopped` after a second Ctrl-C) before the exception goes on; a user mistake before the first step
+    (a flag the checkpoint cannot honour) leaves the status.json start_run found."""
     try:
         yield
     except KeyboardInterrupt:
@@ -1608,11 +1594,6 @@ def make_logger(out):
     return log
 
 
-def write_summary(out, **fields):
-    """<out>/summary.json: the run's final numbers."""
-    write_json_atomic(Path(out) / "summary.json", fields)
-
-
 def plot_progress(out, metric):
     """plots/training_progress.png (train loss and the main validation metric vs step), when
     matplotlib is installed. Returns the path or None."""
@@ -1623,14 +1604,11 @@ def plot_progress(out, metric):
     except ImportError:
         return None
     recs = read_metrics(out)
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r[metric]) for r in recs if metric in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, pts, name in ((axes[0], train, "train loss"), (axes[1], val, metric)):
-        if pts:
+    for ax, key, name in ((axes[0], "loss", "train loss"), (axes[1], metric, metric)):
+        if pts := [(r["step"], r[key]) for r in recs if key in r]:
             ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(name)
+        ax.set(xlabel="optimizer step", title=name)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out) / "plots" / "training_progress.png"
@@ -1720,30 +1698,3 @@ def check_world_size(state, resumed_from, world):
     if state is not None and was != world:
         raise UserError(f"{resumed_from} was trained on {was} process(es), this is {world}; "
                         f"resume with the same --nproc_per_node, or use a new --out")
-
-
-# -----------------------------------------------------------------------------
-# which process trains a run folder
-
-def process_is_trainer(status):
-    """True if status['pid'] is alive and is the trainer of status['out']: a python process made
-    when status['pid_created'] says (a recycled PID has another), running the trainer's script,
-    whose --out (if given) is that folder. memory_optimizer.py stop signals only such a pid."""
-    pid, created, out = status.get("pid"), status.get("pid_created"), status.get("out")
-    script = TRAINERS.get(status.get("trainer"))
-    if not (isinstance(pid, int) and isinstance(created, (int, float)) and isinstance(out, str) and script):
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - created) > 1:
-            return False
-        argv = proc.cmdline()
-        if not argv or "python" not in (proc.name() + " " + Path(argv[0]).name).lower() \
-                or not any(Path(a).name == script for a in argv[1:]):
-            return False
-        outs = [a[len("--out="):] if a != "--out" else b for a, b in zip(argv, argv[1:] + [""])
-                if a == "--out" or a.startswith("--out=")]
-        # the last --out is the one argparse keeps
-        return all((Path(proc.cwd()) / o).resolve() == Path(out).resolve() for o in outs[-1:])
-    except (psutil.Error, ValueError, OverflowError):
-        return False

@@ -39,7 +39,7 @@ import psutil
 import torch
 
 from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, cpu_has_bf16, free_memory,
-                    native_bf16, pos_float, pos_int, process_is_trainer, read_status, run_main, table_batch_size,
+                    native_bf16, pos_float, pos_int, read_status, run_main, table_batch_size,
                     write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
@@ -498,6 +498,30 @@ def copy_of(out, status):
     return theirs if isinstance(theirs, str) and Path(theirs).resolve() != Path(out).resolve() else None
 
 
+def process_is_trainer(status):
+    """True if status['pid'] is alive and is the trainer of status['out']: a python process made
+    when status['pid_created'] says (a recycled PID has another), running the trainer's script,
+    whose --out (if given) is that folder. `stop` signals only such a pid."""
+    pid, created, out = status.get("pid"), status.get("pid_created"), status.get("out")
+    script = TRAINERS.get(status.get("trainer"))
+    if not (isinstance(pid, int) and isinstance(created, (int, float)) and isinstance(out, str) and script):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - created) > 1:
+            return False
+        argv = proc.cmdline()
+        if not argv or "python" not in (proc.name() + " " + Path(argv[0]).name).lower() \
+                or not any(Path(a).name == script for a in argv[1:]):
+            return False
+        outs = [a[len("--out="):] if a != "--out" else b for a, b in zip(argv, argv[1:] + [""])
+                if a == "--out" or a.startswith("--out=")]
+        # the last --out is the one argparse keeps
+        return all((Path(proc.cwd()) / o).resolve() == Path(out).resolve() for o in outs[-1:])
+    except (psutil.Error, ValueError, OverflowError):
+        return False
+
+
 def shown_state(status, out):
     """Run folder `out`'s state for display: "dead" when status.json says it is running but its
     trainer is gone, "copy" when it says running but belongs to another folder (a copy names the
@@ -527,9 +551,10 @@ def status_table(runs):
     for run, st in runs:
         metric = f"{st.get('metric_name', '')}={st['metric']:.4g}" if st.get("metric") is not None else "-"
         loss = f"{st['loss']:.4f}" if st.get("loss") is not None else "-"
-        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {shown_state(st, run):<9} "
+        state = shown_state(st, run)
+        lines.append(f"{run.name[:32]:<32} {st.get('trainer', '?'):<10} {state:<9} "
                      f"{st.get('step', 0):>6}/{st.get('total_steps') or '?':<6} {loss:>8} {metric:>18} "
-                     f"{fmt_eta(st.get('eta_s') if st.get('state') == 'running' else None):>8} "
+                     f"{fmt_eta(st.get('eta_s') if state == 'running' else None):>8} "
                      f"{st.get('pid', '-'):>7}")
     return "\n".join(lines)
 
@@ -680,7 +705,7 @@ def register_run(out, root):
 
 def stop_run(run, root="runs", timeout=60.0):
     """Ask a run to stop: STOP file + SIGTERM (CTRL_BREAK on Windows), after checking that the
-    PID really is that trainer (common.process_is_trainer: pid, create time, script, --out; never
+    PID really is that trainer (process_is_trainer: pid, create time, script, --out; never
     for a copied run folder, see pick_run). Waits until the trainer has saved and exited."""
     out, st = pick_run(root, run, running_only=run is None)
     if st.get("state") not in ("starting", "running"):

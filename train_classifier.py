@@ -77,8 +77,8 @@ g.add_argument("--preset", "--model", dest="preset", choices=list(PRESETS), defa
 # a flagless dest for the "model" key of optimal_config.json files from before --preset (check_flags reads it)
 parser.set_defaults(model=None)
 g.add_argument("--svm-c", type=common.nonneg_float, default=1.0, metavar="C",
-               help="fasttext: a linear SVM on the same n-grams' TF-IDF (scikit-learn's LinearSVC, its C) is fitted "
-                    "beside it and their probabilities averaged (measured: docs/classifier.md); 0 = fasttext alone")
+               help="fasttext: a linear SVM on the same n-grams' TF-IDF (squared hinge, as scikit-learn's LinearSVC; "
+                    "this is its C) beside it, their probabilities averaged (docs/classifier.md); 0 = fasttext alone")
 g.add_argument("--pooling", choices=["cls", "mean"], help="what the head reads: [CLS], or the mean over tokens "
                "(default: mean with --pretrained, cls from scratch; measured: docs/real-data.md)")
 g.add_argument("--pretrained", metavar="DIR",
@@ -895,9 +895,8 @@ def log_setup(log, args, sources, model, *, device, data_desc, splits, extra, mo
     machine, the data, the model and what trains. Returns (parameters, trainable parameters)."""
     n_params, n_trainable = common.count_params(model)
     if sources["workers"] == "default":  # seed: min(2, cores // 2) on CPU; more on CUDA
-        cores = os.cpu_count() or 1
-        args.workers = min(4, cores) if device.type == "cuda" else min(2, max(1, cores // 2))
-        sources["workers"] = "auto"
+        n = os.cpu_count() or 1
+        args.workers, sources["workers"] = min(4, n) if device.type == "cuda" else min(2, max(1, n // 2)), "auto"
     if sources["pin_memory"] == "default":
         args.pin_memory, sources["pin_memory"] = device.type == "cuda", "auto"  # pinning helps GPU copies only
     ram, lora = psutil.virtual_memory(), extra["lora"]
@@ -922,9 +921,7 @@ def build_optimizer(model, args, sources, *, n_train, E, world, log):
         raise UserError(f"--batch-size {E} x {world} processes: the last batch of each epoch would hold "
                         f"{n_train % G} of {n_train} rows, too few for every process; use another --batch-size")
     trainable = [p for p in model.parameters() if p.requires_grad]  # Adagrad: 10 x lr, measured (run-contract.md)
-    # Adagrad's sparse step builds its update with torch.sparse_coo_tensor, whose warning about unchecked
-    # indices (they come from the embedding's own backward) would land inside the progress bar
-    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    warnings.filterwarnings("ignore", "Sparse invariant checks")  # torch's, from sparse Adagrad: not in the bar
     optimizer = torch.optim.Adagrad(trainable, lr=10 * args.lr) if isinstance(model, FastText) and \
         model.embeddings.sparse else common.make_optimizer(trainable, args, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(n_train / G)
@@ -938,11 +935,8 @@ def build_optimizer(model, args, sources, *, n_train, E, world, log):
 
 
 def loop_state(run, args, scheduler, *, n_train, G, steps_per_epoch, total_steps):
-    """Where the loop is, in every checkpoint under these names: a new run's start, or the resumed one's (its
-    position moved to the new batch's steps if --batch-size/--grad-accum changed the global batch G). pos: batches
-    of this epoch done; best: [val accuracy, -val loss] of the best evaluation (a tie in accuracy goes to the lower
-    loss, else a run whose first epoch is perfect stops there); bad_epochs: epochs in a row without a better one;
-    ep_loss: loss sum, rows."""
+    """Where the loop is (a new run's start, or the resumed one's at a new global batch G): pos, batches of this
+    epoch done; best, [val accuracy, -val loss]; bad_epochs, epochs in a row without a better; ep_loss, [sum, rows]."""
     p = types.SimpleNamespace(step=0, epoch=0, pos=0, best=[-1.0, -math.inf], bad_epochs=0, ep_loss=[0.0, 0],
                               best_at_epoch_start=[-1.0, -math.inf])
     if not run.state:
@@ -964,7 +958,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     # -- data: every split tokenized once; the model
     splits, n_train = encode_splits(tok, rows, extra["labels"], args.max_len), len(rows[0])
     model.to(device)
-    model.grad_checkpointing = bool(args.grad_checkpointing)
+    model.grad_checkpointing = bool(args.grad_checkpointing)  # fasttext has no layers to recompute: a no-op there
     n_params, n_trainable = log_setup(log, args, sources, model, device=device, data_desc=data_desc, splits=splits,
                                       extra=extra, model_desc=model_desc)
 
@@ -1176,10 +1170,9 @@ def write_exports(model, args, *, out, extra, older_than=math.inf):
 
 
 def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, params, wall_before):
-    """After the loop, with best.pt's weights (the best by validation accuracy, as the seed; the last step's
-    when it is missing or unreadable): the test split, the exports, then summary.json (so a run with a summary
-    has its exports) and the charts. A run that had already finished keeps its summary.json; only the exports
-    a kill (or a user) left missing, or older than those weights, are written again."""
+    """After the loop, with best.pt's weights (else the last step's): the test split, the exports, then summary.json
+    (a run with a summary has its exports) and the charts. A finished run re-run keeps its summary.json and
+    rebuilds only the exports that are missing or older than those weights."""
     out, log, labels, t = run.out, run.log, extra["labels"], splits["test"]
     source = out / "checkpoints" / "best.pt"
     try:
@@ -1198,10 +1191,10 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
     test = report(probs, t["y"], labels)
     wall = wall_before + time.time() - run.status["started"]
     write_exports(model, args, out=out, extra=extra)
-    common.write_summary(out, trainer="classifier", metric="test_accuracy", **headline_figures(test), **fields,
-                         params=params[0], trainable_params=params[1],
-                         wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
-                         confusion_matrix=test["confusion_matrix"])
+    common.write_json_atomic(out / "summary.json", dict(
+        trainer="classifier", metric="test_accuracy", **headline_figures(test), **fields, params=params[0],
+        trainable_params=params[1], wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
+        confusion_matrix=test["confusion_matrix"]))
     viz = charts(out, labels, [l for _, l in rows[0]], [r for r in common.read_metrics(out) if "train_loss" in r], test)
     log_report(log, test, len(rows[2]))
     adapter = out / "adapter.pt"
@@ -1278,8 +1271,7 @@ def predict(args):
     if not args.out:
         raise UserError("--predict/--predict-file need --out RUN (a run folder with checkpoints)")
     state, path = common.load_run_model(Path(args.out), "--out", "classifier", "extra", resume=args.resume)
-    x = state["extra"]  # load_run_model checked that it is a classifier checkpoint
-    model, tok = saved_model(state)
+    (model, tok), x = saved_model(state), state["extra"]  # load_run_model checked that it is a classifier's
     labels = x["labels"]
     if args.merge:
         merge_lora(model)

@@ -607,13 +607,13 @@ def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak,
         return 0
     wall_s, train_s, samples = run.totals(t_start, samples_seen)
     n_params, n_trainable = common.count_params(model)
-    common.write_summary(
-        out, trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
+    common.write_json_atomic(out / "summary.json", dict(
+        trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
         unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch, samples_per_s=round(samples / max(1e-9, train_s), 1),
         **common.memory_figures(plan, peak, optimizer, args, run.log),
         params=n_params, trainable_params=n_trainable, wall_s=round(wall_s, 1), preset=args.preset,
         device=device.type, precision=args.precision, effective_batch=effective_batch, world_size=run.ranks.world,
-        global_batch=global_batch)
+        global_batch=global_batch))
     plot = common.plot_progress(out, "val_ppl")
     run.log(f"done: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} ({val_ppl / base_ppl:.0%} of "
             f"it); {step} steps in {wall_s:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))

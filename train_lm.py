@@ -1063,15 +1063,14 @@ def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t
     (val_loss, val_bpb), _ = common.evaluate_halving(
         lambda bs: evaluate(model, windows, device, run.amp_dtype, bs), eval_bs, device, log)
     tps = samples * args.seq_len / max(1e-9, train_s)
-    common.write_summary(out, trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5),
-                         val_loss=round(val_loss, 6), steps=step, tokens_per_s=round(tps, 1),
-                         samples_per_s=round(samples / max(1e-9, train_s), 2),
-                         mfu=round(fpt * tps / (peak * run.ranks.world), 4),
-                         params=n_params, trainable_params=n_params,
-                         wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
-                         world_size=run.ranks.world, device=device.type, precision=args.precision,
-                         effective_batch=global_batch // run.ranks.world, global_batch=global_batch,
-                         tokens_trained=samples * args.seq_len, **memory)
+    common.write_json_atomic(out / "summary.json", dict(
+        trainer="lm", metric="val_bpb", value=round(val_bpb, 5), best_value=round(best, 5), val_loss=round(val_loss, 6),
+        steps=step, tokens_per_s=round(tps, 1), samples_per_s=round(samples / max(1e-9, train_s), 2),
+        mfu=round(fpt * tps / (peak * run.ranks.world), 4), params=n_params, trainable_params=n_params,
+        wall_s=round(wall, 1), arch=cfg["arch"], preset=args.preset, seq_len=args.seq_len,
+        world_size=run.ranks.world, device=device.type, precision=args.precision,
+        effective_batch=global_batch // run.ranks.world, global_batch=global_batch,
+        tokens_trained=samples * args.seq_len, **memory))
     text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
     # the heap's free pages back to the OS first: matplotlib's ~35 MB then fit under the loop's peak RSS
     # instead of adding to it (median peak 411 -> 397 MB at nanoGPT's CPU shape, docs/lm.md)

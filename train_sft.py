@@ -795,14 +795,14 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
     exact, sub, answers = command_accuracy(model, data["test"], device)
     log(f"test decoding took {time.time() - t0:.0f}s")
     tps = samples * mean_len / max(1e-9, train_s)
-    common.write_summary(out, trainer="sft", task="sft", metric="val_loss", value=round(val_loss, 6),
-                         best_value=round(best, 6), command_exact=round(exact, 4), command_substring=round(sub, 4),
-                         test_pairs=len(data["test"]), steps=step, tokens_per_s=round(tps, 1),
-                         samples_per_s=round(samples / max(1e-9, train_s), 2), mfu=round(fpt * tps / peak, 4),
-                         params=n_params, trainable_params=n_params,
-                         wall_s=round(wall, 1), arch=cfg["arch"], seq_len=args.seq_len, device=device.type,
-                         precision=args.precision, effective_batch=global_batch // run.ranks.world,
-                         global_batch=global_batch, pairs_trained=samples, world_size=run.ranks.world, **memory)
+    common.write_json_atomic(out / "summary.json", dict(
+        trainer="sft", task="sft", metric="val_loss", value=round(val_loss, 6), best_value=round(best, 6),
+        command_exact=round(exact, 4), command_substring=round(sub, 4), test_pairs=len(data["test"]), steps=step,
+        tokens_per_s=round(tps, 1), samples_per_s=round(samples / max(1e-9, train_s), 2),
+        mfu=round(fpt * tps / peak, 4), params=n_params, trainable_params=n_params, wall_s=round(wall, 1),
+        arch=cfg["arch"], seq_len=args.seq_len, device=device.type, precision=args.precision,
+        effective_batch=global_batch // run.ranks.world, global_batch=global_batch, pairs_trained=samples,
+        world_size=run.ranks.world, **memory))
     plot = common.plot_progress(out, "val_loss")
     log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
         f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "

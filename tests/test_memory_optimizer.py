@@ -267,7 +267,7 @@ def write_status(runs, name, **status):
 def test_monitor_csv_and_running_runs(tmp_path):
     runs = tmp_path / "runs"
     # a stand-in trainer: a live python process whose command line names the script, with its
-    # create time in status.json, which is what common.process_is_trainer checks
+    # create time in status.json, which is what mo.process_is_trainer checks
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train_gru.py",
                               str(runs / "live")])
     try:
@@ -496,19 +496,19 @@ def test_stop_signals_only_the_runs_trainer(tmp_path):
         created = psutil.Process(lookalike.pid).create_time()
         st = {"state": "running", "pid": lookalike.pid, "pid_created": created, "trainer": "gru",
               "out": str(runs / "x")}
-        assert common.process_is_trainer(st)
-        assert not common.process_is_trainer({**st, "pid_created": None})
-        assert not common.process_is_trainer({**st, "pid_created": created + 5})  # a recycled pid
-        assert not common.process_is_trainer({**st, "out": str(runs / "y")})  # it trains another folder
-        assert not common.process_is_trainer({**st, "trainer": "lm"})
-        assert not common.process_is_trainer({k: v for k, v in st.items() if k != "out"})
+        assert mo.process_is_trainer(st)
+        assert not mo.process_is_trainer({**st, "pid_created": None})
+        assert not mo.process_is_trainer({**st, "pid_created": created + 5})  # a recycled pid
+        assert not mo.process_is_trainer({**st, "out": str(runs / "y")})  # it trains another folder
+        assert not mo.process_is_trainer({**st, "trainer": "lm"})
+        assert not mo.process_is_trainer({k: v for k, v in st.items() if k != "out"})
         # --out=X is resolved against the process's cwd, not ours
         st2 = {**st, "pid": elsewhere.pid, "pid_created": psutil.Process(elsewhere.pid).create_time()}
-        assert not common.process_is_trainer(st2)
-        assert common.process_is_trainer({**st2, "out": str(tmp_path / "fake" / "runs" / "x")})
+        assert not mo.process_is_trainer(st2)
+        assert mo.process_is_trainer({**st2, "out": str(tmp_path / "fake" / "runs" / "x")})
         if pager:  # right pid, create time and an argv naming train_gru.py, but not python
             wait_for(lambda: "train_gru.py" in psutil.Process(pager.pid).cmdline(), what="bash's argv")
-            assert not common.process_is_trainer(
+            assert not mo.process_is_trainer(
                 {**st, "pid": pager.pid, "pid_created": psutil.Process(pager.pid).create_time()})
     finally:
         for p in (lookalike, elsewhere, pager):
@@ -531,7 +531,7 @@ def test_run_started_elsewhere_is_listed_and_stopped(tmp_path):
         st = call("memory_optimizer.py", "stop", "--runs", "R", cwd=tmp_path)  # no RUN: the newest running one
         assert st.returncode == 0 and f"{out}: stopped" in st.stdout, st.stdout + st.stderr
     finally:  # a failed assertion must not leave a 100-epoch trainer behind
-        if common.process_is_trainer(common.read_status(out)):
+        if mo.process_is_trainer(common.read_status(out)):
             psutil.Process(common.read_status(out)["pid"]).kill()
     assert common.read_status(out)["state"] == "stopped"
     shutil.rmtree(out)  # a registered folder that is gone is skipped
