@@ -283,7 +283,7 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
     given = explicit_flags(parser, argv)
     sources = {k: ("flag" if k in given else "default") for k in vars(args)}
 
-    cfg_path = Path(args.config)
+    cfg_path, applied = Path(args.config), []
     if cfg_path.exists():
         try:
             cfg = json.loads(cfg_path.read_text())
@@ -294,7 +294,7 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
                    f"no trainers.{args.trainer} section")
             raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({why}); "
                             "regenerate it with `python memory_optimizer.py config`")
-        applied, reader = [], flag_reader(parser)
+        reader = flag_reader(parser)
         for key, entry in section.items():
             if key in sources and sources[key] == "default":
                 value = entry if not isinstance(entry, dict) else \
@@ -306,9 +306,7 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
                                     f"({e}); regenerate it with `python memory_optimizer.py config`")
                 setattr(args, key, value)
                 sources[key] = "optimal_config.json"
-                applied.append(f"{key}={value}")
-        if applied:
-            log(f"settings from {cfg_path}: {', '.join(applied)} (flags override these)")
+                applied.append(key)
     elif "config" in given:
         try:  # the seeds' `--config small_32k` names a preset: here that is --preset
             preset = "preset" in vars(args) and config_value(flag_reader(parser), "preset", args.config) is not None
@@ -322,6 +320,8 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
         modes(args, sources, log)
     elif args.resource_efficient:
         apply_resource_efficient(args, sources, log, own_changes)
+    if taken := [f"{k}={getattr(args, k)}" for k in applied if sources[k] == "optimal_config.json"]:  # not overruled
+        log(f"settings from {cfg_path}: {', '.join(taken)} (flags override these)")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                         "metrics.jsonl has the same numbers")
@@ -361,7 +361,7 @@ def apply_resource_efficient(args, sources, log=print, own_changes=()):
     rows += [(r[0], r[1], r[1], "kept: given as a flag") if sources.get(r[0]) == "flag" else r for r in own_changes]
     log("--resource-efficient changes:")
     for key, before, after, note in rows:
-        log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}")
+        log(f"  {key:<20} {str(before):>8} -> {str(after):<8} {note}".rstrip())
 
 
 # -----------------------------------------------------------------------------
@@ -1111,8 +1111,9 @@ def rebatch(scheduler, step, pos, *, per_epoch, total, log=print):
     scheduler.last_epoch = new_step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(new_step)
-    log(f"new effective batch: step {step} of {total[0]} is now step {new_step} of {total[1]} (batch {new_pos} "
-        f"of {per_epoch[1]} in this epoch), the learning rate schedule moved with it")
+    log(f"new effective batch: step {step} of {total[0]} is now step {new_step} of {total[1]} " + (
+        f"(batch {new_pos} of {per_epoch[1]} in this epoch), the learning rate schedule moved with it" if pos or
+        new_step != step else "(the run counts steps, --max-steps: each step now trains on the new batch)"))
     return new_step, new_pos
 
 
@@ -1297,18 +1298,14 @@ def find_checkpoint(out, args, log=print):
 # run folder: args.json, status.json, metrics.jsonl, train.log, summary.json, plots
 
 def open_run(args, sources):
-    """After the flags and data are checked, before anything is written: the run folder (checked
-    writable), the seed, the device, the checkpoint to resume. Returns (out, setup_device's
-    tuple, state, resumed_from, notes for the log)."""
+    """After the flags and data are checked, before anything is written: the run folder (checked writable), the
+    seed, the device, the checkpoint to resume. Returns (out, setup_device's tuple, state, resumed_from, notes)."""
     if args.resume is not None and args.no_resume:
         raise UserError(f"{f'--resume {args.resume}'.strip()} --no-resume: pick one (resume, or start over)")
-    notes, out = [], Path(args.out) if args.out else None
+    notes, out, found = [], Path(args.out) if args.out else None, None
     args.identity = run_identity(args)  # status.json keeps it: what a re-run without --out looks for
     if out is None and not (args.no_resume or args.resume or args.plan):  # --plan never takes over a run
-        out = newest_run(args.trainer, identity=args.identity)
-        if out:
-            notes.append(f"resuming {out}, the newest unfinished run of this command under runs/ "
-                         "(--no-resume starts a new folder)")
+        out = found = newest_run(args.trainer, identity=args.identity)
     if out is None:
         out = Path("runs") / f"{args.trainer}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         done = None if args.no_resume or args.plan else newest_run(args.trainer, identity=args.identity, finished=True)
@@ -1321,6 +1318,9 @@ def open_run(args, sources):
     seed_everything(args.seed)
     device = setup_device(args, sources)
     state, resumed_from = find_checkpoint(out, args, notes.append)
+    if found:  # the first line
+        notes.insert(0, f"resuming {found}, the newest unfinished run of this command under runs/ (--no-resume starts "
+                     "a new folder)" + ("" if state else "; it has no checkpoint yet: training starts at step 0"))
     was = state["args"] if isinstance(state, dict) and isinstance(state.get("args"), dict) else {}
     changed = [f"--{k.replace('_', '-')} {v} (it had {'none' if was[k] is None else was[k]})"
                for k, v in vars(args).items() if sources.get(k) == "flag" and was.get(k, v) != v and k not in SAID]

@@ -56,6 +56,8 @@ from common import UserError  # noqa: E402
 PAD, BLANK, SOS, EOS, UNK = 0, 1, 2, 3, 4
 SPECIALS = ["<pad>", "<blank>", "<sos>", "<eos>", "<unk>"]  # the seed's vocab.json order
 SR = 16000
+# the flags that choose the utterances of each split (the built-in set's size: --dataset-size, or --quick's)
+DATA_FLAGS = ("train_manifest", "val_manifest", "test_manifest", "val_frac", "dataset_size", "seed", "max_duration")
 MIN_SECONDS = 0.1  # shorter clips give the x4 subsampler no frame at all (it needs 7 = 70 ms)
 N_FFT, HOP, N_MELS = 400, 160, 80  # 25 ms window, 10 ms hop, 80 mel bins (seed)
 # name: (d_model, encoder layers, decoder layers). The seed's table, plus "tiny" for --quick.
@@ -694,7 +696,7 @@ def load_data(args, sources):
             val_items, train_items = train_items[:n_val], train_items[n_val:]
         data_desc = args.train_manifest
     else:
-        n = args.dataset_size or (800 if args.quick else 3000)
+        n = builtin_size(args)
         if args.dataset_size is None:
             args.dataset_size, sources["dataset_size"] = n, "auto"
         paths = synthetic_set(args.synthetic_dir, n, args.seed)
@@ -1213,9 +1215,21 @@ def run_transcribe(args, out):
     return 0
 
 
+def builtin_size(args):
+    """Utterances of the built-in set: --dataset-size, else 800 with --quick, 3000 without."""
+    return args.dataset_size or (800 if args.quick else 3000)
+
+
 def run_eval_only(args, sources, out):
-    """report()'s figures for best.pt (or --resume CKPT) on these flags' data, at its precision and batch."""
+    """report()'s figures for best.pt (or --resume CKPT) on these flags' data, at its precision and batch; data
+    flags that give another split than the training run's are refused (else it would score other utterances)."""
     state, path = loaded = common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
+    was = dict(state["args"], dataset_size=None if state["args"].get("train_manifest") else builtin_size(
+        argparse.Namespace(**state["args"])))
+    now = dict(vars(args), dataset_size=None if args.train_manifest else builtin_size(args))
+    if diff := [f"--{k.replace('_', '-')} {was[k]} (now {now[k]})" for k in DATA_FLAGS if was.get(k, now[k]) != now[k]]:
+        raise UserError(f"--eval-only: {path} was trained with {', '.join(diff)}; repeat the training command's "
+                        "data flags (--quick included)")
     model, itos, path, step = load_run(out, args, loaded)
     device = common.setup_device(args, sources)[0]
     amp_dtype, _ = common.measure_precision(args, sources, device, model, None, resumed=state["args"]["precision"])

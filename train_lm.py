@@ -231,7 +231,7 @@ def run_prepare(argv):
     try:
         common.check_out_writable(out)
     except UserError as e:  # its message names --out; here the flag is --out-data
-        raise UserError(str(e).replace("--out ", "--out-data ", 1)) from None
+        raise UserError(str(e).replace("--out", "--out-data")) from None
     docs, skipped = find_documents(args.input)
     if not docs:
         raise UserError(f"--input {' '.join(args.input)}: no text files found")

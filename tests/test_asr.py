@@ -465,6 +465,13 @@ def test_eval_only_reproduces_the_summary_and_writes_only_eval_json(trained):
     assert e["checkpoint"] == str(last.resolve()) and e["val_cer"] == pytest.approx(rec["val_cer"], abs=1e-6)
     assert [tree_digest(out / "checkpoints")] + [(out / f).read_bytes() for f in files] == before
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(listing + [Path("eval.json")])
+    # other data flags would score other utterances (a new user's review: without --quick it built and scored
+    # the 3,000-utterance set): refused before any data is built, eval.json as it was
+    eval_json = (out / "eval.json").read_bytes()
+    p = call("train_asr.py", "--eval-only", "--out", "runs/a", cwd=d)
+    assert p.returncode == 2 and p.stderr.startswith("error: --eval-only: ") and \
+        "was trained with --dataset-size 320 (now 3000); repeat the training command's data flags" in p.stderr, p.stderr
+    assert (out / "eval.json").read_bytes() == eval_json and not (d / "data" / "asr-synthetic-n3000-s1337").exists()
 
 
 def test_eval_only_without_a_checkpoint_is_one_error_and_writes_nothing(tmp):

@@ -447,7 +447,8 @@ def test_sample_from_another_trainers_checkpoint_exits_2(saved_run, args, expect
     (["--input", "run/args.json", "--out-data", "x", "--val-frac", "0.7"], "--val-frac 0.7"),
     (["--out-data", "x"], "--input"),
     (["--input", "run/args.json", "--out-data", "run/args.json"], "--out-data run/args.json: is a file"),
-    (["--input", "run/args.json", "--out-data", "afile/sub"], "--out-data afile/sub"),
+    (["--input", "run/args.json", "--out-data", "afile/sub"],
+     "--out-data afile/sub: afile is not a writable folder; pick another --out-data"),
 ])
 def test_prepare_mistakes_exit_2(saved_run, args, expect):
     (saved_run / "afile").write_text("not a folder")
