@@ -1224,8 +1224,7 @@ def run_eval_only(args, sources, out):
     """report()'s figures for best.pt (or --resume CKPT) on these flags' data, at its precision and batch; data
     flags that give another split than the training run's are refused (else it would score other utterances)."""
     state, path = loaded = common.load_run_model(out, "--out", "asr", "extra", resume=args.resume)
-    was = dict(state["args"], dataset_size=None if state["args"].get("train_manifest") else builtin_size(
-        argparse.Namespace(**state["args"])))
+    was = state["args"]  # its dataset_size is the built-in set's size load_data chose (None with manifests)
     now = dict(vars(args), dataset_size=None if args.train_manifest else builtin_size(args))
     if diff := [f"--{k.replace('_', '-')} {was[k]} (now {now[k]})" for k in DATA_FLAGS if was.get(k, now[k]) != now[k]]:
         raise UserError(f"--eval-only: {path} was trained with {', '.join(diff)}; repeat the training command's "

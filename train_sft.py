@@ -318,8 +318,7 @@ def sft_loss_fn(model, mb, device):
 # -----------------------------------------------------------------------------
 # config: flags, and the seed's modes (settings layered in before anything is built)
 
-parser = common.make_parser(__doc__, trainer="sft", epochs=1, lr=4e-3, effective_batch=32,
-                            save_every=500, eval_every=250, log_every=10,
+parser = common.make_parser(__doc__, trainer="sft", epochs=1, lr=None, effective_batch=32, log_every=10,
                             epochs_help="passes over the training pairs (default: none; the run is "
                                         "--max-steps 1000, --quick 600; --epochs N trains N passes instead)")
 g = parser.add_argument_group("instruction pairs")
@@ -392,7 +391,9 @@ MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order);
                                swap_threshold=30.0, mem_check_every=15.0),
 }
 ONLY_LOWERS = ("resource_efficient",)
-parser.set_defaults(batch_size=16, grad_accum=2, schedule="onecycle", beta2=0.95)  # what --help shows: SFT_DEFAULT's
+# what --help shows as the defaults: the plain run's (apply_modes layers them in, under config and flags)
+parser.set_defaults(**{k: SFT_DEFAULT[k] for k in ("batch_size", "grad_accum", "lr", "save_every", "eval_every",
+                                                   "schedule", "beta2")})
 
 
 def apply_modes(args, sources, log):
