@@ -7,15 +7,15 @@ is easy to get wrong:
     flags ............ make_parser, resolve_settings (defaults < optimal_config.json < flags)
     device/precision . setup_device, measure_precision
     the step ......... train_step (autocast, exact accumulation, unscale, clip, step, OOM retry)
-    fit the machine .. fit_batch (RAM/GPU table, a real forward+backward probe), memory_plan
+    fit the machine .. fit_batch (RAM/GPU table, a real forward+backward probe); memory_plan (memory_plan.py)
     memory ........... memory_snapshot, peak_memory_mb, free_memory, check_memory
     checkpoints ...... training_state, save_checkpoint (atomic, checksum, rotation), find_checkpoint
     run folder ....... open_run, start_run, update_status, log_step, append_metrics, write_json_atomic
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
 Capability that only some runs use has a module of its own, imported only under its flag (download,
-records, adamw8bit, measure_peak, precision_probe, ddp: README's Layout says which flag); a trainer
-copied with common.py alone runs without them (common.opt_in).
+records, adamw8bit, precision_probe, ddp: README's Layout says which flag); memory_plan.py is read on
+every run where it is present. A trainer copied with common.py alone runs without them (common.opt_in).
 """
 import argparse
 import contextlib
@@ -54,7 +54,7 @@ class UserError(Exception):
 
 
 def opt_in(module, why):
-    """Import an opt-in module (download, records, adamw8bit, measure_peak, ddp) when its flag is on.
+    """Import an opt-in module (download, records, adamw8bit, memory_plan, ddp) when its flag is on.
     A trainer copied alone with common.py runs without them; asked for one, it says which file."""
     try:
         return importlib.import_module(module)
@@ -639,20 +639,6 @@ def make_optimizer(params, args, *, lr, betas=(0.9, 0.999), weight_decay=0.0, fu
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
-def optimizer_state_bytes(optimizer, planned=False):
-    """Bytes of the optimizer's state; planned=True: once every weight has taken a step (AdamW, AdamW8bit and
-    Adafactor make theirs lazily, in the first step; others, e.g. Adagrad, have it from the start)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if planned and hasattr(optimizer, "planned_state_bytes"):  # AdamW8bit
-        return sum(optimizer.planned_state_bytes(p) for p in params)
-    if planned and isinstance(optimizer, torch.optim.Adafactor):  # a matrix's 2nd moment: a row and a column
-        return sum(4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.dim() > 1 else p.numel()) + 4
-                   for p in params)
-    if planned and isinstance(optimizer, torch.optim.AdamW):
-        return sum(2 * p.numel() * p.element_size() + 4 for p in params)  # exp_avg, exp_avg_sq, step
-    return tensor_bytes([list(st.values()) for st in optimizer.state.values()])
-
-
 # -----------------------------------------------------------------------------
 # fitting the machine: the micro-batch, the precision, the memory plan
 
@@ -800,60 +786,29 @@ def fit_batch(model, loss_fn, worst, args, sources, *, device, amp_dtype, prec_w
     return micro_bs, accum, amp_dtype, {"batch": bs_why, "precision": prec_why}
 
 
-def activation_bytes(model, loss_fn, batch, device, amp_dtype):
-    """Bytes that a forward of this micro-batch keeps for backward: every tensor autograd saves,
-    once per storage, the weights excluded (their bf16 copies included). Measured on 1 and 2 items,
-    extended to the batch (activations are affine in it): a forward of the whole micro-batch would
-    leave its memory in the heap (+29 MB of peak RSS for the LM at nanoGPT's CPU shape)."""
-    n = len(next(iter(batch.values())))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def saved_bytes(m):
-        part = {k: v[:m].clone() for k, v in batch.items()}  # a clone: a view would count the whole batch
-        saved = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in weights:
-                saved[st.data_ptr()] = st.nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
-            loss_sum, _ = loss_fn(model, part)
-        del loss_sum  # frees the graph and what it saved
-        return sum(saved.values())
-
-    with side_effect_free(model, device):
-        one, two = saved_bytes(1), saved_bytes(min(2, n))
-    return one + (two - one) * (n - 1)
+def memory_plan(args, model, optimizer, loss_fn, batch, *, device, log, **kw):
+    """memory_plan.py's Plan of the step's peak, logged before the first step; `with plan.measure(size):` around a
+    step measures the peak beside it, plan.figures() gives summary.json's memory fields. A trainer copied
+    without memory_plan.py trains without one and says so; --plan and --measure-peak need it."""
+    if args.plan or args.measure_peak or importlib.util.find_spec("memory_plan"):
+        return opt_in("memory_plan", "--plan or --measure-peak").Plan(model, optimizer, loss_fn, batch, args=args,
+                                                                       device=device, log=log, **kw)
+    log("memory plan: none (memory_plan.py is not beside the trainer)")
+    return NoPlan(device, args.optim)
 
 
-def memory_plan(model, optimizer, loss_fn, batch, *, device, amp_dtype, world, log, worst):
-    """What a training step will hold at its peak, before the first one: weights and buffers +
-    gradients + optimizer state + one micro-batch's activations (activation_bytes) + under DDP its
-    gradient buckets. Logs one line; returns the parts and total in MB (summary's memory_plan_mb)."""
-    params = list(model.parameters())
-    parts = {"weights": tensor_bytes(params) + tensor_bytes(list(model.buffers())),
-             "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-             "optimizer": optimizer_state_bytes(optimizer, planned=True),
-             "activations": activation_bytes(model, loss_fn, batch, device, amp_dtype)}
-    if world > 1:
-        parts["ddp_buckets"] = parts["gradients"]
-    total = sum(parts.values())
-    if device.type == "cuda" and isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults.get("fused"):
-        # AdamW's foreach step on CUDA (torch's default there, unless fused) takes sqrt(exp_avg_sq)
-        # of every weight at once: one copy of the trainable weights, after the activations are freed
-        parts["step_temporary"] = parts["gradients"]
-        total += max(0, parts["step_temporary"] - parts["activations"])
-    plan = {k: round(v / 2**20, 1) for k, v in parts.items()}
-    plan["total"] = round(total / 2**20, 1)
-    micro_bs = len(next(iter(batch.values())))
-    name = "AdamW 8-bit" if hasattr(optimizer, "planned_state_bytes") else type(optimizer).__name__
-    log(f"memory plan: weights {plan['weights']} MB + gradients {plan['gradients']} + {name} state "
-        f"{plan['optimizer']} + activations {plan['activations']} (measured on 1 and 2 x {worst}, for {micro_bs})"
-        + (f" + DDP buckets {plan['ddp_buckets']}" if world > 1 else "")
-        + (f" (or AdamW's step temporary {plan['step_temporary']}, if larger)" if "step_temporary" in plan else "")
-        + f" = {plan['total']} MB")
-    return plan
+class NoPlan:
+    """memory_plan.Plan's stand-in without memory_plan.py: nothing planned or measured."""
+
+    def __init__(self, device, optim):
+        self.device, self.optim = device, optim
+
+    def measure(self, size):
+        return contextlib.nullcontext()
+
+    def figures(self, log=print):
+        return {"optim": self.optim, "memory_plan_mb": None, "peak_tensor_mb": None,
+                "peak_mem_mb": peak_memory_mb(self.device), "optimizer_state_mb": None}
 
 
 def finished_before(out, status, step, log=print):
@@ -872,66 +827,6 @@ def plan_only(out, status, log=print):
     restore_status(out, status, state="planned")
     log("memory plan only (--plan): nothing trained, no checkpoint written")
     return 0
-
-
-class StepPeak:
-    """The peak bytes of live tensors in the largest training step (the figure the memory plan
-    predicts): what the step held when it began + the most it allocated on top. Measured on CUDA,
-    for free (max_memory_allocated); on a CPU only under --measure-peak (measure_peak.py), else
-    `mb` is None. Measured when the step's batch is the largest yet (its padded elements) and the
-    optimizer has its state: `with peak.measure(batch["x"].numel()): ...one train_step...`"""
-
-    def __init__(self, device, model, optimizer):
-        self.device, self.model, self.optimizer, self.largest, self.measured = device, model, optimizer, 0, None
-        self.run_peak = 0  # CUDA: the allocator's peak before each reset below (peak_memory_mb reads it)
-
-    @property
-    def mb(self):  # a property: measure_peak.ProfiledPeak reads its profile only when asked
-        return self.measured
-
-    def largest_yet(self, size):
-        if not self.optimizer.state or size <= self.largest:
-            return False
-        self.largest = size
-        return True
-
-    def held(self):
-        params = list(self.model.parameters())
-        return (tensor_bytes(params) + tensor_bytes(list(self.model.buffers()))
-                + tensor_bytes([p.grad for p in params if p.grad is not None]) + optimizer_state_bytes(self.optimizer))
-
-    @contextlib.contextmanager
-    def measure(self, size):
-        if self.device.type != "cuda" or not self.largest_yet(size):
-            yield
-            return
-        held = self.held()
-        torch.cuda.synchronize(self.device)
-        self.run_peak = max(self.run_peak, torch.cuda.max_memory_allocated(self.device))
-        torch.cuda.reset_peak_memory_stats(self.device)
-        start = torch.cuda.memory_allocated(self.device)
-        yield
-        torch.cuda.synchronize(self.device)
-        self.measured = max(self.measured or 0,
-                            round((held + torch.cuda.max_memory_allocated(self.device) - start) / 2**20, 1))
-
-
-def peak_meter(args, device, model, optimizer):
-    """A StepPeak; on a CPU under --measure-peak, measure_peak.py's profiled one."""
-    if args.measure_peak and device.type == "cpu":
-        return opt_in("measure_peak", "--measure-peak").ProfiledPeak(device, model, optimizer)
-    return StepPeak(device, model, optimizer)
-
-
-def memory_figures(plan, peak, optimizer, args, log=print):
-    """summary.json's memory fields: the plan, the measured peak beside it (logged when measured:
-    CUDA, or --measure-peak), the run's peak memory (peak_memory_mb), the optimizer state."""
-    if peak.mb:
-        log(f"measured peak of live tensors {peak.mb} MB, the plan said {plan['total']} MB "
-            f"({plan['total'] / peak.mb - 1:+.0%})")
-    return {"optim": args.optim, "memory_plan_mb": plan, "peak_tensor_mb": peak.mb,
-            "peak_mem_mb": peak_memory_mb(peak.device, peak),
-            "optimizer_state_mb": round(optimizer_state_bytes(optimizer) / 2**20, 2)}
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -975,7 +870,7 @@ def memory_snapshot(device):
 
 
 def peak_memory_mb(device, peak=None):
-    """Peak memory of this run: GPU max allocated on CUDA (with what the StepPeak `peak` saw
+    """Peak memory of this run: GPU max allocated on CUDA (with what memory_plan.StepPeak `peak` saw
     before it reset those statistics), else the process's peak RSS."""
     if device.type == "cuda":
         return round(max(torch.cuda.max_memory_allocated(device), getattr(peak, "run_peak", 0)) / 2**20, 1)
@@ -1574,14 +1469,6 @@ def truncate_metrics(out, step):
     os.replace(tmp, path)
 
 
-def read_metrics(out):
-    """The records of <out>/metrics.jsonl ([] without one)."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
 def make_logger(out):
     """log(msg): print above the tqdm bar and append to <out>/train.log with a timestamp."""
     path = Path(out) / "train.log"
@@ -1592,30 +1479,6 @@ def make_logger(out):
         with open(path, "a") as f:
             f.write(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
     return log
-
-
-def plot_progress(out, metric):
-    """plots/training_progress.png (train loss and the main validation metric vs step), when
-    matplotlib is installed. Returns the path or None."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    recs = read_metrics(out)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, name in ((axes[0], "loss", "train loss"), (axes[1], metric, metric)):
-        if pts := [(r["step"], r[key]) for r in recs if key in r]:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set(xlabel="optimizer step", title=name)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(out) / "plots" / "training_progress.png"
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def count_params(model):

@@ -950,7 +950,7 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     G = E * ranks.world  # the global batch
     optimizer, scheduler, plateau, steps_per_epoch, total_steps = build_optimizer(
         model, args, sources, n_train=len(train_items), G=G, world=ranks.world, device=device, log=log)
-    plan = common.memory_plan(model, optimizer, compute_loss, worst(micro_bs), device=device, amp_dtype=amp_dtype,
+    plan = common.memory_plan(args, model, optimizer, compute_loss, worst(micro_bs), device=device, amp_dtype=amp_dtype,
                               world=ranks.world, log=log, worst="the longest utterances")
     if args.plan:
         return common.plan_only(out, status, log)
@@ -969,7 +969,6 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
     if ranks.is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     watch, t_start, samples_seen, start_step, eval_bs = common.memory_watch(args), time.time(), 0, step, micro_bs
-    peak = common.peak_meter(args, device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
@@ -984,7 +983,7 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
             n_global = sum(len(train_items[i]["text"]) + 1 for i in batches[pos])
             padding = 1 - int(batch["feat_len"].sum()) / batch["feats"].shape[:2].numel()  # share of padded frames
             batch = to_device(batch, device)
-            with peak.measure(batch["feats"].numel()):  # a step with the largest batch yet
+            with plan.measure(batch["feats"].numel()):  # a step with the largest batch yet
                 loss, n, micro_bs = common.train_step(
                     train_model, optimizer, scaler, batch, compute_loss, micro_bs, clip=args.clip, device=device,
                     amp_dtype=amp_dtype, log=log, no_sync=no_sync,
@@ -1044,7 +1043,7 @@ def train(args, sources, run, *, items, itos, shape, model_args, data_desc, drop
                steps=step, epochs=epoch, samples_per_s=round((samples_before + samples_seen) / max(1e-9, train_s), 2),
                params=n_params, wall_s=round(wall_before + time.time() - status["started"], 1), preset=args.preset,
                shape=list(shape), subsample=args.subsample, effective_batch=E, world_size=ranks.world,
-               global_batch=G, **common.memory_figures(plan, peak, optimizer, args, run.log)))
+               global_batch=G, **plan.figures(run.log)))
     return 0
 
 
@@ -1077,9 +1076,8 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
     common.write_json_atomic(out / ("eval.json" if args.eval_only else "summary.json"), summary)
     if args.eval_only:
         return log(f"eval-only: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (greedy CTC); {out / 'eval.json'}")
-    plot = common.plot_progress(out, "val_cer")
     log(f"done: val CER {val_cer:.2f}%, WER {val_wer:.2f}% (best checkpoint, greedy CTC); {fields['steps']} steps in "
-        f"{fields['wall_s']:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+        f"{fields['wall_s']:.0f}s; summary {out / 'summary.json'}")
     common.update_status(out, status, state="finished", step=fields["steps"], metric=round(val_cer, 3), eta_s=0)
 
 

@@ -970,8 +970,8 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     E, G = micro_bs * accum, micro_bs * accum * world  # rows per rank per step; the global batch
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train, E=E,
                                                                          world=world, log=log)
-    plan = common.memory_plan(model, optimizer, step_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
-                              world=world, log=log, worst="the longest training row")
+    plan = common.memory_plan(args, model, optimizer, step_loss, worst(micro_bs), device=device,
+                              amp_dtype=run.amp_dtype, world=world, log=log, worst="the longest training row")
     if args.plan:
         return common.plan_only(out, run.status, log)
     if getattr(model, "linear", None) is not None and not run.state:  # a resumed run has it in the checkpoint
@@ -991,7 +991,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     train_model, no_sync = ranks.wrap(model)  # `model` stays the one we save
 
     # -- the loop: one evaluation per epoch (and every --eval-every steps), early stopping
-    watch, peak = common.memory_watch(args), common.peak_meter(args, device, model, optimizer)
+    watch = common.memory_watch(args)
     t_start, seen, start_step, eval_bs = time.time(), 0, p.step, 128  # eval_bs: halved for good after an OOM
     bar = common.progress_bar(total_steps, p.step) if ranks.is_main else None
     stopped_early = p.bad_epochs >= args.patience  # a resumed run that had already stopped early
@@ -1008,7 +1008,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
             # 1-process gradient, though the last batch of an epoch splits unevenly
             n_global = min(G, n_train - p.pos * G)
             ranks.seed_step(args.seed, p.step)
-            with peak.measure(batch["ids"].numel()):  # a step with the largest batch yet
+            with plan.measure(batch["ids"].numel()):  # a step with the largest batch yet
                 loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch, step_loss, micro_bs,
                                                       clip=args.clip, device=device, amp_dtype=run.amp_dtype, log=log,
                                                       no_sync=no_sync, norm=n_global / world if world > 1 else None)
@@ -1066,7 +1066,7 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
     # -- report: the test split with the best checkpoint, the exports, summary.json
     fields = dict(best_val_accuracy=round(p.best[0], 4), steps=p.step, epochs=p.epoch, effective_batch=E,
                   svm_c=extra["shape"].get("svm", 0.0) if extra["shape"].get("kind") == "fasttext" else None,
-                  world_size=world, global_batch=G, **common.memory_figures(plan, peak, optimizer, args, run.log),
+                  world_size=world, global_batch=G, **plan.figures(run.log),
                   samples_per_s=round((samples_before + seen) / max(1e-9, train_before + time.time() - t_start), 1))
     return finish(run, model, args, finished=p.step == start_step and (out / "summary.json").exists(), splits=splits,
                   rows=rows, extra=extra, eval_bs=eval_bs, fields=fields, params=(n_params, n_trainable),
@@ -1107,7 +1107,7 @@ def log_report(log, test, n):
         log(f"{l:<16}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>8.3f}{c['support']:>6}")
 
 
-def charts(out, labels, train_labels, history, test):
+def charts(out, labels, train_labels, test):
     """The four PNGs in <out>/visualizations/ (skipped, with a note, without matplotlib)."""
     try:
         import matplotlib
@@ -1125,10 +1125,10 @@ def charts(out, labels, train_labels, history, test):
     ax.set_title("training items per category")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     a1, a2 = figs["training_progress"][1]
-    ep = [h["epoch"] for h in history]
-    a1.plot(ep, [h["train_loss"] for h in history], marker="o")
+    history = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in l]
+    a1.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker="o")
     a1.set(title="training loss", xlabel="epoch")
-    a2.plot(ep, [h["val_acc"] for h in history], marker="o", color="#55A868")
+    a2.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], marker="o", color="#55A868")
     a2.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1))
     for a in (a1, a2):
         a.grid(alpha=0.3)
@@ -1195,7 +1195,7 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
         trainer="classifier", metric="test_accuracy", **headline_figures(test), **fields, params=params[0],
         trainable_params=params[1], wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
         confusion_matrix=test["confusion_matrix"]))
-    viz = charts(out, labels, [l for _, l in rows[0]], [r for r in common.read_metrics(out) if "train_loss" in r], test)
+    viz = charts(out, labels, [l for _, l in rows[0]], test)
     log_report(log, test, len(rows[2]))
     adapter = out / "adapter.pt"
     log(f"done in {wall:.0f}s: summary {out / 'summary.json'}; "

@@ -595,7 +595,7 @@ def resume(run, model, optimizer, scheduler, *, n_train, G, total_steps):
     return step, epoch, pos, best
 
 
-def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak, step, start_step, epoch, best,
+def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, step, start_step, epoch, best,
            t_start, samples_seen, effective_batch, global_batch):
     """The end of a run: validate once more (every rank its share); rank 0 writes summary.json and the
     plot, and logs a few suggestions from the trained model as a smoke test."""
@@ -610,13 +610,12 @@ def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, peak,
     common.write_json_atomic(out / "summary.json", dict(
         trainer="gru", metric="val_ppl", value=round(val_ppl, 4), best_value=round(best, 4),
         unigram_ppl=round(base_ppl, 4), steps=step, epochs=epoch, samples_per_s=round(samples / max(1e-9, train_s), 1),
-        **common.memory_figures(plan, peak, optimizer, args, run.log),
+        **plan.figures(run.log),
         params=n_params, trainable_params=n_trainable, wall_s=round(wall_s, 1), preset=args.preset,
         device=device.type, precision=args.precision, effective_batch=effective_batch, world_size=run.ranks.world,
         global_batch=global_batch))
-    plot = common.plot_progress(out, "val_ppl")
     run.log(f"done: val perplexity {val_ppl:.2f} vs unigram baseline {base_ppl:.2f} ({val_ppl / base_ppl:.0%} of "
-            f"it); {step} steps in {wall_s:.0f}s; summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+            f"it); {step} steps in {wall_s:.0f}s; summary {out / 'summary.json'}")
     stoi = {w: i for i, w in enumerate(itos)}
     for prefix, cat in [("red run", "fashion"), ("samsung ", "electronics"), ("steel", "home_kitchen")]:
         if cat in cats:
@@ -659,7 +658,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
                         f"{n_train % G} of {n_train} queries, too few for every process; use another --batch-size")
     optimizer, scheduler, steps_per_epoch, total_steps = build_optimizer(model, args, sources, n_train=n_train,
                                                                          G=G, log=log)
-    plan = common.memory_plan(model, optimizer, compute_loss, worst(micro_bs), device=device,
+    plan = common.memory_plan(args, model, optimizer, compute_loss, worst(micro_bs), device=device,
                               amp_dtype=run.amp_dtype, world=ranks.world, log=log, worst="the longest query")
     if args.plan:
         return common.plan_only(out, run.status, log)
@@ -682,7 +681,6 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
         common.update_status(out, run.status, state="running", total_steps=total_steps, step=step)
         run.tb = common.tensorboard(args, out)
     t_start, samples_seen, start_step = time.time(), 0, step
-    peak = common.peak_meter(args, device, model, optimizer)  # the peak of the largest batches, beside the plan
     bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     while step < total_steps and (args.max_steps or epoch < args.epochs):
@@ -695,7 +693,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
             # targets over the whole global batch: DDP's average of the ranks' gradients is then the
             # gradient of the 1-process loss, though the ranks' queries differ in length
             n_global = targets(train_data, idx)
-            with peak.measure(batch["x"].numel()):  # a step with the largest batch yet
+            with plan.measure(batch["x"].numel()):  # a step with the largest batch yet
                 loss, n, micro_bs = common.train_step(
                     train_model, optimizer, run.scaler, batch, compute_loss, micro_bs, clip=args.clip, device=device,
                     amp_dtype=run.amp_dtype, log=log, no_sync=no_sync,
@@ -747,7 +745,7 @@ def train(run, sources, *, train_pairs, val_pairs, itos, cats, data_desc):
 
     # -- report
     return report(run, model=model, optimizer=optimizer, val_data=val_data, base_ppl=base_ppl, itos=itos, cats=cats,
-                  plan=plan, peak=peak, step=step, start_step=start_step, epoch=epoch, best=best, t_start=t_start,
+                  plan=plan, step=step, start_step=start_step, epoch=epoch, best=best, t_start=t_start,
                   samples_seen=samples_seen, effective_batch=E, global_batch=G)
 
 

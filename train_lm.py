@@ -879,7 +879,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
-    plan = common.memory_plan(model, optimizer, lm_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
+    plan = common.memory_plan(args, model, optimizer, lm_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
                               world=ranks.world, log=log, worst=f"{args.seq_len}-token windows")
     if args.plan:
         return common.plan_only(out, status, log)
@@ -906,13 +906,12 @@ def train(args, sources, run, cfg, data_dir, meta):
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log = time.time(), step
-    tensor_peak = common.peak_meter(args, device, model, optimizer)  # the largest batch's peak, beside the plan
     bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     batch_iter = iter(loader)
     while step < total_steps:
         batch = next(batch_iter)
-        with tensor_peak.measure(batch["x"].numel()):  # a step with the largest batch yet (all alike here)
+        with plan.measure(batch["x"].numel()):  # a step with the largest batch yet (all alike here)
             loss, _, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch, lm_loss, micro_bs,
                                                   clip=args.clip, device=device, amp_dtype=run.amp_dtype, log=log,
                                                   no_sync=no_sync)
@@ -952,7 +951,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     if ranks.is_main:
         report(args, run, model, cfg, windows=windows, eval_bs=min(eval_bs, micro_bs), best=best, step=step,
                start_step=start_step, t_start=t_start, samples=samples_seen, fpt=fpt, peak=peak, n_params=n_params,
-               global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args, run.log))
+               global_batch=G, memory=plan.figures(run.log))
     if tb:
         tb.close()
     return 0
@@ -1072,13 +1071,9 @@ def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t
         effective_batch=global_batch // run.ranks.world, global_batch=global_batch,
         tokens_trained=samples * args.seq_len, **memory))
     text = decode(generate(model, encode("The "), 200, 0.8, 40, device, args.seed))
-    # the heap's free pages back to the OS first: matplotlib's ~35 MB then fit under the loop's peak RSS
-    # instead of adding to it (median peak 411 -> 397 MB at nanoGPT's CPU shape, docs/lm.md)
-    common.free_memory(device)
-    plot = common.plot_progress(out, "val_bpb")
     log(f"done: val {val_bpb:.4f} bits/byte ({val_loss:.4f} nats/token; 8 = knowing nothing about bytes) after "
         f"{step} steps, {samples * args.seq_len:,} tokens, {tps:,.0f} tokens/s, in {wall:.0f}s; "
-        f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+        f"summary {out / 'summary.json'}")
     log("sample: " + repr("The " + text))
     common.update_status(out, status, state="finished", step=step, metric=round(val_bpb, 5), eta_s=0)
 

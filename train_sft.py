@@ -631,7 +631,7 @@ def train(args, sources, run, cfg, data, init):
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
-    plan = common.memory_plan(model, optimizer, sft_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
+    plan = common.memory_plan(args, model, optimizer, sft_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
                               world=ranks.world, log=log, worst=f"the longest pair ({longest} tokens)")
     if args.plan:
         return common.plan_only(out, status, log)
@@ -657,7 +657,6 @@ def train(args, sources, run, cfg, data, init):
         record_loop(args, sources, out, model, optimizer, loader, watch, micro_bs=micro_bs, accum=accum)
     t_start, samples_seen, start_step = time.time(), 0, step
     t_log, step_log, tokens_log = time.time(), step, 0
-    tensor_peak = common.peak_meter(args, device, model, optimizer)  # the largest batch's peak, beside the plan
     bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     batch_iter = iter(loader)
@@ -666,7 +665,7 @@ def train(args, sources, run, cfg, data, init):
         tokens_log += int(batch["n"].sum()) * ranks.world
         # under torchrun each rank divides by the global batch's answer tokens / world: DDP's average is exact
         n_global = answer_tokens(step, examples, args.seed, G, args.seq_len) if ranks.world > 1 else None
-        with tensor_peak.measure(batch["x"].numel()):  # a step with the largest batch yet
+        with plan.measure(batch["x"].numel()):  # a step with the largest batch yet
             loss, n, micro_bs = common.train_step(train_model, optimizer, run.scaler, batch, sft_loss, micro_bs,
                                                   clip=args.clip, device=device, amp_dtype=run.amp_dtype, log=log,
                                                   no_sync=no_sync,
@@ -710,7 +709,7 @@ def train(args, sources, run, cfg, data, init):
         return 0
     report(args, run, model, data, val_examples, min(eval_bs, micro_bs), cfg, best=best, step=step,
            start_step=start_step, t_start=t_start, samples=samples_seen, mean_len=mean_len, fpt=fpt, peak=peak,
-           n_params=n_params, global_batch=G, memory=common.memory_figures(plan, tensor_peak, optimizer, args, run.log))
+           n_params=n_params, global_batch=G, memory=plan.figures(run.log))
     if args.continuous_learning:  # a kept round saves a new checkpoint, and best.pt (what ask serves), at its step
         save_round = functools.partial(save, run, args, model, optimizer, scheduler, task="sft", cfg=cfg, best=best,
                                        micro_bs=micro_bs, accum=accum, t_start=t_start, samples=samples_seen,
@@ -804,10 +803,9 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
         arch=cfg["arch"], seq_len=args.seq_len, device=device.type, precision=args.precision,
         effective_batch=global_batch // run.ranks.world, global_batch=global_batch, pairs_trained=samples,
         world_size=run.ranks.world, **memory))
-    plot = common.plot_progress(out, "val_loss")
     log(f"done: test command accuracy {exact:.1%} exact, {sub:.1%} substring ({len(data['test'])} pairs); val loss "
         f"{val_loss:.4f} nats per answer token after {step} steps, {samples:,} pairs, in {wall:.0f}s; "
-        f"summary {out / 'summary.json'}" + (f"; plot {plot}" if plot else ""))
+        f"summary {out / 'summary.json'}")
     for p, a in list(zip(data["test"], answers))[:5]:
         log(f"  {p['input']!r} -> {command_of(a)!r}" + ("" if command_of(a) == command_of(p["output"]) else
                                                      f" (expected {command_of(p['output'])!r})"))

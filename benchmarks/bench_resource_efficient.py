@@ -21,7 +21,7 @@ more than the whole saving being measured) and slows the profiled steps ~2x:
   every trainer pays in both modes, whatever it trains: ~225 MB for the import, ~290 MB with the
   AdamW. The added RSS above the bare import alone is shown beside it, not judged;
 - peak tensor (--measure-peak run): summary.json's peak_tensor_mb, the peak bytes of live tensors
-  in the largest training step (torch's profiler, measure_peak.py);
+  in the largest training step (torch's profiler, memory_plan.py);
 - speed (plain run): tokens_per_s (lm, sft) or samples_per_s (gru, classifier, asr) from
   summary.json;
 - raised settings: every numeric setting in args.json (and the chosen micro-batch and effective

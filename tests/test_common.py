@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO
+from conftest import REPO, metrics
 import train_gru
 from common import UserError
 
@@ -343,7 +343,7 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp):
     for s in range(1, 8):
         common.append_metrics(tmp, {"step": s, "loss": 1.0 / s})
     common.truncate_metrics(tmp, 4)
-    assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(tmp)] == [1, 2, 3, 4]
 
 
 def test_resume_and_no_resume_together_are_refused(tmp):
@@ -374,7 +374,7 @@ def test_truncate_metrics_survives_a_half_written_last_line(tmp):
     with open(tmp / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')
     common.truncate_metrics(tmp, 5)
-    assert [r["step"] for r in common.read_metrics(tmp)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in metrics(tmp)] == [1, 2, 3, 4, 5]
     assert not list(tmp.glob("*.tmp"))
 
 

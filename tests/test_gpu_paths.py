@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import memory_plan
 
 CPU = torch.device("cpu")
 
@@ -182,14 +183,14 @@ def test_rng_state_of_two_gpus_restores_on_one(monkeypatch):
 
 def test_plan_counts_foreach_adamws_temporary_on_cuda(monkeypatch):
     model = torch.nn.Linear(1000, 1000)  # 4 MB of weights, almost no activations
-    monkeypatch.setattr(common, "activation_bytes", lambda *a, **kw: 1024)
+    monkeypatch.setattr(memory_plan, "activation_bytes", lambda *a, **kw: 1024)
     weights = sum(p.numel() * 4 for p in model.parameters())
     plan_args = dict(device=torch.device("cuda", 0), amp_dtype=None, world=1, log=lambda m: None, worst="x")
-    plan = common.memory_plan(model, torch.optim.AdamW(model.parameters()), None, {"x": torch.zeros(1)}, **plan_args)
+    plan = memory_plan.plan_parts(model, torch.optim.AdamW(model.parameters()), None, {"x": torch.zeros(1)}, **plan_args)
     # the step holds weights + gradients + 2 moments + sqrt(exp_avg_sq) of every weight at once
     assert plan["total"] * 2**20 == pytest.approx(5 * weights, rel=0.01)
-    fused = common.memory_plan(model, torch.optim.AdamW(model.parameters(), fused=True), None, {"x": torch.zeros(1)},
-                               **plan_args)
+    fused = memory_plan.plan_parts(model, torch.optim.AdamW(model.parameters(), fused=True), None,
+                                   {"x": torch.zeros(1)}, **plan_args)
     assert fused["total"] * 2**20 == pytest.approx(4 * weights, rel=0.01) and "step_temporary" not in fused
 
 
@@ -231,7 +232,7 @@ def test_peak_memory_survives_the_step_meters_reset(monkeypatch):
     model(torch.ones(1, 4)).sum().backward()
     opt.step()
     dev = torch.device("cuda", 0)
-    peak = common.StepPeak(dev, model, opt)
+    peak = memory_plan.StepPeak(dev, model, opt)
     with peak.measure(10):
         alloc["peak"] = 300 * 2**20  # the step itself peaks at 300 MB
     assert common.peak_memory_mb(dev, peak) == 900.0

@@ -55,8 +55,6 @@ def test_quick_run_learns_and_writes_the_run_folder(quick_run):
     assert "suggest 'red run' [fashion]: red running" in p.stdout
     names = {f.name for f in (out / "checkpoints").iterdir()}
     assert "best.pt" in names and len([n for n in names if n.startswith("ckpt_step") and n.endswith(".pt")]) <= 3
-    pytest.importorskip("matplotlib")
-    assert (out / "plots" / "training_progress.png").stat().st_size > 1000
 
 
 def test_one_plain_line_per_log_interval_reaches_train_log(quick_run):

@@ -6,7 +6,7 @@ import torch
 
 import adamw8bit
 import common
-import measure_peak
+import memory_plan
 from conftest import metrics, popen, read_json, run, wait_for
 
 CPU = torch.device("cpu")
@@ -91,8 +91,8 @@ def test_adamw8bit_state_is_under_a_third_of_adamws_and_survives_a_save_and_load
     p.grad = torch.randn(1000, 1000)
     full.step()
     small.step()
-    assert common.optimizer_state_bytes(small) == common.optimizer_state_bytes(small, planned=True)
-    assert common.optimizer_state_bytes(small) / common.optimizer_state_bytes(full) < 0.3
+    assert memory_plan.optimizer_state_bytes(small) == memory_plan.optimizer_state_bytes(small, planned=True)
+    assert memory_plan.optimizer_state_bytes(small) / memory_plan.optimizer_state_bytes(full) < 0.3
     torch.save(small.state_dict(), tmp / "opt.pt")
     again = adamw8bit.AdamW8bit([p])
     again.load_state_dict(torch.load(tmp / "opt.pt", weights_only=True))
@@ -106,16 +106,16 @@ def test_the_memory_plan_of_a_known_model():
     model = torch.nn.Sequential(torch.nn.Linear(1000, 2000), torch.nn.ReLU(), torch.nn.Linear(2000, 10))
     B = 64
     loss_fn, batch = (lambda m, b: (m(b["x"]).square().sum(), B)), {"x": torch.randn(B, 1000)}
-    acts = common.activation_bytes(model, loss_fn, batch, CPU, None)
+    acts = memory_plan.activation_bytes(model, loss_fn, batch, CPU, None)
     # saved for backward: the input, ReLU's output (the second Linear's input too), the square's input
     assert acts == B * (1000 + 2000 + 10) * 4
     n = 1000 * 2000 + 2000 + 2000 * 10 + 10
     kw = dict(device=CPU, amp_dtype=None, world=1, log=lambda _: None, worst="rows")
-    plan = common.memory_plan(model, torch.optim.AdamW(model.parameters()), loss_fn, batch, **kw)
+    plan = memory_plan.plan_parts(model, torch.optim.AdamW(model.parameters()), loss_fn, batch, **kw)
     assert plan["weights"] == plan["gradients"] == round(4 * n / 2**20, 1)
     assert plan["optimizer"] == round((8 * n + 4 * 4) / 2**20, 1)  # two fp32 moments, a step per tensor
     assert plan["total"] == round((4 * n * 4 + 16 + acts) / 2**20, 1)
-    plan8 = common.memory_plan(model, adamw8bit.AdamW8bit(model.parameters()), loss_fn, batch, **kw)
+    plan8 = memory_plan.plan_parts(model, adamw8bit.AdamW8bit(model.parameters()), loss_fn, batch, **kw)
     assert plan8["optimizer"] < 0.3 * plan["optimizer"]
 
 
@@ -126,19 +126,23 @@ def test_without_measure_peak_a_cpu_run_loads_no_profiler_and_measures_nothing(m
     opt.step()
     args = common.make_parser("t", "gru", epochs=1, lr=1e-3, effective_batch=8).parse_args([])
     monkeypatch.setattr(torch.autograd.profiler, "profile", None)  # called, it would raise
-    peak = common.peak_meter(args, CPU, model, opt)
-    assert type(peak) is common.StepPeak
-    with peak.measure(100):
+    batch = {"x": torch.ones(2, 50)}
+    plan = common.memory_plan(args, model, opt, lambda m, b: (m(b["x"]).sum(), 2), batch, device=CPU, amp_dtype=None,
+                              world=1, log=lambda _: None, worst="rows")
+    assert type(plan.peak) is memory_plan.StepPeak
+    with plan.measure(100):
         torch.ones(1000)
-    assert peak.mb is None
+    assert plan.figures()["peak_tensor_mb"] is None
     args.measure_peak = True
-    assert isinstance(common.peak_meter(args, CPU, model, opt), measure_peak.ProfiledPeak)
+    plan = common.memory_plan(args, model, opt, lambda m, b: (m(b["x"]).sum(), 2), batch, device=CPU, amp_dtype=None,
+                              world=1, log=lambda _: None, worst="rows")
+    assert isinstance(plan.peak, memory_plan.ProfiledPeak)
 
 
 def test_tensor_peak_counts_what_the_largest_step_allocates_on_top_of_what_it_holds():
     model = torch.nn.Linear(500, 500)
     opt = torch.optim.AdamW(model.parameters())
-    peak = measure_peak.ProfiledPeak(CPU, model, opt)
+    peak = memory_plan.ProfiledPeak(CPU, model, opt)
     with peak.measure(100):  # a fresh AdamW has no state yet: not measured
         torch.ones(1_000_000)
     assert peak.mb is None
@@ -209,7 +213,7 @@ def test_activations_are_measured_on_one_and_two_items_and_extended_to_the_batch
     def loss_fn(m, b):
         sizes.append(len(b["x"]))
         return m(b["x"]).square().sum(), len(b["x"])
-    assert common.activation_bytes(model, loss_fn, {"x": torch.randn(64, 100)}, CPU, None) == 64 * 310 * 4
+    assert memory_plan.activation_bytes(model, loss_fn, {"x": torch.randn(64, 100)}, CPU, None) == 64 * 310 * 4
     assert sizes == [1, 2]  # a whole micro-batch's forward would hold its activations before training
     # a part per step (here a constant tensor saved once, whatever the batch) is counted once
     const = torch.randn(1000)
@@ -217,4 +221,4 @@ def test_activations_are_measured_on_one_and_two_items_and_extended_to_the_batch
     def with_const(m, b):
         return (m(b["x"]).square().sum() + (const * const.detach().clone().requires_grad_()).sum()), len(b["x"])
     # (the product saves `const`, 4,000 bytes, for the gradient of the other factor)
-    assert common.activation_bytes(model, with_const, {"x": torch.randn(64, 100)}, CPU, None) == 64 * 310 * 4 + 4000
+    assert memory_plan.activation_bytes(model, with_const, {"x": torch.randn(64, 100)}, CPU, None) == 64 * 310 * 4 + 4000
