@@ -322,6 +322,8 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
         apply_resource_efficient(args, sources, log, own_changes)
     if taken := [f"{k}={getattr(args, k)}" for k in applied if sources[k] == "optimal_config.json"]:  # not overruled
         log(f"settings from {cfg_path}: {', '.join(taken)} (flags override these)")
+    if args.plan or args.measure_peak:  # the file they need, before anything is built
+        opt_in("memory_plan", "--plan or --measure-peak")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                         "metrics.jsonl has the same numbers")

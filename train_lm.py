@@ -1114,6 +1114,13 @@ def generate(model, prompt_ids, n_new, temperature, top_k, device, seed):
     return ids[0, len(prompt_ids or [EOT]):].tolist()
 
 
+def pad_to(n, cap, multiple=32):
+    """n rounded up to a multiple of 32, at most cap: the length of train_sft.py's batches and decoding steps.
+    Past a row's last token padding changes nothing (attention is causal), and a few shapes repeat: with a new
+    length every step, oneDNN built bf16 kernels for each and glibc's heap kept growing (docs/sft.md)."""
+    return min(cap, -(-n // multiple) * multiple)
+
+
 @torch.inference_mode()
 def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
     """Greedy continuations of many prompts (lists of ids) at once: train_sft.py's decoder (its
@@ -1137,7 +1144,7 @@ def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
             live = (~done).nonzero()[:, 0]
             if len(live) == 0:
                 break
-            hi = int(lens[live].max())
+            hi = pad_to(int(lens[live].max()), buf.shape[1])  # a new width every token grew the heap to GBs
             logits = model(buf[live, :hi].to(device))  # (live, hi, V)
             nxt = logits[torch.arange(len(live)), (lens[live] - 1).to(device)].argmax(-1).cpu()
             buf[live, lens[live]] = nxt

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import common
 from common import UserError
 from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, describe, device_peak, encode,
-                      eval_model, flops_per_token, greedy_batch, load_model, log_interval, log_presets,
+                      eval_model, flops_per_token, greedy_batch, load_model, log_interval, log_presets, pad_to,
                       make_optimizer, model_config, resolve_shape, resume, save, start, step_loader, stopped, totals,
                       wrap)
 
@@ -267,7 +267,7 @@ def split_of(pair):
 
 
 def sft_batch(step, examples, seed, global_batch, rank, per_rank, seq_len):
-    """This rank's examples of step `step`, padded to the longest (not to seq_len: the built-in
+    """This rank's examples of step `step`, padded to the longest, rounded up (pad_to; not to seq_len: the built-in
     pairs are ~130 tokens, so a 2048 context costs nothing until an example needs it). A fresh
     permutation per epoch from (seed, epoch): every example once per epoch, the same on resume and
     on every rank. Returns x (B, L+1) ids (padding <eot>), w (B, L) 1.0 where the target is an
@@ -294,7 +294,7 @@ def answer_tokens(step, examples, seed, global_batch, seq_len):
 
 def collate(batch, seq_len):
     cut = [(ids[:seq_len + 1], n_prompt) for ids, n_prompt in batch]  # an over-long example is cut at the end
-    L = max(len(ids) for ids, _ in cut) - 1
+    L = pad_to(max(len(ids) for ids, _ in cut) - 1, seq_len)
     x = torch.full((len(cut), L + 1), EOT, dtype=torch.long)
     w = torch.zeros(len(cut), L)
     for i, (ids, n_prompt) in enumerate(cut):
@@ -307,7 +307,7 @@ def sft_loss_fn(model, mb, device):
     """Cross-entropy summed over the answer tokens only (prompt and padding weigh 0), and their
     count: train_step divides by the answer tokens of the whole accumulated batch."""
     w = mb["w"].to(device, non_blocking=True)
-    L = int(w.nonzero()[:, 1].max()) + 1 if w.any() else 1  # this micro-batch's longest answer end
+    L = pad_to(int(w.nonzero()[:, 1].max()) + 1 if w.any() else 1, w.shape[1])  # the longest answer end, padded
     x = mb["x"][:, :L + 1].to(device, non_blocking=True)
     w = w[:, :L]
     logits = model(x[:, :-1])  # (B, L, V)

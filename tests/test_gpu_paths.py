@@ -186,7 +186,8 @@ def test_plan_counts_foreach_adamws_temporary_on_cuda(monkeypatch):
     monkeypatch.setattr(memory_plan, "activation_bytes", lambda *a, **kw: 1024)
     weights = sum(p.numel() * 4 for p in model.parameters())
     plan_args = dict(device=torch.device("cuda", 0), amp_dtype=None, world=1, log=lambda m: None, worst="x")
-    plan = memory_plan.plan_parts(model, torch.optim.AdamW(model.parameters()), None, {"x": torch.zeros(1)}, **plan_args)
+    plan = memory_plan.plan_parts(model, torch.optim.AdamW(model.parameters()), None, {"x": torch.zeros(1)},
+                                  **plan_args)
     # the step holds weights + gradients + 2 moments + sqrt(exp_avg_sq) of every weight at once
     assert plan["total"] * 2**20 == pytest.approx(5 * weights, rel=0.01)
     fused = memory_plan.plan_parts(model, torch.optim.AdamW(model.parameters(), fused=True), None,

@@ -123,6 +123,30 @@ def test_prompt_tokens_carry_no_loss():
     assert g[1, len(other[0]) - 1:].sum() == 0  # padding predicts nothing
 
 
+def test_lengths_are_padded_to_a_multiple_of_32_and_the_padding_changes_no_number():
+    """A new length every step grew the heap to GBs on real pairs (docs/sft.md): batches and the decoder's
+    widths are padded to a multiple of 32, and the losses and the greedy answers stay those of each pair alone."""
+    torch.manual_seed(0)
+    model = train_sft.LM(dict(arch="gpt", vocab_size=train_sft.SFT_VOCAB, n_layer=1, n_head=2, d_model=32,
+                              seq_len=200, num_eigenstates=4, chunk_size=8)).eval()
+    pairs = [train_sft.render({"input": "show file " + "x" * i, "output": f"<command>cat f{i}</command>"})
+             for i in (1, 9, 40)]
+    batch = train_sft.collate(pairs, 200)
+    assert batch["x"].shape[1] - 1 == 96  # the longest pair is 78 tokens: 77 inputs, padded to 96
+    loss, n = train_sft.sft_loss_fn(model, batch, torch.device("cpu"))
+    alone = sum(torch.nn.functional.cross_entropy(model(torch.tensor([ids[:-1]]))[0, k - 1:], torch.tensor(ids[k:]),
+                                                  reduction="sum") for ids, k in pairs)
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-5)
+    prompts = [ids[:k] for ids, k in pairs]
+    got = train_sft.greedy_batch(model, prompts, 12, torch.device("cpu"))
+    for p, answer in zip(prompts, got):
+        ids = list(p)
+        with torch.no_grad():
+            while len(ids) < len(p) + 12 and ids[-1:] != [train_sft.EOT]:
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert answer == ids[len(p):]
+
+
 @pytest.mark.parametrize("flags, mode", [(["--resource-efficient"], "resource_efficient"),
                                          (["--cpu-only", "--resource-efficient"], "cpu_only"),
                                          (["--resource-efficient", "--cpu-only", "--mac"], "mac")])
