@@ -792,11 +792,11 @@ def memory_plan(args, model, optimizer, loss_fn, batch, *, device, log, **kw):
     """memory_plan.py's Plan of the step's peak, logged before the first step; `with plan.measure(size):` around a
     step measures the peak beside it, plan.figures() gives summary.json's memory fields. A trainer copied
     without memory_plan.py trains without one and says so; --plan and --measure-peak need it."""
-    if args.plan or args.measure_peak or importlib.util.find_spec("memory_plan"):
-        return opt_in("memory_plan", "--plan or --measure-peak").Plan(model, optimizer, loss_fn, batch, args=args,
-                                                                       device=device, log=log, **kw)
-    log("memory plan: none (memory_plan.py is not beside the trainer)")
-    return NoPlan(device, args.optim)
+    if importlib.util.find_spec("memory_plan") is None:  # (resolve_settings refused --plan, --measure-peak)
+        log("memory plan: none (memory_plan.py is not beside the trainer)")
+        return NoPlan(device, args.optim)
+    return importlib.import_module("memory_plan").Plan(model, optimizer, loss_fn, batch, args=args, device=device,
+                                                       log=log, **kw)
 
 
 class NoPlan:
