@@ -1192,7 +1192,7 @@ def find_checkpoint(out, args, log=print):
 
 
 # -----------------------------------------------------------------------------
-# run folder: args.json, status.json, metrics.jsonl, train.log, summary.json, plots
+# run folder: args.json, status.json, metrics.jsonl, train.log, summary.json
 
 def open_run(args, sources):
     """After the flags and data are checked, before anything is written: the run folder (checked writable), the

@@ -597,8 +597,8 @@ def resume(run, model, optimizer, scheduler, *, n_train, G, total_steps):
 
 def report(run, *, model, optimizer, val_data, base_ppl, itos, cats, plan, step, start_step, epoch, best,
            t_start, samples_seen, effective_batch, global_batch):
-    """The end of a run: validate once more (every rank its share); rank 0 writes summary.json and the
-    plot, and logs a few suggestions from the trained model as a smoke test."""
+    """The end of a run: validate once more (every rank its share); rank 0 writes summary.json and
+    logs a few suggestions from the trained model as a smoke test."""
     out, device, args = run.out, run.device, run.args
     if step == start_step and (out / "summary.json").exists():
         return common.finished_before(out, run.status if run.ranks.is_main else None, step, run.log)

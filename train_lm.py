@@ -1053,8 +1053,8 @@ def stopped(run, bar, tb, step, why):
 
 def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t_start, samples, fpt, peak,
            n_params, global_batch, memory):
-    """The end of a run: the final validation (at eval_bs, the batch that fitted), summary.json,
-    the plot and a sample."""
+    """The end of a run: the final validation (at eval_bs, the batch that fitted), summary.json
+    and a sample."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
         return common.finished_before(out, status, step, log)

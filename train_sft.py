@@ -611,7 +611,7 @@ def train(args, sources, run, cfg, data, init):
 
     # -- fit the machine: the micro-batch (a probe on the longest pair; effective batch per rank fixed),
     # the precision (on a CPU, bf16 only where this model's own step is measured faster in it)
-    longest = min(args.seq_len, max(len(ids) for ids, _ in examples) - 1)
+    longest = pad_to(max(len(ids) for ids, _ in examples) - 1, args.seq_len)  # as collate pads its batch
     sft_loss = functools.partial(sft_loss_fn, device=device)
     worst = lambda bs: {"x": torch.zeros(bs, longest + 1, dtype=torch.long), "w": torch.ones(bs, longest)}
     micro_bs, accum, run.amp_dtype, why = common.fit_batch(
@@ -632,7 +632,7 @@ def train(args, sources, run, cfg, data, init):
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
     log(line)
     plan = common.memory_plan(args, model, optimizer, sft_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
-                              world=ranks.world, log=log, worst=f"the longest pair ({longest} tokens)")
+                              world=ranks.world, log=log, worst=f"the longest pair, padded ({longest} tokens)")
     if args.plan:
         return common.plan_only(out, status, log)
 
