@@ -39,7 +39,7 @@ case "$cmd" in
     "$PY" train_gru.py --quick --out runs/demo "$@"
     "$PY" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs/demo
     "$PY" train_gru.py --suggest "samsung " --category electronics --beam 5 --out runs/demo ;;
-  test)  # one pytest worker per core, one torch thread and one test file at a time each (2 cores: ~11 min)
+  test)  # one pytest worker per core, one torch thread and one test file at a time each (2 cores: ~9 min)
     setup dev
     OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -o tmp_path_retention_policy=failed tests "$@" ;;
   start|status|stop)
