@@ -14,8 +14,9 @@ is easy to get wrong:
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
 Capability that only some runs use has a module of its own, imported only under its flag (download,
-records, adamw8bit, precision_probe, ddp: README's Layout says which flag); memory_plan.py is read on
-every run where it is present. A trainer copied with common.py alone runs without them (common.opt_in).
+records, adamw8bit, precision_probe, ddp: README's Layout says which flag; memory_optimizer.py, which
+writes optimal_config.json, reads it where there is one); memory_plan.py is read on every run where it
+is present. A trainer copied with common.py alone runs without them (common.opt_in).
 """
 import argparse
 import contextlib
@@ -46,6 +47,7 @@ import torch
 TRAINERS = {"gru": "train_gru.py", "classifier": "train_classifier.py",
             "asr": "train_asr.py", "lm": "train_lm.py", "sft": "train_sft.py"}
 CKPT_GLOB = "ckpt_step*.pt"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
 RECORD_EXTS = (".csv", ".tsv", ".jsonl", ".json")  # records.py's readers; .json: JSON lines (NeMo's manifests)
 
 
@@ -230,7 +232,7 @@ percent = checked(float, lambda v: 0 < v <= 100, "a percentage in (0, 100]")
 batch_size_arg = lambda s: "auto" if str(s) == "auto" else pos_int(s)  # noqa: E731  ('auto' or a positive integer)
 
 
-class _Typed(argparse.Namespace):
+class Typed(argparse.Namespace):
     """A namespace that ignores argparse.SUPPRESS: parsed into with every default suppressed, it
     ends up holding only what the command line itself set."""
 
@@ -251,27 +253,7 @@ def flag_reader(parser):
 def explicit_flags(parser, argv):
     """The dests the user typed on the command line (so config/presets never override them);
     an alias (--batch_size) counts as its dest."""
-    return set(vars(flag_reader(parser).parse_known_args(argv, namespace=_Typed())[0]))
-
-
-def config_value(reader, key, value):
-    """An optimal_config.json value, checked and converted as if typed as --key-with-dashes (a
-    setting without such a flag is returned as it is); ValueError for one the flag refuses."""
-    flag = "--" + key.replace("_", "-")
-    try:
-        typed, rest = reader.parse_known_args([flag, str(value)], namespace=_Typed())
-    except argparse.ArgumentError as e:
-        if (e.argument_name or "").split("/")[0] == flag:  # the error names the action's flags, main one first
-            # the type's own words (argparse keeps its exception as the context), as for a typed flag
-            choices = re.fullmatch(r"invalid choice: .* \(choose from (.*)\)", e.message)
-            raise ValueError("not one of " + choices[1].replace("'", "") if choices else
-                             str(e.__context__ or e.message))
-        return value  # --key-with-dashes is another dest's alias (train_classifier.py's old --model)
-    if key not in vars(typed) or rest:
-        return value
-    got = vars(typed)[key]
-    # a flag without a type (a path) gives back str(value): keep the value as the config wrote it
-    return value if got in (str(value), [str(value)]) else got
+    return set(vars(flag_reader(parser).parse_known_args(argv, namespace=Typed())[0]))
 
 
 def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
@@ -284,33 +266,14 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
     sources = {k: ("flag" if k in given else "default") for k in vars(args)}
 
     cfg_path, applied = Path(args.config), []
-    if cfg_path.exists():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-            section = cfg["trainers"][args.trainer]
-            section.items()
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            why = (e.strerror if isinstance(e, OSError) else f"not JSON: {e}" if isinstance(e, ValueError) else
-                   f"no trainers.{args.trainer} section")
-            raise UserError(f"--config {cfg_path}: not a valid optimal_config.json ({why}); "
-                            "regenerate it with `python memory_optimizer.py config`")
-        reader = flag_reader(parser)
-        for key, entry in section.items():
-            if key in sources and sources[key] == "default":
-                value = entry if not isinstance(entry, dict) else \
-                    entry.get("quick_value", entry["value"]) if args.quick else entry["value"]
-                try:  # the same checks as a typed flag
-                    value = config_value(reader, key, value)
-                except ValueError as e:
-                    raise UserError(f"--config {cfg_path}: {args.trainer}.{key} = {value!r} is invalid "
-                                    f"({e}); regenerate it with `python memory_optimizer.py config`")
-                setattr(args, key, value)
-                sources[key] = "optimal_config.json"
-                applied.append(key)
+    if cfg_path.exists():  # memory_optimizer.py writes it and reads it: one place knows its layout
+        applied = opt_in("memory_optimizer", f"--config {cfg_path}").apply_config(args, sources, flag_reader(parser),
+                                                                                 cfg_path)
     elif "config" in given:
         try:  # the seeds' `--config small_32k` names a preset: here that is --preset
-            preset = "preset" in vars(args) and config_value(flag_reader(parser), "preset", args.config) is not None
-        except ValueError:
+            preset = "preset" in vars(args) and "preset" in vars(
+                flag_reader(parser).parse_known_args(["--preset", args.config], namespace=Typed())[0])
+        except argparse.ArgumentError:
             preset = False
         raise UserError(f"--config {cfg_path}: no such file; {args.config} is a preset here: use --preset "
                         f"{args.config}" if preset else f"--config {cfg_path}: file not found; create it with "
@@ -405,29 +368,25 @@ def setup_device(args, sources=None):
     # with its index: set_per_process_memory_fraction needs one (under torchrun, ddp.Ranks has set this rank's)
     dev = (torch.device("cuda", torch.cuda.current_device()) if args.device in ("auto", "cuda")
            and torch.cuda.is_available() else torch.device("cpu"))
-    prec = args.precision
-    if sources and sources.get("precision") == "optimal_config.json" and (
-            (dev.type == "cpu") != (prec == "fp32")):
+    prec, src = args.precision, (sources or {}).get("precision", "flag")
+    if src == "optimal_config.json" and (dev.type == "cpu") != (prec == "fp32"):
         prec = "auto"  # e.g. a GPU machine's config with --device cpu
+    why = f"{prec} from {src}"
     if dev.type == "cpu":
         if prec == "fp16":
             raise UserError("--precision fp16 needs CUDA (no fp16 GradScaler on CPU); use bf16 or fp32")
         if prec == "auto":
-            prec, why = "fp32", "CPU: fp32 until measure_precision times bf16"
-        else:
-            why = f"CPU: {prec} from {(sources or {}).get('precision', 'flag')}"
-        if getattr(args, "gpu_memory", None):
-            why += "; --gpu-memory has no effect on a CPU (--max-memory caps RAM)"
+            prec, why = "fp32", "fp32 until measure_precision times bf16"
+        why = "CPU: " + why + ("; --gpu-memory has no effect on a CPU (--max-memory caps RAM)"
+                               if getattr(args, "gpu_memory", None) else "")
     else:
         check_gpu_arch(dev)
         bf16_ok = native_bf16(dev)
+        if prec == "bf16" and not bf16_ok:
+            raise UserError("--precision bf16: this GPU does not support bf16; use fp16 or auto")
         if prec == "auto":
             prec = "bf16" if bf16_ok else "fp16"
             why = "GPU supports bf16" if bf16_ok else "GPU lacks bf16: fp16 with GradScaler"
-        elif prec == "bf16" and not bf16_ok:
-            raise UserError("--precision bf16: this GPU does not support bf16; use fp16 or auto")
-        else:
-            why = f"{prec} from {(sources or {}).get('precision', 'flag')}"
         if bf16_ok:  # Ampere+, as TF32
             torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: fp32 matmuls via TF32 cores
             torch.backends.cudnn.allow_tf32 = True
@@ -438,17 +397,11 @@ def setup_device(args, sources=None):
             total = torch.cuda.get_device_properties(dev).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory * 2**30 / total), dev)
             why += f"; capped at {args.gpu_memory:g} of {total / 2**30:.0f} GB (--gpu-memory)"
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     if sources is not None:
-        if args.precision == "auto":
-            sources["precision"] = "auto"
-        if args.device == "auto":
-            sources["device"] = "auto"
-    args.device = dev.type
+        sources.update({k: "auto" for k in ("precision", "device") if getattr(args, k) == "auto"})
+    args.device, args.precision = dev.type, prec
     # bf16 has fp32's exponent range, so only fp16 needs loss scaling
-    scaler = torch.amp.GradScaler(dev.type, enabled=(prec == "fp16"))
-    args.precision = prec
-    return dev, amp_dtype, scaler, why
+    return dev, DTYPES[prec], torch.amp.GradScaler(dev.type, enabled=(prec == "fp16")), why
 
 
 def check_gpu_arch(device):
@@ -481,16 +434,14 @@ def cpu_has_bf16():
 
 
 def measure_precision(args, sources, device, model, step, log=print, resumed=None, margin=1.2):
-    """--precision auto on a CPU: bf16 when the CPU has bf16 units and this model's own step
-    (step(amp_dtype), at the run's micro-batch) is `margin` faster in it (timed by
-    precision_probe.py), else fp32. Returns (amp_dtype, why or None); sets args.precision."""
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    """--precision auto on a CPU: bf16 where the CPU has bf16 units and precision_probe.py times this model's step
+    (step(amp_dtype), at the run's micro-batch) `margin` faster in it, else fp32. Returns (amp_dtype, why or None);
+    sets args.precision."""
     if device.type != "cpu" or sources.get("precision") != "auto":
-        return dtypes[args.precision], None  # typed, from a config, or CUDA's rule: nothing to measure
+        return DTYPES[args.precision], None  # typed, from a config, or CUDA's rule: nothing to measure
     if resumed:
-        args.precision = resumed
-        sources["precision"] = "checkpoint"
-        return dtypes[resumed], f"CPU: {resumed} from the checkpoint being resumed"
+        args.precision, sources["precision"] = resumed, "checkpoint"
+        return DTYPES[resumed], f"CPU: {resumed} from the checkpoint being resumed"
     if args.quick:  # a smoke run of a tiny model: nothing to gain, and its numbers stay the same everywhere
         return None, "CPU: fp32 (--quick runs are not timed)"
     if not cpu_has_bf16():
@@ -500,11 +451,8 @@ def measure_precision(args, sources, device, model, step, log=print, resumed=Non
     except ModuleNotFoundError:
         return None, "CPU: fp32 (precision_probe.py, which times bf16 here, is not beside the trainer)"
     with side_effect_free(model, device):
-        fp32_ms, bf16_ms = probe.time_step(step)
-    args.precision = "bf16" if fp32_ms >= margin * bf16_ms else "fp32"
-    why = (f"CPU: {args.precision} by measurement: this model's step {fp32_ms:.1f} ms in fp32, "
-           f"{bf16_ms:.1f} ms in bf16 (bf16 needs {margin:.2f}x to win)")
-    return (torch.bfloat16 if args.precision == "bf16" else None), why
+        args.precision, why = probe.choose(step, margin)
+    return DTYPES[args.precision], why
 
 
 @contextlib.contextmanager
@@ -684,21 +632,17 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
                  else max(1, math.ceil(E / micro)))
         why = f"start {start} from {why}; probe {'kept it' if micro == start else f'halved to {micro}'}"
         sources["batch_size"] = "auto"
-        if args.grad_accum == "auto":
-            sources["grad_accum"] = "auto"
-        if args.resource_efficient and micro > 1:
-            micro, accum = micro // 2, accum * 2
-            why += "; halved by --resource-efficient"
     else:
         micro = args.batch_size
         accum = args.grad_accum if args.grad_accum != "auto" else max(1, math.ceil(E / micro))
         why = f"--batch-size from {sources['batch_size']}"
-        if args.grad_accum == "auto":
-            sources["grad_accum"] = "auto"
-        # a batch the user typed, or one a mode set outright (train_lm.py's table), is not halved
-        if args.resource_efficient and micro > 1 and sources["batch_size"] not in ("flag", "resource-efficient"):
-            micro, accum = micro // 2, accum * 2
-            why += "; halved by --resource-efficient"
+    if not resumed and args.grad_accum == "auto":
+        sources["grad_accum"] = "auto"
+    # a batch the user typed, or one a mode set outright (train_lm.py's table), is not halved
+    if not resumed and args.resource_efficient and micro > 1 and sources["batch_size"] not in ("flag",
+                                                                                             "resource-efficient"):
+        micro, accum = micro // 2, accum * 2
+        why += "; halved by --resource-efficient"
     args.batch_size, args.grad_accum = micro, accum
     return micro, accum, why
 

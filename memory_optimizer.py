@@ -21,12 +21,14 @@ and print which settings they took from it.
     python memory_optimizer.py stop [RUN]               # graceful: the trainer saves, then exits
 """
 
+import argparse
 import csv
 import datetime
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +40,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import (TRAINERS, HelpFormat, UserError, Parser, check_out_writable, cpu_has_bf16, free_memory,
+from common import (TRAINERS, HelpFormat, UserError, Parser, Typed, check_out_writable, cpu_has_bf16, free_memory,
                     native_bf16, pos_float, pos_int, read_status, run_main, table_batch_size,
                     write_json_atomic)
 
@@ -325,6 +327,55 @@ def cmd_config(args):
     print(f"{how} for every flag you do not type, and say which settings they took; regenerate it when the "
           "hardware changes.")
     return 0
+
+
+def apply_config(args, sources, reader, path):
+    """The trainers' side of `config` (common.resolve_settings, when the file exists): each setting of path's
+    trainers.<trainer> section that is still at its default goes into args, checked as if typed (reader:
+    common.flag_reader), its source "optimal_config.json". Returns the keys set."""
+    applied = []
+    try:
+        cfg = json.loads(path.read_text())
+        section = cfg["trainers"][args.trainer]
+        section.items()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        why = (e.strerror if isinstance(e, OSError) else f"not JSON: {e}" if isinstance(e, ValueError) else
+               f"no trainers.{args.trainer} section")
+        raise UserError(f"--config {path}: not a valid optimal_config.json ({why}); "
+                        "regenerate it with `python memory_optimizer.py config`")
+    for key, entry in section.items():
+        if key in sources and sources[key] == "default":
+            value = entry if not isinstance(entry, dict) else \
+                entry.get("quick_value", entry["value"]) if args.quick else entry["value"]
+            try:  # the same checks as a typed flag
+                value = config_value(reader, key, value)
+            except ValueError as e:
+                raise UserError(f"--config {path}: {args.trainer}.{key} = {value!r} is invalid "
+                                f"({e}); regenerate it with `python memory_optimizer.py config`")
+            setattr(args, key, value)
+            sources[key] = "optimal_config.json"
+            applied.append(key)
+    return applied
+
+
+def config_value(reader, key, value):
+    """An optimal_config.json value, checked and converted as if typed as --key-with-dashes (a
+    setting without such a flag is returned as it is); ValueError for one the flag refuses."""
+    flag = "--" + key.replace("_", "-")
+    try:
+        typed, rest = reader.parse_known_args([flag, str(value)], namespace=Typed())
+    except argparse.ArgumentError as e:
+        if (e.argument_name or "").split("/")[0] == flag:  # the error names the action's flags, main one first
+            # the type's own words (argparse keeps its exception as the context), as for a typed flag
+            choices = re.fullmatch(r"invalid choice: .* \(choose from (.*)\)", e.message)
+            raise ValueError("not one of " + choices[1].replace("'", "") if choices else
+                             str(e.__context__ or e.message))
+        return value  # --key-with-dashes is another dest's alias (train_classifier.py's old --model)
+    if key not in vars(typed) or rest:
+        return value
+    got = vars(typed)[key]
+    # a flag without a type (a path) gives back str(value): keep the value as the config wrote it
+    return value if got in (str(value), [str(value)]) else got
 
 
 # -----------------------------------------------------------------------------
