@@ -21,28 +21,27 @@ with a header naming path,text; paths are relative to the manifest. Audio: PCM W
 (resampled to 16 kHz), mono or stereo. Re-running the same command resumes.
 """
 
+import argparse
+import contextlib
+import csv
+import dataclasses
+import functools
+import io
+import json
+import math
 import os
+import random
+import shlex
+import sys
+import time
+import unicodedata
+import wave
+from fractions import Fraction
+from pathlib import Path
 
 # Must be set before torch initialises CUDA: lets the caching allocator grow segments instead of
 # leaving fragments between variable-length batches (the seed's fix for its T4 OOMs).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import unicodedata  # noqa: E402
-import wave  # noqa: E402
-from fractions import Fraction  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -72,12 +71,8 @@ PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 
 # --dropout [0.1]: the minimal model underfits, and on a CPU a fifth of its step is drawing masks:
 #   at 0, val CER 14.8 % vs 15.6 %, test (beam) 14.2 % vs 15.9 %, 22 % less CPU per step
 # --speed-perturb [none]: test (unseen voices, beam) 12.5 / 12.6 / 12.4 % vs 14.6 / 15.1 / 14.1 % without
-LR = {"minimal": 2e-3, "tiny": 2e-3}
-MINIMAL_EPOCHS = 15
-CTC_WEIGHT = {"minimal": 0.7}
-EFFECTIVE_BATCH = {"minimal": 8}
-DROPOUT = {"minimal": 0.0}
-SPEED_PERTURB = {"minimal": 0.1}
+LR, MINIMAL_EPOCHS, CTC_WEIGHT = {"minimal": 2e-3, "tiny": 2e-3}, 15, {"minimal": 0.7}
+EFFECTIVE_BATCH, DROPOUT, SPEED_PERTURB = {"minimal": 8}, {"minimal": 0.0}, {"minimal": 0.1}
 MANIFESTS = ("train_manifest", "val_manifest", "test_manifest")  # --sha256 pairs with them in this order
 
 # -----------------------------------------------------------------------------
@@ -166,8 +161,7 @@ def open_wav(path, header_only=False):
     cut mid-word would train on its whole transcript."""
     try:
         with open(path, "rb") as f:
-            data = f.read(65536 if header_only else -1)
-            size = os.fstat(f.fileno()).st_size
+            data, size = f.read(65536 if header_only else -1), os.fstat(f.fileno()).st_size
         i = data.find(b"fmt ", 12)  # format tag at +8; extensible: the real one (1 = PCM) at +32, in the GUID
         if i > 0 and data[i + 8:i + 10] == b"\xfe\xff" and data[i + 32:i + 34] == b"\x01\x00":
             data = data[:i + 8] + b"\x01\x00" + data[i + 10:]
@@ -211,8 +205,7 @@ def resample(x, sr_in, sr_out, zeros=16):
     strided conv1d. The low-pass cutoff is the lower Nyquist rate, so downsampling does not alias."""
     # a rate that shares few factors with sr_out (15999 Hz) would need thousands of phases: the
     # ratio as a fraction with a denominator up to 1000 (15999 -> 16000 becomes 1:1, 2 ms over 30 s)
-    ratio = Fraction(sr_out, sr_in).limit_denominator(1000)
-    up, down = ratio.numerator, ratio.denominator
+    up, down = Fraction(sr_out, sr_in).limit_denominator(1000).as_integer_ratio()
     if up == down:
         return x
     cutoff = min(1.0, up / down)  # fraction of the input Nyquist rate
@@ -223,8 +216,7 @@ def resample(x, sr_in, sr_out, zeros=16):
     h = (cutoff * torch.sinc(cutoff * t) * window).float()  # (up, taps)
     xp = F.pad(x[None, None], (width, width + down))
     y = F.conv1d(xp, h[:, None], stride=down)[0]  # (up, n): phase j of block k
-    n_out = math.ceil(len(x) * up / down)
-    return y.t().reshape(-1)[:n_out]
+    return y.t().reshape(-1)[:math.ceil(len(x) * up / down)]
 
 
 def write_wav(path, x):
@@ -270,9 +262,7 @@ def normalize(feats):
 
 
 def describe_augment(spec_augment, speed):
-    if not spec_augment:
-        return "no augmentation"
-    return f"speed 1 +- {speed:g}, SpecAugment" if speed else "SpecAugment"
+    return "no augmentation" if not spec_augment else f"speed 1 +- {speed:g}, SpecAugment" if speed else "SpecAugment"
 
 
 def spec_augment(feats, gen):
@@ -315,8 +305,7 @@ def read_manifest(path, flag, bad_rows="skip", fetch_audio=None, log=print):
             items.append({"path": str(wav), "text": text, "duration": wav_duration(wav)})
         except TruncatedWav as e:
             if bad_rows == "fail":
-                line = row_lines(p)[k]
-                raise UserError(f"{flag} {p}: line {line}: {e} (--bad-rows skip drops such rows)") from None
+                raise UserError(f"{flag} {p}: line {row_lines(p)[k]}: {e} (--bad-rows skip drops such rows)") from None
             log(f"warning: {flag} {p}: {e}; skipped")
             bad += 1
     first = f" (first: {'; '.join(reasons[:records.MAX_REASONS])})" if reasons else ""
@@ -502,8 +491,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return super().forward(x)
         real = (~pad)[:, None].to(torch.float32)  # (B, 1, T)
-        n = real.sum()
-        xf = x.float()
+        n, xf = real.sum(), x.float()
         mean = (xf * real).sum((0, 2)) / n  # (d,)
         var = ((xf - mean[:, None]) ** 2 * real).sum((0, 2)) / n
         if not self.recomputing:
@@ -628,8 +616,7 @@ def recomputing(block):
 
 
 def build_model(shape, vocab, args):
-    d, enc, dec = shape
-    return ASRModel(vocab, d, enc, dec, args["heads"], 31, args["dropout"], args["subsample"])
+    return ASRModel(vocab, *shape, args["heads"], 31, args["dropout"], args["subsample"])
 
 
 def loss_fn(model, b, ctc_weight):
@@ -643,10 +630,9 @@ def loss_fn(model, b, ctc_weight):
 
 def check_flags(args, sources):
     """Reject bad flags; fill in the preset's measured defaults ("auto" in args.json) -> (d, enc, dec layers)."""
-    if not 0 <= args.decode_ctc_weight <= 1:
-        raise UserError(f"--decode-ctc-weight {args.decode_ctc_weight}: must be between 0 and 1")
-    if args.ctc_weight is not None and not 0 <= args.ctc_weight <= 1:
-        raise UserError(f"--ctc-weight {args.ctc_weight}: must be between 0 and 1")
+    for flag, w in (("--decode-ctc-weight", args.decode_ctc_weight), ("--ctc-weight", args.ctc_weight)):
+        if w is not None and not 0 <= w <= 1:
+            raise UserError(f"{flag} {w}: must be between 0 and 1")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
     if args.speed_perturb is not None and not 0 <= args.speed_perturb <= 0.3:
@@ -663,8 +649,8 @@ def check_flags(args, sources):
         if getattr(args, name) is None:
             setattr(args, name, table.get(args.preset, seed_value))
             sources[name] = "auto"
-    if args.preset == "minimal" and not args.quick and sources["epochs"] == "default":
-        args.epochs, sources["epochs"] = MINIMAL_EPOCHS, "auto"
+    if sources["epochs"] == "default" and (args.quick or args.preset == "minimal"):
+        args.epochs, sources["epochs"] = (6, "quick") if args.quick else (MINIMAL_EPOCHS, "auto")
     if args.preset in EFFECTIVE_BATCH and not args.quick and args.grad_accum == "auto":
         args.effective_batch = EFFECTIVE_BATCH[args.preset]
     d, enc, dec = PRESETS[args.preset]
@@ -675,8 +661,6 @@ def check_flags(args, sources):
         raise UserError("--val-manifest/--test-manifest need --train-manifest too")
     if args.train_manifest and args.dataset_size:
         raise UserError("--dataset-size is for the built-in set; it does not apply with --train-manifest")
-    if args.quick and sources["epochs"] == "default":
-        args.epochs, sources["epochs"] = 6, "quick"
     return shape
 
 
@@ -806,8 +790,7 @@ def log_setup(log, args, *, model, shape, data_desc, items, itos, dropped):
     log(f"data: {data_desc}; {len(train_items)} train ({hours:.2f} h) / {len(val_items)} val / "
         f"{len(test_items)} test utterances; {len(itos)} symbols"
         + ("; dropped: " + ", ".join(f"{n} {why}" for why, n in dropped.items()) if dropped else ""))
-    too_fast = sum(1 for it in train_items if len(it["text"]) > int(it["duration"] * 100) // args.subsample)
-    if too_fast:
+    if too_fast := sum(1 for it in train_items if len(it["text"]) > int(it["duration"] * 100) // args.subsample):
         log(f"warning: {too_fast} training utterances have more characters than encoder frames; CTC "
             "cannot align them (they add 0 CTC loss)" + ("; try --subsample 1" if args.subsample > 1 else ""))
     n_params, _ = common.count_params(model)
@@ -1086,11 +1069,8 @@ def report(run, args, *, model, items, stoi, itos, amp_dtype, batch, new_steps, 
 
 def ctc_greedy(log_probs, lengths):
     """(B, T, V) -> id lists: best class per frame, repeats merged, blanks and specials dropped."""
-    out = []
-    for seq, L in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
-        seq = seq[:L]
-        out.append([c for i, c in enumerate(seq) if c > UNK and (i == 0 or c != seq[i - 1])])
-    return out
+    return [[c for i, c in enumerate(seq[:L]) if c > UNK and (i == 0 or c != seq[i - 1])]
+            for seq, L in zip(log_probs.argmax(-1).tolist(), lengths.tolist())]
 
 
 def ctc_prefix_scores(x, r_n, r_b, last, first):
@@ -1098,13 +1078,11 @@ def ctc_prefix_scores(x, r_n, r_b, last, first):
     Hybrid CTC/attention, alg. 2). x (T, V) frame log-probs; r_n, r_b (T, H): log-prob that frames 0..t emit
     prefix h and end in a non-blank / blank frame; last (H,) the last character of each h; first = h is empty.
     -> r_n', r_b' (T, H, V) for each h+c and log psi (H, V), that the utterance's output starts with h+c."""
-    T, V = x.shape
-    H = r_n.shape[1]
+    (T, V), H = x.shape, r_n.shape[1]
     # phi: paths into frame t+1 can start c after h; a repeat of h's last char needs a blank between
     phi = torch.logaddexp(r_n, r_b)[:, :, None].expand(T, H, V).clone()
     phi[:, torch.arange(H), last] = r_b
-    new_n = torch.full((T, H, V), -math.inf, dtype=x.dtype)
-    new_b = torch.full((T, H, V), -math.inf, dtype=x.dtype)
+    new_n, new_b = torch.full((2, T, H, V), -math.inf, dtype=x.dtype)
     if first:
         new_n[0] = x[0]
     for t in range(1, T):
@@ -1151,8 +1129,7 @@ def beam_search(model, feats, beam, ctc_weight, device):
             break
     if not done:  # no hypothesis finished within T steps: take the best live one
         done = [(h[1], h[0]) for h in live]
-    best = max(done, key=lambda d: d[0])[1]
-    return [c for c in best if c > UNK]
+    return [c for c in max(done, key=lambda d: d[0])[1] if c > UNK]
 
 
 def edit_distance(a, b):
@@ -1214,7 +1191,6 @@ def run_transcribe(args, out):
 
 
 def builtin_size(args):
-    """Utterances of the built-in set: --dataset-size, else 800 with --quick, 3000 without."""
     return args.dataset_size or (800 if args.quick else 3000)
 
 

@@ -101,8 +101,7 @@ g.add_argument("--predict-file", metavar="FILE", help="classify every line of FI
 # tokenizer: BERT's basic tokenizer + greedy longest-match-first WordPiece
 
 def basic_tokenize(text, lower=True, keep=()):
-    """Clean, lower-case, strip accents, split on whitespace and punctuation, CJK chars apart.
-    Special tokens in `keep` (e.g. "[MASK]") written in the text stay whole, as in BERT."""
+    """Clean, lower-case, strip accents, split off punctuation and CJK chars; `keep` tokens ("[MASK]") stay whole."""
     if keep:
         parts = re.split("(" + "|".join(map(re.escape, keep)) + ")", text)
         return [w for p in parts for w in ([p] if p in keep else basic_tokenize(p, lower))]
@@ -121,8 +120,7 @@ def basic_tokenize(text, lower=True, keep=()):
 
 
 def wordpiece(word, vocab, max_chars=100):
-    """Greedy longest-match-first: 'unaffable' -> un ##aff ##able. A word with a piece
-    missing from the vocabulary becomes [UNK] as a whole, as in BERT."""
+    """'unaffable' -> un ##aff ##able; a word with a piece missing from the vocabulary is one [UNK], as in BERT."""
     if len(word) > max_chars:
         return ["[UNK]"]
     pieces, start = [], 0
@@ -145,7 +143,7 @@ class Tokenizer:
         self.keep = tuple(t for t in SPECIALS if t in self.stoi)
 
     def tokens(self, text):
-        return [w if w in self.keep else p for w in basic_tokenize(text, self.lower, self.keep)
+        return [p for w in basic_tokenize(text, self.lower, self.keep)
                 for p in ([w] if w in self.keep else wordpiece(w, self.stoi))]
 
     def encode(self, texts, max_len):
@@ -158,8 +156,7 @@ class Tokenizer:
 
 
 def build_vocab(texts, cap):
-    """Vocabulary from training text: specials, every character seen (alone and as ##x, so no
-    alphabetic word is ever [UNK]), then whole words by frequency, up to `cap`."""
+    """Specials, each character seen (alone and as ##x: no alphabetic word is [UNK]), then words by frequency."""
     counts = collections.Counter(w for t in texts for w in basic_tokenize(t))
     chars = sorted(set("".join(counts)))
     base = SPECIALS + chars + ["##" + c for c in chars]
@@ -174,11 +171,9 @@ def build_vocab(texts, cap):
 
 def ngrams(text, max_words):
     words = basic_tokenize(text)[:max_words]
-    feats = words + [a + " " + b for a, b in zip(words, words[1:])]
-    for w in words:
-        w = "<" + w + ">"
-        feats += ["#" + w[i:i + n] for n in (3, 4, 5) if len(w) > n for i in range(len(w) - n + 1)]
-    return feats
+    wrapped = ["<" + w + ">" for w in words]
+    return words + [a + " " + b for a, b in zip(words, words[1:])] + \
+        ["#" + w[i:i + n] for w in wrapped for n in (3, 4, 5) if len(w) > n for i in range(len(w) - n + 1)]
 
 
 def build_ngram_vocab(texts, cap, max_words):
@@ -230,22 +225,18 @@ LORA_NAMES = {"q": ["attention.q_lin"], "k": ["attention.k_lin"], "v": ["attenti
 
 
 def add_lora(model, targets, r, alpha, dropout):
-    """Freeze everything, wrap the target linears of every block in LoRALinear, and leave the
-    head (pre_classifier, classifier) trainable, as the seed's PEFT config did."""
+    """Wrap each block's target linears in LoRALinear; freeze all but them and the head, as the seed's PEFT config."""
     model.requires_grad_(False)
     for block in model.transformer.layer:
-        for path in [p for t in targets for p in LORA_NAMES[t]]:
-            parent = getattr(block, path.split(".")[0])
-            name = path.split(".")[1]
-            setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout))
+        for part, name in [p.split(".") for t in targets for p in LORA_NAMES[t]]:  # e.g. ("attention", "q_lin")
+            setattr(getattr(block, part), name, LoRALinear(getattr(getattr(block, part), name), r, alpha, dropout))
     model.pre_classifier.requires_grad_(True)
     model.classifier.requires_grad_(True)
     return model
 
 
 def merge_lora(model):
-    """Replace every LoRALinear by the plain Linear it equals in eval mode, W0 + scale * B A (for export
-    and fast inference)."""
+    """Replace every LoRALinear by the plain Linear it equals in eval mode, W0 + scale * B A (export, inference)."""
     for block in model.transformer.layer:
         for parent in (block.attention, block.ffn):
             for name, lora in [(n, c) for n, c in parent.named_children() if isinstance(c, LoRALinear)]:
@@ -337,8 +328,7 @@ class FastText(nn.Module):
 
     def __init__(self, vocab_size, n_labels, dim, kind="fasttext", svm=0.0):
         super().__init__()
-        self.embeddings = nn.Embedding(vocab_size, dim, padding_idx=0)
-        self.classifier = nn.Linear(dim, n_labels)
+        self.embeddings, self.classifier = nn.Embedding(vocab_size, dim, padding_idx=0), nn.Linear(dim, n_labels)
         nn.init.uniform_(self.embeddings.weight, -1 / dim, 1 / dim)  # fastText's init
         nn.init.zeros_(self.embeddings.weight[0])  # [PAD]
         self.linear = TfidfSVM(vocab_size, n_labels) if svm else None
@@ -435,8 +425,7 @@ BERT_RENAMES = [  # HF BERT names -> ours (DistilBERT's); DistilBERT's own names
 
 
 def read_safetensors(path):
-    """Parse a .safetensors file: 8-byte little-endian header length, a JSON header mapping
-    names to dtype/shape/byte offsets, then the raw little-endian tensor bytes. No code runs."""
+    """.safetensors: 8-byte little-endian header size, JSON header (name: dtype, shape, offsets), raw bytes; no code."""
     buf = bytearray(Path(path).read_bytes())
     (n,) = struct.unpack("<Q", buf[:8])
     tensors = {}
@@ -462,8 +451,7 @@ def read_json_file(path, fix):
 
 
 def load_pretrained(folder, n_labels):
-    """(Encoder with the checkpoint's weights, Tokenizer, its shape, description, missing keys,
-    unexpected keys); a shape mismatch is a UserError naming the tensor."""
+    """(Encoder with the checkpoint's weights, Tokenizer, its shape, description, missing keys, unexpected keys)."""
     d = Path(folder)
     for name, what in (("config.json", "a Hugging Face model folder"), ("vocab.txt", "a WordPiece vocabulary")):
         if not (d / name).is_file():
@@ -475,10 +463,9 @@ def load_pretrained(folder, n_labels):
             shape = dict(n_layers=cfg["n_layers"], dim=cfg["dim"], n_heads=cfg["n_heads"],
                          hidden_dim=cfg["hidden_dim"], max_pos=cfg["max_position_embeddings"], type_vocab=0, eps=1e-12)
         elif kind == "bert":  # BERT and its same-shaped relatives (MiniLM, BioBERT, ...) say "bert"
-            shape = dict(n_layers=cfg["num_hidden_layers"], dim=cfg["hidden_size"],
-                         n_heads=cfg["num_attention_heads"], hidden_dim=cfg["intermediate_size"],
-                         max_pos=cfg["max_position_embeddings"], type_vocab=cfg.get("type_vocab_size", 2),
-                         eps=cfg.get("layer_norm_eps", 1e-12))
+            shape = dict(n_layers=cfg["num_hidden_layers"], dim=cfg["hidden_size"], n_heads=cfg["num_attention_heads"],
+                         hidden_dim=cfg["intermediate_size"], max_pos=cfg["max_position_embeddings"],
+                         type_vocab=cfg.get("type_vocab_size", 2), eps=cfg.get("layer_norm_eps", 1e-12))
         else:
             raise UserError(f"--pretrained {d}: model_type {kind!r}; only bert and distilbert checkpoints are "
                             "supported")
@@ -578,34 +565,29 @@ ABBREV = {"payment": "pmt", "subscription": "subscr", "purchase": "purch", "serv
           "monthly": "mthly"}
 
 
-def receipt_item(rng, cat):
-    merchants, items = (s.split("|") for s in RECEIPTS[cat])
-    m, it = rng.choice(merchants), rng.choice(items)
-    amount = rng.choice([f"{rng.uniform(1, 300):.2f}", f"${rng.uniform(1, 300):.2f}",
-                         f"USD {rng.uniform(1, 300):.2f}", f"{rng.randint(1, 2000)}.00"])
-    shape = rng.random()
-    if shape < 0.3:
-        text = f"{m.upper()} *{it.upper().replace(' ', '')} {amount}"
-    elif shape < 0.55:
-        text = f"{m.title()} - {it} {amount}"
-    elif shape < 0.7:
-        text = f"POS {m.upper()} #{rng.randint(100, 9999)} {rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}"
-    elif shape < 0.85:
-        text = f"{rng.choice(['Purchase', 'Payment', 'Monthly', 'Transaction'])}: {it} at {m.title()}"
-    else:
-        text = f"{it.capitalize()} {amount} ref {rng.randint(10000, 99999)}"
-    if rng.random() < 0.3:  # statement abbreviations
-        text = " ".join(ABBREV.get(w.lower(), w) for w in text.split())
-    return text
-
-
 def generate_items(n_train, seed):
     """Unique (text, label) items: n_train train, 15% each of n_train / 0.7 for val and test,
     stratified (labels drawn uniformly). Unique texts = no text shared between splits."""
     rng, items = random.Random(seed), {}  # lower-cased text -> (text, label)
     while len(items) < round(n_train / 0.7):
         cat = rng.choice(CATEGORIES)
-        text = receipt_item(rng, cat)
+        merchants, phrases = (s.split("|") for s in RECEIPTS[cat])
+        m, it = rng.choice(merchants), rng.choice(phrases)
+        amount = rng.choice([f"{rng.uniform(1, 300):.2f}", f"${rng.uniform(1, 300):.2f}",
+                             f"USD {rng.uniform(1, 300):.2f}", f"{rng.randint(1, 2000)}.00"])
+        shape = rng.random()
+        if shape < 0.3:
+            text = f"{m.upper()} *{it.upper().replace(' ', '')} {amount}"
+        elif shape < 0.55:
+            text = f"{m.title()} - {it} {amount}"
+        elif shape < 0.7:
+            text = f"POS {m.upper()} #{rng.randint(100, 9999)} {rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}"
+        elif shape < 0.85:
+            text = f"{rng.choice(['Purchase', 'Payment', 'Monthly', 'Transaction'])}: {it} at {m.title()}"
+        else:
+            text = f"{it.capitalize()} {amount} ref {rng.randint(10000, 99999)}"
+        if rng.random() < 0.3:  # statement abbreviations
+            text = " ".join(ABBREV.get(w.lower(), w) for w in text.split())
         items.setdefault(text.lower(), (text, cat))
     return stratified_split(list(items.values()), seed, n_train / len(items))
 
@@ -644,8 +626,7 @@ def trim(batch):
 # main: check the flags, read the data, build the model, start the run
 
 def check_flags(args, sources):
-    """Refuse flag combinations that cannot work, and fill in the measured defaults (epochs,
-    pooling, vocabulary). Returns (the LoRA targets, whether the model is fasttext)."""
+    """Refuse flags that cannot work; fill in measured defaults. Returns (the LoRA targets, whether it is fasttext)."""
     # an optimal_config.json "model" key (the old name) sets --preset unless a flag or "preset" key did
     model, source = vars(args).pop("model"), sources.pop("model")
     if model is not None and sources["preset"] == "default":
@@ -686,8 +667,7 @@ def check_flags(args, sources):
 
 
 def read_splits(args):
-    """((train, val, test) rows, description): --data (CSV/TSV/JSONL with columns text,label), with
-    --val-data / --test-data or 15% each split off it, stratified by label; else the built-in items."""
+    """((train, val, test) rows, description): --data, with the splits no file gives cut off it; else built-in items."""
     if not (args.data or args.sha256):
         return generate_items(args.train_size, args.seed), "built-in receipt items"
     read_records = common.opt_in("records", "--data").read_records  # a user's file: only then is records.py needed
@@ -713,9 +693,8 @@ def read_splits(args):
 
 
 def make_model(args, sources, *, state, resumed_from, labels, train_rows, targets, fasttext, notes, world):
-    """(model, tokenizer, extra, description) as the flags ask (a resumed run's vocabulary and SVM from
-    its checkpoint; mistakes in --pretrained surface here, before any write). extra: what a checkpoint records
-    to rebuild them, refused when the resumed one's differs. Sets the default --lr."""
+    """(model, tokenizer, extra, description) as the flags ask, before any write; a resumed run's vocabulary and SVM
+    from its checkpoint. extra: what a checkpoint records to rebuild them (a resumed one's must match). Sets --lr."""
     kind = lambda a: "--pretrained" if a.get("pretrained") else f"--preset {a.get('preset')}"  # noqa: E731
     if state and kind(state["args"]) != kind(vars(args)):  # another model kind's vocabulary: refused before it is read
         raise UserError(f"{resumed_from} was trained with {kind(state['args'])}, not {kind(vars(args))}: resume "
@@ -859,8 +838,7 @@ def classify(model, ids, mask, device, amp_dtype, bs=128):
 
 
 def val_figures(run, model, val, eval_bs):
-    """(accuracy, loss, eval_bs) on the validation split, each rank its share, summed over the ranks: what
-    validate() logs and --eval-only reproduces."""
+    """(accuracy, loss, eval_bs) on the validation split, each rank its share, summed over the ranks."""
     v = {k: run.ranks.slice(t) for k, t in val.items()}
     probs, eval_bs = common.evaluate_halving(
         lambda bs: classify(model, v["ids"], v["mask"], run.device, run.amp_dtype, bs), eval_bs, run.device, run.log)
@@ -871,8 +849,7 @@ def val_figures(run, model, val, eval_bs):
 
 
 def validate(run, p, model, val, *, end_of_epoch, eval_bs):
-    """val_figures, the best so far and early stopping's count in `p`, a metrics record (and TensorBoard's
-    eval/ scalars under --tensorboard), a log line. Returns (is_best, eval_bs)."""
+    """val_figures; the best so far and early stopping's count in `p`; a metrics record; a log line."""
     val_acc, val_loss, eval_bs = val_figures(run, model, val, eval_bs)
     is_best = [val_acc, -val_loss] > p.best
     p.best = max(p.best, [val_acc, -val_loss])
@@ -891,8 +868,7 @@ def validate(run, p, model, val, *, end_of_epoch, eval_bs):
 
 
 def log_setup(log, args, sources, model, *, device, data_desc, splits, extra, model_desc):
-    """The loader's workers and pin_memory where no config or mode set them; then one line each for the
-    machine, the data, the model and what trains. Returns (parameters, trainable parameters)."""
+    """The loader's workers and pin_memory where nothing set them; a line each for machine, data, model, what trains."""
     n_params, n_trainable = common.count_params(model)
     if sources["workers"] == "default":  # seed: min(2, cores // 2) on CPU; more on CUDA
         n = os.cpu_count() or 1
@@ -914,8 +890,7 @@ def log_setup(log, args, sources, model, *, device, data_desc, splits, extra, mo
 
 
 def build_optimizer(model, args, sources, *, n_train, E, world, log):
-    """AdamW on the trainable weights; linear warmup min(50, steps/epoch // 2), then linear decay (seed), for
-    batches of G = E rows x world processes. Returns (optimizer, scheduler, steps_per_epoch, total_steps)."""
+    """AdamW on the trainable weights; linear warmup min(50, steps/epoch // 2), then linear decay (seed)."""
     G = E * world
     if 0 < n_train % G < world:
         raise UserError(f"--batch-size {E} x {world} processes: the last batch of each epoch would hold "
@@ -1076,9 +1051,11 @@ def train(args, sources, run, *, model, tok, extra, model_desc, rows, data_desc)
 # -----------------------------------------------------------------------------
 # after training: the test split, the exports, summary.json and the charts
 
-def report(probs, y, labels):
-    """Accuracy, macro/weighted F1, per-class precision/recall/F1, confusion matrix, confidence."""
-    n, pred = len(labels), probs.argmax(-1)
+def report(run, model, t, labels, eval_bs):
+    """The test split `t` scored: accuracy, macro/weighted F1, per-label precision/recall/F1, confusions, confidence."""
+    probs, _ = common.evaluate_halving(lambda bs: classify(model, t["ids"], t["mask"], run.device, run.amp_dtype, bs),
+                                       eval_bs, run.device, run.log)
+    y, n, pred = t["y"], len(labels), probs.argmax(-1)
     cm = torch.zeros(n, n, dtype=torch.long)
     cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)  # rows: true, columns: predicted
     tp, support = cm.diag().double(), cm.sum(1).double()
@@ -1092,19 +1069,19 @@ def report(probs, y, labels):
             "confusion_matrix": cm.tolist()}
 
 
-def headline_figures(test):
-    """report()'s headline figures as summary.json (and --eval-only's eval.json) records them."""
-    return dict(value=round(test["accuracy"], 4), macro_f1=round(test["macro_f1"], 4),
-                weighted_f1=round(test["weighted_f1"], 4), mean_confidence=round(test["mean_confidence"], 4))
-
-
-def log_report(log, test, n):
-    """The printed test report: the headline, then precision/recall/F1 per label."""
+def save_report(log, path, test, labels, **fields):
+    """Print report()'s figures (the headline, then precision/recall/F1 per label) and write them to `path`
+    (summary.json, --eval-only's eval.json): the headline, `fields`, then the per-label figures."""
     log(f"test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, mean confidence "
-        f"{test['mean_confidence']:.3f} ({n} items)")
+        f"{test['mean_confidence']:.3f} ({sum(map(sum, test['confusion_matrix']))} items)")
     log(f"{'label':<16}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}")
     for l, c in test["per_class"].items():
         log(f"{l:<16}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>8.3f}{c['support']:>6}")
+    common.write_json_atomic(path, dict(
+        trainer="classifier", metric="test_accuracy", value=round(test["accuracy"], 4),
+        macro_f1=round(test["macro_f1"], 4), weighted_f1=round(test["weighted_f1"], 4),
+        mean_confidence=round(test["mean_confidence"], 4), **fields, labels=labels, per_class=test["per_class"],
+        confusion_matrix=test["confusion_matrix"]))
 
 
 def charts(out, labels, train_labels, test):
@@ -1170,10 +1147,9 @@ def write_exports(model, args, *, out, extra, older_than=math.inf):
 
 
 def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, params, wall_before):
-    """After the loop, with best.pt's weights (else the last step's): the test split, the exports, then summary.json
-    (a run with a summary has its exports) and the charts. A finished run re-run keeps its summary.json and
-    rebuilds only the exports that are missing or older than those weights."""
-    out, log, labels, t = run.out, run.log, extra["labels"], splits["test"]
+    """With best.pt's weights (else the last step's): the test split, the exports, then summary.json (a run with a
+    summary has its exports), the charts. A finished run re-run rebuilds only exports older than those weights."""
+    out, log, labels = run.out, run.log, extra["labels"]
     source = out / "checkpoints" / "best.pt"
     try:
         model.load_state_dict(common.load_checkpoint(source)["model"])
@@ -1186,17 +1162,12 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
         if names := write_exports(model, args, out=out, extra=extra, older_than=Path(source).stat().st_mtime):
             log(f"rebuilt {', '.join(names)} from {source} (missing, or older than it)")
         return 0
-    probs, _ = common.evaluate_halving(lambda bs: classify(model, t["ids"], t["mask"], run.device, run.amp_dtype, bs),
-                                       eval_bs, run.device, log)
-    test = report(probs, t["y"], labels)
+    test = report(run, model, splits["test"], labels, eval_bs)
     wall = wall_before + time.time() - run.status["started"]
     write_exports(model, args, out=out, extra=extra)
-    common.write_json_atomic(out / "summary.json", dict(
-        trainer="classifier", metric="test_accuracy", **headline_figures(test), **fields, params=params[0],
-        trainable_params=params[1], wall_s=round(wall, 1), labels=labels, per_class=test["per_class"],
-        confusion_matrix=test["confusion_matrix"]))
+    save_report(log, out / "summary.json", test, labels, **fields, params=params[0], trainable_params=params[1],
+                wall_s=round(wall, 1))
     viz = charts(out, labels, [l for _, l in rows[0]], test)
-    log_report(log, test, len(rows[2]))
     adapter = out / "adapter.pt"
     log(f"done in {wall:.0f}s: summary {out / 'summary.json'}; "
         + (f"charts {viz}" if viz else "charts skipped (pip install matplotlib)")
@@ -1209,9 +1180,11 @@ def finish(run, model, args, *, finished, splits, rows, extra, eval_bs, fields, 
 # -----------------------------------------------------------------------------
 # serving a trained run folder: --eval-only, --predict, --predict-file
 
-def saved_model(state):
-    """(model, tokenizer) rebuilt from a checkpoint's `extra` and weights (load_run_model checked it is ours)."""
-    x = state["extra"]
+def saved_model(out, resume):
+    """(model, tokenizer, checkpoint, its path) of the run in `out`: its best.pt (the model the summary reports), else
+    its newest checkpoint, or --resume PATH, rebuilt from the checkpoint's `extra` and weights."""
+    state, path = common.load_run_model(out, "--out", "classifier", "extra", resume=resume)
+    x = state["extra"]  # load_run_model checked that it is a classifier's
     fasttext = x["shape"].get("kind") == "fasttext"
     if "linear" in x["shape"]:  # fasttext + a logistic regression, before the SVM
         raise UserError("this checkpoint is from an older train_classifier.py; train again with --no-resume")
@@ -1219,19 +1192,17 @@ def saved_model(state):
     if x["lora"]:
         add_lora(model, x["lora"]["targets"], x["lora"]["r"], x["lora"]["alpha"], x["lora"]["dropout"])
     model.load_state_dict(state["model"])
-    return model, (NgramTokenizer if fasttext else Tokenizer)(x["itos"], x["lower"])
+    return model, (NgramTokenizer if fasttext else Tokenizer)(x["itos"], x["lower"]), state, path
 
 
 def eval_only(args, sources, *, rows, data_desc):
-    """--eval-only: the run's best.pt (the weights whose validation figure summary.json reports as
-    best_val_accuracy, and which scored its test split), or --resume CKPT, on the validation and test splits
-    this command's data flags give (the training command's flags give its split), in the precision its
-    validation ran in. Prints the figures the training run printed and writes them to <out>/eval.json; no
-    checkpoint, status.json, metrics.jsonl or train.log is written."""
+    """--eval-only: the run's best.pt (the weights summary.json's best_val_accuracy and test figures came from), or
+    --resume CKPT, on the splits this command's data flags give, in the precision its validation ran in. Prints the
+    training run's figures again into <out>/eval.json; no checkpoint, status.json, metrics.jsonl or train.log."""
     out = Path(args.out) if args.out else common.newest_run("classifier")
     if out is None:
         raise UserError("--eval-only: no classifier run under runs/; pass --out RUN (a trained run folder)")
-    state, path = common.load_run_model(out, "--out", "classifier", "extra", resume=args.resume)
+    model, tok, state, path = saved_model(out, args.resume)
     x, saved = state["extra"], state.get("args", {})
     if unknown := sorted({l for split in rows[1:] for _, l in split} - set(x["labels"])):
         raise UserError(f"--eval-only: label(s) {', '.join(unknown)} are not among the {len(x['labels'])} that "
@@ -1243,36 +1214,27 @@ def eval_only(args, sources, *, rows, data_desc):
     if sources["precision"] == "default":  # as its validation ran (fp16: CUDA's rule picks it again)
         args.precision = saved.get("precision") if saved.get("precision") in ("fp32", "bf16") else "auto"
     device, amp_dtype, _, _ = common.setup_device(args, sources)
-    model, tok = saved_model(state)
     model.to(device)
     print(f"model {path} (step {state.get('step')}), device {device.type}, precision {args.precision}")
     print(f"data: {data_desc}; {len(rows[1])} val / {len(rows[2])} test")
     splits = encode_splits(tok, ([], rows[1], rows[2]), x["labels"], x["max_len"])  # no training rows needed
     ctx = types.SimpleNamespace(ranks=common.OneProcess(), device=device, amp_dtype=amp_dtype, log=print)
     val_acc, val_loss, eval_bs = val_figures(ctx, model, splits["val"], 128)  # 128: validate()'s first batch
-    t = splits["test"]
-    probs, _ = common.evaluate_halving(lambda bs: classify(model, t["ids"], t["mask"], device, amp_dtype, bs),
-                                       eval_bs, device, print)
-    test = report(probs, t["y"], x["labels"])
+    test = report(ctx, model, splits["test"], x["labels"], eval_bs)
     print(f"val accuracy {val_acc:.3f}, val loss {val_loss:.4f} ({len(rows[1])} items)")
-    log_report(print, test, len(rows[2]))
-    common.write_json_atomic(out / "eval.json", dict(
-        trainer="classifier", metric="test_accuracy", **headline_figures(test), checkpoint=str(Path(path).resolve()),
-        step=state.get("step"), val_accuracy=val_acc, val_loss=val_loss, n_val=len(rows[1]), n_test=len(rows[2]),
-        data=data_desc, device=device.type, precision=args.precision, labels=x["labels"],
-        per_class=test["per_class"], confusion_matrix=test["confusion_matrix"]))
+    save_report(print, out / "eval.json", test, x["labels"], checkpoint=str(Path(path).resolve()),
+                step=state.get("step"), val_accuracy=val_acc, val_loss=val_loss, n_val=len(rows[1]),
+                n_test=len(rows[2]), data=data_desc, device=device.type, precision=args.precision)
     print(f"wrote {out / 'eval.json'}")
     return 0
 
 
 def predict(args):
-    """Classify --predict TEXT or each line of --predict-file with the model in --out: its best.pt
-    (the model the summary reports), else its newest checkpoint, or --resume PATH."""
+    """Classify --predict TEXT or each line of --predict-file with the model in --out (saved_model)."""
     if not args.out:
         raise UserError("--predict/--predict-file need --out RUN (a run folder with checkpoints)")
-    state, path = common.load_run_model(Path(args.out), "--out", "classifier", "extra", resume=args.resume)
-    (model, tok), x = saved_model(state), state["extra"]  # load_run_model checked that it is a classifier's
-    labels = x["labels"]
+    model, tok, state, path = saved_model(Path(args.out), args.resume)
+    x, labels = state["extra"], state["extra"]["labels"]
     if args.merge:
         merge_lora(model)
     texts = [args.predict]
@@ -1286,8 +1248,7 @@ def predict(args):
             raise UserError(f"--predict-file {p}: not UTF-8 text; save it as UTF-8")
         if not texts:
             raise UserError(f"--predict-file {p}: no non-empty lines")
-    ids, mask = tok.encode(texts, x["max_len"])
-    probs = classify(model, ids, mask, torch.device("cpu"), None)
+    probs = classify(model, *tok.encode(texts, x["max_len"]), torch.device("cpu"), None)
     print(f"model {path}")
     for text, p in zip(texts, probs):
         top = p.topk(min(3, len(labels)))

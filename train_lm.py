@@ -170,11 +170,9 @@ def find_documents(inputs):
 def write_corpus(out_dir, docs, val_frac, sources):
     """Pack documents (callables returning bytes, or Paths) into out_dir with <eot> between them.
 
-    Byte tokenization is a copy, so a file's token count is its size: the memmaps are sized
-    first and filled one document at a time, and RAM never holds more than one document.
-    The split is by position: the last val_frac of the token stream is validation.
-    Written into a temporary folder and renamed, so a half-written corpus is never used.
-    """
+    Byte tokenization is a copy, so a file's token count is its size: the memmaps are sized first and filled one
+    document at a time, and RAM never holds more than one document. The split is by position: the last val_frac of the
+    token stream is validation. Written into a temporary folder and renamed, so a half-written corpus is never used."""
     out_dir = Path(out_dir)
     sizes = [d.stat().st_size if isinstance(d, Path) else len(d()) for d in docs]
     total = sum(sizes) + len(docs) - 1
@@ -213,9 +211,7 @@ def write_corpus(out_dir, docs, val_frac, sources):
     try:
         os.rename(tmp, out_dir)
     except OSError:  # another process (a DDP rank) finished the same corpus first
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
     return meta
 
 
@@ -301,12 +297,10 @@ def load_meta(data_dir, seq_len):
 def get_batch(path, n_tokens, seq_len, seed, step, global_batch, rank, per_rank):
     """This rank's windows of step `step`: (per_rank, seq_len + 1) int64 token ids.
 
-    The start positions of the whole global batch depend only on (seed, step), and rank r reads
-    its slice of them: a resumed run draws the same windows (no sampler state to save), and N
-    ranks see exactly the windows one process would at the same global batch.
-    A fresh memmap per batch, as nanoGPT does: pages read through a long-lived mapping would stay
-    in this process's RSS, so a big corpus would look like a memory leak.
-    """
+    The start positions of the whole global batch depend only on (seed, step), and rank r reads its slice of them: a
+    resumed run draws the same windows (no sampler state to save), and N ranks see exactly the windows one process would
+    at the same global batch. A fresh memmap per batch, as nanoGPT does: pages read through a long-lived mapping would
+    stay in this process's RSS, so a big corpus would look like a memory leak."""
     rng = np.random.default_rng((seed, step))
     starts = rng.integers(0, n_tokens - seq_len, size=global_batch)[rank * per_rank:(rank + 1) * per_rank]
     mm = np.memmap(path, dtype=DTYPE, mode="r")
@@ -380,12 +374,10 @@ def eigen_scan_reference(beta, mag, omega):
 def eigen_scan_chunked(beta, mag, omega, chunk):
     """Re(c_t) chunk-parallel; the same numbers as eigen_scan_reference. beta (B, T, K) -> (B, T, K).
 
-    A T that chunk does not divide is padded with zero inputs at the end: the scan is causal,
-    so padding after the last token changes nothing before it; the padded outputs are cut off.
-    Laid out eigenstate-first, (K, C, B n): the in-chunk sums are then one plain bmm with K as
-    its batch ((C x C) @ (C x B n) each), which runs at matmul speed; an einsum over the
-    (B, n, C, K) layout fell into a strided bmm ~100x slower at 16K tokens.
-    """
+    A T that chunk does not divide is padded with zero inputs at the end: the scan is causal, so padding after the last
+    token changes nothing before it; the padded outputs are cut off. Laid out eigenstate-first, (K, C, B n): the
+    in-chunk sums are then one plain bmm with K as its batch ((C x C) @ (C x B n) each), which runs at matmul speed; an
+    einsum over the (B, n, C, K) layout fell into a strided bmm ~100x slower at 16K tokens."""
     B, T, K = beta.shape
     C = min(chunk, T)
     n = -(-T // C)
@@ -424,10 +416,9 @@ def eigen_scan_chunked(beta, mag, omega, chunk):
 class EigenMixer(nn.Module):
     """Two eigenstate cells, averaged: y_t = mean_cells W_out Re(c_t), c_t = lambda c_{t-1} + W_in x_t.
 
-    Both cells are stored as one bank of 2K eigenstates (cell i owns rows i*K..i*K+K-1): one W_in
-    (d -> 2K) and one scan; 0.5 * W_out [Re c_1; Re c_2] with W_out (2K -> d) is exactly the
-    average of the two cells' W_out Re(c). The seed's resonance coupling and dropout are left out.
-    """
+    Both cells are stored as one bank of 2K eigenstates (cell i owns rows i*K..i*K+K-1): one W_in (d -> 2K) and one
+    scan; 0.5 * W_out [Re c_1; Re c_2] with W_out (2K -> d) is exactly the average of the two cells' W_out Re(c). The
+    seed's resonance coupling and dropout are left out."""
 
     def __init__(self, d, K, chunk, cells=2):
         super().__init__()
@@ -445,14 +436,12 @@ class EigenMixer(nn.Module):
             self.alpha.uniform_(-3.0, 0.0)  # |lambda| in about 0.14..0.55 at init (the seed's)
             self.omega.copy_((2 * math.pi * torch.arange(K) / K).repeat(self.cells))
 
-    def magnitude(self):
-        return 0.1 + 0.89 * torch.sigmoid(self.alpha)
-
     def forward(self, x):  # (B, T, C)
         beta = self.w_in(x)  # (B, T, 2K)
         # the scan in fp32 even under autocast: decay powers span 0.1^C .. 1
         with torch.autocast(x.device.type, enabled=False):
-            re = eigen_scan_chunked(beta.float(), self.magnitude().float(), self.omega.float(), self.chunk)
+            mag = 0.1 + 0.89 * torch.sigmoid(self.alpha)  # |lambda| in (0.1, 0.99)
+            re = eigen_scan_chunked(beta.float(), mag.float(), self.omega.float(), self.chunk)
         return self.w_out(re.to(beta.dtype)) / self.cells
 
 
@@ -515,11 +504,10 @@ def model_config(args, vocab):
 
 
 def param_count(cfg):
-    """Parameters of LM(cfg), counted from the shape without building it: a 32K position table
-    alone is 33M weights. (Building it on the meta device ran its init ops through torch's Python
-    decompositions, which import dynamo and sympy: 3.5 s and 70 MB of RSS before the model
-    existed; the optimizer's first step imports them too, but `sample` and the preset table need
-    no optimizer.) tests/test_lm.py checks it against LM(cfg) for both archs."""
+    """Parameters of LM(cfg), counted from the shape without building it: a 32K position table alone is 33M weights.
+    (Building it on the meta device ran its init ops through torch's Python decompositions, which import dynamo and
+    sympy: 3.5 s and 70 MB of RSS before the model existed; the optimizer's first step imports them too, but `sample`
+    and the preset table need no optimizer.) tests/test_lm.py checks it against LM(cfg) for both archs."""
     V, T, d, L = cfg["vocab_size"], cfg["seq_len"], cfg["d_model"], cfg["n_layer"]
     if cfg["arch"] == "gpt":
         mix = (d * 3 * d + 3 * d) + (d * d + d)  # qkv and proj, with biases
@@ -533,13 +521,11 @@ def param_count(cfg):
 def flops_per_token(cfg):
     """Model FLOPs per trained token (forward + backward = 3 x forward, 2 FLOPs a multiply-add).
 
-    6 N for the weight matmuls, N without the position table (a lookup, no matmul; the tied
-    token embedding counts once, as the head). GPT adds attention: 12 L d T, the PaLM paper's
-    convention (QK^T and AV, forward and backward, counted as if not causal). Eigen adds its scan:
-    per layer and eigenstate, the in-chunk matmul is C multiply-adds per token (we count the dense
-    C x C matrix, zeros above the diagonal included: the machine does that work), plus ~4 for the
-    carried state: 6 L (2K) (C + 4). W_in, W_out and the FFN are in 6 N.
-    """
+    6 N for the weight matmuls, N without the position table (a lookup, no matmul; the tied token embedding counts once,
+    as the head). GPT adds attention: 12 L d T, the PaLM paper's convention (QK^T and AV, forward and backward, counted
+    as if not causal). Eigen adds its scan: per layer and eigenstate, the in-chunk matmul is C multiply-adds per token
+    (we count the dense C x C matrix, zeros above the diagonal included: the machine does that work), plus ~4 for the
+    carried state: 6 L (2K) (C + 4). W_in, W_out and the FFN are in 6 N."""
     n = param_count(cfg) - cfg["seq_len"] * cfg["d_model"]
     L, d, T = cfg["n_layer"], cfg["d_model"], cfg["seq_len"]
     if cfg["arch"] == "gpt":
@@ -577,31 +563,28 @@ def evaluate(model, windows, device, amp_dtype, bs):
 # dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (bf16/fp16, fp32 via TF32, plain fp32)
 GPU_PEAK_TFLOPS = {"H100 PCIe": (756, 378, 51), "H100": (989, 494, 67), "H200": (989, 494, 67),
                    "A100": (312, 156, 19.5), "A10G": (70, 35, 31.2), "A10": (125, 62.5, 31.2),
-                   "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5),
-                   "L4": (121, 60, 30.3), "T4": (65, 8.1, 8.1),
+                   "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3), "T4": (65, 8.1, 8.1),
                    "V100": (125, 15.7, 15.7), "RTX 4090": (165, 82.6, 82.6), "RTX 3090": (71, 35.6, 35.6)}
 
 
 def matmul_peak(device, dtype, seconds=2.0):
-    """Best FLOP/s of square matmuls on this device (sizes 256 and 512 on a CPU, 2048 and 4096 on
-    a GPU), repeated over about `seconds`: the denominator of MFU. A one-second reading of one
-    size swings 3x between runs on a busy machine (other load, clock boost); the best of many
-    repeats at a few sizes is what the hardware can do, and it is stable. On a CPU, 512 reads as
-    high as 1024 (101 vs 98 GFLOP/s, 1 thread; 73 vs 68, 2 threads); with the products preallocated
-    it adds 3.6 MB of RSS, where 256..1024 with a fresh product per call added 19.6 (docs/lm.md)."""
+    """Best FLOP/s of square matmuls on this device (sizes 256 and 512 on a CPU, 2048 and 4096 on a GPU), repeated over
+    about `seconds`: the denominator of MFU. A one-second reading of one size swings 3x between runs on a busy
+    machine (other load, clock boost); the best of many repeats at a few sizes is what the hardware can do, and it is
+    stable. On a CPU, 512 reads as high as 1024 (101 vs 98 GFLOP/s, 1 thread; 73 vs 68, 2 threads); with the products
+    preallocated it adds 3.6 MB of RSS, where 256..1024 with a fresh product per call added 19.6 (docs/lm.md)."""
     sizes = (2048, 4096) if device.type == "cuda" else (256, 512)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mats = {n: [torch.randn(n, n, device=device, dtype=dtype) for _ in range(3)] for n in sizes}  # a, b, a @ b
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         for n, (a, b, c) in mats.items():
             reps = max(1, int(2e9 // (2 * n ** 3)))  # about 2 GFLOP per timing: long enough to time
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for _ in range(reps):
                 torch.mm(a, b, out=c)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
@@ -638,10 +621,10 @@ def device_peak(device, amp_dtype, config, out):
         if (prof["gpu_name"] if device.type == "cuda" else prof["cpu_model"]) == machine and \
                 peak["device"] == device.type and peak["threads"] == threads:
             return peak[f"{dtype}_gflops"] * 1e9, (f"{dtype} matmul peak {peak[f'{dtype}_gflops']:,.0f} GFLOP/s "
-                                                  f"from {config} ({threads} threads)")
+                                                  f"from {config} ({threads} thread{'s' * (threads != 1)})")
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no config, or one from before it held the peak: measure
-    key = f"{device.type} {machine}, {threads} threads, {dtype}"
+    key = f"{device.type} {machine}, {threads} thread{'s' * (threads != 1)}, {dtype}"
     cache = Path(out) / "peak_flops.json"
     try:
         cached = json.loads(cache.read_text())
@@ -751,10 +734,8 @@ def start(args, sources, notes, trainer, metric, check):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["prepare"]:
-        return run_prepare(argv[1:])
-    if argv[:1] == ["sample"]:
-        return run_sample(argv[1:])
+    if argv[:1] in (["prepare"], ["sample"]):
+        return (run_prepare if argv[0] == "prepare" else run_sample)(argv[1:])
     notes = []
     for i, a in enumerate(argv):  # --task lm: what train_lm.py always does now
         if a == "--task=lm" or a == "--task" and argv[i + 1:i + 2] == ["lm"]:
@@ -843,12 +824,6 @@ def make_optimizer(model, args, total_steps, device):
                                   f"{floor * args.lr:g} at step {total_steps}")
 
 
-def wrap(model, args, ranks):
-    """The model that trains, compiled with --compile and DDP-wrapped under torchrun, and the
-    no_sync context for accumulation (ranks.wrap)."""
-    return ranks.wrap(torch.compile(model) if args.compile else model)
-
-
 def train(args, sources, run, cfg, data_dir, meta):
     out, log, status, device, ranks, state = run.out, run.log, run.status, run.device, run.ranks, run.state
     log(f"data: {data_dir} ({meta.get('documents', '?')} documents); {meta['train_tokens']:,} train / "
@@ -889,7 +864,7 @@ def train(args, sources, run, cfg, data_dir, meta):
         "micro_batch": micro_bs, "grad_accum": accum, "world_size": ranks.world, "effective_batch": E,
         "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
         "device": device.type, "why": why}, steps_for=steps_for)
-    train_model, no_sync = wrap(model, args, ranks)  # `model` stays the plain module we save
+    train_model, no_sync = ranks.wrap(torch.compile(model) if args.compile else model)  # `model` is what we save
     peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(cfg)
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token, {tokens_per_step:,} tokens per step")
@@ -904,8 +879,7 @@ def train(args, sources, run, cfg, data_dir, meta):
     watch = common.memory_watch(args)
     if ranks.is_main:
         common.update_status(out, status, state="running", total_steps=total_steps, step=step)
-    t_start, samples_seen, start_step = time.time(), 0, step
-    t_log, step_log = time.time(), step
+    t_start, samples_seen, start_step, t_log, step_log = time.time(), 0, step, time.time(), step
     bar = common.progress_bar(total_steps, step) if ranks.is_main else None
     model.train()
     batch_iter = iter(loader)
@@ -958,11 +932,10 @@ def train(args, sources, run, cfg, data_dir, meta):
 
 
 def resume(run, args, sources, model, optimizer, scheduler, *, chosen, steps_for):
-    """The checkpoint being resumed (run.state) restored into the model, optimizer, scheduler,
-    scaler and RNG (its step moved to a new global batch when one was typed: steps_for(g) = (steps an
-    epoch, steps in the run) for a global batch g), and args.json written with the settings and
-    `chosen` (what fitting the machine chose). Returns (step, best metric): (0, inf) for a fresh
-    run. Shared with train_sft.py."""
+    """The checkpoint being resumed (run.state) restored into the model, optimizer, scheduler, scaler and RNG (its step
+    moved to a new global batch when one was typed: steps_for(g) = (steps an epoch, steps in the run) for a global
+    batch g), and args.json written with the settings and `chosen` (what fitting the machine chose). Returns (step,
+    best metric): (0, inf) for a fresh run. Shared with train_sft.py."""
     state = run.state
     step, best = (state["step"], state["best"]) if state else (0, float("inf"))
     run.before = common.restore_training_state(state, model, optimizer, scheduler, run.scaler)
@@ -988,11 +961,10 @@ def step_loader(fn, args, device, *, steps, **kw):
 
 
 def log_interval(run, bar, tb, *, step, total, loss, lr, elapsed, steps, tokens, flops, epoch, since, global_batch):
-    """Every --log-every steps (rank 0): the log line (common.log_step, over `steps` steps and `tokens`
-    tokens of the global batch in `elapsed` seconds) with MFU (flops = (model FLOPs per token, the
-    device's peak)), its metrics.jsonl record, status.json (the pace and ETA since `since` = the (step,
-    time) this process started at) and TensorBoard. Returns the peak, re-measured if MFU read over
-    100 % (checked_peak). Shared with train_sft.py."""
+    """Every --log-every steps (rank 0): the log line (common.log_step, over `steps` steps and `tokens` tokens of the
+    global batch in `elapsed` seconds) with MFU (flops = (model FLOPs per token, the device's peak)), its
+    metrics.jsonl record, status.json (the pace and ETA since `since` = the (step, time) this process started at) and
+    TensorBoard. Returns the peak, re-measured if MFU read over 100 % (checked_peak). Shared with train_sft.py."""
     tps, (fpt, peak), (start_step, t_start) = tokens / elapsed, flops, since
     peak = checked_peak(peak, fpt, tps, run.ranks.world, run.device, run.amp_dtype, run.log)
     mfu, seconds = fpt * tps / (peak * run.ranks.world), time.time() - t_start
@@ -1053,8 +1025,7 @@ def stopped(run, bar, tb, step, why):
 
 def report(args, run, model, cfg, *, windows, eval_bs, best, step, start_step, t_start, samples, fpt, peak,
            n_params, global_batch, memory):
-    """The end of a run: the final validation (at eval_bs, the batch that fitted), summary.json
-    and a sample."""
+    """The end of a run: the final validation (at eval_bs, the batch that fitted), summary.json and a sample."""
     out, log, status, device = run.out, run.log, run.status, run.device
     if step == start_step and (out / "summary.json").exists():
         return common.finished_before(out, status, step, log)
@@ -1123,13 +1094,12 @@ def pad_to(n, cap, multiple=32):
 
 @torch.inference_mode()
 def greedy_batch(model, prompts, max_new, device, stop=EOT, rows=64):
-    """Greedy continuations of many prompts (lists of ids) at once: train_sft.py's decoder (its
-    test split's command accuracy, and ask).
+    """Greedy continuations of many prompts (lists of ids) at once: train_sft.py's decoder (its test split's command
+    accuracy, and ask).
 
-    Prompts are right-padded into one buffer and each row keeps its own length: with causal
-    attention the padding after a row's last token cannot change that token's logits, so one
-    forward over (rows, longest) serves every row. A row ends at `stop`, <eot>, or the context.
-    """
+    Prompts are right-padded into one buffer and each row keeps its own length: with causal attention the padding after
+    a row's last token cannot change that token's logits, so one forward over (rows, longest) serves every row. A row
+    ends at `stop`, <eot>, or the context."""
     model.eval()
     T = model.cfg["seq_len"]
     outs = []
@@ -1186,10 +1156,9 @@ def eval_model(args, sources, cfg, trainer):
         diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
                          if state["model_cfg"].get(k) != v)
         raise UserError(f"--eval-only: {path} was trained with {diff}; repeat the training command's flags")
-    typed = sources.get("precision") == "flag"
     device, amp_dtype, _, _ = common.setup_device(args, sources)
     saved = (state.get("args") or {}).get("precision")
-    if not typed and saved in ("fp32", "bf16", "fp16"):
+    if sources.get("precision") != "flag" and saved in ("fp32", "bf16", "fp16"):
         args.precision = "fp32" if saved == "fp16" and device.type == "cpu" else saved  # fp16 runs on CUDA only here
         amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model = LM(state["model_cfg"]).to(device)

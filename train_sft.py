@@ -43,8 +43,7 @@ import common
 from common import UserError
 from train_lm import (EOT, LM, VOCAB, add_model_flags, check_flags, check_resume, describe, device_peak, encode,
                       eval_model, flops_per_token, greedy_batch, load_model, log_interval, log_presets, pad_to,
-                      make_optimizer, model_config, resolve_shape, resume, save, start, step_loader, stopped, totals,
-                      wrap)
+                      make_optimizer, model_config, resolve_shape, resume, save, start, step_loader, stopped, totals)
 
 # -----------------------------------------------------------------------------
 # data: English request -> shell command pairs
@@ -58,10 +57,9 @@ CMD_OPEN, CMD_CLOSE = SFT_IDS["<command>"], SFT_IDS["</command>"]
 SPECIAL_RE = re.compile("(" + "|".join(map(re.escape, SFT_SPECIALS)) + ")")
 DEFAULT_PAIRS = Path("data") / "shell_commands.jsonl"
 
-# The built-in data: one template a line, "request | another phrasing => command => explanation" (a
-# line that starts with spaces goes on the one before); {slots} are filled from SLOTS, so one line gives
-# many pairs. The commands cover the seed's list (ls cd grep find top ps kill chmod chown tar zip git npm
-# pip docker) and the everyday file tools.
+# The built-in data: one template a line, "request | another phrasing => command => explanation" (a line that starts
+# with spaces goes on the one before); {slots} are filled from SLOTS, so one line gives many pairs. The commands cover
+# the seed's list (ls cd grep find top ps kill chmod chown tar zip git npm pip docker) and the everyday file tools.
 SLOTS = {
     "file": ["notes.txt", "report.pdf", "main.py", "data.csv", "config.yaml", "app.log", "README.md",
              "index.html", "backup.sql", "photo.jpg", "deploy.sh", "server.js", "todo.md", "train.py"],
@@ -69,16 +67,13 @@ SLOTS = {
             "music", "data"],
     "pattern": ["error", "TODO", "warning", "import", "failed", "localhost", "password", "main"],
     "ext": ["py", "txt", "log", "csv", "md", "json", "jpg", "sh"],
-    "user": ["alice", "bob", "deploy", "www-data", "root"],
-    "pid": ["1234", "4321", "987", "2048", "31337", "555"],
+    "user": ["alice", "bob", "deploy", "www-data", "root"], "pid": ["1234", "4321", "987", "2048", "31337", "555"],
     "proc": ["python", "nginx", "node", "java", "postgres", "redis", "firefox"],
     "pkg": ["numpy", "requests", "flask", "torch", "pandas", "pytest", "django", "scipy"],
     "npmpkg": ["express", "react", "lodash", "axios", "typescript"],
     "branch": ["main", "dev", "feature-login", "fix-typo", "release", "hotfix"],
-    "image": ["nginx", "redis", "postgres", "ubuntu", "python", "alpine"],
-    "n": ["3", "5", "10", "20", "50"],
-    "mode": ["755", "644", "600", "700"],
-    "msg": ["fix bug", "add tests", "update docs", "initial commit", "refactor"],
+    "image": ["nginx", "redis", "postgres", "ubuntu", "python", "alpine"], "n": ["3", "5", "10", "20", "50"],
+    "mode": ["755", "644", "600", "700"], "msg": ["fix bug", "add tests", "update docs", "initial commit", "refactor"],
 }
 TEMPLATES = """
 list files | show the files here | what files are in this folder => ls => Lists the files in the current folder.
@@ -184,11 +179,10 @@ def format_answer(command, explanation=""):
 
 
 def builtin_pairs(per_template=100):
-    """The built-in English -> command pairs, in a fixed order (the same file on every machine).
-    Balanced: every template gives up to per_template pairs (slot combinations picked by a fixed
-    permutation, phrasings and polite prefixes rotated), so "list files by size" is not drowned
-    by the hundreds of file x folder combinations of "copy {file} to {dir}" (measured: with all
-    combinations, 4264 pairs, the tiny model got the rare templates wrong)."""
+    """The built-in English -> command pairs, in a fixed order (the same file on every machine). Balanced: every
+    template gives up to per_template pairs (slot combinations picked by a fixed permutation, phrasings and polite
+    prefixes rotated), so "list files by size" is not drowned by the hundreds of file x folder combinations of "copy
+    {file} to {dir}" (measured: with all combinations, 4264 pairs, the tiny model got the rare templates wrong)."""
     pairs, seen = [], set()
 
     def add(inp, cmd, expl):
@@ -221,10 +215,7 @@ def builtin_pairs(per_template=100):
 def encode_sft(text):
     """Bytes, with the special-token strings as single ids (only in answers: a user who types
     "<command>" in a request gets the bytes, see render)."""
-    ids = []
-    for part in SPECIAL_RE.split(text):
-        ids.extend([SFT_IDS[part]] if part in SFT_IDS else encode(part))
-    return ids
+    return [i for part in SPECIAL_RE.split(text) for i in ([SFT_IDS[part]] if part in SFT_IDS else encode(part))]
 
 
 def decode_sft(ids):
@@ -359,12 +350,11 @@ g.add_argument("--max-rounds", type=common.nonneg_int, default=0, metavar="N",
                help="continuous learning: stop after N rounds (0 = run until stopped)")
 
 
-# The plain run's settings, measured on the built-in pairs (docs/sft.md "Defaults chosen by"). The
-# seed's (Overseer, training/configs/training_config.py) standard column was made for fine-tuning a
-# large pretrained model: lr 1e-4, batch 16 x 4, context 2048, one epoch (46 steps) left this small
-# model, trained from scratch, at 0.0 % exact command accuracy (val loss 4.59). Here: lr 4e-3 (8e-3:
-# 45 %, 2e-3: 22 % at 600 steps), 16 x 2 for 1000 steps whatever the data (90.0 %, 477 CPU s; 600
-# steps: 54 %; 16 x 1 for 1000 steps: 47 %), context 256 (99 % of the man-page pairs fit in 178
+# The plain run's settings, measured on the built-in pairs (docs/sft.md "Defaults chosen by"). The seed's (Overseer,
+# training/configs/training_config.py) standard column was made for fine-tuning a large pretrained model: lr 1e-4, batch
+# 16 x 4, context 2048, one epoch (46 steps) left this small model, trained from scratch, at 0.0 % exact command
+# accuracy (val loss 4.59). Here: lr 4e-3 (8e-3: 45 %, 2e-3: 22 % at 600 steps), 16 x 2 for 1000 steps whatever the data
+# (90.0 %, 477 CPU s; 600 steps: 54 %; 16 x 1 for 1000 steps: 47 %), context 256 (99 % of the man-page pairs fit in 178
 # tokens). The seed's column stays a command line in docs/sft.md.
 # schedule and beta2 stay what the sft thresholds (tests/test_sft.py) were measured with
 SFT_DEFAULT = dict(batch_size=16, grad_accum=2, lr=4e-3, seq_len=256, workers=0, pin_memory=True, max_steps=1000,
@@ -380,9 +370,8 @@ SFT_QUICK = dict(batch_size=16, grad_accum=2, lr=4e-3, seq_len=256, workers=0, s
 # the smaller of the chosen value and the table's, its micro-batch is halved with accumulation doubled
 # (common.choose_batch_size: the same effective batch) and the lr is left alone.
 MODES = {  # precedence: mac > cpu-only > resource-efficient (the seed's order); one mode applies
-    "mac": dict(batch_size=1, grad_accum=32, lr=3e-5, seq_len=256, precision="fp32", workers=0,
-                ram_threshold=60.0, gpu_threshold=70.0, swap_threshold=25.0, mem_check_every=10.0,
-                save_every=100, eval_every=25),
+    "mac": dict(batch_size=1, grad_accum=32, lr=3e-5, seq_len=256, precision="fp32", workers=0, ram_threshold=60.0,
+                gpu_threshold=70.0, swap_threshold=25.0, mem_check_every=10.0, save_every=100, eval_every=25),
     "cpu_only": dict(batch_size=1, grad_accum=64, lr=1e-5, seq_len=128, precision="fp32", device="cpu",
                      ram_threshold=50.0, gpu_threshold=0.0, swap_threshold=20.0, mem_check_every=5.0,
                      save_every=50, eval_every=10),
@@ -397,9 +386,8 @@ parser.set_defaults(**{k: SFT_DEFAULT[k] for k in ("batch_size", "grad_accum", "
 
 
 def apply_modes(args, sources, log):
-    """Settings layers after optimal_config.json, before anything is built (common.resolve_settings
-    calls this): the plain run's defaults, then --quick, then one mode; flags typed by the user
-    always win."""
+    """Settings layers after optimal_config.json, before anything is built (common.resolve_settings calls this): the
+    plain run's defaults, then --quick, then one mode; flags typed by the user always win."""
     def layer(values, name, over_config=()):
         for key, value in values.items():
             if key == "max_steps" and sources.get("epochs") == "flag":
@@ -413,8 +401,7 @@ def apply_modes(args, sources, log):
     layer(SFT_DEFAULT, "sft default", over_config=("batch_size", "grad_accum", "seq_len"))
     if args.quick:
         layer(SFT_QUICK, "quick", over_config=("batch_size", "grad_accum", "seq_len", "workers"))
-    mode = "mac" if args.mac else "cpu_only" if args.cpu_only else "resource_efficient" if args.resource_efficient \
-        else None
+    mode = next((m for m in MODES if getattr(args, m)), None)  # MODES is in precedence order
     if not mode:
         return
     given = [f"--{m.replace('_', '-')}" for m in MODES if getattr(args, m)]
@@ -458,26 +445,25 @@ def read_pairs(path, flag, bad_rows="skip"):
     (records, bad, reasons): records are {"input", "output"} dicts, `bad` counts the rows skipped,
     `reasons` holds the first few ("line 7: no 'output'"); --bad-rows fail stops at the first one."""
     records = common.opt_in("records", flag)  # only for a user's file: the built-in pairs need none
-    read_records, MAX_REASONS = records.read_records, records.MAX_REASONS
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in PAIR_EXTS)
         if not files:
             raise UserError(f"{flag} {p}: no .jsonl or .csv files in this folder")
-        records, bad, reasons = [], 0, []
+        pairs, bad, reasons = [], 0, []
         for f in files:
             r, b, why = read_pairs(f, flag, bad_rows)
-            records += r
+            pairs += r
             bad += b
-            reasons += [f"{f.name} {w}" for w in why][:MAX_REASONS - len(reasons)]
-        return records, bad, reasons
+            reasons += [f"{f.name} {w}" for w in why][:records.MAX_REASONS - len(reasons)]
+        return pairs, bad, reasons
     ext = p.suffix.lower()
     if ext not in PAIR_EXTS:
         raise UserError(f"{flag} {p}: unknown file type '{ext}'; use .jsonl (one {{\"input\", \"output\"}} "
                         f"object a line) or .csv ({','.join(CSV_COLUMNS)})")
     if ext == ".jsonl":
-        return read_records(p, flag, ("input", "output"), bad_rows=bad_rows)
-    rows, bad, reasons = read_records(p, flag, CSV_COLUMNS[:2], optional=CSV_COLUMNS[2:], bad_rows=bad_rows)
+        return records.read_records(p, flag, ("input", "output"), bad_rows=bad_rows)
+    rows, bad, reasons = records.read_records(p, flag, CSV_COLUMNS[:2], optional=CSV_COLUMNS[2:], bad_rows=bad_rows)
     return [{"input": r["description"], "output": format_answer(r["command"], r.get("explanation", ""))}
             for r in rows], bad, reasons
 
@@ -509,13 +495,11 @@ def sft_pairs(args, log):
             raise UserError(f"--download-data {url}: no usable input/output pairs, {bad} bad rows{first}")
         log(f"--download-data {url}: {len(recs):,} pairs, {bad} bad rows skipped{first}")
         records += recs
-    seen, pairs = set(), []
+    pairs = {}
     for r in records:
-        if r["input"] not in seen:
-            seen.add(r["input"])
-            pairs.append(r)
+        pairs.setdefault(r["input"], r)  # a request seen twice keeps its first answer
     test, val, train = [], [], []
-    for p in pairs:
+    for p in pairs.values():
         (test, val, train)[min(split_of(p), 2)].append(p)  # 10 % test, 10 % val, 80 % train
     if not (train and val and test):
         raise UserError(f"{'--data ' + str(args.data) if args.data else 'the data'}: {len(pairs)} distinct pairs "
@@ -543,8 +527,7 @@ def load_init(model, init, log):
     """Copy --init-from weights into the fine-tuning model. The token table grows from the
     pretrained vocabulary (257 ids) by the 8 specials, and the position table may grow to the
     new --seq-len: the new rows keep their N(0, 0.02) init and are learned in fine-tuning."""
-    own = model.state_dict()
-    grown = []
+    own, grown = model.state_dict(), []
     for k, v in init["model"].items():
         if own[k].shape != v.shape:
             n = min(v.shape[0], own[k].shape[0])
@@ -562,10 +545,8 @@ def load_init(model, init, log):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["ask"]:
-        return run_ask(argv[1:])
-    if argv[:1] == ["rate"]:
-        return run_rate(argv[1:])
+    if argv[:1] in (["ask"], ["rate"]):
+        return (run_ask if argv[0] == "ask" else run_rate)(argv[1:])
     notes = []
     args, sources = common.resolve_settings(parser, argv, log=notes.append, modes=apply_modes)
     init = init_shape(args, sources, notes.append)
@@ -641,7 +622,7 @@ def train(args, sources, run, cfg, data, init):
         "micro_batch": micro_bs, "grad_accum": accum, "world_size": ranks.world, "effective_batch": E,
         "global_batch": G, "tokens_per_step": tokens_per_step, "precision": args.precision,
         "device": device.type, "why": why}, steps_for=steps_for)
-    train_model, no_sync = wrap(model, args, ranks)  # `model` stays the plain module we save
+    train_model, no_sync = ranks.wrap(torch.compile(model) if args.compile else model)  # `model` is what we save
     peak, peak_why = device_peak(device, run.amp_dtype, args.config, out) if ranks.is_main else (1.0, "")
     fpt = flops_per_token(dict(cfg, seq_len=max(1, round(mean_len))))  # attention at the average pair length
     log(f"MFU against {peak_why}; model FLOPs {fpt / 1e6:.2f} M per token, {tokens_per_step:,.0f} tokens per step")
@@ -770,9 +751,8 @@ def command_accuracy(model, pairs, device, max_new=64):
 
 
 def validate(run, tb, model, val_examples, args, *, step, bs):
-    """The validation at `step` (rank 0; bs pairs a batch: one that fitted in training may not fit
-    here, another process took the memory, so it is halved and the size that fitted kept): its
-    metrics.jsonl record, log line, status.json and TensorBoard. Returns (val loss, the bs that fitted)."""
+    """The validation at `step` (rank 0; bs pairs a batch, halved if another process took the memory since training
+    fitted it): its metrics.jsonl record, log line, status.json and TensorBoard -> (val loss, the bs that fitted)."""
     val_loss, bs = common.evaluate_halving(lambda b: evaluate_sft(model, val_examples, run.device, run.amp_dtype, b,
                                                                   args.seq_len), bs, run.device, run.log)
     common.append_metrics(run.out, {"step": step, "val_loss": round(val_loss, 6)}, tb)
@@ -818,12 +798,11 @@ def report(args, run, model, data, val_examples, eval_bs, cfg, *, best, step, st
 # continuous learning: fine-tune on rated answers from the feedback store (SQLite), after training
 
 def feedback_rounds(args, run, tb, model, micro_bs, E, examples, test_pairs, *, step, save_round):
-    """--continuous-learning: watch --feedback-db; at --retrain-threshold new well-rated rows,
-    fine-tune on them with --replay of the original pairs, keep the result only if the test
-    split's exact command accuracy is not worse, record the rows as used (metrics.jsonl and
-    TensorBoard get the round's record), and watch again. Each
-    round starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has ended at
-    zero, and a small step keeps the round from undoing what the model knew."""
+    """--continuous-learning: watch --feedback-db; at --retrain-threshold new well-rated rows, fine-tune on them with
+    --replay of the original pairs, keep the result only if the test split's exact command accuracy is not worse,
+    record the rows as used (metrics.jsonl and TensorBoard get the round's record), and watch again. Each round
+    starts a fresh AdamW at a tenth of --lr, constant: the main run's schedule has ended at zero, and a small step
+    keeps the round from undoing what the model knew."""
     out, log, status, stop, device, amp_dtype = run.out, run.log, run.status, run.stop, run.device, run.amp_dtype
     db, run_key, warned = args.feedback_db, str(Path(out).resolve()), set()
     round_no, rounds_here = max(used_rows(db, run=run_key).values(), default=0), 0
@@ -832,8 +811,7 @@ def feedback_rounds(args, run, tb, model, micro_bs, E, examples, test_pairs, *, 
         f"{args.retrain_threshold} new rows rated feedback >= 1 and success = 1; test exact {exact:.1%} now")
     common.update_status(out, status, state="watching", round=round_no, command_exact=round(exact, 4))
     while True:
-        why = common.stop_requested(stop, out)
-        if why:
+        if why := common.stop_requested(stop, out):
             log(f"continuous learning stopped by {why} after round {round_no}; re-run the same command to go on")
             common.update_status(out, status, state="stopped")
             return 0
@@ -865,8 +843,7 @@ def feedback_rounds(args, run, tb, model, micro_bs, E, examples, test_pairs, *, 
             loss, _, micro_bs = common.train_step(model, optimizer, run.scaler, collate(batch, args.seq_len),
                                                   lambda m, b: sft_loss_fn(m, b, device), micro_bs, clip=args.clip,
                                                   device=device, amp_dtype=amp_dtype, log=log)
-            halted = common.stop_requested(stop, out)
-            if halted:
+            if halted := common.stop_requested(stop, out):
                 break
         if halted:  # a half round is thrown away; its rows stay new for the next run
             model.load_state_dict(before)
@@ -944,8 +921,7 @@ def open_feedback_db(path, create=True):
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "user_interactions" in tables:
             cols = {r[1] for r in con.execute("PRAGMA table_info(user_interactions)")}
-            missing = [c for c in SEED_COLUMNS if c not in cols]
-            if missing:
+            if missing := [c for c in SEED_COLUMNS if c not in cols]:
                 raise UserError(f"--feedback-db {path}: its user_interactions table lacks column(s) "
                                 f"{', '.join(missing)}; it was not written by `ask` or the seed")
         elif tables and not create:
@@ -967,11 +943,10 @@ def open_feedback_db(path, create=True):
 
 
 def set_wal(con):
-    """Switch to WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can
-    write while the trainer reads. The mode is stored in the file, so it is switched once, by
-    whichever opener comes first. The switch needs a moment's exclusive lock, and SQLite answers
-    "database is locked" to it at once, busy timeout or not, while another connection opens the
-    same fresh file: retry for up to BUSY_S."""
+    """Switch to WAL: readers never block the writer nor the writer readers, so `ask`/`rate` can write while the trainer
+    reads. The mode is stored in the file, so it is switched once, by whichever opener comes first. The switch needs
+    a moment's exclusive lock, and SQLite answers "database is locked" to it at once, busy timeout or not, while
+    another connection opens the same fresh file: retry for up to BUSY_S."""
     deadline = time.monotonic() + BUSY_S
     while True:
         try:
@@ -1068,8 +1043,7 @@ def new_training_rows(db_path, warned, log):
             "WHERE t.interaction_id IS NULL AND u.user_feedback >= 1 AND u.success = 1 ORDER BY u.id").fetchall()
     rows = []
     for id_, user_input, ai_response, feedback, context in _feedback_call(db_path, False, select):
-        reason = _bad_row_reason(user_input, ai_response, feedback, context)
-        if reason:
+        if reason := _bad_row_reason(user_input, ai_response, feedback, context):
             if id_ not in warned:
                 warned.add(id_)
                 log(f"feedback-db: interaction {id_} skipped: {reason}")
@@ -1080,9 +1054,8 @@ def new_training_rows(db_path, warned, log):
 
 
 def mark_used(db_path, ids, round_no, run, kept):
-    """Record that retraining round `round_no` of run folder `run` consumed these interaction ids, and
-    whether its model was kept: after every round, whatever its outcome, so a row that made a round
-    worse is not fed in again."""
+    """Record that retraining round `round_no` of run folder `run` consumed these interaction ids, and whether its model
+    was kept: after every round, whatever its outcome, so a row that made a round worse is not fed in again."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     batch = [(int(i), int(round_no), str(run), int(bool(kept)), now) for i in ids]
     # OR IGNORE: an id already recorded keeps its first round (a repeated call is harmless)
@@ -1093,11 +1066,9 @@ def mark_used(db_path, ids, round_no, run, kept):
 
 def used_rows(db_path, run=None):
     """{interaction id: training round} for every row a round consumed (only run `run`'s, if given)."""
-    def select(con):
-        if run is None:
-            return con.execute("SELECT interaction_id, round FROM training_use").fetchall()
-        return con.execute("SELECT interaction_id, round FROM training_use WHERE run = ?", (str(run),)).fetchall()
-    return dict(_feedback_call(db_path, False, select))
+    where, params = ("", ()) if run is None else (" WHERE run = ?", (str(run),))
+    return dict(_feedback_call(db_path, False, lambda con: con.execute(
+        "SELECT interaction_id, round FROM training_use" + where, params).fetchall()))
 
 
 # -----------------------------------------------------------------------------
