@@ -4,7 +4,7 @@
 train.log has the per-interval loss line. train_sft.py's quick run ends by decoding every test pair with an
 untrained model (370 pairs: 80 s on one core), so here its built-in set has 5 pairs a template, not 100.
 And the sizes a reader sees: no line over 120 characters, no
-module over ~1,200 lines (1,300: train_classifier.py is 1,300) but common.py, held under 1,600 (issue 30
+module over ~1,200 lines (1,270: train_classifier.py is 1,261) but common.py, held under 1,520 (issue 30
 asks ~1,000: not met, see docs/tests.md)."""
 import os
 import re
@@ -59,16 +59,20 @@ def test_no_line_over_120_characters_and_no_module_over_about_1200_lines():
     for f in sorted(REPO.glob("*.py")):
         lines = f.read_text(encoding="utf-8").splitlines()
         # common.py: issue 30's ~1,000 is not met; this stops growth (1,700 until the memory plan moved
-        # to memory_plan.py and the end-of-run plot went: 1,565)
-        assert len(lines) <= (1600 if f.name == "common.py" else 1300), f"{f.name}: {len(lines)} lines"
+        # to memory_plan.py and the end-of-run plot went; 1,565 until reading optimal_config.json moved
+        # to memory_optimizer.py, which writes it: 1,509)
+        assert len(lines) <= (1520 if f.name == "common.py" else 1270), f"{f.name}: {len(lines)} lines"
         long = [i for i, line in enumerate(lines, 1) if len(line) > 120]
         assert not long, f"{f.name}: lines over 120 characters: {long[:10]}"
 
 
-@pytest.mark.parametrize("flag, module", [("--optim adamw8bit", "adamw8bit"), ("--plan", "memory_plan")])
+@pytest.mark.parametrize("flag, module", [("--optim adamw8bit", "adamw8bit"), ("--plan", "memory_plan"),
+                                          ("--config optimal_config.json", "memory_optimizer")])
 def test_an_opt_in_flag_on_a_trainer_copied_alone_names_the_file_it_needs(flag, module, tmp_path):
     for f in ["common.py", "train_gru.py"]:
         shutil.copy(REPO / f, tmp_path / f)
+    if module == "memory_optimizer":  # it writes optimal_config.json and reads it for the trainers
+        (tmp_path / "optimal_config.json").write_text('{"trainers": {"gru": {}}}')
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH="")
     p = subprocess.run([sys.executable, "train_gru.py", "--quick", *flag.split(), "--out", "r"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
