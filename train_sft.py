@@ -1126,7 +1126,9 @@ def run_ask(argv):
     for request, ids in zip(args.request, answers):
         text = decode_sft(ids)
         explanation = text.split("</command>", 1)[1].strip() if "</command>" in text else ""
-        print(f"> {request}\n$ {command_of(text)}" + (f"\n  {explanation}" if explanation else ""))
+        print(f"> {request}\n$ {command_of(text)}" + (f"\n  {explanation}" if explanation else "") + (
+            "" if command_of(text) else f"(no command: the model of step {state['step']} answers nothing yet; train "
+            "it longer, e.g. re-run its command with a larger --max-steps)"))
         if args.feedback_db:
             i = log_interaction(args.feedback_db, request, text,
                                 context={"run": str(Path(args.out).resolve()), "step": state["step"]})

@@ -68,6 +68,16 @@ def test_quick_sft_learns_commands(sft_run):
     assert len(lines) == 2 and lines[0].startswith("$ ls"), a.stdout  # the second: whatever it learned
 
 
+def test_ask_says_so_when_the_model_answers_no_command(monkeypatch, capsys):
+    """A barely trained run may end its answer at once: `ask` printed a bare "$ " and nothing else."""
+    monkeypatch.setattr(train_sft, "load_model", lambda args, task: (None, {"task": "sft", "step": 2}, "r/best.pt",
+                                                                      torch.device("cpu")))
+    monkeypatch.setattr(train_sft, "greedy_batch", lambda model, prompts, n, device: [[train_sft.EOT] for _ in prompts])
+    assert train_sft.run_ask(["--out", "r", "list files"]) == 0
+    out = capsys.readouterr().out
+    assert "$ (no command: the model of step 2 answers nothing yet; train it longer" in out, out
+
+
 def test_plain_defaults_learn_on_a_slice(tmp):
     """The plain run's settings (lr 4e-3, 16 x 2, onecycle over the run, context 256), only shorter:
     150 steps on the 20 built-in templates whose command has no slot (210 pairs, 19 test pairs:
