@@ -267,8 +267,8 @@ def resolve_settings(parser, argv, log=print, modes=None, own_changes=()):
 
     cfg_path, applied = Path(args.config), []
     if cfg_path.exists():  # memory_optimizer.py writes it and reads it: one place knows its layout
-        applied = opt_in("memory_optimizer", f"--config {cfg_path}").apply_config(args, sources, flag_reader(parser),
-                                                                                 cfg_path)
+        applied = opt_in("memory_optimizer", f"{cfg_path} (read where it is; move it away to run without it)"
+                         ).apply_config(args, sources, flag_reader(parser), cfg_path)
     elif "config" in given:
         try:  # the seeds' `--config small_32k` names a preset: here that is --preset
             preset = "preset" in vars(args) and "preset" in vars(
@@ -370,13 +370,13 @@ def setup_device(args, sources=None):
            and torch.cuda.is_available() else torch.device("cpu"))
     prec, src = args.precision, (sources or {}).get("precision", "flag")
     if src == "optimal_config.json" and (dev.type == "cpu") != (prec == "fp32"):
-        prec = "auto"  # e.g. a GPU machine's config with --device cpu
+        args.precision = prec = "auto"  # e.g. a GPU machine's config with --device cpu: decided (and timed) as auto
     why = f"{prec} from {src}"
     if dev.type == "cpu":
         if prec == "fp16":
             raise UserError("--precision fp16 needs CUDA (no fp16 GradScaler on CPU); use bf16 or fp32")
         if prec == "auto":
-            prec, why = "fp32", "fp32 until measure_precision times bf16"
+            prec, why = "fp32", "fp32; bf16 only where this model's step is timed faster in it"
         why = "CPU: " + why + ("; --gpu-memory has no effect on a CPU (--max-memory caps RAM)"
                                if getattr(args, "gpu_memory", None) else "")
     else:

@@ -345,13 +345,15 @@ def apply_config(args, sources, reader, path):
                         "regenerate it with `python memory_optimizer.py config`")
     for key, entry in section.items():
         if key in sources and sources[key] == "default":
-            value = entry if not isinstance(entry, dict) else \
-                entry.get("quick_value", entry["value"]) if args.quick else entry["value"]
+            value = entry
             try:  # the same checks as a typed flag
+                if isinstance(entry, dict):
+                    value = entry.get("quick_value", entry["value"]) if args.quick else entry["value"]
                 value = config_value(reader, key, value)
-            except ValueError as e:
+            except (KeyError, ValueError) as e:
+                why = "an entry without a \"value\"" if isinstance(e, KeyError) else e
                 raise UserError(f"--config {path}: {args.trainer}.{key} = {value!r} is invalid "
-                                f"({e}); regenerate it with `python memory_optimizer.py config`")
+                                f"({why}); regenerate it with `python memory_optimizer.py config`")
             setattr(args, key, value)
             sources[key] = "optimal_config.json"
             applied.append(key)

@@ -1156,11 +1156,11 @@ def eval_model(args, sources, cfg, trainer):
         diff = ", ".join(f"{k} {state['model_cfg'].get(k)} (now {v})" for k, v in cfg.items()
                          if state["model_cfg"].get(k) != v)
         raise UserError(f"--eval-only: {path} was trained with {diff}; repeat the training command's flags")
+    typed = sources.get("precision") == "flag"  # before setup_device, which marks a typed "auto" as "auto"
     device, amp_dtype, _, _ = common.setup_device(args, sources)
-    saved = (state.get("args") or {}).get("precision")
-    if sources.get("precision") != "flag" and saved in ("fp32", "bf16", "fp16"):
+    if not typed and (saved := (state.get("args") or {}).get("precision")) in ("fp32", "bf16", "fp16"):
         args.precision = "fp32" if saved == "fp16" and device.type == "cpu" else saved  # fp16 runs on CUDA only here
-        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        amp_dtype = common.DTYPES[args.precision]
     model = LM(state["model_cfg"]).to(device)
     model.load_state_dict(state["model"])
     return out, model, state, path, device, amp_dtype, int(state.get("micro_bs", 1))

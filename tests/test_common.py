@@ -193,6 +193,14 @@ def test_precision_on_cpu_scaler_off_and_fp16_refused():
             common.setup_device(argparse.Namespace(device="cuda", precision="auto"))
 
 
+def test_a_config_precision_that_does_not_fit_the_device_is_decided_as_auto():
+    """A GPU machine's optimal_config.json (bf16) read on a CPU: precision auto, so measure_precision times it
+    (before, the source stayed "optimal_config.json", nothing was timed, and the line promised a timing)."""
+    args, sources = argparse.Namespace(device="cpu", precision="bf16"), {"precision": "optimal_config.json"}
+    dev, amp, _, why = common.setup_device(args, sources)
+    assert (amp, args.precision, sources["precision"]) == (None, "fp32", "auto"), (why, sources)
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp):
     common.seed_everything(3)
     state = common.rng_state()
@@ -380,9 +388,9 @@ def test_truncate_metrics_survives_a_half_written_last_line(tmp):
 
 def test_an_invalid_config_value_is_a_user_error(tmp, monkeypatch):
     monkeypatch.chdir(tmp)
-    for bad in ({"precision": {"value": "fp8"}}, {"batch_size": {"value": 0}}):
+    for bad in ({"precision": {"value": "fp8"}}, {"batch_size": {"value": 0}}, {"batch_size": {"nov": 3}}):
         (tmp / "optimal_config.json").write_text(json.dumps({"trainers": {"gru": bad}}))
-        with pytest.raises(UserError, match="is invalid"):
+        with pytest.raises(UserError, match="is invalid"):  # the last: a KeyError traceback before
             common.resolve_settings(train_gru.parser, [], lambda m: None)
 
 

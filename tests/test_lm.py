@@ -338,6 +338,10 @@ def test_eval_only_reproduces_the_final_validation_and_writes_nothing_else(tmp):
     e = read_json(out / "eval.json")
     assert e["checkpoint"].endswith("best.pt") and e["value"] == s["best_value"] and e["precision"] == "fp32", e
     assert tree_digest(out, skip="eval.json") == before and not (tmp / "runs" / "r" / "tb").exists()
+    # a typed precision wins over the checkpoint's, a typed auto too (it took bf16's here once)
+    run("train_lm.py", *untyped, "--precision", "bf16", "--out", "runs/b", cwd=tmp, check=0)
+    run("train_lm.py", *untyped, "--precision", "auto", "--eval-only", "--out", "runs/b", cwd=tmp, check=0)
+    assert read_json(tmp / "runs" / "b" / "eval.json")["precision"] == "fp32"
 
 
 def test_tensorboard_gets_the_log_lines_and_the_evaluations(tmp):
