@@ -207,14 +207,19 @@ def test_resource_efficient_never_raises_what_the_run_chose(tmp):
 
 
 def test_plain_run_uses_the_measured_defaults_and_the_seed_column_stays_reachable(tmp):
-    """The plain command's shape (docs/sft.md "defaults chosen by"): lr 4e-3, 16 pairs a step, 1000
-    steps, context 256, the tiny preset, no loader workers; --epochs typed trains passes instead; the
-    seed's standard column is the command line docs/sft.md prints."""
+    """The plain command's shape (docs/sft.md "defaults chosen by"): lr 4e-3, 16 pairs a step, 12 passes
+    over the data but at least 1000 steps, context 256, the tiny preset, no loader workers; --epochs typed
+    trains passes instead; the seed's standard column is the command line docs/sft.md prints."""
     few = few_pairs(tmp)
     p = run("train_sft.py", *few, "--plan", "--out", "p", cwd=tmp, check=0)
     assert "--preset tiny --arch gpt: 4 layers, d 128, 4 heads, context 256" in p.stdout
     assert "batch 16 x 2 accumulation = 32 pairs" in p.stdout and "precision" in p.stdout
-    assert "lr 0.004, warmup 100 steps, cosine to 0 at step 1000" in p.stdout
+    assert "lr 0.004, warmup 100 steps, cosine to 0 at step 1000" in p.stdout  # 12 passes of 99 pairs: 36 steps
+    many = [dict(q, input=f"{q['input']} (copy {k})") for k in range(4) for q in train_sft.builtin_pairs()]
+    (tmp / "many.jsonl").write_text("".join(json.dumps(q) + "\n" for q in many))
+    n_train = sum(train_sft.split_of(q) >= 2 for q in many)
+    p = run("train_sft.py", "--data", "many.jsonl", "--plan", "--out", "m", cwd=tmp, check=0)
+    assert n_train // 32 * 12 > 1000 and f"cosine to 0 at step {n_train // 32 * 12}" in p.stdout, p.stdout
     p = run("train_sft.py", *few, "--epochs", "2", "--plan", "--out", "e", cwd=tmp, check=0)
     n_train = sum(train_sft.split_of(q) >= 2 for q in train_sft.builtin_pairs()[::30])
     assert f"cosine to 0 at step {2 * (n_train // 32)}" in p.stdout
