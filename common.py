@@ -433,7 +433,7 @@ def cpu_has_bf16():
     return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
-def measure_precision(args, sources, device, model, step, log=print, resumed=None, margin=1.2):
+def measure_precision(args, sources, device, model, step, resumed=None, margin=1.2):
     """--precision auto on a CPU: bf16 where the CPU has bf16 units and precision_probe.py times this model's step
     (step(amp_dtype), at the run's micro-batch) `margin` faster in it, else fp32. Returns (amp_dtype, why or None);
     sets args.precision."""
@@ -718,7 +718,7 @@ def fit_batch(model, loss_fn, worst, args, sources, *, device, amp_dtype, prec_w
     micro_bs, accum, bs_why = choose_batch_size(args, sources, device, probe, log,
                                                 (state["micro_bs"], state["accum"]) if state else None)
     micro_bs, accum = ranks.agree_batch(micro_bs, accum)
-    amp_dtype, why = measure_precision(args, sources, device, model, lambda dt: probe(micro_bs, dt), log,
+    amp_dtype, why = measure_precision(args, sources, device, model, lambda dt: probe(micro_bs, dt),
                                        state["args"]["precision"] if state else None)
     prec_why = why or prec_why
     if state and state["args"].get("precision") not in (None, args.precision):

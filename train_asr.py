@@ -71,8 +71,12 @@ PRESETS = {"original": (256, 12, 6), "optimized": (192, 8, 4), "minimal": (128, 
 # --dropout [0.1]: the minimal model underfits, and on a CPU a fifth of its step is drawing masks:
 #   at 0, val CER 14.8 % vs 15.6 %, test (beam) 14.2 % vs 15.9 %, 22 % less CPU per step
 # --speed-perturb [none]: test (unseen voices, beam) 12.5 / 12.6 / 12.4 % vs 14.6 / 15.1 / 14.1 % without
-LR, MINIMAL_EPOCHS, CTC_WEIGHT = {"minimal": 2e-3, "tiny": 2e-3}, 15, {"minimal": 0.7}
-EFFECTIVE_BATCH, DROPOUT, SPEED_PERTURB = {"minimal": 8}, {"minimal": 0.0}, {"minimal": 0.1}
+LR = {"minimal": 2e-3, "tiny": 2e-3}
+MINIMAL_EPOCHS = 15
+CTC_WEIGHT = {"minimal": 0.7}
+EFFECTIVE_BATCH = {"minimal": 8}
+DROPOUT = {"minimal": 0.0}
+SPEED_PERTURB = {"minimal": 0.1}
 MANIFESTS = ("train_manifest", "val_manifest", "test_manifest")  # --sha256 pairs with them in this order
 
 # -----------------------------------------------------------------------------
@@ -262,7 +266,9 @@ def normalize(feats):
 
 
 def describe_augment(spec_augment, speed):
-    return "no augmentation" if not spec_augment else f"speed 1 +- {speed:g}, SpecAugment" if speed else "SpecAugment"
+    if not spec_augment:
+        return "no augmentation"
+    return f"speed 1 +- {speed:g}, SpecAugment" if speed else "SpecAugment"
 
 
 def spec_augment(feats, gen):
