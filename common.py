@@ -758,12 +758,16 @@ class NoPlan:
 
 
 def finished_before(out, status, step, log=print):
-    """A re-run of a finished run: say so, leave its status.json as it was (status None: a rank that writes none)."""
+    """A re-run of a finished run: say so, leave its status.json and args.json as they were (status None: a rank
+    that writes none)."""
     log(f"this run had already finished at step {step}: {Path(out) / 'summary.json'} is unchanged (to train it "
         "longer, re-run with a larger --epochs or --max-steps)")
-    if status is not None:  # (a kill between summary.json and the last status write left another state)
-        (restore_status if status.get("previous", {}).get("state") == "finished" else update_status)(
-            out, status, state="finished", eta_s=0)
+    if status is None:
+        return 0
+    if status.get("previous", {}).get("status.json", {}).get("state") == "finished":
+        restore_status(out, status)
+    else:  # a kill between summary.json and the last status write left another state
+        update_status(out, status, state="finished", eta_s=0)
     return 0
 
 
@@ -1102,15 +1106,18 @@ def find_checkpoint(out, args, log=print):
     Returns (state, path) or (None, None)."""
     if args.resume:
         p = Path(args.resume)
+        pick = "give a ckpt_step*.pt or best.pt from a run's checkpoints/ folder"
         if not p.is_file():
-            raise UserError(f"--resume {p}: file not found")
+            raise UserError(f"--resume {p}: " + (f"a folder; {pick}, or --out RUN to resume a run's newest"
+                                                 if p.is_dir() else f"file not found; {pick}"))
         try:
             state = load_checkpoint(p)
         except Exception as e:
             # torch's own message advises weights_only=False, i.e. running the file's code: not here
             first = str(e).splitlines()[0][:200] if str(e).strip() else ""
-            why = "it holds pickled code, which is never run" if "weights_only" in str(e) else first
-            raise UserError(f"--resume {p}: not a loadable checkpoint ({type(e).__name__}: {why})")
+            why = ("it holds pickled code, which is never run" if "GLOBAL" in str(e) else
+                   f"{type(e).__name__}: {first}" if isinstance(e, ChecksumMismatch) else "damaged, or not a file torch.save wrote")
+            raise UserError(f"--resume {p}: not a loadable checkpoint ({why}); {pick}")
         trainer = getattr(args, "trainer", None)
         if not isinstance(state, dict):  # e.g. a bare tensor saved with torch.save
             raise UserError(f"--resume {p} is not a {TRAINERS.get(trainer, 'trainer')} checkpoint "
@@ -1242,11 +1249,11 @@ def prepare_run_dir(out, no_resume):
     return moved
 
 
-def read_status(out):
-    """<out>/status.json as a dict; {} when there is none or it is unreadable (an unreadable one
-    proves no live trainer, and start_run writes a new one)."""
+def read_status(out, name="status.json"):
+    """<out>/status.json (or another of its JSON files) as a dict; {} when there is none or it is unreadable
+    (an unreadable status.json proves no live trainer, and start_run writes a new one)."""
     try:
-        st = json.loads((Path(out) / "status.json").read_text() or "{}")
+        st = json.loads((Path(out) / name).read_text() or "{}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return st if isinstance(st, dict) else {}
@@ -1300,18 +1307,20 @@ def update_status(out, status, **changes):
 
 
 def restore_status(out, status, **otherwise):
-    """Put back the status.json start_run found (what was saved stays as it was), else update_status(**otherwise)."""
-    if status.get("previous"):
-        write_json_atomic(Path(out) / "status.json", status["previous"])
-    else:
-        update_status(out, status, **otherwise)
+    """Put back the status.json and args.json start_run found (a run that trained nothing leaves what was
+    saved as it was), else update_status(**otherwise)."""
+    if not status.get("previous", {}).get("status.json"):
+        return update_status(out, status, **otherwise)
+    for name, content in status["previous"].items():
+        if content:
+            write_json_atomic(Path(out) / name, content)
 
 
 def start_run(out, args, trainer, metric_name, notes=()):
     """Once all the trainer's checks have passed (nothing is written before):
     claim the run folder, open train.log (and log `notes`), write the first status.json,
     install the stop handlers. Returns (log, status, stop)."""
-    previous = {} if args.no_resume else read_status(out)
+    previous = {} if args.no_resume else {name: read_status(out, name) for name in ("status.json", "args.json")}
     moved = prepare_run_dir(out, args.no_resume)
     log = make_logger(out)
     for note in [*notes, *([f"--no-resume: earlier files kept as {', '.join(moved)}"] if moved else [])]:

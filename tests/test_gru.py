@@ -321,7 +321,11 @@ def saved_run(tmp_path_factory):
     (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
     (["--warmup", "-1"], "--warmup"),
     (["--config", "nope.json"], "--config nope.json"),
-    (["--resume", "nope.pt"], "--resume nope.pt: file not found"),
+    (["--resume", "nope.pt"], "--resume nope.pt: file not found; give a ckpt_step*.pt or best.pt"),
+    (["--resume", "afile"], "--resume afile: not a loadable checkpoint (damaged, or not a file torch.save wrote); "
+                            "give a ckpt_step*.pt"),
+    (["--resume", "run"], "--resume run: a folder; give a ckpt_step*.pt or best.pt from a run's checkpoints/ "
+                          "folder, or --out RUN to resume a run's newest"),
     (["--preset", "original"], "is a --preset optimized run"),     # resuming run/ with another model
     (["--data", "cars.csv"], "trained on other categories"),       # ... or with other categories
     (["--out", "afile/run"], "--out afile/run"),
@@ -549,15 +553,16 @@ def test_eval_only_reproduces_the_summary_and_writes_nothing_else(eval_run):
 
 def test_what_a_run_saved_stays_through_reruns_mistakes_and_plans(eval_run, tmp):
     """Nothing saved is touched (a new user's review): a finished run re-run with other data flags (said,
-    with how to train it longer), a flag its checkpoint cannot honour (exit 2), --plan in its folder: its
-    status.json stays byte for byte. --plan without --out never takes over a run, and a command without
+    with how to train it longer; its args.json stays), a flag its checkpoint cannot honour (exit 2), --plan in
+    its folder: its status.json stays byte for byte. --plan without --out never takes over a run, and a command without
     --out never picks a plan's folder. Bare --resume with --no-resume is refused."""
     out = tmp / "runs" / "g"
     shutil.copytree(eval_run[1], out)
-    status = (out / "status.json").read_bytes()
+    status, args = (out / "status.json").read_bytes(), (out / "args.json").read_bytes()
     p = run("train_gru.py", *EVAL_FLAGS, "--dataset-size", "1200", "--out", out, cwd=tmp, check=0)
     assert "typed, and not what the checkpoint trained with: --dataset-size 1200 (it had 1500)" in p.stdout
     assert "this run had already finished at step 12" in p.stdout and "a larger --epochs or --max-steps" in p.stdout
+    assert (out / "args.json").read_bytes() == args  # it still describes the saved model
     p = run("train_gru.py", *EVAL_FLAGS, "--optim", "adamw8bit", "--out", out, cwd=tmp, check=2)
     assert p.stderr.startswith("error: the checkpoint being resumed was trained with AdamW")
     p = run("train_gru.py", *EVAL_FLAGS, "--plan", "--out", out, cwd=tmp, check=0)
