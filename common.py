@@ -616,10 +616,13 @@ def choose_batch_size(args, sources, device, probe, log=print, resumed=None):
         if any(typed):
             want_micro = args.batch_size if typed[0] else max(1, micro * accum // args.grad_accum)
             want_accum = args.grad_accum if typed[1] else max(1, micro * accum // want_micro)
-            why = (f"{want_micro} x {want_accum} as typed, for the checkpoint's {micro} x {accum}: " + (
+            named = " and ".join(f for f, t in zip(("--batch-size", "--grad-accum"), typed) if t)
+            keep = micro * accum // want_micro if typed[0] and micro * accum % want_micro == 0 else None
+            why = f"{want_micro} x {want_accum} ({named} typed), for the checkpoint's {micro} x {accum}: " + (
                 "the same effective batch, so the run goes on as before (accumulation is exact, up to float "
                 "rounding)" if want_micro * want_accum == micro * accum else f"a new effective batch (was "
-                f"{micro * accum}): the run goes on, no longer bit-identical to an uninterrupted one"))
+                f"{micro * accum}): the run goes on, no longer bit-identical to an uninterrupted one" + (
+                    f" (--batch-size {want_micro} --grad-accum {keep} would keep it)" if keep else ""))
             micro, accum = want_micro, want_accum
         else:
             why = "from the checkpoint being resumed"

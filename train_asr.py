@@ -751,6 +751,8 @@ def main(argv=None):
         if not (out := args.out or common.newest_run("asr")):
             raise UserError(f"--{'transcribe' if args.transcribe else 'eval-only'}: no run under runs/; pass --out RUN")
         return run_transcribe(args, out) if args.transcribe else run_eval_only(args, sources, Path(out))
+    if args.out:  # a bad --out fails before the built-in set is written (63 MB, once)
+        common.check_out_writable(args.out)
     items, data_desc, dropped = load_data(args, sources)  # before the run folder is touched
 
     # device, checkpoint to resume, vocabulary: every user mistake is caught before the run folder is written to

@@ -544,15 +544,18 @@ def bad_manifest(tmp, kind):
     (["--d-model", "90"], "--d-model 90 is not a multiple of --heads 4"),
     (["--subsample", "2"], "invalid choice"),
     (["--transcribe", "nothere.wav", "--out", "r"], "nothere.wav: audio file not found"),
+    (["--quick", "--out", "afile"], "--out afile: exists and is not a folder"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp, flags, expect):
+    """...before anything is written: no run folder, and not the built-in speech set either."""
     flags = [bad_manifest(tmp, f) if f in ("corrupt wav", "corrupt wav with duration", "missing wav", "bad json",
                                            "extra csv field") else f for f in flags]
     write_pcm(tmp / "short.wav", tone(440, 16000, seconds=0.05), 16000, 2)
+    (tmp / "afile").write_text("not a folder")
     p = call("train_asr.py", *flags, "--max-steps", "1", cwd=tmp)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr
     assert expect in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "Traceback" not in p.stderr and not (tmp / "runs").exists()
+    assert "Traceback" not in p.stderr and not (tmp / "runs").exists() and not (tmp / "data").exists()
 
 
 def test_validation_oom_halves_its_batch_and_keeps_it(tmp, monkeypatch):

@@ -95,7 +95,7 @@ def test_resume_with_a_new_effective_batch_goes_on_and_ends_like_a_run_at_that_b
     run(script, *flags, "--batch-size", b1, "--grad-accum", a1, "--out", "ref", cwd=tmp, check=0)
     p = run(script, *flags, "--batch-size", b1, "--grad-accum", a1, "--out", "r", cwd=tmp, check=0)
     was, now = int(b0) * int(a0), int(b1) * int(a1)
-    assert f"{b1} x {a1} as typed, for the checkpoint's {b0} x {a0}: a new effective batch (was {was})" in p.stdout
+    assert f"{b1} x {a1} (--batch-size and --grad-accum typed), for the checkpoint's {b0} x {a0}: a new effective batch (was {was})" in p.stdout
     total = read_json(tmp / "ref" / "summary.json")["steps"]
     moved = re.search(rf"new effective batch: step {at} of (\d+) is now step (\d+) of {total} ", p.stdout)
     assert moved and int(moved[2]) == at * total // int(moved[1]), p.stdout[-3000:]

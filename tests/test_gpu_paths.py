@@ -261,11 +261,17 @@ def test_typed_batch_on_resume_wins_when_the_effective_batch_is_the_same():
     micro, accum, why = common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))
     assert (micro, accum) == (1, 8) and "the checkpoint's 2 x 4" in why
     args.batch_size, args.grad_accum, sources = 4, "auto", {"batch_size": "flag", "grad_accum": "default"}
-    assert common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))[:2] == (4, 2)
-    # another product is a new effective batch: allowed and said (the trainer then calls common.rebatch)
-    args.batch_size, args.grad_accum, sources = 3, 4, {"batch_size": "flag", "grad_accum": "flag"}
     micro, accum, why = common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))
-    assert (micro, accum) == (3, 4) and "a new effective batch (was 8)" in why and "no longer bit-identical" in why
+    assert (micro, accum) == (4, 2) and why.startswith("4 x 2 (--batch-size typed), for the checkpoint's 2 x 4: "
+                                                       "the same effective batch")  # 2 was derived, not typed
+    # another product is a new effective batch: allowed and said (the trainer then calls common.rebatch),
+    # with the accumulation that would have kept it
+    args.batch_size, args.grad_accum, sources = 4, 4, {"batch_size": "flag", "grad_accum": "flag"}
+    micro, accum, why = common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))
+    assert (micro, accum) == (4, 4) and "a new effective batch (was 8)" in why and "no longer bit-identical" in why
+    assert why.endswith("(--batch-size 4 --grad-accum 2 would keep it)")
+    args.batch_size, args.grad_accum = 3, 4  # no whole accumulation keeps 8 at micro-batch 3: nothing suggested
+    assert "would keep it" not in common.choose_batch_size(args, sources, CPU, None, lambda m: None, resumed=(2, 4))[2]
 
 
 # --- flags typed on resume: a new learning rate wins and is said ---------------------------------

@@ -450,7 +450,7 @@ def test_resume_with_a_smaller_micro_batch_continues_the_same_run(tmp):
     proc.wait()
     p = run("train_gru.py", *flags, "--batch-size", "1", "--grad-accum", "8", "--out", "small", cwd=tmp, check=0)
     assert "resumed from" in p.stdout and "batch 1 x 8 accumulation" in p.stdout
-    assert "1 x 8 as typed, for the checkpoint's 2 x 4: the same effective batch" in p.stdout
+    assert "1 x 8 (--batch-size and --grad-accum typed), for the checkpoint's 2 x 4: the same effective batch" in p.stdout
     assert read_json(tmp / "small" / "args.json")["chosen"]["micro_batch"] == 1
     ref, got = weights(tmp / "ref"), weights(tmp / "small")
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 1e-4
@@ -470,7 +470,7 @@ def test_resume_with_a_new_effective_batch_goes_on_and_says_so(tmp):
     (tmp / "r" / "summary.json").unlink()  # as if killed after the checkpoint at step 10
     run("train_gru.py", *flags, "--batch-size", "4", "--grad-accum", "4", "--out", "ref", cwd=tmp, check=0)
     p = run("train_gru.py", *flags, "--batch-size", "4", "--grad-accum", "4", "--out", "r", cwd=tmp, check=0)
-    assert "4 x 4 as typed, for the checkpoint's 2 x 4: a new effective batch (was 8)" in p.stdout, p.stdout
+    assert "4 x 4 (--batch-size and --grad-accum typed), for the checkpoint's 2 x 4: a new effective batch (was 8)" in p.stdout, p.stdout
     assert "new effective batch: step 10 of 169 is now step 5 of 85 (batch 5 of 85 in this epoch)" in p.stdout
     assert re.search(r"step +(\d+)/85 \|", p.stdout.split("new effective batch:")[1])[1] == "10"  # 5 steps on
     got, ref = read_json(tmp / "r" / "summary.json"), read_json(tmp / "ref" / "summary.json")
