@@ -1207,10 +1207,15 @@ def eval_only(args, sources, *, rows, data_desc):
     if unknown := sorted({l for split in rows[1:] for _, l in split} - set(x["labels"])):
         raise UserError(f"--eval-only: label(s) {', '.join(unknown)} are not among the {len(x['labels'])} that "
                         f"{path} learnt; give the data flags of its training command")
-    for flag in ("data", "val_data", "test_data", "train_size", "seed"):  # they choose the split
-        if saved.get(flag) != getattr(args, flag):
-            print(f"note: {path} was trained with --{flag.replace('_', '-')} {saved.get(flag)}, this command "
-                  f"says {getattr(args, flag)}: its validation and test splits may differ from the run's")
+    differs = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {saved.get(k)})"
+               for k in ("data", "val_data", "test_data", "train_size", "seed") if saved.get(k) != getattr(args, k)]
+    same_rows = all(saved.get(k) == getattr(args, k) for k in ("data", "val_data", "test_data"))
+    if same_rows and (saved.get("seed") != args.seed and not (args.val_data and args.test_data) if args.data else
+                      saved.get("train_size") != args.train_size):  # the same rows split another way
+        raise UserError(f"--eval-only: {', '.join(differs)}: those validation and test splits would hold rows {path} "
+                        "trained on; repeat the training command's data flags")
+    if differs:
+        print(f"note: {', '.join(differs)}: the figures are for this data's validation and test splits")
     if sources["precision"] == "default":  # as its validation ran (fp16: CUDA's rule picks it again)
         args.precision = saved.get("precision") if saved.get("precision") in ("fp32", "bf16") else "auto"
     device, amp_dtype, _, _ = common.setup_device(args, sources)

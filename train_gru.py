@@ -846,8 +846,8 @@ def run_eval(args, sources, *, train_pairs, val_pairs):
     run's precision), printed as training prints it and written to <out>/eval.json. Nothing else in the
     run folder is written: no checkpoint, status.json, metrics.jsonl, train.log or tb/. The GRU holds out
     only a validation split (no test split), so there are no test figures. The model is built from the
-    checkpoint (its preset, vocabulary and categories); the data, --val-frac and --seed must be the
-    training command's for the same split."""
+    checkpoint (its preset, vocabulary and categories). The same data split another way (--dataset-size,
+    --val-frac, --seed; --quick's size) is refused: its validation split would hold training queries."""
     if args.resume and not args.out:
         raise UserError(f"--eval-only --resume {args.resume}: pass --out RUN too (eval.json is written there)")
     out = Path(args.out) if args.out else common.newest_run("gru")
@@ -862,9 +862,12 @@ def run_eval(args, sources, *, train_pairs, val_pairs):
                         "evaluate it with the data flags of its training command")
     differs = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {saved[k]})"
                for k in ("data", "dataset_size", "val_frac", "seed") if k in saved and saved[k] != getattr(args, k)]
+    if differs and saved.get("data") == args.data:  # the same queries split another way: some it trained on
+        raise UserError(f"--eval-only: {', '.join(differs)}: that validation split would hold queries {path} "
+                        "trained on; repeat the training command's data flags"
+                        + (" (--quick included)" if saved.get("quick") and not args.quick else ""))
     if differs:
-        print(f"note: {', '.join(differs)}: the figures are for this command's validation split, not the "
-              "training run's", file=sys.stderr)
+        print(f"note: {', '.join(differs)}: the figures are for this data's validation split", file=sys.stderr)
     device, amp_dtype, _, _ = common.setup_device(args, sources)
     if device.type == "cpu" and sources["precision"] == "auto" and saved.get("device") == "cpu":
         # a CPU run's auto precision was measured (common.measure_precision): score as that run did

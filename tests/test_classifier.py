@@ -551,6 +551,19 @@ def test_eval_only_reproduces_the_runs_validation_figure_and_writes_only_eval_js
     assert e["step"] == 2 and tree_digest(out, skip="eval.json") == before
 
 
+def test_eval_only_on_the_same_rows_split_another_way_is_refused(tiny_run):
+    """Another --train-size splits the same built-in items another way: its validation and test rows would
+    include training rows. One line, exit 2, nothing written."""
+    from conftest import tree_digest
+    d, out, _ = tiny_run
+    before = tree_digest(out)
+    p = call("train_classifier.py", *[f if f != "120" else "100" for f in TINY], "--eval-only", "--out", out, cwd=d)
+    assert p.returncode == 2 and p.stderr.strip().startswith(
+        "error: --eval-only: --train-size 100 (trained with 120): those validation and test splits would hold "
+        "rows"), p.stderr
+    assert tree_digest(out) == before
+
+
 def test_eval_only_without_a_checkpoint_is_one_error_line_and_writes_nothing(tmp):
     from conftest import tree_digest
     (tmp / "r").mkdir()

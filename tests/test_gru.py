@@ -591,12 +591,20 @@ def test_resource_efficient_validates_at_the_micro_batch_and_eval_only_follows(e
     assert read_json(tmp / "re" / "eval.json")["value"] == s["value"]
 
 
-def test_eval_only_on_other_data_says_so(eval_run):
+def test_eval_only_on_the_same_data_split_another_way_is_refused(eval_run):
+    """A new user's review: the built-in queries at another --dataset-size (--quick's, left off) begin with the
+    same queries, so that validation split held ~45 % training queries and read 7.01 where the run's own reads
+    7.40. Refused in one line, with the fix; nothing written."""
     d, out = eval_run
+    before = tree_digest(out)
     other = [f if f != "1500" else "1400" for f in EVAL_FLAGS]  # --dataset-size 1400: another split
     p = call("train_gru.py", *other, "--eval-only", "--out", out, cwd=d)
-    assert p.returncode == 0, p.stderr
-    assert "note: --dataset-size 1400 (trained with 1500): the figures are for this command's" in p.stderr
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"error: --eval-only: --dataset-size 1400 (trained with 1500): that validation split would hold queries "
+        f"{out / 'checkpoints' / 'best.pt'} trained on; repeat the training command's data flags"), p.stderr
+    p = call("train_gru.py", "--eval-only", "--out", out, cwd=d)  # the training command without --quick
+    assert p.returncode == 2 and p.stderr.strip().endswith("data flags (--quick included)"), p.stderr
+    assert tree_digest(out) == before
 
 
 @pytest.mark.parametrize("flags,expect", [
