@@ -1117,9 +1117,8 @@ def find_checkpoint(out, args, log=print):
             state = load_checkpoint(p)
         except Exception as e:
             # torch's own message advises weights_only=False, i.e. running the file's code: not here
-            first = str(e).splitlines()[0][:200] if str(e).strip() else ""
-            why = ("it holds pickled code, which is never run" if "GLOBAL" in str(e) else
-                   f"{type(e).__name__}: {first}" if isinstance(e, ChecksumMismatch) else "damaged, or not a file torch.save wrote")
+            why = (f"ChecksumMismatch: {e}" if isinstance(e, ChecksumMismatch) else "it holds pickled code, which "
+                   "is never run" if "GLOBAL" in str(e) else "damaged, or not a file torch.save wrote")
             raise UserError(f"--resume {p}: not a loadable checkpoint ({why}); {pick}")
         trainer = getattr(args, "trainer", None)
         if not isinstance(state, dict):  # e.g. a bare tensor saved with torch.save

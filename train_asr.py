@@ -846,7 +846,8 @@ def resume(run, args, sources, *, model, optimizer, scheduler, plateau, aug_gen,
         at = state["step"], state["epoch"], state["pos"], state["best"]
         plateau.update(state["extra"]["plateau"])  # the optimizer's restored lr already carries it
         aug_gen.set_state(state["extra"]["aug_rng"])
-        run.log(f"resumed from {run.resumed_from} (step {at[0]}, epoch {at[1] + 1}, {at[2]} batches into it)")
+        run.log(f"resumed from {run.resumed_from} (step {at[0]}, " + (
+            f"epoch {at[1] + 1}, {at[2]} batches into it)" if at[2] or not at[1] else f"end of epoch {at[1]})"))
         G0, G = state["effective"] * run.ranks.world, chosen["global_batch"]
         if G0 != G:
             per_epoch = (math.ceil(n_train / G0), math.ceil(n_train / G))

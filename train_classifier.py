@@ -919,7 +919,8 @@ def loop_state(run, args, scheduler, *, n_train, G, steps_per_epoch, total_steps
     p = types.SimpleNamespace(**{k: run.state[k] for k in vars(p)})
     if not isinstance(p.best, list):  # a checkpoint from before ties were broken by the loss
         p.best, p.best_at_epoch_start = [p.best, -math.inf], [p.best_at_epoch_start, -math.inf]
-    run.log(f"resumed from {run.resumed_from} (step {p.step}, epoch {p.epoch + 1}, {p.pos} batches into it)")
+    run.log(f"resumed from {run.resumed_from} (step {p.step}, " + (
+        f"epoch {p.epoch + 1}, {p.pos} batches into it)" if p.pos or not p.epoch else f"end of epoch {p.epoch})"))
     G0 = run.state["micro_bs"] * run.state["accum"] * run.ranks.world
     if G0 != G:  # a new effective batch typed on resume
         per_epoch = (math.ceil(n_train / G0), steps_per_epoch)

@@ -586,7 +586,8 @@ def resume(run, model, optimizer, scheduler, *, n_train, G, total_steps):
     if not run.state:
         return 0, 0, 0, float("inf")
     step, epoch, pos, best = (run.state[k] for k in ("step", "epoch", "pos", "best"))
-    run.log(f"resumed from {run.resumed_from} (step {step}, epoch {epoch + 1}, {pos} batches into it)")
+    run.log(f"resumed from {run.resumed_from} (step {step}, " + (
+        f"epoch {epoch + 1}, {pos} batches into it)" if pos or not epoch else f"end of epoch {epoch})"))
     G0 = run.state["micro_bs"] * run.state["accum"] * run.ranks.world
     if G0 != G:
         per_epoch = (math.ceil(n_train / G0), math.ceil(n_train / G))
