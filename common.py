@@ -74,6 +74,10 @@ def run_main(main):
         from tqdm import tqdm
         tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first: the line starts on its own
         code = 2
+    except KeyboardInterrupt:  # a second Ctrl-C (install_stop_handlers), or one before they are installed
+        print("stopped at once by Ctrl-C (nothing saved since the last checkpoint); re-run the same command to "
+              "resume", file=sys.stderr)
+        code = 130
     except BrokenPipeError:  # `... status | head`: the reader left; nothing to report
         sys.stderr.close()
         sys.exit(0)
@@ -251,8 +255,7 @@ def flag_reader(parser):
 
 
 def explicit_flags(parser, argv):
-    """The dests the user typed on the command line (so config/presets never override them);
-    an alias (--batch_size) counts as its dest."""
+    """The dests typed on the command line (an alias counts as its dest): config and presets never override them."""
     return set(vars(flag_reader(parser).parse_known_args(argv, namespace=Typed())[0]))
 
 
@@ -765,12 +768,9 @@ def finished_before(out, status, step, log=print):
     that writes none)."""
     log(f"this run had already finished at step {step}: {Path(out) / 'summary.json'} is unchanged (to train it "
         "longer, re-run with a larger --epochs or --max-steps)")
-    if status is None:
-        return 0
-    if status.get("previous", {}).get("status.json", {}).get("state") == "finished":
-        restore_status(out, status)
-    else:  # a kill between summary.json and the last status write left another state
-        update_status(out, status, state="finished", eta_s=0)
+    if status is not None:  # (a kill between summary.json and the last status write left another state)
+        (restore_status if status.get("previous", {}).get("status.json", {}).get("state") == "finished"
+         else update_status)(out, status, state="finished", eta_s=0)
     return 0
 
 

@@ -61,7 +61,9 @@ case "$cmd" in
   gru|classifier|asr|lm|sft)
     setup run
     "$PY" "train_$cmd.py" "$@" ;;
+  help|-h|--help)
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-    [ "$cmd" = help ] || exit 2 ;;
+    echo "error: unknown command \"$cmd\"; ./run.sh help lists them" >&2
+    exit 2 ;;
 esac

@@ -57,45 +57,72 @@ set rest=%rest% %1
 shift
 goto collect
 :collected
-if "%cmd%"=="demo" (
-  "%PY%" memory_optimizer.py profile
-  "%PY%" memory_optimizer.py config
-  "%PY%" train_gru.py --quick --out runs\demo
-  "%PY%" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs\demo
-  "%PY%" train_gru.py --suggest "samsung " --category electronics --beam 5 --out runs\demo
-  exit /b %errorlevel%
-)
-if "%cmd%"=="test" (
-  "%PY%" -m pip install -q -r requirements-dev.txt
-  if not defined OMP_NUM_THREADS set OMP_NUM_THREADS=1
-  "%PY%" -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -o tmp_path_retention_policy=failed tests
-  exit /b %errorlevel%
-)
-for %%c in (start status stop) do if "%cmd%"=="%%c" (
-  "%PY%" memory_optimizer.py %cmd% %rest%
-  exit /b %errorlevel%
-)
-if "%cmd%"=="monitor" (
-  rem one run until it ends: RUN, else the newest
-  "%PY%" memory_optimizer.py monitor --latest %rest%
-  exit /b %errorlevel%
-)
-for %%c in (profile config optimize plan) do if "%cmd%"=="%%c" (
-  "%PY%" memory_optimizer.py %cmd% %rest%
-  exit /b %errorlevel%
-)
-if "%cmd%"=="watch" (
-  "%PY%" memory_optimizer.py monitor %rest%
-  exit /b %errorlevel%
-)
-if "%cmd%"=="asr-memory-optimized" (
-  rem the seed's run_training_memory_optimized.sh, flag for flag
-  "%PY%" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 %rest%
-  exit /b %errorlevel%
-)
-for %%c in (gru classifier asr lm sft) do if "%cmd%"=="%%c" (
-  "%PY%" train_%cmd%.py %rest%
-  exit /b %errorlevel%
-)
+rem each command is a label of its own: %errorlevel% in a ( ) block is read before the block runs, so
+rem "exit /b %errorlevel%" there returned 0 whatever Python did; on a line of its own it is Python's code
+rem (exit 2 for a user mistake)
+for %%c in (demo test start status stop monitor profile config optimize plan watch asr-memory-optimized gru classifier asr lm sft) do if "%cmd%"=="%%c" goto cmd_%cmd%
+if /i "%cmd%"=="help" goto usage
+if "%cmd%"=="-h" goto usage
+if "%cmd%"=="--help" goto usage
 echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, plan, watch, gru, classifier, asr, lm, sft or asr-memory-optimized
 exit /b 2
+
+:usage
+echo usage: start_training.bat [COMMAND [flags]]   (no command: the menu; the same words as ./run.sh)
+echo   demo ^| test ^| start TRAINER [flags] ^| status ^| monitor [RUN] ^| stop [RUN]
+echo   profile ^| config ^| optimize ^| plan TRAINER ^| watch     memory_optimizer.py commands
+echo   gru ^| classifier ^| asr ^| lm ^| sft [flags]           train in the foreground
+echo   asr-memory-optimized --train-manifest M.jsonl        the seed's T4 recipe for train_asr.py
+exit /b 0
+
+:cmd_demo
+rem as ./run.sh demo: stop at the first step that fails
+"%PY%" memory_optimizer.py profile
+if errorlevel 1 exit /b %errorlevel%
+"%PY%" memory_optimizer.py config
+if errorlevel 1 exit /b %errorlevel%
+"%PY%" train_gru.py --quick --out runs\demo %rest%
+if errorlevel 1 exit /b %errorlevel%
+"%PY%" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs\demo
+if errorlevel 1 exit /b %errorlevel%
+"%PY%" train_gru.py --suggest "samsung " --category electronics --beam 5 --out runs\demo
+exit /b %errorlevel%
+
+:cmd_test
+"%PY%" -m pip install -q -r requirements-dev.txt
+if errorlevel 1 exit /b %errorlevel%
+if not defined OMP_NUM_THREADS set OMP_NUM_THREADS=1
+"%PY%" -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -o tmp_path_retention_policy=failed tests %rest%
+exit /b %errorlevel%
+
+:cmd_start
+:cmd_status
+:cmd_stop
+:cmd_profile
+:cmd_config
+:cmd_optimize
+:cmd_plan
+"%PY%" memory_optimizer.py %cmd% %rest%
+exit /b %errorlevel%
+
+:cmd_monitor
+rem one run until it ends: RUN, else the newest
+"%PY%" memory_optimizer.py monitor --latest %rest%
+exit /b %errorlevel%
+
+:cmd_watch
+"%PY%" memory_optimizer.py monitor %rest%
+exit /b %errorlevel%
+
+:cmd_asr-memory-optimized
+rem the seed's run_training_memory_optimized.sh, flag for flag
+"%PY%" train_asr.py --batch_size 2 --gradient_accumulation_steps 4 --mixed_precision --d_model 192 --encoder_layers 8 --decoder_layers 4 --empty-cache-every 50 %rest%
+exit /b %errorlevel%
+
+:cmd_gru
+:cmd_classifier
+:cmd_asr
+:cmd_lm
+:cmd_sft
+"%PY%" train_%cmd%.py %rest%
+exit /b %errorlevel%

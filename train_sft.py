@@ -5,7 +5,7 @@ fine-tuned on {input, output} pairs with the loss on the answer only, the seed's
 modes, pair files fetched over http(s), and continuous learning from a SQLite store of rated
 answers. One visible loop, like train_lm.py's.
 
-    python train_sft.py --out runs/cmd                            # laptop CPU, ~8 min on one core
+    python train_sft.py --out runs/cmd                            # laptop CPU, ~7 min on one core
     python train_sft.py --quick --out runs/cmd-q                  # the shorter demo, ~3 min on 2 cores
     python train_sft.py ask --out runs/cmd "list files by size" "show git status"
     python train_sft.py --quick --out runs/cmd --eval-only        # score its best.pt again: eval.json
@@ -310,8 +310,8 @@ def sft_loss_fn(model, mb, device):
 # config: flags, and the seed's modes (settings layered in before anything is built)
 
 parser = common.make_parser(__doc__, trainer="sft", epochs=1, lr=None, effective_batch=32, log_every=10,
-                            epochs_help="passes over the training pairs (default: none; the run is "
-                                        "--max-steps 1000, --quick 600; --epochs N trains N passes instead)")
+                            epochs_help="passes over the training pairs (default: 12 passes, at least 1000 steps; "
+                                        "--quick: 600 steps; --epochs N trains N passes instead)")
 g = parser.add_argument_group("instruction pairs")
 g.add_argument("--data", default=None, metavar="PATH",
                help=f"pairs to fine-tune on: a .jsonl ({{\"input\", \"output\"}} per line) or .csv "

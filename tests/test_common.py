@@ -629,3 +629,16 @@ def test_a_checkpoint_that_is_no_dict_is_refused_centrally(tmp):
     logs = []
     state, _ = common.find_checkpoint(tmp, argparse.Namespace(resume=None, no_resume=False, trainer="asr"), logs.append)
     assert state == {"step": 1} and "holds a list, not a checkpoint" in logs[0]
+
+
+def test_ctrl_c_at_once_is_one_line_exit_130(capsys):
+    """A second Ctrl-C (install_stop_handlers raises KeyboardInterrupt), or one before the handlers are
+    installed, stops at once: one line that says how to resume, exit 130, no traceback (a new user's review)."""
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        common.run_main(main)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err == ("stopped at once by Ctrl-C (nothing saved since the last checkpoint); re-run the same command "
+                   "to resume\n")
