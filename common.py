@@ -75,8 +75,7 @@ def run_main(main):
         tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first: the line starts on its own
         code = 2
     except KeyboardInterrupt:  # a second Ctrl-C (install_stop_handlers), or one before they are installed
-        print("stopped at once by Ctrl-C (nothing saved since the last checkpoint); re-run the same command to "
-              "resume", file=sys.stderr)
+        print("stopped at once by Ctrl-C; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         code = 130
     except BrokenPipeError:  # `... status | head`: the reader left; nothing to report
         sys.stderr.close()
@@ -1330,8 +1329,9 @@ def start_run(out, args, trainer, metric_name, notes=()):
     # pid + its create time identify the process (process_alive; memory_optimizer.py's process_is_trainer)
     status = {"state": "starting", "pid": os.getpid(), "pid_created": psutil.Process().create_time(),
               "trainer": trainer, "identity": getattr(args, "identity", None), "out": str(Path(out).resolve()),
-              "started": time.time(),
-              "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
+              "started": time.time(), "log": str((Path(out) / "train.log").resolve()), "metric_name": metric_name}
+    if previous.get("status.json", {}).get("metric_name") == metric_name:  # resumed: its last evaluation's figure
+        status["metric"] = previous["status.json"].get("metric")
     update_status(out, status)
     status["previous"] = previous
     return log, status, install_stop_handlers()

@@ -640,5 +640,19 @@ def test_ctrl_c_at_once_is_one_line_exit_130(capsys):
         common.run_main(main)
     assert e.value.code == 130
     err = capsys.readouterr().err
-    assert err == ("stopped at once by Ctrl-C (nothing saved since the last checkpoint); re-run the same command "
-                   "to resume\n")
+    assert err == "stopped at once by Ctrl-C; re-run the same command to resume from the last checkpoint\n"
+
+
+def test_a_resumed_run_keeps_its_last_evaluation_in_status_json(tmp, monkeypatch):
+    """A new user's review: status.json lost `metric` on resume until the next evaluation (`status` showed
+    "-" for hundreds of steps). A resumed run starts with the last one; --no-resume starts without."""
+    monkeypatch.setattr(common, "install_stop_handlers", lambda: {"stop": None})  # pytest keeps its own
+    args, out = argparse.Namespace(no_resume=False, identity="x"), tmp / "r"
+    _, status, _ = common.start_run(out, args, "gru", "val_ppl")
+    common.update_status(out, status, state="stopped", step=300, metric=7.4)
+    common.start_run(out, args, "gru", "val_ppl")
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "starting" and st["metric"] == 7.4 and "step" not in st
+    args.no_resume = True
+    common.start_run(out, args, "gru", "val_ppl")
+    assert "metric" not in json.loads((out / "status.json").read_text())
