@@ -99,15 +99,16 @@ def fetch(url, dest_dir, flag="--data", *, sha256=None, max_bytes=200 * 2 ** 20,
         if ok:
             log(f"{flag} {url}: using {final} (downloaded before)")
             return final
+        # kept until a download matches: a mistyped --sha256 must not cost the file an earlier run used
         log(f"{flag} {url}: {final} does not match --sha256 (got {got}); downloading again")
-        final.unlink()
 
     def finish():
         ok, got = check_sum(part)
         if not ok:
             part.unlink()  # nothing half-right is left to be resumed or reused
-            raise UserError(f"{flag} {url}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; "
-                            "the file was deleted (check the URL and --sha256)")
+            raise UserError(f"{flag} {url}: SHA-256 mismatch: expected {sha256.lower()}, got {got}; the download "
+                            "was deleted" + (f", {final} (downloaded before) kept" if final.exists() else "")
+                            + " (check the URL and --sha256)")
         with open(part, "rb+") as f:  # on disk before the rename makes it look finished
             os.fsync(f.fileno())
         os.replace(part, final)

@@ -3,6 +3,7 @@ checksum, redirects, errors) against a local HTTP server in a thread, and record
 through train_sft.py's .jsonl/.csv pair reader. In-process: no trainer runs here."""
 import hashlib
 import http.server
+import re
 import socket
 import threading
 from pathlib import Path
@@ -160,6 +161,11 @@ def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     with pytest.raises(UserError, match=f"expected {'ab' * 32}, got {DATA_SHA}"):
         download.fetch(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
     assert leftovers(d) == []
+    # a mistyped --sha256 after a verified download: the file an earlier run used stays (a new user's review)
+    p = download.fetch(server.url + "/d/data.jsonl", d, sha256=DATA_SHA, log=lambda m: None)
+    with pytest.raises(UserError, match=f"the download was deleted, {re.escape(str(p))} \\(downloaded before\\) kept"):
+        download.fetch(server.url + "/d/data.jsonl", d, sha256="AB" * 32, log=lambda m: None)
+    assert p.read_bytes() == DATA and leftovers(d) == [p.name]
 
 
 def test_http_and_connection_errors(server, tmp_path):
