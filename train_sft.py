@@ -615,7 +615,7 @@ def train(args, sources, run, cfg, data, init):
     steps_per_epoch, total_steps = steps_for(G)
     common.resource_efficient_eval(args, sources, steps_per_epoch, log)
     optimizer, scheduler, line = make_optimizer(model, args, total_steps, device)
-    log(line)
+    log(f"{line}; {total_steps / steps_per_epoch:.1f} passes over the {len(examples):,} training pairs")
     plan = common.memory_plan(args, model, optimizer, sft_loss, worst(micro_bs), device=device, amp_dtype=run.amp_dtype,
                               world=ranks.world, log=log, worst=f"the longest pair, padded ({longest} tokens)")
     if args.plan:

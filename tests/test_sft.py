@@ -220,6 +220,7 @@ def test_plain_run_uses_the_measured_defaults_and_the_seed_column_stays_reachabl
     n_train = sum(train_sft.split_of(q) >= 2 for q in many)
     p = run("train_sft.py", "--data", "many.jsonl", "--plan", "--out", "m", cwd=tmp, check=0)
     assert n_train // 32 * 12 > 1000 and f"cosine to 0 at step {n_train // 32 * 12}" in p.stdout, p.stdout
+    assert f"; 12.0 passes over the {n_train:,} training pairs" in p.stdout
     p = run("train_sft.py", *few, "--epochs", "2", "--plan", "--out", "e", cwd=tmp, check=0)
     n_train = sum(train_sft.split_of(q) >= 2 for q in train_sft.builtin_pairs()[::30])
     assert f"cosine to 0 at step {2 * (n_train // 32)}" in p.stdout
