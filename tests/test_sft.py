@@ -3,12 +3,9 @@ continuous learning from the SQLite feedback store. The real script in subproces
 import functools
 import http.server
 import json
-import os
 import re
 import shutil
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
