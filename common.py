@@ -13,10 +13,9 @@ is easy to get wrong:
     run folder ....... open_run, start_run, update_status, log_step, append_metrics, write_json_atomic
     stopping ......... install_stop_handlers, stop_requested (SIGTERM/SIGINT/CTRL_BREAK/STOP file)
 
-Capability that only some runs use has a module of its own, imported only under its flag (download,
-records, adamw8bit, precision_probe, ddp: README's Layout says which flag; memory_optimizer.py, which
-writes optimal_config.json, reads it where there is one); memory_plan.py is read on every run where it
-is present. A trainer copied with common.py alone runs without them (common.opt_in).
+Capability that only some runs use has a module of its own, imported only under its flag (download, records,
+adamw8bit, precision_probe, ddp: README's Layout says which; memory_optimizer.py reads the optimal_config.json it
+writes); memory_plan.py is read where present. A trainer copied with common.py alone runs without them (opt_in).
 """
 import argparse
 import contextlib
@@ -68,14 +67,15 @@ def opt_in(module, why):
 
 def run_main(main):
     """User mistakes (UserError) exit 2 with one line."""
+    from tqdm import tqdm  # tqdm.write clears a progress bar first: the line starts on its own
     try:
         code = main()
     except UserError as e:
-        from tqdm import tqdm
-        tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar first: the line starts on its own
+        tqdm.write(f"error: {e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:  # a second Ctrl-C (install_stop_handlers), or one before they are installed
-        print("stopped at once by Ctrl-C; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C in training (install_stop_handlers), or Ctrl-C outside it
+        tqdm.write("stopped at once by Ctrl-C (a training run resumes from its last checkpoint when re-run)",
+                   file=sys.stderr)
         code = 130
     except BrokenPipeError:  # `... status | head`: the reader left; nothing to report
         sys.stderr.close()
@@ -212,8 +212,7 @@ def make_parser(description, trainer, *, epochs, lr, effective_batch, save_every
 
 
 def checked(conv, ok, what):
-    """An argparse type: conv(s) where ok(value), else argparse's one line "must be <what>, got ..."
-    (not its "invalid pos_int value")."""
+    """An argparse type: conv(s) where ok(value), else one line "must be <what>, got ..." (not "invalid pos_int")."""
     def parse(s):
         try:
             v = conv(s)
@@ -1116,8 +1115,9 @@ def find_checkpoint(out, args, log=print):
             state = load_checkpoint(p)
         except Exception as e:
             # torch's own message advises weights_only=False, i.e. running the file's code: not here
-            why = (f"ChecksumMismatch: {e}" if isinstance(e, ChecksumMismatch) else "it holds pickled code, which "
-                   "is never run" if "GLOBAL" in str(e) else "damaged, or not a file torch.save wrote")
+            why = (f"{type(e).__name__}: {e}" if isinstance(e, (ChecksumMismatch, OSError)) else
+                   "it holds pickled code, which is never run" if "GLOBAL" in str(e) else
+                   "damaged, or not a file torch.save wrote")
             raise UserError(f"--resume {p}: not a loadable checkpoint ({why}); {pick}")
         trainer = getattr(args, "trainer", None)
         if not isinstance(state, dict):  # e.g. a bare tensor saved with torch.save

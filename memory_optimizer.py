@@ -799,11 +799,11 @@ def monitor_run(run, root="runs", interval=5.0, once=False):
             st = read_status(out)
             state = shown_state(st, out)
             v = lambda key, fmt="{}": "-" if st.get(key) is None else fmt.format(st[key])  # noqa: E731 (not yet: -)
-            print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} step {v('step')}/{v('total_steps')} "
-                  + (f"epoch {v('epoch')} " if "epoch" in st else "") + f"loss {v('loss', '{:.4f}')} "
-                  f"{st.get('metric_name', 'metric')} {v('metric', '{:.4g}')} {v('samples_per_s', '{:,.0f}')} "
-                  f"samples/s ETA {fmt_eta(st.get('eta_s'))} RAM {v('ram_mb', '{:,.0f}')} MB"
-                  + (f" GPU {st['gpu_mb']:,.0f} MB" if st.get("gpu_mb") is not None else ""), flush=True)
+            print(f"[{datetime.datetime.now():%H:%M:%S}] {out.name}: {state} | step {v('step')}/{v('total_steps')}"
+                  + (f" | epoch {v('epoch')}" if "epoch" in st else "") + f" | loss {v('loss', '{:.4f}')} | "
+                  f"{st.get('metric_name', 'metric')} {v('metric', '{:.4g}')} | {v('samples_per_s', '{:,.0f}')} "
+                  f"samples/s | ETA {fmt_eta(st.get('eta_s'))} | RAM {v('ram_mb', '{:,.0f}')} MB"
+                  + (f" | GPU {st['gpu_mb']:,.0f} MB" if st.get("gpu_mb") is not None else ""), flush=True)
             if once or state not in ("starting", "running"):
                 return 0
             time.sleep(interval)

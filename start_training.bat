@@ -64,7 +64,7 @@ for %%c in (demo test start status stop monitor profile config optimize plan wat
 if /i "%cmd%"=="help" goto usage
 if "%cmd%"=="-h" goto usage
 if "%cmd%"=="--help" goto usage
-echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, plan, watch, gru, classifier, asr, lm, sft or asr-memory-optimized
+echo error: unknown command "%cmd%"; use demo, test, start, status, monitor, stop, profile, config, optimize, plan, watch, gru, classifier, asr, lm, sft or asr-memory-optimized 1>&2
 exit /b 2
 
 :usage
@@ -76,21 +76,21 @@ echo   asr-memory-optimized --train-manifest M.jsonl        the seed's T4 recipe
 exit /b 0
 
 :cmd_demo
-rem as ./run.sh demo: stop at the first step that fails
+rem as ./run.sh demo: stop at the first step that fails (neq 0, not "errorlevel 1": a crash code is negative)
 "%PY%" memory_optimizer.py profile
-if errorlevel 1 exit /b %errorlevel%
+if %errorlevel% neq 0 exit /b %errorlevel%
 "%PY%" memory_optimizer.py config
-if errorlevel 1 exit /b %errorlevel%
+if %errorlevel% neq 0 exit /b %errorlevel%
 "%PY%" train_gru.py --quick --out runs\demo %rest%
-if errorlevel 1 exit /b %errorlevel%
+if %errorlevel% neq 0 exit /b %errorlevel%
 "%PY%" train_gru.py --suggest "red run" --category fashion --beam 5 --out runs\demo
-if errorlevel 1 exit /b %errorlevel%
+if %errorlevel% neq 0 exit /b %errorlevel%
 "%PY%" train_gru.py --suggest "samsung " --category electronics --beam 5 --out runs\demo
 exit /b %errorlevel%
 
 :cmd_test
 "%PY%" -m pip install -q -r requirements-dev.txt
-if errorlevel 1 exit /b %errorlevel%
+if %errorlevel% neq 0 exit /b %errorlevel%
 if not defined OMP_NUM_THREADS set OMP_NUM_THREADS=1
 "%PY%" -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -o tmp_path_retention_policy=failed tests %rest%
 exit /b %errorlevel%

@@ -1209,7 +1209,8 @@ def eval_only(args, sources, *, rows, data_desc):
         raise UserError(f"--eval-only: label(s) {', '.join(unknown)} are not among the {len(x['labels'])} that "
                         f"{path} learnt; give the data flags of its training command")
     differs = [f"--{k.replace('_', '-')} {getattr(args, k)} (trained with {saved.get(k)})"
-               for k in ("data", "val_data", "test_data", "train_size", "seed") if saved.get(k) != getattr(args, k)]
+               for k in ("data", "val_data", "test_data", "seed") + (() if args.data else ("train_size",))
+               if saved.get(k) != getattr(args, k)]
     same_rows = all(saved.get(k) == getattr(args, k) for k in ("data", "val_data", "test_data"))
     if same_rows and (saved.get("seed") != args.seed and not (args.val_data and args.test_data) if args.data else
                       saved.get("train_size") != args.train_size):  # the same rows split another way

@@ -865,8 +865,9 @@ def run_eval(args, sources, *, train_pairs, val_pairs):
                for k in ("data", "dataset_size", "val_frac", "seed") if k in saved and saved[k] != getattr(args, k)]
     if differs and saved.get("data") == args.data:  # the same queries split another way: some it trained on
         raise UserError(f"--eval-only: {', '.join(differs)}: that validation split would hold queries {path} "
-                        "trained on; repeat the training command's data flags"
-                        + (" (--quick included)" if saved.get("quick") and not args.quick else ""))
+                        "trained on; repeat the training command's data flags" + (
+                            " (--quick included)" if saved.get("quick") and not args.quick else
+                            " (without --quick)" if args.quick and saved.get("quick") is False else ""))
     if differs:
         print(f"note: {', '.join(differs)}: the figures are for this data's validation split", file=sys.stderr)
     device, amp_dtype, _, _ = common.setup_device(args, sources)

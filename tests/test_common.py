@@ -640,7 +640,7 @@ def test_ctrl_c_at_once_is_one_line_exit_130(capsys):
         common.run_main(main)
     assert e.value.code == 130
     err = capsys.readouterr().err
-    assert err == "stopped at once by Ctrl-C; re-run the same command to resume from the last checkpoint\n"
+    assert err == "stopped at once by Ctrl-C (a training run resumes from its last checkpoint when re-run)\n"
 
 
 def test_a_resumed_run_keeps_its_last_evaluation_in_status_json(tmp, monkeypatch):

@@ -607,6 +607,13 @@ def test_eval_only_on_the_same_data_split_another_way_is_refused(eval_run):
     assert tree_digest(out) == before
 
 
+def test_eval_only_with_quick_of_a_run_trained_without_it_is_refused(tmp):
+    run("train_gru.py", "--max-steps", "2", "--out", "std", cwd=tmp, check=0)
+    p = call("train_gru.py", "--quick", "--eval-only", "--out", "std", cwd=tmp)
+    assert p.returncode == 2 and "--dataset-size 5000 (trained with 10000)" in p.stderr, p.stderr
+    assert p.stderr.strip().endswith("data flags (without --quick)")
+
+
 @pytest.mark.parametrize("flags,expect", [
     (["--out", "empty"], "--out empty: no checkpoint there; train first"),
     (["--out", "missing"], "--out missing: no checkpoint there; train first"),

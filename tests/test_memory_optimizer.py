@@ -365,14 +365,15 @@ def test_background_start_status_monitor_stop(tmp_path):
     assert final["state"] == "stopped" and Path(final["last_checkpoint"]).exists()
     for args in (["monitor", "runs/bg"], ["monitor", "--latest"]):  # return at once: the run has ended
         m = run(tmp, *args, timeout=30)
-        assert m.returncode == 0 and "bg: stopped" in m.stdout, m.stderr
+        assert m.returncode == 0 and "bg: stopped | step" in m.stdout, m.stderr
     # a run that has not logged or evaluated yet: "-" for what it does not know (was Python's None)
     early = tmp / "runs" / "early"
     early.mkdir()
     (early / "status.json").write_text(json.dumps({"state": "finished", "trainer": "gru", "out": str(early),
                                                    "started": time.time(), "step": 0, "metric_name": "val_ppl"}))
     m = run(tmp, "monitor", "runs/early", timeout=30)
-    assert m.returncode == 0 and "early: finished step 0/- loss - val_ppl - - samples/s ETA" in m.stdout, m.stdout
+    assert m.returncode == 0, m.stderr
+    assert "early: finished | step 0/- | loss - | val_ppl - | - samples/s | ETA" in m.stdout, m.stdout
     assert "None" not in m.stdout
     # a run whose pid is alive but is not its trainer (a recycled pid) must not be signalled
     fake = tmp / "runs" / "fake"
